@@ -1,0 +1,179 @@
+//! Commands: the only way state changes (§1.1). Each carries every value `apply` needs that is
+//! not a pure function of the state (times, ids, ciphertexts), chosen by the proposing node.
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditEvent, ChainError};
+use crate::kv::{KvConfig, KvError, MetadataUpdate};
+use crate::policy::Policy;
+use crate::state::{ClusterInfo, Mount, SealInfo};
+use crate::token::{TokenEntry, User};
+use crate::UnixMillis;
+
+/// Bumped whenever the encoding of a command or of the state changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitCommand {
+    pub cluster: ClusterInfo,
+    pub seal: SealInfo,
+    pub root_token: TokenEntry,
+    pub default_mount_path: String,
+    pub default_mount: Mount,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Init(Box<InitCommand>),
+    /// Replaces the wrapped keyring with one holding a new term, if nobody rotated meanwhile.
+    RotateKeyring {
+        expected_term: u32,
+        new_term: u32,
+        #[serde(with = "crate::encoding")]
+        wrapped_keyring: Vec<u8>,
+        at: UnixMillis,
+    },
+    MountEnable {
+        path: String,
+        mount: Mount,
+    },
+    MountDisable {
+        path: String,
+    },
+    KvWrite {
+        mount: String,
+        path: String,
+        /// The version the ciphertext's associated data is bound to.
+        version: u64,
+        #[serde(with = "crate::encoding")]
+        ciphertext: Vec<u8>,
+        cas: Option<u64>,
+        at: UnixMillis,
+    },
+    KvDelete {
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+        at: UnixMillis,
+    },
+    KvUndelete {
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+        at: UnixMillis,
+    },
+    KvDestroy {
+        mount: String,
+        path: String,
+        versions: Vec<u64>,
+        at: UnixMillis,
+    },
+    KvMetadataUpdate {
+        mount: String,
+        path: String,
+        update: MetadataUpdate,
+        at: UnixMillis,
+    },
+    KvMetadataDelete {
+        mount: String,
+        path: String,
+    },
+    KvConfigure {
+        mount: String,
+        config: KvConfig,
+    },
+    PolicyPut {
+        policy: Policy,
+    },
+    PolicyDelete {
+        name: String,
+    },
+    UserPut {
+        user: User,
+    },
+    UserDelete {
+        username: String,
+    },
+    TokenCreate {
+        entry: TokenEntry,
+    },
+    TokenRenew {
+        hash: String,
+        expires: UnixMillis,
+        ttl_secs: u64,
+    },
+    /// Revokes the token and, as Vault does, every token created under it.
+    TokenRevoke {
+        hash: String,
+    },
+    /// Removes tokens whose deadline (chosen by the leader's sweep) has passed.
+    TokensExpire {
+        now: UnixMillis,
+    },
+    AuditShip {
+        events: Vec<AuditEvent>,
+    },
+}
+
+impl Command {
+    /// A short name for logs and metrics; never includes a value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::Init(_) => "init",
+            Command::RotateKeyring { .. } => "rotate_keyring",
+            Command::MountEnable { .. } => "mount_enable",
+            Command::MountDisable { .. } => "mount_disable",
+            Command::KvWrite { .. } => "kv_write",
+            Command::KvDelete { .. } => "kv_delete",
+            Command::KvUndelete { .. } => "kv_undelete",
+            Command::KvDestroy { .. } => "kv_destroy",
+            Command::KvMetadataUpdate { .. } => "kv_metadata_update",
+            Command::KvMetadataDelete { .. } => "kv_metadata_delete",
+            Command::KvConfigure { .. } => "kv_configure",
+            Command::PolicyPut { .. } => "policy_put",
+            Command::PolicyDelete { .. } => "policy_delete",
+            Command::UserPut { .. } => "user_put",
+            Command::UserDelete { .. } => "user_delete",
+            Command::TokenCreate { .. } => "token_create",
+            Command::TokenRenew { .. } => "token_renew",
+            Command::TokenRevoke { .. } => "token_revoke",
+            Command::TokensExpire { .. } => "tokens_expire",
+            Command::AuditShip { .. } => "audit_ship",
+        }
+    }
+}
+
+/// Why `apply` refused a command. A refused command changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("the vault is not initialized")]
+    NotInitialized,
+    #[error("the vault is already initialized")]
+    AlreadyInitialized,
+    #[error("no secrets engine is mounted at {0:?}")]
+    MountNotFound(String),
+    #[error("a secrets engine is already mounted at {0:?}")]
+    MountExists(String),
+    #[error("{0}")]
+    Kv(KvError),
+    #[error("the keyring was rotated concurrently (current term {current}); retry")]
+    KeyringChanged { current: u32 },
+    #[error("policy {0:?} is built in and cannot be changed or deleted")]
+    BuiltInPolicy(String),
+    #[error("no policy named {0:?}")]
+    PolicyNotFound(String),
+    #[error("no user named {0:?}")]
+    UserNotFound(String),
+    #[error("token not found")]
+    TokenNotFound,
+    #[error("audit chain: {0}")]
+    Audit(ChainError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Done,
+    KvWritten { version: u64, created: UnixMillis, deletion_time: Option<UnixMillis> },
+    AuditShipped { accepted: usize },
+    Rejected(Rejection),
+}

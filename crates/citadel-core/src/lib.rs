@@ -1,0 +1,23 @@
+//! The deterministic heart of Citadel.
+//!
+//! Everything here is a pure function of its inputs: no clock, no randomness drawn inside
+//! `apply`, no I/O, no async runtime. Commands carry every id, timestamp and nonce chosen by the
+//! proposing node, so every replica that applies the same log reaches the same [`state::State`].
+//! That is what lets the storage layer replay, snapshot and compare states byte for byte, and what
+//! makes this crate testable in microseconds.
+
+pub mod audit;
+pub mod barrier;
+pub mod command;
+pub mod encoding;
+pub mod kv;
+pub mod policy;
+pub mod shamir;
+pub mod state;
+pub mod time;
+pub mod token;
+
+/// Raft node identifier.
+pub type NodeId = u64;
+/// Milliseconds since the Unix epoch, always chosen by a proposer, never read in `apply`.
+pub type UnixMillis = u64;

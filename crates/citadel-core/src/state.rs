@@ -1,0 +1,400 @@
+//! The replicated state and its deterministic `apply`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditLog;
+use crate::command::{Command, InitCommand, Rejection, Response};
+use crate::kv::{KvStore, WriteRequest};
+use crate::policy::{self, Policy};
+use crate::token::{TokenEntry, User};
+use crate::UnixMillis;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub id: String,
+    pub name: String,
+    pub initialized_at: UnixMillis,
+}
+
+/// Everything needed to unseal, none of it usable without the unseal key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealInfo {
+    pub shares: usize,
+    pub threshold: usize,
+    #[serde(with = "crate::encoding")]
+    pub wrapped_root_key: Vec<u8>,
+    #[serde(with = "crate::encoding")]
+    pub wrapped_keyring: Vec<u8>,
+    pub key_term: u32,
+    pub key_installed: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Bound into every ciphertext of the mount, so data cannot move between mounts.
+    pub uuid: String,
+    pub kind: String,
+    pub description: String,
+    pub created: UnixMillis,
+    pub kv: KvStore,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub cluster: Option<ClusterInfo>,
+    pub seal: Option<SealInfo>,
+    /// Keyed by mount path with its trailing slash (`secret/`).
+    pub mounts: BTreeMap<String, Mount>,
+    pub policies: BTreeMap<String, Policy>,
+    pub users: BTreeMap<String, User>,
+    /// Keyed by token hash.
+    pub tokens: BTreeMap<String, TokenEntry>,
+    pub audit: AuditLog,
+}
+
+impl State {
+    pub fn is_initialized(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Finds the mount serving `path` (longest mount prefix) and the path inside it.
+    pub fn route<'a>(&self, path: &'a str) -> Option<(&str, &'a str)> {
+        self.mounts
+            .keys()
+            .filter(|m| path.starts_with(m.as_str()) || path == m.trim_end_matches('/'))
+            .max_by_key(|m| m.len())
+            .map(|m| (m.as_str(), path.get(m.len()..).unwrap_or("")))
+    }
+
+    /// The policies named, with `default` as stored (built in).
+    pub fn policies_named<'a>(&'a self, names: &'a [String]) -> impl Iterator<Item = &'a Policy> + 'a {
+        names.iter().filter_map(|n| self.policies.get(n))
+    }
+
+    pub fn apply(&mut self, command: Command) -> Response {
+        if !self.is_initialized() && !matches!(command, Command::Init(_) | Command::AuditShip { .. }) {
+            return Response::Rejected(Rejection::NotInitialized);
+        }
+        match self.apply_checked(command) {
+            Ok(response) => response,
+            Err(rejection) => Response::Rejected(rejection),
+        }
+    }
+
+    fn kv_mut(&mut self, mount: &str) -> Result<&mut KvStore, Rejection> {
+        self.mounts
+            .get_mut(mount)
+            .map(|m| &mut m.kv)
+            .ok_or_else(|| Rejection::MountNotFound(mount.to_string()))
+    }
+
+    fn apply_checked(&mut self, command: Command) -> Result<Response, Rejection> {
+        match command {
+            Command::Init(init) => self.init(*init),
+            Command::RotateKeyring { expected_term, new_term, wrapped_keyring, at } => {
+                let seal = self.seal.as_mut().ok_or(Rejection::NotInitialized)?;
+                if seal.key_term != expected_term {
+                    return Err(Rejection::KeyringChanged { current: seal.key_term });
+                }
+                assert!(new_term > expected_term, "keyring terms only grow");
+                seal.key_term = new_term;
+                seal.key_installed = at;
+                seal.wrapped_keyring = wrapped_keyring;
+                Ok(Response::Done)
+            }
+            Command::MountEnable { path, mount } => {
+                let clash = self.mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
+                if clash {
+                    return Err(Rejection::MountExists(path));
+                }
+                self.mounts.insert(path, mount);
+                Ok(Response::Done)
+            }
+            Command::MountDisable { path } => {
+                self.mounts.remove(&path).ok_or(Rejection::MountNotFound(path))?;
+                Ok(Response::Done)
+            }
+            Command::KvWrite { mount, path, version, ciphertext, cas, at } => {
+                let kv = self.kv_mut(&mount)?;
+                let (version, created, deletion_time) = kv
+                    .write(WriteRequest { path, version, ciphertext, cas, at })
+                    .map_err(Rejection::Kv)?;
+                Ok(Response::KvWritten { version, created, deletion_time })
+            }
+            Command::KvDelete { mount, path, versions, at } => {
+                self.kv_mut(&mount)?.soft_delete(&path, &versions, at).map_err(Rejection::Kv)?;
+                Ok(Response::Done)
+            }
+            Command::KvUndelete { mount, path, versions, at } => {
+                self.kv_mut(&mount)?.undelete(&path, &versions, at).map_err(Rejection::Kv)?;
+                Ok(Response::Done)
+            }
+            Command::KvDestroy { mount, path, versions, at } => {
+                self.kv_mut(&mount)?.destroy(&path, &versions, at).map_err(Rejection::Kv)?;
+                Ok(Response::Done)
+            }
+            Command::KvMetadataUpdate { mount, path, update, at } => {
+                self.kv_mut(&mount)?.update_metadata(&path, &update, at).map_err(Rejection::Kv)?;
+                Ok(Response::Done)
+            }
+            Command::KvMetadataDelete { mount, path } => {
+                self.kv_mut(&mount)?.delete_all(&path).map_err(Rejection::Kv)?;
+                Ok(Response::Done)
+            }
+            Command::KvConfigure { mount, config } => {
+                self.kv_mut(&mount)?.config = config;
+                Ok(Response::Done)
+            }
+            Command::PolicyPut { policy } => {
+                if policy.name == policy::ROOT {
+                    return Err(Rejection::BuiltInPolicy(policy.name));
+                }
+                self.policies.insert(policy.name.clone(), policy);
+                Ok(Response::Done)
+            }
+            Command::PolicyDelete { name } => {
+                if name == policy::ROOT || name == policy::DEFAULT {
+                    return Err(Rejection::BuiltInPolicy(name));
+                }
+                self.policies.remove(&name).ok_or(Rejection::PolicyNotFound(name))?;
+                Ok(Response::Done)
+            }
+            Command::UserPut { user } => {
+                self.users.insert(user.username.clone(), user);
+                Ok(Response::Done)
+            }
+            Command::UserDelete { username } => {
+                self.users.remove(&username).ok_or(Rejection::UserNotFound(username))?;
+                Ok(Response::Done)
+            }
+            Command::TokenCreate { entry } => {
+                assert!(!self.tokens.contains_key(&entry.hash), "token hashes are unique (random tokens)");
+                self.tokens.insert(entry.hash.clone(), entry);
+                Ok(Response::Done)
+            }
+            Command::TokenRenew { hash, expires, ttl_secs } => {
+                let token = self.tokens.get_mut(&hash).ok_or(Rejection::TokenNotFound)?;
+                token.expires = Some(expires);
+                token.ttl_secs = ttl_secs;
+                Ok(Response::Done)
+            }
+            Command::TokenRevoke { hash } => {
+                if !self.tokens.contains_key(&hash) {
+                    return Err(Rejection::TokenNotFound);
+                }
+                self.revoke_tree(hash);
+                Ok(Response::Done)
+            }
+            Command::TokensExpire { now } => {
+                let expired: Vec<String> =
+                    self.tokens.values().filter(|t| t.is_expired(now)).map(|t| t.hash.clone()).collect();
+                for hash in expired {
+                    self.revoke_tree(hash);
+                }
+                Ok(Response::Done)
+            }
+            Command::AuditShip { events } => {
+                let mut accepted = 0;
+                for event in events {
+                    let node = event.body.node;
+                    let chain = self.audit.chains.entry(node).or_default();
+                    if chain.append(node, event).map_err(Rejection::Audit)? {
+                        accepted += 1;
+                    }
+                }
+                Ok(Response::AuditShipped { accepted })
+            }
+        }
+    }
+
+    fn init(&mut self, init: InitCommand) -> Result<Response, Rejection> {
+        if self.is_initialized() {
+            return Err(Rejection::AlreadyInitialized);
+        }
+        self.cluster = Some(init.cluster);
+        self.seal = Some(init.seal);
+        self.policies.insert(policy::DEFAULT.to_string(), policy::default_policy());
+        self.tokens.insert(init.root_token.hash.clone(), init.root_token);
+        self.mounts.insert(init.default_mount_path, init.default_mount);
+        Ok(Response::Done)
+    }
+
+    /// Removes a token and all its descendants.
+    fn revoke_tree(&mut self, root: String) {
+        let mut doomed = BTreeSet::from([root]);
+        loop {
+            let children: Vec<String> = self
+                .tokens
+                .values()
+                .filter(|t| t.parent.as_ref().is_some_and(|p| doomed.contains(p)) && !doomed.contains(&t.hash))
+                .map(|t| t.hash.clone())
+                .collect();
+            if children.is_empty() {
+                break;
+            }
+            doomed.extend(children);
+        }
+        for hash in doomed {
+            self.tokens.remove(&hash);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{AuditBody, AuditEvent, GENESIS};
+
+    fn token(hash: &str, parent: Option<&str>, expires: Option<u64>) -> TokenEntry {
+        TokenEntry {
+            hash: hash.into(),
+            accessor: format!("acc-{hash}"),
+            policies: vec!["default".into()],
+            display_name: "t".into(),
+            meta: Default::default(),
+            created: 0,
+            expires,
+            ttl_secs: 0,
+            renewable: true,
+            parent: parent.map(Into::into),
+            username: None,
+        }
+    }
+
+    fn initialized() -> State {
+        let mut state = State::default();
+        let init = InitCommand {
+            cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
+            seal: SealInfo {
+                shares: 1,
+                threshold: 1,
+                wrapped_root_key: vec![1],
+                wrapped_keyring: vec![2],
+                key_term: 1,
+                key_installed: 1,
+            },
+            root_token: token("root", None, None),
+            default_mount_path: "secret/".into(),
+            default_mount: Mount {
+                uuid: "u".into(),
+                kind: "kv".into(),
+                description: String::new(),
+                created: 1,
+                kv: KvStore::default(),
+            },
+        };
+        assert_eq!(state.apply(Command::Init(Box::new(init))), Response::Done);
+        state
+    }
+
+    fn write(path: &str, version: u64) -> Command {
+        Command::KvWrite {
+            mount: "secret/".into(),
+            path: path.into(),
+            version,
+            ciphertext: vec![9],
+            cas: None,
+            at: 5,
+        }
+    }
+
+    #[test]
+    fn commands_before_init_are_rejected() {
+        let mut state = State::default();
+        assert_eq!(state.apply(write("a", 1)), Response::Rejected(Rejection::NotInitialized));
+    }
+
+    #[test]
+    fn init_twice_is_rejected() {
+        let mut state = initialized();
+        let again = state.clone();
+        let init = InitCommand {
+            cluster: again.cluster.unwrap(),
+            seal: again.seal.unwrap(),
+            root_token: token("r2", None, None),
+            default_mount_path: "x/".into(),
+            default_mount: again.mounts["secret/"].clone(),
+        };
+        assert_eq!(state.apply(Command::Init(Box::new(init))), Response::Rejected(Rejection::AlreadyInitialized));
+    }
+
+    #[test]
+    fn apply_is_deterministic_across_replicas() {
+        let commands = vec![
+            write("a", 1),
+            write("a", 2),
+            Command::TokenCreate { entry: token("t1", Some("root"), Some(100)) },
+            Command::KvDelete { mount: "secret/".into(), path: "a".into(), versions: vec![], at: 9 },
+        ];
+        let mut a = initialized();
+        let mut b = initialized();
+        for c in &commands {
+            a.apply(c.clone());
+            b.apply(c.clone());
+        }
+        assert_eq!(serde_json::to_vec(&a).unwrap(), serde_json::to_vec(&b).unwrap());
+    }
+
+    #[test]
+    fn rejected_commands_change_nothing() {
+        let mut state = initialized();
+        state.apply(write("a", 1));
+        let before = state.clone();
+        assert!(matches!(state.apply(write("a", 1)), Response::Rejected(Rejection::Kv(_))));
+        assert!(matches!(
+            state.apply(Command::KvDelete { mount: "nope/".into(), path: "a".into(), versions: vec![], at: 1 }),
+            Response::Rejected(Rejection::MountNotFound(_))
+        ));
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn revoking_a_token_revokes_its_children() {
+        let mut state = initialized();
+        state.apply(Command::TokenCreate { entry: token("parent", Some("root"), None) });
+        state.apply(Command::TokenCreate { entry: token("child", Some("parent"), None) });
+        state.apply(Command::TokenCreate { entry: token("grandchild", Some("child"), None) });
+        state.apply(Command::TokenCreate { entry: token("other", Some("root"), None) });
+        assert_eq!(state.apply(Command::TokenRevoke { hash: "parent".into() }), Response::Done);
+        assert!(state.tokens.contains_key("other"));
+        assert!(!state.tokens.contains_key("child"));
+        assert!(!state.tokens.contains_key("grandchild"));
+    }
+
+    #[test]
+    fn expiry_sweep_removes_only_expired_tokens() {
+        let mut state = initialized();
+        state.apply(Command::TokenCreate { entry: token("old", Some("root"), Some(10)) });
+        state.apply(Command::TokenCreate { entry: token("new", Some("root"), Some(1000)) });
+        state.apply(Command::TokensExpire { now: 500 });
+        assert!(!state.tokens.contains_key("old"));
+        assert!(state.tokens.contains_key("new"));
+        assert!(state.tokens.contains_key("root"));
+    }
+
+    #[test]
+    fn mounts_route_by_longest_prefix_and_cannot_overlap() {
+        let mut state = initialized();
+        let mount = state.mounts["secret/"].clone();
+        assert!(matches!(
+            state.apply(Command::MountEnable { path: "secret/inner/".into(), mount: mount.clone() }),
+            Response::Rejected(Rejection::MountExists(_))
+        ));
+        assert_eq!(state.apply(Command::MountEnable { path: "team/".into(), mount }), Response::Done);
+        assert_eq!(state.route("team/data/x"), Some(("team/", "data/x")));
+        assert_eq!(state.route("secret/data/y"), Some(("secret/", "data/y")));
+        assert_eq!(state.route("nothing/x"), None);
+    }
+
+    #[test]
+    fn audit_events_ship_exactly_once() {
+        let mut state = initialized();
+        let event = AuditEvent::seal(AuditBody { node: 3, seq: 1, ..AuditBody::default() }, GENESIS);
+        let ship = Command::AuditShip { events: vec![event] };
+        assert_eq!(state.apply(ship.clone()), Response::AuditShipped { accepted: 1 });
+        assert_eq!(state.apply(ship), Response::AuditShipped { accepted: 0 });
+        assert_eq!(state.audit.verify(), Ok(1));
+    }
+}
