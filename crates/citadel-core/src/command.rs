@@ -177,3 +177,21 @@ pub enum Response {
     AuditShipped { accepted: usize },
     Rejected(Rejection),
 }
+
+/// Log lines name the command kind only: values never reach a log.
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+impl std::fmt::Display for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Response::Done => f.write_str("done"),
+            Response::KvWritten { version, .. } => write!(f, "kv_written(v{version})"),
+            Response::AuditShipped { accepted } => write!(f, "audit_shipped({accepted})"),
+            Response::Rejected(r) => write!(f, "rejected({r})"),
+        }
+    }
+}

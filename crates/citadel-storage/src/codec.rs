@@ -1,0 +1,204 @@
+//! Citadel's own on-disk records: `[format: u8][checksum: 8 bytes of SHA-256][JSON body]`.
+//!
+//! openraft's structs are converted to the `Stored*` mirrors below before they touch disk, so
+//! the disk format is ours to version. A record whose checksum does not verify is never decoded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+
+use citadel_core::command::Command;
+use citadel_core::state::State;
+use openraft::entry::RaftEntry;
+use openraft::EntryPayload;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::types::{Entry, LeaderId, LogId, Membership, NodeInfo, StoredMembership, Vote};
+
+const RECORD_FORMAT: u8 = 1;
+const HEADER: usize = 9;
+
+fn checksum(body: &[u8]) -> [u8; 8] {
+    let digest = Sha256::digest(body);
+    digest[..8].try_into().expect("8 bytes")
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(value).expect("storage records serialize");
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.push(RECORD_FORMAT);
+    out.extend_from_slice(&checksum(&body));
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a record, verifying its format byte and checksum first. `what` names the record in
+/// the error (e.g. "log entry 42").
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
+    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+    if bytes.len() < HEADER {
+        return Err(bad("record is truncated".into()));
+    }
+    if bytes[0] != RECORD_FORMAT {
+        return Err(bad(format!("unknown record format {}", bytes[0])));
+    }
+    let body = &bytes[HEADER..];
+    if checksum(body) != bytes[1..HEADER] {
+        return Err(bad("checksum mismatch".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| bad(format!("undecodable record: {e}")))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredLogId {
+    pub term: u64,
+    pub leader: u64,
+    pub index: u64,
+}
+
+impl From<&LogId> for StoredLogId {
+    fn from(id: &LogId) -> Self {
+        StoredLogId { term: id.leader_id.term, leader: id.leader_id.node_id, index: id.index }
+    }
+}
+
+impl From<StoredLogId> for LogId {
+    fn from(id: StoredLogId) -> Self {
+        LogId::new(LeaderId { term: id.term, node_id: id.leader }, id.index)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVote {
+    pub term: u64,
+    pub node: u64,
+    pub committed: bool,
+}
+
+impl From<&Vote> for StoredVote {
+    fn from(v: &Vote) -> Self {
+        StoredVote { term: v.leader_id.term, node: v.leader_id.node_id, committed: v.committed }
+    }
+}
+
+impl From<StoredVote> for Vote {
+    fn from(v: StoredVote) -> Self {
+        Vote { leader_id: LeaderId { term: v.term, node_id: v.node }, committed: v.committed }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMembershipConfig {
+    pub configs: Vec<BTreeSet<u64>>,
+    pub nodes: BTreeMap<u64, NodeInfo>,
+}
+
+impl From<&Membership> for StoredMembershipConfig {
+    fn from(m: &Membership) -> Self {
+        StoredMembershipConfig {
+            configs: m.get_joint_config().clone(),
+            nodes: m.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+        }
+    }
+}
+
+impl StoredMembershipConfig {
+    pub fn into_membership(self) -> io::Result<Membership> {
+        Membership::new(self.configs, self.nodes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("invalid stored membership: {e}")))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredPayload {
+    Blank,
+    Normal(Command),
+    Membership(StoredMembershipConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEntry {
+    pub log_id: StoredLogId,
+    pub payload: StoredPayload,
+}
+
+impl From<&Entry> for StoredEntry {
+    fn from(e: &Entry) -> Self {
+        let payload = match &e.payload {
+            EntryPayload::Blank => StoredPayload::Blank,
+            EntryPayload::Normal(c) => StoredPayload::Normal(c.clone()),
+            EntryPayload::Membership(m) => StoredPayload::Membership(m.into()),
+        };
+        StoredEntry { log_id: (&e.log_id).into(), payload }
+    }
+}
+
+impl StoredEntry {
+    pub fn into_entry(self) -> io::Result<Entry> {
+        let log_id: LogId = self.log_id.into();
+        Ok(match self.payload {
+            StoredPayload::Blank => Entry::new_blank(log_id),
+            StoredPayload::Normal(c) => Entry::new_normal(log_id, c),
+            StoredPayload::Membership(m) => Entry::new_membership(log_id, m.into_membership()?),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMembershipState {
+    pub log_id: Option<StoredLogId>,
+    pub config: StoredMembershipConfig,
+}
+
+impl From<&StoredMembership> for StoredMembershipState {
+    fn from(m: &StoredMembership) -> Self {
+        StoredMembershipState { log_id: m.log_id().as_ref().map(Into::into), config: m.membership().into() }
+    }
+}
+
+impl StoredMembershipState {
+    pub fn into_stored(self) -> io::Result<StoredMembership> {
+        Ok(StoredMembership::new(self.log_id.map(Into::into), self.config.into_membership()?))
+    }
+}
+
+/// A state-machine snapshot: what was applied, up to where, under which membership.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    pub format: u32,
+    pub last_applied: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    pub state: State,
+}
+
+/// Which node a data directory belongs to, and in which format it was written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub node_id: u64,
+    pub format: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let id = StoredLogId { term: 3, leader: 1, index: 9 };
+        let bytes = encode(&id);
+        assert_eq!(decode::<StoredLogId>(&bytes, "x").unwrap(), id);
+    }
+
+    #[test]
+    fn any_flipped_byte_is_detected() {
+        let bytes = encode(&StoredLogId { term: 3, leader: 1, index: 9 });
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x20;
+            assert!(decode::<StoredLogId>(&damaged, "log entry 9").is_err(), "flip at byte {i} went unnoticed");
+        }
+        let err = decode::<StoredLogId>(&bytes[..4], "log entry 9").unwrap_err();
+        assert!(err.to_string().contains("log entry 9"));
+    }
+}

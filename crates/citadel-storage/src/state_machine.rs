@@ -1,0 +1,219 @@
+//! The state machine: `citadel_core::state::State` in memory, snapshotted to redb.
+//!
+//! The state is small (secrets are kilobytes), so it lives in memory and is rebuilt at start from
+//! the latest snapshot plus the committed log after it. Readers take a shared lock; `apply` takes
+//! the write lock for the duration of one batch.
+
+use std::io;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use citadel_core::command::Response;
+use citadel_core::state::State;
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use tokio::sync::watch;
+
+use crate::codec::{self, StoredMembershipState, StoredSnapshot};
+use crate::log_store::{Db, META};
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::StorageOpenError;
+
+const KEY_SNAPSHOT: &str = "snapshot";
+
+struct Applied {
+    state: State,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// A cheap, cloneable read handle on the applied state, for the layers above.
+#[derive(Clone)]
+pub struct StateReader {
+    inner: Arc<RwLock<Applied>>,
+    applied_index: watch::Receiver<u64>,
+}
+
+impl StateReader {
+    /// Runs `f` against the current state under a shared lock.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.lock().state)
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.applied_index.borrow()
+    }
+
+    /// Waits until the state machine has applied `index` (for ReadIndex reads).
+    pub async fn wait_applied(&self, index: u64) {
+        let mut rx = self.applied_index.clone();
+        let _ = rx.wait_for(|&applied| applied >= index).await;
+    }
+
+    fn lock(&self) -> RwLockReadGuard<'_, Applied> {
+        self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub struct StateMachine {
+    inner: Arc<RwLock<Applied>>,
+    db: Arc<Db>,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachine {
+    pub(crate) fn open(db: Arc<Db>) -> Result<StateMachine, StorageOpenError> {
+        let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
+        let applied = match db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).map_err(corrupt)? {
+            Some(record) => {
+                let snap: StoredSnapshot =
+                    codec::decode(&record.data, &format!("{} snapshot", db.path.display())).map_err(corrupt)?;
+                restore(snap).map_err(corrupt)?
+            }
+            None => Applied { state: State::default(), last_applied: None, membership: StoredMembership::default() },
+        };
+        let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+        Ok(StateMachine { inner: Arc::new(RwLock::new(applied)), db, applied_tx: Arc::new(watch::channel(index).0) })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader { inner: self.inner.clone(), applied_index: self.applied_tx.subscribe() }
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
+    if snap.format != citadel_core::command::FORMAT_VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("snapshot format {} is not supported by this build", snap.format),
+        ));
+    }
+    Ok(Applied {
+        state: snap.state,
+        last_applied: snap.last_applied.map(Into::into),
+        membership: snap.membership.into_stored()?,
+    })
+}
+
+/// A snapshot as persisted: openraft's meta in our encoding, plus the encoded data.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSnapshotRecord {
+    last_log_id: Option<codec::StoredLogId>,
+    membership: StoredMembershipState,
+    #[serde(with = "citadel_core::encoding")]
+    data: Vec<u8>,
+}
+
+impl StoredSnapshotRecord {
+    fn into_snapshot(self) -> io::Result<Snapshot> {
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: self.last_log_id.map(Into::into),
+                last_membership: self.membership.into_stored()?,
+            },
+            snapshot: self.data,
+        })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let (record, meta) = {
+            let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            let stored = StoredSnapshot {
+                format: citadel_core::command::FORMAT_VERSION,
+                last_applied: applied.last_applied.as_ref().map(Into::into),
+                membership: (&applied.membership).into(),
+                state: applied.state.clone(),
+            };
+            let record = StoredSnapshotRecord {
+                last_log_id: stored.last_applied,
+                membership: stored.membership.clone(),
+                data: codec::encode(&stored),
+            };
+            let meta =
+                SnapshotMeta { last_log_id: applied.last_applied.clone(), last_membership: applied.membership.clone() };
+            (record, meta)
+        };
+        let data = record.data.clone();
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.write_meta(KEY_SNAPSHOT, &record)).await.map_err(io::Error::other)??;
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        Ok((applied.last_applied.clone(), applied.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut last_index = None;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let response = {
+                let mut applied = self.write_lock();
+                if let Some(prev) = &applied.last_applied {
+                    assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
+                }
+                applied.last_applied = Some(entry.log_id.clone());
+                match entry.payload {
+                    EntryPayload::Blank => Response::Done,
+                    EntryPayload::Normal(command) => applied.state.apply(command),
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                        Response::Done
+                    }
+                }
+            };
+            last_index = Some(entry.log_id.index);
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        if let Some(index) = last_index {
+            self.applied_tx.send_replace(index);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        StateMachine { inner: self.inner.clone(), db: self.db.clone(), applied_tx: self.applied_tx.clone() }
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
+        let restored = restore(stored)?;
+        let record = StoredSnapshotRecord {
+            last_log_id: meta.last_log_id.as_ref().map(Into::into),
+            membership: (&meta.last_membership).into(),
+            data: snapshot,
+        };
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.write_meta(KEY_SNAPSHOT, &record)).await.map_err(io::Error::other)??;
+        let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
+        *self.write_lock() = restored;
+        self.applied_tx.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let record = self.db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT)?;
+        record.map(StoredSnapshotRecord::into_snapshot).transpose()
+    }
+}
+
+// Keep the table definition referenced from this module so the snapshot key's home is clear.
+const _: redb::TableDefinition<&str, &[u8]> = META;
