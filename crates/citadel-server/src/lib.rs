@@ -1,1 +1,23 @@
-pub fn x(){}
+//! A Citadel node: HTTP API → request handling → barrier → replicated storage.
+//!
+//! - [`api`]: Vault's HTTP API; one dispatcher applies seal check, authentication, ACL and
+//!   audit to every request.
+//! - [`seal`]: the node's keys (in memory only while unsealed).
+//! - [`audit`]: the local audit spool (fsynced before answering) and its shipping.
+//! - [`cluster`]: Raft transport over mutual TLS.
+//! - [`server`]: wiring and background jobs.
+
+pub mod api;
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod ids;
+pub mod metrics;
+pub mod seal;
+pub mod server;
+pub mod tls;
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,366 @@
+//! The HTTP API (§4): Vault's paths, envelope and status codes.
+//!
+//! One dispatcher owns the order every request goes through, so no endpoint can skip a step:
+//! unauthenticated endpoints → seal check → token → ACL → handler → audit (fsynced) → answer.
+
+mod auth;
+mod kv;
+pub mod openapi;
+mod policy;
+mod sys;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use citadel_core::audit::{hmac_string, AuditBody};
+use citadel_core::command::Rejection;
+use citadel_core::kv::KvError;
+use citadel_core::policy::Caps;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::app::App;
+use crate::auth::Caller;
+use crate::ids;
+use crate::seal::Unsealed;
+
+/// Largest request body accepted (§4).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// What a request asks to do, as Vault's ACL sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    List,
+    Write,
+    Patch,
+    Delete,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::List => "list",
+            Op::Write => "update",
+            Op::Patch => "patch",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+pub struct ApiRequest {
+    pub method: Method,
+    /// The path after `/v1/`, without leading or trailing slashes.
+    pub path: String,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub remote: String,
+}
+
+impl ApiRequest {
+    pub fn op(&self) -> Option<Op> {
+        let list_query = self.query.get("list").is_some_and(|v| v == "true" || v == "1");
+        match self.method.as_str() {
+            "GET" | "HEAD" if list_query => Some(Op::List),
+            "GET" | "HEAD" => Some(Op::Read),
+            "LIST" => Some(Op::List),
+            "POST" | "PUT" => Some(Op::Write),
+            "PATCH" => Some(Op::Patch),
+            "DELETE" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+
+    /// The JSON body, or `{}` when there is none; malformed JSON is a 400 naming the problem.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.body };
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    }
+
+    pub fn token(&self) -> Option<String> {
+        let header = |name: &str| self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        if let Some(t) = header("x-vault-token").filter(|t| !t.is_empty()) {
+            return Some(t.to_string());
+        }
+        header("authorization").and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_string())
+    }
+
+    fn stale_ok(&self) -> bool {
+        let header = self.headers.get("x-citadel-consistency").and_then(|v| v.to_str().ok());
+        header == Some("stale") || self.query.get("stale").is_some_and(|v| v == "true")
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub errors: Vec<String>,
+    /// Vault sometimes answers an error status with a data body (e.g. a deleted KV version).
+    pub body: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, errors: vec![message.into()], body: None }
+    }
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn forbidden() -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "permission denied")
+    }
+    pub fn not_found() -> ApiError {
+        ApiError { status: StatusCode::NOT_FOUND, errors: vec![], body: None }
+    }
+    pub fn no_route(path: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, format!("no handler for route {path:?}"))
+    }
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "unsupported operation for this path")
+    }
+    pub fn sealed() -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Vault is sealed")
+    }
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    pub fn no_leader() -> ApiError {
+        ApiError::unavailable("the cluster has no leader: the request could not be committed within the deadline")
+    }
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> ApiError {
+        match &r {
+            Rejection::Kv(KvError::NotFound)
+            | Rejection::PolicyNotFound(_)
+            | Rejection::UserNotFound(_)
+            | Rejection::MountNotFound(_) => ApiError::new(StatusCode::NOT_FOUND, r.to_string()),
+            Rejection::KeyringChanged { .. } => ApiError::new(StatusCode::CONFLICT, r.to_string()),
+            _ => ApiError::bad_request(r.to_string()),
+        }
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Option<Value>,
+    pub raw: Option<(&'static str, Vec<u8>)>,
+    pub warnings: Vec<String>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Vault's response envelope.
+fn envelope(data: Value, auth: Value) -> Value {
+    json!({
+        "request_id": ids::uuid(),
+        "lease_id": "",
+        "renewable": false,
+        "lease_duration": 0,
+        "data": data,
+        "wrap_info": null,
+        "warnings": null,
+        "auth": auth,
+        "mount_type": "",
+    })
+}
+
+impl Reply {
+    pub fn data(data: Value) -> Reply {
+        Reply::json(StatusCode::OK, envelope(data, Value::Null))
+    }
+    pub fn auth(auth: Value) -> Reply {
+        Reply::json(StatusCode::OK, envelope(Value::Null, auth))
+    }
+    pub fn json(status: StatusCode, body: Value) -> Reply {
+        Reply { status, body: Some(body), raw: None, warnings: vec![], headers: vec![] }
+    }
+    pub fn empty() -> Reply {
+        Reply { status: StatusCode::NO_CONTENT, body: None, raw: None, warnings: vec![], headers: vec![] }
+    }
+    pub fn raw(status: StatusCode, content_type: &'static str, bytes: Vec<u8>) -> Reply {
+        Reply { status, body: None, raw: Some((content_type, bytes)), warnings: vec![], headers: vec![] }
+    }
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut response = match (self.raw, self.body) {
+            (Some((content_type, bytes)), _) => {
+                let mut r = (self.status, bytes).into_response();
+                r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
+                r
+            }
+            (None, Some(mut body)) => {
+                if !self.warnings.is_empty() {
+                    if let Some(obj) = body.as_object_mut() {
+                        obj.insert("warnings".into(), json!(self.warnings));
+                    }
+                }
+                (self.status, axum::Json(body)).into_response()
+            }
+            (None, None) => self.status.into_response(),
+        };
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, v);
+            }
+        }
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = self.body.unwrap_or_else(|| json!({}));
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("errors".into(), json!(self.errors));
+        }
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Entry point from the HTTP layer.
+pub async fn handle(app: Arc<App>, req: ApiRequest) -> Response {
+    let result = dispatch(&app, &req).await;
+    let status = match &result {
+        Ok(r) => r.status,
+        Err(e) => e.status,
+    };
+    app.metrics.observe_request(status.as_u16());
+    match result {
+        Ok(reply) => reply.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
+    match req.path.as_str() {
+        "sys/health" => return sys::health(app, req),
+        "sys/init" => return sys::init(app, req).await,
+        "sys/seal-status" => return sys::seal_status(app, req),
+        "sys/unseal" => return sys::unseal(app, req).await,
+        _ => {}
+    }
+    let keys = app.keys()?;
+    if let Some(user) = req.path.strip_prefix("auth/userpass/login/") {
+        return auth::login(app, req, user, &keys).await;
+    }
+    let now = ids::now_ms();
+    let token = req.token();
+    let caller = token
+        .as_deref()
+        .and_then(|t| app.state.read(|s| crate::auth::resolve(s, &keys.keyring.token_hmac_key, t, now)));
+    let result = match &caller {
+        None => Err(ApiError::forbidden()),
+        Some(caller) => route(app, req, caller, &keys).await,
+    };
+    let audit = AuditBody {
+        time: now,
+        kind: "request".into(),
+        operation: req.op().map_or("unknown", Op::name).into(),
+        path: req.path.clone(),
+        user: caller.as_ref().map(Caller::name).unwrap_or_default(),
+        token_hmac: token.map(|t| hmac_string(&keys.keyring.audit_hmac_key, &t)).unwrap_or_default(),
+        remote_addr: req.remote.clone(),
+        status: result.as_ref().map_or_else(|e| e.status.as_u16(), |r| r.status.as_u16()),
+        error: result.as_ref().err().and_then(|e| e.errors.first().cloned()).unwrap_or_default(),
+        ..AuditBody::default()
+    };
+    record_audit(app, audit).await?;
+    result
+}
+
+/// Writes an audit event durably, or fails the request (fail closed, §1.4).
+pub(crate) async fn record_audit(app: &App, body: AuditBody) -> Result<(), ApiError> {
+    match app.audit.record(body).await {
+        Ok(_) => {
+            app.metrics.observe_audit_event();
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "audit spool write failed; refusing the request");
+            Err(ApiError::internal("the audit log could not be written, so the request was refused"))
+        }
+    }
+}
+
+async fn route(app: &Arc<App>, req: &ApiRequest, caller: &Caller, keys: &Unsealed) -> Result<Reply, ApiError> {
+    let op = req.op().ok_or_else(ApiError::method_not_allowed)?;
+    if let Some(rest) = req.path.strip_prefix("sys/") {
+        return sys::route(app, req, op, caller, rest, keys).await;
+    }
+    if let Some(rest) = req.path.strip_prefix("auth/") {
+        return auth::route(app, req, op, caller, rest, keys).await;
+    }
+    let mount = app.state.read(|s| s.route(&req.path).map(|(m, rest)| (m.to_string(), rest.to_string())));
+    match mount {
+        Some((mount, rest)) => kv::route(app, req, op, caller, keys, &mount, &rest).await,
+        None => Err(ApiError::no_route(&req.path)),
+    }
+}
+
+/// Checks that `caller` holds every capability in `need` on `path`.
+pub(crate) fn authorize(app: &App, caller: &Caller, path: &str, need: Caps) -> Result<(), ApiError> {
+    let caps = app.state.read(|s| caller.capabilities(s, path));
+    if caps.contains(need) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden())
+    }
+}
+
+/// Checks for the capability an operation needs; writes accept `create` or `update`.
+pub(crate) fn authorize_op(app: &App, caller: &Caller, path: &str, op: Op) -> Result<(), ApiError> {
+    let caps = app.state.read(|s| caller.capabilities(s, path));
+    let ok = match op {
+        Op::Read => caps.contains(Caps::READ),
+        Op::List => caps.contains(Caps::LIST),
+        Op::Write => caps.contains(Caps::UPDATE) || caps.contains(Caps::CREATE),
+        Op::Patch => caps.contains(Caps::PATCH),
+        Op::Delete => caps.contains(Caps::DELETE),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden())
+    }
+}
+
+/// Accepts a list of strings given as a JSON array or a comma-separated string (Vault does both).
+pub(crate) fn string_list(value: Option<&Value>) -> Result<Option<Vec<String>>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            Ok(Some(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()))
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(String::from).ok_or_else(|| ApiError::bad_request("expected a list of strings")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(ApiError::bad_request("expected a list of strings or a comma-separated string")),
+    }
+}
+
+/// Reads a duration given as seconds or a Vault duration string.
+pub(crate) fn duration_secs(value: Option<&Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            n.as_u64().map(Some).ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-negative duration")))
+        }
+        Some(Value::String(s)) => citadel_core::time::parse_duration_secs(s)
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("{field}: invalid duration {s:?}"))),
+        Some(_) => Err(ApiError::bad_request(format!("{field} must be a duration"))),
+    }
+}

@@ -1,0 +1,198 @@
+//! Node-to-node transport: Raft RPCs as JSON over HTTPS with mutual TLS on the cluster port.
+//!
+//! Both ends present certificates from the cluster CA; a peer with any other certificate is
+//! refused during the handshake. openraft's messages travel as its serde encoding: the wire
+//! needs both ends on the same protocol version (checked at join), unlike the disk format.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use citadel_storage::types::{Raft, Snapshot, SnapshotMeta, Vote};
+use citadel_storage::{NodeInfo, TypeConfig};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::RaftNetworkV2;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+
+/// Wire form of a full snapshot.
+#[derive(Serialize, Deserialize)]
+struct SnapshotTransfer {
+    vote: Vote,
+    meta: SnapshotMeta,
+    #[serde(with = "citadel_core::encoding")]
+    data: Vec<u8>,
+}
+
+/// Every RPC answers `Ok(response)` or `Err(message)`.
+type Wire<T> = Result<T, String>;
+
+#[derive(Clone)]
+pub struct ClusterNetwork {
+    http: reqwest::Client,
+}
+
+impl ClusterNetwork {
+    pub fn new(config: &Config) -> Result<ClusterNetwork> {
+        let certs = crate::tls::load_certs(&config.tls.cert)?;
+        let key = crate::tls::load_key(&config.tls.key)?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(crate::tls::root_store(&config.tls.ca)?)
+            .with_client_auth_cert(certs, key)?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_millis(config.raft.election_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(ClusterNetwork { http })
+    }
+}
+
+pub struct PeerConnection {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, _target: u64, node: &NodeInfo) -> PeerConnection {
+        PeerConnection { http: self.http.clone(), base: format!("https://{}/raft", node.cluster_addr) }
+    }
+}
+
+impl PeerConnection {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let response = self
+            .http
+            .post(format!("{}/{rpc}", self.base))
+            .json(req)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let wire: Wire<Resp> = response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        wire.map_err(|msg| RPCError::Network(NetworkError::new(&io::Error::other(msg))))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("append", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("pre-vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let transfer = SnapshotTransfer { vote, meta: snapshot.meta, data: snapshot.snapshot };
+        self.call("snapshot", &transfer, option.hard_ttl()).await.map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Network(n) => StreamingError::Network(n),
+            RPCError::Timeout(t) => StreamingError::Timeout(t),
+            RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+        })
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("transfer-leader", &req, option.hard_ttl()).await
+    }
+}
+
+/// The cluster port's routes: inbound Raft RPCs handed to the local Raft instance.
+pub fn router(raft: Raft) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/pre-vote", post(pre_vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/raft/transfer-leader", post(transfer_leader))
+        .with_state(raft)
+}
+
+fn wire<T, E: std::fmt::Display>(r: Result<T, E>) -> Json<Wire<T>> {
+    Json(r.map_err(|e| e.to_string()))
+}
+
+async fn append(
+    State(raft): State<Raft>,
+    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Json<Wire<AppendEntriesResponse<TypeConfig>>> {
+    wire(raft.append_entries(req).await)
+}
+
+async fn vote(
+    State(raft): State<Raft>,
+    Json(req): Json<VoteRequest<TypeConfig>>,
+) -> Json<Wire<VoteResponse<TypeConfig>>> {
+    wire(raft.vote(req).await)
+}
+
+async fn pre_vote(
+    State(raft): State<Raft>,
+    Json(req): Json<VoteRequest<TypeConfig>>,
+) -> Json<Wire<VoteResponse<TypeConfig>>> {
+    wire(raft.pre_vote(req).await)
+}
+
+async fn snapshot(
+    State(raft): State<Raft>,
+    Json(req): Json<SnapshotTransfer>,
+) -> Json<Wire<SnapshotResponse<TypeConfig>>> {
+    let snapshot = Snapshot { meta: req.meta, snapshot: req.data };
+    wire(raft.install_full_snapshot(req.vote, snapshot).await)
+}
+
+async fn transfer_leader(
+    State(raft): State<Raft>,
+    Json(req): Json<TransferLeaderRequest<TypeConfig>>,
+) -> Json<Wire<TransferLeaderResponse<TypeConfig>>> {
+    wire(raft.handle_transfer_leader(req).await)
+}

@@ -1,0 +1,276 @@
+//! Server configuration (§6): a TOML file whose every key can be overridden by a `CITADEL_*`
+//! environment variable. Errors name the key and the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub cluster_addr: SocketAddr,
+    /// Address clients are redirected to; defaults to `https://{api_addr}`.
+    #[serde(default)]
+    pub advertise_api_addr: Option<String>,
+    /// Address peers dial; defaults to `cluster_addr`.
+    #[serde(default)]
+    pub advertise_cluster_addr: Option<String>,
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub site: String,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub seal: SealConfig,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub retry_join: Vec<RetryJoin>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SealKind {
+    #[default]
+    Shamir,
+    Keyfile,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealConfig {
+    #[serde(default, rename = "type")]
+    pub kind: SealKind,
+    /// With `type = "keyfile"`: the file holding the unseal key (hex). Keep it outside the data
+    /// directory and readable by the server's user only.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftConfig {
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_election_timeout_ms")]
+    pub election_timeout_ms: u64,
+    /// Log entries between automatic snapshots (which also bound the log kept on disk).
+    #[serde(default = "default_snapshot_threshold")]
+    pub snapshot_threshold: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: default_heartbeat_ms(),
+            election_timeout_ms: default_election_timeout_ms(),
+            snapshot_threshold: default_snapshot_threshold(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryJoin {
+    pub leader_api_addr: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Optional export sink: every local audit event is also appended here as a JSON line.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+fn default_cluster_name() -> String {
+    "citadel".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    50
+}
+fn default_election_timeout_ms() -> u64 {
+    300
+}
+fn default_snapshot_threshold() -> u64 {
+    5000
+}
+
+/// Environment variables that override config keys, and the key each one sets.
+const ENV_OVERRIDES: &[(&str, &[&str])] = &[
+    ("CITADEL_NODE_ID", &["node_id"]),
+    ("CITADEL_DATA_DIR", &["data_dir"]),
+    ("CITADEL_API_ADDR", &["api_addr"]),
+    ("CITADEL_CLUSTER_ADDR", &["cluster_addr"]),
+    ("CITADEL_ADVERTISE_API_ADDR", &["advertise_api_addr"]),
+    ("CITADEL_ADVERTISE_CLUSTER_ADDR", &["advertise_cluster_addr"]),
+    ("CITADEL_CLUSTER_NAME", &["cluster_name"]),
+    ("CITADEL_NODE_NAME", &["node_name"]),
+    ("CITADEL_SITE", &["site"]),
+    ("CITADEL_TLS_CERT", &["tls", "cert"]),
+    ("CITADEL_TLS_KEY", &["tls", "key"]),
+    ("CITADEL_TLS_CA", &["tls", "ca"]),
+    ("CITADEL_SEAL_TYPE", &["seal", "type"]),
+    ("CITADEL_SEAL_KEY_FILE", &["seal", "key_file"]),
+    ("CITADEL_RAFT_HEARTBEAT_MS", &["raft", "heartbeat_ms"]),
+    ("CITADEL_RAFT_ELECTION_TIMEOUT_MS", &["raft", "election_timeout_ms"]),
+    ("CITADEL_RAFT_SNAPSHOT_THRESHOLD", &["raft", "snapshot_threshold"]),
+    ("CITADEL_AUDIT_FILE", &["audit", "file"]),
+];
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::parse(&text, path, &env)
+    }
+
+    /// Parses `text`, applies `env` overrides, and validates. Pure, for tests.
+    pub fn parse(text: &str, path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let file = path.display();
+        let mut value: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError(format!("config file {file}: {}", e.message())))?;
+        for (var, key) in ENV_OVERRIDES {
+            if let Some((_, raw)) = env.iter().find(|(k, _)| k == var) {
+                set_key(&mut value, key, raw);
+            }
+        }
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config file {file}: {}", e.message())))?;
+        config.validate().map_err(|(key, msg)| ConfigError(format!("config file {file}: key `{key}`: {msg}")))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.node_id == 0 {
+            return Err(("node_id", "must be a positive integer".into()));
+        }
+        if self.api_addr == self.cluster_addr {
+            return Err(("cluster_addr", "must differ from api_addr".into()));
+        }
+        if self.seal.kind == SealKind::Keyfile && self.seal.key_file.is_none() {
+            return Err(("seal.key_file", "is required when seal.type is \"keyfile\"".into()));
+        }
+        if self.raft.heartbeat_ms == 0 || self.raft.heartbeat_ms * 3 > self.raft.election_timeout_ms {
+            return Err((
+                "raft.heartbeat_ms",
+                format!(
+                    "must be positive and at most a third of raft.election_timeout_ms ({})",
+                    self.raft.election_timeout_ms
+                ),
+            ));
+        }
+        if self.raft.snapshot_threshold < 10 {
+            return Err(("raft.snapshot_threshold", "must be at least 10".into()));
+        }
+        Ok(())
+    }
+
+    pub fn api_url(&self) -> String {
+        self.advertise_api_addr.clone().unwrap_or_else(|| format!("https://{}", self.api_addr))
+    }
+
+    pub fn cluster_url(&self) -> String {
+        self.advertise_cluster_addr.clone().unwrap_or_else(|| self.cluster_addr.to_string())
+    }
+
+    pub fn name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| format!("node-{}", self.node_id))
+    }
+}
+
+/// Sets a (possibly nested) key from an environment string, keeping numbers numeric.
+fn set_key(table: &mut toml::Table, key: &[&str], raw: &str) {
+    let (last, parents) = key.split_last().expect("non-empty key");
+    let mut current = table;
+    for part in parents {
+        current = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("config sections are tables");
+    }
+    let value = raw.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| toml::Value::String(raw.into()));
+    current.insert(last.to_string(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        node_id = 1
+        data_dir = "/tmp/x"
+        api_addr = "127.0.0.1:8200"
+        cluster_addr = "127.0.0.1:8201"
+        [tls]
+        cert = "c.pem"
+        key = "k.pem"
+        ca = "ca.pem"
+    "#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        Config::parse(text, Path::new("/etc/citadel.toml"), &env)
+    }
+
+    #[test]
+    fn a_minimal_config_gets_safe_defaults() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.seal.kind, SealKind::Shamir);
+        assert_eq!(c.api_url(), "https://127.0.0.1:8200");
+        assert_eq!(c.raft.election_timeout_ms, 300);
+    }
+
+    #[test]
+    fn environment_overrides_file_keys() {
+        let c = parse(GOOD, &[("CITADEL_NODE_ID", "7"), ("CITADEL_RAFT_HEARTBEAT_MS", "20")]).unwrap();
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.raft.heartbeat_ms, 20);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_file() {
+        let err = parse(&format!("{GOOD}\nbogus = 1\n"), &[]).unwrap_err().0;
+        assert!(err.contains("/etc/citadel.toml") && err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = parse(&GOOD.replace("node_id = 1", "node_id = 0"), &[]).unwrap_err().0;
+        assert!(err.contains("`node_id`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[seal]\ntype = \"keyfile\"\n"), &[]).unwrap_err().0;
+        assert!(err.contains("seal.key_file"), "{err}");
+        let err = parse(&GOOD.replace("127.0.0.1:8201", "not-an-address"), &[]).unwrap_err().0;
+        assert!(err.contains("/etc/citadel.toml"), "{err}");
+    }
+}

@@ -1,0 +1,252 @@
+//! Starting a node: storage, Raft, listeners, and the background jobs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Extension, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use citadel_core::barrier::Key;
+use citadel_core::command::Command;
+use citadel_storage::types::Raft;
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiError, ApiRequest, MAX_BODY};
+use crate::app::App;
+use crate::audit::AuditSpool;
+use crate::cluster::{self, ClusterNetwork};
+use crate::config::{Config, SealKind};
+use crate::ids;
+use crate::tls;
+
+#[derive(Clone, Copy)]
+struct RemoteAddr(SocketAddr);
+
+/// Runs a node until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<()> {
+    tls::install_crypto_provider();
+    let api_tls = tls::server_config(&config.tls.cert, &config.tls.key)?;
+    let cluster_tls = cluster_tls(&config)?;
+    let (log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
+    let state = sm.reader();
+    let raft_config = openraft::Config {
+        cluster_name: config.cluster_name.clone(),
+        heartbeat_interval: config.raft.heartbeat_ms,
+        election_timeout_min: config.raft.election_timeout_ms,
+        election_timeout_max: config.raft.election_timeout_ms * 2,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_threshold),
+        max_in_snapshot_log_to_keep: config.raft.snapshot_threshold / 5,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid [raft] settings")?;
+    let network = ClusterNetwork::new(&config)?;
+    let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
+    let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
+
+    let api_listener =
+        TcpListener::bind(config.api_addr).await.with_context(|| format!("cannot listen on api_addr {}", config.api_addr))?;
+    let cluster_listener = TcpListener::bind(config.cluster_addr)
+        .await
+        .with_context(|| format!("cannot listen on cluster_addr {}", config.cluster_addr))?;
+
+    let app = Arc::new(App {
+        config,
+        raft: raft.clone(),
+        state,
+        seal: Default::default(),
+        audit,
+        limiter: Default::default(),
+        metrics: Default::default(),
+        started: Instant::now(),
+    });
+    tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
+
+    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(raft.clone())));
+    tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone())));
+    tokio::spawn(ship_audit(app.clone()));
+    tokio::spawn(sweep_expired_tokens(app.clone()));
+    if app.config.seal.kind == SealKind::Keyfile {
+        tokio::spawn(auto_unseal(app.clone()));
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = raft.shutdown().await;
+    Ok(())
+}
+
+/// The cluster port demands a client certificate signed by the cluster CA.
+fn cluster_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(tls::root_store(&config.tls.ca)?), provider.clone())
+            .build()
+            .context("cluster CA is unusable for client verification")?;
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls::load_certs(&config.tls.cert)?, tls::load_key(&config.tls.key)?)
+        .context("node certificate and key do not match")?;
+    Ok(Arc::new(server))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Accepts TLS connections and serves `router` on each, recording the peer address.
+async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = router.clone().layer(Extension(RemoteAddr(remote)));
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+fn api_router(app: Arc<App>) -> Router {
+    Router::new().route("/v1/{*path}", any(api_entry)).fallback(not_found).with_state(app)
+}
+
+async fn not_found(uri: Uri) -> Response {
+    ApiError::no_route(uri.path()).into_response()
+}
+
+async fn api_entry(
+    State(app): State<Arc<App>>,
+    Extension(RemoteAddr(remote)): Extension<RemoteAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB").into_response();
+        }
+    };
+    let query = match Query::<HashMap<String, String>>::try_from_uri(&uri) {
+        Ok(Query(q)) => q,
+        Err(e) => return ApiError::bad_request(format!("invalid query string: {e}")).into_response(),
+    };
+    let path = uri.path().strip_prefix("/v1/").unwrap_or_default().trim_matches('/').to_string();
+    if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") {
+        return ApiError::bad_request("invalid path").into_response();
+    }
+    let request = ApiRequest { method, path, query, headers, body, remote: remote.ip().to_string() };
+    api::handle(app, request).await
+}
+
+/// Ships the local audit spool into the replicated audit log (idempotent by node and sequence).
+async fn ship_audit(app: Arc<App>) {
+    const BATCH: usize = 512;
+    loop {
+        tokio::select! {
+            _ = app.audit.new_event.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        loop {
+            if !app.is_leader() {
+                break;
+            }
+            let shipped = app.state.read(|s| s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq()));
+            let batch = app.audit.unshipped(shipped, BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            match app.propose(Command::AuditShip { events: batch }).await {
+                Ok(citadel_core::command::Response::AuditShipped { .. }) => app.audit.shipped_notify.notify_waiters(),
+                Ok(other) => {
+                    tracing::error!(response = %other, "the replicated audit log refused events from this node");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = ?e.errors, "audit shipping deferred");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Key-file seal: unseals as soon as the replicated state says the vault is initialized.
+async fn auto_unseal(app: Arc<App>) {
+    let Some(path) = app.config.seal.key_file.clone() else { return };
+    let mut reported = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !app.seal.is_sealed() {
+            continue;
+        }
+        let Some(info) = app.state.read(|s| s.seal.clone()) else { continue };
+        let outcome = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read seal.key_file {}: {e}", path.display()))
+            .and_then(|text| {
+                let bytes = zeroize::Zeroizing::new(
+                    hex::decode(text.trim()).map_err(|_| format!("{} does not hold a hex key", path.display()))?,
+                );
+                Key::from_slice(&bytes).ok_or_else(|| format!("{} does not hold a 32-byte key", path.display()))
+            })
+            .and_then(|key| app.seal.unseal_with_key(&key, &info).map_err(|e| format!("{}: {e}", path.display())));
+        match outcome {
+            Ok(()) => tracing::info!("unsealed from key file"),
+            Err(e) if e != reported => {
+                tracing::error!("{e}");
+                reported = e;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Leader-only job: removes expired tokens from the replicated state.
+async fn sweep_expired_tokens(app: Arc<App>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        if !app.is_leader() {
+            continue;
+        }
+        let now = ids::now_ms();
+        if app.state.read(|s| s.tokens.values().any(|t| t.is_expired(now))) {
+            let _ = app.propose(Command::TokensExpire { now }).await;
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! The `citadel` command line (§3).
+
+use std::io::{BufRead, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use citadel_client::Client;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::bench::{self, Workload};
+use crate::output::{print_list, print_map, print_rows, Format};
+
+#[derive(Parser)]
+#[command(name = "citadel", version, about = "Citadel: a highly available vault for privileged credentials")]
+struct Cli {
+    /// Output format for reads.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    format: Format,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster of real server processes (the main job).
+    Dev {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value = "./.citadel-dev")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 8200)]
+        port: u16,
+    },
+    /// Run one node.
+    Server {
+        #[arg(long, env = "CITADEL_CONFIG")]
+        config: PathBuf,
+    },
+    /// Initialize, unseal, seal, rotate, step down.
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+    /// Log in and adopt a token (prints it).
+    Login {
+        #[arg(long, default_value = "userpass")]
+        method: String,
+        #[arg(long)]
+        username: String,
+        /// Read from CITADEL_PASSWORD or prompted on stdin when absent.
+        #[arg(long, env = "CITADEL_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+    #[command(subcommand)]
+    Token(TokenCmd),
+    #[command(subcommand)]
+    Kv(KvCmd),
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    #[command(subcommand)]
+    User(UserCmd),
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Measure throughput and latency against a running cluster.
+    Bench {
+        #[arg(value_enum)]
+        workload: Workload,
+        #[arg(long, default_value_t = 1000)]
+        ops: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value = "secret")]
+        mount: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    Init {
+        #[arg(long, default_value_t = 5)]
+        key_shares: usize,
+        #[arg(long, default_value_t = 3)]
+        key_threshold: usize,
+    },
+    /// Submit an unseal key share (argument, CITADEL_UNSEAL_KEY, or stdin).
+    Unseal { key: Option<String> },
+    Seal,
+    Rotate,
+    StepDown,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    Create {
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// Look up a token (the current one when omitted).
+    Lookup { token: Option<String> },
+    /// Revoke a token (the current one when omitted) and its children.
+    Revoke { token: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    /// Write `k=v` pairs to MOUNT/PATH (e.g. secret/db/prod).
+    Put {
+        path: String,
+        pairs: Vec<String>,
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    Get {
+        path: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    List { path: String },
+    /// Soft-delete the latest version, or --versions.
+    Delete {
+        path: String,
+        #[arg(long, value_delimiter = ',')]
+        versions: Vec<u64>,
+    },
+    Undelete {
+        path: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        versions: Vec<u64>,
+    },
+    Destroy {
+        path: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        versions: Vec<u64>,
+    },
+    #[command(subcommand)]
+    Metadata(MetadataCmd),
+}
+
+#[derive(Subcommand)]
+enum MetadataCmd {
+    Get { path: String },
+    Put {
+        path: String,
+        #[arg(long)]
+        max_versions: Option<u32>,
+        #[arg(long)]
+        cas_required: Option<bool>,
+    },
+    Delete { path: String },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Write a policy from FILE (`-` for stdin).
+    Write { name: String, file: PathBuf },
+    Read { name: String },
+    List,
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    Create {
+        username: String,
+        #[arg(long, env = "CITADEL_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+    },
+    Delete { username: String },
+    List,
+    Passwd {
+        username: String,
+        #[arg(long, env = "CITADEL_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    List {
+        #[arg(long)]
+        node: Option<u64>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        /// Unix milliseconds, or a duration such as 15m meaning "that long ago".
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    Verify,
+}
+
+fn env_either(primary: &str, fallback: &str) -> Option<String> {
+    std::env::var(primary).ok().or_else(|| std::env::var(fallback).ok()).filter(|v| !v.is_empty())
+}
+
+fn client() -> Result<Client> {
+    let addr = env_either("CITADEL_ADDR", "VAULT_ADDR").unwrap_or_else(|| "https://127.0.0.1:8200".into());
+    let ca = env_either("CITADEL_CACERT", "VAULT_CACERT")
+        .ok_or_else(|| anyhow!("set CITADEL_CACERT (or VAULT_CACERT) to the cluster CA certificate; `source .citadel-dev/env` does"))?;
+    let mut client = Client::from_ca_file(&addr, std::path::Path::new(&ca))?;
+    if let Some(token) = env_either("CITADEL_TOKEN", "VAULT_TOKEN") {
+        client.set_token(token);
+    }
+    Ok(client)
+}
+
+fn read_secret(prompt: &str, given: Option<String>) -> Result<String> {
+    if let Some(v) = given {
+        return Ok(v);
+    }
+    eprint!("{prompt}: ");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let line = line.trim_end_matches(['\n', '\r']).to_string();
+    if line.is_empty() {
+        bail!("no {prompt} given");
+    }
+    Ok(line)
+}
+
+/// Splits `mount/path` as `vault kv` does: the first segment is the mount.
+fn split_kv_path(path: &str) -> Result<(String, String)> {
+    let path = path.trim_matches('/');
+    match path.split_once('/') {
+        Some((mount, rest)) if !rest.is_empty() => Ok((mount.to_string(), rest.to_string())),
+        _ => bail!("expected MOUNT/PATH, e.g. secret/db/prod; got {path:?}"),
+    }
+}
+
+fn parse_pairs(pairs: &[String]) -> Result<Value> {
+    let mut data = serde_json::Map::new();
+    for pair in pairs {
+        let (k, v) = pair.split_once('=').ok_or_else(|| anyhow!("expected key=value, got {pair:?}"))?;
+        if k.is_empty() {
+            bail!("empty key in {pair:?}");
+        }
+        let value = if v == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s
+        } else {
+            v.to_string()
+        };
+        data.insert(k.to_string(), Value::String(value));
+    }
+    if data.is_empty() {
+        bail!("nothing to write: give at least one key=value");
+    }
+    Ok(Value::Object(data))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("CITADEL_LOG").unwrap_or_else(|_| "info,openraft=warn".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    citadel_server::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let format = cli.format;
+    match cli.command {
+        Cmd::Dev { nodes, dir, port } => crate::dev::run(nodes, &dir, port).await,
+        Cmd::Server { config } => {
+            let config = citadel_server::Config::load(&config)?;
+            citadel_server::run(config).await
+        }
+        Cmd::Operator(op) => operator(op, format).await,
+        Cmd::Login { method, username, password } => {
+            if method != "userpass" {
+                bail!("unsupported login method {method:?} (supported: userpass)");
+            }
+            let password = read_secret("password", password)?;
+            let mut c = client()?;
+            let token = c.login_userpass(&username, &password).await?;
+            print_map(&json!({ "token": token, "username": username }), format);
+            Ok(())
+        }
+        Cmd::Token(cmd) => token(cmd, format).await,
+        Cmd::Kv(cmd) => kv(cmd, format).await,
+        Cmd::Policy(cmd) => policy(cmd, format).await,
+        Cmd::User(cmd) => user(cmd, format).await,
+        Cmd::Audit(cmd) => audit(cmd, format).await,
+        Cmd::Bench { workload, ops, concurrency, mount } => {
+            let c = client()?;
+            let s = bench::run(&c, workload, ops, concurrency, &mount).await?;
+            let row = json!({
+                "workload": format!("{workload:?}"),
+                "concurrency": concurrency,
+                "ops": s.ops,
+                "errors": s.errors,
+                "ops_per_sec": format!("{:.0}", s.throughput()),
+                "p50_ms": format!("{:.2}", s.p50.as_secs_f64() * 1e3),
+                "p99_ms": format!("{:.2}", s.p99.as_secs_f64() * 1e3),
+                "max_ms": format!("{:.2}", s.max.as_secs_f64() * 1e3),
+            });
+            print_rows(&[row], &["workload", "concurrency", "ops", "errors", "ops_per_sec", "p50_ms", "p99_ms", "max_ms"], format);
+            Ok(())
+        }
+    }
+}
+
+async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        OperatorCmd::Init { key_shares, key_threshold } => {
+            let (keys, root) = c.init(key_shares, key_threshold).await?;
+            if format == Format::Json {
+                print_map(&json!({ "unseal_keys_hex": keys, "root_token": root }), format);
+            } else {
+                for (i, k) in keys.iter().enumerate() {
+                    out!("Unseal Key {}: {k}", i + 1);
+                }
+                out!("\nInitial Root Token: {root}\n");
+                out!("Store the keys apart: {key_threshold} of {key_shares} are needed to unseal a node.");
+            }
+            Ok(())
+        }
+        OperatorCmd::Unseal { key } => {
+            let key = match key.or_else(|| std::env::var("CITADEL_UNSEAL_KEY").ok()) {
+                Some(k) => k,
+                None => read_secret("unseal key share", None)?,
+            };
+            let status = c.unseal(&key).await?;
+            print_map(&status, format);
+            Ok(())
+        }
+        OperatorCmd::Seal => {
+            c.request("PUT", "sys/seal", None).await?;
+            out!("Success! Node sealed.");
+            Ok(())
+        }
+        OperatorCmd::Rotate => {
+            c.request("PUT", "sys/rotate", None).await?;
+            let status = c.get("sys/key-status").await?;
+            print_map(&status["data"], format);
+            Ok(())
+        }
+        OperatorCmd::StepDown => {
+            c.request("PUT", "sys/step-down", None).await?;
+            out!("Success! Stepped down.");
+            Ok(())
+        }
+    }
+}
+
+async fn token(cmd: TokenCmd, format: Format) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        TokenCmd::Create { policies, ttl } => {
+            let mut body = json!({});
+            if !policies.is_empty() {
+                body["policies"] = json!(policies);
+            }
+            if let Some(ttl) = ttl {
+                body["ttl"] = json!(ttl);
+            }
+            let reply = c.post("auth/token/create", &body).await?;
+            print_map(&reply["auth"], format);
+        }
+        TokenCmd::Lookup { token } => {
+            let reply = match token {
+                Some(t) => c.post("auth/token/lookup", &json!({ "token": t })).await?,
+                None => c.get("auth/token/lookup-self").await?,
+            };
+            print_map(&reply["data"], format);
+        }
+        TokenCmd::Revoke { token } => {
+            match token {
+                Some(t) => c.post("auth/token/revoke", &json!({ "token": t })).await?,
+                None => c.post("auth/token/revoke-self", &json!({})).await?,
+            };
+            out!("Success! Revoked token (if it existed).");
+        }
+    }
+    Ok(())
+}
+
+async fn kv(cmd: KvCmd, format: Format) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        KvCmd::Put { path, pairs, cas } => {
+            let (mount, path) = split_kv_path(&path)?;
+            let data = parse_pairs(&pairs)?;
+            let mut body = json!({ "data": data });
+            if let Some(cas) = cas {
+                body["options"] = json!({ "cas": cas });
+            }
+            let reply = c.post(&format!("{mount}/data/{path}"), &body).await?;
+            print_map(&reply["data"], format);
+        }
+        KvCmd::Get { path, version } => {
+            let (mount, path) = split_kv_path(&path)?;
+            let query = version.map(|v| format!("?version={v}")).unwrap_or_default();
+            let reply = c.get(&format!("{mount}/data/{path}{query}")).await.map_err(|e| match e.status() {
+                Some(s) if s.as_u16() == 404 => anyhow!("no value found at {mount}/{path}"),
+                _ => e.into(),
+            })?;
+            if format == Format::Json {
+                print_map(&reply["data"], format);
+            } else {
+                out!("== Metadata ==");
+                print_map(&reply["data"]["metadata"], format);
+                out!("\n== Data ==");
+                print_map(&reply["data"]["data"], format);
+            }
+        }
+        KvCmd::List { path } => {
+            let path = path.trim_matches('/');
+            let (mount, rest) = path.split_once('/').unwrap_or((path, ""));
+            let keys = c.list(&format!("{mount}/metadata/{rest}")).await?;
+            print_list(&keys, format);
+        }
+        KvCmd::Delete { path, versions } => {
+            let (mount, path) = split_kv_path(&path)?;
+            if versions.is_empty() {
+                c.delete(&format!("{mount}/data/{path}")).await?;
+            } else {
+                c.post(&format!("{mount}/delete/{path}"), &json!({ "versions": versions })).await?;
+            }
+            out!("Success! Data deleted (if it existed) at: {mount}/data/{path}");
+        }
+        KvCmd::Undelete { path, versions } => {
+            let (mount, path) = split_kv_path(&path)?;
+            c.post(&format!("{mount}/undelete/{path}"), &json!({ "versions": versions })).await?;
+            out!("Success! Data written to: {mount}/undelete/{path}");
+        }
+        KvCmd::Destroy { path, versions } => {
+            let (mount, path) = split_kv_path(&path)?;
+            c.post(&format!("{mount}/destroy/{path}"), &json!({ "versions": versions })).await?;
+            out!("Success! Data written to: {mount}/destroy/{path}");
+        }
+        KvCmd::Metadata(MetadataCmd::Get { path }) => {
+            let (mount, path) = split_kv_path(&path)?;
+            let reply = c.get(&format!("{mount}/metadata/{path}")).await?;
+            print_map(&reply["data"], format);
+        }
+        KvCmd::Metadata(MetadataCmd::Put { path, max_versions, cas_required }) => {
+            let (mount, path) = split_kv_path(&path)?;
+            let mut body = json!({});
+            if let Some(m) = max_versions {
+                body["max_versions"] = json!(m);
+            }
+            if let Some(c) = cas_required {
+                body["cas_required"] = json!(c);
+            }
+            c.post(&format!("{mount}/metadata/{path}"), &body).await?;
+            out!("Success! Data written to: {mount}/metadata/{path}");
+        }
+        KvCmd::Metadata(MetadataCmd::Delete { path }) => {
+            let (mount, path) = split_kv_path(&path)?;
+            c.delete(&format!("{mount}/metadata/{path}")).await?;
+            out!("Success! Data deleted (if it existed) at: {mount}/metadata/{path}");
+        }
+    }
+    Ok(())
+}
+
+async fn policy(cmd: PolicyCmd, format: Format) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        PolicyCmd::Write { name, file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                s
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            c.post(&format!("sys/policies/acl/{name}"), &json!({ "policy": text })).await?;
+            out!("Success! Uploaded policy: {name}");
+        }
+        PolicyCmd::Read { name } => {
+            let reply = c.get(&format!("sys/policies/acl/{name}")).await?;
+            if format == Format::Json {
+                print_map(&reply["data"], format);
+            } else {
+                out!("{}", reply["data"]["policy"].as_str().unwrap_or_default());
+            }
+        }
+        PolicyCmd::List => print_list(&c.list("sys/policies/acl").await?, format),
+        PolicyCmd::Delete { name } => {
+            c.delete(&format!("sys/policies/acl/{name}")).await?;
+            out!("Success! Deleted policy: {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn user(cmd: UserCmd, format: Format) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        UserCmd::Create { username, password, policies } => {
+            let password = read_secret("password", password)?;
+            c.post(&format!("auth/userpass/users/{username}"), &json!({ "password": password, "token_policies": policies }))
+                .await?;
+            out!("Success! Created user: {username}");
+        }
+        UserCmd::Delete { username } => {
+            c.delete(&format!("auth/userpass/users/{username}")).await?;
+            out!("Success! Deleted user: {username}");
+        }
+        UserCmd::List => {
+            let keys = match c.list("auth/userpass/users").await {
+                Err(e) if e.status().map(|s| s.as_u16()) == Some(404) => vec![],
+                other => other?,
+            };
+            print_list(&keys, format);
+        }
+        UserCmd::Passwd { username, password } => {
+            let password = read_secret("new password", password)?;
+            c.post(&format!("auth/userpass/users/{username}/password"), &json!({ "password": password })).await?;
+            out!("Success! Changed the password of: {username}");
+        }
+    }
+    Ok(())
+}
+
+async fn audit(cmd: AuditCmd, format: Format) -> Result<()> {
+    let c = client()?;
+    match cmd {
+        AuditCmd::List { node, user, path, since, limit } => {
+            let mut query = vec![format!("limit={limit}")];
+            if let Some(n) = node {
+                query.push(format!("node={n}"));
+            }
+            for (k, v) in [("user", user), ("path", path), ("since", since)] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", encode_query(&v)));
+                }
+            }
+            let reply = c.get(&format!("sys/audit/events?{}", query.join("&"))).await?;
+            let mut rows: Vec<Value> = reply["data"]["events"].as_array().cloned().unwrap_or_default();
+            for row in &mut rows {
+                let time = row["time"].as_u64().unwrap_or(0);
+                row["when"] = json!(citadel_core::time::rfc3339(time));
+            }
+            print_rows(&rows, &["when", "node", "seq", "kind", "operation", "path", "user", "status", "error"], format);
+        }
+        AuditCmd::Verify => {
+            let reply = c.get("sys/audit/verify").await?;
+            let data = &reply["data"];
+            print_map(data, format);
+            if data["ok"] != json!(true) {
+                bail!("audit verification failed: {}", data["error"].as_str().unwrap_or("unknown"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_query(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
