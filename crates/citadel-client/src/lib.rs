@@ -131,11 +131,13 @@ impl Client {
             builder.send().await.map_err(|source| ClientError::Transport { addr: self.addr.clone(), source })?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response.bytes().await.map_err(|source| ClientError::Transport { addr: self.addr.clone(), source })?;
+        let bytes =
+            response.bytes().await.map_err(|source| ClientError::Transport { addr: self.addr.clone(), source })?;
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         Ok(Reply { status, body, headers })
     }
@@ -150,7 +152,10 @@ impl Client {
 
     pub async fn list(&self, path: &str) -> Result<Vec<String>, ClientError> {
         let body = self.request("LIST", path, None).await?.body;
-        Ok(body["data"]["keys"].as_array().map(|k| k.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default())
+        Ok(body["data"]["keys"]
+            .as_array()
+            .map(|k| k.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+            .unwrap_or_default())
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {

@@ -142,11 +142,7 @@ impl Keyring {
 
     pub fn decrypt(&self, aad: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, BarrierError> {
         let term = term_of(ciphertext)?;
-        let entry = self
-            .terms
-            .iter()
-            .find(|t| t.term == term)
-            .ok_or(BarrierError::UnknownTerm(term))?;
+        let entry = self.terms.iter().find(|t| t.term == term).ok_or(BarrierError::UnknownTerm(term))?;
         let key = Key::from_slice(&entry.key).ok_or(BarrierError::Malformed)?;
         decrypt(&key, aad, ciphertext)
     }

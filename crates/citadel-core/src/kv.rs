@@ -111,10 +111,9 @@ impl KvStore {
         });
         entry.current_version = next;
         entry.updated = req.at;
-        entry.versions.insert(
-            next,
-            KvVersion { created: req.at, deletion_time, destroyed: false, ciphertext: req.ciphertext },
-        );
+        entry
+            .versions
+            .insert(next, KvVersion { created: req.at, deletion_time, destroyed: false, ciphertext: req.ciphertext });
         prune(entry, max);
         Ok((next, req.at, deletion_time))
     }

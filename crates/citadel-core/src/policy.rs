@@ -24,6 +24,8 @@ impl Caps {
     pub const LIST: Caps = Caps(32);
     pub const SUDO: Caps = Caps(64);
     pub const DENY: Caps = Caps(128);
+    /// Every grant (what the root policy holds).
+    pub const ALL: Caps = Caps(127);
     const NAMES: [(&'static str, Caps); 8] = [
         ("create", Caps::CREATE),
         ("read", Caps::READ),
@@ -141,10 +143,8 @@ fn caps_from_names<'a>(pattern: &str, names: impl IntoIterator<Item = &'a str>) 
 
 fn parse_json(text: &str) -> Result<Vec<Rule>, PolicyError> {
     let syntax = |message: String| PolicyError::Syntax { line: 1, message };
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| PolicyError::Syntax {
-        line: e.line(),
-        message: e.to_string(),
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| PolicyError::Syntax { line: e.line(), message: e.to_string() })?;
     let paths = value
         .get("path")
         .and_then(|p| p.as_object())
@@ -206,7 +206,9 @@ fn tokenize(text: &str) -> Result<Vec<(Token, usize)>, PolicyError> {
                                     }
                                     prev = ch;
                                 }
-                                None => return Err(PolicyError::Syntax { line, message: "unterminated comment".into() }),
+                                None => {
+                                    return Err(PolicyError::Syntax { line, message: "unterminated comment".into() })
+                                }
                             }
                         }
                     }

@@ -84,10 +84,7 @@ impl State {
     }
 
     fn kv_mut(&mut self, mount: &str) -> Result<&mut KvStore, Rejection> {
-        self.mounts
-            .get_mut(mount)
-            .map(|m| &mut m.kv)
-            .ok_or_else(|| Rejection::MountNotFound(mount.to_string()))
+        self.mounts.get_mut(mount).map(|m| &mut m.kv).ok_or_else(|| Rejection::MountNotFound(mount.to_string()))
     }
 
     fn apply_checked(&mut self, command: Command) -> Result<Response, Rejection> {
@@ -118,9 +115,8 @@ impl State {
             }
             Command::KvWrite { mount, path, version, ciphertext, cas, at } => {
                 let kv = self.kv_mut(&mount)?;
-                let (version, created, deletion_time) = kv
-                    .write(WriteRequest { path, version, ciphertext, cas, at })
-                    .map_err(Rejection::Kv)?;
+                let (version, created, deletion_time) =
+                    kv.write(WriteRequest { path, version, ciphertext, cas, at }).map_err(Rejection::Kv)?;
                 Ok(Response::KvWritten { version, created, deletion_time })
             }
             Command::KvDelete { mount, path, versions, at } => {
@@ -290,14 +286,7 @@ mod tests {
     }
 
     fn write(path: &str, version: u64) -> Command {
-        Command::KvWrite {
-            mount: "secret/".into(),
-            path: path.into(),
-            version,
-            ciphertext: vec![9],
-            cas: None,
-            at: 5,
-        }
+        Command::KvWrite { mount: "secret/".into(), path: path.into(), version, ciphertext: vec![9], cas: None, at: 5 }
     }
 
     #[test]

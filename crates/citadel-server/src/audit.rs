@@ -42,11 +42,16 @@ impl AuditSpool {
             .open(&path)
             .with_context(|| format!("cannot open audit spool {}", path.display()))?;
         let export = export
-            .map(|p| OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("cannot open audit export {}", p.display())))
+            .map(|p| {
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("cannot open audit export {}", p.display()))
+            })
             .transpose()?;
-        let (next_seq, last_hash) = events
-            .last()
-            .map_or((1, GENESIS.to_string()), |e| (e.body.seq + 1, e.hash.clone()));
+        let (next_seq, last_hash) =
+            events.last().map_or((1, GENESIS.to_string()), |e| (e.body.seq + 1, e.hash.clone()));
         Ok(Arc::new(AuditSpool {
             node,
             path,

@@ -41,7 +41,11 @@ impl Metrics {
         }
         let counters = [
             ("citadel_raft_proposals_total", "Commands proposed through Raft.", &self.proposals),
-            ("citadel_raft_proposal_seconds_sum", "Total time spent waiting for proposals (µs precision).", &self.proposal_micros),
+            (
+                "citadel_raft_proposal_seconds_sum",
+                "Total time spent waiting for proposals (µs precision).",
+                &self.proposal_micros,
+            ),
             ("citadel_audit_events_total", "Audit events written to the local spool.", &self.audit_events),
         ];
         for (name, help, value) in counters {

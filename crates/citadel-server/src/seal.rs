@@ -37,9 +37,9 @@ impl std::fmt::Display for UnsealError {
         match self {
             UnsealError::NotInitialized => f.write_str("the vault is not initialized"),
             UnsealError::BadShare(why) => write!(f, "invalid unseal key: {why}"),
-            UnsealError::WrongKey => f.write_str(
-                "unseal failed: the key shares do not reconstruct the unseal key; progress was reset",
-            ),
+            UnsealError::WrongKey => {
+                f.write_str("unseal failed: the key shares do not reconstruct the unseal key; progress was reset")
+            }
         }
     }
 }

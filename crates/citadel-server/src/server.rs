@@ -51,8 +51,9 @@ pub async fn run(config: Config) -> Result<()> {
     let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
 
-    let api_listener =
-        TcpListener::bind(config.api_addr).await.with_context(|| format!("cannot listen on api_addr {}", config.api_addr))?;
+    let api_listener = TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("cannot listen on api_addr {}", config.api_addr))?;
     let cluster_listener = TcpListener::bind(config.cluster_addr)
         .await
         .with_context(|| format!("cannot listen on cluster_addr {}", config.cluster_addr))?;
@@ -86,10 +87,12 @@ pub async fn run(config: Config) -> Result<()> {
 /// The cluster port demands a client certificate signed by the cluster CA.
 fn cluster_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(tls::root_store(&config.tls.ca)?), provider.clone())
-            .build()
-            .context("cluster CA is unusable for client verification")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(tls::root_store(&config.tls.ca)?),
+        provider.clone(),
+    )
+    .build()
+    .context("cluster CA is unusable for client verification")?;
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -207,7 +210,8 @@ async fn ship_audit(app: Arc<App>) {
     }
 }
 
-/// Key-file seal: unseals as soon as the replicated state says the vault is initialized.
+/// Key-file seal: unseals once, as soon as the replicated state says the vault is initialized.
+/// An operator's later `sys/seal` holds until the node restarts (or `sys/unseal`), as in Vault.
 async fn auto_unseal(app: Arc<App>) {
     let Some(path) = app.config.seal.key_file.clone() else { return };
     let mut reported = String::new();
@@ -227,7 +231,10 @@ async fn auto_unseal(app: Arc<App>) {
             })
             .and_then(|key| app.seal.unseal_with_key(&key, &info).map_err(|e| format!("{}: {e}", path.display())));
         match outcome {
-            Ok(()) => tracing::info!("unsealed from key file"),
+            Ok(()) => {
+                tracing::info!("unsealed from key file");
+                return;
+            }
             Err(e) if e != reported => {
                 tracing::error!("{e}");
                 reported = e;

@@ -41,9 +41,7 @@ impl Db {
             Err(e) => return Err(self.err(e)),
         };
         let value = table.get(key).map_err(|e| self.err(e))?;
-        value
-            .map(|v| codec::decode(v.value(), &format!("{} ({key})", self.path.display())))
-            .transpose()
+        value.map(|v| codec::decode(v.value(), &format!("{} ({key})", self.path.display()))).transpose()
     }
 
     /// Writes a set of changes in one durable, two-phase commit.
@@ -88,7 +86,8 @@ impl LogStore {
     /// Opens the log and verifies the checksum of every entry in it before anything is served.
     pub(crate) fn open(db: Arc<Db>) -> Result<LogStore, StorageOpenError> {
         let store = LogStore { db };
-        let entries = store.read_range(..).map_err(|e| StorageOpenError::Corrupt(store.db.path.clone(), e.to_string()))?;
+        let entries =
+            store.read_range(..).map_err(|e| StorageOpenError::Corrupt(store.db.path.clone(), e.to_string()))?;
         let mut prev: Option<u64> = None;
         for e in &entries {
             if let Some(p) = prev {
@@ -128,7 +127,10 @@ impl LogStore {
             let what = format!("{} log entry {}", db.path.display(), key.value());
             let stored: StoredEntry = codec::decode(value.value(), &what)?;
             if stored.log_id.index != key.value() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{what}: stored under the wrong index")));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{what}: stored under the wrong index"),
+                ));
             }
             out.push(stored.into_entry()?);
         }
@@ -170,7 +172,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let purged: Option<LogId> = self.db.read_meta::<StoredLogId>(KEY_PURGED)?.map(Into::into);
-        let last = self.last_entry_id()?.or_else(|| purged.clone());
+        let last = self.last_entry_id()?.or(purged);
         Ok(LogState { last_purged_log_id: purged, last_log_id: last })
     }
 

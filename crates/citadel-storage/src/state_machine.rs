@@ -138,7 +138,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 data: codec::encode(&stored),
             };
             let meta =
-                SnapshotMeta { last_log_id: applied.last_applied.clone(), last_membership: applied.membership.clone() };
+                SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
             (record, meta)
         };
         let data = record.data.clone();
@@ -154,7 +154,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        Ok((applied.last_applied.clone(), applied.membership.clone()))
+        Ok((applied.last_applied, applied.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -168,12 +168,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 if let Some(prev) = &applied.last_applied {
                     assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
                 }
-                applied.last_applied = Some(entry.log_id.clone());
+                applied.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => Response::Done,
                     EntryPayload::Normal(command) => applied.state.apply(command),
                     EntryPayload::Membership(m) => {
-                        applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::Done
                     }
                 }

@@ -71,6 +71,10 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value = "secret")]
         mount: String,
+        /// Directory whose disk's raw fsync latency is measured in the same run (the floor of a
+        /// durable write); put it on the same disk as the nodes' data.
+        #[arg(long, default_value = ".")]
+        fsync_dir: PathBuf,
     },
 }
 
@@ -83,7 +87,9 @@ enum OperatorCmd {
         key_threshold: usize,
     },
     /// Submit an unseal key share (argument, CITADEL_UNSEAL_KEY, or stdin).
-    Unseal { key: Option<String> },
+    Unseal {
+        key: Option<String>,
+    },
     Seal,
     Rotate,
     StepDown,
@@ -117,7 +123,9 @@ enum KvCmd {
         #[arg(long)]
         version: Option<u64>,
     },
-    List { path: String },
+    List {
+        path: String,
+    },
     /// Soft-delete the latest version, or --versions.
     Delete {
         path: String,
@@ -140,7 +148,9 @@ enum KvCmd {
 
 #[derive(Subcommand)]
 enum MetadataCmd {
-    Get { path: String },
+    Get {
+        path: String,
+    },
     Put {
         path: String,
         #[arg(long)]
@@ -148,16 +158,25 @@ enum MetadataCmd {
         #[arg(long)]
         cas_required: Option<bool>,
     },
-    Delete { path: String },
+    Delete {
+        path: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum PolicyCmd {
     /// Write a policy from FILE (`-` for stdin).
-    Write { name: String, file: PathBuf },
-    Read { name: String },
+    Write {
+        name: String,
+        file: PathBuf,
+    },
+    Read {
+        name: String,
+    },
     List,
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,7 +188,9 @@ enum UserCmd {
         #[arg(long = "policy")]
         policies: Vec<String>,
     },
-    Delete { username: String },
+    Delete {
+        username: String,
+    },
     List,
     Passwd {
         username: String,
@@ -202,8 +223,9 @@ fn env_either(primary: &str, fallback: &str) -> Option<String> {
 
 fn client() -> Result<Client> {
     let addr = env_either("CITADEL_ADDR", "VAULT_ADDR").unwrap_or_else(|| "https://127.0.0.1:8200".into());
-    let ca = env_either("CITADEL_CACERT", "VAULT_CACERT")
-        .ok_or_else(|| anyhow!("set CITADEL_CACERT (or VAULT_CACERT) to the cluster CA certificate; `source .citadel-dev/env` does"))?;
+    let ca = env_either("CITADEL_CACERT", "VAULT_CACERT").ok_or_else(|| {
+        anyhow!("set CITADEL_CACERT (or VAULT_CACERT) to the cluster CA certificate; `source .citadel-dev/env` does")
+    })?;
     let mut client = Client::from_ca_file(&addr, std::path::Path::new(&ca))?;
     if let Some(token) = env_either("CITADEL_TOKEN", "VAULT_TOKEN") {
         client.set_token(token);
@@ -296,8 +318,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Policy(cmd) => policy(cmd, format).await,
         Cmd::User(cmd) => user(cmd, format).await,
         Cmd::Audit(cmd) => audit(cmd, format).await,
-        Cmd::Bench { workload, ops, concurrency, mount } => {
+        Cmd::Bench { workload, ops, concurrency, mount, fsync_dir } => {
             let c = client()?;
+            let (fsync_p50, fsync_p99) = bench::fsync_floor(&fsync_dir, 200)?;
             let s = bench::run(&c, workload, ops, concurrency, &mount).await?;
             let row = json!({
                 "workload": format!("{workload:?}"),
@@ -309,7 +332,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 "p99_ms": format!("{:.2}", s.p99.as_secs_f64() * 1e3),
                 "max_ms": format!("{:.2}", s.max.as_secs_f64() * 1e3),
             });
-            print_rows(&[row], &["workload", "concurrency", "ops", "errors", "ops_per_sec", "p50_ms", "p99_ms", "max_ms"], format);
+            print_rows(
+                &[row],
+                &["workload", "concurrency", "ops", "errors", "ops_per_sec", "p50_ms", "p99_ms", "max_ms"],
+                format,
+            );
             Ok(())
         }
     }
@@ -507,8 +534,11 @@ async fn user(cmd: UserCmd, format: Format) -> Result<()> {
     match cmd {
         UserCmd::Create { username, password, policies } => {
             let password = read_secret("password", password)?;
-            c.post(&format!("auth/userpass/users/{username}"), &json!({ "password": password, "token_policies": policies }))
-                .await?;
+            c.post(
+                &format!("auth/userpass/users/{username}"),
+                &json!({ "password": password, "token_policies": policies }),
+            )
+            .await?;
             out!("Success! Created user: {username}");
         }
         UserCmd::Delete { username } => {

@@ -17,6 +17,8 @@ pub struct Layout {
     pub dir: PathBuf,
     pub nodes: usize,
     pub base_port: u16,
+    /// Key-file seal (dev default: restarted nodes unseal themselves) or Shamir shares.
+    pub keyfile_seal: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,7 +36,7 @@ impl Layout {
     pub fn new(dir: &Path, nodes: usize, base_port: u16) -> Result<Layout> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = dir.canonicalize()?;
-        Ok(Layout { dir, nodes, base_port })
+        Ok(Layout { dir, nodes, base_port, keyfile_seal: true })
     }
 
     pub fn node_dir(&self, i: usize) -> PathBuf {
@@ -78,7 +80,8 @@ impl Layout {
         for i in 0..self.nodes {
             let dir = self.node_dir(i);
             std::fs::create_dir_all(&dir)?;
-            let (cert, key) = pki.node_cert(&format!("node-{}", self.node_id(i)), &["127.0.0.1".into(), "localhost".into()])?;
+            let (cert, key) =
+                pki.node_cert(&format!("node-{}", self.node_id(i)), &["127.0.0.1".into(), "localhost".into()])?;
             std::fs::write(dir.join("cert.pem"), cert)?;
             write_private(&dir.join("key.pem"), key.as_bytes())?;
             let config = format!(
@@ -95,9 +98,7 @@ cert = "{dir}/cert.pem"
 key = "{dir}/key.pem"
 ca = "{ca}"
 
-[seal]
-type = "keyfile"
-key_file = "{keyfile}"
+{seal}
 {extra_config}"#,
                 id = self.node_id(i),
                 data = self.data_dir(i).display(),
@@ -105,7 +106,11 @@ key_file = "{keyfile}"
                 cluster = self.cluster_addr(i),
                 dir = dir.display(),
                 ca = self.ca_path().display(),
-                keyfile = self.key_file(i).display(),
+                seal = if self.keyfile_seal {
+                    format!("[seal]\ntype = \"keyfile\"\nkey_file = \"{}\"\n", self.key_file(i).display())
+                } else {
+                    "[seal]\ntype = \"shamir\"\n".to_string()
+                },
             );
             std::fs::write(self.config_path(i), config)?;
         }
@@ -241,7 +246,11 @@ pub async fn run(nodes: usize, dir: &Path, port: u16) -> Result<()> {
     let guard = ChildGuard(children);
     let (root, key) = if resuming {
         let env = read_env(&layout)?;
-        let get = |k: &str| env.get(k).cloned().ok_or_else(|| anyhow!("{} lacks {k}; remove the directory to start afresh", layout.dir.join("env").display()));
+        let get = |k: &str| {
+            env.get(k).cloned().ok_or_else(|| {
+                anyhow!("{} lacks {k}; remove the directory to start afresh", layout.dir.join("env").display())
+            })
+        };
         (get("CITADEL_TOKEN")?, get("CITADEL_UNSEAL_KEY")?)
     } else {
         initialize(&layout).await?
@@ -288,7 +297,9 @@ async fn watch(layout: &Layout, mut guard: ChildGuard) -> Result<()> {
                 let id = layout.node_id(i);
                 match (&last[i], &now) {
                     (_, None) => out!("[{}] node {id} is down", clock()),
-                    (None, Some((code, leader))) => out!("[{}] node {id} is up (health {code}, leader {leader:?})", clock()),
+                    (None, Some((code, leader))) => {
+                        out!("[{}] node {id} is up (health {code}, leader {leader:?})", clock())
+                    }
                     (Some((_, old)), Some((code, leader))) if old != leader => {
                         out!("[{}] node {id} sees leader {leader:?} (was {old:?}), health {code}", clock())
                     }

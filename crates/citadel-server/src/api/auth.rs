@@ -218,9 +218,9 @@ async fn user_route(app: &App, req: &ApiRequest, op: Op, name: &str) -> Result<R
 async fn user_write(app: &App, req: &ApiRequest, name: &str, password_only: bool) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let existing = app.state.read(|s| s.users.get(name).cloned());
-    let password = body.get("password").map(|p| {
-        p.as_str().map(String::from).ok_or_else(|| ApiError::bad_request("password must be a string"))
-    });
+    let password = body
+        .get("password")
+        .map(|p| p.as_str().map(String::from).ok_or_else(|| ApiError::bad_request("password must be a string")));
     let password = password.transpose()?;
     if let Some(p) = &password {
         if p.len() < 8 {
@@ -265,7 +265,9 @@ async fn token_route(
 ) -> Result<Reply, ApiError> {
     let now = ids::now_ms();
     match (rest, op) {
-        ("create", Op::Write) | ("create-orphan", Op::Write) => create_token(app, req, caller, keys, rest == "create-orphan").await,
+        ("create", Op::Write) | ("create-orphan", Op::Write) => {
+            create_token(app, req, caller, keys, rest == "create-orphan").await
+        }
         ("lookup-self", Op::Read) | ("lookup-self", Op::Write) => Ok(Reply::data(lookup_data(&caller.entry, now))),
         ("lookup", Op::Write) | ("lookup", Op::Read) => {
             let target = target_token(app, req, keys, now)?;
@@ -281,9 +283,10 @@ async fn token_route(
             let target = target_token(app, req, keys, now)?;
             revoke(app, &target.hash).await
         }
-        ("create" | "create-orphan" | "lookup-self" | "lookup" | "renew-self" | "renew" | "revoke-self" | "revoke", _) => {
-            Err(ApiError::method_not_allowed())
-        }
+        (
+            "create" | "create-orphan" | "lookup-self" | "lookup" | "renew-self" | "renew" | "revoke-self" | "revoke",
+            _,
+        ) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::no_route(&req.path)),
     }
 }
@@ -303,7 +306,13 @@ fn target_token(app: &App, req: &ApiRequest, keys: &Unsealed, now: u64) -> Resul
         .ok_or_else(|| ApiError::bad_request("bad token"))
 }
 
-async fn create_token(app: &App, req: &ApiRequest, caller: &Caller, keys: &Unsealed, orphan: bool) -> Result<Reply, ApiError> {
+async fn create_token(
+    app: &App,
+    req: &ApiRequest,
+    caller: &Caller,
+    keys: &Unsealed,
+    orphan: bool,
+) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let now = ids::now_ms();
     let requested = string_list(body.get("policies"))?;
@@ -339,7 +348,9 @@ async fn create_token(app: &App, req: &ApiRequest, caller: &Caller, keys: &Unsea
     }
     let meta: BTreeMap<String, String> = match body.get("meta") {
         None | Some(Value::Null) => BTreeMap::new(),
-        Some(v) => serde_json::from_value(v.clone()).map_err(|_| ApiError::bad_request("meta must map strings to strings"))?,
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|_| ApiError::bad_request("meta must map strings to strings"))?
+        }
     };
     let display = body.get("display_name").and_then(Value::as_str).unwrap_or("token");
     let token = ids::token();
@@ -371,7 +382,9 @@ async fn renew(app: &App, req: &ApiRequest, entry: &TokenEntry, now: u64) -> Res
     let body: Value = req.json()?;
     if entry.expires.is_none() {
         // Tokens without a TTL (root) have nothing to renew.
-        return Ok(Reply::auth(json!({ "client_token": "", "accessor": entry.accessor, "policies": entry.policies, "lease_duration": 0, "renewable": false })));
+        return Ok(Reply::auth(
+            json!({ "client_token": "", "accessor": entry.accessor, "policies": entry.policies, "lease_duration": 0, "renewable": false }),
+        ));
     }
     if !entry.renewable {
         return Err(ApiError::bad_request("this token is not renewable"));

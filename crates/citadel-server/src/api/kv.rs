@@ -79,22 +79,27 @@ pub async fn route(
         "metadata" => {
             authorize_op(app, caller, acl, op)?;
             match op {
-                Op::List => list(app, req, mount, if path.is_empty() { String::new() } else { format!("{path}/") }).await,
+                Op::List => {
+                    list(app, req, mount, if path.is_empty() { String::new() } else { format!("{path}/") }).await
+                }
                 Op::Read if folder && path.is_empty() => Err(ApiError::method_not_allowed()),
                 Op::Read => read_metadata(app, req, mount, path).await,
                 Op::Write | Op::Patch => write_metadata(app, req, mount, path).await,
-                Op::Delete => match app.propose(Command::KvMetadataDelete { mount: mount.into(), path: path.into() }).await? {
-                    Response::Rejected(Rejection::Kv(KvError::NotFound)) => Ok(Reply::empty()),
-                    Response::Rejected(r) => Err(r.into()),
-                    _ => Ok(Reply::empty()),
-                },
+                Op::Delete => {
+                    match app.propose(Command::KvMetadataDelete { mount: mount.into(), path: path.into() }).await? {
+                        Response::Rejected(Rejection::Kv(KvError::NotFound)) => Ok(Reply::empty()),
+                        Response::Rejected(r) => Err(r.into()),
+                        _ => Ok(Reply::empty()),
+                    }
+                }
             }
         }
         "config" if path.is_empty() => {
             authorize_op(app, caller, acl, op)?;
             match op {
                 Op::Read => {
-                    let config = app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.config.clone())).unwrap_or_default();
+                    let config =
+                        app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.config.clone())).unwrap_or_default();
                     Ok(Reply::data(config_json(&config)))
                 }
                 Op::Write => write_config(app, req, mount).await,
@@ -148,20 +153,14 @@ async fn read(app: &App, req: &ApiRequest, keys: &Unsealed, mount: &str, path: &
         .keyring
         .decrypt(&kv_aad(&uuid, path, number), &version.ciphertext)
         .map_err(|e| ApiError::internal(format!("stored value failed to decrypt ({e}); the data may be damaged")))?;
-    let data: Value =
-        serde_json::from_slice(&plain).map_err(|_| ApiError::internal("stored value is not valid JSON after decryption"))?;
+    let data: Value = serde_json::from_slice(&plain)
+        .map_err(|_| ApiError::internal("stored value is not valid JSON after decryption"))?;
     Ok(Reply::data(json!({ "data": data, "metadata": metadata })))
 }
 
 /// Seals `data` for the next version of `path` and proposes it, retrying if another writer took
 /// that version first (unless the caller pinned it with `cas`).
-async fn put(
-    app: &App,
-    mount: &str,
-    path: &str,
-    data: &Value,
-    cas: Option<u64>,
-) -> Result<Reply, ApiError> {
+async fn put(app: &App, mount: &str, path: &str, data: &Value, cas: Option<u64>) -> Result<Reply, ApiError> {
     if !data.is_object() {
         return Err(ApiError::bad_request("data must be a JSON object of key/value pairs"));
     }
@@ -172,7 +171,8 @@ async fn put(
         // Always the freshest keyring: a rotation elsewhere must not leave us sealing with an old term.
         let keyring = &app.keys()?.keyring;
         let ciphertext = keyring.encrypt(&ids::random_bytes(), &kv_aad(&uuid, path, version), &plain);
-        let command = Command::KvWrite { mount: mount.into(), path: path.into(), version, ciphertext, cas, at: ids::now_ms() };
+        let command =
+            Command::KvWrite { mount: mount.into(), path: path.into(), version, ciphertext, cas, at: ids::now_ms() };
         match app.propose(command).await? {
             Response::KvWritten { version, created, deletion_time } => {
                 let custom = entry(app, mount, path).map(|(_, e)| e.custom_metadata).unwrap_or_default();

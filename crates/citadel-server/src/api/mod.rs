@@ -320,6 +320,14 @@ pub(crate) fn authorize(app: &App, caller: &Caller, path: &str, need: Caps) -> R
 
 /// Checks for the capability an operation needs; writes accept `create` or `update`.
 pub(crate) fn authorize_op(app: &App, caller: &Caller, path: &str, op: Op) -> Result<(), ApiError> {
+    // A LIST names a folder: Vault checks it with its trailing slash (`secret/metadata/app/`).
+    let folder;
+    let path = if op == Op::List && !path.ends_with('/') {
+        folder = format!("{path}/");
+        folder.as_str()
+    } else {
+        path
+    };
     let caps = app.state.read(|s| caller.capabilities(s, path));
     let ok = match op {
         Op::Read => caps.contains(Caps::READ),
@@ -355,9 +363,10 @@ pub(crate) fn string_list(value: Option<&Value>) -> Result<Option<Vec<String>>, 
 pub(crate) fn duration_secs(value: Option<&Value>, field: &str) -> Result<Option<u64>, ApiError> {
     match value {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            n.as_u64().map(Some).ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-negative duration")))
-        }
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-negative duration"))),
         Some(Value::String(s)) => citadel_core::time::parse_duration_secs(s)
             .map(Some)
             .ok_or_else(|| ApiError::bad_request(format!("{field}: invalid duration {s:?}"))),

@@ -37,7 +37,11 @@ const ROUTES: &[(&str, &[&str], &str)] = &[
     ("/auth/token/renew", &["post"], "Renew a token"),
     ("/auth/token/revoke-self", &["post"], "Revoke the calling token and its children"),
     ("/auth/token/revoke", &["post"], "Revoke a token and its children"),
-    ("/{mount}/data/{path}", &["get", "post", "put", "patch", "delete"], "KV v2: read, write (options.cas), patch, soft-delete latest"),
+    (
+        "/{mount}/data/{path}",
+        &["get", "post", "put", "patch", "delete"],
+        "KV v2: read, write (options.cas), patch, soft-delete latest",
+    ),
     ("/{mount}/delete/{path}", &["post", "put"], "KV v2: soft-delete versions"),
     ("/{mount}/undelete/{path}", &["post", "put"], "KV v2: undelete versions"),
     ("/{mount}/destroy/{path}", &["post", "put"], "KV v2: destroy versions"),

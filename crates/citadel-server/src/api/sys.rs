@@ -30,7 +30,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 fn query_code(req: &ApiRequest, name: &str, default: u16) -> Result<StatusCode, ApiError> {
     let code = match req.query.get(name) {
         None => default,
-        Some(v) => v.parse::<u16>().map_err(|_| ApiError::bad_request(format!("{name} must be an HTTP status code")))?,
+        Some(v) => {
+            v.parse::<u16>().map_err(|_| ApiError::bad_request(format!("{name} must be an HTTP status code")))?
+        }
     };
     StatusCode::from_u16(code).map_err(|_| ApiError::bad_request(format!("{name}: {code} is not a valid status code")))
 }
@@ -223,7 +225,13 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
         seal: SealInfo {
             shares,
             threshold,
-            wrapped_root_key: barrier::encrypt(&unseal_key, 0, &ids::random_bytes(), barrier::AAD_ROOT_KEY, &root_key.0),
+            wrapped_root_key: barrier::encrypt(
+                &unseal_key,
+                0,
+                &ids::random_bytes(),
+                barrier::AAD_ROOT_KEY,
+                &root_key.0,
+            ),
             wrapped_keyring: keyring.wrap(&root_key, &ids::random_bytes()),
             key_term: 1,
             key_installed: now,
@@ -261,7 +269,13 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
 }
 
 pub fn new_kv_mount(now: UnixMillis, description: &str) -> Mount {
-    Mount { uuid: ids::uuid(), kind: "kv".into(), description: description.into(), created: now, kv: KvStore::default() }
+    Mount {
+        uuid: ids::uuid(),
+        kind: "kv".into(),
+        description: description.into(),
+        created: now,
+        kv: KvStore::default(),
+    }
 }
 
 /// Makes this node the sole voter of a new cluster and waits for it to lead.
@@ -281,9 +295,7 @@ async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
     }
     let me = app.node_id();
     let wait = app.raft.wait(Some(Duration::from_secs(10)));
-    wait.metrics(|m| m.current_leader.is_some(), "a leader is elected")
-        .await
-        .map_err(|_| ApiError::no_leader())?;
+    wait.metrics(|m| m.current_leader.is_some(), "a leader is elected").await.map_err(|_| ApiError::no_leader())?;
     let leader = app.raft_metrics().current_leader;
     if leader != Some(me) {
         return Err(ApiError::bad_request(format!(
@@ -381,7 +393,11 @@ pub async fn route(
                 authorize_op(app, caller, acl, op)?;
                 return mount(app, req, op, path).await;
             }
-            if rest == "policies/acl" || rest.starts_with("policies/acl/") || rest == "policy" || rest.starts_with("policy/") {
+            if rest == "policies/acl"
+                || rest.starts_with("policies/acl/")
+                || rest == "policy"
+                || rest.starts_with("policy/")
+            {
                 return super::policy::route(app, req, op, caller, rest).await;
             }
             let known = ["seal", "leader", "step-down", "rotate", "key-status", "metrics", "openapi", "mounts", "auth"];
@@ -426,7 +442,9 @@ async fn mount(app: &App, req: &ApiRequest, op: Op, path: &str) -> Result<Reply,
             }
             let reserved = ["sys/", "auth/", "identity/", "cubbyhole/"];
             if path == "/" || reserved.iter().any(|r| path.starts_with(r)) || path.contains("//") {
-                return Err(ApiError::bad_request(format!("cannot mount at {path:?}: the path is reserved or invalid")));
+                return Err(ApiError::bad_request(format!(
+                    "cannot mount at {path:?}: the path is reserved or invalid"
+                )));
             }
             let description = body.get("description").and_then(Value::as_str).unwrap_or("");
             let mount = new_kv_mount(ids::now_ms(), description);
@@ -551,7 +569,9 @@ async fn audit_events(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
             Ok(ms) => ms,
             Err(_) => {
                 let secs = citadel_core::time::parse_duration_secs(s).ok_or_else(|| {
-                    ApiError::bad_request("since must be Unix milliseconds or a duration such as 15m (meaning: that long ago)")
+                    ApiError::bad_request(
+                        "since must be Unix milliseconds or a duration such as 15m (meaning: that long ago)",
+                    )
                 })?;
                 ids::now_ms().saturating_sub(secs * 1000)
             }
@@ -584,7 +604,8 @@ async fn audit_events(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     });
     events.sort_by_key(|e| (e.body.time, e.body.node, e.body.seq));
     let skip = events.len().saturating_sub(limit);
-    let events: Vec<Value> = events.into_iter().skip(skip).map(|e| serde_json::to_value(e).expect("serializes")).collect();
+    let events: Vec<Value> =
+        events.into_iter().skip(skip).map(|e| serde_json::to_value(e).expect("serializes")).collect();
     Ok(Reply::data(json!({ "events": events })))
 }
 

@@ -1,0 +1,94 @@
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+
+use crate::harness::Node1;
+
+#[tokio::test]
+async fn writes_acknowledged_before_kill_9_are_all_present_after_restart() {
+    let mut node = Node1::start(21300).await;
+    let root = node.root();
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    // The one write in flight when the node dies may or may not have committed.
+    let in_flight: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+    let writer = {
+        let (root, acked, in_flight) = (root.clone(), acked.clone(), in_flight.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                let (path, value) = (format!("crash/k{}", i % 40), format!("value-{i}"));
+                *in_flight.lock().unwrap() = Some((path.clone(), value.clone()));
+                match root.kv_put("secret", &path, &json!({ "v": value }), None).await {
+                    Ok(_) => acked.lock().unwrap().push((path, value)),
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    crate::harness::wait_until("60 acknowledged writes", || acked.lock().unwrap().len() >= 60).await;
+    node.kill9();
+    writer.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    node.restart().await;
+    let mut latest = std::collections::BTreeMap::new();
+    for (path, value) in &acked {
+        latest.insert(path.clone(), value.clone());
+    }
+    let in_flight = in_flight.lock().unwrap().clone();
+    assert!(latest.len() >= 40, "every key was acknowledged at least once");
+    for (path, value) in latest {
+        let got = root.kv_get("secret", &path, None).await.unwrap()["v"].clone();
+        let unacked = in_flight.as_ref().filter(|(p, _)| *p == path).map(|(_, v)| json!(v));
+        assert!(
+            got == json!(value) || Some(&got) == unacked.as_ref(),
+            "{path}: found {got}, but the last acknowledged write was {value:?} (in flight: {unacked:?})"
+        );
+    }
+    let verify = root.get("sys/audit/verify").await.unwrap();
+    assert_eq!(verify["data"]["ok"], json!(true), "{verify}");
+}
+
+#[tokio::test]
+async fn a_node_refuses_a_data_directory_of_another_node() {
+    let mut node = Node1::start(21310).await;
+    node.kill9();
+    let config = node.layout.config_path(0);
+    let text = std::fs::read_to_string(&config).unwrap().replace("node_id = 1", "node_id = 7");
+    std::fs::write(&config, text).unwrap();
+    let status =
+        std::process::Command::new(crate::harness::EXE).args(["server", "--config"]).arg(&config).output().unwrap();
+    assert!(!status.status.success());
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(stderr.contains("raft.redb") && stderr.contains("belongs to node 1"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_tampered_audit_spool_stops_the_node_with_the_file_named() {
+    let mut node = Node1::start(21320).await;
+    node.root().kv_put("secret", "x", &json!({ "v": "1" }), None).await.unwrap();
+    node.kill9();
+    let spool = node.layout.data_dir(0).join("audit").join("audit.spool");
+    let text = std::fs::read_to_string(&spool).unwrap();
+    let forged = text.replacen("secret/data/x", "secret/data/y", 1);
+    assert_ne!(text, forged);
+    std::fs::write(&spool, forged).unwrap();
+    let out = std::process::Command::new(crate::harness::EXE)
+        .args(["server", "--config"])
+        .arg(node.layout.config_path(0))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("audit.spool") && stderr.contains("tampered"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_bad_config_stops_the_server_naming_the_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "node_id = 1\ndata_dir = \"/tmp/x\"\napi_addr = \"127.0.0.1:1\"\ncluster_addr = \"127.0.0.1:2\"\nbogus_key = 3\n[tls]\ncert=\"a\"\nkey=\"b\"\nca=\"c\"\n").unwrap();
+    let out = std::process::Command::new(crate::harness::EXE).args(["server", "--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.toml") && stderr.contains("bogus_key"), "{stderr}");
+}
