@@ -1,16 +1,18 @@
-//! The node's shared context: Raft, the applied state, the seal, the audit spool.
+//! The node's shared context: Raft, the applied state, the seal, the audit spool, and the
+//! routing of proposals and linearizable reads to wherever the leader is.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use citadel_core::command::{Command, Response};
 use citadel_storage::types::Raft;
-use citadel_storage::StateReader;
+use citadel_storage::{NodeInfo, StateReader, TypeConfig};
 use openraft::error::{ClientWriteError, RaftError};
 
 use crate::api::ApiError;
 use crate::audit::AuditSpool;
 use crate::auth::LoginLimiter;
+use crate::cluster::{NodeStatus, PeerClient};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::seal::{SealManager, Unsealed};
@@ -23,7 +25,17 @@ pub struct App {
     pub audit: Arc<AuditSpool>,
     pub limiter: LoginLimiter,
     pub metrics: Metrics,
+    pub peers: PeerClient,
     pub started: Instant,
+    /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
+    pub leader_contact: Mutex<Option<Instant>>,
+}
+
+/// Where the cluster's leader is, as this node sees it.
+enum Leadership {
+    Me,
+    Other(NodeInfo),
+    Unknown,
 }
 
 impl App {
@@ -31,13 +43,100 @@ impl App {
         self.config.node_id
     }
 
-    /// The bound on any wait for consensus (§1.5): two election timeouts.
-    pub fn consensus_deadline(&self) -> Duration {
-        Duration::from_millis(2 * self.config.raft.election_timeout_ms)
+    pub fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.raft.election_timeout_ms)
     }
 
-    /// Proposes a command and waits for it to be applied; fails with 503 within the deadline.
+    /// The bound on any wait for consensus (§1.5): two election timeouts.
+    pub fn consensus_deadline(&self) -> Duration {
+        2 * self.election_timeout()
+    }
+
+    pub fn raft_metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
+        use openraft::async_runtime::WatchReceiver;
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft_metrics().current_leader == Some(self.node_id())
+    }
+
+    fn leadership(&self) -> Leadership {
+        let m = self.raft_metrics();
+        match m.current_leader {
+            Some(id) if id == self.node_id() => Leadership::Me,
+            Some(id) => match m.membership_config.membership().get_node(&id) {
+                Some(node) => Leadership::Other(node.clone()),
+                None => Leadership::Unknown,
+            },
+            None => Leadership::Unknown,
+        }
+    }
+
+    /// Records that a leader was heard from (called on every accepted append, heartbeats included).
+    pub fn touch_leader(&self) {
+        *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Milliseconds since this node last heard from a leader (or, leading, from a quorum).
+    pub fn staleness_ms(&self) -> u64 {
+        let m = self.raft_metrics();
+        if m.current_leader == Some(self.node_id()) {
+            use openraft::Instant as _;
+            return m.last_quorum_acked.map_or(0, |t| t.elapsed().as_millis() as u64);
+        }
+        let contact = *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner());
+        match contact {
+            Some(t) => t.elapsed().as_millis() as u64,
+            None => self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Read-only mode (§5.4): an initialized node that has had no leader for one election timeout.
+    pub fn read_only(&self) -> bool {
+        let members = self.raft_metrics().membership_config.membership().nodes().count();
+        // A cluster of one is its own quorum: it never loses its leader to the network.
+        members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms
+    }
+
+    /// Proposes a command through the leader, wherever it is, and waits for it to be applied.
+    /// Fails with 503 within two election timeouts, or at once in read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, ApiError> {
+        let deadline = Instant::now() + self.consensus_deadline();
+        loop {
+            if self.read_only() {
+                return Err(ApiError::read_only());
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.leadership() {
+                Leadership::Me => return self.propose_local(command).await,
+                Leadership::Other(leader) => {
+                    match self
+                        .peers
+                        .call::<_, Response>(&leader.cluster_addr, "cluster/propose", &command, remaining)
+                        .await
+                    {
+                        Ok(response) => return Ok(response),
+                        // Only a refusal that proves nothing was proposed may be retried.
+                        Err(e) if e.starts_with("cannot reach") || e.contains("not the leader") => {
+                            tracing::debug!(error = %e, "forwarding the proposal failed; retrying")
+                        }
+                        Err(e) => {
+                            return Err(ApiError::unavailable(format!("the leader could not commit the request: {e}")))
+                        }
+                    }
+                }
+                Leadership::Unknown => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::no_leader());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Proposes on this node, which must be the leader.
+    pub async fn propose_local(&self, command: Command) -> Result<Response, ApiError> {
         let kind = command.kind();
         let started = Instant::now();
         let result = tokio::time::timeout(self.consensus_deadline(), self.raft.client_write(command)).await;
@@ -45,11 +144,8 @@ impl App {
         match result {
             Err(_) => Err(ApiError::no_leader()),
             Ok(Ok(reply)) => Ok(reply.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ApiError::unavailable(match f.leader_id {
-                    Some(id) => format!("this node is not the leader (node {id} is); retry against the leader"),
-                    None => "the cluster has no leader; writes are refused until one is elected".into(),
-                }))
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(ApiError::unavailable("this node is not the leader"))
             }
             Ok(Err(e)) => {
                 tracing::warn!(command = kind, error = %e, "proposal failed");
@@ -58,22 +154,48 @@ impl App {
         }
     }
 
-    /// Waits until the local state reflects everything committed before this call (ReadIndex).
-    pub async fn linearize(&self) -> Result<(), ApiError> {
+    /// ReadIndex on this node, which must be the leader: the index a linearizable read must see.
+    pub async fn read_index_local(&self) -> Result<u64, ApiError> {
         let read = tokio::time::timeout(
             self.consensus_deadline(),
             self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
         )
         .await;
-        let log_id = match read {
-            Err(_) => return Err(ApiError::no_leader()),
-            Ok(Err(e)) => return Err(ApiError::unavailable(format!("linearizable read failed: {e}"))),
-            Ok(Ok(log_id)) => log_id,
+        match read {
+            Err(_) => Err(ApiError::no_leader()),
+            Ok(Err(e)) => Err(ApiError::unavailable(format!("linearizable read failed: {e}"))),
+            Ok(Ok(log_id)) => Ok(log_id.index()),
+        }
+    }
+
+    /// Waits until the local state reflects everything committed before this call (ReadIndex
+    /// from the leader, then wait for the local apply), so a follower serves linearizable reads.
+    pub async fn linearize(&self) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.consensus_deadline();
+        let index = loop {
+            if self.read_only() {
+                return Err(ApiError::read_only());
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match self.leadership() {
+                Leadership::Me => break self.read_index_local().await?,
+                Leadership::Other(leader) => {
+                    match self.peers.call::<_, u64>(&leader.cluster_addr, "cluster/read-index", &(), remaining).await {
+                        Ok(index) => break index,
+                        Err(e) => tracing::debug!(error = %e, "read index from the leader failed; retrying"),
+                    }
+                }
+                Leadership::Unknown => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::no_leader());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        tokio::time::timeout(self.consensus_deadline(), self.state.wait_applied(log_id.index()))
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        tokio::time::timeout(remaining, self.state.wait_applied(index))
             .await
-            .map_err(|_| ApiError::unavailable("the local replica did not catch up in time"))?;
-        Ok(())
+            .map_err(|_| ApiError::unavailable("the local replica did not catch up in time"))
     }
 
     /// The node's keys, reloaded if another node rotated the keyring; 503 while sealed.
@@ -86,12 +208,15 @@ impl App {
         keys.ok_or_else(ApiError::sealed)
     }
 
-    pub fn raft_metrics(&self) -> openraft::RaftMetrics<citadel_storage::TypeConfig> {
-        use openraft::async_runtime::WatchReceiver;
-        self.raft.metrics().borrow_watched().clone()
-    }
-
-    pub fn is_leader(&self) -> bool {
-        self.raft_metrics().current_leader == Some(self.node_id())
+    pub fn node_status(&self) -> NodeStatus {
+        let now = crate::ids::now_ms();
+        NodeStatus {
+            node_id: self.node_id(),
+            sealed: self.seal.is_sealed(),
+            version: crate::api::VERSION.to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            applied_index: self.state.applied_index(),
+            active_sessions: self.state.read(|s| s.tokens.values().filter(|t| !t.is_expired(now)).count()),
+        }
     }
 }

@@ -24,6 +24,9 @@ use openraft::RaftNetworkV2;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use citadel_core::command::{Command, Response};
+
+use crate::app::App;
 use crate::config::Config;
 
 /// Wire form of a full snapshot.
@@ -43,6 +46,9 @@ pub struct ClusterNetwork {
     http: reqwest::Client,
 }
 
+/// Version of the node-to-node protocol. Nodes refuse to form a cluster across versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 impl ClusterNetwork {
     pub fn new(config: &Config) -> Result<ClusterNetwork> {
         let certs = crate::tls::load_certs(&config.tls.cert)?;
@@ -58,6 +64,38 @@ impl ClusterNetwork {
             .tcp_nodelay(true)
             .build()?;
         Ok(ClusterNetwork { http })
+    }
+
+    /// A client for Citadel's own cluster calls (join, forwarded proposals, read index).
+    pub fn peers(&self) -> PeerClient {
+        PeerClient { http: self.http.clone() }
+    }
+}
+
+/// Calls to another node's cluster port beyond Raft's own RPCs.
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+}
+
+impl PeerClient {
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        cluster_addr: &str,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, String> {
+        let response = self
+            .http
+            .post(format!("https://{cluster_addr}/{path}"))
+            .json(req)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {cluster_addr}: {e}"))?;
+        let wire: Wire<Resp> = response.json().await.map_err(|e| format!("bad answer from {cluster_addr}: {e}"))?;
+        wire
     }
 }
 
@@ -146,15 +184,66 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     }
 }
 
-/// The cluster port's routes: inbound Raft RPCs handed to the local Raft instance.
-pub fn router(raft: Raft) -> Router {
-    Router::new()
-        .route("/raft/append", post(append))
+/// The cluster port's routes: inbound Raft RPCs, and Citadel's own calls (join, forwarded
+/// proposals, read index, status), all behind mutual TLS.
+pub fn router(app: Arc<App>) -> Router {
+    let appends = Router::new().route("/raft/append", post(append)).with_state(app.clone());
+    let raft = Router::new()
         .route("/raft/vote", post(vote))
         .route("/raft/pre-vote", post(pre_vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/transfer-leader", post(transfer_leader))
-        .with_state(raft)
+        .with_state(app.raft.clone());
+    let cluster = Router::new()
+        .route("/cluster/join", post(join))
+        .route("/cluster/propose", post(propose))
+        .route("/cluster/read-index", post(read_index))
+        .route("/cluster/status", post(status))
+        .with_state(app);
+    raft.merge(appends).merge(cluster)
+}
+
+/// What a node presents when it asks to join.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub node_id: u64,
+    pub node: NodeInfo,
+    pub protocol_version: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JoinReply {
+    /// Joined; `voter` tells whether it got a vote or replicates as a non-voter.
+    Joined { voter: bool },
+    /// Not the leader: ask this cluster address instead.
+    Redirect { leader_cluster_addr: String },
+}
+
+async fn join(State(app): State<Arc<App>>, Json(req): Json<JoinRequest>) -> Json<Wire<JoinReply>> {
+    Json(crate::membership::accept_join(&app, req).await)
+}
+
+async fn propose(State(app): State<Arc<App>>, Json(command): Json<Command>) -> Json<Wire<Response>> {
+    Json(app.propose_local(command).await.map_err(|e| e.errors.join("; ")))
+}
+
+async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<u64>> {
+    Json(app.read_index_local().await.map_err(|e| e.errors.join("; ")))
+}
+
+/// A node's view of itself, for the HA table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub sealed: bool,
+    pub version: String,
+    pub uptime_ms: u64,
+    pub applied_index: u64,
+    pub active_sessions: usize,
+}
+
+async fn status(State(app): State<Arc<App>>) -> Json<Wire<NodeStatus>> {
+    Json(Ok(app.node_status()))
 }
 
 fn wire<T, E: std::fmt::Display>(r: Result<T, E>) -> Json<Wire<T>> {
@@ -162,10 +251,15 @@ fn wire<T, E: std::fmt::Display>(r: Result<T, E>) -> Json<Wire<T>> {
 }
 
 async fn append(
-    State(raft): State<Raft>,
+    State(app): State<Arc<App>>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Wire<AppendEntriesResponse<TypeConfig>>> {
-    wire(raft.append_entries(req).await)
+    let result = app.raft.append_entries(req).await;
+    // Any answer but "your vote is stale" means a live leader is talking to us.
+    if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+        app.touch_leader();
+    }
+    wire(result)
 }
 
 async fn vote(

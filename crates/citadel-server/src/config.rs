@@ -73,6 +73,9 @@ pub struct RaftConfig {
     /// Log entries between automatic snapshots (which also bound the log kept on disk).
     #[serde(default = "default_snapshot_threshold")]
     pub snapshot_threshold: u64,
+    /// Voters kept while enough nodes exist; later nodes replicate as non-voters (odd, ≥ 1).
+    #[serde(default = "default_max_voters")]
+    pub max_voters: usize,
 }
 
 impl Default for RaftConfig {
@@ -81,6 +84,7 @@ impl Default for RaftConfig {
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
             snapshot_threshold: default_snapshot_threshold(),
+            max_voters: default_max_voters(),
         }
     }
 }
@@ -88,7 +92,9 @@ impl Default for RaftConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryJoin {
-    pub leader_api_addr: String,
+    /// Cluster address (`host:port`) of a node of the cluster to join; any member redirects to
+    /// the leader. The cluster CA certificate authenticates both sides.
+    pub leader_cluster_addr: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -111,6 +117,9 @@ fn default_election_timeout_ms() -> u64 {
 fn default_snapshot_threshold() -> u64 {
     5000
 }
+fn default_max_voters() -> usize {
+    5
+}
 
 /// Environment variables that override config keys, and the key each one sets.
 const ENV_OVERRIDES: &[(&str, &[&str])] = &[
@@ -131,6 +140,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_RAFT_HEARTBEAT_MS", &["raft", "heartbeat_ms"]),
     ("CITADEL_RAFT_ELECTION_TIMEOUT_MS", &["raft", "election_timeout_ms"]),
     ("CITADEL_RAFT_SNAPSHOT_THRESHOLD", &["raft", "snapshot_threshold"]),
+    ("CITADEL_RAFT_MAX_VOTERS", &["raft", "max_voters"]),
     ("CITADEL_AUDIT_FILE", &["audit", "file"]),
 ];
 
@@ -188,6 +198,9 @@ impl Config {
                     self.raft.election_timeout_ms
                 ),
             ));
+        }
+        if self.raft.max_voters == 0 || self.raft.max_voters % 2 == 0 {
+            return Err(("raft.max_voters", format!("must be odd and positive, got {}", self.raft.max_voters)));
         }
         if self.raft.snapshot_threshold < 10 {
             return Err(("raft.snapshot_threshold", "must be at least 10".into()));

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod ids;
+pub mod membership;
 pub mod metrics;
 pub mod seal;
 pub mod server;

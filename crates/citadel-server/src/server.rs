@@ -48,7 +48,8 @@ pub async fn run(config: Config) -> Result<()> {
     .validate()
     .context("invalid [raft] settings")?;
     let network = ClusterNetwork::new(&config)?;
-    let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm).await.context("starting raft")?;
+    let raft =
+        Raft::new(config.node_id, Arc::new(raft_config), network.clone(), log, sm).await.context("starting raft")?;
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
 
     let api_listener = TcpListener::bind(config.api_addr)
@@ -66,14 +67,17 @@ pub async fn run(config: Config) -> Result<()> {
         audit,
         limiter: Default::default(),
         metrics: Default::default(),
+        peers: network.peers(),
         started: Instant::now(),
+        leader_contact: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
 
-    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(raft.clone())));
+    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone())));
     tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone())));
     tokio::spawn(ship_audit(app.clone()));
     tokio::spawn(sweep_expired_tokens(app.clone()));
+    tokio::spawn(crate::membership::retry_join(app.clone()));
     if app.config.seal.kind == SealKind::Keyfile {
         tokio::spawn(auto_unseal(app.clone()));
     }
@@ -185,7 +189,7 @@ async fn ship_audit(app: Arc<App>) {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         loop {
-            if !app.is_leader() {
+            if app.read_only() || app.raft_metrics().current_leader.is_none() {
                 break;
             }
             let shipped = app.state.read(|s| s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq()));

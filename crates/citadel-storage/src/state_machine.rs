@@ -137,8 +137,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 membership: stored.membership.clone(),
                 data: codec::encode(&stored),
             };
-            let meta =
-                SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
+            let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
             (record, meta)
         };
         let data = record.data.clone();

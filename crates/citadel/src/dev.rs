@@ -70,7 +70,8 @@ impl Layout {
         self.node_dir(i).join("server.log")
     }
 
-    /// Writes the CA, node certificates and node configs, unless they already exist.
+    /// Writes the CA, node certificates and node configs, unless they already exist. Nodes
+    /// after the first join the first one (`[[retry_join]]`).
     pub fn write_files(&self, extra_config: &str) -> Result<()> {
         if self.ca_path().exists() && (0..self.nodes).all(|i| self.config_path(i).exists()) {
             return Ok(());
@@ -99,6 +100,7 @@ key = "{dir}/key.pem"
 ca = "{ca}"
 
 {seal}
+{join}
 {extra_config}"#,
                 id = self.node_id(i),
                 data = self.data_dir(i).display(),
@@ -106,6 +108,11 @@ ca = "{ca}"
                 cluster = self.cluster_addr(i),
                 dir = dir.display(),
                 ca = self.ca_path().display(),
+                join = if i == 0 {
+                    String::new()
+                } else {
+                    format!("[[retry_join]]\nleader_cluster_addr = \"{}\"\n", self.cluster_addr(0))
+                },
                 seal = if self.keyfile_seal {
                     format!("[seal]\ntype = \"keyfile\"\nkey_file = \"{}\"\n", self.key_file(i).display())
                 } else {
@@ -229,11 +236,6 @@ pub fn read_env(layout: &Layout) -> Result<BTreeMap<String, String>> {
 pub async fn run(nodes: usize, dir: &Path, port: u16) -> Result<()> {
     if nodes == 0 {
         bail!("--nodes must be at least 1");
-    }
-    if nodes > 1 {
-        bail!(
-            "--nodes {nodes}: multi-node dev clusters need cluster joining, which is not built yet; run `citadel dev --nodes 1`"
-        );
     }
     let layout = Layout::new(dir, nodes, port)?;
     let exe = std::env::current_exe()?;

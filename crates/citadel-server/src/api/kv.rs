@@ -121,7 +121,8 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
 }
 
 async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
-    if req.stale_ok() {
+    // Read-only mode serves the local replica; the dispatcher marks the answer stale.
+    if req.stale_ok() || app.read_only() {
         Ok(())
     } else {
         app.linearize().await

@@ -9,6 +9,8 @@ pub mod openapi;
 mod policy;
 mod sys;
 
+pub use sys::VERSION;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -90,7 +92,7 @@ impl ApiRequest {
         header("authorization").and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_string())
     }
 
-    fn stale_ok(&self) -> bool {
+    pub fn stale_ok(&self) -> bool {
         let header = self.headers.get("x-citadel-consistency").and_then(|v| v.to_str().ok());
         header == Some("stale") || self.query.get("stale").is_some_and(|v| v == "true")
     }
@@ -128,6 +130,11 @@ impl ApiError {
     }
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+    pub fn read_only() -> ApiError {
+        ApiError::unavailable(
+            "the cluster is read-only because it has no leader: writes are refused until a quorum of voters is back",
+        )
     }
     pub fn no_leader() -> ApiError {
         ApiError::unavailable("the cluster has no leader: the request could not be committed within the deadline")
@@ -251,6 +258,9 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         _ => {}
     }
     let keys = app.keys()?;
+    if let Some(redirect) = redirect_to_leader(app, req) {
+        return Ok(redirect);
+    }
     if let Some(user) = req.path.strip_prefix("auth/userpass/login/") {
         return auth::login(app, req, user, &keys).await;
     }
@@ -276,7 +286,34 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         ..AuditBody::default()
     };
     record_audit(app, audit).await?;
-    result
+    let mut reply = result?;
+    if matches!(req.op(), Some(Op::Read | Op::List)) && app.read_only() {
+        let staleness = app.staleness_ms();
+        reply.headers.push(("x-citadel-stale", "true".into()));
+        reply.headers.push(("x-citadel-staleness-ms", staleness.to_string()));
+        reply.warnings.push(format!(
+            "read-only mode: the cluster has no leader; this answer comes from this node's replica as of {staleness} ms ago"
+        ));
+    }
+    Ok(reply)
+}
+
+/// With `X-Vault-No-Request-Forwarding: true`, a follower answers 307 to the leader (§5.3)
+/// instead of handling the request itself.
+fn redirect_to_leader(app: &App, req: &ApiRequest) -> Option<Reply> {
+    let asked = req.headers.get("x-vault-no-request-forwarding").and_then(|v| v.to_str().ok()) == Some("true");
+    if !asked || req.stale_ok() {
+        return None;
+    }
+    let metrics = app.raft_metrics();
+    let leader = metrics.current_leader.filter(|id| *id != app.node_id())?;
+    let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+    let query: Vec<String> = req.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+    let mut reply = Reply::empty();
+    reply.status = StatusCode::TEMPORARY_REDIRECT;
+    reply.headers.push(("location", format!("{}/v1/{}{query}", node.api_addr, req.path)));
+    Some(reply)
 }
 
 /// Writes an audit event durably, or fails the request (fail closed, §1.4).

@@ -39,6 +39,9 @@ fn query_code(req: &ApiRequest, name: &str, default: u16) -> Result<StatusCode, 
 
 /// This node's view of leadership: `leader`, `follower` or `read_only`.
 pub fn ha_mode(app: &App) -> &'static str {
+    if app.read_only() {
+        return "read_only";
+    }
     match app.raft_metrics().current_leader {
         Some(id) if id == app.node_id() => "leader",
         Some(_) => "follower",

@@ -1,0 +1,113 @@
+//! Joining a cluster: a new node asks the leader over the cluster channel (mutual TLS: holding a
+//! certificate from the cluster CA is the credential). The leader adds it as a non-voter, waits
+//! until it has caught up (log or snapshot), then gives it a vote while voters < `max_voters`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use citadel_storage::NodeInfo;
+use openraft::ChangeMembers;
+
+use crate::app::App;
+use crate::cluster::{JoinReply, JoinRequest, PROTOCOL_VERSION};
+
+/// Leader side of a join.
+pub async fn accept_join(app: &App, req: JoinRequest) -> Result<JoinReply, String> {
+    if req.protocol_version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version mismatch: node {} speaks version {}, this cluster speaks version {PROTOCOL_VERSION}; \
+             run the same citadel version on every node",
+            req.node_id, req.protocol_version
+        ));
+    }
+    let metrics = app.raft_metrics();
+    let me = app.node_id();
+    match metrics.current_leader {
+        Some(id) if id == me => {}
+        Some(id) => {
+            let leader = metrics.membership_config.membership().get_node(&id).cloned();
+            return match leader {
+                Some(n) => Ok(JoinReply::Redirect { leader_cluster_addr: n.cluster_addr }),
+                None => Err("the leader is not yet known here; retry".into()),
+            };
+        }
+        None => return Err("the cluster has no leader; retry".into()),
+    }
+    let membership = metrics.membership_config.membership().clone();
+    match membership.get_node(&req.node_id) {
+        Some(existing) if existing.cluster_addr != req.node.cluster_addr => {
+            return Err(format!(
+                "node id {} is already a member at {}; give the new node another node_id",
+                req.node_id, existing.cluster_addr
+            ))
+        }
+        Some(_) if membership.voter_ids().any(|v| v == req.node_id) => return Ok(JoinReply::Joined { voter: true }),
+        Some(_) => {}
+        None => {
+            tracing::info!(node = req.node_id, addr = %req.node.cluster_addr, "adding node as non-voter");
+            app.raft.add_learner(req.node_id, req.node.clone(), true).await.map_err(|e| e.to_string())?;
+        }
+    }
+    let voters = app.raft_metrics().membership_config.membership().voter_ids().count();
+    if voters >= app.config.raft.max_voters {
+        return Ok(JoinReply::Joined { voter: false });
+    }
+    app.raft
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([req.node_id])), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(node = req.node_id, "node promoted to voter");
+    Ok(JoinReply::Joined { voter: true })
+}
+
+/// Joiner side: asks `leader_cluster_addr` (following redirects) to add this node.
+pub async fn join(app: &App, leader_cluster_addr: &str) -> Result<bool, String> {
+    let req = JoinRequest {
+        node_id: app.node_id(),
+        node: NodeInfo {
+            api_addr: app.config.api_url(),
+            cluster_addr: app.config.cluster_url(),
+            name: app.config.name(),
+            site: app.config.site.clone(),
+        },
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let mut target = leader_cluster_addr.to_string();
+    for _ in 0..5 {
+        // Catching up may take a snapshot transfer: give it time.
+        let reply: JoinReply = app.peers.call(&target, "cluster/join", &req, Duration::from_secs(120)).await?;
+        match reply {
+            JoinReply::Joined { voter } => return Ok(voter),
+            JoinReply::Redirect { leader_cluster_addr } => target = leader_cluster_addr,
+        }
+    }
+    Err("too many redirects while looking for the leader".into())
+}
+
+/// `[[retry_join]]`: until this node belongs to a cluster, keep asking the configured leaders.
+pub async fn retry_join(app: Arc<App>) {
+    if app.config.retry_join.is_empty() {
+        return;
+    }
+    let mut reported = String::new();
+    loop {
+        if app.raft.is_initialized().await.unwrap_or(false) {
+            return;
+        }
+        for target in &app.config.retry_join {
+            match join(&app, &target.leader_cluster_addr).await {
+                Ok(voter) => {
+                    tracing::info!(leader = %target.leader_cluster_addr, voter, "joined the cluster");
+                    return;
+                }
+                Err(e) if e != reported => {
+                    tracing::warn!(leader = %target.leader_cluster_addr, error = %e, "join attempt failed; retrying");
+                    reported = e;
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
