@@ -199,7 +199,7 @@ impl Config {
                 ),
             ));
         }
-        if self.raft.max_voters == 0 || self.raft.max_voters % 2 == 0 {
+        if self.raft.max_voters == 0 || self.raft.max_voters.is_multiple_of(2) {
             return Err(("raft.max_voters", format!("must be odd and positive, got {}", self.raft.max_voters)));
         }
         if self.raft.snapshot_threshold < 10 {

@@ -525,6 +525,8 @@ fn metrics(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
         ("citadel_raft_term", "Current Raft term.", m.current_term),
         ("citadel_raft_commit_index", "Highest committed log index.", idx(&m.local_committed)),
         ("citadel_raft_applied_index", "Highest applied log index.", idx(&m.last_applied)),
+        ("citadel_raft_snapshot_index", "Last log index in the latest snapshot.", idx(&m.snapshot)),
+        ("citadel_raft_purged_index", "Last log index removed by compaction.", idx(&m.purged)),
         ("citadel_raft_is_leader", "1 if this node leads.", u64::from(m.current_leader == Some(app.node_id()))),
         ("citadel_sealed", "1 if this node is sealed.", u64::from(app.seal.is_sealed())),
         ("citadel_audit_spool_last_seq", "Last sequence written to the local audit spool.", app.audit.last_seq()),

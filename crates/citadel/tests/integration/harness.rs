@@ -11,76 +11,160 @@ pub const EXE: &str = env!("CARGO_BIN_EXE_citadel");
 /// Generous: the machine is shared with the build.
 pub const STARTUP: Duration = Duration::from_secs(60);
 
-pub struct Node1 {
+/// A cluster of real server processes (node `i` has API port `port + 10·i`).
+pub struct Cluster {
     pub layout: Layout,
-    pub child: Option<Child>,
+    pub children: Vec<Option<Child>>,
     pub root: String,
     pub unseal_key: String,
     _dir: tempfile::TempDir,
 }
 
-impl Node1 {
+/// Most API tests need one node.
+pub type Node1 = Cluster;
+
+impl Cluster {
     /// One initialized, unsealed node with a key-file seal, on `port` (API) and `port + 1`.
-    pub async fn start(port: u16) -> Node1 {
-        Node1::start_with(port, true, "").await
+    pub async fn start(port: u16) -> Cluster {
+        Cluster::start_with(port, true, "").await
     }
 
-    pub async fn start_with(port: u16, keyfile_seal: bool, extra_config: &str) -> Node1 {
-        let mut node = Node1::spawn_uninitialized(port, keyfile_seal, extra_config).await;
-        let (root, key) = dev::initialize(&node.layout).await.expect("init");
-        node.root = root;
-        node.unseal_key = key;
+    pub async fn start_with(port: u16, keyfile_seal: bool, extra_config: &str) -> Cluster {
+        Cluster::start_nodes(1, port, keyfile_seal, extra_config).await
+    }
+
+    /// `nodes` nodes: the first is initialized, the others join it; all unsealed (key files).
+    pub async fn start_nodes(nodes: usize, port: u16, keyfile_seal: bool, extra_config: &str) -> Cluster {
+        Cluster::start_partial(nodes, nodes, port, keyfile_seal, extra_config).await
+    }
+
+    /// A layout of `nodes` nodes of which only the first `running` are started (and initialized
+    /// through the first); `respawn_at` starts the rest later, and they join.
+    pub async fn start_partial(
+        nodes: usize,
+        running: usize,
+        port: u16,
+        keyfile_seal: bool,
+        extra_config: &str,
+    ) -> Cluster {
+        let mut cluster = Cluster::spawn_uninitialized_nodes(nodes, running, port, keyfile_seal, extra_config).await;
+        let (root, key) = dev::initialize(&cluster.layout).await.expect("init");
+        cluster.root = root;
+        cluster.unseal_key = key;
         if keyfile_seal {
-            dev::wait_healthy(&node.layout, STARTUP).await.expect("node healthy");
+            cluster.wait_healthy(running).await;
         }
-        node
+        cluster
+    }
+
+    /// Waits until the first `running` nodes are unsealed and serving.
+    pub async fn wait_healthy(&self, running: usize) {
+        let first = Layout { nodes: running, ..self.layout.clone() };
+        dev::wait_healthy(&first, STARTUP).await.expect("cluster healthy");
     }
 
     /// A started node that has not been initialized.
-    pub async fn spawn_uninitialized(port: u16, keyfile_seal: bool, extra_config: &str) -> Node1 {
+    pub async fn spawn_uninitialized(port: u16, keyfile_seal: bool, extra_config: &str) -> Cluster {
+        Cluster::spawn_uninitialized_nodes(1, 1, port, keyfile_seal, extra_config).await
+    }
+
+    async fn spawn_uninitialized_nodes(
+        nodes: usize,
+        running: usize,
+        port: u16,
+        keyfile_seal: bool,
+        extra_config: &str,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut layout = Layout::new(dir.path(), 1, port).expect("layout");
+        let mut layout = Layout::new(dir.path(), nodes, port).expect("layout");
         layout.keyfile_seal = keyfile_seal;
         layout.write_files(extra_config).expect("write files");
-        let child = layout.spawn(EXE.as_ref(), 0).expect("spawn server");
-        let node = Node1 { layout, child: Some(child), root: String::new(), unseal_key: String::new(), _dir: dir };
-        let client = node.anonymous();
-        dev::wait_for("the API to answer", STARTUP, || async { dev::health_code(&client).await })
-            .await
-            .expect("api up");
-        node
+        let children =
+            (0..nodes).map(|i| (i < running).then(|| layout.spawn(EXE.as_ref(), i).expect("spawn server"))).collect();
+        let cluster = Cluster { layout, children, root: String::new(), unseal_key: String::new(), _dir: dir };
+        for i in 0..running {
+            let client = cluster.anonymous_at(i);
+            dev::wait_for("the API to answer", STARTUP, || async { dev::health_code(&client).await })
+                .await
+                .expect("api up");
+        }
+        cluster
+    }
+
+    pub fn anonymous_at(&self, i: usize) -> Client {
+        self.layout.client(i).expect("client")
+    }
+
+    pub fn root_at(&self, i: usize) -> Client {
+        self.anonymous_at(i).with_token(self.root.clone())
     }
 
     pub fn anonymous(&self) -> Client {
-        self.layout.client(0).expect("client")
+        self.anonymous_at(0)
     }
 
     pub fn root(&self) -> Client {
-        self.anonymous().with_token(self.root.clone())
+        self.root_at(0)
     }
 
     /// SIGKILL: no chance to flush anything.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn kill9_at(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
             child.kill().expect("kill -9");
             child.wait().expect("reap");
         }
     }
 
+    pub fn kill9(&mut self) {
+        self.kill9_at(0);
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.children[i].is_some()
+    }
+
+    /// Starts a killed node again (without waiting for it to be healthy).
+    pub fn respawn_at(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "kill the node before restarting it");
+        self.children[i] = Some(self.layout.spawn(EXE.as_ref(), i).expect("respawn"));
+    }
+
     pub async fn restart(&mut self) {
-        assert!(self.child.is_none(), "kill the node before restarting it");
-        self.child = Some(self.layout.spawn(EXE.as_ref(), 0).expect("respawn"));
+        self.respawn_at(0);
         dev::wait_healthy(&self.layout, STARTUP).await.expect("node healthy after restart");
     }
 
+    /// Index of the node the others agree leads, waiting for one to be elected.
+    pub async fn leader(&self) -> usize {
+        let running: Vec<usize> = (0..self.layout.nodes).filter(|i| self.is_running(*i)).collect();
+        dev::wait_for("a leader", STARTUP, || async {
+            for &i in &running {
+                if let Ok(h) = self.anonymous_at(i).health().await {
+                    if h.status == 200 && h.body["ha_mode"] == serde_json::json!("leader") {
+                        return Some(i);
+                    }
+                }
+            }
+            None
+        })
+        .await
+        .expect("leader elected")
+    }
+
+    pub fn server_log_at(&self, i: usize) -> String {
+        std::fs::read_to_string(self.layout.log_path(i)).unwrap_or_default()
+    }
+
     pub fn server_log(&self) -> String {
-        std::fs::read_to_string(self.layout.log_path(0)).unwrap_or_default()
+        self.server_log_at(0)
     }
 }
 
-impl Drop for Node1 {
+impl Drop for Cluster {
     fn drop(&mut self) {
-        self.kill9();
+        for i in 0..self.children.len() {
+            self.kill9_at(i);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 mod api_auth;
 mod api_kv;
 mod api_sys;
+mod cluster;
 mod crash;
 mod harness;
 mod security;

@@ -1,0 +1,227 @@
+//! Three-node clusters of real processes: forwarding, failover, read-only mode, sealed voters,
+//! snapshot catch-up, mutual TLS. Ports 22000 + 100·k.
+
+use std::time::{Duration, Instant};
+
+use citadel::dev;
+use citadel_client::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{Cluster, STARTUP};
+
+fn followers(leader: usize) -> Vec<usize> {
+    (0..3).filter(|i| *i != leader).collect()
+}
+
+/// Writes until one succeeds (the cluster may be electing), within a generous deadline.
+async fn write_eventually(client: &Client, path: &str, value: &str) -> u64 {
+    dev::wait_for(&format!("a successful write to {path}"), STARTUP, || async {
+        client.kv_put("secret", path, &json!({ "v": value }), None).await.ok()
+    })
+    .await
+    .expect("write")
+}
+
+async fn metric(client: &Client, name: &str) -> u64 {
+    let text = client.raw("GET", "sys/metrics?format=prometheus", None, &[]).await.unwrap().body;
+    let text = text.as_str().unwrap().to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+}
+
+#[tokio::test]
+async fn three_nodes_form_a_cluster_and_followers_forward_writes_and_serve_linearizable_reads() {
+    let cluster = Cluster::start_nodes(3, 22000, true, "").await;
+    let leader = cluster.leader().await;
+    let [f1, f2] = followers(leader)[..] else { unreachable!() };
+    let config = cluster.root_at(f1).get("sys/storage/raft/configuration").await.unwrap();
+    let servers = config["data"]["config"]["servers"].as_array().unwrap().clone();
+    assert_eq!(servers.len(), 3);
+    assert!(servers.iter().all(|s| s["voter"] == json!(true)), "{servers:?}");
+
+    assert_eq!(cluster.anonymous_at(leader).health().await.unwrap().status, 200);
+    let standby = cluster.anonymous_at(f1).health().await.unwrap();
+    assert_eq!(standby.status, 429);
+    assert_eq!(standby.body["ha_mode"], json!("follower"));
+    let ok = cluster.anonymous_at(f1).raw("GET", "sys/health?standbyok=true", None, &[]).await.unwrap();
+    assert_eq!(ok.status, 200);
+
+    // Write on a follower, read at once on the other follower: linearizable, so it must see it.
+    for n in 0..10 {
+        let v = format!("v{n}");
+        cluster.root_at(f1).kv_put("secret", "fwd", &json!({ "v": v }), None).await.unwrap();
+        assert_eq!(cluster.root_at(f2).kv_get("secret", "fwd", None).await.unwrap(), json!({ "v": v }));
+    }
+    let leader_addr = cluster.layout.api_url(leader);
+    let redirect = cluster
+        .root_at(f1)
+        .raw("GET", "secret/data/fwd", None, &[("X-Vault-No-Request-Forwarding", "true")])
+        .await
+        .unwrap();
+    assert_eq!(redirect.status, 307);
+    assert_eq!(redirect.headers["location"].to_str().unwrap(), format!("{leader_addr}/v1/secret/data/fwd"));
+    let leader_view = cluster.root_at(f2).get("sys/leader").await.unwrap();
+    assert_eq!(leader_view["leader_address"], json!(leader_addr));
+}
+
+#[tokio::test]
+async fn after_kill_9_of_the_leader_writes_resume_and_the_restarted_node_catches_up() {
+    let mut cluster = Cluster::start_nodes(3, 22100, true, "").await;
+    let leader = cluster.leader().await;
+    for n in 0..10 {
+        cluster.root_at(leader).kv_put("secret", &format!("k{n}"), &json!({ "v": n }), None).await.unwrap();
+    }
+    cluster.kill9_at(leader);
+    let survivor = followers(leader)[0];
+    write_eventually(&cluster.root_at(survivor), "after", "failover").await;
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    for n in 0..10 {
+        assert_eq!(
+            cluster.root_at(survivor).kv_get("secret", &format!("k{n}"), None).await.unwrap(),
+            json!({ "v": n })
+        );
+    }
+
+    cluster.respawn_at(leader);
+    let old = cluster.root_at(leader);
+    dev::wait_for("the restarted node to catch up", STARTUP, || async {
+        let r = old.raw("GET", "secret/data/after", None, &[("X-Citadel-Consistency", "stale")]).await.ok()?;
+        (r.status == 200 && r.body["data"]["data"]["v"] == json!("failover")).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.anonymous_at(leader).health().await.unwrap().status, 429, "it rejoins as a follower");
+}
+
+#[tokio::test]
+async fn two_of_three_down_puts_the_survivor_in_read_only_mode_and_its_audit_ships_later() {
+    let mut cluster = Cluster::start_nodes(3, 22200, true, "").await;
+    let leader = cluster.leader().await;
+    cluster.root_at(leader).kv_put("secret", "ro", &json!({ "v": "kept" }), None).await.unwrap();
+    let survivor = followers(leader)[0];
+    let other = followers(leader)[1];
+    // Let the survivor apply the write before the others go.
+    let s = cluster.root_at(survivor);
+    assert_eq!(s.kv_get("secret", "ro", None).await.unwrap(), json!({ "v": "kept" }));
+    cluster.kill9_at(leader);
+    cluster.kill9_at(other);
+
+    let anon = cluster.anonymous_at(survivor);
+    dev::wait_for("health 474", STARTUP, || async { (dev::health_code(&anon).await == Some(474)).then_some(()) })
+        .await
+        .unwrap();
+    let health = anon.health().await.unwrap().body;
+    assert_eq!(health["ha_mode"], json!("read_only"));
+
+    let read = s.raw("GET", "secret/data/ro", None, &[]).await.unwrap();
+    assert_eq!(read.status, 200);
+    assert_eq!(read.body["data"]["data"], json!({ "v": "kept" }));
+    assert_eq!(read.headers["x-citadel-stale"], "true");
+    assert!(read.headers["x-citadel-staleness-ms"].to_str().unwrap().parse::<u64>().unwrap() > 0);
+    assert!(read.body["warnings"][0].as_str().unwrap().contains("read-only"), "{:?}", read.body);
+
+    let started = Instant::now();
+    let write = s.raw("POST", "secret/data/ro", Some(&json!({ "data": { "v": "lost" } })), &[]).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(write.status, 503);
+    assert!(write.body["errors"][0].as_str().unwrap().contains("read-only"), "{:?}", write.body);
+    assert!(took < Duration::from_millis(600), "a write in read-only mode fails fast, took {took:?}");
+
+    // Quorum returns: the survivor's read-only audit events reach the replicated log, once.
+    cluster.respawn_at(leader);
+    cluster.respawn_at(other);
+    let node_id = cluster.layout.node_id(survivor);
+    let events = dev::wait_for("the read-only audit events to ship", STARTUP, || async {
+        let r = s.get(&format!("sys/audit/events?node={node_id}&path=secret/data/ro&limit=100")).await.ok()?;
+        let events = r["data"]["events"].as_array()?.clone();
+        let read_only_events: Vec<Value> =
+            events.into_iter().filter(|e| e["status"] == json!(503) || e["status"] == json!(200)).collect();
+        (read_only_events.iter().any(|e| e["status"] == json!(503))).then_some(read_only_events)
+    })
+    .await
+    .unwrap();
+    let mut seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let before = seqs.len();
+    seqs.dedup();
+    assert_eq!(before, seqs.len(), "no audit event is duplicated");
+    let verify = s.get("sys/audit/verify").await.unwrap();
+    assert_eq!(verify["data"]["ok"], json!(true), "{verify}");
+}
+
+#[tokio::test]
+async fn a_sealed_node_still_votes_so_quorum_survives_losing_another() {
+    let mut cluster = Cluster::start_nodes(3, 22300, true, "").await;
+    let leader = cluster.leader().await;
+    let [sealed, lost] = followers(leader)[..] else { unreachable!() };
+    cluster.root_at(sealed).request("PUT", "sys/seal", None).await.unwrap();
+    assert_eq!(cluster.anonymous_at(sealed).health().await.unwrap().status, 503);
+    cluster.kill9_at(lost);
+    // Leader + sealed follower are a quorum of three.
+    let version = cluster.root_at(leader).kv_put("secret", "with-sealed", &json!({ "v": 1 }), None).await.unwrap();
+    assert_eq!(version, 1);
+}
+
+#[tokio::test]
+async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot() {
+    let mut cluster = Cluster::start_partial(3, 1, 22400, true, "[raft]\nsnapshot_threshold = 10\n").await;
+    let root = cluster.root();
+    for n in 0..60 {
+        root.kv_put("secret", &format!("snap/{}", n % 7), &json!({ "n": n }), None).await.unwrap();
+    }
+    let purged = metric(&root, "citadel_raft_purged_index").await;
+    assert!(purged > 20, "the log was compacted (purged up to {purged})");
+
+    cluster.respawn_at(1);
+    cluster.respawn_at(2);
+    cluster.wait_healthy(3).await;
+    for i in [1, 2] {
+        let node = cluster.root_at(i);
+        let r = node.raw("GET", "secret/data/snap/3", None, &[("X-Citadel-Consistency", "stale")]).await.unwrap();
+        assert_eq!(r.body["data"]["data"]["n"], json!(59), "node {i} has the data");
+        assert!(metric(&node, "citadel_raft_snapshot_index").await > 0, "node {i} installed a snapshot");
+    }
+    let config = root.get("sys/storage/raft/configuration").await.unwrap();
+    assert_eq!(config["data"]["config"]["servers"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_peer_without_a_cluster_certificate_is_refused() {
+    let cluster = Cluster::start_nodes(1, 22500, true, "").await;
+    citadel_server::tls::install_crypto_provider();
+    let url = format!("https://{}/cluster/status", cluster.layout.cluster_addr(0));
+    let ca = std::fs::read(cluster.layout.ca_path()).unwrap();
+    let root_cert = reqwest::Certificate::from_pem(&ca).unwrap();
+
+    let no_cert = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root_cert.clone())
+        .build()
+        .unwrap();
+    assert!(no_cert.post(&url).json(&json!(null)).send().await.is_err(), "no client certificate: refused");
+
+    let foreign = citadel_server::tls::DevPki::generate("intruder").unwrap();
+    let (cert, key) = foreign.node_cert("intruder", &["127.0.0.1".into()]).unwrap();
+    let identity = reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap();
+    let intruder = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root_cert.clone())
+        .identity(identity)
+        .build()
+        .unwrap();
+    assert!(intruder.post(&url).json(&json!(null)).send().await.is_err(), "certificate from another CA: refused");
+
+    let dir = cluster.layout.node_dir(0);
+    let member =
+        std::fs::read_to_string(dir.join("cert.pem")).unwrap() + &std::fs::read_to_string(dir.join("key.pem")).unwrap();
+    let member = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root_cert)
+        .identity(reqwest::Identity::from_pem(member.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let status = member.post(&url).json(&json!(null)).send().await.unwrap();
+    assert_eq!(status.status(), 200, "a cluster certificate is accepted");
+}
