@@ -166,8 +166,9 @@ impl State {
                 Ok(Response::Done)
             }
             Command::TokenCreate { entry } => {
-                assert!(!self.tokens.contains_key(&entry.hash), "token hashes are unique (random tokens)");
-                self.tokens.insert(entry.hash.clone(), entry);
+                // Token hashes are random: an existing hash is this very command retried after
+                // an ambiguous failure, so applying it again changes nothing.
+                self.tokens.entry(entry.hash.clone()).or_insert(entry);
                 Ok(Response::Done)
             }
             Command::TokenRenew { hash, expires, ttl_secs } => {
@@ -337,6 +338,16 @@ mod tests {
             Response::Rejected(Rejection::MountNotFound(_))
         ));
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_retried_token_create_is_idempotent() {
+        let mut state = initialized();
+        let create = Command::TokenCreate { entry: token("t", Some("root"), None) };
+        assert_eq!(state.apply(create.clone()), Response::Done);
+        let once = state.clone();
+        assert_eq!(state.apply(create), Response::Done);
+        assert_eq!(state, once);
     }
 
     #[test]

@@ -78,6 +78,14 @@ impl App {
         *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
+    /// A leader that has not heard from a quorum for an election timeout cannot commit.
+    pub fn read_only_by_quorum_loss(&self) -> bool {
+        use openraft::Instant as _;
+        let m = self.raft_metrics();
+        m.current_leader == Some(self.node_id())
+            && m.last_quorum_acked.is_some_and(|t| t.elapsed() > self.election_timeout())
+    }
+
     /// Milliseconds since this node last heard from a leader (or, leading, from a quorum).
     pub fn staleness_ms(&self) -> u64 {
         let m = self.raft_metrics();
@@ -109,7 +117,13 @@ impl App {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.leadership() {
-                Leadership::Me => return self.propose_local(command).await,
+                Leadership::Me => match self.propose_local(command.clone()).await {
+                    // Leadership moved while proposing (e.g. a transfer): retry through the new
+                    // leader. Commands are safe to retry: `apply` and the KV writer recognise
+                    // their own earlier attempt.
+                    Err(e) if e.errors.iter().any(|m| m.contains("not the leader")) => {}
+                    other => return other,
+                },
                 Leadership::Other(leader) => {
                     match self
                         .peers

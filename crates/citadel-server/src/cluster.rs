@@ -199,6 +199,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/cluster/propose", post(propose))
         .route("/cluster/read-index", post(read_index))
         .route("/cluster/status", post(status))
+        .route("/cluster/ha-status", post(ha_status))
+        .route("/cluster/transfer-leader", post(transfer))
         .with_state(app);
     raft.merge(appends).merge(cluster)
 }
@@ -244,6 +246,14 @@ pub struct NodeStatus {
 
 async fn status(State(app): State<Arc<App>>) -> Json<Wire<NodeStatus>> {
     Json(Ok(app.node_status()))
+}
+
+async fn ha_status(State(app): State<Arc<App>>) -> Json<Wire<serde_json::Value>> {
+    Json(Ok(crate::ha::status(&app).await))
+}
+
+async fn transfer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {
+    Json(crate::membership::transfer_leadership(&app, target).await)
 }
 
 fn wire<T, E: std::fmt::Display>(r: Result<T, E>) -> Json<Wire<T>> {

@@ -111,3 +111,31 @@ pub async fn retry_join(app: Arc<App>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Hands leadership to `target` (a voter) and waits until it leads, so planned maintenance
+/// fails no request: proposals arriving meanwhile wait for the new leader (`App::propose`).
+pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
+    let metrics = app.raft_metrics();
+    if !metrics.membership_config.membership().voter_ids().any(|v| v == target) {
+        return Err(format!("node {target} is not a voter of this cluster"));
+    }
+    match metrics.current_leader {
+        Some(id) if id == target => return Ok(()),
+        Some(id) if id == app.node_id() => {}
+        Some(id) => {
+            let leader = metrics.membership_config.membership().get_node(&id).cloned().ok_or("leader unknown")?;
+            return app
+                .peers
+                .call(&leader.cluster_addr, "cluster/transfer-leader", &target, Duration::from_secs(10))
+                .await;
+        }
+        None => return Err("the cluster has no leader".into()),
+    }
+    app.raft.trigger().transfer_leader(target).await.map_err(|e| e.to_string())?;
+    app.raft
+        .wait(Some(Duration::from_secs(5)))
+        .metrics(|m| m.current_leader == Some(target), "the target leads")
+        .await
+        .map_err(|e| format!("node {target} did not take over: {e}"))?;
+    Ok(())
+}

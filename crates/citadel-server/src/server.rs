@@ -78,6 +78,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(ship_audit(app.clone()));
     tokio::spawn(sweep_expired_tokens(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
+    tokio::spawn(watch_leadership(app.clone()));
     if app.config.seal.kind == SealKind::Keyfile {
         tokio::spawn(auto_unseal(app.clone()));
     }
@@ -244,6 +245,22 @@ async fn auto_unseal(app: Arc<App>) {
                 reported = e;
             }
             Err(_) => {}
+        }
+    }
+}
+
+/// Refreshes "leader contact" whenever Raft reports a known leader (including this node), so a
+/// leader that steps down, or a node that just saw an election, is not taken for read-only.
+async fn watch_leadership(app: Arc<App>) {
+    use openraft::async_runtime::WatchReceiver;
+    let mut metrics = app.raft.metrics();
+    loop {
+        let leader_known = metrics.borrow_watched().current_leader.is_some();
+        if leader_known && !app.read_only_by_quorum_loss() {
+            app.touch_leader();
+        }
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -61,6 +61,8 @@ enum Cmd {
     User(UserCmd),
     #[command(subcommand)]
     Audit(AuditCmd),
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Measure throughput and latency against a running cluster.
     Bench {
         #[arg(value_enum)]
@@ -75,6 +77,12 @@ enum Cmd {
         /// durable write); put it on the same disk as the nodes' data.
         #[arg(long, default_value = ".")]
         fsync_dir: PathBuf,
+        /// failover: how many times to kill the leader.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        /// failover: base port of the cluster it starts (uses BASE..BASE+21).
+        #[arg(long, default_value_t = 23000)]
+        port: u16,
     },
 }
 
@@ -200,6 +208,12 @@ enum UserCmd {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// The HA table: leader, voters, quorum, and every node's state and lag.
+    Status,
+}
+
+#[derive(Subcommand)]
 enum AuditCmd {
     List {
         #[arg(long)]
@@ -318,7 +332,55 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Policy(cmd) => policy(cmd, format).await,
         Cmd::User(cmd) => user(cmd, format).await,
         Cmd::Audit(cmd) => audit(cmd, format).await,
-        Cmd::Bench { workload, ops, concurrency, mount, fsync_dir } => {
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let reply = client()?.get("sys/ha/status").await?;
+            let data = &reply["data"];
+            if format == Format::Json {
+                print_map(data, format);
+                return Ok(());
+            }
+            print_map(&data["cluster"], format);
+            out!();
+            let nodes = data["nodes"].as_array().cloned().unwrap_or_default();
+            let columns = [
+                "id",
+                "name",
+                "site",
+                "api_addr",
+                "role",
+                "suffrage",
+                "state",
+                "last_contact_ms",
+                "matched_index",
+                "lag",
+                "version",
+                "uptime_ms",
+                "active_sessions",
+            ];
+            print_rows(&nodes, &columns, format);
+            Ok(())
+        }
+        Cmd::Bench { workload: Workload::Failover, rounds, port, .. } => {
+            let dir = std::env::temp_dir().join(format!("citadel-bench-failover-{}", std::process::id()));
+            let report = bench::failover(&dir, rounds, port).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let report = report?;
+            let mut sorted = report.rounds.clone();
+            sorted.sort();
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let summary = json!({
+                "rounds": sorted.len(),
+                "median_ms": format!("{:.0}", ms(bench::median(&sorted))),
+                "worst_ms": format!("{:.0}", ms(*sorted.last().unwrap_or(&Default::default()))),
+                "best_ms": format!("{:.0}", ms(*sorted.first().unwrap_or(&Default::default()))),
+                "read_only_entry_ms": format!("{:.0}", ms(report.read_only_entry)),
+                "election_timeout_ms": report.election_timeout_ms,
+                "heartbeat_ms": report.heartbeat_ms,
+            });
+            print_map(&summary, format);
+            Ok(())
+        }
+        Cmd::Bench { workload, ops, concurrency, mount, fsync_dir, .. } => {
             let c = client()?;
             let (fsync_p50, fsync_p99) = bench::fsync_floor(&fsync_dir, 200)?;
             let s = bench::run(&c, workload, ops, concurrency, &mount).await?;

@@ -325,8 +325,10 @@ pub struct ChildGuard(pub Vec<Child>);
 impl ChildGuard {
     pub fn stop(&mut self) {
         for child in &mut self.0 {
-            // SIGTERM lets the node shut Raft down cleanly; fall back to SIGKILL.
-            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            if let Ok(None) = child.try_wait() {
+                // SIGTERM lets the node shut Raft down cleanly; SIGKILL follows if it lingers.
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for child in &mut self.0 {

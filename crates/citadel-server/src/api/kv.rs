@@ -172,25 +172,41 @@ async fn put(app: &App, mount: &str, path: &str, data: &Value, cas: Option<u64>)
         // Always the freshest keyring: a rotation elsewhere must not leave us sealing with an old term.
         let keyring = &app.keys()?.keyring;
         let ciphertext = keyring.encrypt(&ids::random_bytes(), &kv_aad(&uuid, path, version), &plain);
+        let sealed = ciphertext.clone();
         let command =
             Command::KvWrite { mount: mount.into(), path: path.into(), version, ciphertext, cas, at: ids::now_ms() };
         match app.propose(command).await? {
             Response::KvWritten { version, created, deletion_time } => {
-                let custom = entry(app, mount, path).map(|(_, e)| e.custom_metadata).unwrap_or_default();
-                return Ok(Reply::data(json!({
-                    "created_time": rfc3339(created),
-                    "custom_metadata": if custom.is_empty() { Value::Null } else { json!(custom) },
-                    "deletion_time": deletion_time.map(rfc3339).unwrap_or_default(),
-                    "destroyed": false,
-                    "version": version,
-                })));
+                return Ok(written(app, mount, path, version, created, deletion_time));
             }
-            Response::Rejected(Rejection::Kv(KvError::VersionRace { .. })) => continue,
+            Response::Rejected(Rejection::Kv(KvError::VersionRace { .. })) => {
+                // Either another writer took the version, or this very write landed on an earlier
+                // attempt whose answer was lost: the ciphertext (random nonce) tells which.
+                app.linearize().await?;
+                let landed = entry(app, mount, path).and_then(|(_, e)| {
+                    e.versions.get(&version).filter(|v| v.ciphertext == sealed).map(|v| (v.created, v.deletion_time))
+                });
+                if let Some((created, deletion_time)) = landed {
+                    return Ok(written(app, mount, path, version, created, deletion_time));
+                }
+                continue;
+            }
             Response::Rejected(r) => return Err(r.into()),
             other => return Err(ApiError::internal(format!("unexpected response {other}"))),
         }
     }
     Err(ApiError::unavailable("too many concurrent writers to this path; retry"))
+}
+
+fn written(app: &App, mount: &str, path: &str, version: u64, created: u64, deletion_time: Option<u64>) -> Reply {
+    let custom = entry(app, mount, path).map(|(_, e)| e.custom_metadata).unwrap_or_default();
+    Reply::data(json!({
+        "created_time": rfc3339(created),
+        "custom_metadata": if custom.is_empty() { Value::Null } else { json!(custom) },
+        "deletion_time": deletion_time.map(rfc3339).unwrap_or_default(),
+        "destroyed": false,
+        "version": version,
+    }))
 }
 
 async fn write(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {

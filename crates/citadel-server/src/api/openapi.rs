@@ -23,6 +23,8 @@ const ROUTES: &[(&str, &[&str], &str)] = &[
     ("/sys/policy", &["get"], "List policies (legacy)"),
     ("/sys/policy/{name}", &["get", "post", "put", "delete"], "Policy (legacy path)"),
     ("/sys/storage/raft/configuration", &["get"], "Raft servers and suffrage"),
+    ("/sys/ha/status", &["get"], "Cluster and per-node HA status (Citadel)"),
+    ("/sys/ha/transfer-leader", &["post"], "Hand leadership to a voter (Citadel, sudo)"),
     ("/sys/audit/events", &["get"], "Replicated audit events (node, user, path, since, limit) (sudo)"),
     ("/sys/audit/verify", &["get"], "Verify every node's audit hash chain (sudo)"),
     ("/auth/userpass/login/{username}", &["post"], "Log in with username and password"),

@@ -382,6 +382,20 @@ pub async fn route(
             authorize_op(app, caller, acl, op)?;
             Ok(Reply::data(raft_configuration(app)))
         }
+        ("ha/status", Op::Read) => {
+            authorize_op(app, caller, acl, op)?;
+            Ok(Reply::data(crate::ha::status(app).await))
+        }
+        ("ha/transfer-leader", Op::Write) => {
+            need_sudo(app, caller, acl, op)?;
+            let body: Value = req.json()?;
+            let target = body
+                .get("node_id")
+                .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+                .ok_or_else(|| ApiError::bad_request("missing required field \"node_id\" (a node id)"))?;
+            crate::membership::transfer_leadership(app, target).await.map_err(ApiError::bad_request)?;
+            Ok(Reply::empty())
+        }
         ("audit/events", Op::Read) => {
             need_sudo(app, caller, acl, op)?;
             audit_events(app, req).await
@@ -404,7 +418,7 @@ pub async fn route(
                 return super::policy::route(app, req, op, caller, rest).await;
             }
             let known = ["seal", "leader", "step-down", "rotate", "key-status", "metrics", "openapi", "mounts", "auth"];
-            if known.contains(&rest) || rest.starts_with("storage/raft/") || rest.starts_with("audit/") {
+            if known.contains(&rest) || ["storage/raft/", "audit/", "ha/"].iter().any(|p| rest.starts_with(p)) {
                 return Err(ApiError::method_not_allowed());
             }
             Err(ApiError::no_route(&req.path))
@@ -493,11 +507,7 @@ async fn step_down(app: &App) -> Result<Reply, ApiError> {
     }
     let other = metrics.membership_config.membership().voter_ids().find(|id| *id != app.node_id());
     if let Some(target) = other {
-        app.raft
-            .trigger()
-            .transfer_leader(target)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("leader transfer failed: {e}")))?;
+        crate::membership::transfer_leadership(app, target).await.map_err(ApiError::unavailable)?;
     }
     Ok(Reply::empty())
 }

@@ -225,3 +225,66 @@ async fn a_peer_without_a_cluster_certificate_is_refused() {
     let status = member.post(&url).json(&json!(null)).send().await.unwrap();
     assert_eq!(status.status(), 200, "a cluster certificate is accepted");
 }
+
+#[tokio::test]
+async fn ha_status_reports_roles_quorum_and_an_unreachable_node_from_any_node() {
+    let mut cluster = Cluster::start_nodes(3, 22600, true, "").await;
+    let leader = cluster.leader().await;
+    let [f1, f2] = followers(leader)[..] else { unreachable!() };
+    let status = cluster.root_at(f1).get("sys/ha/status").await.unwrap()["data"].clone();
+    let summary = &status["cluster"];
+    assert_eq!((summary["voters"].clone(), summary["quorum_size"].clone()), (json!(3), json!(2)));
+    assert_eq!(summary["failure_tolerance"], json!(1));
+    assert_eq!(summary["health"], json!("alive"), "{status}");
+    assert_eq!(summary["leader_id"], json!(cluster.layout.node_id(leader)));
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes.iter().filter(|n| n["role"] == json!("leader")).count(), 1);
+    assert!(nodes.iter().all(|n| n["state"] == json!("healthy") && n["version"].is_string()), "{nodes:?}");
+
+    cluster.kill9_at(f2);
+    let lost = cluster.layout.node_id(f2);
+    let degraded = dev::wait_for("the HA table to show the lost node", STARTUP, || async {
+        let s = cluster.root_at(leader).get("sys/ha/status").await.ok()?["data"].clone();
+        let row = s["nodes"].as_array()?.iter().find(|n| n["id"] == json!(lost))?.clone();
+        (row["state"] == json!("unreachable")).then_some(s)
+    })
+    .await
+    .unwrap();
+    assert_eq!(degraded["cluster"]["health"], json!("degraded"));
+}
+
+#[tokio::test]
+async fn transfer_leader_under_load_fails_no_request() {
+    let cluster = Cluster::start_nodes(3, 22700, true, "").await;
+    let leader = cluster.leader().await;
+    let target = followers(leader)[0];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (client, stop) = (cluster.root_at(w), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.kv_put("secret", &format!("load/{w}"), &json!({ "n": ok }), None).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target_id = cluster.layout.node_id(target);
+    cluster.root_at(leader).post("sys/ha/transfer-leader", &json!({ "node_id": target_id })).await.unwrap();
+    assert_eq!(cluster.leader().await, target, "the target leads");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        let (ok, failed) = writer.await.unwrap();
+        assert!(ok > 0, "the writer made progress");
+        assert!(failed.is_empty(), "requests failed during the transfer: {failed:?}");
+    }
+    let bad = cluster.root_at(leader).post("sys/ha/transfer-leader", &json!({ "node_id": 99 })).await.unwrap_err();
+    assert_eq!(bad.status().unwrap(), 400);
+}

@@ -57,10 +57,19 @@ impl Cluster {
         cluster
     }
 
-    /// Waits until the first `running` nodes are unsealed and serving.
+    /// Waits until the first `running` nodes are unsealed, serving, and voting.
     pub async fn wait_healthy(&self, running: usize) {
         let first = Layout { nodes: running, ..self.layout.clone() };
         dev::wait_healthy(&first, STARTUP).await.expect("cluster healthy");
+        let root = self.root();
+        dev::wait_for("every node to vote", STARTUP, || async {
+            let config = root.get("sys/storage/raft/configuration?stale=true").await.ok()?;
+            let servers = config["data"]["config"]["servers"].as_array()?.clone();
+            let voters = servers.iter().filter(|s| s["voter"] == serde_json::json!(true)).count();
+            (voters >= running).then_some(())
+        })
+        .await
+        .expect("all nodes voters");
     }
 
     /// A started node that has not been initialized.
