@@ -78,14 +78,6 @@ impl App {
         *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
-    /// A leader that has not heard from a quorum for an election timeout cannot commit.
-    pub fn read_only_by_quorum_loss(&self) -> bool {
-        use openraft::Instant as _;
-        let m = self.raft_metrics();
-        m.current_leader == Some(self.node_id())
-            && m.last_quorum_acked.is_some_and(|t| t.elapsed() > self.election_timeout())
-    }
-
     /// Milliseconds since this node last heard from a leader (or, leading, from a quorum).
     pub fn staleness_ms(&self) -> u64 {
         let m = self.raft_metrics();
@@ -107,12 +99,27 @@ impl App {
         members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms
     }
 
+    /// Settled read-only mode: no leader for two election timeouts. Requests then fail at once;
+    /// before that, an election or a leader transfer may still be finishing, so they wait (within
+    /// their deadline) for a leader instead.
+    fn settled_read_only(&self) -> bool {
+        self.read_only() && self.staleness_ms() > 2 * self.config.raft.election_timeout_ms
+    }
+
+    fn leaderless(&self) -> ApiError {
+        if self.read_only() {
+            ApiError::read_only()
+        } else {
+            ApiError::no_leader()
+        }
+    }
+
     /// Proposes a command through the leader, wherever it is, and waits for it to be applied.
-    /// Fails with 503 within two election timeouts, or at once in read-only mode.
+    /// Fails with 503 within two election timeouts, or at once in settled read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, ApiError> {
         let deadline = Instant::now() + self.consensus_deadline();
         loop {
-            if self.read_only() {
+            if self.settled_read_only() {
                 return Err(ApiError::read_only());
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -143,7 +150,7 @@ impl App {
                 Leadership::Unknown => {}
             }
             if Instant::now() >= deadline {
-                return Err(ApiError::no_leader());
+                return Err(self.leaderless());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -187,7 +194,7 @@ impl App {
     pub async fn linearize(&self) -> Result<(), ApiError> {
         let deadline = Instant::now() + self.consensus_deadline();
         let index = loop {
-            if self.read_only() {
+            if self.settled_read_only() {
                 return Err(ApiError::read_only());
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -202,7 +209,7 @@ impl App {
                 Leadership::Unknown => {}
             }
             if Instant::now() >= deadline {
-                return Err(ApiError::no_leader());
+                return Err(self.leaderless());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };

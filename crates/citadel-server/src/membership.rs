@@ -85,14 +85,18 @@ pub async fn join(app: &App, leader_cluster_addr: &str) -> Result<bool, String> 
     Err("too many redirects while looking for the leader".into())
 }
 
-/// `[[retry_join]]`: until this node belongs to a cluster, keep asking the configured leaders.
+/// `[[retry_join]]`: until this node is a member (a voter, or a non-voter the leader chose to
+/// keep as such), keep asking the configured leaders.
 pub async fn retry_join(app: Arc<App>) {
     if app.config.retry_join.is_empty() {
         return;
     }
     let mut reported = String::new();
     loop {
-        if app.raft.is_initialized().await.unwrap_or(false) {
+        // Done once this node votes. A non-voter keeps asking: its promotion may have failed
+        // (a concurrent membership change), and the leader decides whether a seat is free.
+        let me = app.node_id();
+        if app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me) {
             return;
         }
         for target in &app.config.retry_join {

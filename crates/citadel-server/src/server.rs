@@ -249,16 +249,21 @@ async fn auto_unseal(app: Arc<App>) {
     }
 }
 
-/// Refreshes "leader contact" whenever Raft reports a known leader (including this node), so a
-/// leader that steps down, or a node that just saw an election, is not taken for read-only.
+/// Refreshes "leader contact" when Raft reports a new leader (an election or a transfer, this
+/// node included), so a leader that steps down is not taken for read-only before the new
+/// leader's first heartbeat (stepping down counts: it led with a quorum until then). Only changes count: a dead leader stays "current" in the metrics
+/// until an election succeeds, and must not look alive.
 async fn watch_leadership(app: Arc<App>) {
     use openraft::async_runtime::WatchReceiver;
     let mut metrics = app.raft.metrics();
+    let mut last = None;
     loop {
-        let leader_known = metrics.borrow_watched().current_leader.is_some();
-        if leader_known && !app.read_only_by_quorum_loss() {
+        let leader = metrics.borrow_watched().current_leader;
+        let stepped_down = last == Some(app.node_id()) && leader != last;
+        if (leader.is_some() && leader != last) || stepped_down {
             app.touch_leader();
         }
+        last = leader;
         if metrics.changed().await.is_err() {
             return;
         }
