@@ -31,6 +31,15 @@ pub struct App {
     pub leader_contact: Mutex<Option<Instant>>,
 }
 
+/// The longest a proposal may wait on a leader that still hears from a quorum.
+const PROPOSAL_LIMIT: Duration = Duration::from_secs(10);
+
+enum Forwarding {
+    /// Nothing was proposed, or the command is safe to propose again.
+    Retry(String),
+    Failed(String),
+}
+
 /// Where the cluster's leader is, as this node sees it.
 enum Leadership {
     Me,
@@ -122,7 +131,6 @@ impl App {
             if self.settled_read_only() {
                 return Err(ApiError::read_only());
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
             match self.leadership() {
                 Leadership::Me => match self.propose_local(command.clone()).await {
                     // Leadership moved while proposing (e.g. a transfer): retry through the new
@@ -131,22 +139,15 @@ impl App {
                     Err(e) if e.errors.iter().any(|m| m.contains("not the leader")) => {}
                     other => return other,
                 },
-                Leadership::Other(leader) => {
-                    match self
-                        .peers
-                        .call::<_, Response>(&leader.cluster_addr, "cluster/propose", &command, remaining)
-                        .await
-                    {
-                        Ok(response) => return Ok(response),
-                        // Only a refusal that proves nothing was proposed may be retried.
-                        Err(e) if e.starts_with("cannot reach") || e.contains("not the leader") => {
-                            tracing::debug!(error = %e, "forwarding the proposal failed; retrying")
-                        }
-                        Err(e) => {
-                            return Err(ApiError::unavailable(format!("the leader could not commit the request: {e}")))
-                        }
+                Leadership::Other(leader) => match self.forward(&leader, &command).await {
+                    Ok(response) => return Ok(response),
+                    Err(Forwarding::Retry(e)) => {
+                        tracing::debug!(error = %e, "forwarding the proposal failed; retrying")
                     }
-                }
+                    Err(Forwarding::Failed(e)) => {
+                        return Err(ApiError::unavailable(format!("the leader could not commit the request: {e}")))
+                    }
+                },
                 Leadership::Unknown => {}
             }
             if Instant::now() >= deadline {
@@ -156,23 +157,81 @@ impl App {
         }
     }
 
-    /// Proposes on this node, which must be the leader.
+    /// Hands a command to the leader over the cluster channel. The call may take as long as the
+    /// leader stays audible (its heartbeats keep arriving); it is abandoned once the leader has
+    /// been silent for an election timeout.
+    async fn forward(&self, leader: &NodeInfo, command: &Command) -> Result<Response, Forwarding> {
+        let call = self.peers.call::<_, Response>(&leader.cluster_addr, "cluster/propose", command, PROPOSAL_LIMIT);
+        tokio::pin!(call);
+        let mut check = tokio::time::interval(self.election_timeout() / 4);
+        loop {
+            tokio::select! {
+                result = &mut call => {
+                    return result.map_err(|e| {
+                        // Only a refusal that proves nothing was proposed is retried blindly;
+                        // commands are also safe to retry (their apply recognises a repeat).
+                        if e.starts_with("cannot reach") || e.contains("not the leader") {
+                            Forwarding::Retry(e)
+                        } else {
+                            Forwarding::Failed(e)
+                        }
+                    });
+                }
+                _ = check.tick() => {
+                    if self.staleness_ms() > self.config.raft.election_timeout_ms {
+                        return Err(Forwarding::Retry("the leader went silent".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Proposes on this node, which must be the leader. It waits for the commit as long as a
+    /// quorum keeps acknowledging this leader (a slow disk is not an outage), and fails with 503
+    /// once it has not heard from a quorum for an election timeout: a write that cannot reach a
+    /// quorum fails within two election timeouts (§1.5).
     pub async fn propose_local(&self, command: Command) -> Result<Response, ApiError> {
         let kind = command.kind();
         let started = Instant::now();
-        let result = tokio::time::timeout(self.consensus_deadline(), self.raft.client_write(command)).await;
+        let write = self.raft.client_write(command);
+        tokio::pin!(write);
+        let period = self.election_timeout() / 4;
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let result = loop {
+            tokio::select! {
+                result = &mut write => break Ok(result),
+                _ = check.tick() => {
+                    if !self.is_leader() {
+                        break Err(ApiError::unavailable("this node is not the leader"));
+                    }
+                    if self.lost_quorum() || started.elapsed() > PROPOSAL_LIMIT {
+                        break Err(ApiError::no_leader());
+                    }
+                }
+            }
+        };
         self.metrics.observe_proposal(started.elapsed());
-        match result {
-            Err(_) => Err(ApiError::no_leader()),
-            Ok(Ok(reply)) => Ok(reply.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+        match result? {
+            Ok(reply) => Ok(reply.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                 Err(ApiError::unavailable("this node is not the leader"))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::warn!(command = kind, error = %e, "proposal failed");
                 Err(ApiError::unavailable(format!("the cluster could not commit the request: {e}")))
             }
         }
+    }
+
+    /// Leading, but no quorum has acknowledged this node for an election timeout. A cluster of
+    /// one is its own quorum (and sends no heartbeats that would refresh the acknowledgement).
+    fn lost_quorum(&self) -> bool {
+        use openraft::Instant as _;
+        let m = self.raft_metrics();
+        if m.membership_config.membership().voter_ids().count() <= 1 {
+            return false;
+        }
+        m.last_quorum_acked.is_none_or(|t| t.elapsed() > self.election_timeout())
     }
 
     /// ReadIndex on this node, which must be the leader: the index a linearizable read must see.

@@ -108,11 +108,14 @@ pub struct AuditConfig {
 fn default_cluster_name() -> String {
     "citadel".into()
 }
+/// Heartbeat and election timeout are chosen for sub-0.5 s failover on a LAN (measured:
+/// docs/BENCHMARKS.md): the election window is [timeout, 4/3 × timeout] and openraft's leader
+/// lease is its upper end, so a leader's death is acted on after ~200 ms.
 fn default_heartbeat_ms() -> u64 {
-    50
+    40
 }
 fn default_election_timeout_ms() -> u64 {
-    300
+    150
 }
 fn default_snapshot_threshold() -> u64 {
     5000
@@ -261,7 +264,7 @@ mod tests {
         let c = parse(GOOD, &[]).unwrap();
         assert_eq!(c.seal.kind, SealKind::Shamir);
         assert_eq!(c.api_url(), "https://127.0.0.1:8200");
-        assert_eq!(c.raft.election_timeout_ms, 300);
+        assert_eq!(c.raft.election_timeout_ms, 150);
     }
 
     #[test]

@@ -39,7 +39,9 @@ pub async fn run(config: Config) -> Result<()> {
         cluster_name: config.cluster_name.clone(),
         heartbeat_interval: config.raft.heartbeat_ms,
         election_timeout_min: config.raft.election_timeout_ms,
-        election_timeout_max: config.raft.election_timeout_ms * 2,
+        // openraft's leader lease equals the maximum: followers refuse to elect until it runs
+        // out, so a wide window delays failover by up to a whole extra timeout. Keep it narrow.
+        election_timeout_max: config.raft.election_timeout_ms * 4 / 3,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_threshold),
         max_in_snapshot_log_to_keep: config.raft.snapshot_threshold / 5,
         enable_pre_vote: Some(true),

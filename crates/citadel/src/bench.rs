@@ -137,7 +137,8 @@ pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result
     let (root, _) = dev::initialize(&layout).await?;
     dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
     let clients: Vec<Client> = (0..3).map(|i| Ok(layout.client(i)?.with_token(root.clone()))).collect::<Result<_>>()?;
-    let defaults = citadel_server::config::RaftConfig::default();
+    // What the nodes actually run with (file plus CITADEL_* overrides), for the report.
+    let raft = citadel_server::Config::load(&layout.config_path(0))?.raft;
 
     let leader_of = |clients: &[Client]| {
         let clients = clients.to_vec();
@@ -206,7 +207,7 @@ pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result
     Ok(FailoverReport {
         rounds: times,
         read_only_entry,
-        election_timeout_ms: defaults.election_timeout_ms,
-        heartbeat_ms: defaults.heartbeat_ms,
+        election_timeout_ms: raft.election_timeout_ms,
+        heartbeat_ms: raft.heartbeat_ms,
     })
 }
