@@ -201,6 +201,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/cluster/status", post(status))
         .route("/cluster/ha-status", post(ha_status))
         .route("/cluster/transfer-leader", post(transfer))
+        .route("/cluster/remove-peer", post(remove_peer))
         .with_state(app);
     raft.merge(appends).merge(cluster)
 }
@@ -250,6 +251,10 @@ async fn status(State(app): State<Arc<App>>) -> Json<Wire<NodeStatus>> {
 
 async fn ha_status(State(app): State<Arc<App>>) -> Json<Wire<serde_json::Value>> {
     Json(Ok(crate::ha::status(&app).await))
+}
+
+async fn remove_peer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {
+    Json(crate::membership::remove_peer(&app, target).await)
 }
 
 async fn transfer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {

@@ -76,6 +76,9 @@ pub struct RaftConfig {
     /// Voters kept while enough nodes exist; later nodes replicate as non-voters (odd, ≥ 1).
     #[serde(default = "default_max_voters")]
     pub max_voters: usize,
+    /// A voter unreachable this long is replaced by a healthy non-voter (autopilot).
+    #[serde(default = "default_dead_server_threshold_ms")]
+    pub dead_server_threshold_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -85,6 +88,7 @@ impl Default for RaftConfig {
             election_timeout_ms: default_election_timeout_ms(),
             snapshot_threshold: default_snapshot_threshold(),
             max_voters: default_max_voters(),
+            dead_server_threshold_ms: default_dead_server_threshold_ms(),
         }
     }
 }
@@ -123,6 +127,9 @@ fn default_snapshot_threshold() -> u64 {
 fn default_max_voters() -> usize {
     5
 }
+fn default_dead_server_threshold_ms() -> u64 {
+    60_000
+}
 
 /// Environment variables that override config keys, and the key each one sets.
 const ENV_OVERRIDES: &[(&str, &[&str])] = &[
@@ -144,6 +151,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_RAFT_ELECTION_TIMEOUT_MS", &["raft", "election_timeout_ms"]),
     ("CITADEL_RAFT_SNAPSHOT_THRESHOLD", &["raft", "snapshot_threshold"]),
     ("CITADEL_RAFT_MAX_VOTERS", &["raft", "max_voters"]),
+    ("CITADEL_RAFT_DEAD_SERVER_THRESHOLD_MS", &["raft", "dead_server_threshold_ms"]),
     ("CITADEL_AUDIT_FILE", &["audit", "file"]),
 ];
 

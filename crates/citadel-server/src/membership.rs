@@ -143,3 +143,85 @@ pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
         .map_err(|e| format!("node {target} did not take over: {e}"))?;
     Ok(())
 }
+
+/// Removes a node from the cluster (voter or non-voter), through the leader. Autopilot then
+/// fills a freed voting seat with a caught-up non-voter.
+pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
+    let metrics = app.raft_metrics();
+    let membership = metrics.membership_config.membership().clone();
+    if membership.get_node(&target).is_none() {
+        return Err(format!("node {target} is not a member of this cluster"));
+    }
+    match metrics.current_leader {
+        Some(id) if id == app.node_id() => {}
+        Some(id) => {
+            let leader = membership.get_node(&id).cloned().ok_or("leader unknown")?;
+            return app.peers.call(&leader.cluster_addr, "cluster/remove-peer", &target, Duration::from_secs(10)).await;
+        }
+        None => return Err("the cluster has no leader".into()),
+    }
+    if target == app.node_id() {
+        return Err("the leader cannot remove itself: transfer leadership first".into());
+    }
+    let change = if membership.voter_ids().any(|v| v == target) {
+        ChangeMembers::RemoveVoters(BTreeSet::from([target]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([target]))
+    };
+    app.raft.change_membership(change, false).await.map_err(|e| e.to_string())?;
+    tracing::info!(node = target, "node removed from the cluster");
+    autopilot_step(app).await;
+    Ok(())
+}
+
+/// One round of autopilot, on the leader: promote a caught-up non-voter while voters are below
+/// `max_voters`; retire a voter unreachable past `dead_server_threshold` when a non-voter can
+/// take its seat.
+pub async fn autopilot_step(app: &App) {
+    use openraft::Instant as _;
+    if !app.is_leader() {
+        return;
+    }
+    let metrics = app.raft_metrics();
+    let membership = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let last_index = metrics.last_log_index.unwrap_or(0);
+    let replication = metrics.replication.clone().unwrap_or_default();
+    let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+    let contact_ms =
+        |id: &u64| heartbeat.get(id).cloned().flatten().map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
+    let caught_up = |id: &u64| {
+        let matched = replication.get(id).cloned().flatten().map_or(0, |l| l.index);
+        last_index.saturating_sub(matched) <= 100 && contact_ms(id) <= app.config.raft.election_timeout_ms
+    };
+    let candidate = membership.nodes().map(|(id, _)| *id).find(|id| !voters.contains(id) && caught_up(id));
+    let Some(candidate) = candidate else { return };
+    let change = if voters.len() < app.config.raft.max_voters {
+        ChangeMembers::AddVoterIds(BTreeSet::from([candidate]))
+    } else {
+        let dead = voters.iter().copied().find(|id| {
+            *id != app.node_id()
+                && contact_ms(id) != u64::MAX
+                && contact_ms(id) > app.config.raft.dead_server_threshold_ms
+        });
+        match dead {
+            Some(dead) => {
+                tracing::warn!(node = dead, "autopilot: retiring a voter unreachable past dead_server_threshold");
+                ChangeMembers::RemoveVoters(BTreeSet::from([dead]))
+            }
+            None => return,
+        }
+    };
+    match app.raft.change_membership(change, false).await {
+        Ok(_) => tracing::info!(node = candidate, "autopilot: membership updated"),
+        Err(e) => tracing::debug!(error = %e, "autopilot: change deferred"),
+    }
+}
+
+/// The leader's autopilot loop.
+pub async fn autopilot(app: Arc<App>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        autopilot_step(&app).await;
+    }
+}

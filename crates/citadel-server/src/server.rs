@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(sweep_expired_tokens(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
+    tokio::spawn(crate::membership::autopilot(app.clone()));
     if app.config.seal.kind == SealKind::Keyfile {
         tokio::spawn(auto_unseal(app.clone()));
     }

@@ -101,6 +101,24 @@ enum OperatorCmd {
     Seal,
     Rotate,
     StepDown,
+    #[command(subcommand)]
+    Raft(RaftCmd),
+}
+
+#[derive(Subcommand)]
+enum RaftCmd {
+    /// Members, their suffrage, and the leader.
+    ListPeers,
+    /// Ask a member (its cluster address, host:port) to add the node at CITADEL_ADDR.
+    Join {
+        leader_cluster_addr: String,
+    },
+    RemovePeer {
+        node_id: u64,
+    },
+    TransferLeader {
+        node_id: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -445,6 +463,27 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
             c.request("PUT", "sys/rotate", None).await?;
             let status = c.get("sys/key-status").await?;
             print_map(&status["data"], format);
+            Ok(())
+        }
+        OperatorCmd::Raft(RaftCmd::ListPeers) => {
+            let reply = c.get("sys/storage/raft/configuration").await?;
+            let servers = reply["data"]["config"]["servers"].as_array().cloned().unwrap_or_default();
+            print_rows(&servers, &["node_id", "address", "leader", "voter", "protocol_version"], format);
+            Ok(())
+        }
+        OperatorCmd::Raft(RaftCmd::Join { leader_cluster_addr }) => {
+            let reply = c.post("sys/storage/raft/join", &json!({ "leader_cluster_addr": leader_cluster_addr })).await?;
+            print_map(&reply, format);
+            Ok(())
+        }
+        OperatorCmd::Raft(RaftCmd::RemovePeer { node_id }) => {
+            c.post("sys/storage/raft/remove-peer", &json!({ "server_id": node_id })).await?;
+            out!("Success! Removed node {node_id}.");
+            Ok(())
+        }
+        OperatorCmd::Raft(RaftCmd::TransferLeader { node_id }) => {
+            c.post("sys/ha/transfer-leader", &json!({ "node_id": node_id })).await?;
+            out!("Success! Node {node_id} leads.");
             Ok(())
         }
         OperatorCmd::StepDown => {

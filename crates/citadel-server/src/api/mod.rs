@@ -255,6 +255,7 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         "sys/init" => return sys::init(app, req).await,
         "sys/seal-status" => return sys::seal_status(app, req),
         "sys/unseal" => return sys::unseal(app, req).await,
+        "sys/storage/raft/join" => return sys::join(app, req).await,
         _ => {}
     }
     let keys = app.keys()?;

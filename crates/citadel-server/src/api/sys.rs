@@ -176,6 +176,24 @@ pub async fn unseal(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     Ok(Reply::json(StatusCode::OK, seal_status_body(app)))
 }
 
+/// `sys/storage/raft/join`, called on a node that belongs to no cluster yet (so it has no token
+/// to present): it asks the given member to add it. The cluster authenticates the node by its
+/// certificate (mutual TLS), so this endpoint grants the caller nothing.
+pub async fn join(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
+    if req.op() != Some(Op::Write) {
+        return Err(ApiError::method_not_allowed());
+    }
+    if app.raft.is_initialized().await.unwrap_or(true) {
+        return Err(ApiError::bad_request("this node already belongs to a cluster"));
+    }
+    let body: Value = req.json()?;
+    let target = body.get("leader_cluster_addr").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_request("missing required field \"leader_cluster_addr\" (host:port of a member's cluster port)")
+    })?;
+    let voter = crate::membership::join(app, target).await.map_err(ApiError::bad_request)?;
+    Ok(Reply::json(StatusCode::OK, json!({ "joined": true, "voter": voter })))
+}
+
 pub async fn init(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
     match req.op() {
         Some(Op::Read) => {
@@ -382,6 +400,21 @@ pub async fn route(
             authorize_op(app, caller, acl, op)?;
             Ok(Reply::data(raft_configuration(app)))
         }
+        ("storage/raft/remove-peer", Op::Write) => {
+            need_sudo(app, caller, acl, op)?;
+            let body: Value = req.json()?;
+            let target = body
+                .get("server_id")
+                .or_else(|| body.get("node_id"))
+                .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+                .ok_or_else(|| ApiError::bad_request("missing required field \"server_id\" (a node id)"))?;
+            crate::membership::remove_peer(app, target).await.map_err(ApiError::bad_request)?;
+            Ok(Reply::empty())
+        }
+        ("storage/raft/autopilot/state", Op::Read) => {
+            authorize_op(app, caller, acl, op)?;
+            Ok(Reply::data(autopilot_state(crate::ha::status(app).await)))
+        }
         ("ha/status", Op::Read) => {
             authorize_op(app, caller, acl, op)?;
             Ok(Reply::data(crate::ha::status(app).await))
@@ -551,6 +584,46 @@ fn metrics(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
         }
         Some(other) => Err(ApiError::bad_request(format!("unknown metrics format {other:?} (use prometheus or json)"))),
     }
+}
+
+/// Vault's autopilot state, derived from the HA table.
+fn autopilot_state(ha: Value) -> Value {
+    let cluster = &ha["cluster"];
+    let nodes = ha["nodes"].as_array().cloned().unwrap_or_default();
+    let servers: serde_json::Map<String, Value> = nodes
+        .iter()
+        .map(|n| {
+            let healthy = matches!(n["state"].as_str(), Some("healthy" | "sealed"));
+            let status = if n["role"] == json!("leader") {
+                "leader".to_string()
+            } else {
+                n["suffrage"].as_str().unwrap_or("").to_string()
+            };
+            (
+                n["id"].to_string(),
+                json!({
+                    "id": n["id"].to_string(),
+                    "name": n["name"],
+                    "address": n["cluster_addr"],
+                    "node_status": if n["state"] == json!("unreachable") { "left" } else { "alive" },
+                    "last_contact": n["last_contact_ms"],
+                    "last_index": n["matched_index"],
+                    "healthy": healthy,
+                    "status": status,
+                    "version": n["version"],
+                }),
+            )
+        })
+        .collect();
+    let voters: Vec<String> =
+        nodes.iter().filter(|n| n["suffrage"] == json!("voter")).map(|n| n["id"].to_string()).collect();
+    json!({
+        "healthy": cluster["health"] == json!("alive"),
+        "failure_tolerance": cluster["failure_tolerance"],
+        "leader": cluster["leader_id"].to_string(),
+        "voters": voters,
+        "servers": servers,
+    })
 }
 
 fn raft_configuration(app: &App) -> Value {

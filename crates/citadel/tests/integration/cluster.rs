@@ -289,3 +289,55 @@ async fn transfer_leader_under_load_fails_no_request() {
     let bad = cluster.root_at(leader).post("sys/ha/transfer-leader", &json!({ "node_id": 99 })).await.unwrap_err();
     assert_eq!(bad.status().unwrap(), 400);
 }
+
+#[tokio::test]
+async fn a_fourth_node_joins_as_non_voter_and_is_promoted_when_a_voter_is_removed() {
+    let mut cluster = Cluster::start_partial(4, 3, 22800, true, "[raft]\nmax_voters = 3\n").await;
+    let root = cluster.root();
+    let suffrage = |config: &Value, id: u64| {
+        config["data"]["config"]["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["node_id"] == json!(id.to_string()))
+            .map(|s| s["voter"] == json!(true))
+    };
+    cluster.respawn_at(3);
+    let fourth = cluster.layout.node_id(3);
+    let config = dev::wait_for("the fourth node to join", STARTUP, || async {
+        let c = root.get("sys/storage/raft/configuration").await.ok()?;
+        suffrage(&c, fourth).is_some().then_some(c)
+    })
+    .await
+    .unwrap();
+    assert_eq!(suffrage(&config, fourth), Some(false), "a fourth node beyond max_voters is a non-voter");
+    let ha = root.get("sys/ha/status").await.unwrap();
+    assert_eq!(ha["data"]["cluster"]["non_voters"], json!(1));
+
+    let leader = cluster.leader().await;
+    let removed = followers(leader)[0];
+    let removed_id = cluster.layout.node_id(removed);
+    cluster.root_at(leader).post("sys/storage/raft/remove-peer", &json!({ "server_id": removed_id })).await.unwrap();
+    cluster.kill9_at(removed);
+    let config = dev::wait_for("autopilot to promote the non-voter", STARTUP, || async {
+        let c = cluster.root_at(leader).get("sys/storage/raft/configuration").await.ok()?;
+        (suffrage(&c, fourth) == Some(true)).then_some(c)
+    })
+    .await
+    .unwrap();
+    assert_eq!(suffrage(&config, removed_id), None, "the removed node is gone");
+    let autopilot = cluster.root_at(leader).get("sys/storage/raft/autopilot/state").await.unwrap();
+    assert_eq!(autopilot["data"]["voters"].as_array().unwrap().len(), 3);
+    assert_eq!(autopilot["data"]["failure_tolerance"], json!(1));
+    // The promoted node serves writes (forwarded) like any member, once it has unsealed itself.
+    let fourth_client = cluster.anonymous_at(3);
+    dev::wait_for("the fourth node to serve", STARTUP, || async {
+        matches!(dev::health_code(&fourth_client).await, Some(200 | 429)).then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.root_at(3).kv_put("secret", "after-promotion", &json!({ "v": 1 }), None).await.unwrap();
+    let unknown =
+        cluster.root_at(leader).post("sys/storage/raft/remove-peer", &json!({ "server_id": 42 })).await.unwrap_err();
+    assert_eq!(unknown.status().unwrap(), 400);
+}
