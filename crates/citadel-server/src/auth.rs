@@ -9,12 +9,14 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use citadel_core::policy::{self, Caps};
 use citadel_core::state::State;
-use citadel_core::token::{hashes_equal, token_hash, TokenEntry};
+use citadel_core::token::{hashes_equal, token_hash, verify_emergency, TokenEntry, EMERGENCY_PREFIX};
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Caller {
     pub entry: TokenEntry,
+    /// Emergency tokens (issued in read-only mode) may only read and list.
+    pub read_only: bool,
 }
 
 impl Caller {
@@ -35,14 +37,32 @@ impl Caller {
     }
 }
 
-/// Looks a presented token up by its keyed hash; expired tokens do not authenticate.
+/// Looks a presented token up by its keyed hash, or verifies an emergency token's signature;
+/// expired tokens do not authenticate.
 pub fn resolve(state: &State, token_hmac_key: &[u8], token: &str, now: u64) -> Option<Caller> {
+    if token.starts_with(EMERGENCY_PREFIX) {
+        let claims = verify_emergency(token_hmac_key, token, now)?;
+        let entry = TokenEntry {
+            hash: token_hash(token_hmac_key, token),
+            accessor: String::new(),
+            display_name: format!("emergency-{}", claims.username),
+            meta: Default::default(),
+            created: claims.issued,
+            expires: Some(claims.expires),
+            ttl_secs: claims.expires.saturating_sub(claims.issued) / 1000,
+            renewable: false,
+            parent: None,
+            policies: claims.policies,
+            username: Some(claims.username),
+        };
+        return Some(Caller { entry, read_only: true });
+    }
     let hash = token_hash(token_hmac_key, token);
     let entry = state.tokens.get(&hash)?;
     if !hashes_equal(&entry.hash, &hash) || entry.is_expired(now) {
         return None;
     }
-    Some(Caller { entry: entry.clone() })
+    Some(Caller { entry: entry.clone(), read_only: false })
 }
 
 fn argon2() -> Argon2<'static> {

@@ -6,7 +6,7 @@ use citadel_core::audit::{hmac_string, AuditBody};
 use citadel_core::command::{Command, Response};
 use citadel_core::policy;
 use citadel_core::time::rfc3339;
-use citadel_core::token::{token_hash, TokenEntry, User};
+use citadel_core::token::{issue_emergency, token_hash, EmergencyClaims, TokenEntry, User};
 use serde_json::{json, Value};
 
 use super::{authorize_op, duration_secs, record_audit, string_list, ApiError, ApiRequest, Op, Reply};
@@ -87,6 +87,9 @@ async fn login_inner(
     if !policies.iter().any(|p| p == policy::DEFAULT) {
         policies.push(policy::DEFAULT.into());
     }
+    if app.read_only() {
+        return Ok(emergency_login(app, username, policies, keys, now));
+    }
     let ttl = if user.token_ttl_secs > 0 { user.token_ttl_secs } else { DEFAULT_TTL_SECS };
     let token = ids::token();
     let entry = TokenEntry {
@@ -107,6 +110,47 @@ async fn login_inner(
         Response::Rejected(r) => Err(r.into()),
         _ => Ok((Reply::auth(auth), Some(token))),
     }
+}
+
+/// How long an emergency token lives: long enough to fetch a password during an outage.
+const EMERGENCY_TTL_SECS: u64 = 15 * 60;
+
+/// Read-only mode (§5.4): the password was checked against this node's replica; the token is
+/// self-verifying, read-only and short-lived, and needs no consensus.
+fn emergency_login(
+    app: &App,
+    username: &str,
+    policies: Vec<String>,
+    keys: &Unsealed,
+    now: u64,
+) -> (Reply, Option<String>) {
+    let claims = EmergencyClaims {
+        username: username.to_string(),
+        policies: policies.clone(),
+        node: app.node_id(),
+        issued: now,
+        expires: now + EMERGENCY_TTL_SECS * 1000,
+    };
+    let token = issue_emergency(&keys.keyring.token_hmac_key, &claims);
+    let mut reply = Reply::auth(json!({
+        "client_token": token,
+        "accessor": "",
+        "policies": policies,
+        "token_policies": policies,
+        "metadata": { "username": username, "emergency": "true" },
+        "lease_duration": EMERGENCY_TTL_SECS,
+        "renewable": false,
+        "entity_id": "",
+        "token_type": "batch",
+        "orphan": true,
+    }));
+    reply.warnings.push(format!(
+        "emergency token: the cluster has no leader, so this token was issued by node {} without consensus; \
+         it can only read and list, and expires in {} minutes",
+        app.node_id(),
+        EMERGENCY_TTL_SECS / 60
+    ));
+    (reply, Some(token))
 }
 
 fn auth_block(token: &str, entry: &TokenEntry) -> Value {

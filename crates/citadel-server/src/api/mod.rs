@@ -333,6 +333,12 @@ pub(crate) async fn record_audit(app: &App, body: AuditBody) -> Result<(), ApiEr
 
 async fn route(app: &Arc<App>, req: &ApiRequest, caller: &Caller, keys: &Unsealed) -> Result<Reply, ApiError> {
     let op = req.op().ok_or_else(ApiError::method_not_allowed)?;
+    if caller.read_only && !matches!(op, Op::Read | Op::List) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "emergency tokens (issued while the cluster had no leader) may only read and list",
+        ));
+    }
     if let Some(rest) = req.path.strip_prefix("sys/") {
         return sys::route(app, req, op, caller, rest, keys).await;
     }

@@ -97,10 +97,23 @@ async fn after_kill_9_of_the_leader_writes_resume_and_the_restarted_node_catches
 }
 
 #[tokio::test]
-async fn two_of_three_down_puts_the_survivor_in_read_only_mode_and_its_audit_ships_later() {
+async fn two_of_three_down_gives_read_only_mode_with_emergency_logins_and_audit_shipped_later() {
     let mut cluster = Cluster::start_nodes(3, 22200, true, "").await;
     let leader = cluster.leader().await;
     cluster.root_at(leader).kv_put("secret", "ro", &json!({ "v": "kept" }), None).await.unwrap();
+    cluster
+        .root_at(leader)
+        .post(
+            "sys/policies/acl/ro",
+            &json!({ "policy": "path \"secret/data/*\" { capabilities = [\"read\", \"update\"] }" }),
+        )
+        .await
+        .unwrap();
+    cluster
+        .root_at(leader)
+        .post("auth/userpass/users/oncall", &json!({ "password": "oncall-password", "token_policies": "ro" }))
+        .await
+        .unwrap();
     let survivor = followers(leader)[0];
     let other = followers(leader)[1];
     // Let the survivor apply the write before the others go.
@@ -131,6 +144,23 @@ async fn two_of_three_down_puts_the_survivor_in_read_only_mode_and_its_audit_shi
     // The product's bound is 2 × the election timeout (600 ms); the test allows for a loaded machine.
     assert!(took < Duration::from_millis(1500), "a write in read-only mode fails fast, took {took:?}");
 
+    // Emergency login: checked against the replica, a self-verifying read-only token.
+    let mut oncall = cluster.anonymous_at(survivor);
+    let login = oncall.post("auth/userpass/login/oncall", &json!({ "password": "oncall-password" })).await.unwrap();
+    let token = login["auth"]["client_token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("cre."), "{login}");
+    assert!(login["warnings"][0].as_str().unwrap().contains("emergency token"), "{login}");
+    oncall.set_token(token);
+    assert_eq!(oncall.kv_get("secret", "ro", None).await.unwrap(), json!({ "v": "kept" }));
+    let refused = oncall.raw("POST", "secret/data/ro", Some(&json!({ "data": { "v": "x" } })), &[]).await.unwrap();
+    assert_eq!(refused.status, 403, "emergency tokens only read");
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("only read"));
+    let wrong = cluster
+        .anonymous_at(survivor)
+        .post("auth/userpass/login/oncall", &json!({ "password": "nope-nope-nope" }))
+        .await;
+    assert_eq!(wrong.unwrap_err().status().unwrap(), 400);
+
     // Quorum returns: the survivor's read-only audit events reach the replicated log, once.
     cluster.respawn_at(leader);
     cluster.respawn_at(other);
@@ -144,6 +174,10 @@ async fn two_of_three_down_puts_the_survivor_in_read_only_mode_and_its_audit_shi
     })
     .await
     .unwrap();
+    let logins =
+        s.get(&format!("sys/audit/events?node={node_id}&path=auth/userpass/login/oncall&limit=100")).await.unwrap();
+    let logins = logins["data"]["events"].as_array().unwrap().clone();
+    assert!(logins.iter().any(|e| e["status"] == json!(200)), "the emergency login shipped: {logins:?}");
     let mut seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     let before = seqs.len();
     seqs.dedup();
