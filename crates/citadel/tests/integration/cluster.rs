@@ -174,10 +174,13 @@ async fn two_of_three_down_gives_read_only_mode_with_emergency_logins_and_audit_
     })
     .await
     .unwrap();
-    let logins =
-        s.get(&format!("sys/audit/events?node={node_id}&path=auth/userpass/login/oncall&limit=100")).await.unwrap();
-    let logins = logins["data"]["events"].as_array().unwrap().clone();
-    assert!(logins.iter().any(|e| e["status"] == json!(200)), "the emergency login shipped: {logins:?}");
+    dev::wait_for("the emergency login's audit event to ship", STARTUP, || async {
+        let r =
+            s.get(&format!("sys/audit/events?node={node_id}&path=auth/userpass/login/oncall&limit=100")).await.ok()?;
+        r["data"]["events"].as_array()?.iter().any(|e| e["status"] == json!(200)).then_some(())
+    })
+    .await
+    .unwrap();
     let mut seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     let before = seqs.len();
     seqs.dedup();
