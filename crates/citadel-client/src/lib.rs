@@ -142,6 +142,31 @@ impl Client {
         Ok(Reply { status, body, headers })
     }
 
+    /// Sends `body` as raw bytes and returns the raw answer (snapshots are binary files).
+    pub async fn bytes(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, ClientError> {
+        let method = Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let mut builder = self.http.request(method, format!("{}/v1/{}", self.addr, path.trim_start_matches('/')));
+        if let Some(token) = &self.token {
+            builder = builder.header("X-Vault-Token", token);
+        }
+        if let Some(body) = body {
+            builder = builder.header("Content-Type", "application/octet-stream").body(body);
+        }
+        let transport = |source| ClientError::Transport { addr: self.addr.clone(), source };
+        let response = builder.timeout(Duration::from_secs(600)).send().await.map_err(transport)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(transport)?.to_vec();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let messages = body["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        Err(ClientError::Api { status, messages, body })
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         Ok(self.request("GET", path, None).await?.body)
     }

@@ -113,6 +113,11 @@ pub enum Command {
     AuditShip {
         events: Vec<AuditEvent>,
     },
+    /// Replaces the state with a snapshot's (operator restore). The audit log is kept as it is:
+    /// a restore must not lose audit events.
+    RestoreState {
+        state: Box<crate::state::State>,
+    },
 }
 
 impl Command {
@@ -139,6 +144,7 @@ impl Command {
             Command::TokenRevoke { .. } => "token_revoke",
             Command::TokensExpire { .. } => "tokens_expire",
             Command::AuditShip { .. } => "audit_ship",
+            Command::RestoreState { .. } => "restore_state",
         }
     }
 }

@@ -192,6 +192,15 @@ impl State {
                 }
                 Ok(Response::Done)
             }
+            Command::RestoreState { state } => {
+                if !state.is_initialized() {
+                    return Err(Rejection::NotInitialized);
+                }
+                let audit = std::mem::take(&mut self.audit);
+                *self = *state;
+                self.audit = audit;
+                Ok(Response::Done)
+            }
             Command::AuditShip { events } => {
                 let mut accepted = 0;
                 for event in events {
@@ -338,6 +347,21 @@ mod tests {
             Response::Rejected(Rejection::MountNotFound(_))
         ));
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn restoring_a_snapshot_replaces_state_but_keeps_the_audit_log() {
+        let mut state = initialized();
+        state.apply(write("a", 1));
+        let snapshot = state.clone();
+        state.apply(write("a", 2));
+        let event = AuditEvent::seal(AuditBody { node: 1, seq: 1, ..AuditBody::default() }, GENESIS);
+        state.apply(Command::AuditShip { events: vec![event] });
+        assert_eq!(state.apply(Command::RestoreState { state: Box::new(snapshot.clone()) }), Response::Done);
+        assert_eq!(state.mounts, snapshot.mounts);
+        assert_eq!(state.audit.verify(), Ok(1), "audit events survive a restore");
+        let empty = Command::RestoreState { state: Box::default() };
+        assert_eq!(state.apply(empty), Response::Rejected(Rejection::NotInitialized));
     }
 
     #[test]

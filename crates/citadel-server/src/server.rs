@@ -17,7 +17,7 @@ use citadel_core::command::Command;
 use citadel_storage::types::Raft;
 use tokio::net::TcpListener;
 
-use crate::api::{self, ApiError, ApiRequest, MAX_BODY};
+use crate::api::{self, ApiError, ApiRequest, MAX_BODY, MAX_SNAPSHOT};
 use crate::app::App;
 use crate::audit::AuditSpool;
 use crate::cluster::{self, ClusterNetwork};
@@ -166,10 +166,13 @@ async fn api_entry(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+    // Only a snapshot restore may exceed the API's body limit.
+    let limit = if uri.path().starts_with("/v1/sys/storage/raft/snapshot") { MAX_SNAPSHOT } else { MAX_BODY };
+    let body = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => {
-            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB").into_response();
+            let message = format!("request body is larger than {} MiB", limit >> 20);
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
         }
     };
     let query = match Query::<HashMap<String, String>>::try_from_uri(&uri) {

@@ -7,8 +7,10 @@ mod auth;
 mod kv;
 pub mod openapi;
 mod policy;
+mod snapshot;
 mod sys;
 
+pub use snapshot::parse as snapshot_file;
 pub use sys::VERSION;
 
 use std::collections::HashMap;
@@ -31,6 +33,8 @@ use crate::seal::Unsealed;
 
 /// Largest request body accepted (§4).
 pub const MAX_BODY: usize = 1 << 20;
+/// Largest snapshot accepted by a restore.
+pub const MAX_SNAPSHOT: usize = 256 << 20;
 
 /// What a request asks to do, as Vault's ACL sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,8 @@ const ROUTES: &[(&str, &[&str], &str)] = &[
     ("/sys/policy", &["get"], "List policies (legacy)"),
     ("/sys/policy/{name}", &["get", "post", "put", "delete"], "Policy (legacy path)"),
     ("/sys/storage/raft/configuration", &["get"], "Raft servers and suffrage"),
+    ("/sys/storage/raft/snapshot", &["get", "post"], "Save a snapshot (binary file), or restore one (sudo)"),
+    ("/sys/storage/raft/snapshot-force", &["post"], "Restore a snapshot taken from another cluster (sudo)"),
     ("/sys/storage/raft/join", &["post"], "Ask a cluster member to add this (new) node"),
     ("/sys/storage/raft/remove-peer", &["post"], "Remove a node from the cluster (sudo)"),
     ("/sys/storage/raft/autopilot/state", &["get"], "Autopilot view: health, failure tolerance, servers"),

@@ -411,6 +411,18 @@ pub async fn route(
             crate::membership::remove_peer(app, target).await.map_err(ApiError::bad_request)?;
             Ok(Reply::empty())
         }
+        ("storage/raft/snapshot", Op::Read) => {
+            need_sudo(app, caller, acl, op)?;
+            super::snapshot::save(app).await
+        }
+        ("storage/raft/snapshot", Op::Write) => {
+            need_sudo(app, caller, acl, op)?;
+            super::snapshot::restore(app, req, false).await
+        }
+        ("storage/raft/snapshot-force", Op::Write) => {
+            need_sudo(app, caller, acl, op)?;
+            super::snapshot::restore(app, req, true).await
+        }
         ("storage/raft/autopilot/state", Op::Read) => {
             authorize_op(app, caller, acl, op)?;
             Ok(Reply::data(autopilot_state(crate::ha::status(app).await)))

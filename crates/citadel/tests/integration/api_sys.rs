@@ -177,3 +177,41 @@ fn reqwest_raw(node: &Node1) -> (reqwest::Client, String) {
     let client = reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(cert).build().unwrap();
     (client, node.layout.api_url(0))
 }
+
+#[tokio::test]
+async fn snapshots_save_and_restore_state_but_keep_the_audit_log() {
+    let node = Node1::start(21080).await;
+    let root = node.root();
+    root.kv_put("secret", "a", &json!({ "v": "before" }), None).await.unwrap();
+    let snapshot = root.bytes("GET", "sys/storage/raft/snapshot", None).await.unwrap();
+    let canary = b"before";
+    assert!(!snapshot.windows(canary.len()).any(|w| w == canary), "snapshots hold ciphertext only");
+    root.kv_put("secret", "a", &json!({ "v": "after" }), None).await.unwrap();
+    root.kv_put("secret", "b", &json!({ "v": "new" }), None).await.unwrap();
+
+    root.bytes("POST", "sys/storage/raft/snapshot", Some(snapshot.clone())).await.unwrap();
+    assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "before" }));
+    assert_eq!(root.raw("GET", "secret/data/b", None, &[]).await.unwrap().status, 404);
+    let events = root.get("sys/audit/events?path=secret/data/b&limit=10").await.unwrap();
+    assert!(!events["data"]["events"].as_array().unwrap().is_empty(), "audit events after the snapshot survive");
+    assert_eq!(root.get("sys/audit/verify").await.unwrap()["data"]["ok"], json!(true));
+
+    let mut damaged = snapshot.clone();
+    let last = damaged.len() - 2;
+    damaged[last] ^= 1;
+    let err = root.bytes("POST", "sys/storage/raft/snapshot", Some(damaged)).await.unwrap_err();
+    assert_eq!(err.status().unwrap(), 400);
+    assert!(err.to_string().contains("damaged"), "{err}");
+    let junk = root.bytes("POST", "sys/storage/raft/snapshot", Some(b"junk".to_vec())).await.unwrap_err();
+    assert_eq!(junk.status().unwrap(), 400);
+
+    let other = Node1::start(21090).await;
+    let foreign = other.root().bytes("GET", "sys/storage/raft/snapshot", None).await.unwrap();
+    let refused = root.bytes("POST", "sys/storage/raft/snapshot", Some(foreign)).await.unwrap_err();
+    assert!(refused.to_string().contains("snapshot-force"), "{refused}");
+    assert_eq!(
+        root.kv_get("secret", "a", None).await.unwrap(),
+        json!({ "v": "before" }),
+        "a refused restore changes nothing"
+    );
+}
