@@ -4,7 +4,7 @@
 //! only the peer knows (sealed, version, uptime). A follower asks the leader; a node without a
 //! leader reports its own view and says so.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -14,6 +14,57 @@ use crate::cluster::NodeStatus;
 
 /// Entries behind the leader beyond which a node counts as lagging.
 const LAG_ENTRIES: u64 = 1000;
+
+/// The leader's view of how far each member has replicated, read from openraft's metrics.
+pub struct Progress {
+    pub membership: citadel_storage::types::Membership,
+    pub voters: BTreeSet<u64>,
+    pub last_index: u64,
+    matched: BTreeMap<u64, u64>,
+    contact_ms: BTreeMap<u64, u64>,
+}
+
+impl Progress {
+    pub fn of(app: &App) -> Progress {
+        use openraft::Instant as _;
+        let metrics = app.raft_metrics();
+        let membership = metrics.membership_config.membership().clone();
+        let matched = metrics
+            .replication
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(id, log)| log.map(|l| (id, l.index)))
+            .collect();
+        let contact_ms = metrics
+            .heartbeat
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(id, t)| t.map(|t| (id, t.elapsed().as_millis() as u64)))
+            .collect();
+        Progress {
+            voters: membership.voter_ids().collect(),
+            membership,
+            last_index: metrics.last_log_index.unwrap_or(0),
+            matched,
+            contact_ms,
+        }
+    }
+
+    pub fn matched(&self, id: u64) -> u64 {
+        self.matched.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Milliseconds since the leader last heard from `id` (`None`: never).
+    pub fn contact_ms(&self, id: u64) -> Option<u64> {
+        self.contact_ms.get(&id).copied()
+    }
+
+    pub fn lag(&self, id: u64) -> u64 {
+        self.last_index.saturating_sub(self.matched(id))
+    }
+}
 
 pub async fn status(app: &App) -> Value {
     let metrics = app.raft_metrics();
@@ -58,12 +109,9 @@ fn cluster_summary(app: &App, voters: usize, non_voters: usize, health: &str, so
 }
 
 async fn leader_view(app: &App) -> Value {
-    let metrics = app.raft_metrics();
-    let membership = metrics.membership_config.membership().clone();
-    let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    let last_index = metrics.last_log_index.unwrap_or(0);
-    let replication = metrics.replication.clone().unwrap_or_default();
-    let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
+    let progress = Progress::of(app);
+    let membership = progress.membership.clone();
+    let voters = progress.voters.clone();
     let mut nodes = Vec::new();
     let mut reachable_voters = 0;
     let mut all_replicating = true;
@@ -74,14 +122,9 @@ async fn leader_view(app: &App) -> Value {
         } else {
             app.peers.call(&info.cluster_addr, "cluster/status", &(), Duration::from_millis(500)).await.ok()
         };
-        let matched = if me { last_index } else { replication.get(id).cloned().flatten().map_or(0, |l| l.index) };
-        let last_contact_ms = if me {
-            0
-        } else {
-            use openraft::Instant as _;
-            heartbeat.get(id).cloned().flatten().map_or(u64::MAX, |t| t.elapsed().as_millis() as u64)
-        };
-        let lag = last_index.saturating_sub(matched);
+        let matched = if me { progress.last_index } else { progress.matched(*id) };
+        let last_contact_ms = if me { 0 } else { progress.contact_ms(*id).unwrap_or(u64::MAX) };
+        let lag = progress.last_index.saturating_sub(matched);
         let state = match &status {
             None => "unreachable",
             Some(_) if !me && last_contact_ms > app.config.raft.election_timeout_ms => "unreachable",

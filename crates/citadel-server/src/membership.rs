@@ -178,31 +178,21 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
 /// `max_voters`; retire a voter unreachable past `dead_server_threshold` when a non-voter can
 /// take its seat.
 pub async fn autopilot_step(app: &App) {
-    use openraft::Instant as _;
     if !app.is_leader() {
         return;
     }
-    let metrics = app.raft_metrics();
-    let membership = metrics.membership_config.membership().clone();
-    let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    let last_index = metrics.last_log_index.unwrap_or(0);
-    let replication = metrics.replication.clone().unwrap_or_default();
-    let heartbeat = metrics.heartbeat.clone().unwrap_or_default();
-    let contact_ms =
-        |id: &u64| heartbeat.get(id).cloned().flatten().map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
-    let caught_up = |id: &u64| {
-        let matched = replication.get(id).cloned().flatten().map_or(0, |l| l.index);
-        last_index.saturating_sub(matched) <= 100 && contact_ms(id) <= app.config.raft.election_timeout_ms
-    };
-    let candidate = membership.nodes().map(|(id, _)| *id).find(|id| !voters.contains(id) && caught_up(id));
+    let progress = crate::ha::Progress::of(app);
+    let voters = &progress.voters;
+    let timeout = app.config.raft.election_timeout_ms;
+    let caught_up = |id: u64| progress.lag(id) <= 100 && progress.contact_ms(id).is_some_and(|ms| ms <= timeout);
+    let candidate = progress.membership.nodes().map(|(id, _)| *id).find(|id| !voters.contains(id) && caught_up(*id));
     let Some(candidate) = candidate else { return };
     let change = if voters.len() < app.config.raft.max_voters {
         ChangeMembers::AddVoterIds(BTreeSet::from([candidate]))
     } else {
         let dead = voters.iter().copied().find(|id| {
             *id != app.node_id()
-                && contact_ms(id) != u64::MAX
-                && contact_ms(id) > app.config.raft.dead_server_threshold_ms
+                && progress.contact_ms(*id).is_some_and(|ms| ms > app.config.raft.dead_server_threshold_ms)
         });
         match dead {
             Some(dead) => {
