@@ -118,6 +118,18 @@ pub enum Command {
     RestoreState {
         state: Box<crate::state::State>,
     },
+    SetClusterCa {
+        ca: crate::state::ClusterCa,
+    },
+    JoinTokenCreate {
+        hash: String,
+        expires: UnixMillis,
+    },
+    /// Spends a join token: accepted once, before it expires (`now` chosen by the proposer).
+    JoinTokenUse {
+        hash: String,
+        now: UnixMillis,
+    },
 }
 
 impl Command {
@@ -145,6 +157,9 @@ impl Command {
             Command::TokensExpire { .. } => "tokens_expire",
             Command::AuditShip { .. } => "audit_ship",
             Command::RestoreState { .. } => "restore_state",
+            Command::SetClusterCa { .. } => "set_cluster_ca",
+            Command::JoinTokenCreate { .. } => "join_token_create",
+            Command::JoinTokenUse { .. } => "join_token_use",
         }
     }
 }
@@ -174,6 +189,8 @@ pub enum Rejection {
     TokenNotFound,
     #[error("audit chain: {0}")]
     Audit(ChainError),
+    #[error("the join token is unknown, expired, or already used")]
+    JoinTokenInvalid,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

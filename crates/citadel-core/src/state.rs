@@ -41,6 +41,23 @@ pub struct Mount {
     pub kv: KvStore,
 }
 
+/// The cluster CA, held by the cluster so that it can certify joining nodes. The key is sealed
+/// by the barrier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCa {
+    pub common_name: String,
+    pub cert_pem: String,
+    #[serde(with = "crate::encoding")]
+    pub key_ciphertext: Vec<u8>,
+}
+
+/// A one-time join token, stored as a keyed hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub expires: UnixMillis,
+    pub used: bool,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub cluster: Option<ClusterInfo>,
@@ -52,6 +69,11 @@ pub struct State {
     /// Keyed by token hash.
     pub tokens: BTreeMap<String, TokenEntry>,
     pub audit: AuditLog,
+    #[serde(default)]
+    pub cluster_ca: Option<ClusterCa>,
+    /// Keyed by token hash.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinToken>,
 }
 
 impl State {
@@ -190,6 +212,24 @@ impl State {
                 for hash in expired {
                     self.revoke_tree(hash);
                 }
+                Ok(Response::Done)
+            }
+            Command::SetClusterCa { ca } => {
+                self.cluster_ca = Some(ca);
+                Ok(Response::Done)
+            }
+            Command::JoinTokenCreate { hash, expires } => {
+                self.join_tokens.entry(hash).or_insert(JoinToken { expires, used: false });
+                Ok(Response::Done)
+            }
+            Command::JoinTokenUse { hash, now } => {
+                let token = self.join_tokens.get_mut(&hash).ok_or(Rejection::JoinTokenInvalid)?;
+                if token.used || token.expires <= now {
+                    return Err(Rejection::JoinTokenInvalid);
+                }
+                token.used = true;
+                // Spent and expired tokens are dropped: the table stays small.
+                self.join_tokens.retain(|_, t| !t.used && t.expires > now);
                 Ok(Response::Done)
             }
             Command::RestoreState { state } => {
@@ -362,6 +402,27 @@ mod tests {
         assert_eq!(state.audit.verify(), Ok(1), "audit events survive a restore");
         let empty = Command::RestoreState { state: Box::default() };
         assert_eq!(state.apply(empty), Response::Rejected(Rejection::NotInitialized));
+    }
+
+    #[test]
+    fn join_tokens_work_once_and_only_before_they_expire() {
+        let mut state = initialized();
+        state.apply(Command::JoinTokenCreate { hash: "h".into(), expires: 100 });
+        state.apply(Command::JoinTokenCreate { hash: "old".into(), expires: 10 });
+        assert_eq!(
+            state.apply(Command::JoinTokenUse { hash: "old".into(), now: 50 }),
+            Response::Rejected(Rejection::JoinTokenInvalid)
+        );
+        assert_eq!(state.apply(Command::JoinTokenUse { hash: "h".into(), now: 50 }), Response::Done);
+        assert_eq!(
+            state.apply(Command::JoinTokenUse { hash: "h".into(), now: 51 }),
+            Response::Rejected(Rejection::JoinTokenInvalid)
+        );
+        assert_eq!(
+            state.apply(Command::JoinTokenUse { hash: "nope".into(), now: 1 }),
+            Response::Rejected(Rejection::JoinTokenInvalid)
+        );
+        assert!(state.join_tokens.is_empty(), "spent and expired tokens are dropped");
     }
 
     #[test]

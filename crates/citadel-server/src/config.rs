@@ -42,6 +42,13 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+    /// On the node that initializes the cluster: the CA's private key, which the cluster then
+    /// keeps (sealed) to certify nodes that join with a join token.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// The CA's common name, as in its certificate (needed to sign with it).
+    #[serde(default)]
+    pub ca_common_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -99,6 +106,13 @@ pub struct RetryJoin {
     /// Cluster address (`host:port`) of a node of the cluster to join; any member redirects to
     /// the leader. The cluster CA certificate authenticates both sides.
     pub leader_cluster_addr: String,
+    /// With `join_token`: a member's API address (`https://host:port`). A node whose certificate
+    /// files do not exist yet asks it for one, presenting the token, before it starts.
+    #[serde(default)]
+    pub leader_api_addr: Option<String>,
+    /// A one-time join token from `citadel operator raft join-token`.
+    #[serde(default)]
+    pub join_token: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -145,6 +159,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_TLS_CERT", &["tls", "cert"]),
     ("CITADEL_TLS_KEY", &["tls", "key"]),
     ("CITADEL_TLS_CA", &["tls", "ca"]),
+    ("CITADEL_TLS_CA_KEY", &["tls", "ca_key"]),
     ("CITADEL_SEAL_TYPE", &["seal", "type"]),
     ("CITADEL_SEAL_KEY_FILE", &["seal", "key_file"]),
     ("CITADEL_RAFT_HEARTBEAT_MS", &["raft", "heartbeat_ms"]),
@@ -209,6 +224,15 @@ impl Config {
                     self.raft.election_timeout_ms
                 ),
             ));
+        }
+        if self.tls.ca_key.is_some() && self.tls.ca_common_name.is_none() {
+            return Err((
+                "tls.ca_common_name",
+                "is required with tls.ca_key (the CA certificate's common name)".into(),
+            ));
+        }
+        if self.retry_join.iter().any(|j| j.join_token.is_some() && j.leader_api_addr.is_none()) {
+            return Err(("retry_join.leader_api_addr", "is required with retry_join.join_token".into()));
         }
         if self.raft.max_voters == 0 || self.raft.max_voters.is_multiple_of(2) {
             return Err(("raft.max_voters", format!("must be odd and positive, got {}", self.raft.max_voters)));

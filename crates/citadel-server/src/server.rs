@@ -31,6 +31,7 @@ struct RemoteAddr(SocketAddr);
 /// Runs a node until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<()> {
     tls::install_crypto_provider();
+    crate::pki::bootstrap_if_needed(&config).await?;
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key)?;
     let cluster_tls = cluster_tls(&config)?;
     let (log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;

@@ -60,21 +60,49 @@ pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// PEM files of a generated certificate authority and node certificates.
+/// A cluster certificate authority: issues node certificates.
 pub struct DevPki {
     pub ca_cert_pem: String,
+    pub common_name: String,
+    ca_key_pem: String,
     ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+fn ca_params(common_name: &str) -> Result<rcgen::CertificateParams> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    Ok(params)
 }
 
 impl DevPki {
     pub fn generate(cluster_name: &str) -> Result<DevPki> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{cluster_name} CA"));
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let common_name = format!("{cluster_name} CA");
+        let params = ca_params(&common_name)?;
         let key = rcgen::KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
-        Ok(DevPki { ca_cert_pem: cert.pem(), ca: rcgen::Issuer::new(params, key) })
+        Ok(DevPki {
+            ca_cert_pem: cert.pem(),
+            common_name,
+            ca_key_pem: key.serialize_pem(),
+            ca: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// The issuer of an existing CA, from its name and key (as the cluster stores them).
+    pub fn from_key(common_name: &str, cert_pem: &str, key_pem: &str) -> Result<DevPki> {
+        let key = rcgen::KeyPair::from_pem(key_pem).context("the cluster CA key is not a PEM private key")?;
+        Ok(DevPki {
+            ca_cert_pem: cert_pem.to_string(),
+            common_name: common_name.to_string(),
+            ca_key_pem: key_pem.to_string(),
+            ca: rcgen::Issuer::new(ca_params(common_name)?, key),
+        })
+    }
+
+    pub fn ca_key_pem(&self) -> &str {
+        &self.ca_key_pem
     }
 
     /// A node certificate for ServerAuth and ClientAuth with SANs for `names` (IPs or DNS names).

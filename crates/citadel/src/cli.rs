@@ -119,6 +119,11 @@ enum RaftCmd {
     TransferLeader {
         node_id: u64,
     },
+    /// Issue a one-time join token: a new node presents it to receive its certificate.
+    JoinToken {
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
 }
@@ -516,6 +521,11 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
             Ok(())
         }
         OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Inspect { .. })) => unreachable!("handled offline"),
+        OperatorCmd::Raft(RaftCmd::JoinToken { ttl }) => {
+            let reply = c.post("sys/storage/raft/join-token", &json!({ "ttl": ttl })).await?;
+            print_map(&reply["data"], format);
+            Ok(())
+        }
         OperatorCmd::Raft(RaftCmd::TransferLeader { node_id }) => {
             c.post("sys/ha/transfer-leader", &json!({ "node_id": node_id })).await?;
             out!("Success! Node {node_id} leads.");

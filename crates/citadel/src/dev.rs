@@ -66,6 +66,9 @@ impl Layout {
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
     pub fn log_path(&self, i: usize) -> PathBuf {
         self.node_dir(i).join("server.log")
     }
@@ -78,6 +81,9 @@ impl Layout {
         }
         let pki = DevPki::generate("citadel-dev")?;
         std::fs::write(self.ca_path(), &pki.ca_cert_pem)?;
+        // The first node hands the CA key to the cluster at init, so that nodes can join later
+        // with a one-time join token and receive their certificate.
+        write_private(&self.ca_key_path(), pki.ca_key_pem().as_bytes())?;
         for i in 0..self.nodes {
             let dir = self.node_dir(i);
             std::fs::create_dir_all(&dir)?;
@@ -98,7 +104,7 @@ site = "dev"
 cert = "{dir}/cert.pem"
 key = "{dir}/key.pem"
 ca = "{ca}"
-
+{ca_key}
 {seal}
 {join}
 {extra_config}"#,
@@ -108,6 +114,11 @@ ca = "{ca}"
                 cluster = self.cluster_addr(i),
                 dir = dir.display(),
                 ca = self.ca_path().display(),
+                ca_key = if i == 0 {
+                    format!("ca_key = \"{}\"\nca_common_name = \"{}\"\n", self.ca_key_path().display(), pki.common_name)
+                } else {
+                    String::new()
+                },
                 join = if i == 0 {
                     String::new()
                 } else {

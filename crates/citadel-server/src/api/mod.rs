@@ -260,6 +260,7 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         "sys/seal-status" => return sys::seal_status(app, req),
         "sys/unseal" => return sys::unseal(app, req).await,
         "sys/storage/raft/join" => return sys::join(app, req).await,
+        "sys/storage/raft/bootstrap" => return sys::bootstrap(app, req).await,
         _ => {}
     }
     let keys = app.keys()?;

@@ -176,6 +176,30 @@ pub async fn unseal(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     Ok(Reply::json(StatusCode::OK, seal_status_body(app)))
 }
 
+/// `sys/storage/raft/bootstrap`: a node with no certificate yet presents a one-time join token and
+/// receives a certificate from the cluster CA. The token is the credential (spent on use).
+pub async fn bootstrap(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
+    if req.op() != Some(Op::Write) {
+        return Err(ApiError::method_not_allowed());
+    }
+    let body: crate::pki::BootstrapRequest = req.json()?;
+    let result = crate::pki::issue(app, &body).await;
+    let event = AuditBody {
+        time: ids::now_ms(),
+        kind: "join".into(),
+        operation: "update".into(),
+        path: req.path.clone(),
+        user: format!("node-{}", body.node_id),
+        remote_addr: req.remote.clone(),
+        status: if result.is_ok() { 200 } else { 400 },
+        error: result.as_ref().err().cloned().unwrap_or_default(),
+        ..AuditBody::default()
+    };
+    record_audit(app, event).await?;
+    let reply = result.map_err(ApiError::bad_request)?;
+    Ok(Reply::json(StatusCode::OK, serde_json::to_value(reply).expect("serializes")))
+}
+
 /// `sys/storage/raft/join`, called on a node that belongs to no cluster yet (so it has no token
 /// to present): it asks the given member to add it. The cluster authenticates the node by its
 /// certificate (mutual TLS), so this endpoint grants the caller nothing.
@@ -275,6 +299,9 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
                 .unseal_with_key(&unseal_key, &seal_info)
                 .map_err(|e| ApiError::internal(format!("initialized, but auto-unseal failed: {e}")))?;
         }
+    }
+    if let Err(e) = crate::pki::store_cluster_ca(app).await {
+        tracing::error!(error = %e, "the cluster CA key could not be stored; join tokens will not work");
     }
     record_audit(app, seal_event(app, req, "init", 200, String::new())).await?;
     use base64::Engine;
@@ -410,6 +437,18 @@ pub async fn route(
                 .ok_or_else(|| ApiError::bad_request("missing required field \"server_id\" (a node id)"))?;
             crate::membership::remove_peer(app, target).await.map_err(ApiError::bad_request)?;
             Ok(Reply::empty())
+        }
+        ("storage/raft/join-token", Op::Write) => {
+            need_sudo(app, caller, acl, op)?;
+            let body: Value = req.json()?;
+            let ttl = super::duration_secs(body.get("ttl"), "ttl")?.unwrap_or(3600).clamp(60, 7 * 86_400);
+            let token = format!("cjt.{}", &ids::token()[4..]);
+            let expires = ids::now_ms() + ttl * 1000;
+            let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &token);
+            match app.propose(Command::JoinTokenCreate { hash, expires }).await? {
+                Response::Rejected(r) => Err(r.into()),
+                _ => Ok(Reply::data(json!({ "join_token": token, "expire_time": rfc3339(expires), "ttl": ttl }))),
+            }
         }
         ("storage/raft/snapshot", Op::Read) => {
             need_sudo(app, caller, acl, op)?;

@@ -378,3 +378,50 @@ async fn a_fourth_node_joins_as_non_voter_and_is_promoted_when_a_voter_is_remove
         cluster.root_at(leader).post("sys/storage/raft/remove-peer", &json!({ "server_id": 42 })).await.unwrap_err();
     assert_eq!(unknown.status().unwrap(), 400);
 }
+
+#[tokio::test]
+async fn a_node_without_a_certificate_joins_with_a_one_time_join_token() {
+    let mut cluster = Cluster::start_partial(3, 2, 22900, true, "").await;
+    let root = cluster.root();
+    let token = root.post("sys/storage/raft/join-token", &json!({ "ttl": "10m" })).await.unwrap()["data"]["join_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(token.starts_with("cjt."));
+    // The third node has no certificate, only the CA certificate, a join token, and a member's address.
+    let dir = cluster.layout.node_dir(2);
+    std::fs::remove_file(dir.join("cert.pem")).unwrap();
+    std::fs::remove_file(dir.join("key.pem")).unwrap();
+    let config = cluster.layout.config_path(2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with_token = text.replace(
+        "[[retry_join]]\n",
+        &format!("[[retry_join]]\nleader_api_addr = \"{}\"\njoin_token = \"{token}\"\n", cluster.layout.api_url(0)),
+    );
+    assert_ne!(text, with_token);
+    std::fs::write(&config, with_token).unwrap();
+    cluster.respawn_at(2);
+    cluster.wait_healthy(3).await;
+    assert!(dir.join("cert.pem").exists(), "the node received its certificate");
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join("key.pem")).unwrap().permissions());
+    assert_eq!(key_mode & 0o077, 0, "the private key is readable by its owner only");
+    cluster.root_at(2).kv_put("secret", "via-new-node", &json!({ "v": 1 }), None).await.unwrap();
+
+    // The token is spent: a second node cannot use it.
+    let again = root
+        .post("sys/storage/raft/bootstrap", &json!({ "join_token": token, "node_id": 9, "names": ["127.0.0.1"] }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.status().unwrap(), 400);
+    assert!(again.to_string().contains("already used"), "{again}");
+    let forged = cluster
+        .anonymous()
+        .post(
+            "sys/storage/raft/bootstrap",
+            &json!({ "join_token": "cjt.forged", "node_id": 9, "names": ["127.0.0.1"] }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(forged.status().unwrap(), 400);
+}

@@ -1,0 +1,115 @@
+//! Certifying joining nodes: the cluster keeps its CA key sealed in the replicated state; a node
+//! presenting a one-time join token receives a certificate for its addresses.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use citadel_core::command::{Command, Response};
+use citadel_core::state::ClusterCa;
+use serde::{Deserialize, Serialize};
+
+use crate::app::App;
+use crate::config::Config;
+use crate::ids;
+use crate::tls::{write_private, DevPki};
+
+const AAD_CLUSTER_CA: &[u8] = b"citadel/cluster-ca";
+
+/// After init: if this node was given the CA key, hand it to the cluster (sealed).
+pub async fn store_cluster_ca(app: &App) -> Result<()> {
+    let (Some(key_path), Some(common_name)) = (&app.config.tls.ca_key, &app.config.tls.ca_common_name) else {
+        return Ok(());
+    };
+    let key_pem = zeroize::Zeroizing::new(
+        std::fs::read(key_path).with_context(|| format!("cannot read tls.ca_key {}", key_path.display()))?,
+    );
+    let cert_pem = std::fs::read_to_string(&app.config.tls.ca)?;
+    let keys = app.keys().map_err(|e| anyhow!("{:?}", e.errors))?;
+    let key_ciphertext = keys.keyring.encrypt(&ids::random_bytes(), AAD_CLUSTER_CA, &key_pem);
+    let ca = ClusterCa { common_name: common_name.clone(), cert_pem, key_ciphertext };
+    match app.propose(Command::SetClusterCa { ca }).await.map_err(|e| anyhow!("{:?}", e.errors))? {
+        Response::Rejected(r) => bail!("{r}"),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BootstrapRequest {
+    pub join_token: String,
+    pub node_id: u64,
+    /// IP addresses and DNS names the certificate must cover.
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BootstrapReply {
+    pub certificate: String,
+    pub private_key: String,
+    pub ca_certificate: String,
+}
+
+/// Issues a node certificate for a valid join token, spending the token.
+pub async fn issue(app: &App, req: &BootstrapRequest) -> Result<BootstrapReply, String> {
+    if req.names.is_empty() || req.names.len() > 16 {
+        return Err("names must list between 1 and 16 addresses or DNS names".into());
+    }
+    if req
+        .names
+        .iter()
+        .any(|n| n.is_empty() || n.len() > 253 || !n.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c)))
+    {
+        return Err("names must be IP addresses or DNS names".into());
+    }
+    let keys = app.keys().map_err(|_| "the node is sealed".to_string())?;
+    let ca = app
+        .state
+        .read(|s| s.cluster_ca.clone())
+        .ok_or("this cluster holds no CA key: start the initializing node with tls.ca_key to certify joining nodes")?;
+    let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &req.join_token);
+    let spent =
+        app.propose(Command::JoinTokenUse { hash, now: ids::now_ms() }).await.map_err(|e| e.errors.join("; "))?;
+    if let Response::Rejected(r) = spent {
+        return Err(r.to_string());
+    }
+    let key_pem =
+        keys.keyring.decrypt(AAD_CLUSTER_CA, &ca.key_ciphertext).map_err(|e| format!("cluster CA key: {e}"))?;
+    let key_pem = std::str::from_utf8(&key_pem).map_err(|_| "cluster CA key is not PEM")?;
+    let pki = DevPki::from_key(&ca.common_name, &ca.cert_pem, key_pem).map_err(|e| e.to_string())?;
+    let (certificate, private_key) =
+        pki.node_cert(&format!("node-{}", req.node_id), &req.names).map_err(|e| e.to_string())?;
+    tracing::info!(node = req.node_id, "issued a node certificate for a join token");
+    Ok(BootstrapReply { certificate, private_key, ca_certificate: ca.cert_pem })
+}
+
+/// At start: a node without its certificate files, configured with a join token, fetches them.
+pub async fn bootstrap_if_needed(config: &Config) -> Result<()> {
+    if config.tls.cert.exists() && config.tls.key.exists() {
+        return Ok(());
+    }
+    let Some(join) = config.retry_join.iter().find(|j| j.join_token.is_some()) else {
+        bail!(
+            "the certificate files {} and {} do not exist; provide them, or a [[retry_join]] join_token to obtain them",
+            config.tls.cert.display(),
+            config.tls.key.display()
+        );
+    };
+    let (addr, token) =
+        (join.leader_api_addr.as_deref().unwrap_or_default(), join.join_token.as_deref().unwrap_or_default());
+    let tls = crate::tls::client_config(&config.tls.ca)?;
+    let http = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(30)).build()?;
+    let mut names = vec![config.api_addr.ip().to_string(), config.cluster_addr.ip().to_string()];
+    names.dedup();
+    let body = BootstrapRequest { join_token: token.to_string(), node_id: config.node_id, names };
+    let url = format!("{}/v1/sys/storage/raft/bootstrap", addr.trim_end_matches('/'));
+    let response = http.post(&url).json(&body).send().await.with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let reply: serde_json::Value = response.json().await.context("bad answer to the bootstrap request")?;
+    if !status.is_success() {
+        bail!("{url} refused the join token: {}", reply["errors"]);
+    }
+    let reply: BootstrapReply = serde_json::from_value(reply).context("bad answer to the bootstrap request")?;
+    write_private(&config.tls.key, reply.private_key.as_bytes())?;
+    std::fs::write(&config.tls.cert, &reply.certificate)?;
+    tracing::info!(cert = %config.tls.cert.display(), "received a node certificate with the join token");
+    Ok(())
+}
