@@ -287,13 +287,19 @@ pub async fn run(nodes: usize, dir: &Path, port: u16) -> Result<()> {
     watch(&layout, guard).await
 }
 
-/// Prints leader changes and nodes going down or up until Ctrl-C, then stops the nodes.
+/// Prints leader changes and nodes going down or up until Ctrl-C (or SIGTERM), then stops the
+/// nodes it started.
 async fn watch(layout: &Layout, mut guard: ChildGuard) -> Result<()> {
     let clients: Vec<Client> = (0..layout.nodes).map(|i| layout.client(i)).collect::<Result<_>>()?;
     let mut last: Vec<Option<(u16, Option<u64>)>> = vec![None; layout.nodes];
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
+            _ = terminate.recv() => {
+                guard.stop();
+                return Ok(());
+            }
             _ = tokio::signal::ctrl_c() => {
                 out!("stopping {} node(s)", layout.nodes);
                 guard.stop();
