@@ -146,8 +146,8 @@ async fn leader_view(app: &App) -> Value {
             voter,
             state,
             last_contact_ms,
-            matched,
-            lag,
+            Some(matched),
+            Some(lag),
             status.as_ref(),
         ));
     }
@@ -184,7 +184,9 @@ fn local_view(app: &App, note: &str) -> Value {
             };
             let contact = if mine { 0 } else { app.staleness_ms() };
             let voter = voters.contains(id);
-            node_row(*id, info, role(app, *id, voter), voter, state, contact, me.applied_index, 0, status)
+            // Without a leader, only this node's own progress is known.
+            let matched = mine.then_some(me.applied_index);
+            node_row(*id, info, role(app, *id, voter), voter, state, contact, matched, None, status)
         })
         .collect();
     let health = if app.read_only() { "failed" } else { "degraded" };
@@ -212,8 +214,8 @@ fn node_row(
     voter: bool,
     state: &str,
     last_contact_ms: u64,
-    matched: u64,
-    lag: u64,
+    matched: Option<u64>,
+    lag: Option<u64>,
     status: Option<&NodeStatus>,
 ) -> Value {
     json!({

@@ -515,7 +515,8 @@ fn mount_json(m: &Mount) -> Value {
         "type": m.kind,
         "description": m.description,
         "uuid": m.uuid,
-        "accessor": format!("kv_{}", &m.uuid[..8]),
+        // `get`: a restored snapshot is a data file, and data files must not be able to panic us.
+        "accessor": format!("kv_{}", m.uuid.get(..8).unwrap_or(&m.uuid)),
         "config": { "default_lease_ttl": 0, "max_lease_ttl": 0, "force_no_cache": false },
         "options": { "version": "2" },
         "local": false,
