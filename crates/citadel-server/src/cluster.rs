@@ -1,7 +1,8 @@
 //! Node-to-node transport: Raft RPCs as JSON over HTTPS with mutual TLS on the cluster port.
 //!
 //! Both ends present certificates from the cluster CA; a peer with any other certificate is
-//! refused during the handshake. openraft's messages travel as its serde encoding: the wire
+//! refused during the handshake. Peers speak HTTP/2, so one connection per peer is multiplexed
+//! between Raft's messages, forwarded commands and snapshot transfers. openraft's messages travel as its serde encoding: the wire
 //! needs both ends on the same protocol version (checked at join), unlike the disk format.
 
 use std::io;
@@ -57,8 +58,15 @@ impl ClusterNetwork {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(crate::tls::root_store(&config.tls.ca)?)
             .with_client_auth_cert(certs, key)?;
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        // HTTP/2: one long-lived, multiplexed connection per peer carries Raft messages,
+        // forwarded commands and snapshots alike.
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .http2_prior_knowledge()
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true)
             .connect_timeout(Duration::from_millis(config.raft.election_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)

@@ -135,6 +135,13 @@ pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
         }
         None => return Err("the cluster has no leader".into()),
     }
+    // The target declines unless its log reaches ours within an election timeout; under write
+    // load a lagging target would leave the cluster leaderless until timers fire. Hand over only
+    // once it has caught up, so the handover itself takes one vote round.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while crate::ha::Progress::of(app).lag(target) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     app.raft.trigger().transfer_leader(target).await.map_err(|e| e.to_string())?;
     app.raft
         .wait(Some(Duration::from_secs(5)))

@@ -102,11 +102,12 @@ fn cluster_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>> {
     )
     .build()
     .context("cluster CA is unusable for client verification")?;
-    let server = rustls::ServerConfig::builder_with_provider(provider)
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(tls::load_certs(&config.tls.cert)?, tls::load_key(&config.tls.key)?)
         .context("node certificate and key do not match")?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(server))
 }
 
@@ -143,8 +144,8 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 Err(_) => return,
             };
             let service = hyper_util::service::TowerToHyperService::new(service);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
+            // HTTP/1.1 or HTTP/2, whichever the peer speaks (the API advertises only HTTP/1.1).
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                 .await;
         });

@@ -255,6 +255,7 @@ async fn a_peer_without_a_cluster_certificate_is_refused() {
     let member =
         std::fs::read_to_string(dir.join("cert.pem")).unwrap() + &std::fs::read_to_string(dir.join("key.pem")).unwrap();
     let member = reqwest::Client::builder()
+        .http2_prior_knowledge()
         .tls_built_in_root_certs(false)
         .add_root_certificate(root_cert)
         .identity(reqwest::Identity::from_pem(member.as_bytes()).unwrap())
@@ -262,6 +263,7 @@ async fn a_peer_without_a_cluster_certificate_is_refused() {
         .unwrap();
     let status = member.post(&url).json(&json!(null)).send().await.unwrap();
     assert_eq!(status.status(), 200, "a cluster certificate is accepted");
+    assert_eq!(status.version(), reqwest::Version::HTTP_2, "peers speak multiplexed HTTP/2");
 }
 
 #[tokio::test]
