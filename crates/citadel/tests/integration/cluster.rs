@@ -226,7 +226,7 @@ async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot() {
 }
 
 #[tokio::test]
-async fn a_peer_without_a_cluster_certificate_is_refused() {
+async fn a_peer_without_a_cluster_certificate_or_of_another_protocol_version_is_refused() {
     let cluster = Cluster::start_nodes(1, 22500, true, "").await;
     citadel_server::tls::install_crypto_provider();
     let url = format!("https://{}/cluster/status", cluster.layout.cluster_addr(0));
@@ -264,6 +264,19 @@ async fn a_peer_without_a_cluster_certificate_is_refused() {
     let status = member.post(&url).json(&json!(null)).send().await.unwrap();
     assert_eq!(status.status(), 200, "a cluster certificate is accepted");
     assert_eq!(status.version(), reqwest::Version::HTTP_2, "peers speak multiplexed HTTP/2");
+
+    // A node of another protocol version is refused at join, with a message saying so.
+    let join = json!({
+        "node_id": 9,
+        "node": { "api_addr": "https://127.0.0.1:1", "cluster_addr": "127.0.0.1:2", "name": "future", "site": "" },
+        "protocol_version": 99,
+    });
+    let url = format!("https://{}/cluster/join", cluster.layout.cluster_addr(0));
+    let answer: Value = member.post(&url).json(&join).send().await.unwrap().json().await.unwrap();
+    let refusal = answer["Err"].as_str().unwrap_or_default();
+    assert!(refusal.contains("protocol version mismatch"), "{answer}");
+    let config = cluster.root().get("sys/storage/raft/configuration").await.unwrap();
+    assert_eq!(config["data"]["config"]["servers"].as_array().unwrap().len(), 1, "the node was not added");
 }
 
 #[tokio::test]
