@@ -56,7 +56,8 @@ impl App {
         Duration::from_millis(self.config.raft.election_timeout_ms)
     }
 
-    /// The bound on any wait for consensus (§1.5): two election timeouts.
+    /// How long a request waits for a leader to exist (§1.5): two election timeouts. Waiting on a
+    /// leader that still hears from a quorum is bounded by `PROPOSAL_LIMIT` instead.
     pub fn consensus_deadline(&self) -> Duration {
         2 * self.election_timeout()
     }
