@@ -12,7 +12,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use crate::api::ApiError;
 use crate::audit::AuditSpool;
 use crate::auth::LoginLimiter;
-use crate::cluster::{NodeStatus, PeerClient};
+use crate::cluster::{NodeStatus, PeerClient, PeerError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::seal::{SealManager, Unsealed};
@@ -29,6 +29,14 @@ pub struct App {
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
+}
+
+/// The refusal of a node that is not (or no longer) the leader: nothing was proposed, so the
+/// request may go to the new leader.
+pub const NOT_LEADER: &str = "this node is not the leader";
+
+fn is_not_leader(message: &str) -> bool {
+    message.contains(NOT_LEADER)
 }
 
 /// The longest a proposal may wait on a leader that still hears from a quorum.
@@ -137,7 +145,7 @@ impl App {
                     // Leadership moved while proposing (e.g. a transfer): retry through the new
                     // leader. Commands are safe to retry: `apply` and the KV writer recognise
                     // their own earlier attempt.
-                    Err(e) if e.errors.iter().any(|m| m.contains("not the leader")) => {}
+                    Err(e) if e.errors.iter().any(|m| is_not_leader(m)) => {}
                     other => return other,
                 },
                 Leadership::Other(leader) => match self.forward(&leader, &command).await {
@@ -168,14 +176,12 @@ impl App {
         loop {
             tokio::select! {
                 result = &mut call => {
-                    return result.map_err(|e| {
-                        // Only a refusal that proves nothing was proposed is retried blindly;
-                        // commands are also safe to retry (their apply recognises a repeat).
-                        if e.starts_with("cannot reach") || e.contains("not the leader") {
-                            Forwarding::Retry(e)
-                        } else {
-                            Forwarding::Failed(e)
-                        }
+                    // An undelivered command, or one the ex-leader refused, is retried; commands
+                    // are safe to retry anyway (their apply recognises a repeat).
+                    return result.map_err(|e| match e {
+                        PeerError::Unreachable(e) => Forwarding::Retry(e),
+                        PeerError::Refused(e) if is_not_leader(&e) => Forwarding::Retry(e),
+                        PeerError::Refused(e) => Forwarding::Failed(e),
                     });
                 }
                 _ = check.tick() => {
@@ -203,7 +209,7 @@ impl App {
                 result = &mut write => break Ok(result),
                 _ = check.tick() => {
                     if !self.is_leader() {
-                        break Err(ApiError::unavailable("this node is not the leader"));
+                        break Err(ApiError::unavailable(NOT_LEADER));
                     }
                     if self.lost_quorum() || started.elapsed() > PROPOSAL_LIMIT {
                         break Err(ApiError::no_leader());
@@ -214,9 +220,7 @@ impl App {
         self.metrics.observe_proposal(started.elapsed());
         match result? {
             Ok(reply) => Ok(reply.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(ApiError::unavailable("this node is not the leader"))
-            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ApiError::unavailable(NOT_LEADER)),
             Err(e) => {
                 tracing::warn!(command = kind, error = %e, "proposal failed");
                 Err(ApiError::unavailable(format!("the cluster could not commit the request: {e}")))

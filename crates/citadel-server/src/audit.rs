@@ -27,7 +27,6 @@ pub struct AuditSpool {
     file: Mutex<SpoolFile>,
     /// Events not yet confirmed in the replicated log.
     pending: Mutex<Vec<AuditEvent>>,
-    pub shipped_notify: tokio::sync::Notify,
     pub new_event: tokio::sync::Notify,
 }
 
@@ -57,7 +56,6 @@ impl AuditSpool {
             path,
             file: Mutex::new(SpoolFile { file, next_seq, last_hash, export }),
             pending: Mutex::new(events),
-            shipped_notify: tokio::sync::Notify::new(),
             new_event: tokio::sync::Notify::new(),
         }))
     }

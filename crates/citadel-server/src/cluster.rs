@@ -5,7 +5,6 @@
 //! between Raft's messages, forwarded commands and snapshot transfers. openraft's messages travel as its serde encoding: the wire
 //! needs both ends on the same protocol version (checked at join), unlike the disk format.
 
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,10 +79,35 @@ impl ClusterNetwork {
     }
 }
 
-/// Calls to another node's cluster port beyond Raft's own RPCs.
+/// Calls to another node's cluster port: Raft's RPCs and Citadel's own alike.
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+}
+
+/// Why a call to a peer failed.
+#[derive(Debug)]
+pub enum PeerError {
+    /// The request could not be delivered or got no answer (refused, reset, timed out).
+    Unreachable(String),
+    /// The peer answered with an error, or with something undecodable.
+    Refused(String),
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerError::Unreachable(e) | PeerError::Refused(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for PeerError {}
+
+impl From<PeerError> for String {
+    fn from(e: PeerError) -> String {
+        e.to_string()
+    }
 }
 
 impl PeerClient {
@@ -93,7 +117,7 @@ impl PeerClient {
         path: &str,
         req: &Req,
         timeout: Duration,
-    ) -> Result<Resp, String> {
+    ) -> Result<Resp, PeerError> {
         let response = self
             .http
             .post(format!("https://{cluster_addr}/{path}"))
@@ -101,22 +125,23 @@ impl PeerClient {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| format!("cannot reach {cluster_addr}: {e}"))?;
-        let wire: Wire<Resp> = response.json().await.map_err(|e| format!("bad answer from {cluster_addr}: {e}"))?;
-        wire
+            .map_err(|e| PeerError::Unreachable(format!("cannot reach {cluster_addr}: {e}")))?;
+        let wire: Wire<Resp> =
+            response.json().await.map_err(|e| PeerError::Refused(format!("bad answer from {cluster_addr}: {e}")))?;
+        wire.map_err(PeerError::Refused)
     }
 }
 
 pub struct PeerConnection {
-    http: reqwest::Client,
-    base: String,
+    peers: PeerClient,
+    cluster_addr: String,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, _target: u64, node: &NodeInfo) -> PeerConnection {
-        PeerConnection { http: self.http.clone(), base: format!("https://{}/raft", node.cluster_addr) }
+        PeerConnection { peers: self.peers(), cluster_addr: node.cluster_addr.clone() }
     }
 }
 
@@ -127,16 +152,10 @@ impl PeerConnection {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
-        let response = self
-            .http
-            .post(format!("{}/{rpc}", self.base))
-            .json(req)
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let wire: Wire<Resp> = response.json().await.map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        wire.map_err(|msg| RPCError::Network(NetworkError::new(&io::Error::other(msg))))
+        self.peers.call(&self.cluster_addr, &format!("raft/{rpc}"), req, timeout).await.map_err(|e| match e {
+            PeerError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+            PeerError::Refused(_) => RPCError::Network(NetworkError::new(&e)),
+        })
     }
 }
 

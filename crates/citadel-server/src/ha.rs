@@ -110,8 +110,7 @@ fn cluster_summary(app: &App, voters: usize, non_voters: usize, health: &str, so
 
 async fn leader_view(app: &App) -> Value {
     let progress = Progress::of(app);
-    let membership = progress.membership.clone();
-    let voters = progress.voters.clone();
+    let (membership, voters) = (&progress.membership, &progress.voters);
     let mut nodes = Vec::new();
     let mut reachable_voters = 0;
     let mut all_replicating = true;

@@ -131,7 +131,8 @@ pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
             return app
                 .peers
                 .call(&leader.cluster_addr, "cluster/transfer-leader", &target, Duration::from_secs(10))
-                .await;
+                .await
+                .map_err(String::from);
         }
         None => return Err("the cluster has no leader".into()),
     }
@@ -163,7 +164,11 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
         Some(id) if id == app.node_id() => {}
         Some(id) => {
             let leader = membership.get_node(&id).cloned().ok_or("leader unknown")?;
-            return app.peers.call(&leader.cluster_addr, "cluster/remove-peer", &target, Duration::from_secs(10)).await;
+            return app
+                .peers
+                .call(&leader.cluster_addr, "cluster/remove-peer", &target, Duration::from_secs(10))
+                .await
+                .map_err(String::from);
         }
         None => return Err("the cluster has no leader".into()),
     }

@@ -207,7 +207,7 @@ async fn ship_audit(app: Arc<App>) {
                 break;
             }
             match app.propose(Command::AuditShip { events: batch }).await {
-                Ok(citadel_core::command::Response::AuditShipped { .. }) => app.audit.shipped_notify.notify_waiters(),
+                Ok(citadel_core::command::Response::AuditShipped { .. }) => {}
                 Ok(other) => {
                     tracing::error!(response = %other, "the replicated audit log refused events from this node");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -15,7 +15,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
 use crate::codec::{self, StoredMembershipState, StoredSnapshot};
-use crate::log_store::{Db, META};
+use crate::log_store::Db;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
@@ -213,6 +213,3 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         record.map(StoredSnapshotRecord::into_snapshot).transpose()
     }
 }
-
-// Keep the table definition referenced from this module so the snapshot key's home is clear.
-const _: redb::TableDefinition<&str, &[u8]> = META;
