@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
+
+pub use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,7 @@ impl ClientError {
 pub struct Reply {
     pub status: StatusCode,
     pub body: Value,
-    pub headers: reqwest::header::HeaderMap,
+    pub headers: HeaderMap,
 }
 
 #[derive(Clone)]

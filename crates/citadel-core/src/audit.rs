@@ -21,6 +21,10 @@ pub struct AuditBody {
     pub node: NodeId,
     pub seq: u64,
     pub time: UnixMillis,
+    /// The id the client got back with its answer (`request_id`, `X-Citadel-Request-Id`), so
+    /// an answer can be matched to its event.
+    #[serde(default)]
+    pub request_id: String,
     /// `request`, `login`, `seal`, `ha`.
     pub kind: String,
     pub operation: String,

@@ -29,6 +29,10 @@ pub struct App {
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
+    /// True while this node is being removed. Client requests hold a read guard from the check
+    /// to their audit event, so once the flag is set under the write guard, every request this
+    /// node answered has its event in the spool, ready to ship before the node leaves.
+    pub leaving: tokio::sync::RwLock<bool>,
 }
 
 /// The refusal of a node that is not (or no longer) the leader: nothing was proposed, so the
@@ -256,6 +260,10 @@ impl App {
     /// Waits until the local state reflects everything committed before this call (ReadIndex
     /// from the leader, then wait for the local apply), so a follower serves linearizable reads.
     pub async fn linearize(&self) -> Result<(), ApiError> {
+        if cfg!(feature = "unsafe-stale-reads") {
+            // BROKEN ON PURPOSE: answers from whatever this replica holds.
+            return Ok(());
+        }
         let deadline = Instant::now() + self.consensus_deadline();
         let index = loop {
             if self.settled_read_only() {

@@ -61,7 +61,11 @@ impl ClusterNetwork {
         tls.alpn_protocols = vec![b"h2".to_vec()];
         // HTTP/2: one long-lived, multiplexed connection per peer carries Raft messages,
         // forwarded commands and snapshots alike.
+        // Cluster traffic leaves from the cluster address, so peers (and their firewalls or
+        // fault proxies) see this node at the address it was configured with.
+        let source = Some(config.cluster_addr.ip()).filter(|ip| !ip.is_unspecified());
         let http = reqwest::Client::builder()
+            .local_address(source)
             .use_preconfigured_tls(tls)
             .http2_prior_knowledge()
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -110,6 +114,19 @@ impl From<PeerError> for String {
     }
 }
 
+/// An error with its causes ("error sending request: connection refused"), which reqwest's
+/// own message leaves out.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 impl PeerClient {
     pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -125,9 +142,11 @@ impl PeerClient {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| PeerError::Unreachable(format!("cannot reach {cluster_addr}: {e}")))?;
-        let wire: Wire<Resp> =
-            response.json().await.map_err(|e| PeerError::Refused(format!("bad answer from {cluster_addr}: {e}")))?;
+            .map_err(|e| PeerError::Unreachable(format!("cannot reach {cluster_addr}: {}", chain(&e))))?;
+        let wire: Wire<Resp> = response
+            .json()
+            .await
+            .map_err(|e| PeerError::Refused(format!("bad answer from {cluster_addr}: {}", chain(&e))))?;
         wire.map_err(PeerError::Refused)
     }
 }
@@ -144,6 +163,13 @@ impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
         PeerConnection { peers: self.peers(), cluster_addr: node.cluster_addr.clone() }
     }
 }
+
+/// The least time an append carrying entries may take (a heartbeat keeps openraft's own).
+const BULK_RPC_LIMIT: Duration = Duration::from_secs(5);
+/// The least time a whole snapshot may take to send and install.
+const SNAPSHOT_RPC_LIMIT: Duration = Duration::from_secs(120);
+/// Largest body a peer may send (a snapshot, JSON-encoded). Peers are authenticated members.
+const MAX_PEER_BODY: usize = 1 << 30;
 
 impl PeerConnection {
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -167,7 +193,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("append", &rpc, option.hard_ttl()).await
+        // openraft allows one heartbeat interval per append; a catch-up batch of large entries
+        // cannot cross TLS and a follower's fsync that fast, and would be retried forever.
+        let timeout = if rpc.entries.is_empty() { option.hard_ttl() } else { option.hard_ttl().max(BULK_RPC_LIMIT) };
+        self.call("append", &rpc, timeout).await
     }
 
     async fn vote(
@@ -194,7 +223,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let transfer = SnapshotTransfer { vote, meta: snapshot.meta, data: snapshot.snapshot };
-        self.call("snapshot", &transfer, option.hard_ttl()).await.map_err(|e| match e {
+        self.call("snapshot", &transfer, option.hard_ttl().max(SNAPSHOT_RPC_LIMIT)).await.map_err(|e| match e {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             RPCError::Network(n) => StreamingError::Network(n),
             RPCError::Timeout(t) => StreamingError::Timeout(t),
@@ -229,8 +258,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/cluster/ha-status", post(ha_status))
         .route("/cluster/transfer-leader", post(transfer))
         .route("/cluster/remove-peer", post(remove_peer))
+        .route("/cluster/leave", post(leave))
         .with_state(app);
-    raft.merge(appends).merge(cluster)
+    raft.merge(appends).merge(cluster).layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
 }
 
 /// What a node presents when it asks to join.
@@ -282,6 +312,10 @@ async fn ha_status(State(app): State<Arc<App>>) -> Json<Wire<serde_json::Value>>
 
 async fn remove_peer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {
     Json(crate::membership::remove_peer(&app, target).await)
+}
+
+async fn leave(State(app): State<Arc<App>>, Json(leaving): Json<bool>) -> Json<Wire<()>> {
+    Json(crate::membership::leave(&app, leaving).await)
 }
 
 async fn transfer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {

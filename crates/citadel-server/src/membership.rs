@@ -175,15 +175,52 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
     if target == app.node_id() {
         return Err("the leader cannot remove itself: transfer leadership first".into());
     }
+    // Whatever the node audited must reach the replicated log before it leaves: afterwards it
+    // has no leader to ship to. A dead node cannot drain; its spool keeps the events.
+    let node = membership.get_node(&target).cloned().expect("checked above");
+    let drained = app.peers.call::<_, ()>(&node.cluster_addr, "cluster/leave", &true, LEAVE_LIMIT).await;
+    if let Err(e) = &drained {
+        tracing::warn!(node = target, error = %e, "removing a node that could not ship its audit events; they stay in its spool");
+    }
     let change = if membership.voter_ids().any(|v| v == target) {
         ChangeMembers::RemoveVoters(BTreeSet::from([target]))
     } else {
         ChangeMembers::RemoveNodes(BTreeSet::from([target]))
     };
-    app.raft.change_membership(change, false).await.map_err(|e| e.to_string())?;
+    if let Err(e) = app.raft.change_membership(change, false).await {
+        if drained.is_ok() {
+            // Still a member: let it serve again.
+            let _ = app.peers.call::<_, ()>(&node.cluster_addr, "cluster/leave", &false, LEAVE_LIMIT).await;
+        }
+        return Err(e.to_string());
+    }
     tracing::info!(node = target, "node removed from the cluster");
     autopilot_step(app).await;
     Ok(())
+}
+
+/// How long a node being removed may take to ship its audit events.
+const LEAVE_LIMIT: Duration = Duration::from_secs(15);
+
+/// The side of a node being removed: with `leaving`, stop taking client requests, wait for the
+/// ones in progress, and ship every audit event; without it, serve again (the removal failed).
+pub async fn leave(app: &App, leaving: bool) -> Result<(), String> {
+    *app.leaving.write().await = leaving;
+    if !leaving {
+        return Ok(());
+    }
+    tracing::info!("leaving the cluster: refusing client requests and shipping audit events");
+    let deadline = tokio::time::Instant::now() + LEAVE_LIMIT - Duration::from_secs(1);
+    loop {
+        match crate::server::ship_audit_batch(app).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("could not ship this node's audit events: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// One round of autopilot, on the leader: promote a caught-up non-voter while voters are below

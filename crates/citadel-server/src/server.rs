@@ -46,6 +46,8 @@ pub async fn run(config: Config) -> Result<()> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_threshold),
         max_in_snapshot_log_to_keep: config.raft.snapshot_threshold / 5,
         enable_pre_vote: Some(true),
+        // Bounds one append's size: audit batches make large entries.
+        max_payload_entries: 64,
         ..Default::default()
     }
     .validate()
@@ -73,8 +75,12 @@ pub async fn run(config: Config) -> Result<()> {
         peers: network.peers(),
         started: Instant::now(),
         leader_contact: Default::default(),
+        leaving: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
+    if cfg!(any(feature = "unsafe-ack-before-commit", feature = "unsafe-stale-reads")) {
+        tracing::error!("this build is broken on purpose (an unsafe-* cargo feature): it can lose writes or serve stale reads; use it only to test the chaos harness");
+    }
 
     tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone())));
     tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone())));
@@ -185,13 +191,21 @@ async fn api_entry(
     if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") {
         return ApiError::bad_request("invalid path").into_response();
     }
-    let request = ApiRequest { method, path, query, headers, body, remote: remote.ip().to_string() };
+    let request = ApiRequest {
+        method,
+        path,
+        query,
+        headers,
+        body,
+        remote: remote.ip().to_string(),
+        id: crate::ids::uuid(),
+        served_stale: Default::default(),
+    };
     api::handle(app, request).await
 }
 
 /// Ships the local audit spool into the replicated audit log (idempotent by node and sequence).
 async fn ship_audit(app: Arc<App>) {
-    const BATCH: usize = 512;
     loop {
         tokio::select! {
             _ = app.audit.new_event.notified() => {}
@@ -201,25 +215,37 @@ async fn ship_audit(app: Arc<App>) {
             if app.read_only() || app.raft_metrics().current_leader.is_none() {
                 break;
             }
-            let shipped = app.state.read(|s| s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq()));
-            let batch = app.audit.unshipped(shipped, BATCH);
-            if batch.is_empty() {
-                break;
-            }
-            match app.propose(Command::AuditShip { events: batch }).await {
-                Ok(citadel_core::command::Response::AuditShipped { .. }) => {}
-                Ok(other) => {
-                    tracing::error!(response = %other, "the replicated audit log refused events from this node");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    break;
-                }
+            match ship_audit_batch(&app).await {
+                Ok(0) => break,
+                Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(error = ?e.errors, "audit shipping deferred");
+                    tracing::debug!(error = %e, "audit shipping deferred");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break;
                 }
             }
         }
+    }
+}
+
+/// Proposes the next batch of this node's unshipped audit events; returns how many it shipped
+/// (0: none were waiting).
+pub(crate) async fn ship_audit_batch(app: &App) -> Result<usize, String> {
+    const BATCH: usize = 128;
+    let shipped = app.state.read(|s| s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq()));
+    let batch = app.audit.unshipped(shipped, BATCH);
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let count = batch.len();
+    match app.propose(Command::AuditShip { events: batch }).await {
+        Ok(citadel_core::command::Response::AuditShipped { .. }) => Ok(count),
+        Ok(other) => {
+            tracing::error!(response = %other, "the replicated audit log refused events from this node");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Err(format!("the replicated audit log refused events: {other}"))
+        }
+        Err(e) => Err(e.errors.join("; ")),
     }
 }
 

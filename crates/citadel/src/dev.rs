@@ -19,6 +19,10 @@ pub struct Layout {
     pub base_port: u16,
     /// Key-file seal (dev default: restarted nodes unseal themselves) or Shamir shares.
     pub keyfile_seal: bool,
+    /// For the chaos harness: node `i` listens for peers on its own loopback address
+    /// (`127.0.1.{i+1}`, which its outbound cluster connections also come from) and advertises
+    /// `cluster_addr(i)` on 127.0.0.1, where a fault proxy forwards to it.
+    pub proxied: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -36,7 +40,7 @@ impl Layout {
     pub fn new(dir: &Path, nodes: usize, base_port: u16) -> Result<Layout> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = dir.canonicalize()?;
-        Ok(Layout { dir, nodes, base_port, keyfile_seal: true })
+        Ok(Layout { dir, nodes, base_port, keyfile_seal: true, proxied: false })
     }
 
     pub fn node_dir(&self, i: usize) -> PathBuf {
@@ -51,8 +55,17 @@ impl Layout {
     pub fn api_url(&self, i: usize) -> String {
         format!("https://127.0.0.1:{}", self.api_port(i))
     }
+    /// The cluster address peers dial.
     pub fn cluster_addr(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.api_port(i) + 1)
+    }
+    /// The address node `i` listens on for peers (behind the proxy when `proxied`).
+    pub fn cluster_listen_addr(&self, i: usize) -> String {
+        if self.proxied {
+            format!("127.0.1.{}:{}", i + 1, self.api_port(i) + 1)
+        } else {
+            self.cluster_addr(i)
+        }
     }
     pub fn config_path(&self, i: usize) -> PathBuf {
         self.node_dir(i).join("citadel.toml")
@@ -96,7 +109,8 @@ impl Layout {
 node_id = {id}
 data_dir = "{data}"
 api_addr = "127.0.0.1:{api}"
-cluster_addr = "{cluster}"
+cluster_addr = "{listen}"
+advertise_cluster_addr = "{cluster}"
 node_name = "node-{id}"
 site = "dev"
 
@@ -112,6 +126,7 @@ ca = "{ca}"
                 data = self.data_dir(i).display(),
                 api = self.api_port(i),
                 cluster = self.cluster_addr(i),
+                listen = self.cluster_listen_addr(i),
                 dir = dir.display(),
                 ca = self.ca_path().display(),
                 ca_key = if i == 0 {
@@ -121,6 +136,12 @@ ca = "{ca}"
                 },
                 join = if i == 0 {
                     String::new()
+                } else if self.proxied {
+                    // Chaos may have removed any one node: ask them all.
+                    (0..self.nodes)
+                        .filter(|&j| j != i)
+                        .map(|j| format!("[[retry_join]]\nleader_cluster_addr = \"{}\"\n", self.cluster_addr(j)))
+                        .collect()
                 } else {
                     format!("[[retry_join]]\nleader_cluster_addr = \"{}\"\n", self.cluster_addr(0))
                 },
@@ -142,7 +163,19 @@ ca = "{ca}"
     /// Starts node `i` as a child process, logging to its `server.log`.
     pub fn spawn(&self, exe: &Path, i: usize) -> Result<Child> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i))?;
-        Command::new(exe)
+        let mut command = Command::new(exe);
+        // Nodes die with the process that started them, even when it is killed with -9.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
             .args(["server", "--config"])
             .arg(self.config_path(i))
             .stdin(Stdio::null())

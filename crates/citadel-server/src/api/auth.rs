@@ -33,6 +33,7 @@ pub async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed)
     };
     let event = AuditBody {
         time: now,
+        request_id: req.id.clone(),
         kind: "login".into(),
         operation: "update".into(),
         path: req.path.clone(),

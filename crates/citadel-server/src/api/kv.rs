@@ -122,7 +122,10 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
 
 async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
     // Read-only mode serves the local replica; the dispatcher marks the answer stale.
-    if req.stale_ok() || app.read_only() {
+    if req.stale_ok() {
+        Ok(())
+    } else if app.read_only() {
+        req.served_stale.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     } else {
         app.linearize().await
@@ -175,7 +178,15 @@ async fn put(app: &App, mount: &str, path: &str, data: &Value, cas: Option<u64>)
         let sealed = ciphertext.clone();
         let command =
             Command::KvWrite { mount: mount.into(), path: path.into(), version, ciphertext, cas, at: ids::now_ms() };
-        match app.propose(command).await? {
+        #[cfg(feature = "unsafe-ack-before-commit")]
+        let proposal = async {
+            // BROKEN ON PURPOSE: acknowledges a write that may never commit.
+            let guess = Response::KvWritten { version, created: ids::now_ms(), deletion_time: None };
+            tokio::time::timeout(std::time::Duration::from_millis(50), app.propose(command)).await.unwrap_or(Ok(guess))
+        };
+        #[cfg(not(feature = "unsafe-ack-before-commit"))]
+        let proposal = app.propose(command);
+        match proposal.await? {
             Response::KvWritten { version, created, deletion_time } => {
                 return Ok(written(app, mount, path, version, created, deletion_time));
             }

@@ -66,6 +66,11 @@ pub struct ApiRequest {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub remote: String,
+    /// Names this request in its answer and its audit event.
+    pub id: String,
+    /// Set by a handler that answered from the local replica without a read index, so the
+    /// answer is marked stale even if the leader is back by the time it leaves.
+    pub served_stale: std::sync::atomic::AtomicBool,
 }
 
 impl ApiRequest {
@@ -202,6 +207,23 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// Stamps the request's id on the answer: Vault's `request_id` field and a header, so that
+    /// answers without a body can be matched to their audit event too.
+    fn stamp(mut self, request_id: &str) -> Reply {
+        if let Some(obj) = self.body.as_mut().and_then(Value::as_object_mut) {
+            if obj.contains_key("request_id") {
+                obj.insert("request_id".into(), json!(request_id));
+            }
+        }
+        self.headers.push((REQUEST_ID_HEADER, request_id.to_string()));
+        self
+    }
+}
+
+/// Header carrying the request id on every authenticated answer.
+pub const REQUEST_ID_HEADER: &str = "x-citadel-request-id";
+
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         let mut response = match (self.raw, self.body) {
@@ -263,6 +285,10 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         "sys/storage/raft/bootstrap" => return sys::bootstrap(app, req).await,
         _ => {}
     }
+    let leaving = app.leaving.read().await;
+    if *leaving {
+        return Err(ApiError::unavailable("this node is leaving the cluster; send requests to another node"));
+    }
     let keys = app.keys()?;
     if let Some(redirect) = redirect_to_leader(app, req) {
         return Ok(redirect);
@@ -281,6 +307,7 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
     };
     let audit = AuditBody {
         time: now,
+        request_id: req.id.clone(),
         kind: "request".into(),
         operation: req.op().map_or("unknown", Op::name).into(),
         path: req.path.clone(),
@@ -292,8 +319,10 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         ..AuditBody::default()
     };
     record_audit(app, audit).await?;
-    let mut reply = result?;
-    if matches!(req.op(), Some(Op::Read | Op::List)) && app.read_only() {
+    let mut reply = result?.stamp(&req.id);
+    let served_stale = req.served_stale.load(std::sync::atomic::Ordering::Relaxed) || app.read_only();
+    let stale = served_stale && !cfg!(feature = "unsafe-stale-reads");
+    if matches!(req.op(), Some(Op::Read | Op::List)) && stale {
         let staleness = app.staleness_ms();
         reply.headers.push(("x-citadel-stale", "true".into()));
         reply.headers.push(("x-citadel-staleness-ms", staleness.to_string()));

@@ -124,6 +124,7 @@ pub fn seal_status(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
 fn seal_event(app: &App, req: &ApiRequest, operation: &str, status: u16, error: String) -> AuditBody {
     AuditBody {
         time: ids::now_ms(),
+        request_id: req.id.clone(),
         kind: "seal".into(),
         operation: operation.into(),
         path: req.path.clone(),
@@ -186,6 +187,7 @@ pub async fn bootstrap(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     let result = crate::pki::issue(app, &body).await;
     let event = AuditBody {
         time: ids::now_ms(),
+        request_id: req.id.clone(),
         kind: "join".into(),
         operation: "update".into(),
         path: req.path.clone(),
