@@ -117,9 +117,20 @@ impl Client {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, ClientError> {
+        self.raw_at(method, &format!("/v1/{}", path.trim_start_matches('/')), body, headers).await
+    }
+
+    /// Like `raw`, for any path on the server (not only Vault's `/v1/`): `citadel bench` drives
+    /// etcd's HTTP gateway with the same client as Citadel.
+    pub async fn raw_at(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, ClientError> {
         let method = Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Decode(e.to_string()))?;
-        let url = format!("{}/v1/{}", self.addr, path.trim_start_matches('/'));
-        let mut builder = self.http.request(method, url);
+        let mut builder = self.http.request(method, format!("{}{path}", self.addr));
         if let Some(token) = &self.token {
             builder = builder.header("X-Vault-Token", token);
         }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use citadel_client::Client;
 use serde_json::json;
 
@@ -13,6 +13,17 @@ pub enum Workload {
     StaleRead,
     /// Starts its own 3-node cluster and kills the leader `--rounds` times.
     Failover,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Write => "write",
+            Workload::Read => "read",
+            Workload::StaleRead => "stale-read",
+            Workload::Failover => "failover",
+        }
+    }
 }
 
 pub struct Summary {
@@ -38,38 +49,93 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-/// Runs `ops` operations spread over `concurrency` clients against `mount`/bench-*.
-pub async fn run(client: &Client, workload: Workload, ops: usize, concurrency: usize, mount: &str) -> Result<Summary> {
+/// The system under measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Citadel,
+    /// A 3-member etcd cluster (Debian's etcd-server), through its HTTP gateway.
+    Etcd,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Citadel => "citadel",
+            Target::Etcd => "etcd",
+        }
+    }
+}
+
+/// Where operations go: the same HTTP client either way, only the paths and bodies differ.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub target: Target,
+    pub client: Client,
+    pub mount: String,
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+impl Endpoint {
+    /// One operation on key `bench-{k}`; `n` makes each written value distinct.
+    async fn op(&self, workload: Workload, k: usize, n: usize) -> Result<(), citadel_client::ClientError> {
+        let key = format!("bench-{k}");
+        let value = format!("{n:064}");
+        let (path, body, headers): (String, serde_json::Value, &[(&str, &str)]) = match (self.target, workload) {
+            (Target::Citadel, Workload::Write) => {
+                (format!("/v1/{}/data/{key}", self.mount), json!({ "data": { "v": value } }), &[])
+            }
+            (Target::Citadel, Workload::Read) => (format!("/v1/{}/data/{key}", self.mount), json!(null), &[]),
+            (Target::Citadel, Workload::StaleRead) => {
+                (format!("/v1/{}/data/{key}", self.mount), json!(null), &[("X-Citadel-Consistency", "stale")])
+            }
+            (Target::Etcd, Workload::Write) => {
+                ("/v3/kv/put".into(), json!({ "key": b64(&key), "value": b64(&value) }), &[])
+            }
+            (Target::Etcd, Workload::Read) => ("/v3/kv/range".into(), json!({ "key": b64(&key) }), &[]),
+            (Target::Etcd, Workload::StaleRead) => {
+                ("/v3/kv/range".into(), json!({ "key": b64(&key), "serializable": true }), &[])
+            }
+            (_, Workload::Failover) => unreachable!("failover has its own driver"),
+        };
+        let (method, body) = match (self.target, body.is_null()) {
+            (Target::Citadel, true) => ("GET", None),
+            _ => ("POST", Some(&body)),
+        };
+        let reply = self.client.raw_at(method, &path, body, headers).await?;
+        if reply.status.is_success() {
+            Ok(())
+        } else {
+            Err(citadel_client::ClientError::Api { status: reply.status, messages: vec![], body: reply.body })
+        }
+    }
+}
+
+/// Runs `ops` operations of `workload` spread over `concurrency` clients, each on its own key.
+pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrency: usize) -> Result<Summary> {
+    assert!(workload != Workload::Failover, "failover has its own driver");
     let concurrency = concurrency.max(1);
     // Reads need something to read.
     if workload != Workload::Write {
         for k in 0..concurrency {
-            client.kv_put(mount, &format!("bench-{k}"), &json!({ "v": "x".repeat(64) }), None).await?;
+            endpoint.op(Workload::Write, k, 0).await?;
         }
     }
-    assert!(workload != Workload::Failover, "failover has its own driver");
     let per_client = ops.div_ceil(concurrency);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..concurrency {
-        let client = client.clone();
-        let mount = mount.to_string();
+        let endpoint = endpoint.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
             let mut errors = 0;
-            let path = format!("{mount}/data/bench-{k}");
             for n in 0..per_client {
                 let t = Instant::now();
-                let result = match workload {
-                    Workload::Write => {
-                        client.request("POST", &path, Some(&json!({ "data": { "v": format!("{n:064}") } }))).await
-                    }
-                    Workload::Read => client.request("GET", &path, None).await,
-                    Workload::StaleRead => client.raw("GET", &path, None, &[("X-Citadel-Consistency", "stale")]).await,
-                    Workload::Failover => unreachable!("checked above"),
-                };
-                match result {
-                    Ok(_) => latencies.push(t.elapsed()),
+                match endpoint.op(workload, k, n).await {
+                    Ok(()) => latencies.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
             }
@@ -93,6 +159,110 @@ pub async fn run(client: &Client, workload: Workload, ops: usize, concurrency: u
         p99: percentile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or_default(),
     })
+}
+
+/// A 3-node Citadel cluster for the benchmark; nodes stop when it is dropped.
+pub struct CitadelCluster {
+    _nodes: crate::dev::ChildGuard,
+    pub endpoint: Endpoint,
+}
+
+pub async fn start_citadel(dir: &std::path::Path, port: u16) -> Result<CitadelCluster> {
+    use crate::dev::{self, ChildGuard, Layout};
+    let exe = std::env::current_exe()?;
+    let layout = Layout::new(dir, 3, port)?;
+    layout.write_files("")?;
+    let nodes = ChildGuard((0..3).map(|i| layout.spawn(&exe, i)).collect::<Result<_>>()?);
+    let (root, _) = dev::initialize(&layout).await?;
+    dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
+    // Node 1 initialized the cluster and leads it; clients talk to the leader.
+    let client = layout.client(0)?.with_token(root);
+    Ok(CitadelCluster { _nodes: nodes, endpoint: Endpoint { target: Target::Citadel, client, mount: "secret".into() } })
+}
+
+/// A 3-member etcd cluster with TLS on client and peer traffic (as Citadel has), data on the
+/// same disk as Citadel's; members stop when it is dropped.
+pub struct EtcdCluster {
+    _members: crate::dev::ChildGuard,
+    pub endpoint: Endpoint,
+}
+
+/// The etcd binary, installing Debian's etcd-server when it is missing.
+fn etcd_binary() -> Result<std::path::PathBuf> {
+    let found = |p: &str| std::path::Path::new(p).exists().then(|| std::path::PathBuf::from(p));
+    if let Some(p) = found("/usr/bin/etcd") {
+        return Ok(p);
+    }
+    crate::out!("etcd is not installed: installing Debian's etcd-server (apt-get)");
+    let apt = |args: &[&str]| {
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+    };
+    let installed = apt(&["install", "-y", "-q", "etcd-server"]).map(|s| s.success()).unwrap_or(false)
+        || (apt(&["update", "-q"]).is_ok() && apt(&["install", "-y", "-q", "etcd-server"]).is_ok_and(|s| s.success()));
+    match found("/usr/bin/etcd") {
+        Some(p) if installed => Ok(p),
+        _ => anyhow::bail!("could not install etcd-server with apt-get (are you root?); install it and retry"),
+    }
+}
+
+pub async fn start_etcd(dir: &std::path::Path, port: u16) -> Result<EtcdCluster> {
+    use citadel_server::tls::{write_private, DevPki};
+    let etcd = etcd_binary()?;
+    std::fs::create_dir_all(dir)?;
+    let pki = DevPki::generate("citadel-bench-etcd")?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_cert_pem)?;
+    let (cert, key) = pki.node_cert("etcd", &["127.0.0.1".into(), "localhost".into()])?;
+    std::fs::write(dir.join("cert.pem"), cert)?;
+    write_private(&dir.join("key.pem"), key.as_bytes())?;
+    let client_url = |i: usize| format!("https://127.0.0.1:{}", port + 10 * i as u16);
+    let peer_url = |i: usize| format!("https://127.0.0.1:{}", port + 10 * i as u16 + 1);
+    let initial: Vec<String> = (0..3).map(|i| format!("e{i}={}", peer_url(i))).collect();
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.join(format!("etcd-{i}.log")))?;
+        let child = std::process::Command::new(&etcd)
+            .arg(format!("--name=e{i}"))
+            .arg(format!("--data-dir={}", dir.join(format!("etcd-{i}")).display()))
+            .arg(format!("--listen-client-urls={}", client_url(i)))
+            .arg(format!("--advertise-client-urls={}", client_url(i)))
+            .arg(format!("--listen-peer-urls={}", peer_url(i)))
+            .arg(format!("--initial-advertise-peer-urls={}", peer_url(i)))
+            .arg(format!("--initial-cluster={}", initial.join(",")))
+            .arg("--initial-cluster-state=new")
+            .arg(format!("--cert-file={}", dir.join("cert.pem").display()))
+            .arg(format!("--key-file={}", dir.join("key.pem").display()))
+            .arg(format!("--peer-cert-file={}", dir.join("cert.pem").display()))
+            .arg(format!("--peer-key-file={}", dir.join("key.pem").display()))
+            .arg(format!("--peer-trusted-ca-file={}", ca.display()))
+            .arg("--peer-client-cert-auth")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", etcd.display()))?;
+        members.push(child);
+    }
+    let members = crate::dev::ChildGuard(members);
+    let clients: Vec<Client> = (0..3).map(|i| Ok(Client::from_ca_file(&client_url(i), &ca)?)).collect::<Result<_>>()?;
+    // Clients talk to the leader, as they do with Citadel.
+    let leader = crate::dev::wait_for("an etcd leader", Duration::from_secs(60), || async {
+        for (i, c) in clients.iter().enumerate() {
+            let Ok(reply) = c.raw_at("POST", "/v3/maintenance/status", Some(&json!({})), &[]).await else { continue };
+            let me = reply.body["header"]["member_id"].as_str().map(String::from);
+            if me.is_some() && me.as_deref() == reply.body["leader"].as_str() {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await?;
+    let endpoint = Endpoint { target: Target::Etcd, client: clients[leader].clone(), mount: String::new() };
+    Ok(EtcdCluster { _members: members, endpoint })
 }
 
 /// The disk's raw fsync latency: the physical floor of a durable write. Returns the median.
@@ -210,4 +380,167 @@ pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result
         election_timeout_ms: raft.election_timeout_ms,
         heartbeat_ms: raft.heartbeat_ms,
     })
+}
+
+/// What `citadel bench` compares.
+pub struct Settings {
+    pub workloads: Vec<Workload>,
+    pub targets: Vec<Target>,
+    pub concurrency: Vec<usize>,
+    pub ops: usize,
+    pub addr: Option<String>,
+    pub mount: String,
+    pub dir: std::path::PathBuf,
+    pub json: std::path::PathBuf,
+    pub port: u16,
+}
+
+pub struct Report {
+    pub rows: Vec<serde_json::Value>,
+    pub fsync_p50_ms: f64,
+    pub fsync_p99_ms: f64,
+    /// Citadel against etcd, and Citadel's single-client write against the fsync floor.
+    pub ratios: Vec<String>,
+    pub json: std::path::PathBuf,
+    pub chart: std::path::PathBuf,
+}
+
+/// Measures every (concurrency, workload, target) in one run, alternating targets level by
+/// level so the machine's noise falls on both alike; writes JSON and a PNG chart.
+pub async fn compare(settings: Settings, client_at: fn(&str) -> Result<Client>) -> Result<Report> {
+    let Settings { workloads, targets, concurrency, ops, addr, mount, dir, json, port } = settings;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (fsync_p50, fsync_p99) = fsync_floor(&dir, 500)?;
+    let mut endpoints = Vec::new();
+    let mut citadel = None;
+    let mut etcd = None;
+    for target in &targets {
+        match (target, &addr) {
+            (Target::Citadel, Some(addr)) => {
+                endpoints.push(Endpoint { target: Target::Citadel, client: client_at(addr)?, mount: mount.clone() })
+            }
+            (Target::Citadel, None) => {
+                crate::out!("starting a 3-node Citadel cluster under {}", dir.join("citadel").display());
+                let cluster = start_citadel(&dir.join("citadel"), port).await?;
+                endpoints.push(cluster.endpoint.clone());
+                citadel = Some(cluster);
+            }
+            (Target::Etcd, _) => {
+                crate::out!("starting a 3-member etcd cluster under {}", dir.join("etcd").display());
+                let cluster = start_etcd(&dir.join("etcd"), port + 100).await?;
+                endpoints.push(cluster.endpoint.clone());
+                etcd = Some(cluster);
+            }
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut rows = Vec::new();
+    let mut measured: Vec<(Target, Workload, usize, Summary)> = Vec::new();
+    for &c in &concurrency {
+        for &workload in &workloads {
+            for endpoint in &endpoints {
+                let s = run(endpoint, workload, ops, c).await?;
+                crate::out!(
+                    "{:<8} {:<10} c={:<3} {:>8.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  errors {}",
+                    endpoint.target.name(),
+                    workload.name(),
+                    c,
+                    s.throughput(),
+                    ms(s.p50),
+                    ms(s.p99),
+                    ms(s.max),
+                    s.errors
+                );
+                rows.push(json!({
+                    "target": endpoint.target.name(),
+                    "workload": workload.name(),
+                    "concurrency": c,
+                    "ops": s.ops,
+                    "errors": s.errors,
+                    "ops_per_sec": format!("{:.0}", s.throughput()),
+                    "p50_ms": format!("{:.2}", ms(s.p50)),
+                    "p99_ms": format!("{:.2}", ms(s.p99)),
+                    "max_ms": format!("{:.2}", ms(s.max)),
+                }));
+                measured.push((endpoint.target, workload, c, s));
+            }
+        }
+    }
+    drop(citadel);
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(dir.join("citadel"));
+    let _ = std::fs::remove_dir_all(dir.join("etcd"));
+
+    let find =
+        |t: Target, w: Workload, c: usize| measured.iter().find(|m| m.0 == t && m.1 == w && m.2 == c).map(|m| &m.3);
+    let mut ratios = Vec::new();
+    for &c in &concurrency {
+        for &w in &workloads {
+            if let (Some(ours), Some(theirs)) = (find(Target::Citadel, w, c), find(Target::Etcd, w, c)) {
+                ratios.push(format!(
+                    "citadel / etcd, {} c={c}: throughput {:.2}x, p50 {:.2}x",
+                    w.name(),
+                    ours.throughput() / theirs.throughput().max(1e-9),
+                    ours.p50.as_secs_f64() / theirs.p50.as_secs_f64().max(1e-12)
+                ));
+            }
+        }
+    }
+    if let Some(one) = find(Target::Citadel, Workload::Write, 1) {
+        ratios.push(format!(
+            "citadel write c=1 p50 is {:.1}x the raw fsync p50",
+            one.p50.as_secs_f64() / fsync_p50.as_secs_f64().max(1e-12)
+        ));
+    }
+
+    if let Some(parent) = json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let document = json!({
+        "date": citadel_core::time::rfc3339(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+        ),
+        "machine": machine(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "fsync_p50_ms": ms(fsync_p50),
+        "fsync_p99_ms": ms(fsync_p99),
+        "results": rows,
+        "ratios": ratios,
+    });
+    std::fs::write(&json, serde_json::to_vec_pretty(&document)?)?;
+    let chart = json.with_extension("png");
+    let bars = |metric: fn(&Summary) -> f64| {
+        measured
+            .iter()
+            .map(|(t, w, c, s)| crate::chart::Bar {
+                group: format!("{} c={c}", w.name()),
+                series: t.name().into(),
+                value: metric(s),
+            })
+            .collect()
+    };
+    crate::chart::render(
+        &format!("citadel bench: 3 nodes each, fsync p50 {:.2} ms", ms(fsync_p50)),
+        &[
+            crate::chart::Panel {
+                title: "throughput (ops/s, higher is better)".into(),
+                bars: bars(Summary::throughput),
+            },
+            crate::chart::Panel {
+                title: "p50 latency (ms, lower is better)".into(),
+                bars: bars(|s| s.p50.as_secs_f64() * 1e3),
+            },
+        ],
+        &chart,
+    )?;
+    Ok(Report { rows, fsync_p50_ms: ms(fsync_p50), fsync_p99_ms: ms(fsync_p99), ratios, json, chart })
+}
+
+/// CPU model and count, for the record.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpus} x {}", model.unwrap_or("unknown CPU"))
 }

@@ -9,7 +9,7 @@ use citadel_client::Client;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
-use crate::bench::{self, Workload};
+use crate::bench::{self, Target, Workload};
 use crate::output::{print_list, print_map, print_rows, Format};
 
 #[derive(Parser)]
@@ -63,24 +63,37 @@ enum Cmd {
     Audit(AuditCmd),
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Measure throughput and latency against a running cluster.
+    /// Measure throughput and latency: Citadel (a 3-node cluster it starts, or --addr) and,
+    /// with --target etcd, a 3-member etcd cluster, side by side in one run.
     Bench {
-        #[arg(value_enum)]
-        workload: Workload,
-        #[arg(long, default_value_t = 1000)]
+        /// Workloads, comma-separated: write, read (linearizable), stale-read; or failover.
+        #[arg(value_enum, value_delimiter = ',', required = true)]
+        workloads: Vec<Workload>,
+        /// Systems to measure, comma-separated; each level runs on each in turn.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "citadel")]
+        target: Vec<Target>,
+        /// Client counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        concurrency: Vec<usize>,
+        /// Operations per (target, workload, concurrency).
+        #[arg(long, default_value_t = 2000)]
         ops: usize,
-        #[arg(long, default_value_t = 1)]
-        concurrency: usize,
+        /// Measure this running Citadel node (token from CITADEL_TOKEN) instead of starting a cluster.
+        #[arg(long)]
+        addr: Option<String>,
         #[arg(long, default_value = "secret")]
         mount: String,
-        /// Directory whose disk's raw fsync latency is measured in the same run (the floor of a
-        /// durable write); put it on the same disk as the nodes' data.
-        #[arg(long, default_value = ".")]
-        fsync_dir: PathBuf,
+        /// Where started clusters keep their data, on the disk whose raw fsync is measured as the
+        /// floor of a durable write.
+        #[arg(long, default_value = ".citadel-bench")]
+        dir: PathBuf,
+        /// Results as JSON (and a PNG chart beside it, same name).
+        #[arg(long, default_value = "target/bench/bench.json")]
+        json: PathBuf,
         /// failover: how many times to kill the leader.
         #[arg(long, default_value_t = 10)]
         rounds: usize,
-        /// failover: base port of the cluster it starts (uses BASE..BASE+21).
+        /// Base port of started clusters (uses BASE..BASE+21).
         #[arg(long, default_value_t = 23000)]
         port: u16,
     },
@@ -276,11 +289,14 @@ fn env_either(primary: &str, fallback: &str) -> Option<String> {
 }
 
 fn client() -> Result<Client> {
-    let addr = env_either("CITADEL_ADDR", "VAULT_ADDR").unwrap_or_else(|| "https://127.0.0.1:8200".into());
+    client_at(&env_either("CITADEL_ADDR", "VAULT_ADDR").unwrap_or_else(|| "https://127.0.0.1:8200".into()))
+}
+
+fn client_at(addr: &str) -> Result<Client> {
     let ca = env_either("CITADEL_CACERT", "VAULT_CACERT").ok_or_else(|| {
         anyhow!("set CITADEL_CACERT (or VAULT_CACERT) to the cluster CA certificate; `source .citadel-dev/env` does")
     })?;
-    let mut client = Client::from_ca_file(&addr, std::path::Path::new(&ca))?;
+    let mut client = Client::from_ca_file(addr, std::path::Path::new(&ca))?;
     if let Some(token) = env_either("CITADEL_TOKEN", "VAULT_TOKEN") {
         client.set_token(token);
     }
@@ -400,7 +416,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print_rows(&nodes, &columns, format);
             Ok(())
         }
-        Cmd::Bench { workload: Workload::Failover, rounds, port, .. } => {
+        Cmd::Bench { workloads, rounds, port, .. } if workloads.contains(&Workload::Failover) => {
+            if workloads.len() > 1 {
+                bail!("failover runs alone: `citadel bench failover`");
+            }
             let dir = std::env::temp_dir().join(format!("citadel-bench-failover-{}", std::process::id()));
             let report = bench::failover(&dir, rounds, port).await;
             let _ = std::fs::remove_dir_all(&dir);
@@ -420,32 +439,20 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print_map(&summary, format);
             Ok(())
         }
-        Cmd::Bench { workload, ops, concurrency, mount, fsync_dir, .. } => {
-            let c = client()?;
-            let (fsync_p50, fsync_p99) = bench::fsync_floor(&fsync_dir, 200)?;
-            let s = bench::run(&c, workload, ops, concurrency, &mount).await?;
-            let row = json!({
-                "workload": format!("{workload:?}"),
-                "concurrency": concurrency,
-                "ops": s.ops,
-                "errors": s.errors,
-                "ops_per_sec": format!("{:.0}", s.throughput()),
-                "p50_ms": format!("{:.2}", s.p50.as_secs_f64() * 1e3),
-                "p99_ms": format!("{:.2}", s.p99.as_secs_f64() * 1e3),
-                "max_ms": format!("{:.2}", s.max.as_secs_f64() * 1e3),
-            });
-            let floor = json!({
-                "workload": "raw fsync (disk floor)",
-                "concurrency": 1,
-                "ops": 200,
-                "errors": 0,
-                "ops_per_sec": format!("{:.0}", 1.0 / fsync_p50.as_secs_f64().max(1e-9)),
-                "p50_ms": format!("{:.2}", fsync_p50.as_secs_f64() * 1e3),
-                "p99_ms": format!("{:.2}", fsync_p99.as_secs_f64() * 1e3),
-                "max_ms": "",
-            });
-            let columns = ["workload", "concurrency", "ops", "errors", "ops_per_sec", "p50_ms", "p99_ms", "max_ms"];
-            print_rows(&[row, floor], &columns, format);
+        Cmd::Bench { workloads, target, concurrency, ops, addr, mount, dir, json, port, .. } => {
+            let settings =
+                bench::Settings { workloads, targets: target, concurrency, ops, addr, mount, dir, json, port };
+            let report = bench::compare(settings, client_at).await?;
+            let columns =
+                ["target", "workload", "concurrency", "ops", "errors", "ops_per_sec", "p50_ms", "p99_ms", "max_ms"];
+            out!();
+            print_rows(&report.rows, &columns, format);
+            out!();
+            out!("raw fsync of this disk: p50 {:.3} ms, p99 {:.3} ms", report.fsync_p50_ms, report.fsync_p99_ms);
+            for line in &report.ratios {
+                out!("{line}");
+            }
+            out!("results: {}  chart: {}", report.json.display(), report.chart.display());
             Ok(())
         }
     }

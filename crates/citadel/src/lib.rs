@@ -12,6 +12,7 @@ macro_rules! out {
 }
 
 pub mod bench;
+pub mod chart;
 pub mod cli;
 pub mod dev;
 pub mod output;
