@@ -19,13 +19,20 @@ struct SpoolFile {
     next_seq: u64,
     last_hash: String,
     export: Option<File>,
+    /// Written but not yet fsynced, in sequence order.
+    unsynced: Vec<AuditEvent>,
 }
 
 pub struct AuditSpool {
     node: NodeId,
     path: PathBuf,
     file: Mutex<SpoolFile>,
-    /// Events not yet confirmed in the replicated log.
+    /// The same file, for fsync without holding `file`: writers keep appending meanwhile.
+    sync_handle: File,
+    /// The highest sequence known durable. Held while syncing, so concurrent requests queue
+    /// here and most find their event already covered by someone else's fsync (group commit).
+    synced: Mutex<u64>,
+    /// Durable events not yet confirmed in the replicated log, in sequence order.
     pending: Mutex<Vec<AuditEvent>>,
     pub new_event: tokio::sync::Notify,
 }
@@ -51,10 +58,13 @@ impl AuditSpool {
             .transpose()?;
         let (next_seq, last_hash) =
             events.last().map_or((1, GENESIS.to_string()), |e| (e.body.seq + 1, e.hash.clone()));
+        let sync_handle = file.try_clone().with_context(|| format!("cannot open audit spool {}", path.display()))?;
         Ok(Arc::new(AuditSpool {
             node,
             path,
-            file: Mutex::new(SpoolFile { file, next_seq, last_hash, export }),
+            file: Mutex::new(SpoolFile { file, next_seq, last_hash, export, unsynced: Vec::new() }),
+            sync_handle,
+            synced: Mutex::new(next_seq - 1),
             pending: Mutex::new(events),
             new_event: tokio::sync::Notify::new(),
         }))
@@ -70,25 +80,44 @@ impl AuditSpool {
     }
 
     fn append_blocking(&self, mut body: AuditBody) -> Result<AuditEvent> {
-        let mut spool = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        body.node = self.node;
-        body.seq = spool.next_seq;
-        let event = AuditEvent::seal(body, &spool.last_hash);
-        let mut line = serde_json::to_vec(&event)?;
-        line.push(b'\n');
-        spool
-            .file
-            .write_all(&line)
-            .and_then(|_| spool.file.sync_data())
-            .with_context(|| format!("cannot write audit spool {}", self.path.display()))?;
-        if let Some(export) = spool.export.as_mut() {
-            // The export sink is a convenience copy; the spool is the durable record.
-            let _ = export.write_all(&line);
-        }
-        spool.next_seq += 1;
-        spool.last_hash = event.hash.clone();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(event.clone());
+        let event = {
+            let mut spool = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            body.node = self.node;
+            body.seq = spool.next_seq;
+            let event = AuditEvent::seal(body, &spool.last_hash);
+            let mut line = serde_json::to_vec(&event)?;
+            line.push(b'\n');
+            spool.file.write_all(&line).with_context(|| format!("cannot write audit spool {}", self.path.display()))?;
+            if let Some(export) = spool.export.as_mut() {
+                // The export sink is a convenience copy; the spool is the durable record.
+                let _ = export.write_all(&line);
+            }
+            spool.next_seq += 1;
+            spool.last_hash = event.hash.clone();
+            spool.unsynced.push(event.clone());
+            event
+        };
+        self.sync_through(event.body.seq)?;
         Ok(event)
+    }
+
+    /// Returns once event `seq` is on disk, fsyncing everything written so far if no one else
+    /// already has. Durable events become shippable in sequence order.
+    fn sync_through(&self, seq: u64) -> Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        if *synced >= seq {
+            return Ok(());
+        }
+        let written = self.file.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1;
+        self.sync_handle.sync_data().with_context(|| format!("cannot write audit spool {}", self.path.display()))?;
+        let durable: Vec<AuditEvent> = {
+            let mut spool = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            let count = spool.unsynced.iter().take_while(|e| e.body.seq <= written).count();
+            spool.unsynced.drain(..count).collect()
+        };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(durable);
+        *synced = written;
+        Ok(())
     }
 
     /// Up to `max` events after `shipped_seq` (the replicated log's last sequence for this node).

@@ -205,12 +205,18 @@ async fn api_entry(
 }
 
 /// Ships the local audit spool into the replicated audit log (idempotent by node and sequence).
+/// How long a new audit event waits for company before it is shipped.
+const SHIP_GATHER: Duration = Duration::from_millis(10);
+
 async fn ship_audit(app: Arc<App>) {
     loop {
         tokio::select! {
             _ = app.audit.new_event.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+        // Gather a few events per Raft entry: shipping each one alone would double the log
+        // traffic of a busy node. The spool already holds them durably.
+        tokio::time::sleep(SHIP_GATHER).await;
         loop {
             if app.read_only() || app.raft_metrics().current_leader.is_none() {
                 break;
