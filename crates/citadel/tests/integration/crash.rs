@@ -92,3 +92,51 @@ async fn a_bad_config_stops_the_server_naming_the_key_and_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("bad.toml") && stderr.contains("bogus_key"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_damaged_raft_log_record_stops_the_node_with_the_file_named() {
+    let mut node = Node1::start(21330).await;
+    let root = node.root();
+    root.kv_put("secret", "damage-me", &json!({ "v": "1" }), None).await.unwrap();
+    // The write's audit event travels through the Raft log; wait until it is there.
+    citadel::dev::wait_for("the audit event to be replicated", std::time::Duration::from_secs(30), || async {
+        let events = root.get("sys/audit/events?path=secret/data/damage-me").await.ok()?;
+        events["data"]["events"].as_array().is_some_and(|e| !e.is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    node.kill9();
+    let db = node.layout.data_dir(0).join("raft.redb");
+    let mut bytes = std::fs::read(&db).unwrap();
+    // Copy-on-write leaves older copies of a page in the file: damage every copy of the record.
+    let needle = b"secret/data/damage-me";
+    let copies: Vec<usize> =
+        bytes.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect();
+    assert!(!copies.is_empty(), "the record is in the log file");
+    for at in copies {
+        bytes[at + needle.len() - 2] ^= 0x01;
+    }
+    std::fs::write(&db, bytes).unwrap();
+    let mut server = std::process::Command::new(crate::harness::EXE)
+        .args(["server", "--config"])
+        .arg(node.layout.config_path(0))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            panic!("the node started on a damaged log instead of stopping");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success(), "a node must not serve a damaged log");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("raft.redb"), "the message must name the damaged file: {stderr}");
+}

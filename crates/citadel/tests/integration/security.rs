@@ -85,3 +85,24 @@ async fn every_endpoint_except_the_unauthenticated_bootstrap_ones_refuses_withou
     let health: Value = node.anonymous().health().await.unwrap().body;
     assert_eq!(health["sealed"], json!(false), "the node is still serving");
 }
+
+#[tokio::test]
+async fn every_answer_names_its_request_and_exactly_one_audit_event_carries_that_name() {
+    let node = Node1::start(21420).await;
+    let root = node.root();
+    let reply = root.raw("POST", "secret/data/ids", Some(&json!({ "data": { "v": "1" } })), &[]).await.unwrap();
+    assert_eq!(reply.status, 200);
+    let id = reply.headers["x-citadel-request-id"].to_str().unwrap().to_string();
+    assert_eq!(reply.body["request_id"], json!(id), "the body's request_id is the header's");
+    let read = root.raw("GET", "secret/data/ids", None, &[]).await.unwrap();
+    assert_ne!(read.headers["x-citadel-request-id"].to_str().unwrap(), id, "each request has its own id");
+
+    citadel::dev::wait_for("the write's audit event to be replicated", std::time::Duration::from_secs(30), || async {
+        let events = root.get("sys/audit/events?path=secret/data/ids").await.ok()?;
+        let events = events["data"]["events"].as_array()?.clone();
+        let carrying: Vec<_> = events.iter().filter(|e| e["request_id"] == json!(id)).collect();
+        (carrying.len() == 1).then(|| assert_eq!(carrying[0]["operation"], json!("update")))
+    })
+    .await
+    .unwrap();
+}
