@@ -113,7 +113,7 @@ async fn run_inner(config: &RunConfig, verdict: &mut Verdict) -> Result<()> {
     let mut recorded = recorder.take();
 
     // The audit check first: the version-history reads below add events of their own.
-    check_audit(&cluster, &recorded, &mut verdict.problems).await;
+    check_audit(&cluster, &recorded, config.keys, &mut verdict.problems).await;
     let histories = check_version_histories(&cluster, &recorded, config.keys, &mut verdict.problems).await;
     history::resolve_unknown_writes(&mut recorded, &histories);
     verdict.summary = summarize(&recorded);
@@ -207,13 +207,13 @@ async fn version_history(client: &citadel_client::Client, key: usize) -> Result<
 
 /// Every acknowledged request has exactly one event in the replicated audit log, and every
 /// node's chain verifies.
-async fn check_audit(cluster: &ChaosCluster, rec: &Recorded, problems: &mut Vec<String>) {
+async fn check_audit(cluster: &ChaosCluster, rec: &Recorded, keys: usize, problems: &mut Vec<String>) {
     let acknowledged: HashSet<&str> = rec.ops.iter().filter_map(|o| o.request_id.as_deref()).collect();
     let members = cluster.members();
     let client = &cluster.clients[members[0]];
     let deadline = Instant::now() + AUDIT_TIMEOUT;
     let counts = loop {
-        let counts = match audit_counts(client).await {
+        let counts = match audit_counts(client, keys).await {
             Ok(counts) => counts,
             Err(e) => {
                 problems.push(format!("cannot read the audit log: {e:#}"));
@@ -246,16 +246,20 @@ async fn check_audit(cluster: &ChaosCluster, rec: &Recorded, problems: &mut Vec<
     }
 }
 
-/// Request id → number of events in the replicated log, for the chaos keys' requests.
-async fn audit_counts(client: &citadel_client::Client) -> Result<BTreeMap<String, usize>> {
+/// Request id → number of events in the replicated log, for the chaos keys' requests (read one
+/// key at a time: the events API answers at most 10 000 events per call).
+async fn audit_counts(client: &citadel_client::Client, keys: usize) -> Result<BTreeMap<String, usize>> {
     const LIMIT: usize = 10_000;
-    let body = client.get(&format!("sys/audit/events?path=secret/data/chaos/&limit={LIMIT}")).await?;
-    let events = body["data"]["events"].as_array().cloned().unwrap_or_default();
-    anyhow::ensure!(events.len() < LIMIT, "more than {LIMIT} audit events: shorten the run");
     let mut counts = BTreeMap::new();
-    for event in events {
-        if let Some(id) = event["request_id"].as_str().filter(|id| !id.is_empty()) {
-            *counts.entry(id.to_string()).or_insert(0) += 1;
+    for key in 0..keys {
+        let path = format!("secret/data/{}", key_path(key));
+        let body = client.get(&format!("sys/audit/events?path={path}&limit={LIMIT}")).await?;
+        let events = body["data"]["events"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(events.len() < LIMIT, "more than {LIMIT} audit events for {path}: shorten the run");
+        for event in events.iter().filter(|e| e["path"] == Value::String(path.clone())) {
+            if let Some(id) = event["request_id"].as_str().filter(|id| !id.is_empty()) {
+                *counts.entry(id.to_string()).or_insert(0) += 1;
+            }
         }
     }
     Ok(counts)
