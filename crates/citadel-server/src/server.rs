@@ -48,6 +48,11 @@ pub async fn run(config: Config) -> Result<()> {
         enable_pre_vote: Some(true),
         // Bounds one append's size: audit batches make large entries.
         max_payload_entries: 64,
+        // A restarted leader must win an election (and commit a blank entry in its new term)
+        // before it serves: restored at once, it would answer reads from a state machine rebuilt
+        // only up to the last committed index it had persisted, which may be behind what it
+        // acknowledged (found by scripts/chaos, crash-all).
+        enable_leader_restore: Some(false),
         ..Default::default()
     }
     .validate()
