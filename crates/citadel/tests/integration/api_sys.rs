@@ -188,6 +188,18 @@ async fn snapshots_save_and_restore_state_but_keep_the_audit_log() {
     assert!(!snapshot.windows(canary.len()).any(|w| w == canary), "snapshots hold ciphertext only");
     root.kv_put("secret", "a", &json!({ "v": "after" }), None).await.unwrap();
     root.kv_put("secret", "b", &json!({ "v": "new" }), None).await.unwrap();
+    // The write's audit event is shipped to the replicated log in the background: the restore
+    // must keep it once it is there.
+    citadel::dev::wait_for(
+        "the audit event of the write to b to be replicated",
+        std::time::Duration::from_secs(30),
+        || async {
+            let events = root.get("sys/audit/events?path=secret/data/b&limit=10").await.ok()?;
+            events["data"]["events"].as_array().is_some_and(|e| !e.is_empty()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
 
     root.bytes("POST", "sys/storage/raft/snapshot", Some(snapshot.clone())).await.unwrap();
     assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "before" }));
