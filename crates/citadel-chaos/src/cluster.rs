@@ -154,8 +154,9 @@ impl ChaosCluster {
         self.spawn(slot)?;
         self.slots[slot].membership = Membership::Member;
         let id = self.node_id(slot);
-        self.wait_for("the added node to become a voter", Duration::from_secs(30), |c| async move {
-            c.voters().await.is_some_and(|v| v.contains(&id))
+        let this = &*self;
+        dev::wait_for("the added node to become a voter", Duration::from_secs(30), || async move {
+            this.voters().await.is_some_and(|v| v.contains(&id)).then_some(())
         })
         .await?;
         Ok(Some(slot))
@@ -239,26 +240,12 @@ impl ChaosCluster {
         }
         let expected: Vec<u64> = self.members().iter().map(|&s| self.node_id(s)).collect();
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        self.wait_for("every member to be a voter", remaining, |c| {
-            let expected = expected.clone();
-            async move { c.voters().await.is_some_and(|v| expected.iter().all(|id| v.contains(id))) }
+        let this = &*self;
+        dev::wait_for("every member to be a voter", remaining, || {
+            let expected = &expected;
+            async move { this.voters().await.is_some_and(|v| expected.iter().all(|id| v.contains(id))).then_some(()) }
         })
         .await
-    }
-
-    async fn wait_for<'a, F, Fut>(&'a self, what: &str, timeout: Duration, mut check: F) -> Result<()>
-    where
-        F: FnMut(&'a ChaosCluster) -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !check(self).await {
-            if tokio::time::Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting for {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(())
     }
 }
 

@@ -125,18 +125,11 @@ fn unanswered(kind: OpKind) -> Outcome {
 /// What an answer says about the operation. Only answers that prove the outcome count; any
 /// other error leaves a write unknown (it may have been proposed) and a read dropped.
 fn classify(kind: OpKind, status: u16, headers: &HeaderMap, body: &Value) -> Outcome {
-    let cas_mismatch = || {
-        body["errors"].as_array().is_some_and(|errors| {
-            errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("check-and-set parameter did not match")))
-        })
+    let error_says = |what: &dyn Fn(&str) -> bool| {
+        body["errors"].as_array().is_some_and(|errors| errors.iter().any(|e| e.as_str().is_some_and(what)))
     };
-    let refused_up_front = || {
-        body["errors"].as_array().is_some_and(|errors| {
-            errors
-                .iter()
-                .any(|e| e.as_str().is_some_and(|e| e == "Vault is sealed" || e.contains("leaving the cluster")))
-        })
-    };
+    let cas_mismatch = || error_says(&|e| e.contains("check-and-set parameter did not match"));
+    let refused_up_front = || error_says(&|e| e == "Vault is sealed" || e.contains("leaving the cluster"));
     match (kind, status) {
         (OpKind::Read, 200) => {
             if headers.contains_key("x-citadel-stale") {

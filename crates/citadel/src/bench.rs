@@ -163,7 +163,11 @@ pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrenc
 
 /// A 3-node Citadel cluster for the benchmark; nodes stop when it is dropped.
 pub struct CitadelCluster {
-    _nodes: crate::dev::ChildGuard,
+    pub layout: crate::dev::Layout,
+    /// The node processes, by slot; they stop when the cluster is dropped.
+    pub nodes: crate::dev::ChildGuard,
+    pub root_token: String,
+    /// Node 1 initialized the cluster and leads it; clients talk to the leader.
     pub endpoint: Endpoint,
 }
 
@@ -173,11 +177,11 @@ pub async fn start_citadel(dir: &std::path::Path, port: u16) -> Result<CitadelCl
     let layout = Layout::new(dir, 3, port)?;
     layout.write_files("")?;
     let nodes = ChildGuard((0..3).map(|i| layout.spawn(&exe, i)).collect::<Result<_>>()?);
-    let (root, _) = dev::initialize(&layout).await?;
+    let (root_token, _) = dev::initialize(&layout).await?;
     dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
-    // Node 1 initialized the cluster and leads it; clients talk to the leader.
-    let client = layout.client(0)?.with_token(root);
-    Ok(CitadelCluster { _nodes: nodes, endpoint: Endpoint { target: Target::Citadel, client, mount: "secret".into() } })
+    let client = layout.client(0)?.with_token(&root_token);
+    let endpoint = Endpoint { target: Target::Citadel, client, mount: "secret".into() };
+    Ok(CitadelCluster { layout, nodes, root_token, endpoint })
 }
 
 /// A 3-member etcd cluster with TLS on client and peer traffic (as Citadel has), data on the
@@ -299,13 +303,9 @@ pub fn median(sorted: &[Duration]) -> Duration {
 
 /// Starts a 3-node cluster under `dir`, kills its leader `rounds` times, and measures.
 pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result<FailoverReport> {
-    use crate::dev::{self, ChildGuard, Layout};
+    use crate::dev;
     let exe = std::env::current_exe()?;
-    let layout = Layout::new(dir, 3, port)?;
-    layout.write_files("")?;
-    let mut guard = ChildGuard((0..3).map(|i| layout.spawn(&exe, i)).collect::<Result<_>>()?);
-    let (root, _) = dev::initialize(&layout).await?;
-    dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
+    let CitadelCluster { layout, nodes: mut guard, root_token: root, .. } = start_citadel(dir, port).await?;
     let clients: Vec<Client> = (0..3).map(|i| Ok(layout.client(i)?.with_token(root.clone()))).collect::<Result<_>>()?;
     // What the nodes actually run with (file plus CITADEL_* overrides), for the report.
     let raft = citadel_server::Config::load(&layout.config_path(0))?.raft;
