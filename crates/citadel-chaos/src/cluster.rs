@@ -11,6 +11,7 @@ use citadel_client::Client;
 use serde_json::{json, Value};
 
 use crate::proxy::FaultNet;
+use crate::workload::MAX_VERSIONS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Membership {
@@ -72,7 +73,7 @@ impl ChaosCluster {
             .collect::<Result<_>>()?;
         cluster.wait_converged(Duration::from_secs(60)).await?;
         // Keep every version a run writes, so the lost-write check can read each one back.
-        cluster.clients[0].post("secret/config", &json!({ "max_versions": 1000 })).await?;
+        cluster.clients[0].post("secret/config", &json!({ "max_versions": MAX_VERSIONS })).await?;
         Ok(cluster)
     }
 

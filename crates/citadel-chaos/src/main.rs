@@ -39,7 +39,8 @@ struct Args {
     nodes: usize,
     #[arg(long, default_value_t = 6)]
     clients: usize,
-    #[arg(long, default_value_t = 3)]
+    /// Keys the clients share; fewer keys mean more contention and longer histories to check.
+    #[arg(long, default_value_t = 6)]
     keys: usize,
     /// First port; node i uses port + 10i (API) and port + 10i + 1 (cluster, proxied).
     #[arg(long, default_value_t = 23000)]

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::cluster::ChaosCluster;
 use crate::history::{self, OpKind, Outcome, Recorded, Recorder, ValueId};
 use crate::nemesis::{Fault, Nemesis};
-use crate::workload::{key_path, Workload};
+use crate::workload::{key_path, Workload, VERSION_BUDGET};
 
 pub struct RunConfig {
     pub seed: u64,
@@ -117,21 +117,31 @@ async fn run_inner(config: &RunConfig, verdict: &mut Verdict) -> Result<()> {
     let histories = check_version_histories(&cluster, &recorded, config.keys, &mut verdict.problems).await;
     history::resolve_unknown_writes(&mut recorded, &histories);
     verdict.summary = summarize(&recorded);
+    let checked = Instant::now();
     check_linearizable(&recorded, config.keys, &mut verdict.problems).await;
+    verdict.summary.push_str(&format!(", checked in {:.1}s", checked.elapsed().as_secs_f64()));
     verdict.recorded = Some(recorded);
     Ok(())
 }
 
 fn summarize(rec: &Recorded) -> String {
     let count = |f: &dyn Fn(&Outcome) -> bool| rec.ops.iter().filter(|o| o.outcome.as_ref().is_some_and(f)).count();
-    format!(
+    let mut summary = format!(
         "{} ops: {} ok, {} cas-mismatch, {} unknown, {} dropped reads",
         rec.ops.len(),
         count(&|o| matches!(o, Outcome::Ok { .. })),
         count(&|o| matches!(o, Outcome::Fail)),
         count(&|o| matches!(o, Outcome::Unknown)),
         count(&|o| matches!(o, Outcome::Dropped)),
-    )
+    );
+    let full = history::acknowledged_writes(rec)
+        .values()
+        .filter(|versions| versions.keys().next_back().is_some_and(|v| *v >= VERSION_BUDGET))
+        .count();
+    if full > 0 {
+        summary.push_str(&format!(", {full} keys reached the version budget (then only read: use more --keys)"));
+    }
+    summary
 }
 
 /// Reads each key's whole version history from every member: they must agree, and hold every
@@ -282,6 +292,17 @@ async fn check_linearizable(rec: &Recorded, keys: usize, problems: &mut Vec<Stri
             }
         }
         Ok(Err(e)) => problems.push(format!("the linearizability checker failed: {e}")),
-        Err(_) => problems.push(format!("the linearizability checker did not decide within {CHECK_TIMEOUT:?}")),
+        Err(_) => {
+            // The search is exponential only in writes that may or may not have happened.
+            let unresolved = rec
+                .ops
+                .iter()
+                .filter(|o| !matches!(o.kind, OpKind::Read))
+                .filter(|o| matches!(o.outcome, None | Some(Outcome::Unknown)) && o.resolved.is_none())
+                .count();
+            problems.push(format!(
+                "the linearizability checker did not decide within {CHECK_TIMEOUT:?} ({unresolved} unknown writes could not be resolved against a complete version history)"
+            ))
+        }
     }
 }
