@@ -127,6 +127,16 @@ impl Keyring {
         self.terms.last().expect("a keyring always has at least one term")
     }
 
+    /// The key that signs emergency tokens, and its term: derived from the current term's data
+    /// key, so a rotation invalidates every emergency token signed before it.
+    pub fn emergency_signing_key(&self) -> (u32, Zeroizing<Vec<u8>>) {
+        use hmac::{Hmac, Mac};
+        let current = self.current();
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&current.key).expect("HMAC accepts any key length");
+        mac.update(b"citadel emergency token signing key");
+        (current.term, Zeroizing::new(mac.finalize().into_bytes().to_vec()))
+    }
+
     /// Adds the next term; old terms stay so existing ciphertexts still decrypt.
     pub fn rotate(&mut self, installed: UnixMillis, data_key: [u8; 32]) -> u32 {
         let term = self.current().term + 1;

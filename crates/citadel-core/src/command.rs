@@ -7,7 +7,7 @@ use crate::audit::{AuditEvent, ChainError};
 use crate::kv::{KvConfig, KvError, MetadataUpdate};
 use crate::policy::Policy;
 use crate::state::{ClusterInfo, Mount, SealInfo};
-use crate::token::{TokenEntry, User};
+use crate::token::{LoginProof, TokenEntry, User};
 use crate::UnixMillis;
 
 /// Bumped whenever the encoding of a command or of the state changes incompatibly.
@@ -96,6 +96,9 @@ pub enum Command {
     },
     TokenCreate {
         entry: TokenEntry,
+        /// Set by a login: the token is refused if the user changed meanwhile.
+        #[serde(default)]
+        login: Option<LoginProof>,
     },
     TokenRenew {
         hash: String,
@@ -130,6 +133,25 @@ pub enum Command {
         hash: String,
         now: UnixMillis,
     },
+    /// A client request's command, with the token that authorized it (§8.1): `apply` refuses it
+    /// if that token no longer exists or had expired at `at`, so a token revoked on the leader
+    /// cannot write through a follower that has not yet heard of the revocation.
+    Authorized {
+        token_hash: String,
+        request_id: String,
+        at: UnixMillis,
+        command: Box<Command>,
+    },
+    /// Spends one use of a token created with `num_uses`.
+    TokenUse {
+        hash: String,
+    },
+    /// Revokes an emergency token until it would have expired anyway.
+    EmergencyTokenRevoke {
+        hash: String,
+        expires: UnixMillis,
+        at: UnixMillis,
+    },
 }
 
 impl Command {
@@ -160,8 +182,48 @@ impl Command {
             Command::SetClusterCa { .. } => "set_cluster_ca",
             Command::JoinTokenCreate { .. } => "join_token_create",
             Command::JoinTokenUse { .. } => "join_token_use",
+            Command::Authorized { command, .. } => command.kind(),
+            Command::TokenUse { .. } => "token_use",
+            Command::EmergencyTokenRevoke { .. } => "emergency_token_revoke",
         }
     }
+
+    /// What the leader may commit when a member forwards it (§8.1). Client requests only:
+    /// authorized commands, and the few a client makes without a token (a login's token, a
+    /// join token being spent, an emergency token's revocation). Init, CA changes and leader
+    /// jobs never arrive from another node; keyring rotations and restores arrive authorized
+    /// and the leader also checks their token's privileges.
+    pub fn forwarding(&self) -> Forwarding {
+        match self {
+            Command::Authorized { command, .. } => match command.as_ref() {
+                Command::RotateKeyring { .. } | Command::RestoreState { .. } => Forwarding::Privileged,
+                Command::Init(_)
+                | Command::SetClusterCa { .. }
+                | Command::TokensExpire { .. }
+                | Command::AuditShip { .. }
+                | Command::Authorized { .. } => Forwarding::Refused,
+                _ => Forwarding::Client,
+            },
+            Command::TokenCreate { login: Some(_), .. }
+            | Command::JoinTokenUse { .. }
+            | Command::EmergencyTokenRevoke { .. } => Forwarding::Client,
+            Command::AuditShip { .. } => Forwarding::AuditOfSender,
+            _ => Forwarding::Refused,
+        }
+    }
+}
+
+/// How the leader treats a command a member forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// A client request: committed.
+    Client,
+    /// Committed if its token holds `sudo` on the operation's path on the leader too.
+    Privileged,
+    /// The sender's own audit events: committed if every event is the sender's.
+    AuditOfSender,
+    /// Never accepted from another node.
+    Refused,
 }
 
 /// Why `apply` refused a command. A refused command changes nothing.
@@ -191,6 +253,14 @@ pub enum Rejection {
     Audit(ChainError),
     #[error("the join token is unknown, expired, or already used")]
     JoinTokenInvalid,
+    #[error("the request's token was revoked or has expired")]
+    TokenInvalid,
+    #[error("the user was deleted or its password changed during the login; log in again")]
+    LoginOutdated,
+    #[error("a renewal may not pass the token's maximum TTL")]
+    RenewalPastMax,
+    #[error("an authorized command cannot wrap another authorized command")]
+    NestedAuthorization,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

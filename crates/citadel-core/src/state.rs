@@ -74,6 +74,10 @@ pub struct State {
     /// Keyed by token hash.
     #[serde(default)]
     pub join_tokens: BTreeMap<String, JoinToken>,
+    /// Revoked emergency tokens (keyed hash → when it would have expired anyway); pruned once
+    /// past that, so the list stays as small as 15 minutes of revocations.
+    #[serde(default)]
+    pub revoked_emergency: BTreeMap<String, UnixMillis>,
 }
 
 impl State {
@@ -114,10 +118,11 @@ impl State {
             Command::Init(init) => self.init(*init),
             Command::RotateKeyring { expected_term, new_term, wrapped_keyring, at } => {
                 let seal = self.seal.as_mut().ok_or(Rejection::NotInitialized)?;
-                if seal.key_term != expected_term {
+                // Terms only grow: a rotation built on a stale keyring names a term already
+                // taken, and is refused like a concurrent one (the proposer retries).
+                if seal.key_term != expected_term || new_term <= expected_term {
                     return Err(Rejection::KeyringChanged { current: seal.key_term });
                 }
-                assert!(new_term > expected_term, "keyring terms only grow");
                 seal.key_term = new_term;
                 seal.key_installed = at;
                 seal.wrapped_keyring = wrapped_keyring;
@@ -180,24 +185,69 @@ impl State {
                 Ok(Response::Done)
             }
             Command::UserPut { user } => {
+                // A new password revokes the logins made with the old one (§8.2).
+                let password_changed =
+                    self.users.get(&user.username).is_some_and(|old| old.password_hash != user.password_hash);
+                if password_changed {
+                    self.revoke_user_tokens(&user.username);
+                }
                 self.users.insert(user.username.clone(), user);
                 Ok(Response::Done)
             }
             Command::UserDelete { username } => {
-                self.users.remove(&username).ok_or(Rejection::UserNotFound(username))?;
+                self.users.remove(&username).ok_or_else(|| Rejection::UserNotFound(username.clone()))?;
+                self.revoke_user_tokens(&username);
                 Ok(Response::Done)
             }
-            Command::TokenCreate { entry } => {
-                // Token hashes are random: an existing hash is this very command retried after
-                // an ambiguous failure, so applying it again changes nothing.
-                self.tokens.entry(entry.hash.clone()).or_insert(entry);
+            Command::TokenCreate { entry, login } => {
+                if self.tokens.contains_key(&entry.hash) {
+                    // Token hashes are random: an existing hash is this very command retried
+                    // after an ambiguous failure, so applying it again changes nothing.
+                    return Ok(Response::Done);
+                }
+                if let Some(proof) = login {
+                    let current = self.users.get(&proof.username).map(|u| u.password_hash.as_str());
+                    if current != Some(proof.password_hash.as_str()) {
+                        return Err(Rejection::LoginOutdated);
+                    }
+                }
+                self.tokens.insert(entry.hash.clone(), entry);
                 Ok(Response::Done)
             }
             Command::TokenRenew { hash, expires, ttl_secs } => {
                 let token = self.tokens.get_mut(&hash).ok_or(Rejection::TokenNotFound)?;
+                if token.max_expires.is_some_and(|max| expires > max) {
+                    return Err(Rejection::RenewalPastMax);
+                }
                 token.expires = Some(expires);
                 token.ttl_secs = ttl_secs;
                 Ok(Response::Done)
+            }
+            Command::TokenUse { hash } => {
+                let token = self.tokens.get_mut(&hash).ok_or(Rejection::TokenInvalid)?;
+                match token.uses_left {
+                    None => {}
+                    Some(0) => return Err(Rejection::TokenInvalid),
+                    Some(n) => token.uses_left = Some(n - 1),
+                }
+                Ok(Response::Done)
+            }
+            Command::EmergencyTokenRevoke { hash, expires, at } => {
+                self.revoked_emergency.retain(|_, e| *e > at);
+                if expires > at {
+                    self.revoked_emergency.insert(hash, expires);
+                }
+                Ok(Response::Done)
+            }
+            Command::Authorized { token_hash, request_id: _, at, command } => {
+                if matches!(*command, Command::Authorized { .. }) {
+                    return Err(Rejection::NestedAuthorization);
+                }
+                let token = self.tokens.get(&token_hash).ok_or(Rejection::TokenInvalid)?;
+                if token.is_expired(at) {
+                    return Err(Rejection::TokenInvalid);
+                }
+                self.apply_checked(*command)
             }
             Command::TokenRevoke { hash } => {
                 if !self.tokens.contains_key(&hash) {
@@ -207,8 +257,9 @@ impl State {
                 Ok(Response::Done)
             }
             Command::TokensExpire { now } => {
+                self.revoked_emergency.retain(|_, e| *e > now);
                 let expired: Vec<String> =
-                    self.tokens.values().filter(|t| t.is_expired(now)).map(|t| t.hash.clone()).collect();
+                    self.tokens.values().filter(|t| !t.is_usable(now)).map(|t| t.hash.clone()).collect();
                 for hash in expired {
                     self.revoke_tree(hash);
                 }
@@ -267,6 +318,15 @@ impl State {
         Ok(Response::Done)
     }
 
+    /// Revokes every token a user's logins issued, with their descendants.
+    fn revoke_user_tokens(&mut self, username: &str) {
+        let owned: Vec<String> =
+            self.tokens.values().filter(|t| t.username.as_deref() == Some(username)).map(|t| t.hash.clone()).collect();
+        for hash in owned {
+            self.revoke_tree(hash);
+        }
+    }
+
     /// Removes a token and all its descendants.
     fn revoke_tree(&mut self, root: String) {
         let mut doomed = BTreeSet::from([root]);
@@ -306,6 +366,7 @@ mod tests {
             renewable: true,
             parent: parent.map(Into::into),
             username: None,
+            ..TokenEntry::default()
         }
     }
 
@@ -364,7 +425,7 @@ mod tests {
         let commands = vec![
             write("a", 1),
             write("a", 2),
-            Command::TokenCreate { entry: token("t1", Some("root"), Some(100)) },
+            Command::TokenCreate { login: None, entry: token("t1", Some("root"), Some(100)) },
             Command::KvDelete { mount: "secret/".into(), path: "a".into(), versions: vec![], at: 9 },
         ];
         let mut a = initialized();
@@ -428,7 +489,7 @@ mod tests {
     #[test]
     fn a_retried_token_create_is_idempotent() {
         let mut state = initialized();
-        let create = Command::TokenCreate { entry: token("t", Some("root"), None) };
+        let create = Command::TokenCreate { login: None, entry: token("t", Some("root"), None) };
         assert_eq!(state.apply(create.clone()), Response::Done);
         let once = state.clone();
         assert_eq!(state.apply(create), Response::Done);
@@ -438,10 +499,10 @@ mod tests {
     #[test]
     fn revoking_a_token_revokes_its_children() {
         let mut state = initialized();
-        state.apply(Command::TokenCreate { entry: token("parent", Some("root"), None) });
-        state.apply(Command::TokenCreate { entry: token("child", Some("parent"), None) });
-        state.apply(Command::TokenCreate { entry: token("grandchild", Some("child"), None) });
-        state.apply(Command::TokenCreate { entry: token("other", Some("root"), None) });
+        state.apply(Command::TokenCreate { login: None, entry: token("parent", Some("root"), None) });
+        state.apply(Command::TokenCreate { login: None, entry: token("child", Some("parent"), None) });
+        state.apply(Command::TokenCreate { login: None, entry: token("grandchild", Some("child"), None) });
+        state.apply(Command::TokenCreate { login: None, entry: token("other", Some("root"), None) });
         assert_eq!(state.apply(Command::TokenRevoke { hash: "parent".into() }), Response::Done);
         assert!(state.tokens.contains_key("other"));
         assert!(!state.tokens.contains_key("child"));
@@ -451,8 +512,8 @@ mod tests {
     #[test]
     fn expiry_sweep_removes_only_expired_tokens() {
         let mut state = initialized();
-        state.apply(Command::TokenCreate { entry: token("old", Some("root"), Some(10)) });
-        state.apply(Command::TokenCreate { entry: token("new", Some("root"), Some(1000)) });
+        state.apply(Command::TokenCreate { login: None, entry: token("old", Some("root"), Some(10)) });
+        state.apply(Command::TokenCreate { login: None, entry: token("new", Some("root"), Some(1000)) });
         state.apply(Command::TokensExpire { now: 500 });
         assert!(!state.tokens.contains_key("old"));
         assert!(state.tokens.contains_key("new"));
@@ -481,5 +542,90 @@ mod tests {
         assert_eq!(state.apply(ship.clone()), Response::AuditShipped { accepted: 1 });
         assert_eq!(state.apply(ship), Response::AuditShipped { accepted: 0 });
         assert_eq!(state.audit.verify(), Ok(1));
+    }
+
+    fn user(name: &str, password_hash: &str) -> User {
+        User {
+            username: name.into(),
+            password_hash: password_hash.into(),
+            policies: vec![],
+            token_ttl_secs: 0,
+            token_max_ttl_secs: 0,
+        }
+    }
+
+    fn authorized(token_hash: &str, at: u64, command: Command) -> Command {
+        Command::Authorized { token_hash: token_hash.into(), request_id: "r".into(), at, command: Box::new(command) }
+    }
+
+    #[test]
+    fn a_command_authorized_by_a_revoked_or_expired_token_is_rejected_at_apply() {
+        let mut state = initialized();
+        state.apply(Command::TokenCreate { login: None, entry: token("t", Some("root"), Some(100)) });
+        assert!(matches!(state.apply(authorized("t", 50, write("a", 1))), Response::KvWritten { .. }));
+        let before = state.clone();
+        assert_eq!(state.apply(authorized("t", 100, write("a", 2))), Response::Rejected(Rejection::TokenInvalid));
+        state.apply(Command::TokenRevoke { hash: "t".into() });
+        let revoked = state.clone();
+        assert_eq!(state.apply(authorized("t", 60, write("a", 2))), Response::Rejected(Rejection::TokenInvalid));
+        assert_eq!(state, revoked);
+        assert_ne!(before, revoked);
+        let nested = authorized("root", 1, authorized("root", 1, write("a", 2)));
+        assert_eq!(state.apply(nested), Response::Rejected(Rejection::NestedAuthorization));
+    }
+
+    #[test]
+    fn deleting_a_user_or_changing_its_password_revokes_its_tokens() {
+        let mut state = initialized();
+        state.apply(Command::UserPut { user: user("ann", "h1") });
+        let mut login = token("ann-login", None, Some(1000));
+        login.username = Some("ann".into());
+        state.apply(Command::TokenCreate { login: None, entry: login.clone() });
+        state.apply(Command::TokenCreate { login: None, entry: token("child", Some("ann-login"), Some(1000)) });
+        state.apply(Command::UserPut { user: user("ann", "h1") });
+        assert!(state.tokens.contains_key("ann-login"), "an unchanged password keeps the logins");
+        state.apply(Command::UserPut { user: user("ann", "h2") });
+        assert!(!state.tokens.contains_key("ann-login"));
+        assert!(!state.tokens.contains_key("child"));
+        login.hash = "ann-login-2".into();
+        state.apply(Command::TokenCreate { login: None, entry: login });
+        state.apply(Command::UserDelete { username: "ann".into() });
+        assert!(!state.tokens.contains_key("ann-login-2"));
+    }
+
+    #[test]
+    fn a_login_racing_with_a_password_change_is_refused() {
+        let mut state = initialized();
+        state.apply(Command::UserPut { user: user("ann", "h1") });
+        let proof = |hash: &str| Some(crate::token::LoginProof { username: "ann".into(), password_hash: hash.into() });
+        let stale = Command::TokenCreate { login: proof("h0"), entry: token("x", None, Some(10)) };
+        assert_eq!(state.apply(stale), Response::Rejected(Rejection::LoginOutdated));
+        let fresh = Command::TokenCreate { login: proof("h1"), entry: token("y", None, Some(10)) };
+        assert_eq!(state.apply(fresh), Response::Done);
+    }
+
+    #[test]
+    fn token_uses_run_out_and_renewals_never_pass_the_max() {
+        let mut state = initialized();
+        let mut limited = token("u", Some("root"), Some(1000));
+        limited.uses_left = Some(2);
+        limited.max_expires = Some(2000);
+        state.apply(Command::TokenCreate { login: None, entry: limited });
+        assert_eq!(state.apply(Command::TokenUse { hash: "u".into() }), Response::Done);
+        assert_eq!(state.apply(Command::TokenUse { hash: "u".into() }), Response::Done);
+        assert_eq!(state.apply(Command::TokenUse { hash: "u".into() }), Response::Rejected(Rejection::TokenInvalid));
+        let past = Command::TokenRenew { hash: "u".into(), expires: 2001, ttl_secs: 1 };
+        assert_eq!(state.apply(past), Response::Rejected(Rejection::RenewalPastMax));
+        state.apply(Command::TokensExpire { now: 10 });
+        assert!(!state.tokens.contains_key("u"), "a used-up token is swept");
+    }
+
+    #[test]
+    fn revoked_emergency_tokens_are_kept_only_until_they_would_expire() {
+        let mut state = initialized();
+        state.apply(Command::EmergencyTokenRevoke { hash: "e1".into(), expires: 100, at: 10 });
+        state.apply(Command::EmergencyTokenRevoke { hash: "e2".into(), expires: 300, at: 150 });
+        assert!(!state.revoked_emergency.contains_key("e1"));
+        assert!(state.revoked_emergency.contains_key("e2"));
     }
 }

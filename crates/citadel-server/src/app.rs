@@ -35,6 +35,36 @@ pub struct App {
     pub leaving: tokio::sync::RwLock<bool>,
 }
 
+/// The request a node is serving, for the commands it proposes and the reads it makes.
+#[derive(Clone, Debug, Default)]
+pub struct RequestContext {
+    /// The keyed hash of the token that authorized the request (`None`: no stored token, as for
+    /// a login or an emergency token).
+    pub token_hash: Option<String>,
+    pub request_id: String,
+    /// The request already waited for the leader's read index before its token was checked, so
+    /// its reads are linearizable without asking again.
+    pub linearized: bool,
+}
+
+tokio::task_local! {
+    /// Set by the API dispatcher around a request's handling: every command proposed while it
+    /// is set is wrapped in `Command::Authorized` (§8.1), so no handler can forget to.
+    pub static REQUEST: RequestContext;
+}
+
+/// Wraps a client request's command with the token that authorized it; other commands (a
+/// node's own jobs, a login's token) are proposed as they are.
+fn authorize_command(command: Command) -> Command {
+    let auth = REQUEST.try_with(|r| r.token_hash.clone().map(|hash| (hash, r.request_id.clone())));
+    match auth {
+        Ok(Some((token_hash, request_id))) => {
+            Command::Authorized { token_hash, request_id, at: crate::ids::now_ms(), command: Box::new(command) }
+        }
+        _ => command,
+    }
+}
+
 /// The refusal of a node that is not (or no longer) the leader: nothing was proposed, so the
 /// request may go to the new leader.
 pub const NOT_LEADER: &str = "this node is not the leader";
@@ -139,6 +169,7 @@ impl App {
     /// Proposes a command through the leader, wherever it is, and waits for it to be applied.
     /// Fails with 503 within two election timeouts, or at once in settled read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, ApiError> {
+        let command = authorize_command(command);
         let deadline = Instant::now() + self.consensus_deadline();
         loop {
             if self.settled_read_only() {
@@ -262,6 +293,9 @@ impl App {
     pub async fn linearize(&self) -> Result<(), ApiError> {
         if cfg!(feature = "unsafe-stale-reads") {
             // BROKEN ON PURPOSE: answers from whatever this replica holds.
+            return Ok(());
+        }
+        if REQUEST.try_with(|r| r.linearized) == Ok(true) {
             return Ok(());
         }
         let deadline = Instant::now() + self.consensus_deadline();

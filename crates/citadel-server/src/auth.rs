@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use citadel_core::barrier::Keyring;
 use citadel_core::policy::{self, Caps};
 use citadel_core::state::State;
 use citadel_core::token::{hashes_equal, token_hash, verify_emergency, TokenEntry, EMERGENCY_PREFIX};
@@ -37,29 +38,31 @@ impl Caller {
     }
 }
 
-/// Looks a presented token up by its keyed hash, or verifies an emergency token's signature;
-/// expired tokens do not authenticate.
-pub fn resolve(state: &State, token_hmac_key: &[u8], token: &str, now: u64) -> Option<Caller> {
+/// Looks a presented token up by its keyed hash, or verifies an emergency token's signature
+/// under the current keyring term; expired, used-up and revoked tokens do not authenticate.
+pub fn resolve(state: &State, keyring: &Keyring, token: &str, now: u64) -> Option<Caller> {
+    let hash = token_hash(&keyring.token_hmac_key, token);
     if token.starts_with(EMERGENCY_PREFIX) {
-        let claims = verify_emergency(token_hmac_key, token, now)?;
+        let (term, key) = keyring.emergency_signing_key();
+        let claims = verify_emergency(&key, term, token, now)?;
+        if state.revoked_emergency.contains_key(&hash) {
+            return None;
+        }
         let entry = TokenEntry {
-            hash: token_hash(token_hmac_key, token),
-            accessor: String::new(),
+            hash,
             display_name: format!("emergency-{}", claims.username),
-            meta: Default::default(),
             created: claims.issued,
             expires: Some(claims.expires),
+            max_expires: Some(claims.expires),
             ttl_secs: claims.expires.saturating_sub(claims.issued) / 1000,
-            renewable: false,
-            parent: None,
             policies: claims.policies,
             username: Some(claims.username),
+            ..TokenEntry::default()
         };
         return Some(Caller { entry, read_only: true });
     }
-    let hash = token_hash(token_hmac_key, token);
     let entry = state.tokens.get(&hash)?;
-    if !hashes_equal(&entry.hash, &hash) || entry.is_expired(now) {
+    if !hashes_equal(&entry.hash, &hash) || !entry.is_usable(now) {
         return None;
     }
     Some(Caller { entry: entry.clone(), read_only: false })

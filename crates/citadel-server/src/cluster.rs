@@ -284,7 +284,7 @@ async fn join(State(app): State<Arc<App>>, Json(req): Json<JoinRequest>) -> Json
 }
 
 async fn propose(State(app): State<Arc<App>>, Json(command): Json<Command>) -> Json<Wire<Response>> {
-    Json(app.propose_local(command).await.map_err(|e| e.errors.join("; ")))
+    Json(crate::forwarded::commit(&app, None, command).await)
 }
 
 async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<u64>> {

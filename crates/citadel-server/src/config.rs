@@ -34,6 +34,43 @@ pub struct Config {
     pub retry_join: Vec<RetryJoin>,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The system max TTL (§8.2): no token outlives it without a period, renewals included.
+    /// Seconds, or a Vault duration string ("768h").
+    #[serde(default = "default_max_ttl", deserialize_with = "duration_secs")]
+    pub max_ttl: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { max_ttl: default_max_ttl() }
+    }
+}
+
+/// Vault's default system max TTL: 32 days.
+fn default_max_ttl() -> u64 {
+    768 * 3600
+}
+
+/// A duration key given as seconds or as a Vault duration string.
+fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(s) => Ok(s),
+        Raw::Text(t) => citadel_core::time::parse_duration_secs(&t)
+            .ok_or_else(|| serde::de::Error::custom(format!("invalid duration {t:?} (use seconds or e.g. \"768h\")"))),
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -123,6 +160,9 @@ pub struct AuditConfig {
     pub file: Option<PathBuf>,
 }
 
+/// The longest duration Citadel accepts anywhere (Vault's: what fits in int64 nanoseconds).
+pub const MAX_DURATION_SECS: u64 = (i64::MAX / 1_000_000_000) as u64;
+
 fn default_cluster_name() -> String {
     "citadel".into()
 }
@@ -168,6 +208,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_RAFT_MAX_VOTERS", &["raft", "max_voters"]),
     ("CITADEL_RAFT_DEAD_SERVER_THRESHOLD_MS", &["raft", "dead_server_threshold_ms"]),
     ("CITADEL_AUDIT_FILE", &["audit", "file"]),
+    ("CITADEL_AUTH_MAX_TTL", &["auth", "max_ttl"]),
 ];
 
 #[derive(Debug)]
@@ -236,6 +277,9 @@ impl Config {
         }
         if self.raft.max_voters == 0 || self.raft.max_voters.is_multiple_of(2) {
             return Err(("raft.max_voters", format!("must be odd and positive, got {}", self.raft.max_voters)));
+        }
+        if self.auth.max_ttl == 0 || self.auth.max_ttl > MAX_DURATION_SECS {
+            return Err(("auth.max_ttl", format!("must be between 1 second and {MAX_DURATION_SECS} seconds")));
         }
         if self.raft.snapshot_threshold < 10 {
             return Err(("raft.snapshot_threshold", "must be at least 10".into()));

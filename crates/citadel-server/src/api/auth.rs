@@ -6,7 +6,9 @@ use citadel_core::audit::{hmac_string, AuditBody};
 use citadel_core::command::{Command, Response};
 use citadel_core::policy;
 use citadel_core::time::rfc3339;
-use citadel_core::token::{issue_emergency, token_hash, EmergencyClaims, TokenEntry, User};
+use citadel_core::token::{
+    issue_emergency, token_hash, EmergencyClaims, LoginProof, TokenEntry, User, EMERGENCY_TTL_MS,
+};
 use serde_json::{json, Value};
 
 use super::{authorize_op, duration_secs, record_audit, string_list, ApiError, ApiRequest, Op, Reply};
@@ -14,9 +16,6 @@ use crate::app::App;
 use crate::auth::{self as authn, Caller};
 use crate::ids;
 use crate::seal::Unsealed;
-
-/// Vault's default token TTL (32 days).
-const DEFAULT_TTL_SECS: u64 = 768 * 3600;
 
 fn valid_username(name: &str) -> bool {
     !name.is_empty()
@@ -91,7 +90,10 @@ async fn login_inner(
     if app.read_only() {
         return Ok(emergency_login(app, username, policies, keys, now));
     }
-    let ttl = if user.token_ttl_secs > 0 { user.token_ttl_secs } else { DEFAULT_TTL_SECS };
+    // The user's max TTL, never past the system's (§8.2).
+    let system_max = app.config.auth.max_ttl;
+    let max_ttl = if user.token_max_ttl_secs > 0 { user.token_max_ttl_secs.min(system_max) } else { system_max };
+    let ttl = if user.token_ttl_secs > 0 { user.token_ttl_secs.min(max_ttl) } else { max_ttl };
     let token = ids::token();
     let entry = TokenEntry {
         hash: token_hash(&keys.keyring.token_hmac_key, &token),
@@ -101,23 +103,24 @@ async fn login_inner(
         meta: BTreeMap::from([("username".to_string(), username.to_string())]),
         created: now,
         expires: Some(now + ttl * 1000),
+        max_expires: Some(now + max_ttl * 1000),
         ttl_secs: ttl,
         renewable: true,
         parent: None,
         username: Some(username.to_string()),
+        ..TokenEntry::default()
     };
     let auth = auth_block(&token, &entry);
-    match app.propose(Command::TokenCreate { entry }).await? {
+    let login = Some(LoginProof { username: username.to_string(), password_hash: user.password_hash.clone() });
+    match app.propose(Command::TokenCreate { entry, login }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => Ok((Reply::auth(auth), Some(token))),
     }
 }
 
-/// How long an emergency token lives: long enough to fetch a password during an outage.
-const EMERGENCY_TTL_SECS: u64 = 15 * 60;
-
 /// Read-only mode (§5.4): the password was checked against this node's replica; the token is
-/// self-verifying, read-only and short-lived, and needs no consensus.
+/// self-verifying (signed with the current keyring term's key), read-only, short-lived, and
+/// needs no consensus.
 fn emergency_login(
     app: &App,
     username: &str,
@@ -125,21 +128,23 @@ fn emergency_login(
     keys: &Unsealed,
     now: u64,
 ) -> (Reply, Option<String>) {
+    let (term, signing_key) = keys.keyring.emergency_signing_key();
     let claims = EmergencyClaims {
         username: username.to_string(),
         policies: policies.clone(),
         node: app.node_id(),
         issued: now,
-        expires: now + EMERGENCY_TTL_SECS * 1000,
+        expires: now + EMERGENCY_TTL_MS,
+        term,
     };
-    let token = issue_emergency(&keys.keyring.token_hmac_key, &claims);
+    let token = issue_emergency(&signing_key, &claims);
     let mut reply = Reply::auth(json!({
         "client_token": token,
         "accessor": "",
         "policies": policies,
         "token_policies": policies,
         "metadata": { "username": username, "emergency": "true" },
-        "lease_duration": EMERGENCY_TTL_SECS,
+        "lease_duration": EMERGENCY_TTL_MS / 1000,
         "renewable": false,
         "entity_id": "",
         "token_type": "batch",
@@ -149,7 +154,7 @@ fn emergency_login(
         "emergency token: the cluster has no leader, so this token was issued by node {} without consensus; \
          it can only read and list, and expires in {} minutes",
         app.node_id(),
-        EMERGENCY_TTL_SECS / 60
+        EMERGENCY_TTL_MS / 60_000
     ));
     (reply, Some(token))
 }
@@ -169,12 +174,13 @@ fn auth_block(token: &str, entry: &TokenEntry) -> Value {
         "token_type": "service",
         "orphan": entry.parent.is_none(),
         "mfa_requirement": null,
-        "num_uses": 0,
+        "num_uses": entry.num_uses,
         "user_policies": user_policies,
     })
 }
 
-fn lookup_data(entry: &TokenEntry, now: u64) -> Value {
+/// Vault's token lookup body; `id` is the token itself, shown only to whoever presented it.
+fn lookup_data(entry: &TokenEntry, now: u64, id: &str) -> Value {
     let ttl = entry.expires.map_or(0, |e| e.saturating_sub(now) / 1000);
     json!({
         "accessor": entry.accessor,
@@ -183,13 +189,14 @@ fn lookup_data(entry: &TokenEntry, now: u64) -> Value {
         "display_name": entry.display_name,
         "entity_id": "",
         "expire_time": entry.expires.map(rfc3339),
-        "explicit_max_ttl": 0,
-        "id": "",
+        "explicit_max_ttl": entry.explicit_max_ttl_secs,
+        "id": id,
         "issue_time": rfc3339(entry.created),
         "meta": entry.meta,
-        "num_uses": 0,
+        "num_uses": entry.uses_left.unwrap_or(0),
         "orphan": entry.parent.is_none(),
         "path": if entry.username.is_some() { "auth/userpass/login" } else { "auth/token/create" },
+        "period": (entry.period_secs > 0).then_some(entry.period_secs),
         "policies": entry.policies,
         "renewable": entry.renewable,
         "ttl": ttl,
@@ -246,7 +253,7 @@ async fn user_route(app: &App, req: &ApiRequest, op: Op, name: &str) -> Result<R
                 "policies": user.policies,
                 "token_policies": user.policies,
                 "token_ttl": user.token_ttl_secs,
-                "token_max_ttl": 0,
+                "token_max_ttl": user.token_max_ttl_secs,
                 "token_type": "default",
             })))
         }
@@ -288,11 +295,17 @@ async fn user_write(app: &App, req: &ApiRequest, name: &str, password_only: bool
         policy::validate_name(p).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let ttl = if password_only { None } else { duration_secs(body.get("token_ttl").or(body.get("ttl")), "token_ttl")? };
+    let max_ttl = if password_only {
+        None
+    } else {
+        duration_secs(body.get("token_max_ttl").or(body.get("max_ttl")), "token_max_ttl")?
+    };
     let user = User {
         username: name.to_string(),
         password_hash,
         policies: policies.or_else(|| existing.as_ref().map(|u| u.policies.clone())).unwrap_or_default(),
         token_ttl_secs: ttl.or_else(|| existing.as_ref().map(|u| u.token_ttl_secs)).unwrap_or(0),
+        token_max_ttl_secs: max_ttl.or_else(|| existing.as_ref().map(|u| u.token_max_ttl_secs)).unwrap_or(0),
     };
     match app.propose(Command::UserPut { user }).await? {
         Response::Rejected(r) => Err(r.into()),
@@ -313,31 +326,41 @@ async fn token_route(
         ("create", Op::Write) | ("create-orphan", Op::Write) => {
             create_token(app, req, caller, keys, rest == "create-orphan").await
         }
-        ("lookup-self", Op::Read) | ("lookup-self", Op::Write) => Ok(Reply::data(lookup_data(&caller.entry, now))),
+        ("lookup-self", Op::Read) | ("lookup-self", Op::Write) => {
+            Ok(Reply::data(lookup_data(&caller.entry, now, &req.token().unwrap_or_default())))
+        }
         ("lookup", Op::Write) | ("lookup", Op::Read) => {
-            let target = target_token(app, req, keys, now)?;
-            Ok(Reply::data(lookup_data(&target, now)))
+            let (target, token) = target_token(app, req, keys, now)?;
+            Ok(Reply::data(lookup_data(&target.entry, now, &token)))
         }
-        ("renew-self", Op::Write) => renew(app, req, &caller.entry, now).await,
+        ("lookup-accessor", Op::Write) => Ok(Reply::data(lookup_data(&by_accessor(app, req)?, now, ""))),
+        ("accessors", Op::List) => {
+            super::sys::need_sudo(app, caller, &req.path, op)?;
+            let accessors: Vec<String> = app.state.read(|s| s.tokens.values().map(|t| t.accessor.clone()).collect());
+            Ok(Reply::data(json!({ "keys": accessors })))
+        }
+        ("renew-self", Op::Write) => renew(app, req, &caller.entry, &req.token().unwrap_or_default(), now).await,
         ("renew", Op::Write) => {
-            let target = target_token(app, req, keys, now)?;
-            renew(app, req, &target, now).await
+            let (target, token) = target_token(app, req, keys, now)?;
+            renew(app, req, &target.entry, &token, now).await
         }
-        ("revoke-self", Op::Write) => revoke(app, &caller.entry.hash).await,
-        ("revoke", Op::Write) => {
-            let target = target_token(app, req, keys, now)?;
-            revoke(app, &target.hash).await
+        ("revoke-self", Op::Write) => revoke(app, caller).await,
+        ("revoke", Op::Write) => revoke(app, &target_token(app, req, keys, now)?.0).await,
+        ("revoke-accessor", Op::Write) => {
+            let entry = by_accessor(app, req)?;
+            revoke(app, &Caller { entry, read_only: false }).await
         }
         (
-            "create" | "create-orphan" | "lookup-self" | "lookup" | "renew-self" | "renew" | "revoke-self" | "revoke",
+            "create" | "create-orphan" | "lookup-self" | "lookup" | "lookup-accessor" | "accessors" | "renew-self"
+            | "renew" | "revoke-self" | "revoke" | "revoke-accessor",
             _,
         ) => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::no_route(&req.path)),
     }
 }
 
-/// The token named in the body (`token`) or query, which must exist.
-fn target_token(app: &App, req: &ApiRequest, keys: &Unsealed, now: u64) -> Result<TokenEntry, ApiError> {
+/// The token named in the body (`token`) or query, which must be valid; with the token itself.
+fn target_token(app: &App, req: &ApiRequest, keys: &Unsealed, now: u64) -> Result<(Caller, String), ApiError> {
     let body: Value = req.json()?;
     let token = body
         .get("token")
@@ -345,10 +368,60 @@ fn target_token(app: &App, req: &ApiRequest, keys: &Unsealed, now: u64) -> Resul
         .map(String::from)
         .or_else(|| req.query.get("token").cloned())
         .ok_or_else(|| ApiError::bad_request("missing required field \"token\""))?;
+    let caller = app
+        .state
+        .read(|s| authn::resolve(s, &keys.keyring, &token, now))
+        .ok_or_else(|| ApiError::bad_request("bad token"))?;
+    Ok((caller, token))
+}
+
+/// The token whose accessor is named in the body (`accessor`).
+fn by_accessor(app: &App, req: &ApiRequest) -> Result<TokenEntry, ApiError> {
+    let body: Value = req.json()?;
+    let accessor = body
+        .get("accessor")
+        .and_then(Value::as_str)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| ApiError::bad_request("missing required field \"accessor\""))?;
     app.state
-        .read(|s| authn::resolve(s, &keys.keyring.token_hmac_key, &token, now))
-        .map(|c| c.entry)
-        .ok_or_else(|| ApiError::bad_request("bad token"))
+        .read(|s| s.tokens.values().find(|t| t.accessor == accessor).cloned())
+        .ok_or_else(|| ApiError::bad_request("invalid accessor"))
+}
+
+/// A token's lifetime as asked in a create request, within the system's limits (§8.2).
+struct Lifetime {
+    ttl_secs: u64,
+    explicit_max_ttl_secs: u64,
+    period_secs: u64,
+    expires: u64,
+    max_expires: Option<u64>,
+}
+
+fn token_lifetime(app: &App, body: &Value, caller: &Caller, orphan: bool, now: u64) -> Result<Lifetime, ApiError> {
+    let system_max = app.config.auth.max_ttl;
+    let explicit_max = duration_secs(body.get("explicit_max_ttl"), "explicit_max_ttl")?.unwrap_or(0);
+    let period = duration_secs(body.get("period"), "period")?.unwrap_or(0);
+    // A periodic token is bounded only by its explicit max; any other by the system's too.
+    let max_ttl = match (period > 0, explicit_max > 0) {
+        (true, true) => Some(explicit_max),
+        (true, false) => None,
+        (false, true) => Some(explicit_max.min(system_max)),
+        (false, false) => Some(system_max),
+    };
+    let asked = duration_secs(body.get("ttl"), "ttl")?.filter(|&t| t > 0);
+    let mut ttl = if period > 0 { period } else { asked.unwrap_or(system_max) };
+    if let Some(max) = max_ttl {
+        ttl = ttl.min(max);
+    }
+    let mut expires = now + ttl * 1000;
+    let mut max_expires = max_ttl.map(|m| now + m * 1000);
+    if let (false, Some(parent_expiry)) = (orphan, caller.entry.expires) {
+        // A child never outlives its parent.
+        expires = expires.min(parent_expiry);
+        max_expires = Some(max_expires.map_or(parent_expiry, |m| m.min(parent_expiry)));
+        ttl = expires.saturating_sub(now) / 1000;
+    }
+    Ok(Lifetime { ttl_secs: ttl, explicit_max_ttl_secs: explicit_max, period_secs: period, expires, max_expires })
 }
 
 async fn create_token(
@@ -356,41 +429,21 @@ async fn create_token(
     req: &ApiRequest,
     caller: &Caller,
     keys: &Unsealed,
-    orphan: bool,
+    orphan_path: bool,
 ) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let now = ids::now_ms();
-    let requested = string_list(body.get("policies"))?;
-    let policies = match requested {
-        Some(p) => p,
-        None => caller.entry.policies.clone(),
+    let orphan = orphan_path || body.get("no_parent").and_then(Value::as_bool) == Some(true);
+    if orphan {
+        // Vault: an orphan outlives its creator, so creating one takes sudo.
+        super::sys::need_sudo(app, caller, &req.path, Op::Write)?;
+    }
+    let policies = token_policies(&body, caller)?;
+    let lifetime = token_lifetime(app, &body, caller, orphan, now)?;
+    let num_uses = match body.get("num_uses") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().ok_or_else(|| ApiError::bad_request("num_uses must be a non-negative integer"))?,
     };
-    for p in &policies {
-        policy::validate_name(p).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    }
-    if !caller.is_root() {
-        if let Some(extra) = policies.iter().find(|p| *p != policy::DEFAULT && !caller.entry.policies.contains(p)) {
-            return Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                format!("child policies must be a subset of the parent's; {extra:?} is not"),
-            ));
-        }
-    }
-    let mut policies = policies;
-    let no_default = body.get("no_default_policy").and_then(Value::as_bool).unwrap_or(false);
-    if !no_default && !policies.iter().any(|p| p == policy::DEFAULT || p == policy::ROOT) {
-        policies.push(policy::DEFAULT.into());
-    }
-    let mut ttl = duration_secs(body.get("ttl"), "ttl")?.unwrap_or(DEFAULT_TTL_SECS);
-    if ttl == 0 {
-        ttl = DEFAULT_TTL_SECS;
-    }
-    let mut expires = now + ttl * 1000;
-    if let Some(parent_expiry) = caller.entry.expires {
-        // A child never outlives its parent.
-        expires = expires.min(parent_expiry);
-        ttl = expires.saturating_sub(now) / 1000;
-    }
     let meta: BTreeMap<String, String> = match body.get("meta") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => {
@@ -406,24 +459,46 @@ async fn create_token(
         display_name: format!("token-{display}"),
         meta,
         created: now,
-        expires: Some(expires),
-        ttl_secs: ttl,
+        expires: Some(lifetime.expires),
+        max_expires: lifetime.max_expires,
+        ttl_secs: lifetime.ttl_secs,
+        explicit_max_ttl_secs: lifetime.explicit_max_ttl_secs,
+        period_secs: lifetime.period_secs,
+        num_uses,
+        uses_left: (num_uses > 0).then_some(num_uses),
         renewable: body.get("renewable").and_then(Value::as_bool).unwrap_or(true),
-        parent: if orphan || body.get("no_parent").and_then(Value::as_bool) == Some(true) {
-            None
-        } else {
-            Some(caller.entry.hash.clone())
-        },
+        parent: if orphan { None } else { Some(caller.entry.hash.clone()) },
         username: caller.entry.username.clone(),
     };
     let auth = auth_block(&token, &entry);
-    match app.propose(Command::TokenCreate { entry }).await? {
+    match app.propose(Command::TokenCreate { entry, login: None }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::auth(auth)),
     }
 }
 
-async fn renew(app: &App, req: &ApiRequest, entry: &TokenEntry, now: u64) -> Result<Reply, ApiError> {
+/// The policies a new token gets: a subset of the caller's unless the caller is root (§8.2).
+fn token_policies(body: &Value, caller: &Caller) -> Result<Vec<String>, ApiError> {
+    let mut policies = string_list(body.get("policies"))?.unwrap_or_else(|| caller.entry.policies.clone());
+    for p in &policies {
+        policy::validate_name(p).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    if !caller.is_root() {
+        if let Some(extra) = policies.iter().find(|p| *p != policy::DEFAULT && !caller.entry.policies.contains(p)) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                format!("child policies must be a subset of the parent's; {extra:?} is not"),
+            ));
+        }
+    }
+    let no_default = body.get("no_default_policy").and_then(Value::as_bool).unwrap_or(false);
+    if !no_default && !policies.iter().any(|p| p == policy::DEFAULT || p == policy::ROOT) {
+        policies.push(policy::DEFAULT.into());
+    }
+    Ok(policies)
+}
+
+async fn renew(app: &App, req: &ApiRequest, entry: &TokenEntry, token: &str, now: u64) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     if entry.expires.is_none() {
         // Tokens without a TTL (root) have nothing to renew.
@@ -431,26 +506,42 @@ async fn renew(app: &App, req: &ApiRequest, entry: &TokenEntry, now: u64) -> Res
             json!({ "client_token": "", "accessor": entry.accessor, "policies": entry.policies, "lease_duration": 0, "renewable": false }),
         ));
     }
-    if !entry.renewable {
+    if !entry.renewable || entry.accessor.is_empty() {
         return Err(ApiError::bad_request("this token is not renewable"));
     }
     let increment = duration_secs(body.get("increment"), "increment")?.filter(|&i| i > 0).unwrap_or(entry.ttl_secs);
-    let expires = now + increment * 1000;
-    match app.propose(Command::TokenRenew { hash: entry.hash.clone(), expires, ttl_secs: increment }).await? {
+    let expires =
+        entry.renewed_expiry(now, increment).ok_or_else(|| ApiError::bad_request("increment is too large"))?;
+    let ttl_secs = expires.saturating_sub(now) / 1000;
+    match app.propose(Command::TokenRenew { hash: entry.hash.clone(), expires, ttl_secs }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => {
             let mut renewed = entry.clone();
             renewed.expires = Some(expires);
-            renewed.ttl_secs = increment;
-            let mut auth = auth_block("", &renewed);
-            auth["client_token"] = json!("");
-            Ok(Reply::auth(auth))
+            renewed.ttl_secs = ttl_secs;
+            let mut reply = Reply::auth(auth_block(token, &renewed));
+            if ttl_secs < increment && entry.period_secs == 0 {
+                reply.warnings.push(format!(
+                    "TTL of {increment}s exceeded the effective max TTL; the token expires in {ttl_secs}s"
+                ));
+            }
+            Ok(reply)
         }
     }
 }
 
-async fn revoke(app: &App, hash: &str) -> Result<Reply, ApiError> {
-    match app.propose(Command::TokenRevoke { hash: hash.to_string() }).await? {
+/// Revokes a stored token with its children, or an emergency token until it would expire.
+async fn revoke(app: &App, target: &Caller) -> Result<Reply, ApiError> {
+    let command = if target.read_only {
+        Command::EmergencyTokenRevoke {
+            hash: target.entry.hash.clone(),
+            expires: target.entry.expires.unwrap_or_default(),
+            at: ids::now_ms(),
+        }
+    } else {
+        Command::TokenRevoke { hash: target.entry.hash.clone() }
+    };
+    match app.propose(command).await? {
         Response::Rejected(citadel_core::command::Rejection::TokenNotFound) => Ok(Reply::empty()),
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::empty()),

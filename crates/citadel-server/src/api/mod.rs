@@ -298,12 +298,22 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
     }
     let now = ids::now_ms();
     let token = req.token();
-    let caller = token
-        .as_deref()
-        .and_then(|t| app.state.read(|s| crate::auth::resolve(s, &keys.keyring.token_hmac_key, t, now)));
-    let result = match &caller {
-        None => Err(ApiError::forbidden()),
-        Some(caller) => route(app, req, caller, &keys).await,
+    let fresh = if token.is_some() { fresh_state(app, req).await } else { Ok(false) };
+    let caller = match &fresh {
+        Ok(_) => token.as_deref().and_then(|t| app.state.read(|s| crate::auth::resolve(s, &keys.keyring, t, now))),
+        Err(_) => None,
+    };
+    let result = match (&caller, fresh) {
+        (_, Err(e)) => Err(e),
+        (None, _) => Err(ApiError::forbidden()),
+        (Some(caller), Ok(linearized)) => {
+            let context = crate::app::RequestContext {
+                token_hash: (!caller.read_only).then(|| caller.entry.hash.clone()),
+                request_id: req.id.clone(),
+                linearized,
+            };
+            crate::app::REQUEST.scope(context, serve(app, req, caller, &keys)).await
+        }
     };
     let audit = AuditBody {
         time: now,
@@ -331,6 +341,31 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         ));
     }
     Ok(reply)
+}
+
+/// Brings the local state up to the leader's commit index before a token is checked (§8.1), so a
+/// token revoked (or a policy narrowed) before this request started is seen on every node.
+/// Returns whether it did (the request's reads are then linearizable as they are). Skipped for
+/// stale reads and in read-only mode, which serve the replica as it is, and for writes on the
+/// leader, whose state already holds everything it acknowledged.
+async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
+    let write_on_leader = !matches!(req.op(), Some(Op::Read | Op::List)) && app.is_leader();
+    if req.stale_ok() || app.read_only() || write_on_leader {
+        return Ok(false);
+    }
+    app.linearize().await?;
+    Ok(true)
+}
+
+/// Serves an authenticated request: spends a use of a token with `num_uses` first.
+async fn serve(app: &Arc<App>, req: &ApiRequest, caller: &Caller, keys: &Unsealed) -> Result<Reply, ApiError> {
+    if caller.entry.uses_left.is_some() {
+        let spent = app.propose(citadel_core::command::Command::TokenUse { hash: caller.entry.hash.clone() }).await?;
+        if let citadel_core::command::Response::Rejected(_) = spent {
+            return Err(ApiError::forbidden());
+        }
+    }
+    route(app, req, caller, keys).await
 }
 
 /// With `X-Vault-No-Request-Forwarding: true`, a follower answers 307 to the leader (§5.3)
@@ -367,7 +402,9 @@ pub(crate) async fn record_audit(app: &App, body: AuditBody) -> Result<(), ApiEr
 
 async fn route(app: &Arc<App>, req: &ApiRequest, caller: &Caller, keys: &Unsealed) -> Result<Reply, ApiError> {
     let op = req.op().ok_or_else(ApiError::method_not_allowed)?;
-    if caller.read_only && !matches!(op, Op::Read | Op::List) {
+    // An emergency token may revoke itself: that only takes access away.
+    let self_revocation = req.path == "auth/token/revoke-self";
+    if caller.read_only && !matches!(op, Op::Read | Op::List) && !self_revocation {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "emergency tokens (issued while the cluster had no leader) may only read and list",
@@ -443,11 +480,24 @@ pub(crate) fn duration_secs(value: Option<&Value>, field: &str) -> Result<Option
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => n
             .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-negative duration"))),
+            .ok_or_else(|| ApiError::bad_request(format!("{field} must be a non-negative duration")))
+            .and_then(|secs| within_duration_limit(secs, field))
+            .map(Some),
         Some(Value::String(s)) => citadel_core::time::parse_duration_secs(s)
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request(format!("{field}: invalid duration {s:?}"))),
+            .ok_or_else(|| ApiError::bad_request(format!("{field}: invalid duration {s:?}")))
+            .and_then(|secs| within_duration_limit(secs, field))
+            .map(Some),
         Some(_) => Err(ApiError::bad_request(format!("{field} must be a duration"))),
     }
+}
+
+/// Durations past what Vault can represent (int64 nanoseconds) are a 400, never a wrap-around.
+fn within_duration_limit(secs: u64, field: &str) -> Result<u64, ApiError> {
+    if secs > crate::config::MAX_DURATION_SECS {
+        return Err(ApiError::bad_request(format!(
+            "{field} is too large: at most {} seconds",
+            crate::config::MAX_DURATION_SECS
+        )));
+    }
+    Ok(secs)
 }

@@ -266,6 +266,7 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
         renewable: false,
         parent: None,
         username: None,
+        ..TokenEntry::default()
     };
     let init = InitCommand {
         cluster: ClusterInfo { id: ids::uuid(), name: app.config.cluster_name.clone(), initialized_at: now },
@@ -355,7 +356,7 @@ async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn need_sudo(app: &App, caller: &Caller, path: &str, op: Op) -> Result<(), ApiError> {
+pub(crate) fn need_sudo(app: &App, caller: &Caller, path: &str, op: Op) -> Result<(), ApiError> {
     authorize_op(app, caller, path, op)?;
     authorize(app, caller, path, Caps::SUDO)
 }
