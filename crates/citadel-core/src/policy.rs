@@ -217,11 +217,35 @@ fn denied_value(value: &Value, list: &[ParamValue]) -> bool {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredPolicy")]
 pub struct Policy {
     pub name: String,
     /// The text as the operator wrote it, returned verbatim on read.
     pub raw: String,
     pub rules: Vec<Rule>,
+}
+
+/// A policy as stored (in the log, snapshots and state), before [`Policy::from`] upgrades it.
+#[derive(Deserialize)]
+struct StoredPolicy {
+    name: String,
+    raw: String,
+    rules: Vec<Rule>,
+}
+
+impl From<StoredPolicy> for Policy {
+    /// Policies stored before parameter constraints were enforced kept their text but lost the
+    /// constraints from their rules; they are parsed again from their text, so that what an
+    /// operator wrote is enforced after an upgrade. One whose constraints the parser now refuses
+    /// grants nothing (fail closed) until it is rewritten. A pure function of the stored data, so
+    /// every replica reaches the same rules.
+    fn from(stored: StoredPolicy) -> Policy {
+        let StoredPolicy { name, raw, rules } = stored;
+        let lost_constraints =
+            raw.contains("_parameters") && rules.iter().all(|r| r.params.is_empty()) && name != DEFAULT;
+        let rules = if lost_constraints { parse(&name, &raw).map(|p| p.rules).unwrap_or_default() } else { rules };
+        Policy { name, raw, rules }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -937,6 +961,23 @@ mod tests {
         assert!(policy.rules[0].params.is_empty());
         let rule = Rule { pattern: "a".into(), caps: Caps::READ, params: ParamRules::default() };
         assert_eq!(serde_json::to_string(&rule).unwrap(), r#"{"pattern":"a","caps":2}"#);
+    }
+
+    #[test]
+    fn policies_stored_without_their_constraints_regain_them_from_their_text() {
+        let raw = r#"path "a" { capabilities = ["update"] allowed_parameters = { "x" = [] } }"#;
+        let stored = json!({ "name": "p", "raw": raw, "rules": [{ "pattern": "a", "caps": 4 }] });
+        let policy: Policy = serde_json::from_value(stored).unwrap();
+        assert_eq!(policy, parse("p", raw).unwrap());
+        assert!(!policy.rules[0].params.is_empty());
+
+        let refused_now = r#"path "a" { capabilities = ["update"] allowed_parameters = { "*" = ["x"] } }"#;
+        let stored = json!({ "name": "p", "raw": refused_now, "rules": [{ "pattern": "a", "caps": 4 }] });
+        let policy: Policy = serde_json::from_value(stored).unwrap();
+        assert!(policy.rules.is_empty(), "constraints that cannot be enforced grant nothing");
+
+        let round_trip = parse("p", raw).unwrap();
+        assert_eq!(serde_json::from_str::<Policy>(&serde_json::to_string(&round_trip).unwrap()).unwrap(), round_trip);
     }
 
     #[test]

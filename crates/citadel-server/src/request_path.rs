@@ -25,6 +25,20 @@ pub fn api_path(raw: &str) -> Result<String, String> {
     Ok(path.to_string())
 }
 
+/// Percent-encodes an API path for a URL (a redirect's `Location`): every byte but unreserved
+/// characters and `/`, so that [`api_path`] of `/v1/` + the result gives the path back.
+pub fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// Decodes every `%XX`; a `%` without two hex digits after it is an error (Go refuses it too).
 fn percent_decode(encoded: &str) -> Result<Vec<u8>, String> {
     let bytes = encoded.as_bytes();
@@ -49,7 +63,7 @@ fn percent_decode(encoded: &str) -> Result<Vec<u8>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::api_path;
+    use super::{api_path, encode_path};
 
     #[test]
     fn paths_are_percent_decoded_before_anything_else_sees_them() {
@@ -59,6 +73,14 @@ mod tests {
         assert_eq!(api_path("/v1/secret/data/x/").unwrap(), "secret/data/x");
         assert_eq!(api_path("/v1/secret/data/100%25").unwrap(), "secret/data/100%", "decoded once, as Go does");
         assert_eq!(api_path("/v1/secret/data/a+b").unwrap(), "secret/data/a+b", "'+' is not a space in a path");
+    }
+
+    #[test]
+    fn encoded_paths_decode_back_to_themselves() {
+        for path in ["secret/data/plain", "secret/data/a b?c#d%e", "secret/data/café/\u{1F511}", "a/+/*"] {
+            assert_eq!(api_path(&format!("/v1/{}", encode_path(path))).unwrap(), path);
+        }
+        assert_eq!(encode_path("a b/c"), "a%20b/c");
     }
 
     #[test]

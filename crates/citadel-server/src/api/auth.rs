@@ -325,8 +325,8 @@ fn check_policies_given(caller: &Caller, policies: &[String], held: &[String]) -
     if caller.is_root() {
         return Ok(());
     }
-    let given = policies.iter().filter(|p| !held.contains(p) && *p != policy::DEFAULT);
-    if let Some(extra) = given.into_iter().find(|p| !caller.entry.policies.contains(p)) {
+    let mut given = policies.iter().filter(|p| !held.contains(p) && *p != policy::DEFAULT);
+    if let Some(extra) = given.find(|p| !caller.entry.policies.contains(p)) {
         return Err(ApiError::new(
             axum::http::StatusCode::FORBIDDEN,
             format!("only a root token can give a policy it does not hold; this token does not hold {extra:?}"),

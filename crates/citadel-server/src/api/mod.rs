@@ -347,7 +347,8 @@ fn redirect_to_leader(app: &App, req: &ApiRequest) -> Option<Reply> {
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     let mut reply = Reply::empty();
     reply.status = StatusCode::TEMPORARY_REDIRECT;
-    reply.headers.push(("location", format!("{}/v1/{}{query}", node.api_addr, req.path)));
+    let path = crate::request_path::encode_path(&req.path);
+    reply.headers.push(("location", format!("{}/v1/{path}{query}", node.api_addr)));
     Some(reply)
 }
 
