@@ -36,6 +36,15 @@ impl Caller {
         }
         policy::capabilities(state.policies_named(&self.entry.policies), path)
     }
+
+    /// What this caller's policies grant on `path`, with the parameter constraints that come with
+    /// it (root has every capability and no constraints).
+    pub fn grant(&self, state: &State, path: &str) -> policy::Grant {
+        if self.is_root() {
+            return policy::Grant { caps: Caps::ALL, params: Default::default() };
+        }
+        policy::grant(state.policies_named(&self.entry.policies), path)
+    }
 }
 
 /// Looks a presented token up by its keyed hash, or verifies an emergency token's signature

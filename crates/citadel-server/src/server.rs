@@ -192,10 +192,10 @@ async fn api_entry(
         Ok(Query(q)) => q,
         Err(e) => return ApiError::bad_request(format!("invalid query string: {e}")).into_response(),
     };
-    let path = uri.path().strip_prefix("/v1/").unwrap_or_default().trim_matches('/').to_string();
-    if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") {
-        return ApiError::bad_request("invalid path").into_response();
-    }
+    let path = match crate::request_path::api_path(uri.path()) {
+        Ok(path) => path,
+        Err(reason) => return ApiError::bad_request(reason).into_response(),
+    };
     let request = ApiRequest {
         method,
         path,

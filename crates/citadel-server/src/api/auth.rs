@@ -11,7 +11,7 @@ use citadel_core::token::{
 };
 use serde_json::{json, Value};
 
-use super::{authorize_op, duration_secs, record_audit, string_list, ApiError, ApiRequest, Op, Reply};
+use super::{authorize_op, duration_secs, record_audit, string_list, ApiError, ApiRequest, Op, Reply, Target};
 use crate::app::App;
 use crate::auth::{self as authn, Caller};
 use crate::ids;
@@ -213,11 +213,12 @@ pub async fn route(
     keys: &Unsealed,
 ) -> Result<Reply, ApiError> {
     if let Some(rest) = rest.strip_prefix("token/") {
-        authorize_op(app, caller, &req.path, op)?;
+        // Vault's token endpoints have no existence check: their writes need `update`.
+        authorize_op(app, caller, req, op, Target::Action)?;
         return token_route(app, req, op, caller, rest, keys).await;
     }
     if rest == "userpass/users" {
-        authorize_op(app, caller, &req.path, op)?;
+        authorize_op(app, caller, req, op, Target::Action)?;
         if op != Op::List {
             return Err(ApiError::method_not_allowed());
         }
@@ -228,19 +229,21 @@ pub async fn route(
         return Ok(Reply::data(json!({ "keys": keys })));
     }
     if let Some(name) = rest.strip_prefix("userpass/users/") {
-        authorize_op(app, caller, &req.path, op)?;
         if let Some(name) = name.strip_suffix("/password") {
+            authorize_op(app, caller, req, op, Target::Action)?;
             if op != Op::Write {
                 return Err(ApiError::method_not_allowed());
             }
-            return user_write(app, req, name, true).await;
+            return user_write(app, req, caller, name, true).await;
         }
-        return user_route(app, req, op, name).await;
+        let exists = app.state.read(|s| s.users.contains_key(name));
+        authorize_op(app, caller, req, op, Target::exists(exists))?;
+        return user_route(app, req, op, caller, name).await;
     }
     Err(ApiError::no_route(&req.path))
 }
 
-async fn user_route(app: &App, req: &ApiRequest, op: Op, name: &str) -> Result<Reply, ApiError> {
+async fn user_route(app: &App, req: &ApiRequest, op: Op, caller: &Caller, name: &str) -> Result<Reply, ApiError> {
     if !valid_username(name) {
         return Err(ApiError::bad_request(format!(
             "invalid username {name:?}: use letters, digits, '-', '_', '.', '@' (at most 128)"
@@ -257,7 +260,7 @@ async fn user_route(app: &App, req: &ApiRequest, op: Op, name: &str) -> Result<R
                 "token_type": "default",
             })))
         }
-        Op::Write => user_write(app, req, name, false).await,
+        Op::Write => user_write(app, req, caller, name, false).await,
         Op::Delete => match app.propose(Command::UserDelete { username: name.to_string() }).await? {
             Response::Rejected(citadel_core::command::Rejection::UserNotFound(_)) => Ok(Reply::empty()),
             Response::Rejected(r) => Err(r.into()),
@@ -267,7 +270,13 @@ async fn user_route(app: &App, req: &ApiRequest, op: Op, name: &str) -> Result<R
     }
 }
 
-async fn user_write(app: &App, req: &ApiRequest, name: &str, password_only: bool) -> Result<Reply, ApiError> {
+async fn user_write(
+    app: &App,
+    req: &ApiRequest,
+    caller: &Caller,
+    name: &str,
+    password_only: bool,
+) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let existing = app.state.read(|s| s.users.get(name).cloned());
     let password = body
@@ -294,6 +303,10 @@ async fn user_write(app: &App, req: &ApiRequest, name: &str, password_only: bool
     for p in policies.iter().flatten() {
         policy::validate_name(p).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
+    if let Some(policies) = &policies {
+        let held = existing.as_ref().map(|u| u.policies.as_slice()).unwrap_or_default();
+        check_policies_given(caller, policies, held)?;
+    }
     let ttl = if password_only { None } else { duration_secs(body.get("token_ttl").or(body.get("ttl")), "token_ttl")? };
     let max_ttl = if password_only {
         None
@@ -311,6 +324,28 @@ async fn user_write(app: &App, req: &ApiRequest, name: &str, password_only: bool
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::empty()),
     }
+}
+
+/// Who may give a user which policies (§8.2): nobody gives `root` to a login method, and only a
+/// root caller gives a policy it does not hold itself (`default` every token has). Policies the
+/// user already had (`held`) are not being given.
+fn check_policies_given(caller: &Caller, policies: &[String], held: &[String]) -> Result<(), ApiError> {
+    if policies.iter().any(|p| p == policy::ROOT) {
+        return Err(ApiError::bad_request(
+            "the root policy cannot be given to a userpass user: no auth method issues root tokens",
+        ));
+    }
+    if caller.is_root() {
+        return Ok(());
+    }
+    let mut given = policies.iter().filter(|p| !held.contains(p) && *p != policy::DEFAULT);
+    if let Some(extra) = given.find(|p| !caller.entry.policies.contains(p)) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            format!("only a root token can give a policy it does not hold; this token does not hold {extra:?}"),
+        ));
+    }
+    Ok(())
 }
 
 async fn token_route(
@@ -335,7 +370,7 @@ async fn token_route(
         }
         ("lookup-accessor", Op::Write) => Ok(Reply::data(lookup_data(&by_accessor(app, req)?, now, ""))),
         ("accessors", Op::List) => {
-            super::sys::need_sudo(app, caller, &req.path, op)?;
+            super::sys::need_sudo(app, caller, req, op)?;
             let accessors: Vec<String> = app.state.read(|s| s.tokens.values().map(|t| t.accessor.clone()).collect());
             Ok(Reply::data(json!({ "keys": accessors })))
         }
@@ -436,7 +471,7 @@ async fn create_token(
     let orphan = orphan_path || body.get("no_parent").and_then(Value::as_bool) == Some(true);
     if orphan {
         // Vault: an orphan outlives its creator, so creating one takes sudo.
-        super::sys::need_sudo(app, caller, &req.path, Op::Write)?;
+        super::sys::need_sudo(app, caller, req, Op::Write)?;
     }
     let policies = token_policies(&body, caller)?;
     let lifetime = token_lifetime(app, &body, caller, orphan, now)?;

@@ -7,12 +7,11 @@ use axum::http::StatusCode;
 use citadel_core::barrier::kv_aad;
 use citadel_core::command::{Command, Rejection, Response};
 use citadel_core::kv::{KvConfig, KvEntry, KvError, KvVersion, MetadataUpdate};
-use citadel_core::policy::Caps;
 use citadel_core::time::rfc3339;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use super::{authorize, authorize_op, duration_secs, ApiError, ApiRequest, Op, Reply};
+use super::{authorize_op, duration_secs, ApiError, ApiRequest, Op, Reply, Target};
 use crate::app::App;
 use crate::auth::Caller;
 use crate::ids;
@@ -30,20 +29,18 @@ pub async fn route(
     mount: &str,
     rest: &str,
 ) -> Result<Reply, ApiError> {
-    let acl = req.path.as_str();
     let (section, path) = match rest.split_once('/') {
         Some((s, p)) => (s, p.trim_end_matches('/')),
         None => (rest, ""),
     };
     let folder = rest.ends_with('/') || path.is_empty();
+    // Vault's KV existence check: a secret exists while its metadata does (even if every version
+    // is deleted), so rewriting it needs `update`.
+    let secret =
+        Target::exists(app.state.read(|s| s.mounts.get(mount).is_some_and(|m| m.kv.entries.contains_key(path))));
     match section {
         "data" if !path.is_empty() => {
-            if op == Op::Write {
-                let exists = app.state.read(|s| s.mounts.get(mount).is_some_and(|m| m.kv.entries.contains_key(path)));
-                authorize(app, caller, acl, if exists { Caps::UPDATE } else { Caps::CREATE })?;
-            } else {
-                authorize_op(app, caller, acl, op)?;
-            }
+            authorize_op(app, caller, req, op, secret)?;
             match op {
                 Op::Read => read(app, req, keys, mount, path).await,
                 Op::Write => write(app, req, mount, path).await,
@@ -53,7 +50,7 @@ pub async fn route(
             }
         }
         "delete" | "undelete" | "destroy" if !path.is_empty() => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             if op != Op::Write {
                 return Err(ApiError::method_not_allowed());
             }
@@ -77,7 +74,7 @@ pub async fn route(
             versions_command(app, mount, path, versions, action).await
         }
         "metadata" => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, secret)?;
             match op {
                 Op::List => {
                     list(app, req, mount, if path.is_empty() { String::new() } else { format!("{path}/") }).await
@@ -95,7 +92,8 @@ pub async fn route(
             }
         }
         "config" if path.is_empty() => {
-            authorize_op(app, caller, acl, op)?;
+            // A mount's configuration always exists (with defaults): writing it is an update.
+            authorize_op(app, caller, req, op, Target::Existing)?;
             match op {
                 Op::Read => {
                     let config =
@@ -223,20 +221,36 @@ fn written(app: &App, mount: &str, path: &str, version: u64, created: u64, delet
 async fn write(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let data = body.get("data").ok_or_else(|| ApiError::bad_request("missing required field \"data\""))?;
-    let cas = match body.pointer("/options/cas") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| ApiError::bad_request("options.cas must be a non-negative integer"))?),
-    };
-    put(app, mount, path, data, cas).await
+    put(app, mount, path, data, options_cas(&body)?).await
 }
 
-/// JSON merge patch (RFC 7386) of the current version, written with `cas` = that version.
+/// The `options.cas` a write or patch names, if any.
+fn options_cas(body: &Value) -> Result<Option<u64>, ApiError> {
+    match body.pointer("/options/cas") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            Ok(Some(v.as_u64().ok_or_else(|| ApiError::bad_request("options.cas must be a non-negative integer"))?))
+        }
+    }
+}
+
+/// JSON merge patch (RFC 7386) of the current version, written with `cas` = that version. As in
+/// Vault, where the mount or the secret requires check-and-set the patch must name `options.cas`,
+/// and a `cas` that is not the current version is refused.
 async fn patch(app: &App, req: &ApiRequest, keys: &Unsealed, mount: &str, path: &str) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let changes = body.get("data").ok_or_else(|| ApiError::bad_request("missing required field \"data\""))?;
+    let cas = options_cas(&body)?;
     app.linearize().await?;
     let (uuid, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
     let current = entry.current_version;
+    let mount_requires_cas = app.state.read(|s| s.mounts.get(mount).is_some_and(|m| m.kv.config.cas_required));
+    if cas.is_none() && (mount_requires_cas || entry.cas_required) {
+        return Err(Rejection::Kv(KvError::CasRequired).into());
+    }
+    if cas.is_some_and(|cas| cas != current) {
+        return Err(Rejection::Kv(KvError::CasMismatch { current }).into());
+    }
     let version = entry.versions.get(&current).filter(|v| !v.is_gone(ids::now_ms())).ok_or_else(ApiError::not_found)?;
     let plain = keys
         .keyring

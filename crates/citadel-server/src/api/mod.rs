@@ -382,7 +382,8 @@ fn redirect_to_leader(app: &App, req: &ApiRequest) -> Option<Reply> {
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     let mut reply = Reply::empty();
     reply.status = StatusCode::TEMPORARY_REDIRECT;
-    reply.headers.push(("location", format!("{}/v1/{}{query}", node.api_addr, req.path)));
+    let path = crate::request_path::encode_path(&req.path);
+    reply.headers.push(("location", format!("{}/v1/{path}{query}", node.api_addr)));
     Some(reply)
 }
 
@@ -433,29 +434,74 @@ pub(crate) fn authorize(app: &App, caller: &Caller, path: &str, need: Caps) -> R
     }
 }
 
-/// Checks for the capability an operation needs; writes accept `create` or `update`.
-pub(crate) fn authorize_op(app: &App, caller: &Caller, path: &str, op: Op) -> Result<(), ApiError> {
+/// Whether the target of a request exists, as Vault's existence check decides: a write to
+/// something that exists needs `update`, a write that creates it needs `create`, and `create`
+/// never authorizes an update (§8.2). Endpoints that act rather than store (Vault's paths without
+/// an existence check: seal, token create, KV `destroy`, ...) are `Action`; their writes need
+/// `update`, as in Vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Existing,
+    New,
+    Action,
+}
+
+impl Target {
+    pub(crate) fn exists(exists: bool) -> Target {
+        if exists {
+            Target::Existing
+        } else {
+            Target::New
+        }
+    }
+}
+
+/// Checks that `caller` may perform `op` on the request's path: the capability the operation
+/// needs on `target`, then the parameter constraints (`required_parameters`, `denied_parameters`,
+/// `allowed_parameters`) of the rule that grants it, on the request's top-level parameters (the
+/// JSON body of a write or patch, the query of a read), as Vault checks them.
+pub(crate) fn authorize_op(
+    app: &App,
+    caller: &Caller,
+    req: &ApiRequest,
+    op: Op,
+    target: Target,
+) -> Result<(), ApiError> {
     // A LIST names a folder: Vault checks it with its trailing slash (`secret/metadata/app/`).
     let folder;
-    let path = if op == Op::List && !path.ends_with('/') {
-        folder = format!("{path}/");
+    let path = if op == Op::List && !req.path.ends_with('/') {
+        folder = format!("{}/", req.path);
         folder.as_str()
     } else {
-        path
+        req.path.as_str()
     };
-    let caps = app.state.read(|s| caller.capabilities(s, path));
-    let ok = match op {
-        Op::Read => caps.contains(Caps::READ),
-        Op::List => caps.contains(Caps::LIST),
-        Op::Write => caps.contains(Caps::UPDATE) || caps.contains(Caps::CREATE),
-        Op::Patch => caps.contains(Caps::PATCH),
-        Op::Delete => caps.contains(Caps::DELETE),
+    let grant = app.state.read(|s| caller.grant(s, path));
+    let need = match (op, target) {
+        (Op::Read, _) => Caps::READ,
+        (Op::List, _) => Caps::LIST,
+        (Op::Write, Target::New) => Caps::CREATE,
+        (Op::Write, Target::Existing | Target::Action) => Caps::UPDATE,
+        (Op::Patch, _) => Caps::PATCH,
+        (Op::Delete, _) => Caps::DELETE,
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden())
+    if !grant.caps.contains(need) {
+        return Err(ApiError::forbidden());
     }
+    if grant.params.is_empty() {
+        return Ok(());
+    }
+    let params = match op {
+        Op::Read => req.query.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect(),
+        Op::Write | Op::Patch => match req.json::<Value>()? {
+            Value::Object(body) => body,
+            _ => return Err(ApiError::bad_request("request body must be a JSON object")),
+        },
+        Op::List | Op::Delete => return Ok(()),
+    };
+    grant
+        .params
+        .check(&params)
+        .map_err(|refusal| ApiError::new(StatusCode::FORBIDDEN, format!("permission denied: {refusal}")))
 }
 
 /// Accepts a list of strings given as a JSON array or a comma-separated string (Vault does both).

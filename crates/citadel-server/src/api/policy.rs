@@ -4,7 +4,7 @@ use citadel_core::command::{Command, Response};
 use citadel_core::policy::{self, Policy};
 use serde_json::{json, Value};
 
-use super::{authorize_op, ApiError, ApiRequest, Op, Reply};
+use super::{authorize_op, ApiError, ApiRequest, Op, Reply, Target};
 use crate::app::App;
 use crate::auth::Caller;
 
@@ -19,7 +19,8 @@ pub async fn route(app: &App, req: &ApiRequest, op: Op, caller: &Caller, rest: &
     let legacy = rest == "policy" || rest.starts_with("policy/");
     let name = rest.strip_prefix("policies/acl").or_else(|| rest.strip_prefix("policy")).unwrap_or("");
     let name = name.trim_start_matches('/');
-    authorize_op(app, caller, &req.path, op)?;
+    let exists = name == policy::ROOT || app.state.read(|s| s.policies.contains_key(name));
+    authorize_op(app, caller, req, op, Target::exists(exists))?;
     if name.is_empty() {
         return match (op, legacy) {
             (Op::List, _) | (Op::Read, true) => {

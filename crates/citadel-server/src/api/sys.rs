@@ -18,7 +18,7 @@ use citadel_storage::NodeInfo;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, authorize_op, record_audit, ApiError, ApiRequest, Op, Reply};
+use super::{authorize, authorize_op, record_audit, ApiError, ApiRequest, Op, Reply, Target};
 use crate::app::App;
 use crate::auth::Caller;
 use crate::config::SealKind;
@@ -356,9 +356,9 @@ async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub(crate) fn need_sudo(app: &App, caller: &Caller, path: &str, op: Op) -> Result<(), ApiError> {
-    authorize_op(app, caller, path, op)?;
-    authorize(app, caller, path, Caps::SUDO)
+pub(crate) fn need_sudo(app: &App, caller: &Caller, req: &ApiRequest, op: Op) -> Result<(), ApiError> {
+    authorize_op(app, caller, req, op, Target::Action)?;
+    authorize(app, caller, &req.path, Caps::SUDO)
 }
 
 pub async fn route(
@@ -369,28 +369,27 @@ pub async fn route(
     rest: &str,
     keys: &Unsealed,
 ) -> Result<Reply, ApiError> {
-    let acl = req.path.as_str();
     match (rest, op) {
         ("seal", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             app.seal.seal();
             tracing::info!("node sealed by request");
             Ok(Reply::empty())
         }
         ("leader", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             Ok(Reply::json(StatusCode::OK, leader_body(app)))
         }
         ("step-down", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             step_down(app).await
         }
         ("rotate", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             rotate(app, keys).await
         }
         ("key-status", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             let info = app.state.read(|s| s.seal.clone()).ok_or_else(ApiError::sealed)?;
             let body = json!({ "term": info.key_term, "install_time": rfc3339(info.key_installed) });
             let mut reply = Reply::data(body.clone());
@@ -400,15 +399,15 @@ pub async fn route(
             Ok(reply)
         }
         ("metrics", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             metrics(app, req)
         }
         ("openapi", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             Ok(Reply::json(StatusCode::OK, super::openapi::document()))
         }
         ("mounts", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             let mounts = app.state.read(|s| {
                 s.mounts.iter().map(|(path, m)| (path.clone(), mount_json(m))).collect::<serde_json::Map<_, _>>()
             });
@@ -417,7 +416,7 @@ pub async fn route(
             Ok(Reply::json(StatusCode::OK, body))
         }
         ("auth", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             let methods = json!({
                 "token/": { "type": "token", "description": "token based credentials", "accessor": "auth_token", "local": false, "seal_wrap": false, "options": null, "config": {} },
                 "userpass/": { "type": "userpass", "description": "username and password", "accessor": "auth_userpass", "local": false, "seal_wrap": false, "options": null, "config": {} },
@@ -427,11 +426,11 @@ pub async fn route(
             Ok(Reply::json(StatusCode::OK, body))
         }
         ("storage/raft/configuration", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             Ok(Reply::data(raft_configuration(app)))
         }
         ("storage/raft/remove-peer", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             let body: Value = req.json()?;
             let target = body
                 .get("server_id")
@@ -442,7 +441,7 @@ pub async fn route(
             Ok(Reply::empty())
         }
         ("storage/raft/join-token", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             let body: Value = req.json()?;
             let ttl = super::duration_secs(body.get("ttl"), "ttl")?.unwrap_or(3600).clamp(60, 7 * 86_400);
             let token = format!("cjt.{}", &ids::token()[4..]);
@@ -454,27 +453,27 @@ pub async fn route(
             }
         }
         ("storage/raft/snapshot", Op::Read) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             super::snapshot::save(app).await
         }
         ("storage/raft/snapshot", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             super::snapshot::restore(app, req, false).await
         }
         ("storage/raft/snapshot-force", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             super::snapshot::restore(app, req, true).await
         }
         ("storage/raft/autopilot/state", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             Ok(Reply::data(autopilot_state(crate::ha::status(app).await)))
         }
         ("ha/status", Op::Read) => {
-            authorize_op(app, caller, acl, op)?;
+            authorize_op(app, caller, req, op, Target::Action)?;
             Ok(Reply::data(crate::ha::status(app).await))
         }
         ("ha/transfer-leader", Op::Write) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             let body: Value = req.json()?;
             let target = body
                 .get("node_id")
@@ -484,17 +483,18 @@ pub async fn route(
             Ok(Reply::empty())
         }
         ("audit/events", Op::Read) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             audit_events(app, req).await
         }
         ("audit/verify", Op::Read) => {
-            need_sudo(app, caller, acl, op)?;
+            need_sudo(app, caller, req, op)?;
             app.linearize().await?;
             Ok(Reply::data(audit_verify(app)))
         }
         _ => {
             if let Some(path) = rest.strip_prefix("mounts/") {
-                authorize_op(app, caller, acl, op)?;
+                let exists = app.state.read(|s| s.mounts.contains_key(&format!("{}/", path.trim_matches('/'))));
+                authorize_op(app, caller, req, op, Target::exists(exists))?;
                 return mount(app, req, op, path).await;
             }
             if rest == "policies/acl"

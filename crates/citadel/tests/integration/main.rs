@@ -1,6 +1,7 @@
 //! Integration tests: real `citadel server` processes on 127.0.0.1, driven over HTTPS.
 //! Each test owns its ports (listed here) so none can collide: 21000 + 10·k.
 
+mod acl;
 mod api_auth;
 mod api_kv;
 mod api_sys;
