@@ -57,7 +57,12 @@ async fn a_revoked_token_is_refused_on_every_node_immediately_after_the_revoke_r
     root.kv_put("secret", "revoked", &json!({ "v": "secret-value" }), None).await.unwrap();
     let mut accepted = Vec::new();
     for trial in 0..100 {
-        let token = token_of(&root.post("auth/token/create", &json!({ "policies": ["rw"] })).await.unwrap());
+        let created = dev::wait_for("a token", STARTUP, || async {
+            root.post("auth/token/create", &json!({ "policies": ["rw"] })).await.ok()
+        })
+        .await
+        .unwrap();
+        let token = token_of(&created);
         let revoker = cluster.anonymous_at(trial % 3).with_token(token.clone());
         revoke_self(&revoker, trial).await;
         for node in 0..3 {
