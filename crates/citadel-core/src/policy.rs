@@ -262,6 +262,8 @@ pub enum PolicyError {
     NoCapabilities(String),
     #[error("path {path:?}: {key} {message}")]
     BadParameters { path: String, key: String, message: String },
+    #[error("path {path:?}: unsupported key {key:?} (expected capabilities, policy, allowed_parameters, denied_parameters, required_parameters or comment)")]
+    UnknownKey { path: String, key: String },
 }
 
 pub const ROOT: &str = "root";
@@ -337,6 +339,10 @@ fn parse_json(text: &str) -> Result<Vec<Rule>, PolicyError> {
         let names: Option<Vec<&str>> = caps.iter().map(|c| c.as_str()).collect();
         let names = names.ok_or_else(|| syntax(format!("capabilities of {pattern:?} must be strings")))?;
         let caps = caps_from_names(pattern, names)?;
+        let known = |key: &String| key == "capabilities" || key == "comment" || PARAM_KEYS.contains(&key.as_str());
+        if let Some(key) = body.as_object().and_then(|keys| keys.keys().find(|key| !known(key))) {
+            return Err(PolicyError::UnknownKey { path: pattern.clone(), key: key.clone() });
+        }
         let mut params = ParamRules::default();
         for key in PARAM_KEYS {
             if let Some(value) = body.get(key) {
@@ -518,7 +524,7 @@ impl Parser {
         }
     }
 
-    /// A value we do not interpret (e.g. `allowed_parameters`), skipped structurally.
+    /// A value we do not interpret (a `comment`), skipped structurally.
     fn skip_value(&mut self) -> Result<(), PolicyError> {
         match self.next() {
             Some(Token::Str(_)) | Some(Token::Ident(_)) => Ok(()),
@@ -650,8 +656,10 @@ fn parse_hcl(text: &str) -> Result<Vec<Rule>, PolicyError> {
                     } else if PARAM_KEYS.contains(&key.as_str()) {
                         let value = p.value(0)?;
                         set_param_rule(&mut params, &pattern, &key, &value)?;
-                    } else {
+                    } else if key == "comment" {
                         p.skip_value()?;
+                    } else {
+                        return Err(PolicyError::UnknownKey { path: pattern, key });
                     }
                     if let Some(Token::Punct(',')) = p.tokens.get(p.pos).map(|t| &t.0) {
                         p.pos += 1;
@@ -878,6 +886,19 @@ mod tests {
         }
         let deep = format!(r#"path "a" {{ capabilities = ["update"] allowed_parameters = {}"#, "[".repeat(100_000));
         assert!(matches!(parse("p", &deep).unwrap_err(), PolicyError::Syntax { .. }));
+    }
+
+    #[test]
+    fn keys_citadel_does_not_enforce_are_refused_rather_than_ignored() {
+        for text in [
+            r#"path "a" { capabilities = ["read"] min_wrapping_ttl = "1s" }"#,
+            r#"path "a" { capabilities = ["read"] denied_parameter = { "x" = [] } }"#,
+            r#"{"path": {"a": {"capabilities": ["read"], "control_group": {}}}}"#,
+        ] {
+            assert!(matches!(parse("p", text).unwrap_err(), PolicyError::UnknownKey { .. }), "{text}");
+        }
+        parse("p", r#"path "a" { capabilities = ["read"] comment = "kept as text" }"#).unwrap();
+        parse("p", r#"{"path": {"a": {"capabilities": ["read"], "comment": "x"}}}"#).unwrap();
     }
 
     #[test]

@@ -164,6 +164,13 @@ async fn policies_with_parameter_constraints_are_enforced() {
     assert_eq!(refused.status, 400);
     let message = refused.body["errors"][0].as_str().unwrap();
     assert!(message.contains("secret/x") && message.contains("allowed_parameters"), "{message}");
+    // A misspelt constraint is refused, not silently left unenforced.
+    let misspelt =
+        json!({ "policy": r#"path "secret/x" { capabilities = ["read"] denied_parameter = { "a" = [] } }"# });
+    let refused = root.raw("POST", "sys/policies/acl/misspelt", Some(&misspelt), &[]).await.unwrap();
+    assert_eq!(refused.status, 400);
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("denied_parameter"), "{}", refused.body);
+    assert_eq!(status(&root, "GET", "sys/policies/acl/misspelt", None).await, 404);
 }
 
 #[tokio::test]
