@@ -95,7 +95,7 @@ pub enum Command {
         username: String,
     },
     TokenCreate {
-        entry: TokenEntry,
+        entry: Box<TokenEntry>,
         /// Set by a login: the token is refused if the user changed meanwhile.
         #[serde(default)]
         login: Option<LoginProof>,

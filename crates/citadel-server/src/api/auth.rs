@@ -112,7 +112,7 @@ async fn login_inner(
     };
     let auth = auth_block(&token, &entry);
     let login = Some(LoginProof { username: username.to_string(), password_hash: user.password_hash.clone() });
-    match app.propose(Command::TokenCreate { entry, login }).await? {
+    match app.propose(Command::TokenCreate { entry: Box::new(entry), login }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => Ok((Reply::auth(auth), Some(token))),
     }
@@ -506,7 +506,7 @@ async fn create_token(
         username: caller.entry.username.clone(),
     };
     let auth = auth_block(&token, &entry);
-    match app.propose(Command::TokenCreate { entry, login: None }).await? {
+    match app.propose(Command::TokenCreate { entry: Box::new(entry), login: None }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::auth(auth)),
     }
