@@ -425,7 +425,7 @@ mod tests {
         let commands = vec![
             write("a", 1),
             write("a", 2),
-            Command::TokenCreate { login: None, entry: Box::new(token("t1", Some("root")), Some(100)) },
+            Command::TokenCreate { login: None, entry: Box::new(token("t1", Some("root"), Some(100))) },
             Command::KvDelete { mount: "secret/".into(), path: "a".into(), versions: vec![], at: 9 },
         ];
         let mut a = initialized();
@@ -489,7 +489,7 @@ mod tests {
     #[test]
     fn a_retried_token_create_is_idempotent() {
         let mut state = initialized();
-        let create = Command::TokenCreate { login: None, entry: Box::new(token("t", Some("root")), None) };
+        let create = Command::TokenCreate { login: None, entry: Box::new(token("t", Some("root"), None)) };
         assert_eq!(state.apply(create.clone()), Response::Done);
         let once = state.clone();
         assert_eq!(state.apply(create), Response::Done);
@@ -499,10 +499,10 @@ mod tests {
     #[test]
     fn revoking_a_token_revokes_its_children() {
         let mut state = initialized();
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("parent", Some("root")), None) });
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("child", Some("parent")), None) });
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("grandchild", Some("child")), None) });
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("other", Some("root")), None) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("parent", Some("root"), None)) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("child", Some("parent"), None)) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("grandchild", Some("child"), None)) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("other", Some("root"), None)) });
         assert_eq!(state.apply(Command::TokenRevoke { hash: "parent".into() }), Response::Done);
         assert!(state.tokens.contains_key("other"));
         assert!(!state.tokens.contains_key("child"));
@@ -512,8 +512,8 @@ mod tests {
     #[test]
     fn expiry_sweep_removes_only_expired_tokens() {
         let mut state = initialized();
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("old", Some("root")), Some(10)) });
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("new", Some("root")), Some(1000)) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("old", Some("root"), Some(10))) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("new", Some("root"), Some(1000))) });
         state.apply(Command::TokensExpire { now: 500 });
         assert!(!state.tokens.contains_key("old"));
         assert!(state.tokens.contains_key("new"));
@@ -561,7 +561,7 @@ mod tests {
     #[test]
     fn a_command_authorized_by_a_revoked_or_expired_token_is_rejected_at_apply() {
         let mut state = initialized();
-        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("t", Some("root")), Some(100)) });
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("t", Some("root"), Some(100))) });
         assert!(matches!(state.apply(authorized("t", 50, write("a", 1))), Response::KvWritten { .. }));
         let before = state.clone();
         assert_eq!(state.apply(authorized("t", 100, write("a", 2))), Response::Rejected(Rejection::TokenInvalid));
@@ -583,7 +583,7 @@ mod tests {
         state.apply(Command::TokenCreate { login: None, entry: Box::new(login.clone()) });
         state.apply(Command::TokenCreate {
             login: None,
-            entry: Box::new(token("child", Some("ann-login")), Some(1000)),
+            entry: Box::new(token("child", Some("ann-login"), Some(1000))),
         });
         state.apply(Command::UserPut { user: user("ann", "h1") });
         assert!(state.tokens.contains_key("ann-login"), "an unchanged password keeps the logins");
