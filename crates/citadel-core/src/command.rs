@@ -191,6 +191,8 @@ pub enum Rejection {
     Audit(ChainError),
     #[error("the join token is unknown, expired, or already used")]
     JoinTokenInvalid,
+    #[error("the proposed keyring term {proposed} is not newer than the current term {current}; retry")]
+    KeyringTermNotNewer { current: u32, proposed: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
