@@ -30,6 +30,8 @@ struct RemoteAddr(SocketAddr);
 
 /// Runs a node until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<()> {
+    // Before anything is created: every file of the node is private to its user (§8.4).
+    citadel_storage::files::set_private_umask();
     tls::install_crypto_provider();
     crate::pki::bootstrap_if_needed(&config).await?;
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key)?;

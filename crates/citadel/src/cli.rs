@@ -516,7 +516,7 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
         }
         OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Save { file })) => {
             let bytes = c.bytes("GET", "sys/storage/raft/snapshot", None).await?;
-            std::fs::write(&file, &bytes).with_context(|| format!("cannot write {}", file.display()))?;
+            citadel_server::tls::write_private(&file, &bytes)?;
             out!("Success! Saved a snapshot ({} bytes) to {}", bytes.len(), file.display());
             Ok(())
         }
