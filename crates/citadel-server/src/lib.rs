@@ -18,6 +18,7 @@ pub mod ids;
 pub mod membership;
 pub mod metrics;
 pub mod pki;
+pub mod request_path;
 pub mod seal;
 pub mod server;
 pub mod tls;

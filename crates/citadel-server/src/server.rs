@@ -1,13 +1,12 @@
 //! Starting a node: storage, Raft, listeners, and the background jobs.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::body::Body;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -190,14 +189,14 @@ async fn api_entry(
             return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
         }
     };
-    let query = match Query::<HashMap<String, String>>::try_from_uri(&uri) {
-        Ok(Query(q)) => q,
-        Err(e) => return ApiError::bad_request(format!("invalid query string: {e}")).into_response(),
+    let query = match crate::request_path::query(&uri) {
+        Ok(q) => q,
+        Err(e) => return ApiError::bad_request(e).into_response(),
     };
-    let path = uri.path().strip_prefix("/v1/").unwrap_or_default().trim_matches('/').to_string();
-    if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") {
-        return ApiError::bad_request("invalid path").into_response();
-    }
+    let path = match crate::request_path::normalize(uri.path()) {
+        Ok(path) => path,
+        Err(e) => return ApiError::bad_request(e.to_string()).into_response(),
+    };
     let request = ApiRequest {
         method,
         path,
