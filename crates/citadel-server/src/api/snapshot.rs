@@ -137,6 +137,10 @@ pub fn verify_hmac(header: &SnapshotHeader, keyring: &Keyring) -> Result<(), Sna
         return Err(SnapshotFileError::Unauthenticated);
     }
     let key = snapshot_key(keyring, header.key_term).ok_or(SnapshotFileError::UnknownKeyTerm(header.key_term))?;
+    // Only the exact form `save` writes (lowercase hex): no second spelling of a valid file.
+    if header.hmac_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(SnapshotFileError::HmacMismatch);
+    }
     let tag = hex::decode(&header.hmac_sha256).map_err(|_| SnapshotFileError::HmacMismatch)?;
     mac_header(key, header).verify_slice(&tag).map_err(|_| SnapshotFileError::HmacMismatch)
 }
@@ -311,6 +315,57 @@ mod tests {
         let mut file3 = serde_json::to_vec(&header).unwrap();
         file3.extend_from_slice(&file[file.iter().position(|b| *b == b'\n').unwrap()..]);
         assert!(matches!(parse(&file3), Err(SnapshotFileError::UnsupportedVersion { version: 3, .. })));
+    }
+
+    /// Parsing and then authenticating, as a restore does.
+    fn accepted(file: &[u8], ring: &Keyring) -> bool {
+        parse(file).is_ok_and(|(header, _)| verify_hmac(&header, ring).is_ok())
+    }
+
+    #[test]
+    fn no_bit_flip_of_a_signed_snapshot_file_is_accepted() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        assert!(accepted(&file, &ring));
+        for bit in 0..file.len() * 8 {
+            let mut damaged = file.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(!accepted(&damaged, &ring), "a flip of bit {bit} was accepted");
+        }
+        for len in 0..file.len() {
+            assert!(parse(&file[..len]).is_err(), "a file truncated to {len} bytes was accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 500, failure_persistence: None, ..Default::default()
+        })]
+
+        #[test]
+        fn arbitrary_snapshot_files_are_refused_without_panicking(
+            head in "\\PC{0,120}", body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)
+        ) {
+            let mut file = head.into_bytes();
+            file.push(b'\n');
+            file.extend_from_slice(&body);
+            proptest::prop_assert!(!accepted(&file, &keyring()));
+        }
+
+        #[test]
+        fn mutated_snapshot_files_are_refused_without_panicking(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..8)
+        ) {
+            let ring = keyring();
+            let mut file = signed_file(&stored(), &ring);
+            let original = file.clone();
+            for (at, byte) in edits {
+                let at = at % file.len();
+                file[at] = byte;
+            }
+            proptest::prop_assume!(file != original);
+            proptest::prop_assert!(!accepted(&file, &ring));
+        }
     }
 
     #[test]
