@@ -218,7 +218,7 @@ fn sequence() -> impl Strategy<Value = Vec<Command>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn apply_never_panics_and_rejected_commands_change_nothing(commands in sequence()) {

@@ -90,7 +90,7 @@ fn edits() -> impl Strategy<Value = Vec<(usize, char, u8)>> {
 }
 
 proptest! {
-    #![proptest_config(config(400))]
+    #![proptest_config(config(3000))]
 
     #[test]
     fn any_policy_text_parses_or_is_refused_without_panicking(text in "\\PC{0,200}") {

@@ -123,7 +123,7 @@ fn valid_cluster_messages_round_trip() {
 }
 
 proptest! {
-    #![proptest_config(config(1000))]
+    #![proptest_config(config(5000))]
 
     #[test]
     fn any_request_path_is_normalized_or_refused_without_panicking(

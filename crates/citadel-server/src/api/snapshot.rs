@@ -339,7 +339,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig {
-            cases: 500, failure_persistence: None, ..Default::default()
+            cases: 3000, failure_persistence: None, ..Default::default()
         })]
 
         #[test]
