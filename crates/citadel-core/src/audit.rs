@@ -147,6 +147,38 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
+    /// Appends a shipped batch all or nothing: every event is checked against the chain tips
+    /// (as they will be after the events before it) before any is appended, so a batch with a
+    /// gap or a broken link anywhere is refused whole and changes nothing. Events already held
+    /// are skipped (shipping is at least once). Returns how many were appended.
+    pub fn ship(&mut self, events: Vec<AuditEvent>) -> Result<usize, ChainError> {
+        let mut tips: BTreeMap<NodeId, (u64, String)> = BTreeMap::new();
+        let mut accepted = Vec::with_capacity(events.len());
+        for event in events {
+            let node = event.body.node;
+            let (last_seq, last_hash) = tips.entry(node).or_insert_with(|| {
+                let chain = self.chains.get(&node);
+                (chain.map_or(0, NodeChain::last_seq), chain.map_or(GENESIS, NodeChain::last_hash).to_string())
+            });
+            if event.body.seq <= *last_seq {
+                continue;
+            }
+            // `seq > last_seq` here, so `last_seq + 1` cannot overflow.
+            if event.body.seq != *last_seq + 1 {
+                return Err(ChainError::Gap { node, expected: *last_seq + 1, found: event.body.seq });
+            }
+            check_link(last_hash, &event)?;
+            *last_seq = event.body.seq;
+            last_hash.clone_from(&event.hash);
+            accepted.push(event);
+        }
+        let count = accepted.len();
+        for event in accepted {
+            self.chains.entry(event.body.node).or_default().events.push(event);
+        }
+        Ok(count)
+    }
+
     pub fn verify(&self) -> Result<usize, ChainError> {
         let mut total = 0;
         for (node, chain) in &self.chains {
@@ -211,6 +243,18 @@ mod tests {
         assert_eq!(log.append(7, events[2].clone()), Ok(true));
         assert_eq!(log.last_seq(), 3);
         assert!(matches!(log.append(8, events[0].clone()), Err(ChainError::WrongNode { .. })));
+    }
+
+    #[test]
+    fn a_batch_with_a_gap_is_refused_whole() {
+        let events = chain(4, 3);
+        let mut log = AuditLog::default();
+        let batch = vec![events[0].clone(), events[2].clone()];
+        assert_eq!(log.ship(batch), Err(ChainError::Gap { node: 4, expected: 2, found: 3 }));
+        assert_eq!(log, AuditLog::default(), "the valid first event was not appended either");
+        assert_eq!(log.ship(events.clone()), Ok(3));
+        assert_eq!(log.ship(events), Ok(0), "a re-shipped batch is skipped");
+        assert_eq!(log.verify(), Ok(3));
     }
 
     #[test]

@@ -261,6 +261,8 @@ pub enum Rejection {
     RenewalPastMax,
     #[error("an authorized command cannot wrap another authorized command")]
     NestedAuthorization,
+    #[error("the proposed keyring term {proposed} is not newer than the current term {current}; retry")]
+    KeyringTermNotNewer { current: u32, proposed: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

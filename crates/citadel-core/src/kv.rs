@@ -61,6 +61,8 @@ pub enum KvError {
     NotFound,
     #[error("max_versions must be at most 1000")]
     TooManyVersions,
+    #[error("this secret has reached the largest version number; delete its metadata to start again")]
+    VersionsExhausted,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +82,8 @@ pub struct WriteRequest {
 impl KvStore {
     /// The version a new write to `path` will get; the proposer binds its ciphertext to it.
     pub fn next_version(&self, path: &str) -> u64 {
-        self.entries.get(path).map_or(1, |e| e.current_version + 1)
+        // Saturating: a (restored) entry at u64::MAX is refused by `write`, never overflowed.
+        self.entries.get(path).map_or(1, |e| e.current_version.saturating_add(1))
     }
 
     /// The key's own limit, else the mount's, else Vault's default.
@@ -91,6 +94,9 @@ impl KvStore {
 
     pub fn write(&mut self, req: WriteRequest) -> Result<(u64, UnixMillis, Option<UnixMillis>), KvError> {
         let next = self.next_version(&req.path);
+        if self.entries.get(&req.path).is_some_and(|e| e.current_version == u64::MAX) {
+            return Err(KvError::VersionsExhausted);
+        }
         let cas_required = self.config.cas_required || self.entries.get(&req.path).is_some_and(|e| e.cas_required);
         match req.cas {
             None if cas_required => return Err(KvError::CasRequired),
@@ -218,8 +224,9 @@ impl KvStore {
 /// Drops the oldest versions beyond `max`, as Vault does.
 fn prune(entry: &mut KvEntry, max: u32) {
     while entry.versions.len() > max as usize {
-        let oldest = *entry.versions.keys().next().expect("non-empty");
-        entry.versions.remove(&oldest);
+        if entry.versions.pop_first().is_none() {
+            break;
+        }
     }
     entry.oldest_version = entry.versions.keys().next().copied().unwrap_or(entry.oldest_version);
 }

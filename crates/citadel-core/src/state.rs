@@ -118,10 +118,13 @@ impl State {
             Command::Init(init) => self.init(*init),
             Command::RotateKeyring { expected_term, new_term, wrapped_keyring, at } => {
                 let seal = self.seal.as_mut().ok_or(Rejection::NotInitialized)?;
-                // Terms only grow: a rotation built on a stale keyring names a term already
-                // taken, and is refused like a concurrent one (the proposer retries).
-                if seal.key_term != expected_term || new_term <= expected_term {
+                if seal.key_term != expected_term {
                     return Err(Rejection::KeyringChanged { current: seal.key_term });
+                }
+                // A proposer whose in-memory keyring is stale proposes a term that is not newer:
+                // refused, never asserted (an assert here would stop every replica on replay).
+                if new_term <= expected_term {
+                    return Err(Rejection::KeyringTermNotNewer { current: expected_term, proposed: new_term });
                 }
                 seal.key_term = new_term;
                 seal.key_installed = at;
@@ -293,14 +296,7 @@ impl State {
                 Ok(Response::Done)
             }
             Command::AuditShip { events } => {
-                let mut accepted = 0;
-                for event in events {
-                    let node = event.body.node;
-                    let chain = self.audit.chains.entry(node).or_default();
-                    if chain.append(node, event).map_err(Rejection::Audit)? {
-                        accepted += 1;
-                    }
-                }
+                let accepted = self.audit.ship(events).map_err(Rejection::Audit)?;
                 Ok(Response::AuditShipped { accepted })
             }
         }
@@ -532,6 +528,31 @@ mod tests {
         assert_eq!(state.route("team/data/x"), Some(("team/", "data/x")));
         assert_eq!(state.route("secret/data/y"), Some(("secret/", "data/y")));
         assert_eq!(state.route("nothing/x"), None);
+    }
+
+    #[test]
+    fn two_concurrent_rotations_are_rejected_not_panicking() {
+        let mut state = initialized();
+        let rotate = |expected_term, new_term| Command::RotateKeyring {
+            expected_term,
+            new_term,
+            wrapped_keyring: vec![new_term as u8],
+            at: 7,
+        };
+        // Two nodes rotate from term 1 at once: the first wins, the second finds the term moved.
+        assert_eq!(state.apply(rotate(1, 2)), Response::Done);
+        let after_first = state.clone();
+        assert_eq!(state.apply(rotate(1, 2)), Response::Rejected(Rejection::KeyringChanged { current: 2 }));
+        // A node whose keyring had not reloaded yet proposes term 2 again over term 2.
+        assert_eq!(
+            state.apply(rotate(2, 2)),
+            Response::Rejected(Rejection::KeyringTermNotNewer { current: 2, proposed: 2 })
+        );
+        assert_eq!(
+            state.apply(rotate(2, 1)),
+            Response::Rejected(Rejection::KeyringTermNotNewer { current: 2, proposed: 1 })
+        );
+        assert_eq!(state, after_first, "refused rotations change nothing");
     }
 
     #[test]

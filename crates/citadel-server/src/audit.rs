@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, Context, Result};
 use citadel_core::audit::{verify_chain, AuditBody, AuditEvent, GENESIS};
 use citadel_core::NodeId;
+use citadel_storage::files::{create_private_dir, open_private, FileError, PRIVATE_FILE};
 
 struct SpoolFile {
     file: File,
@@ -39,19 +40,15 @@ pub struct AuditSpool {
 
 impl AuditSpool {
     pub fn open(dir: &Path, node: NodeId, export: Option<&Path>) -> Result<Arc<AuditSpool>> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        create_private_dir(dir)?;
         let path = dir.join("audit.spool");
         let events = read_spool(&path, node)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let file = open_private(&path, OpenOptions::new().create(true).append(true))
             .with_context(|| format!("cannot open audit spool {}", path.display()))?;
         let export = export
             .map(|p| {
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
+                // The operator's own path (it may be a link to a log pipe): private, but followed.
+                std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), PRIVATE_FILE)
                     .open(p)
                     .with_context(|| format!("cannot open audit export {}", p.display()))
             })
@@ -137,10 +134,10 @@ impl AuditSpool {
 }
 
 fn read_spool(path: &Path, node: NodeId) -> Result<Vec<AuditEvent>> {
-    let file = match File::open(path) {
+    let file = match open_private(path, OpenOptions::new().read(true)) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(anyhow!("cannot read audit spool {}: {e}", path.display())),
+        Err(FileError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow!("cannot read audit spool: {e}")),
     };
     let mut events = Vec::new();
     let mut good_len: u64 = 0;
@@ -176,7 +173,7 @@ fn read_spool(path: &Path, node: NodeId) -> Result<Vec<AuditEvent>> {
     })?;
     let actual = std::fs::metadata(path)?.len();
     if actual != good_len {
-        let file = OpenOptions::new().write(true).open(path)?;
+        let file = open_private(path, OpenOptions::new().write(true))?;
         file.set_len(good_len)?;
         file.sync_all()?;
     }

@@ -24,5 +24,8 @@ pub mod seal;
 pub mod server;
 pub mod tls;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use config::Config;
 pub use server::run;

@@ -25,6 +25,13 @@ pub fn api_path(raw: &str) -> Result<String, String> {
     Ok(path.to_string())
 }
 
+/// The query parameters of `uri`, percent-decoded (the last value wins for a repeated name).
+pub fn query(uri: &axum::http::Uri) -> Result<std::collections::HashMap<String, String>, String> {
+    axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+        .map(|axum::extract::Query(q)| q)
+        .map_err(|e| format!("invalid query string: {e}"))
+}
+
 /// Percent-encodes an API path for a URL (a redirect's `Location`): every byte but unreserved
 /// characters and `/`, so that [`api_path`] of `/v1/` + the result gives the path back.
 pub fn encode_path(path: &str) -> String {

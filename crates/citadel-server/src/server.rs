@@ -1,13 +1,12 @@
 //! Starting a node: storage, Raft, listeners, and the background jobs.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::body::Body;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -30,6 +29,8 @@ struct RemoteAddr(SocketAddr);
 
 /// Runs a node until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<()> {
+    // Before anything is created: every file of the node is private to its user (§8.4).
+    citadel_storage::files::set_private_umask();
     tls::install_crypto_provider();
     crate::pki::bootstrap_if_needed(&config).await?;
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key)?;
@@ -188,9 +189,9 @@ async fn api_entry(
             return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
         }
     };
-    let query = match Query::<HashMap<String, String>>::try_from_uri(&uri) {
-        Ok(Query(q)) => q,
-        Err(e) => return ApiError::bad_request(format!("invalid query string: {e}")).into_response(),
+    let query = match crate::request_path::query(&uri) {
+        Ok(q) => q,
+        Err(e) => return ApiError::bad_request(e).into_response(),
     };
     let path = match crate::request_path::api_path(uri.path()) {
         Ok(path) => path,

@@ -118,17 +118,13 @@ impl DevPki {
     }
 }
 
-/// Writes a file readable by its owner only (keys, tokens).
+/// Writes a file readable by its owner only (keys, tokens, snapshots): mode 0600, also when it
+/// existed with a looser one, and never through a symbolic link (§8.4).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    let mut file =
+        citadel_storage::files::open_private(path, std::fs::OpenOptions::new().write(true).create(true).truncate(true))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     file.write_all(contents)?;
     file.sync_all()?;
     Ok(())

@@ -6,6 +6,7 @@
 //! that is verified before the record is trusted.
 
 pub mod codec;
+pub mod files;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;
@@ -23,9 +24,16 @@ pub const DB_FILE: &str = "raft.redb";
 /// Opens (or creates) a node's storage, refusing data that belongs to another node or fails
 /// its checksums. Errors say which file and what to do.
 pub fn open(data_dir: &Path, node_id: u64) -> Result<(LogStore, StateMachine), StorageOpenError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| StorageOpenError::Io(data_dir.to_path_buf(), e.to_string()))?;
+    let tightened = files::secure_data_dir(data_dir).map_err(StorageOpenError::Files)?;
+    if tightened > 0 {
+        tracing::warn!(
+            dir = %data_dir.display(),
+            count = tightened,
+            "tightened the modes of files and directories an older version left readable by others (now 0600/0700)"
+        );
+    }
     let path = data_dir.join(DB_FILE);
-    let db = redb::Database::create(&path).map_err(|e| StorageOpenError::Io(path.clone(), e.to_string()))?;
+    let db = open_db(&path)?;
     let db = Arc::new(log_store::Db { db, path: path.clone() });
     log_store::check_identity(&db, node_id)?;
     let log = LogStore::open(db.clone())?;
@@ -33,8 +41,19 @@ pub fn open(data_dir: &Path, node_id: u64) -> Result<(LogStore, StateMachine), S
     Ok((log, sm))
 }
 
+/// Opens the redb file itself (0600, never through a symbolic link) and hands it to redb.
+fn open_db(path: &Path) -> Result<redb::Database, StorageOpenError> {
+    let io = |e: String| StorageOpenError::Io(path.to_path_buf(), e);
+    let file =
+        files::open_private(path, std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false))
+            .map_err(StorageOpenError::Files)?;
+    let backend = redb::backends::FileBackend::new(file).map_err(|e| io(e.to_string()))?;
+    redb::Builder::new().create_with_backend(backend).map_err(|e| io(e.to_string()))
+}
+
 #[derive(Debug)]
 pub enum StorageOpenError {
+    Files(files::FileError),
     Io(PathBuf, String),
     Corrupt(PathBuf, String),
     Foreign { path: PathBuf, found: u64, expected: u64 },
@@ -44,6 +63,7 @@ pub enum StorageOpenError {
 impl std::fmt::Display for StorageOpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            StorageOpenError::Files(e) => e.fmt(f),
             StorageOpenError::Io(p, e) => write!(f, "cannot open {}: {e}", p.display()),
             StorageOpenError::Corrupt(p, e) => write!(
                 f,

@@ -516,7 +516,7 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
         }
         OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Save { file })) => {
             let bytes = c.bytes("GET", "sys/storage/raft/snapshot", None).await?;
-            std::fs::write(&file, &bytes).with_context(|| format!("cannot write {}", file.display()))?;
+            citadel_server::tls::write_private(&file, &bytes)?;
             out!("Success! Saved a snapshot ({} bytes) to {}", bytes.len(), file.display());
             Ok(())
         }
@@ -558,6 +558,13 @@ fn operator_offline(cmd: OperatorCmd, format: Format) -> Result<()> {
                 "last_term": header.last_term,
                 "size_bytes": header.size,
                 "sha256": header.sha256,
+                "format_version": header.version,
+                "hmac_key_term": header.key_term,
+                "authenticity": if header.version >= 2 {
+                    "checksums verified; the HMAC is verified by a restore, with the cluster's keyring"
+                } else {
+                    "checksums verified; version 1 file: no HMAC (only snapshot-force restores it)"
+                },
                 "mounts": state.mounts.len(),
                 "secrets": state.mounts.values().map(|m| m.kv.entries.len()).sum::<usize>(),
                 "policies": state.policies.len(),

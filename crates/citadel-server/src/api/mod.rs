@@ -160,7 +160,9 @@ impl From<Rejection> for ApiError {
             | Rejection::PolicyNotFound(_)
             | Rejection::UserNotFound(_)
             | Rejection::MountNotFound(_) => ApiError::new(StatusCode::NOT_FOUND, r.to_string()),
-            Rejection::KeyringChanged { .. } => ApiError::new(StatusCode::CONFLICT, r.to_string()),
+            Rejection::KeyringChanged { .. } | Rejection::KeyringTermNotNewer { .. } => {
+                ApiError::new(StatusCode::CONFLICT, r.to_string())
+            }
             _ => ApiError::bad_request(r.to_string()),
         }
     }

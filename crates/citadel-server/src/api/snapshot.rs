@@ -1,25 +1,38 @@
 //! `sys/storage/raft/snapshot`: operator snapshots, saved and restored as self-describing files.
 //!
-//! File: one JSON header line (format, version, cluster, index, term, SHA-256 of the body), then
-//! the body, which is the storage layer's checksummed snapshot record. Nothing in the file is
-//! plaintext: values are ciphertext, tokens keyed hashes. A restore verifies everything before it
-//! proposes anything, and goes through Raft like every other change (§1.1).
+//! File: one JSON header line (format, version, cluster, index, term, SHA-256 and size of the
+//! body, keyring term and HMAC), then the body, which is the storage layer's checksummed snapshot
+//! record. Nothing in the file is plaintext: values are ciphertext, tokens keyed hashes.
+//!
+//! The checksum only detects damage: anyone can recompute it. The HMAC-SHA256, under a key
+//! derived from a keyring term, proves the file was written by this cluster and not altered
+//! since; a restore verifies both (and decodes the whole body) before it proposes anything, and
+//! goes through Raft like every other change (§1.1). `snapshot-force` restores another cluster's
+//! snapshot, whose keyring we do not hold: it skips the HMAC only, never the checksum.
 
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use citadel_core::barrier::Keyring;
 use citadel_core::command::{Command, Response};
 use citadel_storage::codec::{self, StoredSnapshot};
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, ApiRequest, Reply};
 use crate::app::App;
+use crate::seal::Unsealed;
 
 const FORMAT: &str = "citadel-snapshot";
-const VERSION: u32 = 1;
+/// Version 2 added `key_term` and `hmac_sha256`. Version 1 files (checksum only) are read by
+/// `inspect` and by `snapshot-force`, never by a plain restore.
+const VERSION: u32 = 2;
+const VERSION_UNAUTHENTICATED: u32 = 1;
+/// Domain separation: the snapshot key is used for nothing else.
+const KEY_LABEL: &[u8] = b"citadel/snapshot-hmac-key/v1";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SnapshotHeader {
     pub format: String,
     pub version: u32,
@@ -28,10 +41,112 @@ pub struct SnapshotHeader {
     pub last_term: u64,
     pub sha256: String,
     pub size: usize,
+    /// The keyring term whose key the HMAC key was derived from (0 in version 1 files).
+    #[serde(default)]
+    pub key_term: u32,
+    /// Hex HMAC-SHA256 over every other header field (the body through `sha256` and `size`).
+    #[serde(default)]
+    pub hmac_sha256: String,
+}
+
+/// Why a snapshot file was refused. Every message names what is wrong.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SnapshotFileError {
+    NoHeader,
+    BadHeader(String),
+    UnsupportedVersion { format: String, version: u32 },
+    Damaged,
+    BadBody(String),
+    Inconsistent,
+    Unauthenticated,
+    UnknownKeyTerm(u32),
+    HmacMismatch,
+}
+
+impl std::fmt::Display for SnapshotFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoHeader => f.write_str("not a Citadel snapshot file (no header line)"),
+            Self::BadHeader(e) => write!(f, "not a Citadel snapshot file: {e}"),
+            Self::UnsupportedVersion { format, version } => write!(
+                f,
+                "unsupported snapshot format {format:?} version {version}; this build reads {FORMAT:?} versions \
+                 {VERSION_UNAUTHENTICATED} and {VERSION}"
+            ),
+            Self::Damaged => f.write_str("the snapshot file is damaged or truncated (checksum mismatch)"),
+            Self::BadBody(e) => write!(f, "the snapshot body is undecodable: {e}"),
+            Self::Inconsistent => f.write_str("the snapshot header does not match its body (index or term differ)"),
+            Self::Unauthenticated => f.write_str(
+                "the snapshot file is version 1, written before snapshots were authenticated, so it carries no \
+                 HMAC to verify: save a new snapshot, or restore this one with sys/storage/raft/snapshot-force \
+                 if you trust the file",
+            ),
+            Self::UnknownKeyTerm(term) => write!(
+                f,
+                "the snapshot is authenticated with keyring term {term}, which this cluster's keyring does not \
+                 have: it was written by another cluster (restore it with sys/storage/raft/snapshot-force) or altered"
+            ),
+            Self::HmacMismatch => f.write_str(
+                "the snapshot failed authentication (HMAC mismatch): it was altered after it was saved, or \
+                 written by another cluster",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SnapshotFileError {}
+
+/// The HMAC key of keyring term `term`: derived, so the data key itself never signs anything.
+fn snapshot_key(keyring: &Keyring, term: u32) -> Option<Hmac<Sha256>> {
+    let entry = keyring.terms.iter().find(|t| t.term == term)?;
+    let mut derive = Hmac::<Sha256>::new_from_slice(&entry.key).ok()?;
+    derive.update(KEY_LABEL);
+    Hmac::<Sha256>::new_from_slice(&derive.finalize().into_bytes()).ok()
+}
+
+/// Feeds every header field but the HMAC into `mac`, each length-prefixed so that no two
+/// headers share an encoding. The body is covered through its SHA-256 and size.
+fn mac_header(mut mac: Hmac<Sha256>, header: &SnapshotHeader) -> Hmac<Sha256> {
+    let mut field = |bytes: &[u8]| {
+        mac.update(&(bytes.len() as u64).to_be_bytes());
+        mac.update(bytes);
+    };
+    field(header.format.as_bytes());
+    field(&header.version.to_be_bytes());
+    field(header.cluster_id.as_bytes());
+    field(&header.last_index.to_be_bytes());
+    field(&header.last_term.to_be_bytes());
+    field(header.sha256.as_bytes());
+    field(&(header.size as u64).to_be_bytes());
+    field(&header.key_term.to_be_bytes());
+    mac
+}
+
+/// Signs `header` with the keyring's current term.
+fn sign(header: &mut SnapshotHeader, keyring: &Keyring) -> Result<(), ApiError> {
+    header.key_term = keyring.current().term;
+    let key = snapshot_key(keyring, header.key_term)
+        .ok_or_else(|| ApiError::internal("the keyring has no key for its current term"))?;
+    header.hmac_sha256 = hex::encode(mac_header(key, header).finalize().into_bytes());
+    Ok(())
+}
+
+/// Checks the header's HMAC with this cluster's keyring (in constant time).
+pub fn verify_hmac(header: &SnapshotHeader, keyring: &Keyring) -> Result<(), SnapshotFileError> {
+    if header.version == VERSION_UNAUTHENTICATED {
+        return Err(SnapshotFileError::Unauthenticated);
+    }
+    let key = snapshot_key(keyring, header.key_term).ok_or(SnapshotFileError::UnknownKeyTerm(header.key_term))?;
+    // Only the exact form `save` writes (lowercase hex): no second spelling of a valid file.
+    if header.hmac_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(SnapshotFileError::HmacMismatch);
+    }
+    let tag = hex::decode(&header.hmac_sha256).map_err(|_| SnapshotFileError::HmacMismatch)?;
+    mac_header(key, header).verify_slice(&tag).map_err(|_| SnapshotFileError::HmacMismatch)
 }
 
 /// Builds a fresh snapshot covering everything committed so far and returns it as a file.
-pub async fn save(app: &App) -> Result<Reply, ApiError> {
+pub async fn save(app: &App, keys: &Unsealed) -> Result<Reply, ApiError> {
     app.linearize().await?;
     let target = app.state.applied_index();
     app.raft.trigger().snapshot().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -50,7 +165,7 @@ pub async fn save(app: &App) -> Result<Reply, ApiError> {
     let stored: StoredSnapshot = codec::decode(&data, "snapshot")
         .map_err(|e| ApiError::internal(format!("the local snapshot is damaged: {e}")))?;
     let last = stored.last_applied.ok_or_else(|| ApiError::unavailable("nothing to snapshot yet"))?;
-    let header = SnapshotHeader {
+    let mut header = SnapshotHeader {
         format: FORMAT.into(),
         version: VERSION,
         cluster_id: stored.state.cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
@@ -58,31 +173,42 @@ pub async fn save(app: &App) -> Result<Reply, ApiError> {
         last_term: last.term,
         sha256: hex::encode(Sha256::digest(&data)),
         size: data.len(),
+        key_term: 0,
+        hmac_sha256: String::new(),
     };
-    let mut file = serde_json::to_vec(&header).expect("header serializes");
+    sign(&mut header, &keys.keyring)?;
+    let mut file = serde_json::to_vec(&header).map_err(|e| ApiError::internal(e.to_string()))?;
     file.push(b'\n');
     file.extend_from_slice(&data);
     Ok(Reply::raw(StatusCode::OK, "application/octet-stream", file))
 }
 
-/// Splits and verifies a snapshot file; every failure names what is wrong.
-pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), String> {
-    let newline = file.iter().position(|b| *b == b'\n').ok_or("not a Citadel snapshot file (no header line)")?;
+/// Splits a snapshot file and verifies everything but the HMAC (which needs the keyring, see
+/// [`verify_hmac`]): format and version, size and checksum of the body, the body's own record
+/// checksum and decoding, and that header and body agree.
+pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFileError> {
+    let newline = file.iter().position(|b| *b == b'\n').ok_or(SnapshotFileError::NoHeader)?;
+    let (head, rest) = file.split_at(newline);
     let header: SnapshotHeader =
-        serde_json::from_slice(&file[..newline]).map_err(|e| format!("not a Citadel snapshot file: {e}"))?;
-    if header.format != FORMAT || header.version != VERSION {
-        return Err(format!("unsupported snapshot format {:?} version {}", header.format, header.version));
+        serde_json::from_slice(head).map_err(|e| SnapshotFileError::BadHeader(e.to_string()))?;
+    if header.format != FORMAT || !(VERSION_UNAUTHENTICATED..=VERSION).contains(&header.version) {
+        return Err(SnapshotFileError::UnsupportedVersion { format: header.format, version: header.version });
     }
-    let body = &file[newline + 1..];
+    let body = rest.get(1..).unwrap_or_default();
     if body.len() != header.size || hex::encode(Sha256::digest(body)) != header.sha256 {
-        return Err("the snapshot file is damaged or truncated (checksum mismatch)".into());
+        return Err(SnapshotFileError::Damaged);
     }
-    let stored: StoredSnapshot = codec::decode(body, "snapshot body").map_err(|e| e.to_string())?;
+    let stored: StoredSnapshot =
+        codec::decode(body, "snapshot body").map_err(|e| SnapshotFileError::BadBody(e.to_string()))?;
+    let last = stored.last_applied.as_ref().map(|l| (l.index, l.term));
+    if last != Some((header.last_index, header.last_term)) {
+        return Err(SnapshotFileError::Inconsistent);
+    }
     Ok((header, stored))
 }
 
-pub async fn restore(app: &App, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {
-    let (header, stored) = parse(&req.body).map_err(ApiError::bad_request)?;
+pub async fn restore(app: &App, keys: &Unsealed, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {
+    let (header, stored) = parse(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let current = app.state.read(|s| s.cluster.as_ref().map(|c| c.id.clone()));
     if current.as_deref() != Some(header.cluster_id.as_str()) && !force {
         return Err(ApiError::bad_request(format!(
@@ -90,9 +216,164 @@ pub async fn restore(app: &App, req: &ApiRequest, force: bool) -> Result<Reply, 
             header.cluster_id
         )));
     }
+    if force {
+        tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "forced restore: the snapshot's HMAC is not verified (checksums are)");
+    } else {
+        verify_hmac(&header, &keys.keyring).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
     tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "restoring a snapshot");
     match app.propose(Command::RestoreState { state: Box::new(stored.state) }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use citadel_core::state::{ClusterInfo, State};
+    use citadel_storage::codec::{StoredLogId, StoredMembershipConfig, StoredMembershipState};
+
+    fn keyring() -> Keyring {
+        Keyring::new(1, [1; 32], [2; 32], [3; 32])
+    }
+
+    fn stored() -> StoredSnapshot {
+        let state = State {
+            cluster: Some(ClusterInfo { id: "c1".into(), name: "citadel".into(), initialized_at: 1 }),
+            ..State::default()
+        };
+        StoredSnapshot {
+            format: citadel_core::command::FORMAT_VERSION,
+            last_applied: Some(StoredLogId { term: 2, leader: 1, index: 9 }),
+            membership: StoredMembershipState {
+                log_id: None,
+                config: StoredMembershipConfig { configs: vec![], nodes: Default::default() },
+            },
+            state,
+        }
+    }
+
+    /// A signed file, as `save` writes it.
+    pub(crate) fn signed_file(stored: &StoredSnapshot, keyring: &Keyring) -> Vec<u8> {
+        let body = codec::encode(stored);
+        let mut header = SnapshotHeader {
+            format: FORMAT.into(),
+            version: VERSION,
+            cluster_id: "c1".into(),
+            last_index: 9,
+            last_term: 2,
+            sha256: hex::encode(Sha256::digest(&body)),
+            size: body.len(),
+            key_term: 0,
+            hmac_sha256: String::new(),
+        };
+        sign(&mut header, keyring).unwrap();
+        let mut file = serde_json::to_vec(&header).unwrap();
+        file.push(b'\n');
+        file.extend_from_slice(&body);
+        file
+    }
+
+    #[test]
+    fn a_signed_snapshot_verifies_after_a_keyring_rotation() {
+        let mut ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        let (header, body) = parse(&file).unwrap();
+        assert_eq!(body, stored());
+        assert_eq!(verify_hmac(&header, &ring), Ok(()));
+        ring.rotate(2, [9; 32]);
+        assert_eq!(verify_hmac(&header, &ring), Ok(()), "old terms stay in the keyring");
+        let other = Keyring::new(1, [7; 32], [2; 32], [3; 32]);
+        assert_eq!(verify_hmac(&header, &other), Err(SnapshotFileError::HmacMismatch));
+    }
+
+    #[test]
+    fn a_snapshot_tampered_with_a_recomputed_checksum_fails_its_hmac() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        let (mut header, mut body) = parse(&file).unwrap();
+        body.state.cluster.as_mut().unwrap().name = "forged".into();
+        let forged = codec::encode(&body);
+        header.sha256 = hex::encode(Sha256::digest(&forged));
+        header.size = forged.len();
+        let mut file = serde_json::to_vec(&header).unwrap();
+        file.push(b'\n');
+        file.extend_from_slice(&forged);
+        let (header, _) = parse(&file).expect("the checksums were recomputed: only the HMAC can tell");
+        assert_eq!(verify_hmac(&header, &ring), Err(SnapshotFileError::HmacMismatch));
+    }
+
+    #[test]
+    fn version_1_files_parse_but_never_authenticate() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        let (mut header, _) = parse(&file).unwrap();
+        header.version = VERSION_UNAUTHENTICATED;
+        assert_eq!(verify_hmac(&header, &ring), Err(SnapshotFileError::Unauthenticated));
+        header.version = 3;
+        let mut file3 = serde_json::to_vec(&header).unwrap();
+        file3.extend_from_slice(&file[file.iter().position(|b| *b == b'\n').unwrap()..]);
+        assert!(matches!(parse(&file3), Err(SnapshotFileError::UnsupportedVersion { version: 3, .. })));
+    }
+
+    /// Parsing and then authenticating, as a restore does.
+    fn accepted(file: &[u8], ring: &Keyring) -> bool {
+        parse(file).is_ok_and(|(header, _)| verify_hmac(&header, ring).is_ok())
+    }
+
+    #[test]
+    fn no_bit_flip_of_a_signed_snapshot_file_is_accepted() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        assert!(accepted(&file, &ring));
+        for bit in 0..file.len() * 8 {
+            let mut damaged = file.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(!accepted(&damaged, &ring), "a flip of bit {bit} was accepted");
+        }
+        for len in 0..file.len() {
+            assert!(parse(&file[..len]).is_err(), "a file truncated to {len} bytes was accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 3000, failure_persistence: None, ..Default::default()
+        })]
+
+        #[test]
+        fn arbitrary_snapshot_files_are_refused_without_panicking(
+            head in "\\PC{0,120}", body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)
+        ) {
+            let mut file = head.into_bytes();
+            file.push(b'\n');
+            file.extend_from_slice(&body);
+            proptest::prop_assert!(!accepted(&file, &keyring()));
+        }
+
+        #[test]
+        fn mutated_snapshot_files_are_refused_without_panicking(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..8)
+        ) {
+            let ring = keyring();
+            let mut file = signed_file(&stored(), &ring);
+            let original = file.clone();
+            for (at, byte) in edits {
+                let at = at % file.len();
+                file[at] = byte;
+            }
+            proptest::prop_assume!(file != original);
+            proptest::prop_assert!(!accepted(&file, &ring));
+        }
+    }
+
+    #[test]
+    fn a_header_that_disagrees_with_its_body_is_refused() {
+        let ring = keyring();
+        let mut other = stored();
+        other.last_applied = Some(StoredLogId { term: 2, leader: 1, index: 10 });
+        let file = signed_file(&other, &ring);
+        assert_eq!(parse(&file).unwrap_err(), SnapshotFileError::Inconsistent);
     }
 }

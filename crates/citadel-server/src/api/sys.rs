@@ -454,15 +454,15 @@ pub async fn route(
         }
         ("storage/raft/snapshot", Op::Read) => {
             need_sudo(app, caller, req, op)?;
-            super::snapshot::save(app).await
+            super::snapshot::save(app, keys).await
         }
         ("storage/raft/snapshot", Op::Write) => {
             need_sudo(app, caller, req, op)?;
-            super::snapshot::restore(app, req, false).await
+            super::snapshot::restore(app, keys, req, false).await
         }
         ("storage/raft/snapshot-force", Op::Write) => {
             need_sudo(app, caller, req, op)?;
-            super::snapshot::restore(app, req, true).await
+            super::snapshot::restore(app, keys, req, true).await
         }
         ("storage/raft/autopilot/state", Op::Read) => {
             authorize_op(app, caller, req, op, Target::Action)?;

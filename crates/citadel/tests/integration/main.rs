@@ -7,6 +7,7 @@ mod api_kv;
 mod api_sys;
 mod cluster;
 mod crash;
+mod files;
 mod harness;
 mod security;
 mod tokens;
