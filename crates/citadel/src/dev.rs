@@ -290,8 +290,6 @@ pub async fn run(nodes: usize, dir: &Path, port: u16) -> Result<()> {
     }
     citadel_storage::files::set_private_umask();
     let layout = Layout::new(dir, nodes, port)?;
-    // A directory left by an older version (0644 certificates and configs) is tightened too.
-    citadel_storage::files::secure_data_dir(&layout.dir)?;
     let exe = std::env::current_exe()?;
     let resuming = layout.dir.join("env").exists();
     layout.write_files("")?;
