@@ -63,7 +63,7 @@ pub enum StorageOpenError {
 impl std::fmt::Display for StorageOpenError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StorageOpenError::Files(e) => e.fmt(f),
+            StorageOpenError::Files(e) => std::fmt::Display::fmt(e, f),
             StorageOpenError::Io(p, e) => write!(f, "cannot open {}: {e}", p.display()),
             StorageOpenError::Corrupt(p, e) => write!(
                 f,

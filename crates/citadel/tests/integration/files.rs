@@ -152,3 +152,32 @@ async fn a_snapshot_tampered_with_a_recomputed_checksum_is_refused() {
     // The untampered file restores.
     root.bytes("POST", "sys/storage/raft/snapshot", Some(file)).await.unwrap();
 }
+
+/// §8.3 (here for its port range): concurrent `sys/rotate` calls used to be able to commit an
+/// entry whose `apply` asserted, stopping every replica on every replay. Now the loser is refused
+/// (409) and the log replays after a restart.
+#[tokio::test]
+async fn concurrent_rotations_are_refused_not_fatal_and_the_log_replays() {
+    let mut node = Node1::start(24040).await;
+    let root = node.root();
+    root.kv_put("secret", "r", &json!({ "v": "before" }), None).await.unwrap();
+    let rotations = (0..8).map(|_| root.request("PUT", "sys/rotate", None));
+    let results = futures::future::join_all(rotations).await;
+    let mut rotated = 0;
+    for result in results {
+        match result {
+            Ok(_) => rotated += 1,
+            Err(e) => assert_eq!(e.status().map(|s| s.as_u16()), Some(409), "{e}"),
+        }
+    }
+    assert!(rotated >= 1);
+    let term = root.get("sys/key-status").await.unwrap()["data"]["term"].as_u64().unwrap();
+    assert_eq!(term, 1 + rotated, "each accepted rotation added one term");
+    root.kv_put("secret", "r", &json!({ "v": "after" }), None).await.unwrap();
+
+    node.kill9();
+    node.restart().await;
+    let root = node.root();
+    assert_eq!(root.kv_get("secret", "r", None).await.unwrap(), json!({ "v": "after" }), "the log replayed");
+    assert_eq!(root.get("sys/key-status").await.unwrap()["data"]["term"].as_u64(), Some(term));
+}
