@@ -79,43 +79,45 @@ fn audit_events() -> impl Strategy<Value = Vec<AuditEvent>> {
     })
 }
 
-fn init() -> impl Strategy<Value = Command> {
-    (name(), mount(), term()).prop_map(|(path, default_mount, key_term)| {
-        Command::Init(Box::new(InitCommand {
-            cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
-            seal: SealInfo {
-                shares: 1,
-                threshold: 1,
-                wrapped_root_key: vec![1],
-                wrapped_keyring: vec![2],
-                key_term,
-                key_installed: 1,
-            },
-            root_token: TokenEntry {
-                hash: "root".into(),
-                accessor: "root-acc".into(),
-                policies: vec![policy::ROOT.into()],
-                display_name: "root".into(),
-                meta: Default::default(),
-                created: 1,
-                expires: None,
-                ttl_secs: 0,
-                renewable: false,
-                parent: None,
-                username: None,
-                ..TokenEntry::default()
-            },
-            default_mount_path: path,
-            default_mount,
-        }))
-    })
+fn init() -> BoxedStrategy<Command> {
+    (name(), mount(), term())
+        .prop_map(|(path, default_mount, key_term)| {
+            Command::Init(Box::new(InitCommand {
+                cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
+                seal: SealInfo {
+                    shares: 1,
+                    threshold: 1,
+                    wrapped_root_key: vec![1],
+                    wrapped_keyring: vec![2],
+                    key_term,
+                    key_installed: 1,
+                },
+                root_token: TokenEntry {
+                    hash: "root".into(),
+                    accessor: "root-acc".into(),
+                    policies: vec![policy::ROOT.into()],
+                    display_name: "root".into(),
+                    meta: Default::default(),
+                    created: 1,
+                    expires: None,
+                    ttl_secs: 0,
+                    renewable: false,
+                    parent: None,
+                    username: None,
+                    ..TokenEntry::default()
+                },
+                default_mount_path: path,
+                default_mount,
+            }))
+        })
+        .boxed()
 }
 
 fn versions() -> impl Strategy<Value = Vec<u64>> {
     proptest::collection::vec(number(), 0..3)
 }
 
-fn kv_command() -> impl Strategy<Value = Command> {
+fn kv_command() -> BoxedStrategy<Command> {
     prop_oneof![
         (name(), name(), number(), proptest::option::of(number()), number()).prop_map(
             |(mount, path, version, cas, at)| Command::KvWrite { mount, path, version, ciphertext: vec![1], cas, at }
@@ -159,9 +161,10 @@ fn kv_command() -> impl Strategy<Value = Command> {
             }
         ),
     ]
+    .boxed()
 }
 
-fn other_command() -> impl Strategy<Value = Command> {
+fn other_command() -> BoxedStrategy<Command> {
     prop_oneof![
         init(),
         (term(), term(), number()).prop_map(|(expected_term, new_term, at)| Command::RotateKeyring {
@@ -221,13 +224,14 @@ fn other_command() -> impl Strategy<Value = Command> {
             Command::RestoreState { state: Box::new(state) }
         }),
     ]
+    .boxed()
 }
 
 /// A command wrapped with a token, as a client request's is: usually the root token, sometimes
 /// one that may not exist, sometimes nested (which `apply` refuses).
-fn authorized() -> impl Strategy<Value = Command> {
-    (prop_oneof![Just("root".to_string()), name()], number(), kv_command(), any::<bool>()).prop_map(
-        |(token_hash, at, inner, nested)| {
+fn authorized() -> BoxedStrategy<Command> {
+    (prop_oneof![Just("root".to_string()), name()], number(), kv_command(), any::<bool>())
+        .prop_map(|(token_hash, at, inner, nested)| {
             let wrap = |command: Command| Command::Authorized {
                 token_hash: token_hash.clone(),
                 request_id: "r".into(),
@@ -239,12 +243,12 @@ fn authorized() -> impl Strategy<Value = Command> {
             } else {
                 wrap(inner)
             }
-        },
-    )
+        })
+        .boxed()
 }
 
-fn command() -> impl Strategy<Value = Command> {
-    prop_oneof![3 => kv_command(), 2 => other_command(), 1 => init(), 1 => authorized()]
+fn command() -> BoxedStrategy<Command> {
+    prop_oneof![3 => kv_command(), 2 => other_command(), 1 => init(), 1 => authorized()].boxed()
 }
 
 /// Mostly sequences that start with an init (so the rest is not all "not initialized").
