@@ -124,10 +124,31 @@ pub enum Command {
     JoinTokenCreate {
         hash: String,
         expires: UnixMillis,
+        /// The only node id a certificate bought with this token may name (none: any).
+        #[serde(default)]
+        node_id: Option<u64>,
     },
-    /// Spends a join token: accepted once, before it expires (`now` chosen by the proposer).
+    /// Spends a join token: accepted once, before it expires (`now` chosen by the proposer),
+    /// and only for the node id it was issued for, if it names one.
     JoinTokenUse {
         hash: String,
+        now: UnixMillis,
+        #[serde(default)]
+        node_id: Option<u64>,
+    },
+    /// Records a member's certificate, so that removing the member can revoke it. Records of
+    /// that node whose certificates expired by `at` (chosen by the proposer) are dropped.
+    NodeCertRecord {
+        node_id: u64,
+        /// Lowercase hex, as `PeerIdentity` shows it.
+        serial: String,
+        not_after: UnixMillis,
+        at: UnixMillis,
+    },
+    /// Revokes every certificate recorded for a removed node, and forgets revoked serials whose
+    /// certificates expired by `now` (chosen by the proposer): the deny list stays bounded.
+    NodeCertsRevoke {
+        node_id: u64,
         now: UnixMillis,
     },
 }
@@ -160,6 +181,8 @@ impl Command {
             Command::SetClusterCa { .. } => "set_cluster_ca",
             Command::JoinTokenCreate { .. } => "join_token_create",
             Command::JoinTokenUse { .. } => "join_token_use",
+            Command::NodeCertRecord { .. } => "node_cert_record",
+            Command::NodeCertsRevoke { .. } => "node_certs_revoke",
         }
     }
 }
@@ -191,6 +214,12 @@ pub enum Rejection {
     Audit(ChainError),
     #[error("the join token is unknown, expired, or already used")]
     JoinTokenInvalid,
+    #[error("the join token was issued for node {0}, not for this node id")]
+    JoinTokenForAnotherNode(u64),
+    #[error("node certificate: {0}")]
+    NodeCertInvalid(String),
+    #[error("node certificate {0} is revoked")]
+    NodeCertRevoked(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
