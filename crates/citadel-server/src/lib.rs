@@ -17,6 +17,7 @@ pub mod ha;
 pub mod ids;
 pub mod membership;
 pub mod metrics;
+pub mod peer;
 pub mod pki;
 pub mod seal;
 pub mod server;

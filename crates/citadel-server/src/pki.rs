@@ -1,5 +1,7 @@
 //! Certifying joining nodes: the cluster keeps its CA key sealed in the replicated state; a node
-//! presenting a one-time join token receives a certificate for its addresses.
+//! presenting a one-time join token receives a certificate for its node id and addresses, valid
+//! for `tls.cert_validity_days`. A token never certifies a current member's node id (that would
+//! let its holder impersonate the member), and a token issued for a node id certifies only it.
 
 use std::time::Duration;
 
@@ -50,6 +52,16 @@ pub struct BootstrapReply {
 
 /// Issues a node certificate for a valid join token, spending the token.
 pub async fn issue(app: &App, req: &BootstrapRequest) -> Result<BootstrapReply, String> {
+    if req.node_id == 0 {
+        return Err("node_id must be a positive integer".into());
+    }
+    if is_member(app, req.node_id) {
+        return Err(format!(
+            "node {} is a current member of this cluster: a join token cannot certify a member's node id; \
+             give the new node an unused node_id",
+            req.node_id
+        ));
+    }
     if req.names.is_empty() || req.names.len() > 16 {
         return Err("names must list between 1 and 16 addresses or DNS names".into());
     }
@@ -66,8 +78,8 @@ pub async fn issue(app: &App, req: &BootstrapRequest) -> Result<BootstrapReply, 
         .read(|s| s.cluster_ca.clone())
         .ok_or("this cluster holds no CA key: start the initializing node with tls.ca_key to certify joining nodes")?;
     let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &req.join_token);
-    let spent =
-        app.propose(Command::JoinTokenUse { hash, now: ids::now_ms() }).await.map_err(|e| e.errors.join("; "))?;
+    let spend = Command::JoinTokenUse { hash, now: ids::now_ms(), node_id: Some(req.node_id) };
+    let spent = app.propose(spend).await.map_err(|e| e.errors.join("; "))?;
     if let Response::Rejected(r) = spent {
         return Err(r.to_string());
     }
@@ -75,10 +87,16 @@ pub async fn issue(app: &App, req: &BootstrapRequest) -> Result<BootstrapReply, 
         keys.keyring.decrypt(AAD_CLUSTER_CA, &ca.key_ciphertext).map_err(|e| format!("cluster CA key: {e}"))?;
     let key_pem = std::str::from_utf8(&key_pem).map_err(|_| "cluster CA key is not PEM")?;
     let pki = DevPki::from_key(&ca.common_name, &ca.cert_pem, key_pem).map_err(|e| e.to_string())?;
-    let (certificate, private_key) =
-        pki.node_cert(&format!("node-{}", req.node_id), &req.names).map_err(|e| e.to_string())?;
+    let (certificate, private_key) = pki
+        .node_cert_valid_for(&format!("node-{}", req.node_id), &req.names, app.config.tls.cert_validity_days)
+        .map_err(|e| e.to_string())?;
     tracing::info!(node = req.node_id, "issued a node certificate for a join token");
     Ok(BootstrapReply { certificate, private_key, ca_certificate: ca.cert_pem })
+}
+
+/// Whether `node_id` is a voter or non-voter of this node's view of the membership.
+pub fn is_member(app: &App, node_id: u64) -> bool {
+    app.raft_metrics().membership_config.membership().get_node(&node_id).is_some()
 }
 
 /// At start: a node without its certificate files, configured with a join token, fetches them.
@@ -97,7 +115,10 @@ pub async fn bootstrap_if_needed(config: &Config) -> Result<()> {
         (join.leader_api_addr.as_deref().unwrap_or_default(), join.join_token.as_deref().unwrap_or_default());
     let tls = crate::tls::client_config(&config.tls.ca)?;
     let http = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(Duration::from_secs(30)).build()?;
+    // The hosts it listens on and the hosts it advertises: the leader checks the latter at join.
     let mut names = vec![config.api_addr.ip().to_string(), config.cluster_addr.ip().to_string()];
+    names.extend([config.api_url(), config.cluster_url()].iter().filter_map(|a| crate::peer::host_of(a)));
+    names.sort();
     names.dedup();
     let body = BootstrapRequest { join_token: token.to_string(), node_id: config.node_id, names };
     let url = format!("{}/v1/sys/storage/raft/bootstrap", addr.trim_end_matches('/'));

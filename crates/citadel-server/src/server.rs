@@ -81,7 +81,9 @@ pub async fn run(config: Config) -> Result<()> {
         started: Instant::now(),
         leader_contact: Default::default(),
         leaving: Default::default(),
+        removed: Default::default(),
     });
+    crate::peer::load_removed_marker(&app);
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     if cfg!(any(feature = "unsafe-ack-before-commit", feature = "unsafe-stale-reads")) {
         tracing::error!("this build is broken on purpose (an unsafe-* cargo feature): it can lose writes or serve stale reads; use it only to test the chaos harness");
@@ -93,6 +95,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(sweep_expired_tokens(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
+    tokio::spawn(crate::peer::watch_membership(app.clone()));
     tokio::spawn(crate::membership::autopilot(app.clone()));
     if app.config.seal.kind == SealKind::Keyfile {
         tokio::spawn(auto_unseal(app.clone()));
@@ -154,6 +157,7 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 }
                 Err(_) => return,
             };
+            let service = service.layer(Extension(crate::peer::PeerCert::of(tls.get_ref().1)));
             let service = hyper_util::service::TowerToHyperService::new(service);
             // HTTP/1.1 or HTTP/2, whichever the peer speaks (the API advertises only HTTP/1.1).
             let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -195,6 +199,9 @@ async fn api_entry(
     let path = uri.path().strip_prefix("/v1/").unwrap_or_default().trim_matches('/').to_string();
     if path.split('/').any(|seg| seg == ".." || seg == ".") || path.contains("//") {
         return ApiError::bad_request("invalid path").into_response();
+    }
+    if crate::peer::is_removed(&app) && path != "sys/health" {
+        return ApiError::unavailable(crate::peer::REMOVED_MESSAGE).into_response();
     }
     let request = ApiRequest {
         method,
