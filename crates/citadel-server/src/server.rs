@@ -83,8 +83,8 @@ pub async fn run(config: Config) -> Result<()> {
         leaving: Default::default(),
         removed: Default::default(),
     });
-    crate::peer::load_removed_marker(&app);
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
+    crate::peer::load_removed_marker(&app);
     if cfg!(any(feature = "unsafe-ack-before-commit", feature = "unsafe-stale-reads")) {
         tracing::error!("this build is broken on purpose (an unsafe-* cargo feature): it can lose writes or serve stale reads; use it only to test the chaos harness");
     }

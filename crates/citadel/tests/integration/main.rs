@@ -8,4 +8,5 @@ mod cluster;
 mod crash;
 mod harness;
 mod security;
+mod trust;
 mod vault_client;
