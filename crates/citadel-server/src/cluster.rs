@@ -52,13 +52,11 @@ pub struct ClusterNetwork {
 pub const PROTOCOL_VERSION: u32 = 1;
 
 impl ClusterNetwork {
-    pub fn new(config: &Config) -> Result<ClusterNetwork> {
-        let certs = crate::tls::load_certs(&config.tls.cert)?;
-        let key = crate::tls::load_key(&config.tls.key)?;
+    pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>) -> Result<ClusterNetwork> {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(crate::tls::root_store(&config.tls.ca)?)
-            .with_client_auth_cert(certs, key)?;
+            .with_client_cert_resolver(node_cert);
         let mut tls = tls;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         // HTTP/2: one long-lived, multiplexed connection per peer carries Raft messages,
@@ -261,6 +259,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/cluster/transfer-leader", post(transfer))
         .route("/cluster/remove-peer", post(remove_peer))
         .route("/cluster/leave", post(leave))
+        .route("/cluster/renew-cert", post(renew_cert))
         .with_state(app.clone());
     // The gate runs before a body is read: a refused peer cannot make this node buffer one.
     raft.merge(appends)
@@ -291,6 +290,17 @@ async fn join(
     Json(req): Json<JoinRequest>,
 ) -> Json<Wire<JoinReply>> {
     Json(crate::membership::accept_join(&app, peer.as_deref(), req).await)
+}
+
+/// A member asks the leader for a fresh certificate for the node id and names of its current one.
+async fn renew_cert(
+    State(app): State<Arc<App>>,
+    Extension(PeerCert(peer)): Extension<PeerCert>,
+) -> Json<Wire<crate::pki::BootstrapReply>> {
+    Json(match peer {
+        Some(peer) => crate::pki::renew(&app, &peer).await,
+        None => Err(crate::peer::PeerRefusal::NoCertificate.to_string()),
+    })
 }
 
 async fn propose(State(app): State<Arc<App>>, Json(command): Json<Command>) -> Json<Wire<Response>> {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 
 /// The one crypto provider of the process. Two providers in the dependency tree make rustls
 /// panic at first use unless one is installed explicitly, so every entry point calls this.
@@ -43,14 +44,61 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+/// The API port's TLS: this node's (renewable) certificate, no client certificates.
+pub fn server_config(node_cert: Arc<NodeCert>) -> Result<Arc<rustls::ServerConfig>> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .context("certificate and key do not match")?;
+        .with_cert_resolver(node_cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// This node's certificate and key, behind every TLS config that presents them (the API port,
+/// the cluster port, outbound cluster calls). Swappable at run time: a renewed certificate is
+/// presented on new connections without a restart.
+#[derive(Debug)]
+pub struct NodeCert {
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+}
+
+impl NodeCert {
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<NodeCert>> {
+        let current = std::sync::RwLock::new(Arc::new(certified_key(cert, key)?));
+        Ok(Arc::new(NodeCert { current }))
+    }
+
+    /// Reads the files again (after they were replaced) and presents them from now on.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<()> {
+        let fresh = Arc::new(certified_key(cert, key)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey> {
+    CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, &provider())
+        .with_context(|| format!("{} and {} do not hold a matching certificate and key", cert.display(), key.display()))
+}
+
+impl rustls::server::ResolvesServerCert for NodeCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for NodeCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// A client config trusting only `ca` (never the system roots: a vault trusts its own CA).

@@ -1,7 +1,8 @@
 //! Who may use the cluster channel (§8.1): certificates bought with a join token, removed nodes,
-//! and certificates naming another node. Ports 23000 + 100·k.
+//! certificates naming another node, and renewal. Ports 23000 + 50·k.
 
 use citadel::dev;
+use citadel_server::peer::PeerIdentity;
 use serde_json::{json, Value};
 
 use crate::harness::{Cluster, STARTUP};
@@ -214,4 +215,57 @@ async fn joining_with_a_certificate_issued_for_another_node_id_is_refused() {
     let refusal = answer["Err"].as_str().unwrap_or_default();
     assert!(refusal.contains("10.9.9.9 is not among the names"), "{answer}");
     assert_eq!(server_count(&cluster, 0).await, 1, "nobody joined");
+}
+
+/// The certificate a node's API port presents on a new connection.
+async fn presented_certificate(cluster: &Cluster, i: usize) -> Option<PeerIdentity> {
+    citadel_server::tls::install_crypto_provider();
+    let ca = std::fs::read(cluster.layout.ca_path()).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .tls_info(true)
+        .build()
+        .unwrap();
+    let response = client.get(format!("{}/v1/sys/health", cluster.layout.api_url(i))).send().await.ok()?;
+    let der = response.extensions().get::<reqwest::tls::TlsInfo>()?.peer_certificate()?.to_vec();
+    PeerIdentity::from_der(&der).ok()
+}
+
+#[tokio::test]
+async fn a_member_renews_its_certificate_before_it_expires_and_uses_it_without_a_restart() {
+    let mut cluster = Cluster::start_partial(3, 2, 23250, true, "").await;
+    // Node 3 renews a certificate that expires within a year: its own (from `citadel dev`) is due.
+    let config = cluster.layout.config_path(2);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let renewing = text.replace("[tls]\n", "[tls]\nrenew_before_days = 365\ncert_validity_days = 3650\n");
+    assert_ne!(text, renewing);
+    std::fs::write(&config, renewing).unwrap();
+    let cert_path = cluster.layout.node_dir(2).join("cert.pem");
+    let original = PeerIdentity::from_pem_file(&cert_path).unwrap();
+    cluster.respawn_at(2);
+    cluster.wait_healthy(3).await;
+
+    let renewed = dev::wait_for("node 3 to renew its certificate", STARTUP, || async {
+        let current = PeerIdentity::from_pem_file(&cert_path).ok()?;
+        (current.serial != original.serial).then_some(current)
+    })
+    .await
+    .unwrap();
+    assert_eq!((renewed.node_id, &renewed.names), (Some(3), &original.names), "same node id and names");
+    assert!(renewed.not_after > original.not_after, "the renewed certificate expires later");
+    let key = cluster.layout.node_dir(2).join("key.pem");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the renewed key is private");
+
+    dev::wait_for("node 3 to present the renewed certificate", STARTUP, || async {
+        let presented = presented_certificate(&cluster, 2).await?;
+        (presented.serial == renewed.serial).then_some(())
+    })
+    .await
+    .unwrap();
+    let process = cluster.children[2].as_mut().unwrap();
+    assert!(process.try_wait().unwrap().is_none(), "the same process, not restarted");
+    cluster.root_at(2).kv_put("secret", "after-renewal", &json!({ "v": 1 }), None).await.unwrap();
+    assert!(cluster.server_log_at(0).contains("renewed a member's certificate"), "the leader issued it");
 }
