@@ -22,6 +22,7 @@ fn guarded_routes() -> Vec<(&'static str, Value)> {
         ("cluster/transfer-leader", json!(1)),
         ("cluster/remove-peer", json!(1)),
         ("cluster/leave", json!(true)),
+        ("cluster/renew-cert", json!(null)),
     ]
 }
 
