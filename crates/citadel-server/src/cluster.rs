@@ -2,7 +2,8 @@
 //!
 //! Both ends present certificates from the cluster CA; a peer with any other certificate is
 //! refused during the handshake. Past the handshake, only members may use the routes, and
-//! only with unrevoked certificates (`peer::gate`; joining has its own checks). Peers speak HTTP/2, so one connection per peer is multiplexed
+//! only with unrevoked certificates (`peer::gate`; joining has its own checks).
+//! Peers speak HTTP/2, so one connection per peer is multiplexed
 //! between Raft's messages, forwarded commands and snapshot transfers. openraft's messages travel as its serde encoding: the wire
 //! needs both ends on the same protocol version (checked at join), unlike the disk format.
 

@@ -209,10 +209,9 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
         ChangeMembers::RemoveNodes(BTreeSet::from([target]))
     };
     if let Err(e) = app.raft.change_membership(change, false).await {
-        if drained.is_ok() {
-            // Still a member: let it serve again.
-            let _ = app.peers.call::<_, ()>(&node.cluster_addr, "cluster/leave", &false, LEAVE_LIMIT).await;
-        }
+        // Still a member: let it serve again (and drop its REMOVED marker), even if it could not
+        // ship its audit events: it was told to leave all the same.
+        let _ = app.peers.call::<_, ()>(&node.cluster_addr, "cluster/leave", &false, LEAVE_LIMIT).await;
         return Err(e.to_string());
     }
     tracing::info!(node = target, "node removed from the cluster");
