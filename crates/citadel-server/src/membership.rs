@@ -215,11 +215,28 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
         return Err(e.to_string());
     }
     tracing::info!(node = target, "node removed from the cluster");
-    crate::peer::revoke_certificates(app, target).await.map_err(|e| {
-        format!("node {target} was removed, but its certificates could not be revoked ({e}); run remove-peer again")
-    })?;
+    revoke_after_removal(app, target).await?;
     autopilot_step(app).await;
     Ok(())
+}
+
+/// Revokes a removed node's certificates, retrying for a while: the node is already out of the
+/// membership, so giving up at the first leaderless moment would leave its certificate good for
+/// joining again.
+async fn revoke_after_removal(app: &App, target: u64) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + LEAVE_LIMIT;
+    loop {
+        match crate::peer::revoke_certificates(app, target).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "node {target} was removed, but its certificates could not be revoked ({e}); \
+                     run remove-peer again"
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// How long a node being removed may take to ship its audit events.
