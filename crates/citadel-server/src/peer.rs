@@ -179,12 +179,22 @@ pub fn admit(app: &App, peer: Option<&PeerIdentity>, raft_rpc: bool) -> Result<u
     let peer = peer.ok_or(PeerRefusal::NoCertificate)?;
     let node_id = peer.node_id.ok_or(PeerRefusal::NoNodeId)?;
     check_not_revoked(app, peer, node_id)?;
-    let metrics = app.raft_metrics();
-    let membership = metrics.membership_config.membership();
-    if membership.get_node(&node_id).is_some() || (raft_rpc && membership.nodes().next().is_none()) {
+    let (member, no_membership) = membership_of(app, node_id);
+    if member || (raft_rpc && no_membership) {
         return Ok(node_id);
     }
     Err(PeerRefusal::NotMember { node_id })
+}
+
+/// Whether `node_id` is in this node's membership, and whether that membership is empty. Every
+/// Raft RPC asks: the metrics are borrowed, not cloned.
+fn membership_of(app: &App, node_id: u64) -> (bool, bool) {
+    use openraft::async_runtime::WatchReceiver;
+    let receiver = app.raft.metrics();
+    let metrics = receiver.borrow_watched();
+    let membership = metrics.membership_config.membership();
+    let answer = (membership.get_node(&node_id).is_some(), membership.nodes().next().is_none());
+    answer
 }
 
 /// May this peer join as `node_id` at these addresses? Its certificate must name that node id
