@@ -206,7 +206,9 @@ pub fn admit_join(app: &App, peer: Option<&PeerIdentity>, node_id: u64, addresse
         return Err(PeerRefusal::WrongNodeId { certified, requested: node_id });
     }
     for addr in addresses {
-        let host = host_of(addr).ok_or_else(|| PeerRefusal::AddressNotCertified { host: addr.to_string() })?;
+        // The address is the peer's text: shown short and without control characters.
+        let shown = || addr.chars().filter(|c| !c.is_control()).take(100).collect();
+        let host = host_of(addr).ok_or_else(|| PeerRefusal::AddressNotCertified { host: shown() })?;
         if !peer.covers_host(&host) {
             return Err(PeerRefusal::AddressNotCertified { host });
         }
