@@ -127,10 +127,31 @@ pub enum Command {
     JoinTokenCreate {
         hash: String,
         expires: UnixMillis,
+        /// The only node id a certificate bought with this token may name (none: any).
+        #[serde(default)]
+        node_id: Option<u64>,
     },
-    /// Spends a join token: accepted once, before it expires (`now` chosen by the proposer).
+    /// Spends a join token: accepted once, before it expires (`now` chosen by the proposer),
+    /// and only for the node id it was issued for, if it names one.
     JoinTokenUse {
         hash: String,
+        now: UnixMillis,
+        #[serde(default)]
+        node_id: Option<u64>,
+    },
+    /// Records a member's certificate, so that removing the member can revoke it. Records of
+    /// that node whose certificates expired by `at` (chosen by the proposer) are dropped.
+    NodeCertRecord {
+        node_id: u64,
+        /// Lowercase hex, as `PeerIdentity` shows it.
+        serial: String,
+        not_after: UnixMillis,
+        at: UnixMillis,
+    },
+    /// Revokes every certificate recorded for a removed node, and forgets revoked serials whose
+    /// certificates expired by `now` (chosen by the proposer): the deny list stays bounded.
+    NodeCertsRevoke {
+        node_id: u64,
         now: UnixMillis,
     },
     /// A client request's command, with the token that authorized it (§8.1): `apply` refuses it
@@ -185,6 +206,8 @@ impl Command {
             Command::Authorized { command, .. } => command.kind(),
             Command::TokenUse { .. } => "token_use",
             Command::EmergencyTokenRevoke { .. } => "emergency_token_revoke",
+            Command::NodeCertRecord { .. } => "node_cert_record",
+            Command::NodeCertsRevoke { .. } => "node_certs_revoke",
         }
     }
 
@@ -263,6 +286,12 @@ pub enum Rejection {
     NestedAuthorization,
     #[error("the proposed keyring term {proposed} is not newer than the current term {current}; retry")]
     KeyringTermNotNewer { current: u32, proposed: u32 },
+    #[error("the join token was issued for node {0}, not for this node id")]
+    JoinTokenForAnotherNode(u64),
+    #[error("node certificate: {0}")]
+    NodeCertInvalid(String),
+    #[error("node certificate {0} is revoked")]
+    NodeCertRevoked(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

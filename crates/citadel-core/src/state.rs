@@ -56,7 +56,15 @@ pub struct ClusterCa {
 pub struct JoinToken {
     pub expires: UnixMillis,
     pub used: bool,
+    /// The only node id this token may certify (none: any node id that is not a member).
+    #[serde(default)]
+    pub node_id: Option<u64>,
 }
+
+/// Most certificates recorded for one node at a time (a renewal adds one; expired ones go).
+pub const MAX_CERTS_PER_NODE: usize = 8;
+/// Longest certificate serial accepted, in hex digits (RFC 5280 allows 20 octets).
+pub const MAX_SERIAL_HEX: usize = 40;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -78,6 +86,12 @@ pub struct State {
     /// past that, so the list stays as small as 15 minutes of revocations.
     #[serde(default)]
     pub revoked_emergency: BTreeMap<String, UnixMillis>,
+    /// Certificates of members, by node id: serial (hex) → expiry.
+    #[serde(default)]
+    pub node_certs: BTreeMap<u64, BTreeMap<String, UnixMillis>>,
+    /// The deny list: revoked serials (hex) → expiry; kept until the certificate expires.
+    #[serde(default)]
+    pub revoked_serials: BTreeMap<String, UnixMillis>,
 }
 
 impl State {
@@ -272,18 +286,30 @@ impl State {
                 self.cluster_ca = Some(ca);
                 Ok(Response::Done)
             }
-            Command::JoinTokenCreate { hash, expires } => {
-                self.join_tokens.entry(hash).or_insert(JoinToken { expires, used: false });
+            Command::JoinTokenCreate { hash, expires, node_id } => {
+                self.join_tokens.entry(hash).or_insert(JoinToken { expires, used: false, node_id });
                 Ok(Response::Done)
             }
-            Command::JoinTokenUse { hash, now } => {
+            Command::JoinTokenUse { hash, now, node_id } => {
                 let token = self.join_tokens.get_mut(&hash).ok_or(Rejection::JoinTokenInvalid)?;
                 if token.used || token.expires <= now {
                     return Err(Rejection::JoinTokenInvalid);
                 }
+                if let Some(named) = token.node_id.filter(|named| node_id != Some(*named)) {
+                    return Err(Rejection::JoinTokenForAnotherNode(named));
+                }
                 token.used = true;
                 // Spent and expired tokens are dropped: the table stays small.
                 self.join_tokens.retain(|_, t| !t.used && t.expires > now);
+                Ok(Response::Done)
+            }
+            Command::NodeCertRecord { node_id, serial, not_after, at } => {
+                self.record_node_cert(node_id, serial, not_after, at)
+            }
+            Command::NodeCertsRevoke { node_id, now } => {
+                let revoked = self.node_certs.remove(&node_id).unwrap_or_default();
+                self.revoked_serials.extend(revoked);
+                self.revoked_serials.retain(|_, not_after| *not_after > now);
                 Ok(Response::Done)
             }
             Command::RestoreState { state } => {
@@ -321,6 +347,41 @@ impl State {
         for hash in owned {
             self.revoke_tree(hash);
         }
+    }
+
+    /// Whether a certificate serial (hex) is on the deny list.
+    pub fn is_serial_revoked(&self, serial: &str) -> bool {
+        self.revoked_serials.contains_key(serial)
+    }
+
+    fn record_node_cert(
+        &mut self,
+        node_id: u64,
+        serial: String,
+        not_after: UnixMillis,
+        at: UnixMillis,
+    ) -> Result<Response, Rejection> {
+        let is_hex = serial.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if serial.is_empty() || serial.len() > MAX_SERIAL_HEX || !is_hex {
+            return Err(Rejection::NodeCertInvalid(format!(
+                "the serial must be 1 to {MAX_SERIAL_HEX} lowercase hex digits"
+            )));
+        }
+        if not_after <= at {
+            return Err(Rejection::NodeCertInvalid("the certificate has expired".into()));
+        }
+        if self.is_serial_revoked(&serial) {
+            return Err(Rejection::NodeCertRevoked(serial));
+        }
+        let certs = self.node_certs.entry(node_id).or_default();
+        certs.retain(|_, expiry| *expiry > at);
+        if !certs.contains_key(&serial) && certs.len() >= MAX_CERTS_PER_NODE {
+            return Err(Rejection::NodeCertInvalid(format!(
+                "node {node_id} already has {MAX_CERTS_PER_NODE} unexpired certificates recorded"
+            )));
+        }
+        certs.insert(serial, not_after);
+        Ok(Response::Done)
     }
 
     /// Removes a token and all its descendants.
@@ -464,19 +525,19 @@ mod tests {
     #[test]
     fn join_tokens_work_once_and_only_before_they_expire() {
         let mut state = initialized();
-        state.apply(Command::JoinTokenCreate { hash: "h".into(), expires: 100 });
-        state.apply(Command::JoinTokenCreate { hash: "old".into(), expires: 10 });
+        state.apply(Command::JoinTokenCreate { hash: "h".into(), expires: 100, node_id: None });
+        state.apply(Command::JoinTokenCreate { hash: "old".into(), expires: 10, node_id: None });
         assert_eq!(
-            state.apply(Command::JoinTokenUse { hash: "old".into(), now: 50 }),
+            state.apply(Command::JoinTokenUse { hash: "old".into(), now: 50, node_id: Some(4) }),
             Response::Rejected(Rejection::JoinTokenInvalid)
         );
-        assert_eq!(state.apply(Command::JoinTokenUse { hash: "h".into(), now: 50 }), Response::Done);
+        assert_eq!(state.apply(Command::JoinTokenUse { hash: "h".into(), now: 50, node_id: Some(4) }), Response::Done);
         assert_eq!(
-            state.apply(Command::JoinTokenUse { hash: "h".into(), now: 51 }),
+            state.apply(Command::JoinTokenUse { hash: "h".into(), now: 51, node_id: Some(4) }),
             Response::Rejected(Rejection::JoinTokenInvalid)
         );
         assert_eq!(
-            state.apply(Command::JoinTokenUse { hash: "nope".into(), now: 1 }),
+            state.apply(Command::JoinTokenUse { hash: "nope".into(), now: 1, node_id: Some(4) }),
             Response::Rejected(Rejection::JoinTokenInvalid)
         );
         assert!(state.join_tokens.is_empty(), "spent and expired tokens are dropped");
@@ -651,5 +712,62 @@ mod tests {
         state.apply(Command::EmergencyTokenRevoke { hash: "e2".into(), expires: 300, at: 150 });
         assert!(!state.revoked_emergency.contains_key("e1"));
         assert!(state.revoked_emergency.contains_key("e2"));
+    }
+
+    fn record(node_id: u64, serial: &str, not_after: u64, at: u64) -> Command {
+        Command::NodeCertRecord { node_id, serial: serial.into(), not_after, at }
+    }
+
+    #[test]
+    fn a_join_token_for_a_node_id_certifies_only_that_node_id() {
+        let mut state = initialized();
+        state.apply(Command::JoinTokenCreate { hash: "h".into(), expires: 100, node_id: Some(7) });
+        let before = state.clone();
+        for other in [Some(8), None] {
+            assert_eq!(
+                state.apply(Command::JoinTokenUse { hash: "h".into(), now: 50, node_id: other }),
+                Response::Rejected(Rejection::JoinTokenForAnotherNode(7))
+            );
+        }
+        assert_eq!(state, before, "a refused use does not spend the token");
+        assert_eq!(state.apply(Command::JoinTokenUse { hash: "h".into(), now: 50, node_id: Some(7) }), Response::Done);
+    }
+
+    #[test]
+    fn removing_a_node_revokes_every_certificate_recorded_for_it_until_they_expire() {
+        let mut state = initialized();
+        assert_eq!(state.apply(record(2, "0a1b", 1_000, 10)), Response::Done);
+        assert_eq!(state.apply(record(2, "0c2d", 5_000, 20)), Response::Done);
+        assert_eq!(state.apply(record(3, "0e3f", 1_000, 20)), Response::Done);
+        assert_eq!(state.apply(Command::NodeCertsRevoke { node_id: 2, now: 30 }), Response::Done);
+        assert!(state.is_serial_revoked("0a1b") && state.is_serial_revoked("0c2d"));
+        assert!(!state.is_serial_revoked("0e3f"), "other nodes' certificates stay valid");
+        assert!(!state.node_certs.contains_key(&2));
+        assert_eq!(
+            state.apply(record(2, "0a1b", 1_000, 40)),
+            Response::Rejected(Rejection::NodeCertRevoked("0a1b".into()))
+        );
+        // A later revocation prunes the serials that have expired since: the list stays bounded.
+        assert_eq!(state.apply(Command::NodeCertsRevoke { node_id: 3, now: 2_000 }), Response::Done);
+        assert_eq!(state.revoked_serials.keys().collect::<Vec<_>>(), vec!["0c2d"]);
+    }
+
+    #[test]
+    fn bad_certificate_records_are_rejections_that_change_nothing() {
+        let mut state = initialized();
+        let before = state.clone();
+        let too_long = "a".repeat(MAX_SERIAL_HEX + 1);
+        for bad in
+            [record(2, "", 100, 1), record(2, "XYZ", 100, 1), record(2, &too_long, 100, 1), record(2, "0a", 5, 5)]
+        {
+            assert!(matches!(state.apply(bad), Response::Rejected(Rejection::NodeCertInvalid(_))));
+        }
+        assert_eq!(state, before);
+        for n in 0..MAX_CERTS_PER_NODE {
+            assert_eq!(state.apply(record(2, &format!("{n:02x}"), 100, 1)), Response::Done);
+        }
+        assert!(matches!(state.apply(record(2, "ff", 100, 1)), Response::Rejected(Rejection::NodeCertInvalid(_))));
+        assert_eq!(state.apply(record(2, "ff", 200, 100)), Response::Done, "expired records make room");
+        assert_eq!(state.node_certs[&2].len(), 1);
     }
 }

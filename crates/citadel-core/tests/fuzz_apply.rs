@@ -213,13 +213,25 @@ fn other_command() -> BoxedStrategy<Command> {
         name().prop_map(|hash| Command::TokenRevoke { hash }),
         number().prop_map(|now| Command::TokensExpire { now }),
         audit_events().prop_map(|events| Command::AuditShip { events }),
-        (name(), number()).prop_map(|(hash, expires)| Command::JoinTokenCreate { hash, expires }),
-        (name(), number()).prop_map(|(hash, now)| Command::JoinTokenUse { hash, now }),
+        (name(), number(), proptest::option::of(1u64..4))
+            .prop_map(|(hash, expires, node_id)| Command::JoinTokenCreate { hash, expires, node_id }),
+        (name(), number(), proptest::option::of(1u64..4)).prop_map(|(hash, now, node_id)| Command::JoinTokenUse {
+            hash,
+            now,
+            node_id
+        }),
+        (1u64..4, name(), number(), number()).prop_map(|(node_id, serial, not_after, at)| Command::NodeCertRecord {
+            node_id,
+            serial,
+            not_after,
+            at
+        }),
+        (1u64..4, number()).prop_map(|(node_id, now)| Command::NodeCertsRevoke { node_id, now }),
         any::<bool>().prop_map(|initialized| {
             let mut state = State::default();
             if initialized {
                 state.cluster = Some(ClusterInfo { id: "other".into(), name: "n".into(), initialized_at: 2 });
-                state.join_tokens.insert("j".into(), JoinToken { expires: 5, used: false });
+                state.join_tokens.insert("j".into(), JoinToken { expires: 5, used: false, node_id: None });
             }
             Command::RestoreState { state: Box::new(state) }
         }),

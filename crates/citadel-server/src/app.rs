@@ -33,6 +33,8 @@ pub struct App {
     /// to their audit event, so once the flag is set under the write guard, every request this
     /// node answered has its event in the spool, ready to ship before the node leaves.
     pub leaving: tokio::sync::RwLock<bool>,
+    /// This node was removed from the cluster (its `REMOVED` marker): it serves no client request.
+    pub removed: std::sync::atomic::AtomicBool,
 }
 
 /// The request a node is serving, for the commands it proposes and the reads it makes.

@@ -1,7 +1,9 @@
 //! Node-to-node transport: Raft RPCs as JSON over HTTPS with mutual TLS on the cluster port.
 //!
 //! Both ends present certificates from the cluster CA; a peer with any other certificate is
-//! refused during the handshake. Peers speak HTTP/2, so one connection per peer is multiplexed
+//! refused during the handshake. Past the handshake, only members may use the routes, and
+//! only with unrevoked certificates (`peer::gate`; joining has its own checks).
+//! Peers speak HTTP/2, so one connection per peer is multiplexed
 //! between Raft's messages, forwarded commands and snapshot transfers. openraft's messages travel as its serde encoding: the wire
 //! needs both ends on the same protocol version (checked at join), unlike the disk format.
 
@@ -9,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use citadel_storage::types::{Raft, Snapshot, SnapshotMeta, Vote};
@@ -28,6 +30,7 @@ use citadel_core::command::{Command, Response};
 
 use crate::app::App;
 use crate::config::Config;
+use crate::peer::PeerCert;
 
 /// Wire form of a full snapshot.
 #[derive(Serialize, Deserialize)]
@@ -50,13 +53,11 @@ pub struct ClusterNetwork {
 pub const PROTOCOL_VERSION: u32 = 1;
 
 impl ClusterNetwork {
-    pub fn new(config: &Config) -> Result<ClusterNetwork> {
-        let certs = crate::tls::load_certs(&config.tls.cert)?;
-        let key = crate::tls::load_key(&config.tls.key)?;
+    pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>) -> Result<ClusterNetwork> {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(crate::tls::root_store(&config.tls.ca)?)
-            .with_client_auth_cert(certs, key)?;
+            .with_client_cert_resolver(node_cert);
         let mut tls = tls;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         // HTTP/2: one long-lived, multiplexed connection per peer carries Raft messages,
@@ -251,7 +252,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/raft/transfer-leader", post(transfer_leader))
         .with_state(app.raft.clone());
     let cluster = Router::new()
-        .route("/cluster/join", post(join))
+        .route(crate::peer::JOIN_PATH, post(join))
         .route("/cluster/propose", post(propose))
         .route("/cluster/read-index", post(read_index))
         .route("/cluster/status", post(status))
@@ -259,8 +260,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/cluster/transfer-leader", post(transfer))
         .route("/cluster/remove-peer", post(remove_peer))
         .route("/cluster/leave", post(leave))
-        .with_state(app);
-    raft.merge(appends).merge(cluster).layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
+        .route("/cluster/renew-cert", post(renew_cert))
+        .with_state(app.clone());
+    // The gate runs before a body is read: a refused peer cannot make this node buffer one.
+    raft.merge(appends)
+        .merge(cluster)
+        .layer(axum::middleware::from_fn_with_state(app, crate::peer::gate))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
 }
 
 /// What a node presents when it asks to join.
@@ -279,12 +285,32 @@ pub enum JoinReply {
     Redirect { leader_cluster_addr: String },
 }
 
-async fn join(State(app): State<Arc<App>>, Json(req): Json<JoinRequest>) -> Json<Wire<JoinReply>> {
-    Json(crate::membership::accept_join(&app, req).await)
+async fn join(
+    State(app): State<Arc<App>>,
+    Extension(PeerCert(peer)): Extension<PeerCert>,
+    Json(req): Json<JoinRequest>,
+) -> Json<Wire<JoinReply>> {
+    Json(crate::membership::accept_join(&app, peer.as_deref(), req).await)
 }
 
-async fn propose(State(app): State<Arc<App>>, Json(command): Json<Command>) -> Json<Wire<Response>> {
-    Json(crate::forwarded::commit(&app, None, command).await)
+/// A member asks the leader for a fresh certificate for the node id and names of its current one.
+async fn renew_cert(
+    State(app): State<Arc<App>>,
+    Extension(PeerCert(peer)): Extension<PeerCert>,
+) -> Json<Wire<crate::pki::BootstrapReply>> {
+    Json(match peer {
+        Some(peer) => crate::pki::renew(&app, &peer).await,
+        None => Err(crate::peer::PeerRefusal::NoCertificate.to_string()),
+    })
+}
+
+async fn propose(
+    State(app): State<Arc<App>>,
+    axum::Extension(peer): axum::Extension<crate::peer::PeerCert>,
+    Json(command): Json<Command>,
+) -> Json<Wire<Response>> {
+    let sender = peer.0.and_then(|p| p.node_id);
+    Json(crate::forwarded::commit(&app, sender, command).await)
 }
 
 async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<u64>> {

@@ -86,7 +86,22 @@ pub struct TlsConfig {
     /// The CA's common name, as in its certificate (needed to sign with it).
     #[serde(default)]
     pub ca_common_name: Option<String>,
+    /// How long the node certificates the cluster issues (join tokens, renewals) stay valid.
+    #[serde(default = "default_cert_validity_days")]
+    pub cert_validity_days: u32,
+    /// A member renews its certificate this many days before it expires.
+    #[serde(default = "default_renew_before_days")]
+    pub renew_before_days: u32,
 }
+
+fn default_cert_validity_days() -> u32 {
+    crate::tls::DEFAULT_CERT_VALIDITY_DAYS
+}
+fn default_renew_before_days() -> u32 {
+    30
+}
+/// Longest certificate validity accepted: ten years.
+const MAX_CERT_VALIDITY_DAYS: u32 = 3650;
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -200,6 +215,8 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_TLS_KEY", &["tls", "key"]),
     ("CITADEL_TLS_CA", &["tls", "ca"]),
     ("CITADEL_TLS_CA_KEY", &["tls", "ca_key"]),
+    ("CITADEL_TLS_CERT_VALIDITY_DAYS", &["tls", "cert_validity_days"]),
+    ("CITADEL_TLS_RENEW_BEFORE_DAYS", &["tls", "renew_before_days"]),
     ("CITADEL_SEAL_TYPE", &["seal", "type"]),
     ("CITADEL_SEAL_KEY_FILE", &["seal", "key_file"]),
     ("CITADEL_RAFT_HEARTBEAT_MS", &["raft", "heartbeat_ms"]),
@@ -271,6 +288,12 @@ impl Config {
                 "tls.ca_common_name",
                 "is required with tls.ca_key (the CA certificate's common name)".into(),
             ));
+        }
+        if self.tls.cert_validity_days == 0 || self.tls.cert_validity_days > MAX_CERT_VALIDITY_DAYS {
+            return Err(("tls.cert_validity_days", format!("must be between 1 and {MAX_CERT_VALIDITY_DAYS}")));
+        }
+        if self.tls.renew_before_days >= self.tls.cert_validity_days {
+            return Err(("tls.renew_before_days", "must be less than tls.cert_validity_days".into()));
         }
         if self.retry_join.iter().any(|j| j.join_token.is_some() && j.leader_api_addr.is_none()) {
             return Err(("retry_join.leader_api_addr", "is required with retry_join.join_token".into()));
@@ -364,5 +387,17 @@ mod tests {
         assert!(err.contains("seal.key_file"), "{err}");
         let err = parse(&GOOD.replace("127.0.0.1:8201", "not-an-address"), &[]).unwrap_err().0;
         assert!(err.contains("/etc/citadel.toml"), "{err}");
+    }
+
+    #[test]
+    fn certificate_lifetimes_default_to_a_year_renewed_a_month_ahead_and_are_checked() {
+        let config = parse(GOOD, &[]).unwrap();
+        assert_eq!((config.tls.cert_validity_days, config.tls.renew_before_days), (365, 30));
+        let config = parse(GOOD, &[("CITADEL_TLS_CERT_VALIDITY_DAYS", "90")]).unwrap();
+        assert_eq!(config.tls.cert_validity_days, 90);
+        let err = parse(GOOD, &[("CITADEL_TLS_CERT_VALIDITY_DAYS", "0")]).unwrap_err().0;
+        assert!(err.contains("`tls.cert_validity_days`"), "{err}");
+        let err = parse(GOOD, &[("CITADEL_TLS_RENEW_BEFORE_DAYS", "365")]).unwrap_err().0;
+        assert!(err.contains("`tls.renew_before_days`"), "{err}");
     }
 }

@@ -11,7 +11,8 @@ use citadel_core::policy::{self, Caps};
 use crate::api::ApiError;
 use crate::app::App;
 
-/// Commits `command` forwarded by member `sender` (its certificate's node id, when known).
+/// Commits `command` forwarded by member `sender` (its certificate's node id; the cluster
+/// channel's gate admitted it as a current member).
 pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<Response, String> {
     check(app, sender, &command)?;
     let request_id = match &command {
@@ -32,7 +33,6 @@ fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), String
         Forwarding::Refused => Err(format!("a leader does not accept a {} command from another node", command.kind())),
         Forwarding::AuditOfSender => match (command, sender) {
             (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body.node == node) => Ok(()),
-            (Command::AuditShip { .. }, None) => Ok(()),
             _ => Err("a node may ship only its own audit events".into()),
         },
         Forwarding::Privileged => check_privileged(app, command),

@@ -18,6 +18,7 @@ pub mod ha;
 pub mod ids;
 pub mod membership;
 pub mod metrics;
+pub mod peer;
 pub mod pki;
 pub mod request_path;
 pub mod seal;

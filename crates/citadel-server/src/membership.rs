@@ -1,6 +1,8 @@
-//! Joining a cluster: a new node asks the leader over the cluster channel (mutual TLS: holding a
-//! certificate from the cluster CA is the credential). The leader adds it as a non-voter, waits
-//! until it has caught up (log or snapshot), then gives it a vote while voters < `max_voters`.
+//! Joining a cluster: a new node asks the leader over the cluster channel (mutual TLS). Its
+//! certificate must name the node id it joins as and cover its addresses, and must not be
+//! revoked (`peer::admit_join`). The leader records the certificate (so that removing the node
+//! revokes it), adds the node as a non-voter, waits until it has caught up (log or snapshot),
+//! then gives it a vote while voters < `max_voters`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -11,15 +13,21 @@ use openraft::ChangeMembers;
 
 use crate::app::App;
 use crate::cluster::{JoinReply, JoinRequest, PROTOCOL_VERSION};
+use crate::peer::PeerIdentity;
 
-/// Leader side of a join.
-pub async fn accept_join(app: &App, req: JoinRequest) -> Result<JoinReply, String> {
+/// Leader side of a join; `peer` is the identity in the caller's certificate.
+pub async fn accept_join(app: &App, peer: Option<&PeerIdentity>, req: JoinRequest) -> Result<JoinReply, String> {
     if req.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version mismatch: node {} speaks version {}, this cluster speaks version {PROTOCOL_VERSION}; \
              run the same citadel version on every node",
             req.node_id, req.protocol_version
         ));
+    }
+    let addresses = [req.node.api_addr.as_str(), req.node.cluster_addr.as_str()];
+    if let Err(refusal) = crate::peer::admit_join(app, peer, req.node_id, &addresses) {
+        crate::peer::warn_refused(peer, &refusal, crate::peer::JOIN_PATH);
+        return Err(refusal.to_string());
     }
     let metrics = app.raft_metrics();
     let me = app.node_id();
@@ -35,6 +43,11 @@ pub async fn accept_join(app: &App, req: JoinRequest) -> Result<JoinReply, Strin
         None => return Err("the cluster has no leader; retry".into()),
     }
     let membership = metrics.membership_config.membership().clone();
+    if let Some(peer) = peer {
+        crate::peer::record_certificate(app, req.node_id, peer)
+            .await
+            .map_err(|e| format!("cannot record the certificate of node {}: {e}", req.node_id))?;
+    }
     match membership.get_node(&req.node_id) {
         Some(existing) if existing.cluster_addr != req.node.cluster_addr => {
             return Err(format!(
@@ -89,6 +102,10 @@ pub async fn join(app: &App, leader_cluster_addr: &str) -> Result<bool, String> 
 /// keep as such), keep asking the configured leaders.
 pub async fn retry_join(app: Arc<App>) {
     if app.config.retry_join.is_empty() {
+        return;
+    }
+    if crate::peer::is_removed(&app) {
+        tracing::warn!("not joining: {}", crate::peer::REMOVED_MESSAGE);
         return;
     }
     let mut reported = String::new();
@@ -152,12 +169,16 @@ pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes a node from the cluster (voter or non-voter), through the leader. Autopilot then
-/// fills a freed voting seat with a caught-up non-voter.
+/// Removes a node from the cluster (voter or non-voter), through the leader, and revokes its
+/// certificates. Autopilot then fills a freed voting seat with a caught-up non-voter.
 pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
     let metrics = app.raft_metrics();
     let membership = metrics.membership_config.membership().clone();
     if membership.get_node(&target).is_none() {
+        // A removal whose revocation failed is finished by asking again.
+        if app.state.read(|s| s.node_certs.contains_key(&target)) {
+            return crate::peer::revoke_certificates(app, target).await;
+        }
         return Err(format!("node {target} is not a member of this cluster"));
     }
     match metrics.current_leader {
@@ -188,15 +209,34 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
         ChangeMembers::RemoveNodes(BTreeSet::from([target]))
     };
     if let Err(e) = app.raft.change_membership(change, false).await {
-        if drained.is_ok() {
-            // Still a member: let it serve again.
-            let _ = app.peers.call::<_, ()>(&node.cluster_addr, "cluster/leave", &false, LEAVE_LIMIT).await;
-        }
+        // Still a member: let it serve again (and drop its REMOVED marker), even if it could not
+        // ship its audit events: it was told to leave all the same.
+        let _ = app.peers.call::<_, ()>(&node.cluster_addr, "cluster/leave", &false, LEAVE_LIMIT).await;
         return Err(e.to_string());
     }
     tracing::info!(node = target, "node removed from the cluster");
+    revoke_after_removal(app, target).await?;
     autopilot_step(app).await;
     Ok(())
+}
+
+/// Revokes a removed node's certificates, retrying for a while: the node is already out of the
+/// membership, so giving up at the first leaderless moment would leave its certificate good for
+/// joining again.
+async fn revoke_after_removal(app: &App, target: u64) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + LEAVE_LIMIT;
+    loop {
+        match crate::peer::revoke_certificates(app, target).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "node {target} was removed, but its certificates could not be revoked ({e}); \
+                     run remove-peer again"
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 /// How long a node being removed may take to ship its audit events.
@@ -207,8 +247,10 @@ const LEAVE_LIMIT: Duration = Duration::from_secs(15);
 pub async fn leave(app: &App, leaving: bool) -> Result<(), String> {
     *app.leaving.write().await = leaving;
     if !leaving {
+        crate::peer::unmark_removed(app);
         return Ok(());
     }
+    crate::peer::mark_removed(app, "the leader is removing this node from the cluster");
     tracing::info!("leaving the cluster: refusing client requests and shipping audit events");
     let deadline = tokio::time::Instant::now() + LEAVE_LIMIT - Duration::from_secs(1);
     loop {

@@ -33,8 +33,9 @@ pub async fn run(config: Config) -> Result<()> {
     citadel_storage::files::set_private_umask();
     tls::install_crypto_provider();
     crate::pki::bootstrap_if_needed(&config).await?;
-    let api_tls = tls::server_config(&config.tls.cert, &config.tls.key)?;
-    let cluster_tls = cluster_tls(&config)?;
+    let node_cert = tls::NodeCert::load(&config.tls.cert, &config.tls.key)?;
+    let api_tls = tls::server_config(node_cert.clone())?;
+    let cluster_tls = cluster_tls(&config, node_cert.clone())?;
     let (log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
     let state = sm.reader();
     let raft_config = openraft::Config {
@@ -58,7 +59,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     .validate()
     .context("invalid [raft] settings")?;
-    let network = ClusterNetwork::new(&config)?;
+    let network = ClusterNetwork::new(&config, node_cert.clone())?;
     let raft =
         Raft::new(config.node_id, Arc::new(raft_config), network.clone(), log, sm).await.context("starting raft")?;
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
@@ -82,8 +83,10 @@ pub async fn run(config: Config) -> Result<()> {
         started: Instant::now(),
         leader_contact: Default::default(),
         leaving: Default::default(),
+        removed: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
+    crate::peer::load_removed_marker(&app);
     if cfg!(any(feature = "unsafe-ack-before-commit", feature = "unsafe-stale-reads")) {
         tracing::error!("this build is broken on purpose (an unsafe-* cargo feature): it can lose writes or serve stale reads; use it only to test the chaos harness");
     }
@@ -94,6 +97,8 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(sweep_expired_tokens(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
+    tokio::spawn(crate::peer::watch_membership(app.clone()));
+    tokio::spawn(crate::pki::renew_when_due(app.clone(), node_cert));
     tokio::spawn(crate::membership::autopilot(app.clone()));
     if app.config.seal.kind == SealKind::Keyfile {
         tokio::spawn(auto_unseal(app.clone()));
@@ -106,7 +111,7 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// The cluster port demands a client certificate signed by the cluster CA.
-fn cluster_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>> {
+fn cluster_tls(config: &Config, node_cert: Arc<tls::NodeCert>) -> Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(tls::root_store(&config.tls.ca)?),
@@ -117,8 +122,7 @@ fn cluster_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>> {
     let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(tls::load_certs(&config.tls.cert)?, tls::load_key(&config.tls.key)?)
-        .context("node certificate and key do not match")?;
+        .with_cert_resolver(node_cert);
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(server))
 }
@@ -155,6 +159,7 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 }
                 Err(_) => return,
             };
+            let service = service.layer(Extension(crate::peer::PeerCert::of(tls.get_ref().1)));
             let service = hyper_util::service::TowerToHyperService::new(service);
             // HTTP/1.1 or HTTP/2, whichever the peer speaks (the API advertises only HTTP/1.1).
             let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -197,6 +202,9 @@ async fn api_entry(
         Ok(path) => path,
         Err(reason) => return ApiError::bad_request(reason).into_response(),
     };
+    if crate::peer::is_removed(&app) && path != "sys/health" {
+        return ApiError::unavailable(crate::peer::REMOVED_MESSAGE).into_response();
+    }
     let request = ApiRequest {
         method,
         path,

@@ -136,6 +136,9 @@ enum RaftCmd {
     JoinToken {
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// The only node id the token may certify (recommended: the new node's `node_id`).
+        #[arg(long)]
+        node_id: Option<u64>,
     },
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -528,8 +531,8 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
             Ok(())
         }
         OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Inspect { .. })) => unreachable!("handled offline"),
-        OperatorCmd::Raft(RaftCmd::JoinToken { ttl }) => {
-            let reply = c.post("sys/storage/raft/join-token", &json!({ "ttl": ttl })).await?;
+        OperatorCmd::Raft(RaftCmd::JoinToken { ttl, node_id }) => {
+            let reply = c.post("sys/storage/raft/join-token", &json!({ "ttl": ttl, "node_id": node_id })).await?;
             print_map(&reply["data"], format);
             Ok(())
         }

@@ -26,7 +26,7 @@ const ROUTES: &[(&str, &[&str], &str)] = &[
     ("/sys/storage/raft/snapshot", &["get", "post"], "Save a snapshot (binary file), or restore one (sudo)"),
     ("/sys/storage/raft/snapshot-force", &["post"], "Restore a snapshot taken from another cluster (sudo)"),
     ("/sys/storage/raft/join", &["post"], "Ask a cluster member to add this (new) node"),
-    ("/sys/storage/raft/join-token", &["post"], "Issue a one-time join token (sudo)"),
+    ("/sys/storage/raft/join-token", &["post"], "Issue a one-time join token, optionally for one node_id (sudo)"),
     ("/sys/storage/raft/bootstrap", &["post"], "Exchange a join token for a node certificate"),
     ("/sys/storage/raft/remove-peer", &["post"], "Remove a node from the cluster (sudo)"),
     ("/sys/storage/raft/autopilot/state", &["get"], "Autopilot view: health, failure tolerance, servers"),

@@ -55,7 +55,10 @@ pub fn health(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     let metrics = app.raft_metrics();
     let mode = ha_mode(app);
     let standby_ok = req.query.get("standbyok").is_some_and(|v| v == "true" || v.is_empty());
-    let status = if !initialized {
+    let removed = crate::peer::is_removed(app);
+    let status = if removed {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if !initialized {
         query_code(req, "uninitcode", 501)?
     } else if sealed {
         query_code(req, "sealedcode", 503)?
@@ -87,10 +90,18 @@ pub fn health(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
         "commit_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
         "applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),
     });
+    let body = if removed { with_removed(body) } else { body };
     if req.method == axum::http::Method::HEAD {
         return Ok(Reply { body: None, ..Reply::json(status, Value::Null) });
     }
     Ok(Reply::json(status, body))
+}
+
+/// A removed node's health says so, and what to do.
+fn with_removed(mut body: Value) -> Value {
+    body["removed"] = json!(true);
+    body["errors"] = json!([crate::peer::REMOVED_MESSAGE]);
+    body
 }
 
 pub fn seal_status_body(app: &App) -> Value {
@@ -306,6 +317,10 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
     if let Err(e) = crate::pki::store_cluster_ca(app).await {
         tracing::error!(error = %e, "the cluster CA key could not be stored; join tokens will not work");
     }
+    // This node never joins: record its certificate here, so that removing it revokes it.
+    if let Err(e) = crate::peer::record_own_certificate(app).await {
+        tracing::error!(error = %e, "this node's certificate could not be recorded; removing it will not revoke it");
+    }
     record_audit(app, seal_event(app, req, "init", 200, String::new())).await?;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -354,6 +369,21 @@ async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// The optional `node_id` of a join token request: the only node id the token may certify.
+fn join_token_node_id(app: &App, body: &Value) -> Result<Option<u64>, ApiError> {
+    let Some(raw) = body.get("node_id").filter(|v| !v.is_null()) else { return Ok(None) };
+    let node_id =
+        raw.as_u64().or_else(|| raw.as_str().and_then(|s| s.parse().ok())).filter(|id| *id > 0).ok_or_else(|| {
+            ApiError::bad_request("node_id must be a positive integer (the node the token certifies)")
+        })?;
+    if crate::pki::is_member(app, node_id) {
+        return Err(ApiError::bad_request(format!(
+            "node {node_id} is a current member of this cluster: a join token cannot certify it"
+        )));
+    }
+    Ok(Some(node_id))
 }
 
 pub(crate) fn need_sudo(app: &App, caller: &Caller, req: &ApiRequest, op: Op) -> Result<(), ApiError> {
@@ -444,12 +474,15 @@ pub async fn route(
             need_sudo(app, caller, req, op)?;
             let body: Value = req.json()?;
             let ttl = super::duration_secs(body.get("ttl"), "ttl")?.unwrap_or(3600).clamp(60, 7 * 86_400);
+            let node_id = join_token_node_id(app, &body)?;
             let token = format!("cjt.{}", &ids::token()[4..]);
             let expires = ids::now_ms() + ttl * 1000;
             let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &token);
-            match app.propose(Command::JoinTokenCreate { hash, expires }).await? {
+            match app.propose(Command::JoinTokenCreate { hash, expires, node_id }).await? {
                 Response::Rejected(r) => Err(r.into()),
-                _ => Ok(Reply::data(json!({ "join_token": token, "expire_time": rfc3339(expires), "ttl": ttl }))),
+                _ => Ok(Reply::data(
+                    json!({ "join_token": token, "expire_time": rfc3339(expires), "ttl": ttl, "node_id": node_id }),
+                )),
             }
         }
         ("storage/raft/snapshot", Op::Read) => {

@@ -11,4 +11,5 @@ mod files;
 mod harness;
 mod security;
 mod tokens;
+mod trust;
 mod vault_client;
