@@ -307,7 +307,11 @@ impl App {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.leadership() {
-                Leadership::Me => break self.read_index_local().await?,
+                // Leadership may be moving (a transfer, an election): ask again within the deadline.
+                Leadership::Me => match self.read_index_local().await {
+                    Ok(index) => break index,
+                    Err(e) => tracing::debug!(error = ?e.errors, "read index as leader failed; retrying"),
+                },
                 Leadership::Other(leader) => {
                     match self.peers.call::<_, u64>(&leader.cluster_addr, "cluster/read-index", &(), remaining).await {
                         Ok(index) => break index,

@@ -222,7 +222,10 @@ async fn two_concurrent_rotations_leave_every_node_running() {
     assert!(statuses.contains(&204), "{statuses:?}");
     for node in 0..3 {
         let root = cluster.root_at(node);
-        root.kv_put("secret", &format!("after-rotation-{node}"), &json!({ "v": node }), None).await.unwrap();
+        let path = format!("secret/data/after-rotation-{node}");
+        let written = settled_status(&root, "POST", &path, Some(&json!({ "data": { "v": node } }))).await;
+        assert_eq!(written, 200, "node {node} writes after the rotations");
+        assert_eq!(root.kv_get("secret", &format!("after-rotation-{node}"), None).await.unwrap(), json!({ "v": node }));
         let term = root.get("sys/key-status").await.unwrap()["data"]["term"].as_u64().unwrap();
         assert!(term >= 2, "node {node} sees term {term}");
     }
