@@ -75,6 +75,9 @@ fn is_not_leader(message: &str) -> bool {
     message.contains(NOT_LEADER)
 }
 
+/// A leader heard from this recently may still be reachable, whatever read-only detection says.
+const RECENT_LEADER_MS: u64 = 2_000;
+
 /// The longest a proposal may wait on a leader that still hears from a quorum.
 const PROPOSAL_LIMIT: Duration = Duration::from_secs(10);
 
@@ -300,9 +303,21 @@ impl App {
         if REQUEST.try_with(|r| r.linearized) == Ok(true) {
             return Ok(());
         }
+        self.wait_for_read_index(true).await
+    }
+
+    /// Like `linearize`, but asks the leader even when this node believes it has had none for a
+    /// while, as long as it heard from one recently: on a loaded machine a few late heartbeats
+    /// look like read-only mode, and a token check must not trust a replica that a reachable
+    /// leader could bring up to date (§8.1).
+    pub async fn linearize_for_auth(&self) -> Result<(), ApiError> {
+        self.wait_for_read_index(self.staleness_ms() > RECENT_LEADER_MS).await
+    }
+
+    async fn wait_for_read_index(&self, give_up_when_read_only: bool) -> Result<(), ApiError> {
         let deadline = Instant::now() + self.consensus_deadline();
         let index = loop {
-            if self.settled_read_only() {
+            if give_up_when_read_only && self.settled_read_only() {
                 return Err(ApiError::read_only());
             }
             let remaining = deadline.saturating_duration_since(Instant::now());

@@ -348,15 +348,20 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
 /// Brings the local state up to the leader's commit index before a token is checked (§8.1), so a
 /// token revoked (or a policy narrowed) before this request started is seen on every node.
 /// Returns whether it did (the request's reads are then linearizable as they are). Skipped for
-/// stale reads and in read-only mode, which serve the replica as it is, and for writes on the
-/// leader, whose state already holds everything it acknowledged.
+/// stale reads, which serve the replica as it is, and for writes on the leader, whose state
+/// already holds everything it acknowledged; in read-only mode the replica answers when no
+/// leader can be asked.
 async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
     let write_on_leader = !matches!(req.op(), Some(Op::Read | Op::List)) && app.is_leader();
-    if req.stale_ok() || app.read_only() || write_on_leader {
+    if req.stale_ok() || write_on_leader {
         return Ok(false);
     }
-    app.linearize().await?;
-    Ok(true)
+    match app.linearize_for_auth().await {
+        Ok(()) => Ok(true),
+        // Read-only mode (§5.4): no leader could be asked, so the replica answers as it is.
+        Err(_) if app.read_only() => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Serves an authenticated request: spends a use of a token with `num_uses` first.
