@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod ha;
 pub mod ids;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod pki;

@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
 use citadel_core::command::{Command, Response};
+use citadel_core::policy::Caps;
 use citadel_storage::codec::{self, StoredSnapshot};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, ApiRequest, Reply};
+use super::{authorize, authorize_op, ApiError, ApiRequest, Op, Reply};
 use crate::app::App;
 
 const FORMAT: &str = "citadel-snapshot";
@@ -79,6 +80,26 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), String> {
     }
     let stored: StoredSnapshot = codec::decode(body, "snapshot body").map_err(|e| e.to_string())?;
     Ok((header, stored))
+}
+
+/// Whether a request to the snapshot routes may have its body (up to 256 MiB) read: only when
+/// its token is valid and holds `sudo` and the operation's capability on the path (§8.3). Anyone
+/// else is answered 403 by the dispatcher without the body being read.
+pub fn may_read_body(app: &App, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    let path = path.strip_prefix("/v1/").unwrap_or_default().trim_matches('/');
+    let op = match method.as_str() {
+        "GET" | "HEAD" => Op::Read,
+        "POST" | "PUT" => Op::Write,
+        _ => return false,
+    };
+    let (Ok(keys), Some(token)) = (app.keys(), super::token_from_headers(headers)) else { return false };
+    let now = crate::ids::now_ms();
+    let Some(caller) = app.state.read(|s| crate::auth::resolve(s, &keys.keyring.token_hmac_key, &token, now)) else {
+        return false;
+    };
+    !caller.read_only
+        && authorize_op(app, &caller, path, op).is_ok()
+        && authorize(app, &caller, path, Caps::SUDO).is_ok()
 }
 
 pub async fn restore(app: &App, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {
