@@ -7,5 +7,6 @@ mod api_sys;
 mod cluster;
 mod crash;
 mod harness;
+mod limits;
 mod security;
 mod vault_client;
