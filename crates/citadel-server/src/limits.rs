@@ -28,7 +28,8 @@ pub struct ConnectionLimits {
     max_per_source: usize,
     pub handshake_timeout: Duration,
     header_read_timeout: Duration,
-    idle_timeout: Duration,
+    /// `None` on the cluster listener: see [`ConnectionLimits::new`].
+    idle_timeout: Option<Duration>,
     open: Mutex<OpenConnections>,
     /// Refused since the last warning.
     refused: AtomicU64,
@@ -47,14 +48,17 @@ pub struct ConnectionPermit {
 }
 
 impl ConnectionLimits {
-    pub fn new(listener: &'static str, config: &LimitsConfig) -> Arc<ConnectionLimits> {
+    /// `close_idle` is false for the cluster listener: its connections are members' long-lived,
+    /// multiplexed HTTP/2 channels, authenticated by certificate in the (time-bounded) handshake;
+    /// closing one when idle would only make a forwarded request race the close.
+    pub fn new(listener: &'static str, config: &LimitsConfig, close_idle: bool) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
             listener,
             max_total: config.max_connections,
             max_per_source: config.max_connections_per_source,
             handshake_timeout: Duration::from_millis(config.tls_handshake_timeout_ms),
             header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
-            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            idle_timeout: close_idle.then(|| Duration::from_millis(config.idle_timeout_ms)),
             open: Mutex::new(OpenConnections::default()),
             refused: AtomicU64::new(0),
         })
@@ -171,7 +175,10 @@ where
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let idle_timeout = limits.idle_timeout;
+    let Some(idle_timeout) = limits.idle_timeout else {
+        let _ = connection.await;
+        return;
+    };
     loop {
         let idle = activity.idle_for();
         let check_in = if idle >= idle_timeout { Duration::ZERO } else { idle_timeout - idle };
@@ -232,7 +239,7 @@ mod tests {
     fn limits(total: usize, per_source: usize) -> Arc<ConnectionLimits> {
         let config =
             LimitsConfig { max_connections: total, max_connections_per_source: per_source, ..Default::default() };
-        ConnectionLimits::new("test", &config)
+        ConnectionLimits::new("test", &config, true)
     }
 
     #[test]

@@ -98,8 +98,8 @@ pub async fn run(config: Config) -> Result<()> {
         tracing::error!("this build is broken on purpose (an unsafe-* cargo feature): it can lose writes or serve stale reads; use it only to test the chaos harness");
     }
 
-    let cluster_limits = ConnectionLimits::new("cluster", &app.config.limits);
-    let api_limits = ConnectionLimits::new("api", &app.config.limits);
+    let cluster_limits = ConnectionLimits::new("cluster", &app.config.limits, false);
+    let api_limits = ConnectionLimits::new("api", &app.config.limits, true);
     tokio::spawn(cluster_limits.clone().report_refusals());
     tokio::spawn(api_limits.clone().report_refusals());
     tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone()), cluster_limits));
