@@ -34,6 +34,7 @@ struct RemoteAddr(SocketAddr);
 pub async fn run(config: Config) -> Result<()> {
     tls::install_crypto_provider();
     crate::limits::raise_open_file_limit();
+    crate::limits::release_large_allocations();
     crate::pki::bootstrap_if_needed(&config).await?;
     let api_tls = tls::server_config(&config.tls.cert, &config.tls.key)?;
     let cluster_tls = cluster_tls(&config)?;

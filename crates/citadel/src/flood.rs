@@ -90,12 +90,17 @@ pub async fn read_answer(stream: &mut TlsStream<TcpStream>) -> Result<(u16, Stri
 
 /// Resident memory of a process, from /proc/PID/status (VmRSS), in KiB.
 pub fn resident_kib(pid: u32) -> Result<u64> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A KiB figure from /proc/PID/status: `VmRSS` (resident now) or `VmHWM` (peak resident).
+fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -116,6 +121,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// Each node's resident memory (KiB) and Raft store size (bytes), and the snapshot's size.
 struct Footprint {
     rss_kib: Vec<u64>,
+    peak_rss_kib: Vec<u64>,
     store_bytes: Vec<u64>,
     snapshot_bytes: u64,
 }
@@ -123,9 +129,10 @@ struct Footprint {
 async fn footprint(cluster: &CitadelCluster, root: &Client) -> Result<Footprint> {
     let pids: Vec<u32> = cluster.nodes.0.iter().map(|c| c.id()).collect();
     let rss_kib = pids.iter().map(|p| resident_kib(*p)).collect::<Result<_>>()?;
+    let peak_rss_kib = pids.iter().map(|p| proc_status_kib(*p, "VmHWM")).collect::<Result<_>>()?;
     let store_bytes = (0..3).map(|i| dir_bytes(&cluster.layout.data_dir(i))).collect();
     let snapshot = root.bytes("GET", "sys/storage/raft/snapshot", None).await?;
-    Ok(Footprint { rss_kib, store_bytes, snapshot_bytes: snapshot.len() as u64 })
+    Ok(Footprint { rss_kib, peak_rss_kib, store_bytes, snapshot_bytes: snapshot.len() as u64 })
 }
 
 /// The index of the node that says it leads, if one does.
@@ -234,6 +241,7 @@ pub async fn flood(dir: &Path, settings: &FloodSettings) -> Result<Value> {
                 "rss_before_mib": before.rss_kib[i] / 1024,
                 "rss_after_mib": after.rss_kib[i] / 1024,
                 "rss_growth_mib": mib((after.rss_kib[i] as i64 - before.rss_kib[i] as i64) * 1024),
+                "rss_peak_mib": after.peak_rss_kib[i] / 1024,
                 "store_before_kib": before.store_bytes[i] / 1024,
                 "store_after_kib": after.store_bytes[i] / 1024,
                 "store_growth_mib": mib(after.store_bytes[i] as i64 - before.store_bytes[i] as i64),
