@@ -272,12 +272,21 @@ impl LimiterTable {
     }
 }
 
-/// Runs Argon2 hashes on the blocking pool, at most `permits` at once (§8.3): each hash holds
-/// ~19 MiB, so an unbounded number of concurrent logins could exhaust the node's memory.
+/// Runs Argon2 hashes on its own `permits` threads, so at most that many run at once (§8.3):
+/// each hash holds ~19 MiB, and an unbounded number of concurrent logins could exhaust the node's
+/// memory. The threads run at a lower scheduling priority than the rest of the node: on a small
+/// machine a burst of hashes must not starve Raft's heartbeats or the requests being served
+/// (`citadel bench flood` saw a linearizable read miss its quorum round while hashes ran).
 pub struct HashPool {
     permits: Arc<tokio::sync::Semaphore>,
     wait: Duration,
+    jobs: Mutex<std::sync::mpsc::Sender<HashJob>>,
 }
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// Niceness of the hashing threads (0 is the node's own; 19 the lowest priority).
+const HASH_THREAD_NICENESS: i32 = 10;
 
 /// Every hashing slot stayed busy for the whole wait.
 #[derive(Debug, PartialEq, Eq)]
@@ -285,28 +294,54 @@ pub struct PoolBusy;
 
 impl HashPool {
     pub fn new(permits: usize, wait: Duration) -> HashPool {
-        HashPool { permits: Arc::new(tokio::sync::Semaphore::new(permits)), wait }
+        let (jobs, queue) = std::sync::mpsc::channel::<HashJob>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..permits {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new().name(format!("citadel-hash-{i}")).spawn(move || {
+                lower_this_threads_priority();
+                loop {
+                    let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    // A panicking hash must not take its thread (and so a slot) with it.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-hashing thread");
+            }
+        }
+        HashPool { permits: Arc::new(tokio::sync::Semaphore::new(permits)), wait, jobs: Mutex::new(jobs) }
     }
 
-    /// Runs `work` on a blocking thread once a slot is free, waiting at most the pool's wait.
+    /// Runs `work` on a hashing thread once a slot is free, waiting at most the pool's wait.
     /// The slot is held until `work` returns, even if the caller gives up meanwhile.
     pub async fn run<R: Send + 'static>(&self, work: impl FnOnce() -> R + Send + 'static) -> Result<R, PoolBusy> {
         let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| PoolBusy)?
             .map_err(|_| PoolBusy)?;
-        tokio::task::spawn_blocking(move || {
-            let result = work();
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            let output = work();
             drop(permit);
-            result
-        })
-        .await
-        .map_err(|_| PoolBusy)
+            let _ = done.send(output);
+        });
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| PoolBusy)?;
+        result.await.map_err(|_| PoolBusy)
     }
 
     /// Seconds a refused caller should wait before retrying.
     pub fn retry_after_secs(&self) -> u64 {
         self.wait.as_secs().max(1)
+    }
+}
+
+/// On Linux, `setpriority(PRIO_PROCESS, 0, ..)` sets the calling thread's niceness only.
+fn lower_this_threads_priority() {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, HASH_THREAD_NICENESS) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the hashing threads' priority");
     }
 }
 

@@ -135,12 +135,13 @@ async fn footprint(cluster: &CitadelCluster, root: &Client) -> Result<Footprint>
     Ok(Footprint { rss_kib, peak_rss_kib, store_bytes, snapshot_bytes: snapshot.len() as u64 })
 }
 
-/// The index of the node that says it leads, if one does.
-async fn leader(clients: &[Client]) -> Option<usize> {
-    for (i, client) in clients.iter().enumerate() {
+/// The leader's node id and the Raft term, as the first node to answer health reports them.
+/// The nodes not under attack are asked first. A changed term means an election happened.
+async fn leadership(clients: &[Client]) -> Option<(u64, u64)> {
+    for client in clients.iter().rev() {
         if let Ok(h) = client.health().await {
-            if h.body["ha_mode"] == json!("leader") {
-                return Some(i);
+            if let (Some(leader), Some(term)) = (h.body["leader_id"].as_u64(), h.body["term"].as_u64()) {
+                return Some((leader, term));
             }
         }
     }
@@ -148,25 +149,25 @@ async fn leader(clients: &[Client]) -> Option<usize> {
 }
 
 /// The authenticated reader: reads one secret until `stop`, recording latencies and errors.
-async fn read_throughout(client: Client, stop: Arc<AtomicBool>) -> (Vec<Duration>, usize) {
+async fn read_throughout(client: Client, stop: Arc<AtomicBool>) -> (Vec<Duration>, Vec<String>) {
     let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut errors = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
         match client.kv_get("secret", "flood/target", None).await {
             Ok(_) => latencies.push(started.elapsed()),
-            Err(_) => errors += 1,
+            Err(e) => errors.push(format!("after {} ms: {e}", started.elapsed().as_millis())),
         }
     }
     latencies.sort();
     (latencies, errors)
 }
 
-/// Watches who leads until `stop`; returns every leader seen (in order, without repeats).
-async fn watch_leaders(clients: Vec<Client>, stop: Arc<AtomicBool>) -> Vec<Option<usize>> {
-    let mut seen: Vec<Option<usize>> = Vec::new();
+/// Watches who leads until `stop`; returns every (leader, term) seen, in order, without repeats.
+async fn watch_leaders(clients: Vec<Client>, stop: Arc<AtomicBool>) -> Vec<Option<(u64, u64)>> {
+    let mut seen: Vec<Option<(u64, u64)>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let now = leader(&clients).await;
+        let now = leadership(&clients).await;
         if seen.last() != Some(&now) {
             seen.push(now);
         }
@@ -202,7 +203,10 @@ pub async fn flood(dir: &Path, settings: &FloodSettings) -> Result<Value> {
     let root = cluster.layout.client(0)?.with_token(cluster.root_token.clone());
     root.kv_put("secret", "flood/target", &json!({ "password": "flood-reader" }), None).await?;
     let clients: Vec<Client> = (0..3).map(|i| cluster.layout.client(i)).collect::<Result<_>>()?;
-    let first_leader = leader(&clients).await.ok_or_else(|| anyhow!("the cluster has no leader"))?;
+    let first_leader = leadership(&clients).await;
+    if first_leader.is_none() {
+        bail!("the cluster has no leader");
+    }
     let before = footprint(&cluster, &root).await?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -231,7 +235,7 @@ pub async fn flood(dir: &Path, settings: &FloodSettings) -> Result<Value> {
     let interval = citadel_server::Config::load(&cluster.layout.config_path(0))?.audit.refusal_summary_interval_ms;
     tokio::time::sleep(Duration::from_millis(interval + 2000)).await;
     let after = footprint(&cluster, &root).await?;
-    let last_leader = leader(&clients).await;
+    let last_leader = leadership(&clients).await;
 
     let mib = |bytes: i64| format!("{:+.1}", bytes as f64 / (1024.0 * 1024.0));
     let nodes: Vec<Value> = (0..3)
@@ -259,12 +263,18 @@ pub async fn flood(dir: &Path, settings: &FloodSettings) -> Result<Value> {
         "snapshot_after_kib": after.snapshot_bytes / 1024,
         "snapshot_growth_mib": mib(after.snapshot_bytes as i64 - before.snapshot_bytes as i64),
         "reader_reads": latencies.len(),
-        "reader_errors": errors,
+        "reader_errors": errors.len(),
+        "reader_error_samples": errors.iter().take(3).collect::<Vec<_>>(),
         "reader_p50_ms": pct(0.5).map(|d| ms(*d)),
         "reader_p99_ms": pct(0.99).map(|d| ms(*d)),
         "reader_max_ms": latencies.last().map(|d| ms(*d)),
-        "leaders_seen": leaders.iter().map(|l| l.map_or("none".to_string(), |i| format!("node {}", i + 1))).collect::<Vec<_>>(),
-        "leader_kept": leaders.len() == 1 && leaders[0] == Some(first_leader) && last_leader == Some(first_leader),
+        "leader_before": first_leader.map(|(id, term)| format!("node {id} (term {term})")),
+        "leader_after": last_leader.map(|(id, term)| format!("node {id} (term {term})")),
+        "leaders_seen": leaders
+            .iter()
+            .map(|l| l.map_or("no answer".to_string(), |(id, term)| format!("node {id} (term {term})")))
+            .collect::<Vec<_>>(),
+        "leader_kept": leaders.iter().all(|l| *l == first_leader) && last_leader == first_leader,
     }))
 }
 
@@ -302,16 +312,18 @@ pub async fn idle_connections(dir: &Path, count: usize, idle_source: IpAddr, por
     let log = std::fs::read_to_string(cluster.layout.log_path(0)).unwrap_or_default();
     let warnings: Vec<&str> = log.lines().filter(|l| l.contains("connections refused")).collect();
     let refused_reported: u64 = warnings.iter().filter_map(|l| field(l, "refused")).sum();
-    drop(held);
-    Ok(json!({
+    let report = json!({
         "idle_connections_attempted": count,
         "idle_source": idle_source.to_string(),
+        "idle_connections_held": held.len(),
         "opening_seconds": format!("{:.1}", opened_in.as_secs_f64()),
         "request_from_127.0.0.1_answered": answered,
         "request_from_127.0.0.1_ms": format!("{:.1}", answered_in.as_secs_f64() * 1e3),
         "warning_lines": warnings.len(),
         "refusals_reported": refused_reported,
-    }))
+    });
+    drop(held);
+    Ok(report)
 }
 
 /// A `name=value` number from a log line.
