@@ -36,6 +36,23 @@ pub struct AuditBody {
     pub remote_addr: String,
     pub status: u16,
     pub error: String,
+    /// Only on `refusal_summary` events: many refusals from one source, counted. Absent from
+    /// every other event, so their encoding (and chain hash) is what it always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<RefusalSummary>,
+}
+
+/// Refusals of one reason from one source address within one interval (§8.3): a flood of
+/// unauthenticated requests is recorded as a count instead of one replicated event each.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalSummary {
+    /// Why the requests were refused, e.g. `no_valid_token`, `unknown_user`.
+    pub reason: String,
+    pub count: u64,
+    pub first: UnixMillis,
+    pub last: UnixMillis,
+    /// The first few paths refused (capped in length).
+    pub sample_paths: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,8 +10,8 @@ use citadel_storage::{NodeInfo, StateReader, TypeConfig};
 use openraft::error::{ClientWriteError, RaftError};
 
 use crate::api::ApiError;
-use crate::audit::AuditSpool;
-use crate::auth::LoginLimiter;
+use crate::audit::{AuditSpool, RefusalLog};
+use crate::auth::{HashPool, LoginLimiter};
 use crate::cluster::{NodeStatus, PeerClient, PeerError};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -24,6 +24,10 @@ pub struct App {
     pub seal: SealManager,
     pub audit: Arc<AuditSpool>,
     pub limiter: LoginLimiter,
+    /// Runs every Argon2 hash, a bounded number at once.
+    pub hash_pool: HashPool,
+    /// Unauthenticated refusals, counted until the next summary event.
+    pub refusals: RefusalLog,
     pub metrics: Metrics,
     pub peers: PeerClient,
     pub started: Instant,

@@ -35,6 +35,7 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
     pub auth: AuthConfig,
 }
 
@@ -167,12 +168,197 @@ pub struct RetryJoin {
     pub join_token: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// Optional export sink: every local audit event is also appended here as a JSON line.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// Refusals of unauthenticated requests are counted per (source, reason) and written as one
+    /// `refusal_summary` event per key per interval, so a flood cannot grow the replicated log.
+    #[serde(default = "default_refusal_summary_interval_ms")]
+    pub refusal_summary_interval_ms: u64,
+    /// Distinct (source, reason) keys counted per interval; further sources share an "other" key.
+    #[serde(default = "default_refusal_summary_keys")]
+    pub refusal_summary_keys: usize,
+    /// Longest path or user name stored in an audit event; longer ones are cut with a marker.
+    #[serde(default = "default_max_path_bytes")]
+    pub max_path_bytes: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: None,
+            refusal_summary_interval_ms: default_refusal_summary_interval_ms(),
+            refusal_summary_keys: default_refusal_summary_keys(),
+            max_path_bytes: default_max_path_bytes(),
+        }
+    }
+}
+
+/// Caps on what any client, authenticated or not, can make a node spend (§8.3).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Argon2 hashes running at once (each holds ~19 MiB); default 2 × cores.
+    #[serde(default = "default_password_hash_concurrency")]
+    pub password_hash_concurrency: usize,
+    /// How long a login waits for a hashing slot before it is answered 503 with `Retry-After`.
+    #[serde(default = "default_password_hash_wait_ms")]
+    pub password_hash_wait_ms: u64,
+    /// Entries of the login limiter's table (user-and-source pairs plus sources); the least
+    /// recently used is evicted beyond it.
+    #[serde(default = "default_login_limiter_entries")]
+    pub login_limiter_entries: usize,
+    /// Failed logins a user-and-source pair may make before backoff starts.
+    #[serde(default = "default_login_free_failures")]
+    pub login_free_failures: u32,
+    /// Failed logins (any user) a source address may make before backoff starts.
+    #[serde(default = "default_login_source_free_failures")]
+    pub login_source_free_failures: u32,
+    /// The first backoff; each further failure doubles it.
+    #[serde(default = "default_login_backoff_base_ms")]
+    pub login_backoff_base_ms: u64,
+    /// The longest backoff; a key quiet for this long after its backoff ends is forgotten.
+    #[serde(default = "default_login_backoff_max_ms")]
+    pub login_backoff_max_ms: u64,
+    /// Open connections per listener; beyond it new connections are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections per source address, per listener.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// A TLS handshake must finish within this.
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+    /// A request's headers must arrive within this (HTTP/1).
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            password_hash_concurrency: default_password_hash_concurrency(),
+            password_hash_wait_ms: default_password_hash_wait_ms(),
+            login_limiter_entries: default_login_limiter_entries(),
+            login_free_failures: default_login_free_failures(),
+            login_source_free_failures: default_login_source_free_failures(),
+            login_backoff_base_ms: default_login_backoff_base_ms(),
+            login_backoff_max_ms: default_login_backoff_max_ms(),
+            max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
+            tls_handshake_timeout_ms: default_tls_handshake_timeout_ms(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Each key that must be positive, with its value, for validation.
+    fn positive_keys(&self) -> [(&'static str, u64); 11] {
+        [
+            ("limits.password_hash_concurrency", self.password_hash_concurrency as u64),
+            ("limits.password_hash_wait_ms", self.password_hash_wait_ms),
+            ("limits.login_limiter_entries", self.login_limiter_entries as u64),
+            ("limits.login_source_free_failures", u64::from(self.login_source_free_failures)),
+            ("limits.login_backoff_base_ms", self.login_backoff_base_ms),
+            ("limits.login_backoff_max_ms", self.login_backoff_max_ms),
+            ("limits.max_connections", self.max_connections as u64),
+            ("limits.max_connections_per_source", self.max_connections_per_source as u64),
+            ("limits.tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("limits.header_read_timeout_ms", self.header_read_timeout_ms),
+            ("limits.idle_timeout_ms", self.idle_timeout_ms),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if let Some((key, _)) = self.positive_keys().into_iter().find(|(_, v)| *v == 0) {
+            return Err((key, "must be positive".into()));
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err((
+                "limits.max_connections_per_source",
+                format!("must not exceed limits.max_connections ({})", self.max_connections),
+            ));
+        }
+        if self.login_backoff_base_ms > self.login_backoff_max_ms {
+            return Err((
+                "limits.login_backoff_base_ms",
+                format!("must not exceed limits.login_backoff_max_ms ({})", self.login_backoff_max_ms),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.refusal_summary_interval_ms == 0 {
+            return Err(("audit.refusal_summary_interval_ms", "must be positive".into()));
+        }
+        if self.refusal_summary_keys == 0 {
+            return Err(("audit.refusal_summary_keys", "must be positive".into()));
+        }
+        if self.max_path_bytes < MIN_AUDIT_PATH_BYTES {
+            return Err(("audit.max_path_bytes", format!("must be at least {MIN_AUDIT_PATH_BYTES}")));
+        }
+        Ok(())
+    }
+}
+
+/// Shorter caps would make audit events useless for telling requests apart.
+const MIN_AUDIT_PATH_BYTES: usize = 64;
+
+fn default_refusal_summary_interval_ms() -> u64 {
+    10_000
+}
+fn default_refusal_summary_keys() -> usize {
+    1024
+}
+fn default_max_path_bytes() -> usize {
+    512
+}
+fn default_password_hash_concurrency() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, usize::from)
+}
+fn default_password_hash_wait_ms() -> u64 {
+    2000
+}
+fn default_login_limiter_entries() -> usize {
+    10_000
+}
+fn default_login_free_failures() -> u32 {
+    3
+}
+fn default_login_source_free_failures() -> u32 {
+    20
+}
+fn default_login_backoff_base_ms() -> u64 {
+    1000
+}
+fn default_login_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_source() -> usize {
+    256
+}
+fn default_tls_handshake_timeout_ms() -> u64 {
+    5000
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
 }
 
 /// The longest duration Citadel accepts anywhere (Vault's: what fits in int64 nanoseconds).
@@ -226,6 +412,21 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_RAFT_DEAD_SERVER_THRESHOLD_MS", &["raft", "dead_server_threshold_ms"]),
     ("CITADEL_AUDIT_FILE", &["audit", "file"]),
     ("CITADEL_AUTH_MAX_TTL", &["auth", "max_ttl"]),
+    ("CITADEL_AUDIT_REFUSAL_SUMMARY_INTERVAL_MS", &["audit", "refusal_summary_interval_ms"]),
+    ("CITADEL_AUDIT_REFUSAL_SUMMARY_KEYS", &["audit", "refusal_summary_keys"]),
+    ("CITADEL_AUDIT_MAX_PATH_BYTES", &["audit", "max_path_bytes"]),
+    ("CITADEL_LIMITS_PASSWORD_HASH_CONCURRENCY", &["limits", "password_hash_concurrency"]),
+    ("CITADEL_LIMITS_PASSWORD_HASH_WAIT_MS", &["limits", "password_hash_wait_ms"]),
+    ("CITADEL_LIMITS_LOGIN_LIMITER_ENTRIES", &["limits", "login_limiter_entries"]),
+    ("CITADEL_LIMITS_LOGIN_FREE_FAILURES", &["limits", "login_free_failures"]),
+    ("CITADEL_LIMITS_LOGIN_SOURCE_FREE_FAILURES", &["limits", "login_source_free_failures"]),
+    ("CITADEL_LIMITS_LOGIN_BACKOFF_BASE_MS", &["limits", "login_backoff_base_ms"]),
+    ("CITADEL_LIMITS_LOGIN_BACKOFF_MAX_MS", &["limits", "login_backoff_max_ms"]),
+    ("CITADEL_LIMITS_MAX_CONNECTIONS", &["limits", "max_connections"]),
+    ("CITADEL_LIMITS_MAX_CONNECTIONS_PER_SOURCE", &["limits", "max_connections_per_source"]),
+    ("CITADEL_LIMITS_TLS_HANDSHAKE_TIMEOUT_MS", &["limits", "tls_handshake_timeout_ms"]),
+    ("CITADEL_LIMITS_HEADER_READ_TIMEOUT_MS", &["limits", "header_read_timeout_ms"]),
+    ("CITADEL_LIMITS_IDLE_TIMEOUT_MS", &["limits", "idle_timeout_ms"]),
 ];
 
 #[derive(Debug)]
@@ -307,6 +508,8 @@ impl Config {
         if self.raft.snapshot_threshold < 10 {
             return Err(("raft.snapshot_threshold", "must be at least 10".into()));
         }
+        self.limits.validate()?;
+        self.audit.validate()?;
         Ok(())
     }
 
@@ -399,5 +602,29 @@ mod tests {
         assert!(err.contains("`tls.cert_validity_days`"), "{err}");
         let err = parse(GOOD, &[("CITADEL_TLS_RENEW_BEFORE_DAYS", "365")]).unwrap_err().0;
         assert!(err.contains("`tls.renew_before_days`"), "{err}");
+    }
+
+    #[test]
+    fn limits_have_safe_defaults_and_env_overrides() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert!(c.limits.password_hash_concurrency >= 2);
+        assert_eq!(c.limits.max_connections, 4096);
+        assert_eq!(c.limits.max_connections_per_source, 256);
+        assert_eq!(c.audit.max_path_bytes, 512);
+        assert_eq!(c.audit.refusal_summary_interval_ms, 10_000);
+        let c = parse(GOOD, &[("CITADEL_LIMITS_MAX_CONNECTIONS_PER_SOURCE", "8")]).unwrap();
+        assert_eq!(c.limits.max_connections_per_source, 8);
+    }
+
+    #[test]
+    fn invalid_limits_name_the_key() {
+        let err = parse(&format!("{GOOD}\n[limits]\npassword_hash_concurrency = 0\n"), &[]).unwrap_err().0;
+        assert!(err.contains("`limits.password_hash_concurrency`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[limits]\nmax_connections = 4\n"), &[]).unwrap_err().0;
+        assert!(err.contains("`limits.max_connections_per_source`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[audit]\nmax_path_bytes = 3\n"), &[]).unwrap_err().0;
+        assert!(err.contains("`audit.max_path_bytes`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[limits]\nmax_conections = 4\n"), &[]).unwrap_err().0;
+        assert!(err.contains("max_conections"), "{err}");
     }
 }

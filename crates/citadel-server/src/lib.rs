@@ -16,6 +16,7 @@ pub mod config;
 pub mod forwarded;
 pub mod ha;
 pub mod ids;
+pub mod limits;
 pub mod membership;
 pub mod metrics;
 pub mod peer;

@@ -18,10 +18,12 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiError, ApiRequest, MAX_BODY, MAX_SNAPSHOT};
 use crate::app::App;
-use crate::audit::AuditSpool;
+use crate::audit::{AuditSpool, RefusalLog};
+use crate::auth::{BackoffPolicy, HashPool, LoginLimiter};
 use crate::cluster::{self, ClusterNetwork};
 use crate::config::{Config, SealKind};
 use crate::ids;
+use crate::limits::ConnectionLimits;
 use crate::tls;
 
 #[derive(Clone, Copy)]
@@ -32,6 +34,8 @@ pub async fn run(config: Config) -> Result<()> {
     // Before anything is created: every file of the node is private to its user (§8.4).
     citadel_storage::files::set_private_umask();
     tls::install_crypto_provider();
+    crate::limits::raise_open_file_limit();
+    crate::limits::release_large_allocations();
     crate::pki::bootstrap_if_needed(&config).await?;
     let node_cert = tls::NodeCert::load(&config.tls.cert, &config.tls.key)?;
     let api_tls = tls::server_config(node_cert.clone())?;
@@ -71,13 +75,21 @@ pub async fn run(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on cluster_addr {}", config.cluster_addr))?;
 
+    let limiter = LoginLimiter::new(BackoffPolicy::from_config(&config.limits));
+    let hash_pool = HashPool::new(
+        config.limits.password_hash_concurrency,
+        Duration::from_millis(config.limits.password_hash_wait_ms),
+    );
+    let refusals = RefusalLog::new(config.audit.refusal_summary_keys, config.audit.max_path_bytes);
     let app = Arc::new(App {
         config,
         raft: raft.clone(),
         state,
         seal: Default::default(),
         audit,
-        limiter: Default::default(),
+        limiter,
+        hash_pool,
+        refusals,
         metrics: Default::default(),
         peers: network.peers(),
         started: Instant::now(),
@@ -91,8 +103,13 @@ pub async fn run(config: Config) -> Result<()> {
         tracing::error!("this build is broken on purpose (an unsafe-* cargo feature): it can lose writes or serve stale reads; use it only to test the chaos harness");
     }
 
-    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone())));
-    tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone())));
+    let cluster_limits = ConnectionLimits::new("cluster", &app.config.limits, false);
+    let api_limits = ConnectionLimits::new("api", &app.config.limits, true);
+    tokio::spawn(cluster_limits.clone().report_refusals());
+    tokio::spawn(api_limits.clone().report_refusals());
+    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone()), cluster_limits));
+    tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
+    tokio::spawn(crate::audit::write_refusal_summaries(app.clone()));
     tokio::spawn(ship_audit(app.clone()));
     tokio::spawn(sweep_expired_tokens(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
@@ -136,7 +153,14 @@ async fn shutdown_signal() {
 }
 
 /// Accepts TLS connections and serves `router` on each, recording the peer address.
-async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router) {
+/// Connections beyond the listener's or the source's cap are closed at once (counted, and
+/// reported once per interval by `ConnectionLimits::report_refusals`).
+async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    limits: Arc<ConnectionLimits>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -147,11 +171,17 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 continue;
             }
         };
+        let Some(permit) = limits.try_admit(remote.ip()) else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
+        let limits = limits.clone();
         let service = router.clone().layer(Extension(RemoteAddr(remote)));
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake refused");
@@ -160,11 +190,8 @@ async fn serve_tls(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
                 Err(_) => return,
             };
             let service = service.layer(Extension(crate::peer::PeerCert::of(tls.get_ref().1)));
-            let service = hyper_util::service::TowerToHyperService::new(service);
             // HTTP/1.1 or HTTP/2, whichever the peer speaks (the API advertises only HTTP/1.1).
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
+            crate::limits::serve_connection(tls, service, &limits).await;
         });
     }
 }
@@ -185,19 +212,6 @@ async fn api_entry(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // Only a snapshot restore may exceed the API's body limit.
-    let limit = if uri.path().starts_with("/v1/sys/storage/raft/snapshot") { MAX_SNAPSHOT } else { MAX_BODY };
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => {
-            let message = format!("request body is larger than {} MiB", limit >> 20);
-            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
-        }
-    };
-    let query = match crate::request_path::query(&uri) {
-        Ok(q) => q,
-        Err(e) => return ApiError::bad_request(e).into_response(),
-    };
     let path = match crate::request_path::api_path(uri.path()) {
         Ok(path) => path,
         Err(reason) => return ApiError::bad_request(reason).into_response(),
@@ -205,6 +219,25 @@ async fn api_entry(
     if crate::peer::is_removed(&app) && path != "sys/health" {
         return ApiError::unavailable(crate::peer::REMOVED_MESSAGE).into_response();
     }
+    let query = match crate::request_path::query(&uri) {
+        Ok(q) => q,
+        Err(e) => return ApiError::bad_request(e).into_response(),
+    };
+    // Only a snapshot restore may exceed the API's body limit...
+    let limit = if path.starts_with("sys/storage/raft/snapshot") { MAX_SNAPSHOT } else { MAX_BODY };
+    // ...and its body is read only for a caller allowed to restore; anyone else gets 403 unread.
+    let body = if limit == MAX_SNAPSHOT && !api::may_read_snapshot_body(&app, &method, &path, &headers) {
+        Body::empty()
+    } else {
+        body
+    };
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            let message = format!("request body is larger than {} MiB", limit >> 20);
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+        }
+    };
     let request = ApiRequest {
         method,
         path,

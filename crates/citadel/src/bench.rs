@@ -13,6 +13,9 @@ pub enum Workload {
     StaleRead,
     /// Starts its own 3-node cluster and kills the leader `--rounds` times.
     Failover,
+    /// Starts its own 3-node cluster and floods one node with unauthenticated requests (or,
+    /// with `--idle-connections`, idle connections); see `flood.rs`.
+    Flood,
 }
 
 impl Workload {
@@ -22,6 +25,7 @@ impl Workload {
             Workload::Read => "read",
             Workload::StaleRead => "stale-read",
             Workload::Failover => "failover",
+            Workload::Flood => "flood",
         }
     }
 }
@@ -99,7 +103,7 @@ impl Endpoint {
             (Target::Etcd, Workload::StaleRead) => {
                 ("/v3/kv/range".into(), json!({ "key": b64(&key), "serializable": true }), &[])
             }
-            (_, Workload::Failover) => unreachable!("failover has its own driver"),
+            (_, Workload::Failover | Workload::Flood) => unreachable!("failover and flood have their own drivers"),
         };
         let (method, body) = match (self.target, body.is_null()) {
             (Target::Citadel, true) => ("GET", None),
@@ -116,7 +120,7 @@ impl Endpoint {
 
 /// Runs `ops` operations of `workload` spread over `concurrency` clients, each on its own key.
 pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrency: usize) -> Result<Summary> {
-    assert!(workload != Workload::Failover, "failover has its own driver");
+    assert!(!matches!(workload, Workload::Failover | Workload::Flood), "failover and flood have their own drivers");
     let concurrency = concurrency.max(1);
     // Reads need something to read.
     if workload != Workload::Write {

@@ -96,6 +96,21 @@ enum Cmd {
         /// Base port of started clusters (uses BASE..BASE+21).
         #[arg(long, default_value_t = 23000)]
         port: u16,
+        /// flood: requests with bogus tokens.
+        #[arg(long, default_value_t = 50_000)]
+        bogus_requests: usize,
+        /// flood: failing logins, each under a distinct user name.
+        #[arg(long, default_value_t = 5_000)]
+        failing_logins: usize,
+        /// flood: clients sending the flood at once.
+        #[arg(long, default_value_t = 32)]
+        flood_concurrency: usize,
+        /// flood: instead, hold this many idle connections open to one node.
+        #[arg(long)]
+        idle_connections: Option<usize>,
+        /// flood --idle-connections: the local (loopback) address they come from.
+        #[arg(long, default_value = "127.0.0.2")]
+        idle_source: std::net::IpAddr,
     },
 }
 
@@ -417,6 +432,32 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 "active_sessions",
             ];
             print_rows(&nodes, &columns, format);
+            Ok(())
+        }
+        Cmd::Bench {
+            workloads,
+            port,
+            bogus_requests,
+            failing_logins,
+            flood_concurrency,
+            idle_connections,
+            idle_source,
+            ..
+        } if workloads.contains(&Workload::Flood) => {
+            if workloads.len() > 1 {
+                bail!("flood runs alone: `citadel bench flood`");
+            }
+            let settings = crate::flood::FloodSettings {
+                bogus_token_requests: bogus_requests,
+                failing_logins,
+                concurrency: flood_concurrency,
+                port,
+            };
+            let report = crate::flood::run(idle_connections.map(|n| (n, idle_source)), settings).await?;
+            print_map(&report, format);
+            for miss in crate::flood::missed_goals(&report) {
+                out!("goal missed: {miss}");
+            }
             Ok(())
         }
         Cmd::Bench { workloads, rounds, port, .. } if workloads.contains(&Workload::Failover) => {

@@ -15,4 +15,5 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod dev;
+pub mod flood;
 pub mod output;

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use axum::http::StatusCode;
 use citadel_core::audit::{hmac_string, AuditBody};
 use citadel_core::command::{Command, Response};
 use citadel_core::policy;
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::{authorize_op, duration_secs, record_audit, string_list, ApiError, ApiRequest, Op, Reply, Target};
 use crate::app::App;
+use crate::audit::RefusalReason;
 use crate::auth::{self as authn, Caller};
 use crate::ids;
 use crate::seal::Unsealed;
@@ -25,7 +27,11 @@ fn valid_username(name: &str) -> bool {
 
 pub async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed) -> Result<Reply, ApiError> {
     let now = ids::now_ms();
-    let result = login_inner(app, req, username, keys, now).await;
+    let mut refusal = None;
+    let result = login_inner(app, req, username, keys, now, &mut refusal).await;
+    if let (Some(refusal), Err(error)) = (refusal, &result) {
+        return Ok(refused_login(app, req, refusal, error, now));
+    }
     let (status, error) = match &result {
         Ok(_) => (200, String::new()),
         Err(e) => (e.status.as_u16(), e.errors.first().cloned().unwrap_or_default()),
@@ -57,6 +63,7 @@ async fn login_inner(
     username: &str,
     keys: &Unsealed,
     now: u64,
+    refusal: &mut Option<LoginRefusal>,
 ) -> Result<(Reply, Option<String>), ApiError> {
     if req.op() != Some(Op::Write) {
         return Err(ApiError::method_not_allowed());
@@ -67,23 +74,9 @@ async fn login_inner(
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("missing required field \"password\""))?
         .to_string();
-    if let Err(wait) = app.limiter.check(username) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::TOO_MANY_REQUESTS,
-            format!("too many failed logins for this user; try again in {wait}s"),
-        ));
-    }
-    let user = app.state.read(|s| s.users.get(username).cloned());
-    let stored = user.as_ref().map(|u| u.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || authn::verify_password(stored.as_deref(), &password))
-        .await
-        .map_err(|_| ApiError::internal("password check failed"))?;
-    let Some(user) = user.filter(|_| ok) else {
-        app.limiter.failed(username);
-        return Err(ApiError::bad_request("invalid username or password"));
-    };
-    app.limiter.succeeded(username);
-    let mut policies = user.policies.clone();
+    let user = check_password(app, req, username, password, refusal).await?;
+    // No auth method issues a root token (§8.2), even for a user stored before that was refused.
+    let mut policies: Vec<String> = user.policies.iter().filter(|p| *p != policy::ROOT).cloned().collect();
     if !policies.iter().any(|p| p == policy::DEFAULT) {
         policies.push(policy::DEFAULT.into());
     }
@@ -116,6 +109,75 @@ async fn login_inner(
         Response::Rejected(r) => Err(r.into()),
         _ => Ok((Reply::auth(auth), Some(token))),
     }
+}
+
+/// A login refused before any user was authenticated: counted into its source's refusal
+/// summary instead of audited on its own (§8.3), and answered with `Retry-After` when waiting helps.
+#[derive(Clone, Copy, Debug)]
+struct LoginRefusal {
+    reason: RefusalReason,
+    retry_after_secs: Option<u64>,
+}
+
+/// Checks a login's password under the login limiter and the bounded hashing pool. Refusals that
+/// are summarized rather than audited one by one are reported through `refusal`; failed logins of
+/// existing users stay individual audit events (the limiter bounds their number).
+async fn check_password(
+    app: &App,
+    req: &ApiRequest,
+    username: &str,
+    password: String,
+    refusal: &mut Option<LoginRefusal>,
+) -> Result<User, ApiError> {
+    let invalid = || ApiError::bad_request("invalid username or password");
+    if !valid_username(username) {
+        // No such user can exist: nothing to hash and nothing to charge.
+        *refusal = Some(LoginRefusal { reason: RefusalReason::UnknownUser, retry_after_secs: None });
+        return Err(invalid());
+    }
+    let charge = match app.limiter.check_and_charge(&req.remote, username) {
+        Ok(charge) => charge,
+        Err(wait) => {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            *refusal = Some(LoginRefusal { reason: RefusalReason::LoginThrottled, retry_after_secs: Some(secs) });
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many failed logins; try again in {secs}s"),
+            ));
+        }
+    };
+    let user = app.state.read(|s| s.users.get(username).cloned());
+    let stored = user.as_ref().map(|u| u.password_hash.clone());
+    let verified = app.hash_pool.run(move || authn::verify_password(stored.as_deref(), &password)).await;
+    let Ok(ok) = verified else {
+        app.limiter.refund(charge);
+        let secs = app.hash_pool.retry_after_secs();
+        *refusal = Some(LoginRefusal { reason: RefusalReason::HashPoolBusy, retry_after_secs: Some(secs) });
+        return Err(ApiError::unavailable(format!("the server is busy checking passwords; retry in {secs}s")));
+    };
+    let missing = user.is_none();
+    match user.filter(|_| ok) {
+        Some(user) => {
+            app.limiter.succeeded(charge);
+            Ok(user)
+        }
+        None => {
+            if missing {
+                *refusal = Some(LoginRefusal { reason: RefusalReason::UnknownUser, retry_after_secs: None });
+            }
+            Err(invalid())
+        }
+    }
+}
+
+/// Answers a summarized login refusal: counted, not audited on its own.
+fn refused_login(app: &App, req: &ApiRequest, refusal: LoginRefusal, error: &ApiError, now: u64) -> Reply {
+    app.refusals.note(&req.remote, refusal.reason, "update", &req.path, now);
+    let mut reply = Reply::json(error.status, json!({ "errors": error.errors }));
+    if let Some(secs) = refusal.retry_after_secs {
+        reply.headers.push(("retry-after", secs.to_string()));
+    }
+    reply
 }
 
 /// Read-only mode (§5.4): the password was checked against this node's replica; the token is
@@ -289,9 +351,11 @@ async fn user_write(
         }
     }
     let password_hash = match (password, &existing) {
-        (Some(p), _) => tokio::task::spawn_blocking(move || authn::hash_password(&p))
+        (Some(p), _) => app
+            .hash_pool
+            .run(move || authn::hash_password(&p))
             .await
-            .map_err(|_| ApiError::internal("password hashing failed"))?,
+            .map_err(|_| ApiError::unavailable("every password-hashing slot is busy; retry shortly"))?,
         (None, Some(u)) if !password_only => u.password_hash.clone(),
         _ => return Err(ApiError::bad_request("missing required field \"password\"")),
     };

@@ -10,7 +10,7 @@ mod policy;
 mod snapshot;
 mod sys;
 
-pub use snapshot::parse as snapshot_file;
+pub use snapshot::{may_read_body as may_read_snapshot_body, parse as snapshot_file};
 pub use sys::VERSION;
 
 use std::collections::HashMap;
@@ -94,17 +94,22 @@ impl ApiRequest {
     }
 
     pub fn token(&self) -> Option<String> {
-        let header = |name: &str| self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-        if let Some(t) = header("x-vault-token").filter(|t| !t.is_empty()) {
-            return Some(t.to_string());
-        }
-        header("authorization").and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_string())
+        token_from_headers(&self.headers)
     }
 
     pub fn stale_ok(&self) -> bool {
         let header = self.headers.get("x-citadel-consistency").and_then(|v| v.to_str().ok());
         header == Some("stale") || self.query.get("stale").is_some_and(|v| v == "true")
     }
+}
+
+/// The client token: `X-Vault-Token`, or `Authorization: Bearer`.
+fn token_from_headers(headers: &HeaderMap) -> Option<String> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(t) = header("x-vault-token").filter(|t| !t.is_empty()) {
+        return Some(t.to_string());
+    }
+    header("authorization").and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_string())
 }
 
 #[derive(Debug)]
@@ -305,6 +310,10 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         Ok(_) => token.as_deref().and_then(|t| app.state.read(|s| crate::auth::resolve(s, &keys.keyring, t, now))),
         Err(_) => None,
     };
+    if caller.is_none() && fresh.is_ok() {
+        // No valid token: summarized, not audited one by one (§8.3).
+        return Err(refuse_unauthenticated(app, req, now));
+    }
     let result = match (&caller, fresh) {
         (_, Err(e)) => Err(e),
         (None, _) => Err(ApiError::forbidden()),
@@ -394,8 +403,21 @@ fn redirect_to_leader(app: &App, req: &ApiRequest) -> Option<Reply> {
     Some(reply)
 }
 
-/// Writes an audit event durably, or fails the request (fail closed, §1.4).
-pub(crate) async fn record_audit(app: &App, body: AuditBody) -> Result<(), ApiError> {
+/// A request without a valid token is refused 403 and counted into its source's refusal
+/// summary rather than audited on its own (§8.3): a flood of them must not grow the replicated
+/// audit log by one event each.
+fn refuse_unauthenticated(app: &App, req: &ApiRequest, now: u64) -> ApiError {
+    let operation = req.op().map_or("unknown", Op::name);
+    app.refusals.note(&req.remote, crate::audit::RefusalReason::NoValidToken, operation, &req.path, now);
+    ApiError::forbidden()
+}
+
+/// Writes an audit event durably, or fails the request (fail closed, §1.4). Paths and user
+/// names are capped in length first.
+pub(crate) async fn record_audit(app: &App, mut body: AuditBody) -> Result<(), ApiError> {
+    let max = app.config.audit.max_path_bytes;
+    body.path = crate::limits::cap_for_audit(&body.path, max);
+    body.user = crate::limits::cap_for_audit(&body.user, max);
     match app.audit.record(body).await {
         Ok(_) => {
             app.metrics.observe_audit_event();

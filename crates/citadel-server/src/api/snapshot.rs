@@ -12,15 +12,16 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
 use citadel_core::barrier::Keyring;
 use citadel_core::command::{Command, Response};
+use citadel_core::policy::Caps;
 use citadel_storage::codec::{self, StoredSnapshot};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{ApiError, ApiRequest, Reply};
+use super::{authorize, ApiError, ApiRequest, Reply};
 use crate::app::App;
 use crate::seal::Unsealed;
 
@@ -205,6 +206,23 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
         return Err(SnapshotFileError::Inconsistent);
     }
     Ok((header, stored))
+}
+
+/// Whether a request to the snapshot routes may have its body (up to 256 MiB) read: only when
+/// its token is valid and holds `sudo` and the operation's capability on the path (§8.3). Anyone
+/// else is answered 403 by the dispatcher without the body being read.
+pub fn may_read_body(app: &App, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    let need = match method.as_str() {
+        "GET" | "HEAD" => Caps::READ,
+        "POST" | "PUT" => Caps::UPDATE,
+        _ => return false,
+    };
+    let (Ok(keys), Some(token)) = (app.keys(), super::token_from_headers(headers)) else { return false };
+    let now = crate::ids::now_ms();
+    let Some(caller) = app.state.read(|s| crate::auth::resolve(s, &keys.keyring, &token, now)) else {
+        return false;
+    };
+    !caller.read_only && authorize(app, &caller, path, need.union(Caps::SUDO)).is_ok()
 }
 
 pub async fn restore(app: &App, keys: &Unsealed, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {

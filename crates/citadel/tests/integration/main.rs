@@ -9,6 +9,7 @@ mod cluster;
 mod crash;
 mod files;
 mod harness;
+mod limits;
 mod security;
 mod tokens;
 mod trust;
