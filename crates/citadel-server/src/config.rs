@@ -36,6 +36,7 @@ pub struct Config {
     pub audit: AuditConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
     pub auth: AuthConfig,
 }
 
