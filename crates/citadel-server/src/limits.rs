@@ -181,7 +181,7 @@ where
     };
     loop {
         let idle = activity.idle_for();
-        let check_in = if idle >= idle_timeout { Duration::ZERO } else { idle_timeout - idle };
+        let check_in = idle_timeout.saturating_sub(idle);
         tokio::select! {
             _ = connection.as_mut() => return,
             _ = tokio::time::sleep(check_in) => {

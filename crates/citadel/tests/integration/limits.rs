@@ -141,17 +141,16 @@ async fn slow_headers_are_dropped_after_the_header_read_timeout() {
     stream.write_all(b"GET /v1/sys/health HTTP/1.1\r\nHost: citadel\r\n").await.unwrap();
     let started = Instant::now();
     // Keep sending a header line now and then, never finishing the headers.
-    let closed = loop {
+    loop {
         assert!(started.elapsed() < Duration::from_secs(30), "the slow client was never dropped");
         if stream.write_all(b"X-Slow: still-coming\r\n").await.is_err() {
-            break true;
+            break;
         }
         // Anything but a timeout (the end of the stream, an error, a refusal) means dropped.
         if tokio::time::timeout(Duration::from_millis(200), stream.read(&mut [0u8; 64])).await.is_ok() {
-            break true;
+            break;
         }
-    };
-    assert!(closed);
+    }
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(5), "dropped after {took:?}");
 }
@@ -198,4 +197,32 @@ async fn a_snapshot_restore_body_is_not_read_without_a_valid_token() {
     .unwrap();
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("not a Citadel snapshot file"), "{text}");
+}
+
+#[tokio::test]
+async fn logins_beyond_the_hash_pool_get_503_with_retry_after_instead_of_piling_up() {
+    let config = "[limits]\npassword_hash_concurrency = 1\npassword_hash_wait_ms = 1\n";
+    let node = Node1::start_with(23550, true, config).await;
+    // Distinct users: simultaneous attempts on one user are each charged before hashing, and
+    // the limiter would rightly slow them down.
+    for i in 0..16 {
+        node.root()
+            .post(&format!("auth/userpass/users/user{i}"), &json!({ "password": "user-password" }))
+            .await
+            .unwrap();
+    }
+    let body = json!({ "password": "user-password" });
+    let logins = (0..16).map(|i| {
+        let client = node.anonymous();
+        let body = body.clone();
+        async move { client.raw("POST", &format!("auth/userpass/login/user{i}"), Some(&body), &[]).await.unwrap() }
+    });
+    let replies = futures::future::join_all(logins).await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
+    let ok = replies.iter().filter(|r| r.status.as_u16() == 200).count();
+    let busy: Vec<_> = replies.iter().filter(|r| r.status.as_u16() == 503).collect();
+    assert!(ok >= 1, "the login holding the slot succeeds");
+    assert!(!busy.is_empty(), "16 simultaneous logins, one slot, a 1 ms wait: some are refused: {statuses:?}");
+    assert_eq!(ok + busy.len(), 16, "nothing but success or busy: {statuses:?}");
+    assert!(busy.iter().all(|r| r.headers.get("retry-after").is_some()), "every 503 says when to retry");
 }
