@@ -78,7 +78,7 @@ impl PeerIdentity {
             Ok(ip) => ip.to_string(),
             Err(_) => host.to_ascii_lowercase(),
         };
-        self.names.iter().any(|name| *name == host)
+        self.names.contains(&host)
     }
 }
 
