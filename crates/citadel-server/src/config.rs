@@ -239,6 +239,10 @@ pub struct LimitsConfig {
     /// A connection with no request in flight for this long is closed.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Tokens one user's logins, or one parent token, may hold in the replicated state at once
+    /// (expired ones count until the sweep removes them).
+    #[serde(default = "default_max_tokens_per_owner")]
+    pub max_tokens_per_owner: usize,
 }
 
 impl Default for LimitsConfig {
@@ -256,13 +260,14 @@ impl Default for LimitsConfig {
             tls_handshake_timeout_ms: default_tls_handshake_timeout_ms(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            max_tokens_per_owner: default_max_tokens_per_owner(),
         }
     }
 }
 
 impl LimitsConfig {
     /// Each key that must be positive, with its value, for validation.
-    fn positive_keys(&self) -> [(&'static str, u64); 11] {
+    fn positive_keys(&self) -> [(&'static str, u64); 12] {
         [
             ("limits.password_hash_concurrency", self.password_hash_concurrency as u64),
             ("limits.password_hash_wait_ms", self.password_hash_wait_ms),
@@ -275,6 +280,7 @@ impl LimitsConfig {
             ("limits.tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
             ("limits.header_read_timeout_ms", self.header_read_timeout_ms),
             ("limits.idle_timeout_ms", self.idle_timeout_ms),
+            ("limits.max_tokens_per_owner", self.max_tokens_per_owner as u64),
         ]
     }
 
@@ -361,6 +367,9 @@ fn default_header_read_timeout_ms() -> u64 {
 fn default_idle_timeout_ms() -> u64 {
     60_000
 }
+fn default_max_tokens_per_owner() -> usize {
+    1_000
+}
 
 /// The longest duration Citadel accepts anywhere (Vault's: what fits in int64 nanoseconds).
 pub const MAX_DURATION_SECS: u64 = (i64::MAX / 1_000_000_000) as u64;
@@ -428,6 +437,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_LIMITS_TLS_HANDSHAKE_TIMEOUT_MS", &["limits", "tls_handshake_timeout_ms"]),
     ("CITADEL_LIMITS_HEADER_READ_TIMEOUT_MS", &["limits", "header_read_timeout_ms"]),
     ("CITADEL_LIMITS_IDLE_TIMEOUT_MS", &["limits", "idle_timeout_ms"]),
+    ("CITADEL_LIMITS_MAX_TOKENS_PER_OWNER", &["limits", "max_tokens_per_owner"]),
 ];
 
 #[derive(Debug)]

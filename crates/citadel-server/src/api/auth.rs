@@ -83,6 +83,7 @@ async fn login_inner(
     if app.read_only() {
         return Ok(emergency_login(app, username, policies, keys, now));
     }
+    within_token_quota(app, TokenOwner::User(username))?;
     // The user's max TTL, never past the system's (§8.2).
     let system_max = app.config.auth.max_ttl;
     let max_ttl = if user.token_max_ttl_secs > 0 { user.token_max_ttl_secs.min(system_max) } else { system_max };
@@ -487,6 +488,39 @@ fn by_accessor(app: &App, req: &ApiRequest) -> Result<TokenEntry, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid accessor"))
 }
 
+/// Whose tokens count toward a quota: a user's logins, or a parent token's children.
+enum TokenOwner<'a> {
+    User(&'a str),
+    Parent(&'a str),
+}
+
+/// Refuses a new token when its owner already holds `[limits] max_tokens_per_owner` (§8.3): an
+/// authenticated client must not grow the replicated state without bound either. Counted on the
+/// state the request was checked against, so concurrent requests may pass it by their number.
+fn within_token_quota(app: &App, owner: TokenOwner) -> Result<(), ApiError> {
+    let max = app.config.limits.max_tokens_per_owner;
+    let held = app.state.read(|s| {
+        s.tokens
+            .values()
+            .filter(|t| match owner {
+                TokenOwner::User(user) => t.parent.is_none() && t.username.as_deref() == Some(user),
+                TokenOwner::Parent(parent) => t.parent.as_deref() == Some(parent),
+            })
+            .count()
+    });
+    if held >= max {
+        let whose = match owner {
+            TokenOwner::User(user) => format!("user {user:?}"),
+            TokenOwner::Parent(_) => "this token".to_string(),
+        };
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            format!("{whose} already holds {held} tokens (limits.max_tokens_per_owner = {max}); revoke some or wait for them to expire"),
+        ));
+    }
+    Ok(())
+}
+
 /// A token's lifetime as asked in a create request, within the system's limits (§8.2).
 struct Lifetime {
     ttl_secs: u64,
@@ -538,6 +572,9 @@ async fn create_token(
         super::sys::need_sudo(app, caller, req, Op::Write)?;
     }
     let policies = token_policies(&body, caller)?;
+    if !orphan {
+        within_token_quota(app, TokenOwner::Parent(&caller.entry.hash))?;
+    }
     let lifetime = token_lifetime(app, &body, caller, orphan, now)?;
     let num_uses = match body.get("num_uses") {
         None | Some(Value::Null) => 0,

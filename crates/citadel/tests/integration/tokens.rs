@@ -269,3 +269,38 @@ async fn emergency_tokens_are_revocable_once_quorum_returns() {
         assert_eq!(status(&client, "GET", "auth/token/lookup-self", None).await, 403, "node {node}");
     }
 }
+
+#[tokio::test]
+async fn a_user_or_a_parent_token_cannot_hold_more_tokens_than_the_quota() {
+    let node = Node1::start_with(26470, true, "[limits]\nmax_tokens_per_owner = 3\n").await;
+    let root = node.root();
+    root.post(
+        "sys/policies/acl/child",
+        &json!({ "policy": "path \"auth/token/create\" { capabilities = [\"update\"] }" }),
+    )
+    .await
+    .unwrap();
+    root.post("auth/userpass/users/dave", &json!({ "password": "dave-password-1", "token_policies": "child" }))
+        .await
+        .unwrap();
+    let mut logins = Vec::new();
+    for _ in 0..3 {
+        let mut dave = node.anonymous();
+        dave.login_userpass("dave", "dave-password-1").await.unwrap();
+        logins.push(dave);
+    }
+    let refused = node.anonymous().post("auth/userpass/login/dave", &json!({ "password": "dave-password-1" })).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.status().unwrap(), 429, "{refused}");
+    assert!(refused.to_string().contains("max_tokens_per_owner"), "{refused}");
+
+    // Children count against their parent.
+    for _ in 0..3 {
+        logins[0].post("auth/token/create", &json!({})).await.unwrap();
+    }
+    assert_eq!(status(&logins[0], "POST", "auth/token/create", Some(&json!({}))).await, 429);
+
+    // Revoking a login makes room for another.
+    logins[1].post("auth/token/revoke-self", &json!({})).await.unwrap();
+    node.anonymous().login_userpass("dave", "dave-password-1").await.unwrap();
+}
