@@ -12,6 +12,7 @@ pub mod command;
 pub mod encoding;
 pub mod kv;
 pub mod policy;
+pub mod route;
 pub mod shamir;
 pub mod state;
 pub mod time;

@@ -45,8 +45,16 @@ impl Caps {
         self.0 & other.0 == other.0
     }
 
-    pub fn union(self, other: Caps) -> Caps {
+    pub const fn union(self, other: Caps) -> Caps {
         Caps(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn intersects(self, other: Caps) -> bool {
+        self.0 & other.0 != 0
     }
 
     pub fn parse(name: &str) -> Option<Caps> {

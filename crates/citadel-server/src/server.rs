@@ -33,6 +33,8 @@ struct RemoteAddr(SocketAddr);
 pub async fn run(config: Config) -> Result<()> {
     // Before anything is created: every file of the node is private to its user (§8.4).
     citadel_storage::files::set_private_umask();
+    // A route declared without its guard is a build defect: refuse to serve at all.
+    api::routes::tables().map_err(|e| anyhow::anyhow!("invalid route table: {e}"))?;
     tls::install_crypto_provider();
     crate::limits::raise_open_file_limit();
     crate::limits::release_large_allocations();

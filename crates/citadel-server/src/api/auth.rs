@@ -12,7 +12,10 @@ use citadel_core::token::{
 };
 use serde_json::{json, Value};
 
-use super::{authorize_op, duration_secs, record_audit, string_list, ApiError, ApiRequest, Op, Reply, Target};
+use citadel_core::route::{Kind, Op, Param, Route};
+
+use super::routes::{self, handler, route, Call, Handler};
+use super::{duration_secs, record_audit, string_list, ApiError, ApiRequest, Reply};
 use crate::app::App;
 use crate::audit::RefusalReason;
 use crate::auth::{self as authn, Caller};
@@ -25,7 +28,7 @@ fn valid_username(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
 }
 
-pub async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed) -> Result<Reply, ApiError> {
+async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed) -> Result<Reply, ApiError> {
     let now = ids::now_ms();
     let mut refusal = None;
     let result = login_inner(app, req, username, keys, now, &mut refusal).await;
@@ -65,9 +68,6 @@ async fn login_inner(
     now: u64,
     refusal: &mut Option<LoginRefusal>,
 ) -> Result<(Reply, Option<String>), ApiError> {
-    if req.op() != Some(Op::Write) {
-        return Err(ApiError::method_not_allowed());
-    }
     let body: Value = req.json()?;
     let password = body
         .get("password")
@@ -267,70 +267,204 @@ fn lookup_data(entry: &TokenEntry, now: u64, id: &str) -> Value {
     })
 }
 
-pub async fn route(
-    app: &App,
-    req: &ApiRequest,
-    op: Op,
-    caller: &Caller,
-    rest: &str,
-    keys: &Unsealed,
-) -> Result<Reply, ApiError> {
-    if let Some(rest) = rest.strip_prefix("token/") {
-        // Vault's token endpoints have no existence check: their writes need `update`.
-        authorize_op(app, caller, req, op, Target::Action)?;
-        return token_route(app, req, op, caller, rest, keys).await;
-    }
-    if rest == "userpass/users" {
-        authorize_op(app, caller, req, op, Target::Action)?;
-        if op != Op::List {
-            return Err(ApiError::method_not_allowed());
-        }
-        let keys: Vec<String> = app.state.read(|s| s.users.keys().cloned().collect());
-        if keys.is_empty() {
-            return Err(ApiError::not_found());
-        }
-        return Ok(Reply::data(json!({ "keys": keys })));
-    }
-    if let Some(name) = rest.strip_prefix("userpass/users/") {
-        if let Some(name) = name.strip_suffix("/password") {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            if op != Op::Write {
-                return Err(ApiError::method_not_allowed());
-            }
-            return user_write(app, req, caller, name, true).await;
-        }
-        let exists = app.state.read(|s| s.users.contains_key(name));
-        authorize_op(app, caller, req, op, Target::exists(exists))?;
-        return user_route(app, req, op, caller, name).await;
-    }
-    Err(ApiError::no_route(&req.path))
+const USER_PARAMS: &[Param] = &[
+    Param::body("password", Kind::String, "At least 8 characters"),
+    Param::body("policies", Kind::StringList, "Policies of the user's tokens (alias: token_policies)"),
+    Param::body("token_policies", Kind::StringList, "Policies of the user's tokens"),
+    Param::body("token_ttl", Kind::Duration, "Lifetime of the user's tokens"),
+    Param::body("token_max_ttl", Kind::Duration, "Longest the user's tokens may be renewed to"),
+];
+const PASSWORD_PARAMS: &[Param] = &[Param::body("password", Kind::String, "At least 8 characters").required()];
+const LOGIN_PARAMS: &[Param] = &[Param::body("password", Kind::String, "The user's password").required()];
+const CREATE_PARAMS: &[Param] = &[
+    Param::body("policies", Kind::StringList, "Policies (at most the caller's, unless root)"),
+    Param::body("ttl", Kind::Duration, "Lifetime"),
+    Param::body("explicit_max_ttl", Kind::Duration, "Hard limit on the lifetime"),
+    Param::body("period", Kind::Duration, "Periodic token: renewable by this much forever"),
+    Param::body("num_uses", Kind::Integer, "Uses before the token is revoked (0: unlimited)"),
+    Param::body("no_parent", Kind::Boolean, "Create an orphan (needs sudo)"),
+    Param::body("renewable", Kind::Boolean, "Whether the token may be renewed"),
+    Param::body("display_name", Kind::String, "A name shown in lookups"),
+    Param::body("meta", Kind::Object, "String metadata"),
+];
+const TOKEN_PARAMS: &[Param] = &[Param::body("token", Kind::String, "The token").required()];
+const RENEW_PARAMS: &[Param] = &[
+    Param::body("token", Kind::String, "The token").required(),
+    Param::body("increment", Kind::Duration, "Asked extension"),
+];
+const RENEW_SELF_PARAMS: &[Param] = &[Param::body("increment", Kind::Duration, "Asked extension")];
+const TOKEN_QUERY_PARAMS: &[Param] = &[Param::query("token", Kind::String, "The token").required()];
+const ACCESSOR_PARAMS: &[Param] = &[Param::body("accessor", Kind::String, "The token's accessor").required()];
+
+/// The `auth/` routes: userpass and the token store.
+pub fn routes() -> Vec<Route<Handler>> {
+    use routes::op;
+    vec![
+        route(
+            "auth/userpass/login/:username",
+            vec![op::login("Log in with username and password", handler!(login_route)).with_params(LOGIN_PARAMS)],
+        ),
+        route("auth/userpass/users", vec![op::list("List users", handler!(list_users))]),
+        Route {
+            pattern: "auth/userpass/users/:username",
+            operations: vec![
+                op::read("Read a user", handler!(read_user)),
+                op::write("Create or update a user", handler!(write_user)).with_params(USER_PARAMS),
+                op::delete("Delete a user and revoke its tokens", handler!(delete_user)),
+            ],
+            exists: Some(|s, c| s.users.contains_key(c.get("username"))),
+        },
+        route(
+            "auth/userpass/users/:username/password",
+            vec![op::update("Change a user's password", handler!(change_password)).with_params(PASSWORD_PARAMS)],
+        ),
+        route(
+            "auth/token/create",
+            vec![op::update("Create a child token", handler!(create_child)).with_params(CREATE_PARAMS)],
+        ),
+        route(
+            "auth/token/create-orphan",
+            vec![op::sudo(Op::Write, "Create an orphan token", handler!(create_orphan)).with_params(CREATE_PARAMS)],
+        ),
+        route(
+            "auth/token/lookup-self",
+            vec![
+                op::read("Look up the calling token", handler!(lookup_self)),
+                op::update("Look up the calling token", handler!(lookup_self)),
+            ],
+        ),
+        route(
+            "auth/token/lookup",
+            vec![
+                op::read("Look up a token (query token=)", handler!(lookup)).with_params(TOKEN_QUERY_PARAMS),
+                op::update("Look up a token", handler!(lookup)).with_params(TOKEN_PARAMS),
+            ],
+        ),
+        route(
+            "auth/token/lookup-accessor",
+            vec![op::update("Look up a token by accessor", handler!(lookup_accessor)).with_params(ACCESSOR_PARAMS)],
+        ),
+        route("auth/token/accessors", vec![op::sudo(Op::List, "List token accessors", handler!(list_accessors))]),
+        route(
+            "auth/token/renew-self",
+            vec![op::update("Renew the calling token", handler!(renew_self)).with_params(RENEW_SELF_PARAMS)],
+        ),
+        route("auth/token/renew", vec![op::update("Renew a token", handler!(renew_token)).with_params(RENEW_PARAMS)]),
+        route(
+            "auth/token/revoke-self",
+            vec![op::update("Revoke the calling token and its children", handler!(revoke_self))],
+        ),
+        route(
+            "auth/token/revoke",
+            vec![op::update("Revoke a token and its children", handler!(revoke_token)).with_params(TOKEN_PARAMS)],
+        ),
+        route(
+            "auth/token/revoke-accessor",
+            vec![op::update("Revoke a token by accessor", handler!(revoke_accessor)).with_params(ACCESSOR_PARAMS)],
+        ),
+    ]
 }
 
-async fn user_route(app: &App, req: &ApiRequest, op: Op, caller: &Caller, name: &str) -> Result<Reply, ApiError> {
+async fn login_route(c: &Call<'_>) -> Result<Reply, ApiError> {
+    login(c.app, c.req, c.param("username"), c.keys()?).await
+}
+
+async fn list_users(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let keys: Vec<String> = c.app.state.read(|s| s.users.keys().cloned().collect());
+    if keys.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    Ok(Reply::data(json!({ "keys": keys })))
+}
+
+/// The user a route names, refused if the name could not be a user's.
+fn username<'c>(c: &'c Call<'_>) -> Result<&'c str, ApiError> {
+    let name = c.param("username");
     if !valid_username(name) {
         return Err(ApiError::bad_request(format!(
             "invalid username {name:?}: use letters, digits, '-', '_', '.', '@' (at most 128)"
         )));
     }
-    match op {
-        Op::Read => {
-            let user = app.state.read(|s| s.users.get(name).cloned()).ok_or_else(ApiError::not_found)?;
-            Ok(Reply::data(json!({
-                "policies": user.policies,
-                "token_policies": user.policies,
-                "token_ttl": user.token_ttl_secs,
-                "token_max_ttl": user.token_max_ttl_secs,
-                "token_type": "default",
-            })))
-        }
-        Op::Write => user_write(app, req, caller, name, false).await,
-        Op::Delete => match app.propose(Command::UserDelete { username: name.to_string() }).await? {
-            Response::Rejected(citadel_core::command::Rejection::UserNotFound(_)) => Ok(Reply::empty()),
-            Response::Rejected(r) => Err(r.into()),
-            _ => Ok(Reply::empty()),
-        },
-        _ => Err(ApiError::method_not_allowed()),
+    Ok(name)
+}
+
+async fn read_user(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let name = username(c)?;
+    let user = c.app.state.read(|s| s.users.get(name).cloned()).ok_or_else(ApiError::not_found)?;
+    Ok(Reply::data(json!({
+        "policies": user.policies,
+        "token_policies": user.policies,
+        "token_ttl": user.token_ttl_secs,
+        "token_max_ttl": user.token_max_ttl_secs,
+        "token_type": "default",
+    })))
+}
+
+async fn write_user(c: &Call<'_>) -> Result<Reply, ApiError> {
+    user_write(c.app, c.req, c.caller()?, username(c)?, false).await
+}
+
+async fn change_password(c: &Call<'_>) -> Result<Reply, ApiError> {
+    user_write(c.app, c.req, c.caller()?, username(c)?, true).await
+}
+
+async fn delete_user(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let username = username(c)?.to_string();
+    match c.app.propose(Command::UserDelete { username }).await? {
+        Response::Rejected(citadel_core::command::Rejection::UserNotFound(_)) => Ok(Reply::empty()),
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::empty()),
     }
+}
+
+async fn create_child(c: &Call<'_>) -> Result<Reply, ApiError> {
+    create_token(c.app, c.req, c.caller()?, c.keys()?, false).await
+}
+
+async fn create_orphan(c: &Call<'_>) -> Result<Reply, ApiError> {
+    create_token(c.app, c.req, c.caller()?, c.keys()?, true).await
+}
+
+async fn lookup_self(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::data(lookup_data(&c.caller()?.entry, ids::now_ms(), &c.req.token().unwrap_or_default())))
+}
+
+async fn lookup(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let now = ids::now_ms();
+    let (target, token) = target_token(c.app, c.req, c.keys()?, now)?;
+    Ok(Reply::data(lookup_data(&target.entry, now, &token)))
+}
+
+async fn lookup_accessor(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::data(lookup_data(&by_accessor(c.app, c.req)?, ids::now_ms(), "")))
+}
+
+async fn list_accessors(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let accessors: Vec<String> = c.app.state.read(|s| s.tokens.values().map(|t| t.accessor.clone()).collect());
+    Ok(Reply::data(json!({ "keys": accessors })))
+}
+
+async fn renew_self(c: &Call<'_>) -> Result<Reply, ApiError> {
+    renew(c.app, c.req, &c.caller()?.entry, &c.req.token().unwrap_or_default(), ids::now_ms()).await
+}
+
+async fn renew_token(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let now = ids::now_ms();
+    let (target, token) = target_token(c.app, c.req, c.keys()?, now)?;
+    renew(c.app, c.req, &target.entry, &token, now).await
+}
+
+async fn revoke_self(c: &Call<'_>) -> Result<Reply, ApiError> {
+    revoke(c.app, c.caller()?).await
+}
+
+async fn revoke_token(c: &Call<'_>) -> Result<Reply, ApiError> {
+    revoke(c.app, &target_token(c.app, c.req, c.keys()?, ids::now_ms())?.0).await
+}
+
+async fn revoke_accessor(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let entry = by_accessor(c.app, c.req)?;
+    revoke(c.app, &Caller { entry, read_only: false }).await
 }
 
 async fn user_write(
@@ -411,52 +545,6 @@ fn check_policies_given(caller: &Caller, policies: &[String], held: &[String]) -
         ));
     }
     Ok(())
-}
-
-async fn token_route(
-    app: &App,
-    req: &ApiRequest,
-    op: Op,
-    caller: &Caller,
-    rest: &str,
-    keys: &Unsealed,
-) -> Result<Reply, ApiError> {
-    let now = ids::now_ms();
-    match (rest, op) {
-        ("create", Op::Write) | ("create-orphan", Op::Write) => {
-            create_token(app, req, caller, keys, rest == "create-orphan").await
-        }
-        ("lookup-self", Op::Read) | ("lookup-self", Op::Write) => {
-            Ok(Reply::data(lookup_data(&caller.entry, now, &req.token().unwrap_or_default())))
-        }
-        ("lookup", Op::Write) | ("lookup", Op::Read) => {
-            let (target, token) = target_token(app, req, keys, now)?;
-            Ok(Reply::data(lookup_data(&target.entry, now, &token)))
-        }
-        ("lookup-accessor", Op::Write) => Ok(Reply::data(lookup_data(&by_accessor(app, req)?, now, ""))),
-        ("accessors", Op::List) => {
-            super::sys::need_sudo(app, caller, req, op)?;
-            let accessors: Vec<String> = app.state.read(|s| s.tokens.values().map(|t| t.accessor.clone()).collect());
-            Ok(Reply::data(json!({ "keys": accessors })))
-        }
-        ("renew-self", Op::Write) => renew(app, req, &caller.entry, &req.token().unwrap_or_default(), now).await,
-        ("renew", Op::Write) => {
-            let (target, token) = target_token(app, req, keys, now)?;
-            renew(app, req, &target.entry, &token, now).await
-        }
-        ("revoke-self", Op::Write) => revoke(app, caller).await,
-        ("revoke", Op::Write) => revoke(app, &target_token(app, req, keys, now)?.0).await,
-        ("revoke-accessor", Op::Write) => {
-            let entry = by_accessor(app, req)?;
-            revoke(app, &Caller { entry, read_only: false }).await
-        }
-        (
-            "create" | "create-orphan" | "lookup-self" | "lookup" | "lookup-accessor" | "accessors" | "renew-self"
-            | "renew" | "revoke-self" | "revoke" | "revoke-accessor",
-            _,
-        ) => Err(ApiError::method_not_allowed()),
-        _ => Err(ApiError::no_route(&req.path)),
-    }
 }
 
 /// The token named in the body (`token`) or query, which must be valid; with the token itself.
@@ -568,8 +656,11 @@ async fn create_token(
     let now = ids::now_ms();
     let orphan = orphan_path || body.get("no_parent").and_then(Value::as_bool) == Some(true);
     if orphan {
-        // Vault: an orphan outlives its creator, so creating one takes sudo.
-        super::sys::need_sudo(app, caller, req, Op::Write)?;
+        // Vault: an orphan outlives its creator, so creating one takes sudo (on `create`, the
+        // body decides, so the table cannot; `create-orphan` declares it).
+        if !super::holds(app, caller, &req.path, citadel_core::policy::Caps::SUDO) {
+            return Err(ApiError::forbidden());
+        }
     }
     let policies = token_policies(&body, caller)?;
     if !orphan {

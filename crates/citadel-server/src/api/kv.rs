@@ -11,101 +11,175 @@ use citadel_core::time::rfc3339;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use super::{authorize_op, duration_secs, ApiError, ApiRequest, Op, Reply, Target};
+use citadel_core::route::{Captures, Kind, Param, Route};
+use citadel_core::state::State;
+
+use super::routes::{handler, route, Call, Engine, Handler};
+use super::{duration_secs, ApiError, ApiRequest, Reply};
 use crate::app::App;
-use crate::auth::Caller;
 use crate::ids;
-use crate::seal::Unsealed;
 
 /// Writes retried when another writer took the version this value was sealed for.
 const VERSION_RACE_RETRIES: usize = 8;
 
-pub async fn route(
-    app: &App,
-    req: &ApiRequest,
-    op: Op,
-    caller: &Caller,
-    keys: &Unsealed,
-    mount: &str,
-    rest: &str,
-) -> Result<Reply, ApiError> {
-    let (section, path) = match rest.split_once('/') {
-        Some((s, p)) => (s, p.trim_end_matches('/')),
-        None => (rest, ""),
+/// KV version 2, the first secrets engine (§9.1).
+pub const ENGINE: Engine = Engine { kind: "kv", routes, check_options };
+
+/// `type: kv` is version 2 unless `options.version` says otherwise; version 1 is not served.
+fn check_options(body: &Value) -> Result<(), String> {
+    let kind = body.get("type").and_then(Value::as_str).unwrap_or("");
+    let version = match body.pointer("/options/version") {
+        None | Some(Value::Null) => "2".to_string(),
+        Some(Value::String(v)) => v.clone(),
+        Some(other) => other.to_string(),
     };
-    let folder = rest.ends_with('/') || path.is_empty();
-    // Vault's KV existence check: a secret exists while its metadata does (even if every version
-    // is deleted), so rewriting it needs `update`.
-    let secret =
-        Target::exists(app.state.read(|s| s.mounts.get(mount).is_some_and(|m| m.kv.entries.contains_key(path))));
-    match section {
-        "data" if !path.is_empty() => {
-            authorize_op(app, caller, req, op, secret)?;
-            match op {
-                Op::Read => read(app, req, keys, mount, path).await,
-                Op::Write => write(app, req, mount, path).await,
-                Op::Patch => patch(app, req, keys, mount, path).await,
-                Op::Delete => versions_command(app, mount, path, vec![], VersionAction::Delete).await,
-                Op::List => Err(ApiError::method_not_allowed()),
-            }
-        }
-        "delete" | "undelete" | "destroy" if !path.is_empty() => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            if op != Op::Write {
-                return Err(ApiError::method_not_allowed());
-            }
-            let body: Value = req.json()?;
-            let versions: Vec<u64> = match body.get("versions") {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| ApiError::bad_request("versions must be a list of version numbers"))?,
-                _ => return Err(ApiError::bad_request("missing required field \"versions\"")),
-            };
-            if versions.is_empty() {
-                return Err(ApiError::bad_request("no versions provided"));
-            }
-            let action = match section {
-                "delete" => VersionAction::Delete,
-                "undelete" => VersionAction::Undelete,
-                _ => VersionAction::Destroy,
-            };
-            versions_command(app, mount, path, versions, action).await
-        }
-        "metadata" => {
-            authorize_op(app, caller, req, op, secret)?;
-            match op {
-                Op::List => {
-                    list(app, req, mount, if path.is_empty() { String::new() } else { format!("{path}/") }).await
-                }
-                Op::Read if folder && path.is_empty() => Err(ApiError::method_not_allowed()),
-                Op::Read => read_metadata(app, req, mount, path).await,
-                Op::Write | Op::Patch => write_metadata(app, req, mount, path).await,
-                Op::Delete => {
-                    match app.propose(Command::KvMetadataDelete { mount: mount.into(), path: path.into() }).await? {
-                        Response::Rejected(Rejection::Kv(KvError::NotFound)) => Ok(Reply::empty()),
-                        Response::Rejected(r) => Err(r.into()),
-                        _ => Ok(Reply::empty()),
-                    }
-                }
-            }
-        }
-        "config" if path.is_empty() => {
-            // A mount's configuration always exists (with defaults): writing it is an update.
-            authorize_op(app, caller, req, op, Target::Existing)?;
-            match op {
-                Op::Read => {
-                    let config =
-                        app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.config.clone())).unwrap_or_default();
-                    Ok(Reply::data(config_json(&config)))
-                }
-                Op::Write => write_config(app, req, mount).await,
-                _ => Err(ApiError::method_not_allowed()),
-            }
-        }
-        _ => Err(ApiError::no_route(&req.path)),
+    if kind == "kv-v2" || version == "2" {
+        Ok(())
+    } else {
+        Err(format!(
+            "only KV version 2 secrets engines are supported (type \"kv\" with options.version \"2\", or \"kv-v2\"); got version {version:?}"
+        ))
     }
+}
+
+const WRITE_PARAMS: &[Param] = &[
+    Param::body("data", Kind::Object, "The secret's key/value pairs").required(),
+    Param::body("options", Kind::Object, "{\"cas\": N}: write only if the current version is N (0: only if absent)"),
+];
+const PATCH_PARAMS: &[Param] = &[
+    Param::body("data", Kind::Object, "JSON merge patch (RFC 7386) of the current version").required(),
+    Param::body("options", Kind::Object, "{\"cas\": N}"),
+];
+const READ_PARAMS: &[Param] = &[Param::query("version", Kind::Integer, "The version to read (default: current)")];
+const VERSIONS_PARAMS: &[Param] = &[Param::body("versions", Kind::IntegerList, "The version numbers").required()];
+const METADATA_PARAMS: &[Param] = &[
+    Param::body("max_versions", Kind::Integer, "Versions kept (0: the mount's setting)"),
+    Param::body("cas_required", Kind::Boolean, "Writes must give options.cas"),
+    Param::body("delete_version_after", Kind::Duration, "Versions are deleted this long after they are written"),
+    Param::body("custom_metadata", Kind::Object, "String key/value pairs"),
+];
+const CONFIG_PARAMS: &[Param] = &[
+    Param::body("max_versions", Kind::Integer, "Versions kept per secret (0 to 1000)"),
+    Param::body("cas_required", Kind::Boolean, "Writes must give options.cas"),
+    Param::body("delete_version_after", Kind::Duration, "Versions are deleted this long after they are written"),
+];
+
+/// Vault's KV existence check: a secret exists while its metadata does (even if every version is
+/// deleted), so rewriting it needs `update`.
+fn secret_exists(s: &State, c: &Captures) -> bool {
+    s.mounts.get(&c.mount).is_some_and(|m| m.kv.entries.contains_key(c.get("path")))
+}
+
+/// The engine's routes, relative to its mount.
+fn routes() -> Vec<Route<Handler>> {
+    use super::routes::op;
+    let versions = |summary, handler| vec![op::update(summary, handler).with_params(VERSIONS_PARAMS)];
+    vec![
+        Route {
+            pattern: "data/*path",
+            operations: vec![
+                op::read("Read a secret's version", handler!(read)).with_params(READ_PARAMS),
+                op::write("Write a new version", handler!(write)).with_params(WRITE_PARAMS),
+                op::patch("Patch the current version", handler!(patch)).with_params(PATCH_PARAMS),
+                op::delete("Soft-delete the current version", handler!(delete_latest)),
+            ],
+            exists: Some(secret_exists),
+        },
+        route("delete/*path", versions("Soft-delete versions", handler!(delete_versions))),
+        route("undelete/*path", versions("Undelete versions", handler!(undelete_versions))),
+        route("destroy/*path", versions("Destroy versions", handler!(destroy_versions))),
+        route("metadata", vec![op::list("List the mount's top-level keys", handler!(list))]),
+        Route {
+            pattern: "metadata/*path",
+            operations: vec![
+                op::read("Read a secret's metadata and versions", handler!(read_metadata)),
+                op::list("List the keys under a folder", handler!(list)),
+                op::write("Update a secret's metadata", handler!(write_metadata)).with_params(METADATA_PARAMS),
+                op::patch("Patch a secret's metadata", handler!(write_metadata)).with_params(METADATA_PARAMS),
+                op::delete("Delete a secret and every version", handler!(delete_metadata)),
+            ],
+            exists: Some(secret_exists),
+        },
+        route(
+            "config",
+            vec![
+                op::read("The mount's configuration", handler!(read_config)),
+                // A mount's configuration always exists (with defaults): writing it is an update.
+                op::update("Configure the mount", handler!(write_config)).with_params(CONFIG_PARAMS),
+            ],
+        ),
+    ]
+}
+
+/// The secret a route names.
+fn secret<'c>(c: &'c Call<'_>) -> (&'c str, &'c str) {
+    (c.mount(), c.param("path"))
+}
+
+async fn write(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    write_version(c.app, c.req, mount, path).await
+}
+
+async fn delete_latest(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    versions_command(c.app, mount, path, vec![], VersionAction::Delete).await
+}
+
+/// The `versions` of a delete, undelete or destroy request.
+fn requested_versions(c: &Call<'_>) -> Result<Vec<u64>, ApiError> {
+    let body: Value = c.req.json()?;
+    let versions: Vec<u64> = match body.get("versions") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::bad_request("versions must be a list of version numbers"))?,
+        _ => return Err(ApiError::bad_request("missing required field \"versions\"")),
+    };
+    if versions.is_empty() {
+        return Err(ApiError::bad_request("no versions provided"));
+    }
+    Ok(versions)
+}
+
+async fn delete_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    versions_command(c.app, mount, path, requested_versions(c)?, VersionAction::Delete).await
+}
+
+async fn undelete_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    versions_command(c.app, mount, path, requested_versions(c)?, VersionAction::Undelete).await
+}
+
+async fn destroy_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    versions_command(c.app, mount, path, requested_versions(c)?, VersionAction::Destroy).await
+}
+
+async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+    let keys = c.app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.list(&prefix)).unwrap_or_default());
+    if keys.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    Ok(Reply::data(json!({ "keys": keys })))
+}
+
+async fn delete_metadata(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (mount, path) = secret(c);
+    match c.app.propose(Command::KvMetadataDelete { mount: mount.into(), path: path.into() }).await? {
+        Response::Rejected(Rejection::Kv(KvError::NotFound)) => Ok(Reply::empty()),
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::empty()),
+    }
+}
+
+async fn read_config(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let config = c.app.state.read(|s| s.mounts.get(c.mount()).map(|m| m.kv.config.clone())).unwrap_or_default();
+    Ok(Reply::data(config_json(&config)))
 }
 
 fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) -> Value {
@@ -118,24 +192,12 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
     })
 }
 
-async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
-    // Read-only mode serves the local replica; the dispatcher marks the answer stale.
-    if req.stale_ok() {
-        Ok(())
-    } else if app.read_only() {
-        req.served_stale.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    } else {
-        app.linearize().await
-    }
-}
-
 fn entry(app: &App, mount: &str, path: &str) -> Option<(String, KvEntry)> {
     app.state.read(|s| s.mounts.get(mount).and_then(|m| m.kv.entries.get(path).map(|e| (m.uuid.clone(), e.clone()))))
 }
 
-async fn read(app: &App, req: &ApiRequest, keys: &Unsealed, mount: &str, path: &str) -> Result<Reply, ApiError> {
-    consistent(app, req).await?;
+async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req, keys, (mount, path)) = (c.app, c.req, c.keys()?, secret(c));
     let requested = match req.query.get("version") {
         None => None,
         Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::bad_request("version must be a number"))?),
@@ -149,6 +211,7 @@ async fn read(app: &App, req: &ApiRequest, keys: &Unsealed, mount: &str, path: &
             status: StatusCode::NOT_FOUND,
             errors: vec![],
             body: Some(super::envelope(json!({ "data": null, "metadata": metadata }), Value::Null)),
+            allow: None,
         });
     }
     let plain = keys
@@ -218,7 +281,7 @@ fn written(app: &App, mount: &str, path: &str, version: u64, created: u64, delet
     }))
 }
 
-async fn write(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
+async fn write_version(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let data = body.get("data").ok_or_else(|| ApiError::bad_request("missing required field \"data\""))?;
     put(app, mount, path, data, options_cas(&body)?).await
@@ -237,7 +300,8 @@ fn options_cas(body: &Value) -> Result<Option<u64>, ApiError> {
 /// JSON merge patch (RFC 7386) of the current version, written with `cas` = that version. As in
 /// Vault, where the mount or the secret requires check-and-set the patch must name `options.cas`,
 /// and a `cas` that is not the current version is refused.
-async fn patch(app: &App, req: &ApiRequest, keys: &Unsealed, mount: &str, path: &str) -> Result<Reply, ApiError> {
+async fn patch(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req, keys, (mount, path)) = (c.app, c.req, c.keys()?, secret(c));
     let body: Value = req.json()?;
     let changes = body.get("data").ok_or_else(|| ApiError::bad_request("missing required field \"data\""))?;
     let cas = options_cas(&body)?;
@@ -303,17 +367,8 @@ async fn versions_command(
     }
 }
 
-async fn list(app: &App, req: &ApiRequest, mount: &str, prefix: String) -> Result<Reply, ApiError> {
-    consistent(app, req).await?;
-    let keys = app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.list(&prefix)).unwrap_or_default());
-    if keys.is_empty() {
-        return Err(ApiError::not_found());
-    }
-    Ok(Reply::data(json!({ "keys": keys })))
-}
-
-async fn read_metadata(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
-    consistent(app, req).await?;
+async fn read_metadata(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, (mount, path)) = (c.app, secret(c));
     let (_, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
     let versions: serde_json::Map<String, Value> = entry
         .versions
@@ -342,7 +397,8 @@ async fn read_metadata(app: &App, req: &ApiRequest, mount: &str, path: &str) -> 
     })))
 }
 
-async fn write_metadata(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
+async fn write_metadata(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req, (mount, path)) = (c.app, c.req, secret(c));
     if path.is_empty() {
         return Err(ApiError::bad_request("a secret path is required"));
     }
@@ -387,7 +443,8 @@ fn config_json(config: &KvConfig) -> Value {
     })
 }
 
-async fn write_config(app: &App, req: &ApiRequest, mount: &str) -> Result<Reply, ApiError> {
+async fn write_config(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req, mount) = (c.app, c.req, c.mount());
     let body: Value = req.json()?;
     let mut config = app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.config.clone())).unwrap_or_default();
     if let Some(v) = body.get("max_versions").filter(|v| !v.is_null()) {

@@ -7,6 +7,7 @@ mod auth;
 mod kv;
 pub mod openapi;
 mod policy;
+pub mod routes;
 mod snapshot;
 mod sys;
 
@@ -23,6 +24,7 @@ use citadel_core::audit::{hmac_string, AuditBody};
 use citadel_core::command::Rejection;
 use citadel_core::kv::KvError;
 use citadel_core::policy::Caps;
+use citadel_core::route::{Captures, Consistency, Need, Operation, Route};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
@@ -30,33 +32,14 @@ use crate::app::App;
 use crate::auth::Caller;
 use crate::ids;
 use crate::seal::Unsealed;
+use routes::{Call, Handler};
 
 /// Largest request body accepted (§4).
 pub const MAX_BODY: usize = 1 << 20;
 /// Largest snapshot accepted by a restore.
 pub const MAX_SNAPSHOT: usize = 256 << 20;
 
-/// What a request asks to do, as Vault's ACL sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Read,
-    List,
-    Write,
-    Patch,
-    Delete,
-}
-
-impl Op {
-    fn name(self) -> &'static str {
-        match self {
-            Op::Read => "read",
-            Op::List => "list",
-            Op::Write => "update",
-            Op::Patch => "patch",
-            Op::Delete => "delete",
-        }
-    }
-}
+pub use citadel_core::route::Op;
 
 pub struct ApiRequest {
     pub method: Method,
@@ -118,11 +101,13 @@ pub struct ApiError {
     pub errors: Vec<String>,
     /// Vault sometimes answers an error status with a data body (e.g. a deleted KV version).
     pub body: Option<Value>,
+    /// A 405's `Allow` header.
+    pub allow: Option<String>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, errors: vec![message.into()], body: None }
+        ApiError { status, errors: vec![message.into()], body: None, allow: None }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -131,13 +116,16 @@ impl ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "permission denied")
     }
     pub fn not_found() -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, errors: vec![], body: None }
+        ApiError { status: StatusCode::NOT_FOUND, errors: vec![], body: None, allow: None }
     }
     pub fn no_route(path: &str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, format!("no handler for route {path:?}"))
     }
-    pub fn method_not_allowed() -> ApiError {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "unsupported operation for this path")
+    /// A 405, with the methods the path does answer (`Allow`).
+    pub fn method_not_allowed(allowed: &[&str]) -> ApiError {
+        let mut error = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "unsupported operation for this path");
+        error.allow = Some(allowed.join(", "));
+        error
     }
     pub fn sealed() -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Vault is sealed")
@@ -264,7 +252,11 @@ impl IntoResponse for ApiError {
         if let Some(obj) = body.as_object_mut() {
             obj.insert("errors".into(), json!(self.errors));
         }
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            response.headers_mut().insert("allow", allow);
+        }
+        response
     }
 }
 
@@ -283,14 +275,14 @@ pub async fn handle(app: Arc<App>, req: ApiRequest) -> Response {
 }
 
 async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
-    match req.path.as_str() {
-        "sys/health" => return sys::health(app, req),
-        "sys/init" => return sys::init(app, req).await,
-        "sys/seal-status" => return sys::seal_status(app, req),
-        "sys/unseal" => return sys::unseal(app, req).await,
-        "sys/storage/raft/join" => return sys::join(app, req).await,
-        "sys/storage/raft/bootstrap" => return sys::bootstrap(app, req).await,
-        _ => {}
+    let route = routes::resolve(app, &req.path);
+    if let Some((route, captures)) = &route {
+        if routes::is_unauthenticated(route) {
+            let (op, operation) = operation(route, req)?;
+            if operation.need == (Need::Unauthenticated { while_sealed: true }) {
+                return (operation.handler)(&Call::new(app, req, op, captures.clone())).await;
+            }
+        }
     }
     let leaving = app.leaving.read().await;
     if *leaving {
@@ -300,8 +292,11 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
     if let Some(redirect) = redirect_to_leader(app, req) {
         return Ok(redirect);
     }
-    if let Some(user) = req.path.strip_prefix("auth/userpass/login/") {
-        return auth::login(app, req, user, &keys).await;
+    if let Some((route, captures)) = &route {
+        if routes::is_unauthenticated(route) {
+            let (op, operation) = operation(route, req)?;
+            return (operation.handler)(&Call::new(app, req, op, captures.clone()).unsealed(&keys)).await;
+        }
     }
     let now = ids::now_ms();
     let token = req.token();
@@ -323,7 +318,7 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
                 request_id: req.id.clone(),
                 linearized,
             };
-            crate::app::REQUEST.scope(context, serve(app, req, caller, &keys)).await
+            crate::app::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
         }
     };
     let audit = AuditBody {
@@ -354,6 +349,14 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
     Ok(reply)
 }
 
+/// The operation of `route` the request's method asks for; a method the route does not answer
+/// is a 405 naming the methods it does, in an `Allow` header.
+fn operation<'r>(route: &'r Route<Handler>, req: &ApiRequest) -> Result<(Op, &'r Operation<Handler>), ApiError> {
+    req.op()
+        .and_then(|op| route.operation(op).map(|o| (op, o)))
+        .ok_or_else(|| ApiError::method_not_allowed(&route.allowed_methods()))
+}
+
 /// Brings the local state up to the leader's commit index before a token is checked (§8.1), so a
 /// token revoked (or a policy narrowed) before this request started is seen on every node.
 /// Returns whether it did (the request's reads are then linearizable as they are). Skipped for
@@ -373,15 +376,88 @@ async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
     }
 }
 
-/// Serves an authenticated request: spends a use of a token with `num_uses` first.
-async fn serve(app: &Arc<App>, req: &ApiRequest, caller: &Caller, keys: &Unsealed) -> Result<Reply, ApiError> {
+/// Serves an authenticated request: spends a use of a token with `num_uses`, then authorizes
+/// the operation from the route table and brings the replica up to date as the route declares.
+async fn serve(
+    app: &Arc<App>,
+    req: &ApiRequest,
+    route: Option<(&'static Route<Handler>, Captures)>,
+    caller: &Caller,
+    keys: &Unsealed,
+) -> Result<Reply, ApiError> {
     if caller.entry.uses_left.is_some() {
         let spent = app.propose(citadel_core::command::Command::TokenUse { hash: caller.entry.hash.clone() }).await?;
         if let citadel_core::command::Response::Rejected(_) = spent {
             return Err(ApiError::forbidden());
         }
     }
-    route(app, req, caller, keys).await
+    let Some((route, captures)) = route else {
+        return Err(ApiError::no_route(&req.path));
+    };
+    let (op, operation) = match operation(route, req) {
+        Ok(found) => found,
+        // As Vault: the ACL decides before the method does, so a caller without access to the
+        // path learns nothing about what it answers.
+        Err(not_allowed) => {
+            if let Some(op) = req.op() {
+                authorize_op(app, caller, req, op, op.capability())?;
+            }
+            return Err(not_allowed);
+        }
+    };
+    // An emergency token may revoke itself: that only takes access away.
+    let self_revocation = req.path == "auth/token/revoke-self";
+    if caller.read_only && !matches!(op, Op::Read | Op::List) && !self_revocation {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "emergency tokens (issued while the cluster had no leader) may only read and list",
+        ));
+    }
+    authorize_route(app, caller, req, op, route, operation.need, &captures)?;
+    if matches!(op, Op::Read | Op::List) && operation.consistency == Consistency::Linearizable {
+        consistent(app, req).await?;
+    }
+    (operation.handler)(&Call::new(app, req, op, captures).authenticated(caller, keys)).await
+}
+
+/// Checks the capability the route table declares for this operation, with Vault's existence
+/// check deciding between `create` and `update`, and the rule's parameter constraints.
+fn authorize_route(
+    app: &App,
+    caller: &Caller,
+    req: &ApiRequest,
+    op: Op,
+    route: &Route<Handler>,
+    need: Need,
+    captures: &Captures,
+) -> Result<(), ApiError> {
+    let caps = match need {
+        // Served before the token check; never reached with a caller.
+        Need::Unauthenticated { .. } => return Ok(()),
+        Need::Caps(caps) => caps,
+        Need::CreateOrUpdate => {
+            let exists = route.exists.is_some_and(|exists| app.state.read(|s| exists(s, captures)));
+            if exists {
+                Caps::UPDATE
+            } else {
+                Caps::CREATE
+            }
+        }
+    };
+    authorize_op(app, caller, req, op, caps)
+}
+
+/// Reads declared linearizable wait for the leader's read index; in read-only mode, or when the
+/// client asked for a stale read, the replica answers and the dispatcher marks it stale.
+async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
+    if req.stale_ok() {
+        Ok(())
+    } else if app.read_only() {
+        req.served_stale.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    } else {
+        app.linearize().await
+    }
 }
 
 /// With `X-Vault-No-Request-Forwarding: true`, a follower answers 307 to the leader (§5.3)
@@ -430,72 +506,12 @@ pub(crate) async fn record_audit(app: &App, mut body: AuditBody) -> Result<(), A
     }
 }
 
-async fn route(app: &Arc<App>, req: &ApiRequest, caller: &Caller, keys: &Unsealed) -> Result<Reply, ApiError> {
-    let op = req.op().ok_or_else(ApiError::method_not_allowed)?;
-    // An emergency token may revoke itself: that only takes access away.
-    let self_revocation = req.path == "auth/token/revoke-self";
-    if caller.read_only && !matches!(op, Op::Read | Op::List) && !self_revocation {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "emergency tokens (issued while the cluster had no leader) may only read and list",
-        ));
-    }
-    if let Some(rest) = req.path.strip_prefix("sys/") {
-        return sys::route(app, req, op, caller, rest, keys).await;
-    }
-    if let Some(rest) = req.path.strip_prefix("auth/") {
-        return auth::route(app, req, op, caller, rest, keys).await;
-    }
-    let mount = app.state.read(|s| s.route(&req.path).map(|(m, rest)| (m.to_string(), rest.to_string())));
-    match mount {
-        Some((mount, rest)) => kv::route(app, req, op, caller, keys, &mount, &rest).await,
-        None => Err(ApiError::no_route(&req.path)),
-    }
-}
-
-/// Checks that `caller` holds every capability in `need` on `path`.
-pub(crate) fn authorize(app: &App, caller: &Caller, path: &str, need: Caps) -> Result<(), ApiError> {
-    let caps = app.state.read(|s| caller.capabilities(s, path));
-    if caps.contains(need) {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden())
-    }
-}
-
-/// Whether the target of a request exists, as Vault's existence check decides: a write to
-/// something that exists needs `update`, a write that creates it needs `create`, and `create`
-/// never authorizes an update (§8.2). Endpoints that act rather than store (Vault's paths without
-/// an existence check: seal, token create, KV `destroy`, ...) are `Action`; their writes need
-/// `update`, as in Vault.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    Existing,
-    New,
-    Action,
-}
-
-impl Target {
-    pub(crate) fn exists(exists: bool) -> Target {
-        if exists {
-            Target::Existing
-        } else {
-            Target::New
-        }
-    }
-}
-
-/// Checks that `caller` may perform `op` on the request's path: the capability the operation
-/// needs on `target`, then the parameter constraints (`required_parameters`, `denied_parameters`,
-/// `allowed_parameters`) of the rule that grants it, on the request's top-level parameters (the
-/// JSON body of a write or patch, the query of a read), as Vault checks them.
-pub(crate) fn authorize_op(
-    app: &App,
-    caller: &Caller,
-    req: &ApiRequest,
-    op: Op,
-    target: Target,
-) -> Result<(), ApiError> {
+/// Checks that `caller` may perform `op` on the request's path: the capabilities `need` (with
+/// `sudo` where the route declares it), then the parameter constraints (`required_parameters`,
+/// `denied_parameters`, `allowed_parameters`) of the rule that grants them, on the request's
+/// top-level parameters (the JSON body of a write or patch, the query of a read), as Vault checks
+/// them.
+fn authorize_op(app: &App, caller: &Caller, req: &ApiRequest, op: Op, need: Caps) -> Result<(), ApiError> {
     // A LIST names a folder: Vault checks it with its trailing slash (`secret/metadata/app/`).
     let folder;
     let path = if op == Op::List && !req.path.ends_with('/') {
@@ -505,14 +521,6 @@ pub(crate) fn authorize_op(
         req.path.as_str()
     };
     let grant = app.state.read(|s| caller.grant(s, path));
-    let need = match (op, target) {
-        (Op::Read, _) => Caps::READ,
-        (Op::List, _) => Caps::LIST,
-        (Op::Write, Target::New) => Caps::CREATE,
-        (Op::Write, Target::Existing | Target::Action) => Caps::UPDATE,
-        (Op::Patch, _) => Caps::PATCH,
-        (Op::Delete, _) => Caps::DELETE,
-    };
     if !grant.caps.contains(need) {
         return Err(ApiError::forbidden());
     }
@@ -531,6 +539,12 @@ pub(crate) fn authorize_op(
         .params
         .check(&params)
         .map_err(|refusal| ApiError::new(StatusCode::FORBIDDEN, format!("permission denied: {refusal}")))
+}
+
+/// Whether `caller` holds `need` on `path` (for checks that depend on a request's body, such as
+/// a token created with `no_parent`, which takes `sudo` as Vault's does).
+pub(crate) fn holds(app: &App, caller: &Caller, path: &str, need: Caps) -> bool {
+    app.state.read(|s| caller.capabilities(s, path)).contains(need)
 }
 
 /// Accepts a list of strings given as a JSON array or a comma-separated string (Vault does both).

@@ -1,94 +1,196 @@
-//! The OpenAPI document served at `sys/openapi`.
+//! The OpenAPI 3 document served at `sys/openapi`, generated from the route table: a route
+//! cannot be served without being documented, nor documented without being served.
+//!
+//! Engine routes are listed under each mount that exists, as Vault does (`/secret/data/{path}`).
+//! A LIST is documented as Vault documents it: a GET with `list=true`.
 
+use citadel_core::route::{In, Kind, Need, Op, Operation, Param, Route};
 use serde_json::{json, Map, Value};
 
-/// (path, methods, summary) for every route the API serves.
-const ROUTES: &[(&str, &[&str], &str)] = &[
-    ("/sys/health", &["get", "head"], "Node health with Vault's status codes (200, 429, 474, 501, 503)"),
-    ("/sys/init", &["get", "post"], "Initialization status; initialize the vault"),
-    ("/sys/seal-status", &["get"], "Seal status and unseal progress"),
-    ("/sys/unseal", &["post"], "Submit an unseal key share"),
-    ("/sys/seal", &["post", "put"], "Seal this node (sudo)"),
-    ("/sys/leader", &["get"], "Current leader"),
-    ("/sys/step-down", &["post", "put"], "Hand leadership to another voter (sudo)"),
-    ("/sys/rotate", &["post", "put"], "Add a keyring term (sudo)"),
-    ("/sys/key-status", &["get"], "Current keyring term"),
-    ("/sys/metrics", &["get"], "Metrics (format=prometheus or json)"),
-    ("/sys/openapi", &["get"], "This document"),
-    ("/sys/mounts", &["get"], "List secrets engines"),
-    ("/sys/mounts/{path}", &["get", "post", "delete"], "Read, enable (kv v2) or disable a secrets engine"),
-    ("/sys/auth", &["get"], "List auth methods"),
-    ("/sys/policies/acl", &["get"], "List ACL policies (LIST or ?list=true)"),
-    ("/sys/policies/acl/{name}", &["get", "post", "put", "delete"], "Read, write or delete an ACL policy"),
-    ("/sys/policy", &["get"], "List policies (legacy)"),
-    ("/sys/policy/{name}", &["get", "post", "put", "delete"], "Policy (legacy path)"),
-    ("/sys/storage/raft/configuration", &["get"], "Raft servers and suffrage"),
-    ("/sys/storage/raft/snapshot", &["get", "post"], "Save a snapshot (binary file), or restore one (sudo)"),
-    ("/sys/storage/raft/snapshot-force", &["post"], "Restore a snapshot taken from another cluster (sudo)"),
-    ("/sys/storage/raft/join", &["post"], "Ask a cluster member to add this (new) node"),
-    ("/sys/storage/raft/join-token", &["post"], "Issue a one-time join token, optionally for one node_id (sudo)"),
-    ("/sys/storage/raft/bootstrap", &["post"], "Exchange a join token for a node certificate"),
-    ("/sys/storage/raft/remove-peer", &["post"], "Remove a node from the cluster (sudo)"),
-    ("/sys/storage/raft/autopilot/state", &["get"], "Autopilot view: health, failure tolerance, servers"),
-    ("/sys/ha/status", &["get"], "Cluster and per-node HA status (Citadel)"),
-    ("/sys/ha/transfer-leader", &["post"], "Hand leadership to a voter (Citadel, sudo)"),
-    ("/sys/audit/events", &["get"], "Replicated audit events (node, user, path, since, limit) (sudo)"),
-    ("/sys/audit/verify", &["get"], "Verify every node's audit hash chain (sudo)"),
-    ("/auth/userpass/login/{username}", &["post"], "Log in with username and password"),
-    ("/auth/userpass/users", &["get"], "List users (LIST or ?list=true)"),
-    ("/auth/userpass/users/{username}", &["get", "post", "put", "delete"], "Read, write or delete a user"),
-    ("/auth/userpass/users/{username}/password", &["post", "put"], "Change a user's password"),
-    ("/auth/token/create", &["post"], "Create a child token"),
-    ("/auth/token/create-orphan", &["post"], "Create an orphan token"),
-    ("/auth/token/lookup-self", &["get"], "Look up the calling token"),
-    ("/auth/token/lookup", &["post"], "Look up a token"),
-    ("/auth/token/renew-self", &["post"], "Renew the calling token"),
-    ("/auth/token/renew", &["post"], "Renew a token"),
-    ("/auth/token/revoke-self", &["post"], "Revoke the calling token and its children"),
-    ("/auth/token/revoke", &["post"], "Revoke a token and its children"),
-    (
-        "/{mount}/data/{path}",
-        &["get", "post", "put", "patch", "delete"],
-        "KV v2: read, write (options.cas), patch, soft-delete latest",
-    ),
-    ("/{mount}/delete/{path}", &["post", "put"], "KV v2: soft-delete versions"),
-    ("/{mount}/undelete/{path}", &["post", "put"], "KV v2: undelete versions"),
-    ("/{mount}/destroy/{path}", &["post", "put"], "KV v2: destroy versions"),
-    ("/{mount}/metadata/{path}", &["get", "post", "put", "delete"], "KV v2: metadata read, list, update, delete all"),
-    ("/{mount}/config", &["get", "post", "put"], "KV v2: mount configuration (max_versions, cas_required)"),
-];
+use super::routes::{tables, Handler};
+use crate::app::App;
 
-pub fn document() -> Value {
+pub fn document(app: &App) -> Value {
     let mut paths = Map::new();
-    for (path, methods, summary) in ROUTES {
-        let mut ops = Map::new();
-        for method in *methods {
-            ops.insert(
-                method.to_string(),
-                json!({
-                    "summary": summary,
-                    "responses": {
-                        "200": { "description": "OK" },
-                        "204": { "description": "No content" },
-                        "400": { "description": "Invalid request", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Errors" } } } },
-                        "403": { "description": "Permission denied" },
-                        "404": { "description": "Not found" },
-                        "503": { "description": "Sealed, or no leader" },
-                    }
-                }),
-            );
+    if let Ok(tables) = tables() {
+        for route in tables.core.routes() {
+            paths.insert(openapi_path("", route.pattern), path_item(route));
         }
-        paths.insert(path.to_string(), Value::Object(ops));
+        let mounts: Vec<(String, String)> =
+            app.state.read(|s| s.mounts.iter().map(|(path, m)| (path.clone(), m.kind.clone())).collect());
+        for (mount, kind) in mounts {
+            let Some((_, table)) = tables.engines.iter().find(|(k, _)| *k == kind) else { continue };
+            for route in table.routes() {
+                paths.insert(openapi_path(&mount, route.pattern), path_item(route));
+            }
+        }
     }
     json!({
         "openapi": "3.0.2",
-        "info": { "title": "Citadel", "description": "HashiCorp Vault-compatible HTTP API of Citadel", "version": super::sys::VERSION },
+        "info": {
+            "title": "Citadel",
+            "description": "HashiCorp Vault-compatible HTTP API of Citadel",
+            "version": crate::api::VERSION,
+        },
         "servers": [{ "url": "/v1" }],
         "components": {
             "securitySchemes": { "token": { "type": "apiKey", "in": "header", "name": "X-Vault-Token" } },
-            "schemas": { "Errors": { "type": "object", "properties": { "errors": { "type": "array", "items": { "type": "string" } } } } }
+            "schemas": {
+                "Errors": {
+                    "type": "object",
+                    "properties": { "errors": { "type": "array", "items": { "type": "string" } } },
+                },
+                "Response": {
+                    "type": "object",
+                    "description": "Vault's envelope: data, auth, warnings",
+                    "additionalProperties": true,
+                },
+            },
         },
         "security": [{ "token": [] }],
         "paths": paths,
     })
+}
+
+/// `/secret/data/{path}` from the mount `secret/` and the pattern `data/*path`.
+fn openapi_path(mount: &str, pattern: &str) -> String {
+    let segments: Vec<String> = pattern
+        .split('/')
+        .map(|s| match s.strip_prefix(':').or_else(|| s.strip_prefix('*')) {
+            Some(name) => format!("{{{name}}}"),
+            None => s.to_string(),
+        })
+        .collect();
+    format!("/{mount}{}", segments.join("/"))
+}
+
+fn path_parameters(pattern: &str) -> Vec<Value> {
+    pattern
+        .split('/')
+        .filter_map(|s| s.strip_prefix(':').or_else(|| s.strip_prefix('*')))
+        .map(|name| {
+            json!({
+                "name": name,
+                "in": "path",
+                "required": true,
+                "schema": { "type": "string", "minLength": 1 },
+            })
+        })
+        .collect()
+}
+
+fn path_item(route: &Route<Handler>) -> Value {
+    let mut item = Map::new();
+    item.insert("parameters".into(), Value::Array(path_parameters(route.pattern)));
+    let id = route.pattern.replace(['/', ':', '*'], "-");
+    let read = route.operation(Op::Read);
+    let list = route.operation(Op::List);
+    match (read, list) {
+        (Some(read), list) => {
+            item.insert("get".into(), operation(read, &format!("read{id}"), list.is_some()));
+        }
+        (None, Some(list)) => {
+            item.insert("get".into(), operation(list, &format!("list{id}"), true));
+        }
+        (None, None) => {}
+    }
+    for (op, method) in [(Op::Write, "post"), (Op::Patch, "patch"), (Op::Delete, "delete")] {
+        if let Some(o) = route.operation(op) {
+            item.insert(method.into(), operation(o, &format!("{method}{id}"), false));
+        }
+    }
+    Value::Object(item)
+}
+
+fn operation(o: &Operation<Handler>, id: &str, with_list: bool) -> Value {
+    let mut parameters: Vec<Value> = o.params.iter().filter(|p| p.location == In::Query).map(query_parameter).collect();
+    if with_list {
+        // A list-only path answers GET only with `list=true`; a path that also reads, with or without.
+        let list_only = o.op == Op::List;
+        parameters.push(json!({
+            "name": "list",
+            "in": "query",
+            "required": list_only,
+            "description": "Must be true: list the keys under this path",
+            "schema": { "type": "string", "enum": ["true"] },
+        }));
+    }
+    let mut op = Map::new();
+    op.insert("operationId".into(), json!(id.trim_end_matches('-')));
+    op.insert("summary".into(), json!(o.summary));
+    op.insert("parameters".into(), Value::Array(parameters));
+    let body: Vec<&Param> = o.params.iter().filter(|p| p.location == In::Body).collect();
+    if matches!(o.op, Op::Write | Op::Patch) {
+        let media = if o.op == Op::Patch { "application/merge-patch+json" } else { "application/json" };
+        op.insert(
+            "requestBody".into(),
+            json!({ "required": body.iter().any(|p| p.required), "content": { media: { "schema": body_schema(&body) } } }),
+        );
+    }
+    op.insert("responses".into(), responses(o.op));
+    if matches!(o.need, Need::Unauthenticated { .. }) {
+        op.insert("security".into(), json!([]));
+    }
+    Value::Object(op)
+}
+
+fn responses(op: Op) -> Value {
+    let error = |description: &str| json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Errors" } } } });
+    let ok = json!({
+        "description": "OK",
+        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Response" } } },
+    });
+    let mut responses = Map::new();
+    responses.insert("200".into(), ok);
+    if matches!(op, Op::Write | Op::Patch | Op::Delete) {
+        responses.insert("204".into(), json!({ "description": "Done, nothing to return" }));
+    }
+    responses.insert("400".into(), error("Invalid request"));
+    responses.insert("403".into(), error("Permission denied"));
+    responses.insert("404".into(), error("Not found"));
+    responses.insert("405".into(), error("Method not allowed on this path"));
+    responses.insert("503".into(), error("Sealed, or no leader"));
+    Value::Object(responses)
+}
+
+fn schema(kind: Kind) -> Value {
+    match kind {
+        Kind::String => json!({ "type": "string" }),
+        Kind::Integer => json!({ "type": "integer", "minimum": 0 }),
+        Kind::Boolean => json!({ "type": "boolean" }),
+        Kind::Object => json!({ "type": "object" }),
+        Kind::StringList => {
+            json!({ "oneOf": [{ "type": "array", "items": { "type": "string" } }, { "type": "string" }] })
+        }
+        Kind::Duration => json!({ "oneOf": [{ "type": "integer", "minimum": 0 }, { "type": "string" }] }),
+        Kind::IntegerList => json!({ "type": "array", "items": { "type": "integer", "minimum": 0 } }),
+    }
+}
+
+fn query_parameter(p: &Param) -> Value {
+    let schema = match p.kind {
+        // Query values are strings on the wire; documented as their type where OpenAPI can say so.
+        Kind::Integer | Kind::Boolean | Kind::String => schema(p.kind),
+        _ => json!({ "type": "string" }),
+    };
+    json!({ "name": p.name, "in": "query", "required": p.required, "description": p.description, "schema": schema })
+}
+
+fn body_schema(params: &[&Param]) -> Value {
+    let properties: Map<String, Value> = params
+        .iter()
+        .map(|p| {
+            let mut s = schema(p.kind);
+            if let Some(obj) = s.as_object_mut() {
+                obj.insert("description".into(), json!(p.description));
+            }
+            (p.name.to_string(), s)
+        })
+        .collect();
+    let required: Vec<&str> = params.iter().filter(|p| p.required).map(|p| p.name).collect();
+    let mut schema = json!({ "type": "object", "properties": properties });
+    if !required.is_empty() {
+        schema["required"] = json!(required);
+    }
+    schema
 }

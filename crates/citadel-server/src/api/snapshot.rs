@@ -21,7 +21,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{authorize, ApiError, ApiRequest, Reply};
+use super::{ApiError, ApiRequest, Reply};
 use crate::app::App;
 use crate::seal::Unsealed;
 
@@ -222,7 +222,7 @@ pub fn may_read_body(app: &App, method: &Method, path: &str, headers: &HeaderMap
     let Some(caller) = app.state.read(|s| crate::auth::resolve(s, &keys.keyring, &token, now)) else {
         return false;
     };
-    !caller.read_only && authorize(app, &caller, path, need.union(Caps::SUDO)).is_ok()
+    !caller.read_only && super::holds(app, &caller, path, need.union(Caps::SUDO))
 }
 
 pub async fn restore(app: &App, keys: &Unsealed, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {

@@ -9,7 +9,7 @@ use citadel_core::audit::AuditBody;
 use citadel_core::barrier::{self, Key, Keyring};
 use citadel_core::command::{Command, InitCommand, Response};
 use citadel_core::kv::KvStore;
-use citadel_core::policy::{self, Caps};
+use citadel_core::policy;
 use citadel_core::state::{ClusterInfo, Mount, SealInfo};
 use citadel_core::time::rfc3339;
 use citadel_core::token::{token_hash, TokenEntry};
@@ -18,12 +18,14 @@ use citadel_storage::NodeInfo;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, authorize_op, record_audit, ApiError, ApiRequest, Op, Reply, Target};
+use citadel_core::route::{Kind, Param, Route};
+
+use super::routes::{self, handler, route, Call, Handler};
+use super::{record_audit, ApiError, ApiRequest, Op, Reply};
 use crate::app::App;
-use crate::auth::Caller;
 use crate::config::SealKind;
 use crate::ids;
-use crate::seal::{decode_share, Unsealed};
+use crate::seal::decode_share;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -49,7 +51,8 @@ pub fn ha_mode(app: &App) -> &'static str {
     }
 }
 
-pub fn health(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
+async fn health(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req) = (c.app, c.req);
     let (initialized, cluster) = app.state.read(|s| (s.is_initialized(), s.cluster.clone()));
     let sealed = app.seal.is_sealed();
     let metrics = app.raft_metrics();
@@ -125,11 +128,8 @@ pub fn seal_status_body(app: &App) -> Value {
     })
 }
 
-pub fn seal_status(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
-    if req.op() != Some(Op::Read) {
-        return Err(ApiError::method_not_allowed());
-    }
-    Ok(Reply::json(StatusCode::OK, seal_status_body(app)))
+async fn seal_status(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::json(StatusCode::OK, seal_status_body(c.app)))
 }
 
 fn seal_event(app: &App, req: &ApiRequest, operation: &str, status: u16, error: String) -> AuditBody {
@@ -147,10 +147,8 @@ fn seal_event(app: &App, req: &ApiRequest, operation: &str, status: u16, error: 
     }
 }
 
-pub async fn unseal(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
-    if req.op() != Some(Op::Write) {
-        return Err(ApiError::method_not_allowed());
-    }
+async fn unseal(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req) = (c.app, c.req);
     #[derive(Deserialize)]
     struct UnsealRequest {
         #[serde(default)]
@@ -163,6 +161,10 @@ pub async fn unseal(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
         app.seal.reset_progress();
         return Ok(Reply::json(StatusCode::OK, seal_status_body(app)));
     }
+    // As Vault: a request with neither a key nor `reset` is a 400, sealed or not.
+    let key = body.key.ok_or_else(|| {
+        ApiError::bad_request("missing required field \"key\" (an unseal key share), or \"reset\": true")
+    })?;
     let info = app.state.read(|s| s.seal.clone());
     if info.is_none() {
         return Err(ApiError::bad_request("the vault is not initialized"));
@@ -170,7 +172,6 @@ pub async fn unseal(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     if !app.seal.is_sealed() {
         return Ok(Reply::json(StatusCode::OK, seal_status_body(app)));
     }
-    let key = body.key.ok_or_else(|| ApiError::bad_request("missing required field \"key\""))?;
     let share = decode_share(&key).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let outcome = app.seal.submit_share(share, info.as_ref());
     let unsealed = !app.seal.is_sealed();
@@ -190,10 +191,8 @@ pub async fn unseal(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
 
 /// `sys/storage/raft/bootstrap`: a node with no certificate yet presents a one-time join token and
 /// receives a certificate from the cluster CA. The token is the credential (spent on use).
-pub async fn bootstrap(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
-    if req.op() != Some(Op::Write) {
-        return Err(ApiError::method_not_allowed());
-    }
+async fn bootstrap(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req) = (c.app, c.req);
     let body: crate::pki::BootstrapRequest = req.json()?;
     let result = crate::pki::issue(app, &body).await;
     let event = AuditBody {
@@ -216,10 +215,8 @@ pub async fn bootstrap(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
 /// `sys/storage/raft/join`, called on a node that belongs to no cluster yet (so it has no token
 /// to present): it asks the given member to add it. The cluster authenticates the node by its
 /// certificate (mutual TLS), so this endpoint grants the caller nothing.
-pub async fn join(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
-    if req.op() != Some(Op::Write) {
-        return Err(ApiError::method_not_allowed());
-    }
+async fn join(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req) = (c.app, c.req);
     if app.raft.is_initialized().await.unwrap_or(true) {
         return Err(ApiError::bad_request("this node already belongs to a cluster"));
     }
@@ -231,15 +228,13 @@ pub async fn join(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     Ok(Reply::json(StatusCode::OK, json!({ "joined": true, "voter": voter })))
 }
 
-pub async fn init(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
-    match req.op() {
-        Some(Op::Read) => {
-            let initialized = app.state.read(|s| s.is_initialized());
-            Ok(Reply::json(StatusCode::OK, json!({ "initialized": initialized })))
-        }
-        Some(Op::Write) => initialize(app, req).await,
-        _ => Err(ApiError::method_not_allowed()),
-    }
+async fn init_status(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let initialized = c.app.state.read(|s| s.is_initialized());
+    Ok(Reply::json(StatusCode::OK, json!({ "initialized": initialized })))
+}
+
+async fn init(c: &Call<'_>) -> Result<Reply, ApiError> {
+    initialize(c.app, c.req).await
 }
 
 /// Bootstraps the single-node Raft cluster (if needed), then proposes the initial state.
@@ -297,7 +292,7 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
         },
         root_token: root_entry,
         default_mount_path: "secret/".into(),
-        default_mount: new_kv_mount(now, "key/value secret storage"),
+        default_mount: new_mount("kv", now, "key/value secret storage"),
     };
     let seal_info = init.seal.clone();
     match app.propose(Command::Init(Box::new(init))).await? {
@@ -334,10 +329,10 @@ async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError>
     ))
 }
 
-pub fn new_kv_mount(now: UnixMillis, description: &str) -> Mount {
+pub fn new_mount(kind: &str, now: UnixMillis, description: &str) -> Mount {
     Mount {
         uuid: ids::uuid(),
-        kind: "kv".into(),
+        kind: kind.into(),
         description: description.into(),
         created: now,
         kv: KvStore::default(),
@@ -386,164 +381,257 @@ fn join_token_node_id(app: &App, body: &Value) -> Result<Option<u64>, ApiError> 
     Ok(Some(node_id))
 }
 
-pub(crate) fn need_sudo(app: &App, caller: &Caller, req: &ApiRequest, op: Op) -> Result<(), ApiError> {
-    authorize_op(app, caller, req, op, Target::Action)?;
-    authorize(app, caller, &req.path, Caps::SUDO)
+const ADDR_PARAMS: &[Param] =
+    &[Param::body("leader_cluster_addr", Kind::String, "host:port of a current member's cluster port").required()];
+const INIT_PARAMS: &[Param] = &[
+    Param::body("secret_shares", Kind::Integer, "Number of unseal key shares"),
+    Param::body("secret_threshold", Kind::Integer, "Shares needed to unseal"),
+];
+const UNSEAL_PARAMS: &[Param] = &[
+    Param::body("key", Kind::String, "An unseal key share (hex or base64)"),
+    Param::body("reset", Kind::Boolean, "Discard the shares submitted so far"),
+];
+const HEALTH_PARAMS: &[Param] = &[
+    Param::query("standbyok", Kind::Boolean, "Answer 200 on a standby"),
+    Param::query("activecode", Kind::Integer, "Status code for the active node"),
+    Param::query("standbycode", Kind::Integer, "Status code for a standby"),
+    Param::query("sealedcode", Kind::Integer, "Status code when sealed"),
+    Param::query("uninitcode", Kind::Integer, "Status code when not initialized"),
+    Param::query("haunhealthycode", Kind::Integer, "Status code in read-only mode"),
+];
+const BOOTSTRAP_PARAMS: &[Param] = &[
+    Param::body("join_token", Kind::String, "A one-time join token").required(),
+    Param::body("node_id", Kind::Integer, "The joining node's id").required(),
+    Param::body("csr", Kind::String, "The node's certificate signing request (PEM)").required(),
+];
+const MOUNT_PARAMS: &[Param] = &[
+    Param::body("type", Kind::String, "The engine: kv (or kv-v2)").required(),
+    Param::body("description", Kind::String, "Free text"),
+    Param::body("options", Kind::Object, "Engine options (kv: {\"version\": \"2\"})"),
+];
+const REMOVE_PEER_PARAMS: &[Param] = &[Param::body("server_id", Kind::String, "The node id to remove").required()];
+const JOIN_TOKEN_PARAMS: &[Param] = &[
+    Param::body("ttl", Kind::Duration, "Lifetime (60s to 7 days, default 1h)"),
+    Param::body("node_id", Kind::Integer, "Bind the token to one node id"),
+];
+const TRANSFER_PARAMS: &[Param] =
+    &[Param::body("node_id", Kind::Integer, "The voter to hand leadership to").required()];
+const METRICS_PARAMS: &[Param] = &[Param::query("format", Kind::String, "prometheus or json")];
+const AUDIT_PARAMS: &[Param] = &[
+    Param::query("node", Kind::Integer, "Only this node's events"),
+    Param::query("user", Kind::String, "Only this user's events"),
+    Param::query("path", Kind::String, "Only events under this path"),
+    Param::query("since", Kind::String, "Unix milliseconds, or a duration ago (15m)"),
+    Param::query("limit", Kind::Integer, "At most this many (1 to 10000, default 100)"),
+];
+
+/// The `sys/` routes (policies are in `policy.rs`).
+pub fn routes() -> Vec<Route<Handler>> {
+    use routes::op;
+    vec![
+        route(
+            "sys/health",
+            vec![op::open(Op::Read, "Node health with Vault's status codes", handler!(health))
+                .with_params(HEALTH_PARAMS)],
+        ),
+        route(
+            "sys/init",
+            vec![
+                op::open(Op::Read, "Whether the vault is initialized", handler!(init_status)),
+                op::open(Op::Write, "Initialize the vault", handler!(init)).with_params(INIT_PARAMS),
+            ],
+        ),
+        route("sys/seal-status", vec![op::open(Op::Read, "Seal status and unseal progress", handler!(seal_status))]),
+        route(
+            "sys/unseal",
+            vec![op::open(Op::Write, "Submit an unseal key share", handler!(unseal)).with_params(UNSEAL_PARAMS)],
+        ),
+        route(
+            "sys/storage/raft/join",
+            vec![op::open(Op::Write, "Ask a cluster member to add this new node", handler!(join))
+                .with_params(ADDR_PARAMS)],
+        ),
+        route(
+            "sys/storage/raft/bootstrap",
+            vec![op::open(Op::Write, "Exchange a join token for a node certificate", handler!(bootstrap))
+                .with_params(BOOTSTRAP_PARAMS)],
+        ),
+        route("sys/seal", vec![op::sudo(Op::Write, "Seal this node", handler!(seal))]),
+        route("sys/leader", vec![op::read("Current leader", handler!(leader)).local()]),
+        route("sys/step-down", vec![op::sudo(Op::Write, "Hand leadership to another voter", handler!(step_down))]),
+        route("sys/rotate", vec![op::sudo(Op::Write, "Add a keyring term", handler!(rotate))]),
+        route("sys/key-status", vec![op::read("Current keyring term", handler!(key_status))]),
+        route("sys/metrics", vec![op::read("Metrics", handler!(metrics)).local().with_params(METRICS_PARAMS)]),
+        route("sys/openapi", vec![op::read("This document, generated from the route table", handler!(openapi))]),
+        route("sys/mounts", vec![op::read("List secrets engines", handler!(list_mounts))]),
+        Route {
+            pattern: "sys/mounts/*path",
+            operations: vec![
+                op::read("Read a secrets engine", handler!(read_mount)),
+                op::write("Enable a secrets engine by type", handler!(enable_mount)).with_params(MOUNT_PARAMS),
+                op::delete("Disable a secrets engine and delete its data", handler!(disable_mount)),
+            ],
+            exists: Some(|s, c| s.mounts.contains_key(&mount_key(c.get("path")))),
+        },
+        route("sys/auth", vec![op::read("List auth methods", handler!(list_auth))]),
+        route("sys/storage/raft/configuration", vec![op::read("Raft servers and suffrage", handler!(raft_config))]),
+        route(
+            "sys/storage/raft/remove-peer",
+            vec![op::sudo(Op::Write, "Remove a node from the cluster", handler!(remove_peer))
+                .with_params(REMOVE_PEER_PARAMS)],
+        ),
+        route(
+            "sys/storage/raft/join-token",
+            vec![
+                op::sudo(Op::Write, "Issue a one-time join token", handler!(join_token)).with_params(JOIN_TOKEN_PARAMS)
+            ],
+        ),
+        route(
+            "sys/storage/raft/snapshot",
+            vec![
+                op::sudo(Op::Read, "Save a snapshot", handler!(snapshot_save)),
+                op::sudo(Op::Write, "Restore a snapshot of this cluster", handler!(snapshot_restore)),
+            ],
+        ),
+        route(
+            "sys/storage/raft/snapshot-force",
+            vec![op::sudo(Op::Write, "Restore a snapshot taken from another cluster", handler!(snapshot_force))],
+        ),
+        route(
+            "sys/storage/raft/autopilot/state",
+            vec![op::read("Autopilot view: health, failure tolerance, servers", handler!(autopilot)).local()],
+        ),
+        route("sys/ha/status", vec![op::read("Cluster and per-node HA status", handler!(ha_status)).local()]),
+        route(
+            "sys/ha/transfer-leader",
+            vec![op::sudo(Op::Write, "Hand leadership to a voter", handler!(transfer_leader))
+                .with_params(TRANSFER_PARAMS)],
+        ),
+        route(
+            "sys/audit/events",
+            vec![op::sudo(Op::Read, "Replicated audit events", handler!(audit_events)).with_params(AUDIT_PARAMS)],
+        ),
+        route(
+            "sys/audit/verify",
+            vec![op::sudo(Op::Read, "Verify every node's audit hash chain", handler!(audit_verify))],
+        ),
+    ]
 }
 
-pub async fn route(
-    app: &Arc<App>,
-    req: &ApiRequest,
-    op: Op,
-    caller: &Caller,
-    rest: &str,
-    keys: &Unsealed,
-) -> Result<Reply, ApiError> {
-    match (rest, op) {
-        ("seal", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            app.seal.seal();
-            tracing::info!("node sealed by request");
-            Ok(Reply::empty())
-        }
-        ("leader", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            Ok(Reply::json(StatusCode::OK, leader_body(app)))
-        }
-        ("step-down", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            step_down(app).await
-        }
-        ("rotate", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            rotate(app, keys).await
-        }
-        ("key-status", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            let info = app.state.read(|s| s.seal.clone()).ok_or_else(ApiError::sealed)?;
-            let body = json!({ "term": info.key_term, "install_time": rfc3339(info.key_installed) });
-            let mut reply = Reply::data(body.clone());
-            if let (Some(obj), Some(extra)) = (reply.body.as_mut().and_then(Value::as_object_mut), body.as_object()) {
-                obj.extend(extra.clone());
-            }
-            Ok(reply)
-        }
-        ("metrics", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            metrics(app, req)
-        }
-        ("openapi", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            Ok(Reply::json(StatusCode::OK, super::openapi::document()))
-        }
-        ("mounts", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            let mounts = app.state.read(|s| {
-                s.mounts.iter().map(|(path, m)| (path.clone(), mount_json(m))).collect::<serde_json::Map<_, _>>()
-            });
-            let mut body = super::envelope(Value::Object(mounts.clone()), Value::Null);
-            body.as_object_mut().expect("envelope is an object").extend(mounts);
-            Ok(Reply::json(StatusCode::OK, body))
-        }
-        ("auth", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            let methods = json!({
-                "token/": { "type": "token", "description": "token based credentials", "accessor": "auth_token", "local": false, "seal_wrap": false, "options": null, "config": {} },
-                "userpass/": { "type": "userpass", "description": "username and password", "accessor": "auth_userpass", "local": false, "seal_wrap": false, "options": null, "config": {} },
-            });
-            let mut body = super::envelope(methods.clone(), Value::Null);
-            body.as_object_mut().expect("envelope").extend(methods.as_object().expect("object").clone());
-            Ok(Reply::json(StatusCode::OK, body))
-        }
-        ("storage/raft/configuration", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            Ok(Reply::data(raft_configuration(app)))
-        }
-        ("storage/raft/remove-peer", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            let body: Value = req.json()?;
-            let target = body
-                .get("server_id")
-                .or_else(|| body.get("node_id"))
-                .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
-                .ok_or_else(|| ApiError::bad_request("missing required field \"server_id\" (a node id)"))?;
-            crate::membership::remove_peer(app, target).await.map_err(ApiError::bad_request)?;
-            Ok(Reply::empty())
-        }
-        ("storage/raft/join-token", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            let body: Value = req.json()?;
-            let ttl = super::duration_secs(body.get("ttl"), "ttl")?.unwrap_or(3600).clamp(60, 7 * 86_400);
-            let node_id = join_token_node_id(app, &body)?;
-            let token = format!("cjt.{}", &ids::token()[4..]);
-            let expires = ids::now_ms() + ttl * 1000;
-            let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &token);
-            match app.propose(Command::JoinTokenCreate { hash, expires, node_id }).await? {
-                Response::Rejected(r) => Err(r.into()),
-                _ => Ok(Reply::data(
-                    json!({ "join_token": token, "expire_time": rfc3339(expires), "ttl": ttl, "node_id": node_id }),
-                )),
-            }
-        }
-        ("storage/raft/snapshot", Op::Read) => {
-            need_sudo(app, caller, req, op)?;
-            super::snapshot::save(app, keys).await
-        }
-        ("storage/raft/snapshot", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            super::snapshot::restore(app, keys, req, false).await
-        }
-        ("storage/raft/snapshot-force", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            super::snapshot::restore(app, keys, req, true).await
-        }
-        ("storage/raft/autopilot/state", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            Ok(Reply::data(autopilot_state(crate::ha::status(app).await)))
-        }
-        ("ha/status", Op::Read) => {
-            authorize_op(app, caller, req, op, Target::Action)?;
-            Ok(Reply::data(crate::ha::status(app).await))
-        }
-        ("ha/transfer-leader", Op::Write) => {
-            need_sudo(app, caller, req, op)?;
-            let body: Value = req.json()?;
-            let target = body
-                .get("node_id")
-                .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
-                .ok_or_else(|| ApiError::bad_request("missing required field \"node_id\" (a node id)"))?;
-            crate::membership::transfer_leadership(app, target).await.map_err(ApiError::bad_request)?;
-            Ok(Reply::empty())
-        }
-        ("audit/events", Op::Read) => {
-            need_sudo(app, caller, req, op)?;
-            audit_events(app, req).await
-        }
-        ("audit/verify", Op::Read) => {
-            need_sudo(app, caller, req, op)?;
-            app.linearize().await?;
-            Ok(Reply::data(audit_verify(app)))
-        }
-        _ => {
-            if let Some(path) = rest.strip_prefix("mounts/") {
-                let exists = app.state.read(|s| s.mounts.contains_key(&format!("{}/", path.trim_matches('/'))));
-                authorize_op(app, caller, req, op, Target::exists(exists))?;
-                return mount(app, req, op, path).await;
-            }
-            if rest == "policies/acl"
-                || rest.starts_with("policies/acl/")
-                || rest == "policy"
-                || rest.starts_with("policy/")
-            {
-                return super::policy::route(app, req, op, caller, rest).await;
-            }
-            let known = ["seal", "leader", "step-down", "rotate", "key-status", "metrics", "openapi", "mounts", "auth"];
-            if known.contains(&rest) || ["storage/raft/", "audit/", "ha/"].iter().any(|p| rest.starts_with(p)) {
-                return Err(ApiError::method_not_allowed());
-            }
-            Err(ApiError::no_route(&req.path))
-        }
+/// A mount's key in the state: its path with one trailing slash.
+fn mount_key(path: &str) -> String {
+    format!("{}/", path.trim_matches('/'))
+}
+
+async fn seal(c: &Call<'_>) -> Result<Reply, ApiError> {
+    c.app.seal.seal();
+    tracing::info!("node sealed by request");
+    Ok(Reply::empty())
+}
+
+async fn leader(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::json(StatusCode::OK, leader_body(c.app)))
+}
+
+async fn key_status(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let info = c.app.state.read(|s| s.seal.clone()).ok_or_else(ApiError::sealed)?;
+    let body = json!({ "term": info.key_term, "install_time": rfc3339(info.key_installed) });
+    let mut reply = Reply::data(body.clone());
+    if let (Some(obj), Some(extra)) = (reply.body.as_mut().and_then(Value::as_object_mut), body.as_object()) {
+        obj.extend(extra.clone());
     }
+    Ok(reply)
+}
+
+async fn openapi(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::json(StatusCode::OK, super::openapi::document(c.app)))
+}
+
+/// Vault answers these listings with the map both at the top level and under `data`.
+fn listing(map: serde_json::Map<String, Value>) -> Reply {
+    let mut body = super::envelope(Value::Object(map.clone()), Value::Null);
+    if let Some(obj) = body.as_object_mut() {
+        obj.extend(map);
+    }
+    Reply::json(StatusCode::OK, body)
+}
+
+async fn list_mounts(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let mounts = c.app.state.read(|s| s.mounts.iter().map(|(path, m)| (path.clone(), mount_json(m))).collect());
+    Ok(listing(mounts))
+}
+
+async fn list_auth(_: &Call<'_>) -> Result<Reply, ApiError> {
+    let methods = json!({
+        "token/": { "type": "token", "description": "token based credentials", "accessor": "auth_token", "local": false, "seal_wrap": false, "options": null, "config": {} },
+        "userpass/": { "type": "userpass", "description": "username and password", "accessor": "auth_userpass", "local": false, "seal_wrap": false, "options": null, "config": {} },
+    });
+    Ok(listing(methods.as_object().cloned().unwrap_or_default()))
+}
+
+async fn raft_config(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::data(raft_configuration(c.app)))
+}
+
+/// A node id given as a number or a numeric string.
+fn node_id_field(body: &Value, names: &[&str]) -> Result<u64, ApiError> {
+    names
+        .iter()
+        .find_map(|name| body.get(*name))
+        .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+        .ok_or_else(|| ApiError::bad_request(format!("missing required field {:?} (a node id)", names[0])))
+}
+
+async fn remove_peer(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let target = node_id_field(&c.req.json()?, &["server_id", "node_id"])?;
+    crate::membership::remove_peer(c.app, target).await.map_err(ApiError::bad_request)?;
+    Ok(Reply::empty())
+}
+
+async fn join_token(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, keys) = (c.app, c.keys()?);
+    let body: Value = c.req.json()?;
+    let ttl = super::duration_secs(body.get("ttl"), "ttl")?.unwrap_or(3600).clamp(60, 7 * 86_400);
+    let node_id = join_token_node_id(app, &body)?;
+    let token = format!("cjt.{}", &ids::token()[4..]);
+    let expires = ids::now_ms() + ttl * 1000;
+    let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &token);
+    match app.propose(Command::JoinTokenCreate { hash, expires, node_id }).await? {
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::data(
+            json!({ "join_token": token, "expire_time": rfc3339(expires), "ttl": ttl, "node_id": node_id }),
+        )),
+    }
+}
+
+async fn snapshot_save(c: &Call<'_>) -> Result<Reply, ApiError> {
+    super::snapshot::save(c.app, c.keys()?).await
+}
+
+async fn snapshot_restore(c: &Call<'_>) -> Result<Reply, ApiError> {
+    super::snapshot::restore(c.app, c.keys()?, c.req, false).await
+}
+
+async fn snapshot_force(c: &Call<'_>) -> Result<Reply, ApiError> {
+    super::snapshot::restore(c.app, c.keys()?, c.req, true).await
+}
+
+async fn autopilot(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::data(autopilot_state(crate::ha::status(c.app).await)))
+}
+
+async fn ha_status(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::data(crate::ha::status(c.app).await))
+}
+
+async fn transfer_leader(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let target = node_id_field(&c.req.json()?, &["node_id"])?;
+    crate::membership::transfer_leadership(c.app, target).await.map_err(ApiError::bad_request)?;
+    Ok(Reply::empty())
+}
+
+async fn audit_verify(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::data(audit_verify_body(c.app)))
 }
 
 fn mount_json(m: &Mount) -> Value {
@@ -562,41 +650,40 @@ fn mount_json(m: &Mount) -> Value {
     })
 }
 
-async fn mount(app: &App, req: &ApiRequest, op: Op, path: &str) -> Result<Reply, ApiError> {
-    let path = format!("{}/", path.trim_matches('/'));
-    match op {
-        Op::Read => {
-            let m = app.state.read(|s| s.mounts.get(&path).map(mount_json)).ok_or_else(ApiError::not_found)?;
-            Ok(Reply::data(m))
-        }
-        Op::Write => {
-            let body: Value = req.json()?;
-            let kind = body.get("type").and_then(Value::as_str).unwrap_or("");
-            let version = body.pointer("/options/version").and_then(Value::as_str).unwrap_or("2");
-            if !(kind == "kv-v2" || (kind == "kv" && version == "2")) {
-                return Err(ApiError::bad_request(format!(
-                    "only KV version 2 secrets engines are supported (type \"kv\" with options.version \"2\", or \"kv-v2\"); got type {kind:?} version {version:?}"
-                )));
-            }
-            let reserved = ["sys/", "auth/", "identity/", "cubbyhole/"];
-            if path == "/" || reserved.iter().any(|r| path.starts_with(r)) || path.contains("//") {
-                return Err(ApiError::bad_request(format!(
-                    "cannot mount at {path:?}: the path is reserved or invalid"
-                )));
-            }
-            let description = body.get("description").and_then(Value::as_str).unwrap_or("");
-            let mount = new_kv_mount(ids::now_ms(), description);
-            match app.propose(Command::MountEnable { path, mount }).await? {
-                Response::Rejected(r) => Err(r.into()),
-                _ => Ok(Reply::empty()),
-            }
-        }
-        Op::Delete => match app.propose(Command::MountDisable { path }).await? {
-            Response::Rejected(citadel_core::command::Rejection::MountNotFound(_)) => Ok(Reply::empty()),
-            Response::Rejected(r) => Err(r.into()),
-            _ => Ok(Reply::empty()),
-        },
-        _ => Err(ApiError::method_not_allowed()),
+async fn read_mount(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let path = mount_key(c.param("path"));
+    let mount = c.app.state.read(|s| s.mounts.get(&path).map(mount_json)).ok_or_else(ApiError::not_found)?;
+    Ok(Reply::data(mount))
+}
+
+/// Enables a secrets engine by `type` (§9.1), as `vault secrets enable` does.
+async fn enable_mount(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let path = mount_key(c.param("path"));
+    let body: Value = c.req.json()?;
+    let kind = body.get("type").and_then(Value::as_str).unwrap_or("");
+    let engine = super::routes::engine(kind).ok_or_else(|| {
+        let known: Vec<&str> = super::routes::ENGINES.iter().map(|e| e.kind).collect();
+        ApiError::bad_request(format!("unknown secrets engine type {kind:?}: this build serves {known:?}"))
+    })?;
+    (engine.check_options)(&body).map_err(ApiError::bad_request)?;
+    let reserved = ["sys/", "auth/", "identity/", "cubbyhole/"];
+    if path == "/" || reserved.iter().any(|r| path.starts_with(r)) || path.contains("//") {
+        return Err(ApiError::bad_request(format!("cannot mount at {path:?}: the path is reserved or invalid")));
+    }
+    let description = body.get("description").and_then(Value::as_str).unwrap_or("");
+    let mount = new_mount(engine.kind, ids::now_ms(), description);
+    match c.app.propose(Command::MountEnable { path, mount }).await? {
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::empty()),
+    }
+}
+
+async fn disable_mount(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let path = mount_key(c.param("path"));
+    match c.app.propose(Command::MountDisable { path }).await? {
+        Response::Rejected(citadel_core::command::Rejection::MountNotFound(_)) => Ok(Reply::empty()),
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::empty()),
     }
 }
 
@@ -621,7 +708,8 @@ fn leader_body(app: &App) -> Value {
 }
 
 /// Hands leadership to another voter; on a cluster of one there is nobody to hand it to.
-async fn step_down(app: &App) -> Result<Reply, ApiError> {
+async fn step_down(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let app = c.app;
     let metrics = app.raft_metrics();
     if metrics.current_leader != Some(app.node_id()) {
         return Ok(Reply::empty());
@@ -633,7 +721,8 @@ async fn step_down(app: &App) -> Result<Reply, ApiError> {
     Ok(Reply::empty())
 }
 
-async fn rotate(app: &App, keys: &Unsealed) -> Result<Reply, ApiError> {
+async fn rotate(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, keys) = (c.app, c.keys()?);
     let info = app.state.read(|s| s.seal.clone()).ok_or_else(ApiError::sealed)?;
     let mut ring = keys.keyring.clone();
     let now = ids::now_ms();
@@ -649,7 +738,8 @@ async fn rotate(app: &App, keys: &Unsealed) -> Result<Reply, ApiError> {
     }
 }
 
-fn metrics(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
+async fn metrics(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req) = (c.app, c.req);
     let m = app.raft_metrics();
     let idx = |l: &Option<citadel_storage::types::LogId>| l.as_ref().map_or(0, |l| l.index);
     let raft = [
@@ -733,7 +823,8 @@ fn raft_configuration(app: &App) -> Value {
     json!({ "config": { "servers": servers, "index": metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index) } })
 }
 
-async fn audit_events(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
+async fn audit_events(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let (app, req) = (c.app, c.req);
     let node = req
         .query
         .get("node")
@@ -763,9 +854,6 @@ async fn audit_events(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     };
     let user = req.query.get("user");
     let path = req.query.get("path");
-    if !req.stale_ok() {
-        app.linearize().await?;
-    }
     let mut events = app.state.read(|s| {
         s.audit
             .chains
@@ -785,7 +873,7 @@ async fn audit_events(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
     Ok(Reply::data(json!({ "events": events })))
 }
 
-fn audit_verify(app: &App) -> Value {
+fn audit_verify_body(app: &App) -> Value {
     app.state.read(|s| {
         let nodes: serde_json::Map<String, Value> = s
             .audit

@@ -10,6 +10,7 @@ mod crash;
 mod files;
 mod harness;
 mod limits;
+mod routes;
 mod security;
 mod tokens;
 mod trust;
