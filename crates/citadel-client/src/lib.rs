@@ -229,7 +229,17 @@ impl Client {
 
     /// Logs in with userpass; returns the client token (and adopts it).
     pub async fn login_userpass(&mut self, username: &str, password: &str) -> Result<String, ClientError> {
-        let body = self.post(&format!("auth/userpass/login/{username}"), &json!({ "password": password })).await?;
+        self.login_userpass_at("userpass", username, password).await
+    }
+
+    /// Logs in with the userpass method mounted at `auth/<mount>/`.
+    pub async fn login_userpass_at(
+        &mut self,
+        mount: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<String, ClientError> {
+        let body = self.post(&format!("auth/{mount}/login/{username}"), &json!({ "password": password })).await?;
         let token = body["auth"]["client_token"]
             .as_str()
             .ok_or_else(|| ClientError::Decode("login response lacks auth.client_token".into()))?

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{AuditEvent, ChainError};
 use crate::kv::{KvConfig, KvError, MetadataUpdate};
 use crate::policy::Policy;
-use crate::state::{ClusterInfo, Mount, SealInfo};
+use crate::state::{AuthMount, ClusterInfo, Mount, SealInfo};
 use crate::token::{LoginProof, TokenEntry, User};
 use crate::UnixMillis;
 
@@ -38,6 +38,15 @@ pub enum Command {
         mount: Mount,
     },
     MountDisable {
+        path: String,
+    },
+    /// Enables an auth method at `auth/<path>`.
+    AuthEnable {
+        path: String,
+        mount: AuthMount,
+    },
+    /// Disables an auth method: its users and their tokens go with it.
+    AuthDisable {
         path: String,
     },
     KvWrite {
@@ -183,6 +192,8 @@ impl Command {
             Command::RotateKeyring { .. } => "rotate_keyring",
             Command::MountEnable { .. } => "mount_enable",
             Command::MountDisable { .. } => "mount_disable",
+            Command::AuthEnable { .. } => "auth_enable",
+            Command::AuthDisable { .. } => "auth_disable",
             Command::KvWrite { .. } => "kv_write",
             Command::KvDelete { .. } => "kv_delete",
             Command::KvUndelete { .. } => "kv_undelete",
@@ -256,10 +267,12 @@ pub enum Rejection {
     NotInitialized,
     #[error("the vault is already initialized")]
     AlreadyInitialized,
-    #[error("no secrets engine is mounted at {0:?}")]
+    #[error("nothing is mounted at {0:?}")]
     MountNotFound(String),
-    #[error("a secrets engine is already mounted at {0:?}")]
+    #[error("a secrets engine or auth method is already mounted at {0:?}, or the path overlaps one")]
     MountExists(String),
+    #[error("at most {max} mounts of each kind may exist; disable one first")]
+    TooManyMounts { max: usize },
     #[error("{0}")]
     Kv(KvError),
     #[error("the keyring was rotated concurrently (current term {current}); retry")]

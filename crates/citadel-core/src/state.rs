@@ -41,6 +41,34 @@ pub struct Mount {
     pub kv: KvStore,
 }
 
+/// An auth method mounted under `auth/` beside the built-in `token/` and `userpass/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthMount {
+    pub uuid: String,
+    /// The method (`userpass`).
+    pub kind: String,
+    pub description: String,
+    pub created: UnixMillis,
+}
+
+/// The built-in userpass mount, under `auth/`; its users are keyed by their bare names.
+pub const DEFAULT_USERPASS: &str = "userpass/";
+/// The token store's mount, under `auth/`.
+pub const TOKEN_AUTH: &str = "token/";
+/// Most secrets engines, and most auth methods, a cluster holds (§8.3).
+pub const MAX_MOUNTS: usize = 256;
+
+/// Where a user of an auth mount is stored in `State::users`: a user of the built-in
+/// `userpass/` mount under its name (as before mounts existed), any other under its mount path
+/// and name (`corp/alice`). Names hold no `/`, so the two never collide.
+pub fn user_key(mount: &str, username: &str) -> String {
+    if mount == DEFAULT_USERPASS {
+        username.to_string()
+    } else {
+        format!("{mount}{username}")
+    }
+}
+
 /// The cluster CA, held by the cluster so that it can certify joining nodes. The key is sealed
 /// by the barrier.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +120,10 @@ pub struct State {
     /// The deny list: revoked serials (hex) → expiry; kept until the certificate expires.
     #[serde(default)]
     pub revoked_serials: BTreeMap<String, UnixMillis>,
+    /// Auth methods enabled with `sys/auth/:path`, keyed by path under `auth/` with its
+    /// trailing slash (`corp/`).
+    #[serde(default)]
+    pub auth_mounts: BTreeMap<String, AuthMount>,
 }
 
 impl State {
@@ -150,7 +182,33 @@ impl State {
                 if clash {
                     return Err(Rejection::MountExists(path));
                 }
+                if self.mounts.len() >= MAX_MOUNTS {
+                    return Err(Rejection::TooManyMounts { max: MAX_MOUNTS });
+                }
                 self.mounts.insert(path, mount);
+                Ok(Response::Done)
+            }
+            Command::AuthEnable { path, mount } => {
+                let built_in =
+                    [DEFAULT_USERPASS, TOKEN_AUTH].iter().any(|b| b.starts_with(&path) || path.starts_with(b));
+                let clash = self.auth_mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
+                if built_in || clash || !path.ends_with('/') || path.len() < 2 {
+                    return Err(Rejection::MountExists(format!("auth/{path}")));
+                }
+                if self.auth_mounts.len() >= MAX_MOUNTS {
+                    return Err(Rejection::TooManyMounts { max: MAX_MOUNTS });
+                }
+                self.auth_mounts.insert(path, mount);
+                Ok(Response::Done)
+            }
+            Command::AuthDisable { path } => {
+                self.auth_mounts.remove(&path).ok_or_else(|| Rejection::MountNotFound(format!("auth/{path}")))?;
+                // Its users go, and every token they logged in for.
+                let users: Vec<String> = self.users.keys().filter(|k| k.starts_with(&path)).cloned().collect();
+                for key in users {
+                    self.users.remove(&key);
+                    self.revoke_user_tokens(&key);
+                }
                 Ok(Response::Done)
             }
             Command::MountDisable { path } => {
@@ -654,6 +712,48 @@ mod tests {
         assert_ne!(before, revoked);
         let nested = authorized("root", 1, authorized("root", 1, write("a", 2)));
         assert_eq!(state.apply(nested), Response::Rejected(Rejection::NestedAuthorization));
+    }
+
+    fn auth_mount() -> AuthMount {
+        AuthMount { uuid: "u".into(), kind: "userpass".into(), description: String::new(), created: 1 }
+    }
+
+    #[test]
+    fn disabling_an_auth_mount_deletes_its_users_and_revokes_their_tokens() {
+        let mut state = initialized();
+        assert_eq!(state.apply(Command::AuthEnable { path: "corp/".into(), mount: auth_mount() }), Response::Done);
+        state.apply(Command::UserPut { user: user(&user_key("corp/", "ann"), "h1") });
+        state.apply(Command::UserPut { user: user(&user_key(DEFAULT_USERPASS, "ann"), "h1") });
+        let mut login = token("corp-login", None, Some(1000));
+        login.username = Some(user_key("corp/", "ann"));
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(login) });
+        assert_eq!(state.apply(Command::AuthDisable { path: "corp/".into() }), Response::Done);
+        assert!(!state.users.contains_key("corp/ann") && !state.tokens.contains_key("corp-login"));
+        assert!(state.users.contains_key("ann"), "the built-in mount's user of the same name stays");
+    }
+
+    #[test]
+    fn an_auth_mount_cannot_shadow_the_built_in_ones_or_each_other() {
+        let mut state = initialized();
+        for path in ["userpass/", "token/", "userpass/eu/", "/", "corp"] {
+            let refused = state.apply(Command::AuthEnable { path: path.into(), mount: auth_mount() });
+            assert!(matches!(refused, Response::Rejected(Rejection::MountExists(_))), "{path}: {refused:?}");
+        }
+        state.apply(Command::AuthEnable { path: "corp/".into(), mount: auth_mount() });
+        let nested = state.apply(Command::AuthEnable { path: "corp/eu/".into(), mount: auth_mount() });
+        assert!(matches!(nested, Response::Rejected(Rejection::MountExists(_))));
+    }
+
+    #[test]
+    fn mounts_are_limited_in_number() {
+        let mut state = initialized();
+        for i in state.mounts.len()..MAX_MOUNTS {
+            let mount = state.mounts.values().next().unwrap().clone();
+            assert_eq!(state.apply(Command::MountEnable { path: format!("m{i}/"), mount }), Response::Done);
+        }
+        let mount = state.mounts.values().next().unwrap().clone();
+        let refused = state.apply(Command::MountEnable { path: "one-more/".into(), mount });
+        assert_eq!(refused, Response::Rejected(Rejection::TooManyMounts { max: MAX_MOUNTS }));
     }
 
     #[test]

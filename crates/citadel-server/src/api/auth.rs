@@ -13,8 +13,9 @@ use citadel_core::token::{
 use serde_json::{json, Value};
 
 use citadel_core::route::{Kind, Op, Param, Route};
+use citadel_core::state::{user_key, DEFAULT_USERPASS};
 
-use super::routes::{self, handler, route, Call, Handler};
+use super::routes::{self, handler, route, AuthMethod, Call, Handler};
 use super::{duration_secs, record_audit, string_list, ApiError, ApiRequest, Reply};
 use crate::app::App;
 use crate::audit::RefusalReason;
@@ -28,10 +29,23 @@ fn valid_username(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
 }
 
-async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed) -> Result<Reply, ApiError> {
+/// A user of a userpass mount: its name, and where it is stored (`state::user_key`).
+#[derive(Clone, Copy)]
+struct UserRef<'a> {
+    mount: &'a str,
+    name: &'a str,
+}
+
+impl UserRef<'_> {
+    fn key(&self) -> String {
+        user_key(self.mount, self.name)
+    }
+}
+
+async fn login(app: &App, req: &ApiRequest, user: UserRef<'_>, keys: &Unsealed) -> Result<Reply, ApiError> {
     let now = ids::now_ms();
     let mut refusal = None;
-    let result = login_inner(app, req, username, keys, now, &mut refusal).await;
+    let result = login_inner(app, req, user, keys, now, &mut refusal).await;
     if let (Some(refusal), Err(error)) = (refusal, &result) {
         return Ok(refused_login(app, req, refusal, error, now));
     }
@@ -45,7 +59,7 @@ async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed) -> 
         kind: "login".into(),
         operation: "update".into(),
         path: req.path.clone(),
-        user: username.to_string(),
+        user: user.key(),
         remote_addr: req.remote.clone(),
         status,
         error,
@@ -63,7 +77,7 @@ async fn login(app: &App, req: &ApiRequest, username: &str, keys: &Unsealed) -> 
 async fn login_inner(
     app: &App,
     req: &ApiRequest,
-    username: &str,
+    login_as: UserRef<'_>,
     keys: &Unsealed,
     now: u64,
     refusal: &mut Option<LoginRefusal>,
@@ -74,7 +88,8 @@ async fn login_inner(
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("missing required field \"password\""))?
         .to_string();
-    let user = check_password(app, req, username, password, refusal).await?;
+    let user = check_password(app, req, login_as, password, refusal).await?;
+    let username = user.username.as_str();
     // No auth method issues a root token (§8.2), even for a user stored before that was refused.
     let mut policies: Vec<String> = user.policies.iter().filter(|p| *p != policy::ROOT).cloned().collect();
     if !policies.iter().any(|p| p == policy::DEFAULT) {
@@ -93,8 +108,8 @@ async fn login_inner(
         hash: token_hash(&keys.keyring.token_hmac_key, &token),
         accessor: ids::accessor(),
         policies,
-        display_name: format!("userpass-{username}"),
-        meta: BTreeMap::from([("username".to_string(), username.to_string())]),
+        display_name: format!("{}-{}", login_as.mount.trim_end_matches('/'), login_as.name),
+        meta: BTreeMap::from([("username".to_string(), login_as.name.to_string())]),
         created: now,
         expires: Some(now + ttl * 1000),
         max_expires: Some(now + max_ttl * 1000),
@@ -126,17 +141,18 @@ struct LoginRefusal {
 async fn check_password(
     app: &App,
     req: &ApiRequest,
-    username: &str,
+    login_as: UserRef<'_>,
     password: String,
     refusal: &mut Option<LoginRefusal>,
 ) -> Result<User, ApiError> {
     let invalid = || ApiError::bad_request("invalid username or password");
-    if !valid_username(username) {
+    if !valid_username(login_as.name) {
         // No such user can exist: nothing to hash and nothing to charge.
         *refusal = Some(LoginRefusal { reason: RefusalReason::UnknownUser, retry_after_secs: None });
         return Err(invalid());
     }
-    let charge = match app.limiter.check_and_charge(&req.remote, username) {
+    let username = login_as.key();
+    let charge = match app.limiter.check_and_charge(&req.remote, &username) {
         Ok(charge) => charge,
         Err(wait) => {
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -147,7 +163,7 @@ async fn check_password(
             ));
         }
     };
-    let user = app.state.read(|s| s.users.get(username).cloned());
+    let user = app.state.read(|s| s.users.get(&username).cloned());
     let stored = user.as_ref().map(|u| u.password_hash.clone());
     let verified = app.hash_pool.run(move || authn::verify_password(stored.as_deref(), &password)).await;
     let Ok(ok) = verified else {
@@ -296,28 +312,39 @@ const RENEW_SELF_PARAMS: &[Param] = &[Param::body("increment", Kind::Duration, "
 const TOKEN_QUERY_PARAMS: &[Param] = &[Param::query("token", Kind::String, "The token").required()];
 const ACCESSOR_PARAMS: &[Param] = &[Param::body("accessor", Kind::String, "The token's accessor").required()];
 
-/// The `auth/` routes: userpass and the token store.
-pub fn routes() -> Vec<Route<Handler>> {
+/// The userpass auth method (§9.1): the built-in `auth/userpass/`, and any mount enabled with
+/// `sys/auth/:path` and `type: userpass`.
+pub const USERPASS: AuthMethod = AuthMethod { kind: "userpass", routes: userpass_routes };
+
+/// The userpass routes, relative to the method's mount.
+fn userpass_routes() -> Vec<Route<Handler>> {
     use routes::op;
     vec![
         route(
-            "auth/userpass/login/:username",
+            "login/:username",
             vec![op::login("Log in with username and password", handler!(login_route)).with_params(LOGIN_PARAMS)],
         ),
-        route("auth/userpass/users", vec![op::list("List users", handler!(list_users))]),
+        route("users", vec![op::list("List users", handler!(list_users))]),
         Route {
-            pattern: "auth/userpass/users/:username",
+            pattern: "users/:username",
             operations: vec![
                 op::read("Read a user", handler!(read_user)),
                 op::write("Create or update a user", handler!(write_user)).with_params(USER_PARAMS),
                 op::delete("Delete a user and revoke its tokens", handler!(delete_user)),
             ],
-            exists: Some(|s, c| s.users.contains_key(c.get("username"))),
+            exists: Some(|s, c| s.users.contains_key(&user_key(&c.mount, c.get("username")))),
         },
         route(
-            "auth/userpass/users/:username/password",
+            "users/:username/password",
             vec![op::update("Change a user's password", handler!(change_password)).with_params(PASSWORD_PARAMS)],
         ),
+    ]
+}
+
+/// The token store's routes (`auth/token/`).
+pub fn routes() -> Vec<Route<Handler>> {
+    use routes::op;
+    vec![
         route(
             "auth/token/create",
             vec![op::update("Create a child token", handler!(create_child)).with_params(CREATE_PARAMS)],
@@ -366,11 +393,25 @@ pub fn routes() -> Vec<Route<Handler>> {
 }
 
 async fn login_route(c: &Call<'_>) -> Result<Reply, ApiError> {
-    login(c.app, c.req, c.param("username"), c.keys()?).await
+    login(c.app, c.req, UserRef { mount: c.mount(), name: c.param("username") }, c.keys()?).await
 }
 
+/// The users of the route's mount, by name.
 async fn list_users(c: &Call<'_>) -> Result<Reply, ApiError> {
-    let keys: Vec<String> = c.app.state.read(|s| s.users.keys().cloned().collect());
+    let mount = c.mount();
+    let keys: Vec<String> = c.app.state.read(|s| {
+        s.users
+            .keys()
+            .filter_map(|key| {
+                if mount == DEFAULT_USERPASS {
+                    (!key.contains('/')).then_some(key.as_str())
+                } else {
+                    key.strip_prefix(mount)
+                }
+            })
+            .map(String::from)
+            .collect()
+    });
     if keys.is_empty() {
         return Err(ApiError::not_found());
     }
@@ -378,19 +419,19 @@ async fn list_users(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 /// The user a route names, refused if the name could not be a user's.
-fn username<'c>(c: &'c Call<'_>) -> Result<&'c str, ApiError> {
+fn username<'c>(c: &'c Call<'_>) -> Result<UserRef<'c>, ApiError> {
     let name = c.param("username");
     if !valid_username(name) {
         return Err(ApiError::bad_request(format!(
             "invalid username {name:?}: use letters, digits, '-', '_', '.', '@' (at most 128)"
         )));
     }
-    Ok(name)
+    Ok(UserRef { mount: c.mount(), name })
 }
 
 async fn read_user(c: &Call<'_>) -> Result<Reply, ApiError> {
-    let name = username(c)?;
-    let user = c.app.state.read(|s| s.users.get(name).cloned()).ok_or_else(ApiError::not_found)?;
+    let key = username(c)?.key();
+    let user = c.app.state.read(|s| s.users.get(&key).cloned()).ok_or_else(ApiError::not_found)?;
     Ok(Reply::data(json!({
         "policies": user.policies,
         "token_policies": user.policies,
@@ -401,15 +442,15 @@ async fn read_user(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn write_user(c: &Call<'_>) -> Result<Reply, ApiError> {
-    user_write(c.app, c.req, c.caller()?, username(c)?, false).await
+    user_write(c.app, c.req, c.caller()?, &username(c)?.key(), false).await
 }
 
 async fn change_password(c: &Call<'_>) -> Result<Reply, ApiError> {
-    user_write(c.app, c.req, c.caller()?, username(c)?, true).await
+    user_write(c.app, c.req, c.caller()?, &username(c)?.key(), true).await
 }
 
 async fn delete_user(c: &Call<'_>) -> Result<Reply, ApiError> {
-    let username = username(c)?.to_string();
+    let username = username(c)?.key();
     match c.app.propose(Command::UserDelete { username }).await? {
         Response::Rejected(citadel_core::command::Rejection::UserNotFound(_)) => Ok(Reply::empty()),
         Response::Rejected(r) => Err(r.into()),

@@ -16,6 +16,13 @@ pub fn document(app: &App) -> Value {
         for route in tables.core.routes() {
             paths.insert(openapi_path("", route.pattern), path_item(route));
         }
+        let auth_mounts = app.state.read(super::routes::auth_mounts);
+        for (mount, kind) in auth_mounts {
+            let Some((_, table)) = tables.auth_methods.iter().find(|(k, _)| *k == kind) else { continue };
+            for route in table.routes() {
+                paths.insert(openapi_path(&format!("auth/{mount}"), route.pattern), path_item(route));
+            }
+        }
         let mounts: Vec<(String, String)> =
             app.state.read(|s| s.mounts.iter().map(|(path, m)| (path.clone(), m.kind.clone())).collect());
         for (mount, kind) in mounts {

@@ -5,6 +5,7 @@
 use std::sync::{Arc, LazyLock};
 
 use citadel_core::route::{Captures, Need, Op, Operation, Route, RouteError, RouteTable};
+use citadel_core::state::{State, DEFAULT_USERPASS};
 use futures::future::BoxFuture;
 
 use super::{ApiError, ApiRequest, Reply};
@@ -90,11 +91,45 @@ pub fn engine(kind: &str) -> Option<&'static Engine> {
     ENGINES.iter().find(|e| e.kind == kind)
 }
 
+/// An auth method, as `sys/auth/:path` enables it by `type`.
+pub struct AuthMethod {
+    /// The `type` of its mounts (`userpass`).
+    pub kind: &'static str,
+    /// Its routes, relative to its mount under `auth/`.
+    pub routes: fn() -> Vec<Route<Handler>>,
+}
+
+/// Every auth method this build serves besides the token store.
+pub const AUTH_METHODS: &[AuthMethod] = &[super::auth::USERPASS];
+
+pub fn auth_method(kind: &str) -> Option<&'static AuthMethod> {
+    AUTH_METHODS.iter().find(|m| m.kind == kind)
+}
+
 pub struct Tables {
-    /// `sys/` and `auth/` routes, with full paths.
+    /// `sys/` routes and the token store's, with full paths.
     pub core: RouteTable<Handler>,
     /// Each engine's routes, relative to a mount.
     pub engines: Vec<(&'static str, RouteTable<Handler>)>,
+    /// Each auth method's routes, relative to its mount under `auth/`.
+    pub auth_methods: Vec<(&'static str, RouteTable<Handler>)>,
+}
+
+/// Registers each module's routes in a table of its own.
+fn tables_of<T>(
+    modules: &'static [T],
+    kind: impl Fn(&T) -> &'static str,
+    routes: impl Fn(&T) -> Vec<Route<Handler>>,
+) -> Result<Vec<(&'static str, RouteTable<Handler>)>, RouteError> {
+    let mut tables = Vec::new();
+    for module in modules {
+        let mut table = RouteTable::default();
+        for route in routes(module) {
+            table.register(route)?;
+        }
+        tables.push((kind(module), table));
+    }
+    Ok(tables)
 }
 
 fn build() -> Result<Tables, RouteError> {
@@ -102,15 +137,9 @@ fn build() -> Result<Tables, RouteError> {
     for route in super::sys::routes().into_iter().chain(super::policy::routes()).chain(super::auth::routes()) {
         core.register(route)?;
     }
-    let mut engines = Vec::new();
-    for engine in ENGINES {
-        let mut table = RouteTable::default();
-        for route in (engine.routes)() {
-            table.register(route)?;
-        }
-        engines.push((engine.kind, table));
-    }
-    Ok(Tables { core, engines })
+    let engines = tables_of(ENGINES, |e| e.kind, |e| (e.routes)())?;
+    let auth_methods = tables_of(AUTH_METHODS, |m| m.kind, |m| (m.routes)())?;
+    Ok(Tables { core, engines, auth_methods })
 }
 
 static TABLES: LazyLock<Result<Tables, RouteError>> = LazyLock::new(build);
@@ -120,20 +149,49 @@ pub fn tables() -> Result<&'static Tables, &'static RouteError> {
     TABLES.as_ref()
 }
 
-/// The route serving `path`: a `sys/` or `auth/` route, or a route of the engine mounted there.
+/// The route serving `path`: a `sys/` or token store route, a route of the auth method mounted
+/// under `auth/`, or a route of the secrets engine mounted there.
 pub fn resolve(app: &App, path: &str) -> Option<(&'static Route<Handler>, Captures)> {
     let tables = tables().ok()?;
     if let Some(found) = tables.core.lookup(path) {
         return Some(found);
     }
-    let (mount, rest, kind) = app.state.read(|s| {
-        let (mount, rest) = s.route(path)?;
-        Some((mount.to_string(), rest.to_string(), s.mounts.get(mount)?.kind.clone()))
-    })?;
-    let (_, table) = tables.engines.iter().find(|(k, _)| *k == kind)?;
+    let (mount, rest, kind, methods) = match path.strip_prefix("auth/") {
+        Some(under_auth) => {
+            let (mount, rest, kind) = app.state.read(|s| auth_mount_of(s, under_auth))?;
+            (mount, rest, kind, &tables.auth_methods)
+        }
+        None => {
+            let (mount, rest, kind) = app.state.read(|s| {
+                let (mount, rest) = s.route(path)?;
+                Some((mount.to_string(), rest.to_string(), s.mounts.get(mount)?.kind.clone()))
+            })?;
+            (mount, rest, kind, &tables.engines)
+        }
+    };
+    let (_, table) = methods.iter().find(|(k, _)| *k == kind)?;
     let (route, mut captures) = table.lookup(rest.trim_matches('/'))?;
     captures.mount = mount;
     Some((route, captures))
+}
+
+/// The auth mounts: the built-in `userpass/` and those enabled with `sys/auth/:path`, as
+/// (path under `auth/`, method).
+pub fn auth_mounts(state: &State) -> Vec<(String, String)> {
+    let enabled = state.auth_mounts.iter().map(|(path, m)| (path.clone(), m.kind.clone()));
+    std::iter::once((DEFAULT_USERPASS.to_string(), "userpass".to_string())).chain(enabled).collect()
+}
+
+/// The auth mount serving `path` (under `auth/`): (mount, the rest, method).
+fn auth_mount_of(state: &State, path: &str) -> Option<(String, String, String)> {
+    auth_mounts(state)
+        .into_iter()
+        .filter(|(mount, _)| path.starts_with(mount.as_str()))
+        .max_by_key(|(mount, _)| mount.len())
+        .map(|(mount, kind)| {
+            let rest = path[mount.len()..].to_string();
+            (mount, rest, kind)
+        })
 }
 
 /// Whether a route is open without a token, so that a wrong method is a 405 before any token

@@ -10,7 +10,7 @@ use citadel_core::barrier::{self, Key, Keyring};
 use citadel_core::command::{Command, InitCommand, Response};
 use citadel_core::kv::KvStore;
 use citadel_core::policy;
-use citadel_core::state::{ClusterInfo, Mount, SealInfo};
+use citadel_core::state::{AuthMount, ClusterInfo, Mount, SealInfo, DEFAULT_USERPASS, TOKEN_AUTH};
 use citadel_core::time::rfc3339;
 use citadel_core::token::{token_hash, TokenEntry};
 use citadel_core::{shamir, UnixMillis};
@@ -409,6 +409,10 @@ const MOUNT_PARAMS: &[Param] = &[
     Param::body("description", Kind::String, "Free text"),
     Param::body("options", Kind::Object, "Engine options (kv: {\"version\": \"2\"})"),
 ];
+const AUTH_PARAMS: &[Param] = &[
+    Param::body("type", Kind::String, "The method: userpass").required(),
+    Param::body("description", Kind::String, "Free text"),
+];
 const REMOVE_PEER_PARAMS: &[Param] = &[Param::body("server_id", Kind::String, "The node id to remove").required()];
 const JOIN_TOKEN_PARAMS: &[Param] = &[
     Param::body("ttl", Kind::Duration, "Lifetime (60s to 7 days, default 1h)"),
@@ -474,6 +478,18 @@ pub fn routes() -> Vec<Route<Handler>> {
             exists: Some(|s, c| s.mounts.contains_key(&mount_key(c.get("path")))),
         },
         route("sys/auth", vec![op::read("List auth methods", handler!(list_auth))]),
+        Route {
+            pattern: "sys/auth/*path",
+            operations: vec![
+                op::read("Read an auth method", handler!(read_auth)),
+                op::write("Enable an auth method by type", handler!(enable_auth)).with_params(AUTH_PARAMS),
+                op::delete("Disable an auth method: its users and their tokens go", handler!(disable_auth)),
+            ],
+            exists: Some(|s, c| {
+                let path = mount_key(c.get("path"));
+                path == DEFAULT_USERPASS || path == TOKEN_AUTH || s.auth_mounts.contains_key(&path)
+            }),
+        },
         route("sys/storage/raft/configuration", vec![op::read("Raft servers and suffrage", handler!(raft_config))]),
         route(
             "sys/storage/raft/remove-peer",
@@ -561,12 +577,78 @@ async fn list_mounts(c: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(listing(mounts))
 }
 
-async fn list_auth(_: &Call<'_>) -> Result<Reply, ApiError> {
-    let methods = json!({
-        "token/": { "type": "token", "description": "token based credentials", "accessor": "auth_token", "local": false, "seal_wrap": false, "options": null, "config": {} },
-        "userpass/": { "type": "userpass", "description": "username and password", "accessor": "auth_userpass", "local": false, "seal_wrap": false, "options": null, "config": {} },
-    });
-    Ok(listing(methods.as_object().cloned().unwrap_or_default()))
+/// Vault's description of an auth mount.
+fn auth_json(path: &str, kind: &str, uuid: &str, description: &str) -> Value {
+    json!({
+        "type": kind,
+        "description": description,
+        "accessor": format!("auth_{kind}_{}", uuid.get(..8).unwrap_or(uuid)),
+        "uuid": uuid,
+        "local": false,
+        "seal_wrap": false,
+        "options": null,
+        "config": { "default_lease_ttl": 0, "max_lease_ttl": 0, "token_type": "default-service" },
+        "path": format!("auth/{path}"),
+    })
+}
+
+/// Every auth mount: the token store, the built-in userpass, and those enabled since.
+fn auth_listing(s: &citadel_core::state::State) -> serde_json::Map<String, Value> {
+    let mut methods = serde_json::Map::new();
+    methods.insert(TOKEN_AUTH.into(), auth_json(TOKEN_AUTH, "token", "token000", "token based credentials"));
+    methods
+        .insert(DEFAULT_USERPASS.into(), auth_json(DEFAULT_USERPASS, "userpass", "userpass", "username and password"));
+    for (path, m) in &s.auth_mounts {
+        methods.insert(path.clone(), auth_json(path, &m.kind, &m.uuid, &m.description));
+    }
+    methods
+}
+
+async fn list_auth(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(listing(c.app.state.read(auth_listing)))
+}
+
+async fn read_auth(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let path = mount_key(c.param("path"));
+    let method = c.app.state.read(|s| auth_listing(s).remove(&path)).ok_or_else(ApiError::not_found)?;
+    Ok(Reply::data(method))
+}
+
+/// Enables an auth method by `type` (§9.1), as `vault auth enable -path=P userpass` does.
+async fn enable_auth(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let path = mount_key(c.param("path"));
+    let body: Value = c.req.json()?;
+    let kind = body.get("type").and_then(Value::as_str).unwrap_or("");
+    let method = super::routes::auth_method(kind).ok_or_else(|| {
+        let known: Vec<&str> = super::routes::AUTH_METHODS.iter().map(|m| m.kind).collect();
+        ApiError::bad_request(format!("unknown auth method type {kind:?}: this build serves {known:?}"))
+    })?;
+    let valid = path.len() > 1 && !path.contains("//") && path.len() <= 128;
+    if !valid {
+        return Err(ApiError::bad_request(format!("cannot enable an auth method at auth/{path}: invalid path")));
+    }
+    let mount = AuthMount {
+        uuid: ids::uuid(),
+        kind: method.kind.into(),
+        description: body.get("description").and_then(Value::as_str).unwrap_or("").into(),
+        created: ids::now_ms(),
+    };
+    match c.app.propose(Command::AuthEnable { path, mount }).await? {
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::empty()),
+    }
+}
+
+async fn disable_auth(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let path = mount_key(c.param("path"));
+    if path == DEFAULT_USERPASS || path == TOKEN_AUTH {
+        return Err(ApiError::bad_request(format!("auth/{path} is built in and cannot be disabled")));
+    }
+    match c.app.propose(Command::AuthDisable { path }).await? {
+        Response::Rejected(citadel_core::command::Rejection::MountNotFound(_)) => Ok(Reply::empty()),
+        Response::Rejected(r) => Err(r.into()),
+        _ => Ok(Reply::empty()),
+    }
 }
 
 async fn raft_config(c: &Call<'_>) -> Result<Reply, ApiError> {

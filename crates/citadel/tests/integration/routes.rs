@@ -4,7 +4,7 @@
 //! second kv engine enabled by type, and the OpenAPI document. Ports 28500-28990.
 
 use citadel_core::policy::{self, Caps};
-use citadel_core::route::{Need, Op, Route};
+use citadel_core::route::{Need, Op, Route, RouteTable};
 use citadel_server::api::routes::{tables, Handler};
 use serde_json::{json, Value};
 
@@ -44,12 +44,23 @@ fn needed(need: Need) -> Option<Caps> {
 }
 
 /// Every authenticated operation of the table, with a concrete path (engine routes under the
-/// `secret/` mount that init creates).
+/// `secret/` mount that init creates, userpass routes under the built-in `auth/userpass/`).
 fn guarded_operations() -> Vec<(String, Op, Caps)> {
     let tables = tables().expect("the route table registers");
-    let engine_routes = tables.engines.iter().filter(|(kind, _)| *kind == "kv").flat_map(|(_, t)| t.routes());
-    let all: Vec<(&str, &Route<Handler>)> =
-        tables.core.routes().iter().map(|r| ("", r)).chain(engine_routes.map(|r| ("secret/", r))).collect();
+    let under = |modules: &'static [(&'static str, RouteTable<Handler>)], kind: &'static str, prefix: &'static str| {
+        modules
+            .iter()
+            .filter(move |(k, _)| *k == kind)
+            .flat_map(move |(_, t)| t.routes().iter().map(move |r| (prefix, r)))
+    };
+    let all: Vec<(&str, &Route<Handler>)> = tables
+        .core
+        .routes()
+        .iter()
+        .map(|r| ("", r))
+        .chain(under(&tables.engines, "kv", "secret/"))
+        .chain(under(&tables.auth_methods, "userpass", "auth/userpass/"))
+        .collect();
     let mut cases = Vec::new();
     for (prefix, route) in all {
         for operation in &route.operations {
@@ -193,4 +204,41 @@ async fn the_openapi_document_passes_a_real_validator_and_declares_every_path_pa
         list.as_array().unwrap().iter().any(|p| p["name"] == "list" && p["required"] == json!(true)),
         "LIST is documented as Vault does: GET with list=true"
     );
+}
+
+#[tokio::test]
+async fn a_second_userpass_mount_enabled_by_type_keeps_its_own_users() {
+    let node = Node1::start(28540).await;
+    let root = node.root();
+    root.post("sys/auth/corp", &json!({ "type": "userpass", "description": "corporate" })).await.unwrap();
+    let methods = root.get("sys/auth").await.unwrap();
+    assert_eq!(methods["data"]["corp/"]["type"], json!("userpass"));
+    assert_eq!(methods["data"]["userpass/"]["type"], json!("userpass"), "the built-in mount stays");
+    root.post("auth/corp/users/ann", &json!({ "password": "corp-password-1", "token_policies": "default" }))
+        .await
+        .unwrap();
+    root.post("auth/userpass/users/ann", &json!({ "password": "home-password-1" })).await.unwrap();
+    let mut corp_ann = node.anonymous();
+    corp_ann.login_userpass_at("corp", "ann", "corp-password-1").await.unwrap();
+    let lookup = corp_ann.get("auth/token/lookup-self").await.unwrap();
+    assert_eq!(lookup["data"]["display_name"], json!("corp-ann"));
+    let wrong =
+        node.anonymous().raw("POST", "auth/corp/login/ann", Some(&json!({ "password": "home-password-1" })), &[]).await;
+    assert_eq!(wrong.unwrap().status.as_u16(), 400, "the other mount's password does not log in here");
+    assert_eq!(root.list("auth/corp/users").await.unwrap(), vec!["ann".to_string()]);
+    assert_eq!(root.list("auth/userpass/users").await.unwrap(), vec!["ann".to_string()]);
+    let unknown = root.raw("POST", "sys/auth/ldap", Some(&json!({ "type": "ldap" })), &[]).await.unwrap();
+    assert_eq!(unknown.status.as_u16(), 400, "{}", unknown.body);
+    let shadow = root.raw("POST", "sys/auth/userpass", Some(&json!({ "type": "userpass" })), &[]).await.unwrap();
+    assert_eq!(shadow.status.as_u16(), 400, "the built-in mount cannot be enabled twice: {}", shadow.body);
+    // Disabling the mount deletes its users and revokes their logins.
+    root.delete("sys/auth/corp").await.unwrap();
+    let revoked = corp_ann.raw("GET", "auth/token/lookup-self", None, &[]).await.unwrap();
+    assert_eq!(revoked.status.as_u16(), 403);
+    let gone =
+        node.anonymous().raw("POST", "auth/corp/login/ann", Some(&json!({ "password": "corp-password-1" })), &[]).await;
+    // The mount is gone: its login path is no route, refused like any path without a token.
+    assert_eq!(gone.unwrap().status.as_u16(), 403);
+    let mut home_ann = node.anonymous();
+    home_ann.login_userpass("ann", "home-password-1").await.expect("the built-in mount's ann is untouched");
 }
