@@ -30,6 +30,8 @@ use citadel_core::command::{Command, Response};
 
 use crate::app::App;
 use crate::config::Config;
+use crate::forwarded::ForwardRefusal;
+use crate::node_error::NodeError;
 use crate::peer::PeerCert;
 
 /// Wire form of a full snapshot.
@@ -41,8 +43,36 @@ struct SnapshotTransfer {
     data: Vec<u8>,
 }
 
-/// Every RPC answers `Ok(response)` or `Err(message)`.
+/// Every RPC answers `Ok(response)` or `Err(message)`. The message is for people (a refusal
+/// by the member-only gate, a failed join); an outcome a caller acts on travels inside `Ok` as
+/// a typed value (`ForwardError`).
 type Wire<T> = Result<T, String>;
+
+/// Why a leader answered a forwarded proposal (`cluster/propose`) or a read-index call
+/// (`cluster/read-index`) without a result. A value on the wire, so the forwarder decides
+/// whether to retry by matching it, never by reading text (§9.2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    /// The node asked is not (or no longer) the leader; nothing was proposed, so the caller may
+    /// ask the new leader. `leader` is the one the asked node knows of, if any.
+    #[error("the node asked is not the leader (its leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    /// The leader does not commit this command for the sender (§8.1); asking again changes nothing.
+    #[error(transparent)]
+    Refused(#[from] ForwardRefusal),
+    /// The leader tried and could not commit (no quorum, Raft refused); its reason, for people.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<NodeError> for ForwardError {
+    fn from(e: NodeError) -> ForwardError {
+        match e {
+            NodeError::NotLeader { leader } => ForwardError::NotLeader { leader },
+            other => ForwardError::Failed(other.to_string()),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct ClusterNetwork {
@@ -308,13 +338,13 @@ async fn propose(
     State(app): State<Arc<App>>,
     axum::Extension(peer): axum::Extension<crate::peer::PeerCert>,
     Json(command): Json<Command>,
-) -> Json<Wire<Response>> {
+) -> Json<Wire<Result<Response, ForwardError>>> {
     let sender = peer.0.and_then(|p| p.node_id);
-    Json(crate::forwarded::commit(&app, sender, command).await)
+    Json(Ok(crate::forwarded::commit(&app, sender, command).await))
 }
 
-async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<u64>> {
-    Json(app.read_index_local().await.map_err(|e| e.errors.join("; ")))
+async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<Result<u64, ForwardError>>> {
+    Json(Ok(app.read_index_local().await.map_err(ForwardError::from)))
 }
 
 /// A node's view of itself, for the HA table.

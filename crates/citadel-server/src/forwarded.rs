@@ -8,41 +8,59 @@ use citadel_core::audit::AuditBody;
 use citadel_core::command::{Command, Forwarding, Response};
 use citadel_core::policy::{self, Caps};
 
-use crate::api::ApiError;
 use crate::app::App;
+use crate::cluster::ForwardError;
+
+/// Why a leader does not commit a command for another node. Travels to the sender inside
+/// `ForwardError::Refused`; retrying it elsewhere would not help.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+pub enum ForwardRefusal {
+    /// Init, CA changes and leader jobs are proposed by the leader itself only.
+    #[error("a leader does not accept a {kind} command from another node")]
+    NotForwardable { kind: String },
+    /// An audit batch holding events of another node than the sender.
+    #[error("a node may ship only its own audit events")]
+    ForeignAuditEvents,
+    /// A rotation or a restore that does not carry the token that authorized it.
+    #[error("a privileged command must carry its token")]
+    NoToken,
+    /// A rotation or a restore whose token lacks `sudo` on its path in the leader's state.
+    #[error("the forwarded {kind} command's token lacks sudo on {path}")]
+    NoSudo { kind: String, path: String },
+}
 
 /// Commits `command` forwarded by member `sender` (its certificate's node id; the cluster
 /// channel's gate admitted it as a current member).
-pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<Response, String> {
+pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<Response, ForwardError> {
     check(app, sender, &command)?;
     let request_id = match &command {
         Command::Authorized { request_id, .. } => Some(request_id.clone()),
         _ => None,
     };
     let kind = command.kind();
-    let response = app.propose_local(command).await.map_err(|e: ApiError| e.errors.join("; "))?;
+    let response = app.propose_local(command).await?;
     if let Some(request_id) = request_id.filter(|_| !matches!(response, Response::Rejected(_))) {
         record(app, sender, kind, request_id);
     }
     Ok(response)
 }
 
-fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), String> {
+fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), ForwardRefusal> {
     match command.forwarding() {
         Forwarding::Client => Ok(()),
-        Forwarding::Refused => Err(format!("a leader does not accept a {} command from another node", command.kind())),
+        Forwarding::Refused => Err(ForwardRefusal::NotForwardable { kind: command.kind().into() }),
         Forwarding::AuditOfSender => match (command, sender) {
             (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body.node == node) => Ok(()),
-            _ => Err("a node may ship only its own audit events".into()),
+            _ => Err(ForwardRefusal::ForeignAuditEvents),
         },
         Forwarding::Privileged => check_privileged(app, command),
     }
 }
 
 /// A rotation or a restore needs `sudo` on its path, checked against the leader's own state.
-fn check_privileged(app: &App, command: &Command) -> Result<(), String> {
+fn check_privileged(app: &App, command: &Command) -> Result<(), ForwardRefusal> {
     let Command::Authorized { token_hash, at, command: inner, .. } = command else {
-        return Err("a privileged command must carry its token".into());
+        return Err(ForwardRefusal::NoToken);
     };
     let path = match inner.as_ref() {
         Command::RotateKeyring { .. } => "sys/rotate",
@@ -56,7 +74,7 @@ fn check_privileged(app: &App, command: &Command) -> Result<(), String> {
     if allowed {
         Ok(())
     } else {
-        Err(format!("the forwarded {} command's token lacks sudo on {path}", inner.kind()))
+        Err(ForwardRefusal::NoSudo { kind: inner.kind().into(), path: path.into() })
     }
 }
 

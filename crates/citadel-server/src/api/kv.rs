@@ -126,7 +126,7 @@ async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
         req.served_stale.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     } else {
-        app.linearize().await
+        Ok(app.linearize().await?)
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod auth;
 mod kv;
+mod node_error;
 pub mod openapi;
 mod policy;
 mod snapshot;
@@ -369,7 +370,7 @@ async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
         Ok(()) => Ok(true),
         // Read-only mode (§5.4): no leader could be asked, so the replica answers as it is.
         Err(_) if app.read_only() => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 

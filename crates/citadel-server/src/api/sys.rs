@@ -25,7 +25,7 @@ use crate::config::SealKind;
 use crate::ids;
 use crate::seal::{decode_share, Unsealed};
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::VERSION;
 
 fn query_code(req: &ApiRequest, name: &str, default: u16) -> Result<StatusCode, ApiError> {
     let code = match req.query.get(name) {
