@@ -30,6 +30,8 @@ pub mod tls;
 
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(test)]
+mod layering_tests;
 
 /// This build's version, as nodes report it (`sys/health`, the HA table, cluster status).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
