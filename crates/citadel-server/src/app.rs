@@ -85,6 +85,19 @@ enum Forwarding {
     Failed(String),
 }
 
+/// What the leader's answer to a forwarded proposal means for the forwarder. An undelivered
+/// command, or one the ex-leader refused as not leading (a value, never text), is retried;
+/// commands are safe to retry anyway (their apply recognises a repeat).
+fn forwarding_outcome(answer: Result<Result<Response, ForwardError>, PeerError>) -> Result<Response, Forwarding> {
+    match answer {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e @ ForwardError::NotLeader { .. })) => Err(Forwarding::Retry(e.to_string())),
+        Ok(Err(e @ (ForwardError::Refused(_) | ForwardError::Failed(_)))) => Err(Forwarding::Failed(e.to_string())),
+        Err(PeerError::Unreachable(e)) => Err(Forwarding::Retry(e)),
+        Err(PeerError::Refused(e)) => Err(Forwarding::Failed(e)),
+    }
+}
+
 /// Where the cluster's leader is, as this node sees it.
 enum Leadership {
     Me,
@@ -222,17 +235,7 @@ impl App {
         let mut check = tokio::time::interval(self.election_timeout() / 4);
         loop {
             tokio::select! {
-                result = &mut call => {
-                    // An undelivered command, or one the ex-leader refused as not leading, is
-                    // retried; commands are safe to retry anyway (their apply recognises a repeat).
-                    return match result {
-                        Ok(Ok(response)) => Ok(response),
-                        Ok(Err(e @ ForwardError::NotLeader { .. })) => Err(Forwarding::Retry(e.to_string())),
-                        Ok(Err(e)) => Err(Forwarding::Failed(e.to_string())),
-                        Err(PeerError::Unreachable(e)) => Err(Forwarding::Retry(e)),
-                        Err(PeerError::Refused(e)) => Err(Forwarding::Failed(e)),
-                    };
-                }
+                result = &mut call => return forwarding_outcome(result),
                 _ = check.tick() => {
                     if self.staleness_ms() > self.config.raft.election_timeout_ms {
                         return Err(Forwarding::Retry("the leader went silent".into()));
@@ -388,5 +391,41 @@ impl App {
             applied_index: self.state.applied_index(),
             active_sessions: self.state.read(|s| s.tokens.values().filter(|t| !t.is_expired(now)).count()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forwarded::ForwardRefusal;
+
+    /// The answer as it crosses the cluster channel: encoded by the leader, decoded here.
+    fn over_the_wire(
+        answer: Result<Result<Response, ForwardError>, String>,
+    ) -> Result<Result<Response, ForwardError>, PeerError> {
+        let bytes = serde_json::to_vec(&answer).expect("encodes");
+        let decoded: Result<Result<Response, ForwardError>, String> = serde_json::from_slice(&bytes).expect("decodes");
+        decoded.map_err(PeerError::Refused)
+    }
+
+    #[test]
+    fn a_forwarder_retries_on_not_leader_as_a_value_and_fails_on_refusals() {
+        let not_leader = over_the_wire(Ok(Err(ForwardError::from(NodeError::NotLeader { leader: Some(3) }))));
+        assert!(matches!(not_leader, Ok(Err(ForwardError::NotLeader { leader: Some(3) }))), "{not_leader:?}");
+        assert!(matches!(forwarding_outcome(not_leader), Err(Forwarding::Retry(_))));
+
+        let refused = over_the_wire(Ok(Err(ForwardRefusal::ForeignAuditEvents.into())));
+        match forwarding_outcome(refused) {
+            Err(Forwarding::Failed(e)) => assert_eq!(e, "a node may ship only its own audit events"),
+            _ => panic!("a refusal is not retried"),
+        }
+        let no_quorum = over_the_wire(Ok(Err(NodeError::NoLeader.into())));
+        assert!(matches!(forwarding_outcome(no_quorum), Err(Forwarding::Failed(_))));
+        let gate = over_the_wire(Err("node 4 is not a member of this cluster".into()));
+        assert!(matches!(forwarding_outcome(gate), Err(Forwarding::Failed(_))));
+        let unreachable = Err(PeerError::Unreachable("cannot reach 10.0.0.2:8201".into()));
+        assert!(matches!(forwarding_outcome(unreachable), Err(Forwarding::Retry(_))));
+        let committed = over_the_wire(Ok(Ok(Response::Done)));
+        assert!(matches!(forwarding_outcome(committed), Ok(Response::Done)));
     }
 }
