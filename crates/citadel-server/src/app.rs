@@ -11,8 +11,9 @@ use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 
 use crate::audit::{AuditSpool, RefusalLog};
 use crate::auth::{HashPool, LoginLimiter};
-use crate::cluster::{ForwardError, NodeStatus, PeerClient, PeerError};
+use crate::cluster::{NodeStatus, PeerClient, PeerError};
 use crate::config::Config;
+use crate::forwarded::ForwardError;
 use crate::metrics::Metrics;
 use crate::node_error::NodeError;
 use crate::seal::{SealManager, Unsealed};

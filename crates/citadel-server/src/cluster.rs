@@ -30,8 +30,7 @@ use citadel_core::command::{Command, Response};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::forwarded::ForwardRefusal;
-use crate::node_error::NodeError;
+use crate::forwarded::ForwardError;
 use crate::peer::PeerCert;
 
 /// Wire form of a full snapshot.
@@ -45,34 +44,8 @@ struct SnapshotTransfer {
 
 /// Every RPC answers `Ok(response)` or `Err(message)`. The message is for people (a refusal
 /// by the member-only gate, a failed join); an outcome a caller acts on travels inside `Ok` as
-/// a typed value (`ForwardError`).
+/// a typed value (`forwarded::ForwardError`).
 type Wire<T> = Result<T, String>;
-
-/// Why a leader answered a forwarded proposal (`cluster/propose`) or a read-index call
-/// (`cluster/read-index`) without a result. A value on the wire, so the forwarder decides
-/// whether to retry by matching it, never by reading text (§9.2).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum ForwardError {
-    /// The node asked is not (or no longer) the leader; nothing was proposed, so the caller may
-    /// ask the new leader. `leader` is the one the asked node knows of, if any.
-    #[error("the node asked is not the leader (its leader: {leader:?})")]
-    NotLeader { leader: Option<u64> },
-    /// The leader does not commit this command for the sender (§8.1); asking again changes nothing.
-    #[error(transparent)]
-    Refused(#[from] ForwardRefusal),
-    /// The leader tried and could not commit (no quorum, Raft refused); its reason, for people.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl From<NodeError> for ForwardError {
-    fn from(e: NodeError) -> ForwardError {
-        match e {
-            NodeError::NotLeader { leader } => ForwardError::NotLeader { leader },
-            other => ForwardError::Failed(other.to_string()),
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct ClusterNetwork {

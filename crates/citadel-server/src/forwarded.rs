@@ -3,17 +3,47 @@
 //! keyring rotations and restores arrive authorized by a token the leader checks again; a
 //! member ships only its own audit events. The leader records every forwarded command it
 //! commits in its own audit log, under the request's id.
+//!
+//! What a leader answers when it does not commit (`ForwardError`) crosses the cluster channel
+//! as a value: a forwarder retries on `NotLeader` by matching it, never by reading text (§9.2).
 
 use citadel_core::audit::AuditBody;
 use citadel_core::command::{Command, Forwarding, Response};
 use citadel_core::policy::{self, Caps};
+use serde::{Deserialize, Serialize};
 
 use crate::app::App;
-use crate::cluster::ForwardError;
+use crate::node_error::NodeError;
+
+/// Why a leader answered a forwarded proposal (`cluster/propose`) or a read-index call
+/// (`cluster/read-index`) without a result. A value on the wire, so the forwarder decides
+/// whether to retry by matching it, never by reading text (§9.2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    /// The node asked is not (or no longer) the leader; nothing was proposed, so the caller may
+    /// ask the new leader. `leader` is the one the asked node knows of, if any.
+    #[error("the node asked is not the leader (its leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    /// The leader does not commit this command for the sender (§8.1); asking again changes nothing.
+    #[error(transparent)]
+    Refused(#[from] ForwardRefusal),
+    /// The leader tried and could not commit (no quorum, Raft refused); its reason, for people.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<NodeError> for ForwardError {
+    fn from(e: NodeError) -> ForwardError {
+        match e {
+            NodeError::NotLeader { leader } => ForwardError::NotLeader { leader },
+            other => ForwardError::Failed(other.to_string()),
+        }
+    }
+}
 
 /// Why a leader does not commit a command for another node. Travels to the sender inside
 /// `ForwardError::Refused`; retrying it elsewhere would not help.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ForwardRefusal {
     /// Init, CA changes and leader jobs are proposed by the leader itself only.
     #[error("a leader does not accept a {kind} command from another node")]

@@ -2,7 +2,7 @@
 //!
 //! The node layer knows nothing of HTTP: these carry no status code. The API maps them to
 //! answers in one place (`api/node_error.rs`); the cluster channel carries the part a forwarder
-//! acts on as `cluster::ForwardError`. The texts are what clients read (integration tests and
+//! acts on as `forwarded::ForwardError`. The texts are what clients read (integration tests and
 //! operators' scripts match some of them), so they change only deliberately.
 
 /// What stopped a proposal or a linearizable read on this node.
@@ -22,7 +22,7 @@ pub enum NodeError {
     #[error("the cluster is read-only because it has no leader: writes are refused until a quorum of voters is back")]
     ReadOnly,
     /// The leader refused or failed a command this node forwarded to it; the text is its reason,
-    /// for the client to read (the decision to retry was taken on `cluster::ForwardError`).
+    /// for the client to read (the decision to retry was taken on `forwarded::ForwardError`).
     #[error("the leader could not commit the request: {0}")]
     LeaderFailed(String),
     /// Raft on this node, the leader, refused the proposal (it is shutting down, say).
