@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 use citadel_core::command::{Command, Response};
 use citadel_storage::types::Raft;
 use citadel_storage::{NodeInfo, StateReader, TypeConfig};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 
-use crate::api::ApiError;
 use crate::audit::{AuditSpool, RefusalLog};
 use crate::auth::{HashPool, LoginLimiter};
 use crate::cluster::{NodeStatus, PeerClient, PeerError};
 use crate::config::Config;
+use crate::forwarded::ForwardError;
 use crate::metrics::Metrics;
+use crate::node_error::NodeError;
 use crate::seal::{SealManager, Unsealed};
 
 pub struct App {
@@ -71,24 +72,31 @@ fn authorize_command(command: Command) -> Command {
     }
 }
 
-/// The refusal of a node that is not (or no longer) the leader: nothing was proposed, so the
-/// request may go to the new leader.
-pub const NOT_LEADER: &str = "this node is not the leader";
-
-fn is_not_leader(message: &str) -> bool {
-    message.contains(NOT_LEADER)
-}
-
 /// A leader heard from this recently may still be reachable, whatever read-only detection says.
 const RECENT_LEADER_MS: u64 = 2_000;
 
 /// The longest a proposal may wait on a leader that still hears from a quorum.
 const PROPOSAL_LIMIT: Duration = Duration::from_secs(10);
 
+/// How a forwarded proposal ended when it did not commit.
 enum Forwarding {
-    /// Nothing was proposed, or the command is safe to propose again.
+    /// Nothing was proposed, or the command is safe to propose again; the text is for the log.
     Retry(String),
+    /// The leader refused or failed it; asking again would not help.
     Failed(String),
+}
+
+/// What the leader's answer to a forwarded proposal means for the forwarder. An undelivered
+/// command, or one the ex-leader refused as not leading (a value, never text), is retried;
+/// commands are safe to retry anyway (their apply recognises a repeat).
+fn forwarding_outcome(answer: Result<Result<Response, ForwardError>, PeerError>) -> Result<Response, Forwarding> {
+    match answer {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e @ ForwardError::NotLeader { .. })) => Err(Forwarding::Retry(e.to_string())),
+        Ok(Err(e @ (ForwardError::Refused(_) | ForwardError::Failed(_)))) => Err(Forwarding::Failed(e.to_string())),
+        Err(PeerError::Unreachable(e)) => Err(Forwarding::Retry(e)),
+        Err(PeerError::Refused(e)) => Err(Forwarding::Failed(e)),
+    }
 }
 
 /// Where the cluster's leader is, as this node sees it.
@@ -167,29 +175,35 @@ impl App {
         self.read_only() && self.staleness_ms() > 2 * self.config.raft.election_timeout_ms
     }
 
-    fn leaderless(&self) -> ApiError {
+    fn leaderless(&self) -> NodeError {
         if self.read_only() {
-            ApiError::read_only()
+            NodeError::ReadOnly
         } else {
-            ApiError::no_leader()
+            NodeError::NoLeader
         }
     }
 
+    /// The refusal of a node that is no longer the leader, naming the one it knows of.
+    fn not_leader(&self) -> NodeError {
+        NodeError::NotLeader { leader: self.raft_metrics().current_leader }
+    }
+
     /// Proposes a command through the leader, wherever it is, and waits for it to be applied.
-    /// Fails with 503 within two election timeouts, or at once in settled read-only mode.
-    pub async fn propose(&self, command: Command) -> Result<Response, ApiError> {
+    /// Fails (the API answers 503) within two election timeouts, or at once in settled
+    /// read-only mode.
+    pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
         let command = authorize_command(command);
         let deadline = Instant::now() + self.consensus_deadline();
         loop {
             if self.settled_read_only() {
-                return Err(ApiError::read_only());
+                return Err(NodeError::ReadOnly);
             }
             match self.leadership() {
                 Leadership::Me => match self.propose_local(command.clone()).await {
                     // Leadership moved while proposing (e.g. a transfer): retry through the new
                     // leader. Commands are safe to retry: `apply` and the KV writer recognise
                     // their own earlier attempt.
-                    Err(e) if e.errors.iter().any(|m| is_not_leader(m)) => {}
+                    Err(NodeError::NotLeader { .. }) => {}
                     other => return other,
                 },
                 Leadership::Other(leader) => match self.forward(&leader, &command).await {
@@ -197,9 +211,7 @@ impl App {
                     Err(Forwarding::Retry(e)) => {
                         tracing::debug!(error = %e, "forwarding the proposal failed; retrying")
                     }
-                    Err(Forwarding::Failed(e)) => {
-                        return Err(ApiError::unavailable(format!("the leader could not commit the request: {e}")))
-                    }
+                    Err(Forwarding::Failed(e)) => return Err(NodeError::LeaderFailed(e)),
                 },
                 Leadership::Unknown => {}
             }
@@ -214,20 +226,17 @@ impl App {
     /// leader stays audible (its heartbeats keep arriving); it is abandoned once the leader has
     /// been silent for an election timeout.
     async fn forward(&self, leader: &NodeInfo, command: &Command) -> Result<Response, Forwarding> {
-        let call = self.peers.call::<_, Response>(&leader.cluster_addr, "cluster/propose", command, PROPOSAL_LIMIT);
+        let call = self.peers.call::<_, Result<Response, ForwardError>>(
+            &leader.cluster_addr,
+            "cluster/propose",
+            command,
+            PROPOSAL_LIMIT,
+        );
         tokio::pin!(call);
         let mut check = tokio::time::interval(self.election_timeout() / 4);
         loop {
             tokio::select! {
-                result = &mut call => {
-                    // An undelivered command, or one the ex-leader refused, is retried; commands
-                    // are safe to retry anyway (their apply recognises a repeat).
-                    return result.map_err(|e| match e {
-                        PeerError::Unreachable(e) => Forwarding::Retry(e),
-                        PeerError::Refused(e) if is_not_leader(&e) => Forwarding::Retry(e),
-                        PeerError::Refused(e) => Forwarding::Failed(e),
-                    });
-                }
+                result = &mut call => return forwarding_outcome(result),
                 _ = check.tick() => {
                     if self.staleness_ms() > self.config.raft.election_timeout_ms {
                         return Err(Forwarding::Retry("the leader went silent".into()));
@@ -238,10 +247,10 @@ impl App {
     }
 
     /// Proposes on this node, which must be the leader. It waits for the commit as long as a
-    /// quorum keeps acknowledging this leader (a slow disk is not an outage), and fails with 503
+    /// quorum keeps acknowledging this leader (a slow disk is not an outage), and fails (`NoLeader`)
     /// once it has not heard from a quorum for an election timeout: a write that cannot reach a
     /// quorum fails within two election timeouts (§1.5).
-    pub async fn propose_local(&self, command: Command) -> Result<Response, ApiError> {
+    pub async fn propose_local(&self, command: Command) -> Result<Response, NodeError> {
         let kind = command.kind();
         let started = Instant::now();
         let write = self.raft.client_write(command);
@@ -253,10 +262,10 @@ impl App {
                 result = &mut write => break Ok(result),
                 _ = check.tick() => {
                     if !self.is_leader() {
-                        break Err(ApiError::unavailable(NOT_LEADER));
+                        break Err(self.not_leader());
                     }
                     if self.lost_quorum() || started.elapsed() > PROPOSAL_LIMIT {
-                        break Err(ApiError::no_leader());
+                        break Err(NodeError::NoLeader);
                     }
                 }
             }
@@ -264,10 +273,12 @@ impl App {
         self.metrics.observe_proposal(started.elapsed());
         match result? {
             Ok(reply) => Ok(reply.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ApiError::unavailable(NOT_LEADER)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(NodeError::NotLeader { leader: f.leader_id })
+            }
             Err(e) => {
                 tracing::warn!(command = kind, error = %e, "proposal failed");
-                Err(ApiError::unavailable(format!("the cluster could not commit the request: {e}")))
+                Err(NodeError::CommitFailed(e.to_string()))
             }
         }
     }
@@ -284,22 +295,25 @@ impl App {
     }
 
     /// ReadIndex on this node, which must be the leader: the index a linearizable read must see.
-    pub async fn read_index_local(&self) -> Result<u64, ApiError> {
+    pub async fn read_index_local(&self) -> Result<u64, NodeError> {
         let read = tokio::time::timeout(
             self.consensus_deadline(),
             self.raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
         )
         .await;
         match read {
-            Err(_) => Err(ApiError::no_leader()),
-            Ok(Err(e)) => Err(ApiError::unavailable(format!("linearizable read failed: {e}"))),
+            Err(_) => Err(NodeError::NoLeader),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(NodeError::NotLeader { leader: f.leader_id })
+            }
+            Ok(Err(e)) => Err(NodeError::ReadIndexFailed(e.to_string())),
             Ok(Ok(log_id)) => Ok(log_id.index()),
         }
     }
 
     /// Waits until the local state reflects everything committed before this call (ReadIndex
     /// from the leader, then wait for the local apply), so a follower serves linearizable reads.
-    pub async fn linearize(&self) -> Result<(), ApiError> {
+    pub async fn linearize(&self) -> Result<(), NodeError> {
         if cfg!(feature = "unsafe-stale-reads") {
             // BROKEN ON PURPOSE: answers from whatever this replica holds.
             return Ok(());
@@ -314,26 +328,35 @@ impl App {
     /// while, as long as it heard from one recently: on a loaded machine a few late heartbeats
     /// look like read-only mode, and a token check must not trust a replica that a reachable
     /// leader could bring up to date (§8.1).
-    pub async fn linearize_for_auth(&self) -> Result<(), ApiError> {
+    pub async fn linearize_for_auth(&self) -> Result<(), NodeError> {
         self.wait_for_read_index(self.staleness_ms() > RECENT_LEADER_MS).await
     }
 
-    async fn wait_for_read_index(&self, give_up_when_read_only: bool) -> Result<(), ApiError> {
+    async fn wait_for_read_index(&self, give_up_when_read_only: bool) -> Result<(), NodeError> {
         let deadline = Instant::now() + self.consensus_deadline();
         let index = loop {
             if give_up_when_read_only && self.settled_read_only() {
-                return Err(ApiError::read_only());
+                return Err(NodeError::ReadOnly);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             match self.leadership() {
                 // Leadership may be moving (a transfer, an election): ask again within the deadline.
                 Leadership::Me => match self.read_index_local().await {
                     Ok(index) => break index,
-                    Err(e) => tracing::debug!(error = ?e.errors, "read index as leader failed; retrying"),
+                    Err(e) => tracing::debug!(error = %e, "read index as leader failed; retrying"),
                 },
                 Leadership::Other(leader) => {
-                    match self.peers.call::<_, u64>(&leader.cluster_addr, "cluster/read-index", &(), remaining).await {
-                        Ok(index) => break index,
+                    let call = self.peers.call::<_, Result<u64, ForwardError>>(
+                        &leader.cluster_addr,
+                        "cluster/read-index",
+                        &(),
+                        remaining,
+                    );
+                    // Whatever the failure (not the leader any more, no quorum, unreachable), the
+                    // leadership is asked again until the deadline.
+                    match call.await {
+                        Ok(Ok(index)) => break index,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "the leader refused a read index; retrying"),
                         Err(e) => tracing::debug!(error = %e, "read index from the leader failed; retrying"),
                     }
                 }
@@ -345,19 +368,18 @@ impl App {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
-        tokio::time::timeout(remaining, self.state.wait_applied(index))
-            .await
-            .map_err(|_| ApiError::unavailable("the local replica did not catch up in time"))
+        tokio::time::timeout(remaining, self.state.wait_applied(index)).await.map_err(|_| NodeError::ReplicaBehind)
     }
 
-    /// The node's keys, reloaded if another node rotated the keyring; 503 while sealed.
-    pub fn keys(&self) -> Result<Arc<Unsealed>, ApiError> {
+    /// The node's keys, reloaded if another node rotated the keyring; `Sealed` while sealed
+    /// (or not initialized).
+    pub fn keys(&self) -> Result<Arc<Unsealed>, NodeError> {
         let info = self.state.read(|s| s.seal.clone());
         let keys = match info {
             Some(info) => self.seal.refresh(&info),
             None => None,
         };
-        keys.ok_or_else(ApiError::sealed)
+        keys.ok_or(NodeError::Sealed)
     }
 
     pub fn node_status(&self) -> NodeStatus {
@@ -365,10 +387,46 @@ impl App {
         NodeStatus {
             node_id: self.node_id(),
             sealed: self.seal.is_sealed(),
-            version: crate::api::VERSION.to_string(),
+            version: crate::VERSION.to_string(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             applied_index: self.state.applied_index(),
             active_sessions: self.state.read(|s| s.tokens.values().filter(|t| !t.is_expired(now)).count()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forwarded::ForwardRefusal;
+
+    /// The answer as it crosses the cluster channel: encoded by the leader, decoded here.
+    fn over_the_wire(
+        answer: Result<Result<Response, ForwardError>, String>,
+    ) -> Result<Result<Response, ForwardError>, PeerError> {
+        let bytes = serde_json::to_vec(&answer).expect("encodes");
+        let decoded: Result<Result<Response, ForwardError>, String> = serde_json::from_slice(&bytes).expect("decodes");
+        decoded.map_err(PeerError::Refused)
+    }
+
+    #[test]
+    fn a_forwarder_retries_on_not_leader_as_a_value_and_fails_on_refusals() {
+        let not_leader = over_the_wire(Ok(Err(ForwardError::from(NodeError::NotLeader { leader: Some(3) }))));
+        assert!(matches!(not_leader, Ok(Err(ForwardError::NotLeader { leader: Some(3) }))), "{not_leader:?}");
+        assert!(matches!(forwarding_outcome(not_leader), Err(Forwarding::Retry(_))));
+
+        let refused = over_the_wire(Ok(Err(ForwardRefusal::ForeignAuditEvents.into())));
+        match forwarding_outcome(refused) {
+            Err(Forwarding::Failed(e)) => assert_eq!(e, "a node may ship only its own audit events"),
+            _ => panic!("a refusal is not retried"),
+        }
+        let no_quorum = over_the_wire(Ok(Err(NodeError::NoLeader.into())));
+        assert!(matches!(forwarding_outcome(no_quorum), Err(Forwarding::Failed(_))));
+        let gate = over_the_wire(Err("node 4 is not a member of this cluster".into()));
+        assert!(matches!(forwarding_outcome(gate), Err(Forwarding::Failed(_))));
+        let unreachable = Err(PeerError::Unreachable("cannot reach 10.0.0.2:8201".into()));
+        assert!(matches!(forwarding_outcome(unreachable), Err(Forwarding::Retry(_))));
+        let committed = over_the_wire(Ok(Ok(Response::Done)));
+        assert!(matches!(forwarding_outcome(committed), Ok(Response::Done)));
     }
 }

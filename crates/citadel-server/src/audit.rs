@@ -19,7 +19,6 @@ use citadel_core::{NodeId, UnixMillis};
 use citadel_storage::files::{create_private_dir, open_private, FileError, PRIVATE_FILE};
 
 use crate::app::App;
-use crate::limits::cap_for_audit;
 
 struct SpoolFile {
     file: File,
@@ -137,6 +136,19 @@ impl AuditSpool {
     pub fn last_seq(&self) -> u64 {
         self.file.lock().unwrap_or_else(|p| p.into_inner()).next_seq - 1
     }
+}
+
+/// Cuts `text` to at most `max` bytes (at a character boundary) and says how much was cut, so a
+/// truncated path in an audit event cannot be mistaken for the real one.
+pub fn cap_for_audit(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated {} bytes]", &text[..end], text.len() - end)
 }
 
 /// Why a request was refused before anyone was authenticated. Such refusals are summarized
@@ -315,6 +327,16 @@ fn read_spool(path: &Path, node: NodeId) -> Result<Vec<AuditEvent>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_audit_fields_are_cut_with_a_visible_marker() {
+        assert_eq!(cap_for_audit("secret/data/app", 64), "secret/data/app");
+        let long = "é".repeat(400);
+        let capped = cap_for_audit(&long, 101);
+        assert!(capped.starts_with(&"é".repeat(50)), "cut at a character boundary");
+        assert!(capped.ends_with("…[truncated 700 bytes]"), "{capped}");
+        assert!(capped.len() < 101 + 32);
+    }
 
     fn body(path: &str) -> AuditBody {
         AuditBody { path: path.into(), kind: "request".into(), ..AuditBody::default() }

@@ -30,6 +30,7 @@ use citadel_core::command::{Command, Response};
 
 use crate::app::App;
 use crate::config::Config;
+use crate::forwarded::ForwardError;
 use crate::peer::PeerCert;
 
 /// Wire form of a full snapshot.
@@ -41,7 +42,9 @@ struct SnapshotTransfer {
     data: Vec<u8>,
 }
 
-/// Every RPC answers `Ok(response)` or `Err(message)`.
+/// Every RPC answers `Ok(response)` or `Err(message)`. The message is for people (a refusal
+/// by the member-only gate, a failed join); an outcome a caller acts on travels inside `Ok` as
+/// a typed value (`forwarded::ForwardError`).
 type Wire<T> = Result<T, String>;
 
 #[derive(Clone)]
@@ -308,13 +311,13 @@ async fn propose(
     State(app): State<Arc<App>>,
     axum::Extension(peer): axum::Extension<crate::peer::PeerCert>,
     Json(command): Json<Command>,
-) -> Json<Wire<Response>> {
+) -> Json<Wire<Result<Response, ForwardError>>> {
     let sender = peer.0.and_then(|p| p.node_id);
-    Json(crate::forwarded::commit(&app, sender, command).await)
+    Json(Ok(crate::forwarded::commit(&app, sender, command).await))
 }
 
-async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<u64>> {
-    Json(app.read_index_local().await.map_err(|e| e.errors.join("; ")))
+async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<Result<u64, ForwardError>>> {
+    Json(Ok(app.read_index_local().await.map_err(ForwardError::from)))
 }
 
 /// A node's view of itself, for the HA table.

@@ -3,46 +3,94 @@
 //! keyring rotations and restores arrive authorized by a token the leader checks again; a
 //! member ships only its own audit events. The leader records every forwarded command it
 //! commits in its own audit log, under the request's id.
+//!
+//! What a leader answers when it does not commit (`ForwardError`) crosses the cluster channel
+//! as a value: a forwarder retries on `NotLeader` by matching it, never by reading text (§9.2).
 
 use citadel_core::audit::AuditBody;
 use citadel_core::command::{Command, Forwarding, Response};
 use citadel_core::policy::{self, Caps};
+use serde::{Deserialize, Serialize};
 
-use crate::api::ApiError;
 use crate::app::App;
+use crate::node_error::NodeError;
+
+/// Why a leader answered a forwarded proposal (`cluster/propose`) or a read-index call
+/// (`cluster/read-index`) without a result. A value on the wire, so the forwarder decides
+/// whether to retry by matching it, never by reading text (§9.2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardError {
+    /// The node asked is not (or no longer) the leader; nothing was proposed, so the caller may
+    /// ask the new leader. `leader` is the one the asked node knows of, if any.
+    #[error("the node asked is not the leader (its leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    /// The leader does not commit this command for the sender (§8.1); asking again changes nothing.
+    #[error(transparent)]
+    Refused(#[from] ForwardRefusal),
+    /// The leader tried and could not commit (no quorum, Raft refused); its reason, for people.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<NodeError> for ForwardError {
+    fn from(e: NodeError) -> ForwardError {
+        match e {
+            NodeError::NotLeader { leader } => ForwardError::NotLeader { leader },
+            other => ForwardError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Why a leader does not commit a command for another node. Travels to the sender inside
+/// `ForwardError::Refused`; retrying it elsewhere would not help.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ForwardRefusal {
+    /// Init, CA changes and leader jobs are proposed by the leader itself only.
+    #[error("a leader does not accept a {kind} command from another node")]
+    NotForwardable { kind: String },
+    /// An audit batch holding events of another node than the sender.
+    #[error("a node may ship only its own audit events")]
+    ForeignAuditEvents,
+    /// A rotation or a restore that does not carry the token that authorized it.
+    #[error("a privileged command must carry its token")]
+    NoToken,
+    /// A rotation or a restore whose token lacks `sudo` on its path in the leader's state.
+    #[error("the forwarded {kind} command's token lacks sudo on {path}")]
+    NoSudo { kind: String, path: String },
+}
 
 /// Commits `command` forwarded by member `sender` (its certificate's node id; the cluster
 /// channel's gate admitted it as a current member).
-pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<Response, String> {
+pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<Response, ForwardError> {
     check(app, sender, &command)?;
     let request_id = match &command {
         Command::Authorized { request_id, .. } => Some(request_id.clone()),
         _ => None,
     };
     let kind = command.kind();
-    let response = app.propose_local(command).await.map_err(|e: ApiError| e.errors.join("; "))?;
+    let response = app.propose_local(command).await?;
     if let Some(request_id) = request_id.filter(|_| !matches!(response, Response::Rejected(_))) {
         record(app, sender, kind, request_id);
     }
     Ok(response)
 }
 
-fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), String> {
+fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), ForwardRefusal> {
     match command.forwarding() {
         Forwarding::Client => Ok(()),
-        Forwarding::Refused => Err(format!("a leader does not accept a {} command from another node", command.kind())),
+        Forwarding::Refused => Err(ForwardRefusal::NotForwardable { kind: command.kind().into() }),
         Forwarding::AuditOfSender => match (command, sender) {
             (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body.node == node) => Ok(()),
-            _ => Err("a node may ship only its own audit events".into()),
+            _ => Err(ForwardRefusal::ForeignAuditEvents),
         },
         Forwarding::Privileged => check_privileged(app, command),
     }
 }
 
 /// A rotation or a restore needs `sudo` on its path, checked against the leader's own state.
-fn check_privileged(app: &App, command: &Command) -> Result<(), String> {
+fn check_privileged(app: &App, command: &Command) -> Result<(), ForwardRefusal> {
     let Command::Authorized { token_hash, at, command: inner, .. } = command else {
-        return Err("a privileged command must carry its token".into());
+        return Err(ForwardRefusal::NoToken);
     };
     let path = match inner.as_ref() {
         Command::RotateKeyring { .. } => "sys/rotate",
@@ -56,7 +104,7 @@ fn check_privileged(app: &App, command: &Command) -> Result<(), String> {
     if allowed {
         Ok(())
     } else {
-        Err(format!("the forwarded {} command's token lacks sudo on {path}", inner.kind()))
+        Err(ForwardRefusal::NoSudo { kind: inner.kind().into(), path: path.into() })
     }
 }
 

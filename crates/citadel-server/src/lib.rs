@@ -10,6 +10,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod audit_shipping;
 pub mod auth;
 pub mod cluster;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod ids;
 pub mod limits;
 pub mod membership;
 pub mod metrics;
+pub mod node_error;
 pub mod peer;
 pub mod pki;
 pub mod request_path;
@@ -28,6 +30,11 @@ pub mod tls;
 
 #[cfg(test)]
 mod fuzz_tests;
+#[cfg(test)]
+mod layering_tests;
+
+/// This build's version, as nodes report it (`sys/health`, the HA table, cluster status).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub use config::Config;
 pub use server::run;

@@ -254,7 +254,7 @@ pub async fn leave(app: &App, leaving: bool) -> Result<(), String> {
     tracing::info!("leaving the cluster: refusing client requests and shipping audit events");
     let deadline = tokio::time::Instant::now() + LEAVE_LIMIT - Duration::from_secs(1);
     loop {
-        match crate::server::ship_audit_batch(app).await {
+        match crate::audit_shipping::ship_audit_batch(app).await {
             Ok(0) => return Ok(()),
             Ok(_) => {}
             Err(e) if tokio::time::Instant::now() >= deadline => {

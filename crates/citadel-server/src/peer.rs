@@ -296,7 +296,7 @@ pub async fn record_certificate(app: &App, node_id: u64, peer: &PeerIdentity) ->
     }
     let command =
         Command::NodeCertRecord { node_id, serial: peer.serial.clone(), not_after: peer.not_after, at: ids::now_ms() };
-    match app.propose(command).await.map_err(|e| e.errors.join("; "))? {
+    match app.propose(command).await.map_err(|e| e.to_string())? {
         CommandResponse::Rejected(r) => Err(r.to_string()),
         _ => Ok(()),
     }
@@ -311,7 +311,7 @@ pub async fn record_own_certificate(app: &App) -> Result<(), String> {
 /// Revokes every certificate recorded for a removed node.
 pub async fn revoke_certificates(app: &App, node_id: u64) -> Result<(), String> {
     let command = Command::NodeCertsRevoke { node_id, now: ids::now_ms() };
-    match app.propose(command).await.map_err(|e| e.errors.join("; "))? {
+    match app.propose(command).await.map_err(|e| e.to_string())? {
         CommandResponse::Rejected(r) => Err(r.to_string()),
         _ => {
             tracing::info!(node = node_id, "revoked the certificates of a removed node");

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use citadel_core::command::{Command, Response};
 use citadel_core::state::ClusterCa;
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::app::App;
 use crate::config::Config;
 use crate::ids;
+use crate::node_error::NodeError;
 use crate::peer::PeerIdentity;
 use crate::tls::{write_private, DevPki, NodeCert};
 
@@ -28,10 +29,10 @@ pub async fn store_cluster_ca(app: &App) -> Result<()> {
         std::fs::read(key_path).with_context(|| format!("cannot read tls.ca_key {}", key_path.display()))?,
     );
     let cert_pem = std::fs::read_to_string(&app.config.tls.ca)?;
-    let keys = app.keys().map_err(|e| anyhow!("{:?}", e.errors))?;
+    let keys = app.keys()?;
     let key_ciphertext = keys.keyring.encrypt(&ids::random_bytes(), AAD_CLUSTER_CA, &key_pem);
     let ca = ClusterCa { common_name: common_name.clone(), cert_pem, key_ciphertext };
-    match app.propose(Command::SetClusterCa { ca }).await.map_err(|e| anyhow!("{:?}", e.errors))? {
+    match app.propose(Command::SetClusterCa { ca }).await? {
         Response::Rejected(r) => bail!("{r}"),
         _ => Ok(()),
     }
@@ -69,7 +70,7 @@ pub async fn issue(app: &App, req: &BootstrapRequest) -> Result<BootstrapReply, 
     let hash = citadel_core::token::token_hash(&keys.keyring.token_hmac_key, &req.join_token);
     let (pki, ca_cert_pem) = cluster_issuer(app)?;
     let spend = Command::JoinTokenUse { hash, now: ids::now_ms(), node_id: Some(req.node_id) };
-    let spent = app.propose(spend).await.map_err(|e| e.errors.join("; "))?;
+    let spent = app.propose(spend).await.map_err(|e| e.to_string())?;
     if let Response::Rejected(r) = spent {
         return Err(r.to_string());
     }
@@ -114,7 +115,8 @@ fn cluster_issuer(app: &App) -> Result<(DevPki, String), String> {
 pub async fn renew(app: &App, peer: &PeerIdentity) -> Result<BootstrapReply, String> {
     let node_id = peer.node_id.ok_or_else(|| crate::peer::PeerRefusal::NoNodeId.to_string())?;
     if !app.is_leader() {
-        return Err(format!("{}: ask the leader to renew a certificate", crate::app::NOT_LEADER));
+        let not_leader = NodeError::NotLeader { leader: app.raft_metrics().current_leader };
+        return Err(format!("{not_leader}: ask the leader to renew a certificate"));
     }
     check_names(&peer.names)?;
     let (pki, ca_certificate) = cluster_issuer(app)?;

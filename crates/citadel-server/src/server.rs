@@ -112,7 +112,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone()), cluster_limits));
     tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
     tokio::spawn(crate::audit::write_refusal_summaries(app.clone()));
-    tokio::spawn(ship_audit(app.clone()));
+    tokio::spawn(crate::audit_shipping::ship_audit(app.clone()));
     tokio::spawn(sweep_expired_tokens(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
@@ -251,57 +251,6 @@ async fn api_entry(
         served_stale: Default::default(),
     };
     api::handle(app, request).await
-}
-
-/// Ships the local audit spool into the replicated audit log (idempotent by node and sequence).
-/// How long a new audit event waits for company before it is shipped.
-const SHIP_GATHER: Duration = Duration::from_millis(10);
-
-async fn ship_audit(app: Arc<App>) {
-    loop {
-        tokio::select! {
-            _ = app.audit.new_event.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        // Gather a few events per Raft entry: shipping each one alone would double the log
-        // traffic of a busy node. The spool already holds them durably.
-        tokio::time::sleep(SHIP_GATHER).await;
-        loop {
-            if app.read_only() || app.raft_metrics().current_leader.is_none() {
-                break;
-            }
-            match ship_audit_batch(&app).await {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, "audit shipping deferred");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// Proposes the next batch of this node's unshipped audit events; returns how many it shipped
-/// (0: none were waiting).
-pub(crate) async fn ship_audit_batch(app: &App) -> Result<usize, String> {
-    const BATCH: usize = 128;
-    let shipped = app.state.read(|s| s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq()));
-    let batch = app.audit.unshipped(shipped, BATCH);
-    if batch.is_empty() {
-        return Ok(0);
-    }
-    let count = batch.len();
-    match app.propose(Command::AuditShip { events: batch }).await {
-        Ok(citadel_core::command::Response::AuditShipped { .. }) => Ok(count),
-        Ok(other) => {
-            tracing::error!(response = %other, "the replicated audit log refused events from this node");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            Err(format!("the replicated audit log refused events: {other}"))
-        }
-        Err(e) => Err(e.errors.join("; ")),
-    }
 }
 
 /// Key-file seal: unseals once, as soon as the replicated state says the vault is initialized.

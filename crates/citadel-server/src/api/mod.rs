@@ -5,6 +5,7 @@
 
 mod auth;
 mod kv;
+mod node_error;
 pub mod openapi;
 mod policy;
 pub mod routes;
@@ -132,14 +133,6 @@ impl ApiError {
     }
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
-    }
-    pub fn read_only() -> ApiError {
-        ApiError::unavailable(
-            "the cluster is read-only because it has no leader: writes are refused until a quorum of voters is back",
-        )
-    }
-    pub fn no_leader() -> ApiError {
-        ApiError::unavailable("the cluster has no leader: the request could not be committed within the deadline")
     }
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
@@ -372,7 +365,7 @@ async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
         Ok(()) => Ok(true),
         // Read-only mode (§5.4): no leader could be asked, so the replica answers as it is.
         Err(_) if app.read_only() => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -456,7 +449,7 @@ async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
         req.served_stale.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     } else {
-        app.linearize().await
+        Ok(app.linearize().await?)
     }
 }
 

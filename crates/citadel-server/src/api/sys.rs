@@ -27,7 +27,7 @@ use crate::config::SealKind;
 use crate::ids;
 use crate::seal::decode_share;
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::VERSION;
 
 fn query_code(req: &ApiRequest, name: &str, default: u16) -> Result<StatusCode, ApiError> {
     let code = match req.query.get(name) {
@@ -356,7 +356,9 @@ async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
     }
     let me = app.node_id();
     let wait = app.raft.wait(Some(Duration::from_secs(10)));
-    wait.metrics(|m| m.current_leader.is_some(), "a leader is elected").await.map_err(|_| ApiError::no_leader())?;
+    wait.metrics(|m| m.current_leader.is_some(), "a leader is elected")
+        .await
+        .map_err(|_| ApiError::from(crate::node_error::NodeError::NoLeader))?;
     let leader = app.raft_metrics().current_leader;
     if leader != Some(me) {
         return Err(ApiError::bad_request(format!(
