@@ -171,7 +171,13 @@ impl Keyring {
 
 /// Associated data binding a KV value to its mount, path and version.
 pub fn kv_aad(mount_uuid: &str, path: &str, version: u64) -> Vec<u8> {
-    format!("kv\0{mount_uuid}\0{path}\0{version}").into_bytes()
+    mount_aad("kv", mount_uuid, path, version)
+}
+
+/// Associated data of a value an engine of type `kind` stores: its mount, path and version, so a
+/// ciphertext cannot be moved to another mount, path or version.
+pub fn mount_aad(kind: &str, mount_uuid: &str, path: &str, version: u64) -> Vec<u8> {
+    format!("{kind}\0{mount_uuid}\0{path}\0{version}").into_bytes()
 }
 
 #[cfg(test)]

@@ -4,16 +4,15 @@
 use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
-use citadel_core::barrier::kv_aad;
 use citadel_core::command::{Command, Rejection, Response};
 use citadel_core::kv::{KvConfig, KvEntry, KvError, KvVersion, MetadataUpdate};
 use citadel_core::time::rfc3339;
 use serde_json::{json, Value};
-use zeroize::Zeroizing;
 
 use citadel_core::route::{Captures, Kind, Param, Route};
 use citadel_core::state::State;
 
+use super::barrier_view::MountBarrier;
 use super::routes::{handler, route, Call, Engine, Handler};
 use super::{duration_secs, ApiError, ApiRequest, Reply};
 use crate::app::App;
@@ -202,7 +201,8 @@ async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
         None => None,
         Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::bad_request("version must be a number"))?),
     };
-    let (uuid, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
+    let barrier = MountBarrier::of(app, mount)?;
+    let (_, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
     let number = requested.filter(|&v| v > 0).unwrap_or(entry.current_version);
     let version = entry.versions.get(&number).ok_or_else(ApiError::not_found)?;
     let metadata = version_json(version, number, &entry.custom_metadata);
@@ -214,12 +214,7 @@ async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
             allow: None,
         });
     }
-    let plain = keys
-        .keyring
-        .decrypt(&kv_aad(&uuid, path, number), &version.ciphertext)
-        .map_err(|e| ApiError::internal(format!("stored value failed to decrypt ({e}); the data may be damaged")))?;
-    let data: Value = serde_json::from_slice(&plain)
-        .map_err(|_| ApiError::internal("stored value is not valid JSON after decryption"))?;
+    let data = barrier.open(keys, path, number, &version.ciphertext)?;
     Ok(Reply::data(json!({ "data": data, "metadata": metadata })))
 }
 
@@ -229,13 +224,11 @@ async fn put(app: &App, mount: &str, path: &str, data: &Value, cas: Option<u64>)
     if !data.is_object() {
         return Err(ApiError::bad_request("data must be a JSON object of key/value pairs"));
     }
-    let plain = Zeroizing::new(serde_json::to_vec(data).expect("JSON values serialize"));
+    let barrier = MountBarrier::of(app, mount)?;
     for _ in 0..VERSION_RACE_RETRIES {
-        let target = app.state.read(|s| s.mounts.get(mount).map(|m| (m.uuid.clone(), m.kv.next_version(path))));
-        let (uuid, version) = target.ok_or_else(|| ApiError::no_route(mount))?;
-        // Always the freshest keyring: a rotation elsewhere must not leave us sealing with an old term.
-        let keyring = &app.keys()?.keyring;
-        let ciphertext = keyring.encrypt(&ids::random_bytes(), &kv_aad(&uuid, path, version), &plain);
+        let version = app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.next_version(path)));
+        let version = version.ok_or_else(|| ApiError::no_route(mount))?;
+        let ciphertext = barrier.seal(app, path, version, data)?;
         let sealed = ciphertext.clone();
         let command =
             Command::KvWrite { mount: mount.into(), path: path.into(), version, ciphertext, cas, at: ids::now_ms() };
@@ -306,7 +299,8 @@ async fn patch(c: &Call<'_>) -> Result<Reply, ApiError> {
     let changes = body.get("data").ok_or_else(|| ApiError::bad_request("missing required field \"data\""))?;
     let cas = options_cas(&body)?;
     app.linearize().await?;
-    let (uuid, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
+    let barrier = MountBarrier::of(app, mount)?;
+    let (_, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
     let current = entry.current_version;
     let mount_requires_cas = app.state.read(|s| s.mounts.get(mount).is_some_and(|m| m.kv.config.cas_required));
     if cas.is_none() && (mount_requires_cas || entry.cas_required) {
@@ -316,11 +310,7 @@ async fn patch(c: &Call<'_>) -> Result<Reply, ApiError> {
         return Err(Rejection::Kv(KvError::CasMismatch { current }).into());
     }
     let version = entry.versions.get(&current).filter(|v| !v.is_gone(ids::now_ms())).ok_or_else(ApiError::not_found)?;
-    let plain = keys
-        .keyring
-        .decrypt(&kv_aad(&uuid, path, current), &version.ciphertext)
-        .map_err(|e| ApiError::internal(format!("stored value failed to decrypt ({e})")))?;
-    let mut data: Value = serde_json::from_slice(&plain).map_err(|_| ApiError::internal("stored value is not JSON"))?;
+    let mut data = barrier.open(keys, path, current, &version.ciphertext)?;
     merge_patch(&mut data, changes);
     put(app, mount, path, &data, Some(current)).await
 }

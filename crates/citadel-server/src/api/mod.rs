@@ -4,6 +4,7 @@
 //! unauthenticated endpoints → seal check → token → ACL → handler → audit (fsynced) → answer.
 
 mod auth;
+mod barrier_view;
 mod kv;
 mod node_error;
 pub mod openapi;
