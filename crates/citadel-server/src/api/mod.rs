@@ -9,6 +9,7 @@ pub mod openapi;
 mod policy;
 mod snapshot;
 mod sys;
+mod vault_ha;
 
 pub use snapshot::{may_read_body as may_read_snapshot_body, parse as snapshot_file};
 pub use sys::VERSION;

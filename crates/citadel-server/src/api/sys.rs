@@ -408,7 +408,7 @@ pub async fn route(
         }
         ("leader", Op::Read) => {
             authorize_op(app, caller, req, op, Target::Action)?;
-            Ok(Reply::json(StatusCode::OK, leader_body(app)))
+            Ok(Reply::json(StatusCode::OK, super::vault_ha::leader_body(app)))
         }
         ("step-down", Op::Write) => {
             need_sudo(app, caller, req, op)?;
@@ -500,6 +500,10 @@ pub async fn route(
         ("storage/raft/autopilot/state", Op::Read) => {
             authorize_op(app, caller, req, op, Target::Action)?;
             Ok(Reply::data(autopilot_state(crate::ha::status(app).await)))
+        }
+        ("ha-status", Op::Read) => {
+            authorize_op(app, caller, req, op, Target::Action)?;
+            Ok(Reply::json(StatusCode::OK, super::vault_ha::ha_status(app).await))
         }
         ("ha/status", Op::Read) => {
             authorize_op(app, caller, req, op, Target::Action)?;
@@ -598,26 +602,6 @@ async fn mount(app: &App, req: &ApiRequest, op: Op, path: &str) -> Result<Reply,
         },
         _ => Err(ApiError::method_not_allowed()),
     }
-}
-
-fn node_addrs(app: &App, id: u64) -> Option<NodeInfo> {
-    app.raft_metrics().membership_config.membership().get_node(&id).cloned()
-}
-
-fn leader_body(app: &App) -> Value {
-    let metrics = app.raft_metrics();
-    let leader = metrics.current_leader.and_then(|id| node_addrs(app, id));
-    json!({
-        "ha_enabled": true,
-        "is_self": metrics.current_leader == Some(app.node_id()),
-        "active_time": "0001-01-01T00:00:00Z",
-        "leader_address": leader.as_ref().map(|n| n.api_addr.clone()).unwrap_or_default(),
-        "leader_cluster_address": leader.as_ref().map(|n| format!("https://{}", n.cluster_addr)).unwrap_or_default(),
-        "performance_standby": false,
-        "performance_standby_last_remote_wal": 0,
-        "raft_committed_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
-        "raft_applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),
-    })
 }
 
 /// Hands leadership to another voter; on a cluster of one there is nobody to hand it to.
