@@ -32,7 +32,7 @@ fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), String
         Forwarding::Client => Ok(()),
         Forwarding::Refused => Err(format!("a leader does not accept a {} command from another node", command.kind())),
         Forwarding::AuditOfSender => match (command, sender) {
-            (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body.node == node) => Ok(()),
+            (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body().node == node) => Ok(()),
             _ => Err("a node may ship only its own audit events".into()),
         },
         Forwarding::Privileged => check_privileged(app, command),

@@ -86,11 +86,19 @@ impl Db {
 pub(crate) fn check_identity(db: &Db, node_id: u64) -> Result<(), StorageOpenError> {
     let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
     match db.read_meta::<Identity>(KEY_IDENTITY).map_err(corrupt)? {
-        Some(id) if id.format != citadel_core::command::FORMAT_VERSION => {
+        Some(id) if !citadel_core::command::readable_format(id.format) => {
             Err(StorageOpenError::Format { path: db.path.clone(), found: id.format })
         }
         Some(id) if id.node_id != node_id => {
             Err(StorageOpenError::Foreign { path: db.path.clone(), found: id.node_id, expected: node_id })
+        }
+        // An older format this build reads: records are migrated as they are read, and new
+        // records are written in the current format, so the directory is marked as current
+        // (an older build then refuses it with a message instead of failing on a record).
+        Some(id) if id.format != citadel_core::command::FORMAT_VERSION => {
+            tracing::info!(path = %db.path.display(), from = id.format, to = citadel_core::command::FORMAT_VERSION, "upgrading the storage format");
+            db.write_meta(KEY_IDENTITY, &Identity { node_id, format: citadel_core::command::FORMAT_VERSION })
+                .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))
         }
         Some(_) => Ok(()),
         None => db

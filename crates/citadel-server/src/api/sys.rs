@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use citadel_core::audit::AuditBody;
+use citadel_core::audit::{AuditBody, AuditEvent};
 use citadel_core::barrier::{self, Key, Keyring};
 use citadel_core::command::{Command, InitCommand, Response};
 use citadel_core::kv::KvStore;
@@ -756,16 +756,15 @@ async fn audit_events(app: &App, req: &ApiRequest) -> Result<Reply, ApiError> {
             .iter()
             .filter(|(id, _)| node.is_none_or(|n| n == **id))
             .flat_map(|(_, chain)| chain.events.iter())
-            .filter(|e| e.body.time >= since)
-            .filter(|e| user.is_none_or(|u| &e.body.user == u))
-            .filter(|e| path.is_none_or(|p| e.body.path.starts_with(p.as_str())))
+            .filter(|e| e.body().time >= since)
+            .filter(|e| user.is_none_or(|u| &e.body().user == u))
+            .filter(|e| path.is_none_or(|p| e.body().path.starts_with(p.as_str())))
             .cloned()
             .collect::<Vec<_>>()
     });
-    events.sort_by_key(|e| (e.body.time, e.body.node, e.body.seq));
+    events.sort_by_key(|e| (e.body().time, e.body().node, e.body().seq));
     let skip = events.len().saturating_sub(limit);
-    let events: Vec<Value> =
-        events.into_iter().skip(skip).map(|e| serde_json::to_value(e).expect("serializes")).collect();
+    let events: Vec<Value> = events.iter().skip(skip).map(AuditEvent::view).collect();
     Ok(Reply::data(json!({ "events": events })))
 }
 
