@@ -8,10 +8,11 @@ mod kv;
 pub mod openapi;
 mod policy;
 mod snapshot;
+mod snapshot_archive;
 mod sys;
 mod vault_ha;
 
-pub use snapshot::{may_read_body as may_read_snapshot_body, parse as snapshot_file};
+pub use snapshot::{may_read_body as may_read_snapshot_body, parse_any as snapshot_file};
 pub use sys::VERSION;
 
 use std::collections::HashMap;

@@ -1,3 +1,11 @@
+//! Vault's clients and formats against real nodes: hvac, node-vault, Vault's snapshot archive.
+//! Ports: 21500 (hvac), 27000 (snapshot archive), 27100-27130 (node-vault).
+
+use std::io::Read;
+
+use serde_json::json;
+use sha2::Digest;
+
 use crate::harness::Node1;
 
 /// Runs tests/hvac_client.py (hvac, the maintained Vault client for Python) against a node.
@@ -22,4 +30,79 @@ async fn hvac_python_client_drives_the_api() {
         node.server_log()
     );
     assert!(stdout.contains("hvac: all checks passed"), "{stdout}");
+}
+
+/// The entries of a gzip'd tar, in order, read with the `flate2` and `tar` crates.
+fn untar(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    archive
+        .entries()
+        .expect("a gzip'd tar")
+        .map(|entry| {
+            let mut entry = entry.expect("a valid tar entry");
+            let name = entry.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            entry.read_to_end(&mut data).unwrap();
+            (name, data)
+        })
+        .collect()
+}
+
+fn tar_gz(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (name, data) in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o600);
+        builder.append_data(&mut header, name, &data[..]).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test]
+async fn snapshots_are_vaults_archive_which_restores_and_a_tampered_one_is_refused() {
+    let node = Node1::start(27000).await;
+    let root = node.root();
+    root.kv_put("secret", "a", &json!({ "v": "before" }), None).await.unwrap();
+    let archive = root.bytes("GET", "sys/storage/raft/snapshot", None).await.unwrap();
+    let entries = untar(&archive);
+    let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["meta.json", "state.bin", "SHA256SUMS", "SHA256SUMS.sealed"]);
+    let meta: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
+    assert_eq!(meta["Size"], json!(entries[1].1.len()), "{meta}");
+    assert!(meta["Index"].as_u64().unwrap() > 0 && meta["Term"].as_u64().unwrap() > 0, "{meta}");
+    let sums = String::from_utf8(entries[2].1.clone()).unwrap();
+    let state_sum = hex::encode(sha2::Sha256::digest(&entries[1].1));
+    assert!(sums.contains(&format!("{state_sum}  state.bin\n")), "sha256sum format: {sums}");
+    assert!(!archive.windows(6).any(|w| w == b"before"), "ciphertext only");
+
+    root.kv_put("secret", "a", &json!({ "v": "after" }), None).await.unwrap();
+    root.bytes("POST", "sys/storage/raft/snapshot", Some(archive.clone())).await.unwrap();
+    assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "before" }));
+    root.kv_put("secret", "a", &json!({ "v": "kept" }), None).await.unwrap();
+
+    // Tampered: state.bin edited and SHA256SUMS recomputed; only the sealed sums can tell.
+    let mut forged = entries.clone();
+    let at = forged[1].1.len() - 3;
+    forged[1].1[at] ^= 0x01;
+    forged[2].1 = format!(
+        "{}  meta.json\n{}  state.bin\n",
+        hex::encode(sha2::Sha256::digest(&forged[0].1)),
+        hex::encode(sha2::Sha256::digest(&forged[1].1))
+    )
+    .into_bytes();
+    let refused = root.bytes("POST", "sys/storage/raft/snapshot", Some(tar_gz(&forged))).await.unwrap_err();
+    assert_eq!(refused.status().unwrap(), 400);
+    assert!(refused.to_string().contains("SHA256SUMS.sealed"), "{refused}");
+    // Tampered without recomputing: SHA256SUMS names the entry.
+    let mut stale = entries.clone();
+    stale[1].1[at] ^= 0x01;
+    let refused = root.bytes("POST", "sys/storage/raft/snapshot", Some(tar_gz(&stale))).await.unwrap_err();
+    assert_eq!(refused.status().unwrap(), 400);
+    assert!(refused.to_string().contains("SHA256SUMS check failed for state.bin"), "{refused}");
+    assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "kept" }), "nothing was restored");
+
+    // The bare snapshot file inside (what older builds saved) still restores.
+    root.bytes("POST", "sys/storage/raft/snapshot", Some(entries[1].1.clone())).await.unwrap();
+    assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "before" }));
 }
