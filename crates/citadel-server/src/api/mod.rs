@@ -10,6 +10,7 @@ mod policy;
 mod snapshot;
 mod snapshot_archive;
 mod sys;
+mod vault_auth;
 mod vault_ha;
 
 pub use snapshot::{may_read_body as may_read_snapshot_body, parse_any as snapshot_file};

@@ -528,6 +528,7 @@ pub async fn route(
             app.linearize().await?;
             Ok(Reply::data(audit_verify(app)))
         }
+        (auth, _) if auth.starts_with("auth/") => super::vault_auth::route(app, req, op, caller, auth),
         _ => {
             if let Some(path) = rest.strip_prefix("mounts/") {
                 let exists = app.state.read(|s| s.mounts.contains_key(&format!("{}/", path.trim_matches('/'))));

@@ -6,7 +6,7 @@ use std::io::Read;
 use serde_json::json;
 use sha2::Digest;
 
-use crate::harness::Node1;
+use crate::harness::{Cluster, Node1};
 
 /// Runs tests/hvac_client.py (hvac, the maintained Vault client for Python) against a node.
 /// `scripts/test` installs hvac; without it this test fails rather than skipping.
@@ -30,6 +30,41 @@ async fn hvac_python_client_drives_the_api() {
         node.server_log()
     );
     assert!(stdout.contains("hvac: all checks passed"), "{stdout}");
+}
+
+/// Runs tests/node_vault/test.js (node-vault, a Vault client for Node.js, version pinned in its
+/// package.json and package-lock.json) against a three-node cluster, through the leader and a
+/// follower. `scripts/test` runs `npm ci` there; without it this test fails rather than skipping.
+#[tokio::test]
+async fn node_vault_client_drives_a_cluster() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("node_vault");
+    assert!(
+        dir.join("node_modules").join("node-vault").is_dir(),
+        "node-vault is not installed: run `npm ci` in {} (scripts/test does)",
+        dir.display()
+    );
+    let cluster = Cluster::start_nodes(3, 27100, true, "").await;
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    let out = tokio::process::Command::new("node")
+        .arg("test.js")
+        .current_dir(&dir)
+        .env("VAULT_ADDR", cluster.layout.api_url(leader))
+        .env("VAULT_ADDR_FOLLOWER", cluster.layout.api_url(follower))
+        .env("VAULT_TOKEN", &cluster.root)
+        .env("VAULT_CACERT", cluster.layout.ca_path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("node must be installed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "node-vault run failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nleader's log:\n{}",
+        cluster.server_log_at(leader)
+    );
+    assert!(stdout.contains("node-vault: all checks passed"), "{stdout}");
 }
 
 /// The entries of a gzip'd tar, in order, read with the `flate2` and `tar` crates.
