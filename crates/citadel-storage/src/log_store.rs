@@ -300,3 +300,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .map_err(io::Error::other)?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_readable_format_is_marked_current_and_an_unknown_one_is_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::DB_FILE);
+        let db = Db { db: crate::open_db(&path).unwrap(), path: path.clone() };
+        let current = citadel_core::command::FORMAT_VERSION;
+        db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: citadel_core::command::OLDEST_READABLE_FORMAT })
+            .unwrap();
+        check_identity(&db, 1).unwrap();
+        assert_eq!(db.read_meta::<Identity>(KEY_IDENTITY).unwrap().unwrap().format, current);
+
+        db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: current + 1 }).unwrap();
+        let err = check_identity(&db, 1).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains(&format!("format {}", current + 1)), "{err}");
+    }
+}
