@@ -59,6 +59,9 @@ async function main() {
         const ha = await root.read('sys/ha-status');
         assert.equal(ha.nodes.length, 3, JSON.stringify(ha));
         assert.equal(ha.nodes.filter((n) => n.active_node).length, 1, JSON.stringify(ha));
+        // A follower answers with the leader's view, as Vault's standbys do.
+        const fromFollower = await follower.read('sys/ha-status');
+        assert.deepEqual(fromFollower.nodes.map((n) => [n.hostname, n.active_node]), ha.nodes.map((n) => [n.hostname, n.active_node]));
         for (const n of ha.nodes) {
             assert.ok(n.hostname && n.api_address && n.cluster_address && n.version, JSON.stringify(n));
             assert.ok(n.active_node || !Number.isNaN(Date.parse(n.last_echo)), JSON.stringify(n));
