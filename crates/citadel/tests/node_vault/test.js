@@ -55,6 +55,7 @@ async function main() {
         assert.ok(Date.parse(leader.active_time) > Date.parse('2000-01-01'), leader.active_time);
         const seen = await follower.leader();
         assert.equal(seen.is_self, false);
+        assert.equal(seen.active_time, '0001-01-01T00:00:00Z', 'a standby reports the zero time, as Vault');
         assert.equal(seen.leader_address, leader.leader_address);
         const ha = await root.read('sys/ha-status');
         assert.equal(ha.nodes.length, 3, JSON.stringify(ha));
@@ -119,7 +120,8 @@ async function main() {
     await step('userpass', async () => {
         const auths = await root.auths();
         assert.ok('userpass/' in auths.data, JSON.stringify(auths));
-        // A script written for Vault enables userpass first; in Citadel it is always there.
+        // A script written for Vault enables userpass first; in Citadel it is always there, so
+        // enabling it at userpass/ succeeds with nothing to do (api/vault_auth.rs).
         await root.enableAuth({ mount_point: 'userpass', type: 'userpass', description: 'users' });
         await root.write('auth/userpass/users/node-user', { password: 'node-password-1', policies: 'node-app' });
         const user = client(leaderAddr);
