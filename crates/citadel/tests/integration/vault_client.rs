@@ -140,4 +140,28 @@ async fn snapshots_are_vaults_archive_which_restores_and_a_tampered_one_is_refus
     // The bare snapshot file inside (what older builds saved) still restores.
     root.bytes("POST", "sys/storage/raft/snapshot", Some(entries[1].1.clone())).await.unwrap();
     assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "before" }));
+
+    // The CLI saves the archive, inspects it offline and restores it.
+    root.kv_put("secret", "a", &json!({ "v": "cli" }), None).await.unwrap();
+    let file = node.layout.dir.join("cli.snap");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(crate::harness::EXE)
+            .args(["operator", "raft", "snapshot"])
+            .args(args)
+            .arg(&file)
+            .env("CITADEL_ADDR", node.layout.api_url(0))
+            .env("CITADEL_TOKEN", &node.root)
+            .env("CITADEL_CACERT", node.layout.ca_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["save"]);
+    assert_eq!(untar(&std::fs::read(&file).unwrap()).len(), 4, "the CLI saved the archive");
+    let inspected = cli(&["inspect"]);
+    assert!(inspected.contains("cluster_id"), "{inspected}");
+    root.kv_put("secret", "a", &json!({ "v": "after-cli" }), None).await.unwrap();
+    cli(&["restore"]);
+    assert_eq!(root.kv_get("secret", "a", None).await.unwrap(), json!({ "v": "cli" }));
 }
