@@ -1,14 +1,18 @@
 //! Audit events and the per-node hash chain that makes tampering and loss detectable.
 //!
 //! Each node numbers its events 1, 2, 3 … and links each to the previous one by hash:
-//! `hash = SHA-256(prev_hash || canonical JSON of the body)`. The replicated audit log accepts a
-//! node's events only in sequence and only if the link holds, and ignores a sequence number it
-//! already has, so shipping is idempotent: at least once on the wire, exactly once in the log.
+//! `hash = SHA-256(prev_hash || body bytes)`, where the body bytes are the event's canonical
+//! JSON exactly as it was first serialized and as it is stored, shipped and snapshotted
+//! (`AuditEvent::raw`). Verification hashes those stored bytes and never re-serializes a parsed
+//! body, so a field added to `AuditBody` later (or removed, or reordered) cannot change the hash
+//! of an event written before (§9.3). The replicated audit log accepts a node's events only in
+//! sequence and only if the link holds, and ignores a sequence number it already has, so
+//! shipping is idempotent: at least once on the wire, exactly once in the log.
 
 use std::collections::BTreeMap;
 
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::{NodeId, UnixMillis};
@@ -16,14 +20,16 @@ use crate::{NodeId, UnixMillis};
 /// The `prev_hash` of a node's first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// What an event says. Parsed leniently from the stored bytes (a field missing from an older
+/// event takes its default; a field unknown to this build is ignored but kept in the bytes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AuditBody {
     pub node: NodeId,
     pub seq: u64,
     pub time: UnixMillis,
     /// The id the client got back with its answer (`request_id`, `X-Citadel-Request-Id`), so
     /// an answer can be matched to its event.
-    #[serde(default)]
     pub request_id: String,
     /// `request`, `login`, `seal`, `ha`.
     pub kind: String,
@@ -37,8 +43,8 @@ pub struct AuditBody {
     pub status: u16,
     pub error: String,
     /// Only on `refusal_summary` events: many refusals from one source, counted. Absent from
-    /// every other event, so their encoding (and chain hash) is what it always was.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// every other event.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<RefusalSummary>,
 }
 
@@ -55,25 +61,104 @@ pub struct RefusalSummary {
     pub sample_paths: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A sealed event: the body's stored bytes, what they say, and the link.
+///
+/// Encoded as `{"body": "<the body's JSON, as a string>", "prev_hash", "hash"}`: a JSON string
+/// carries the bytes unchanged through any re-encoding of the record around it. `body()` is a
+/// view parsed from those bytes for readers; nothing hashes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEvent {
-    #[serde(flatten)]
-    pub body: AuditBody,
+    raw: String,
+    body: AuditBody,
     pub prev_hash: String,
     pub hash: String,
 }
 
-pub fn chain_hash(prev_hash: &str, body: &AuditBody) -> String {
+pub fn chain_hash(prev_hash: &str, body_bytes: &[u8]) -> String {
     let mut digest = Sha256::new();
     digest.update(prev_hash.as_bytes());
-    digest.update(serde_json::to_vec(body).expect("audit body serializes"));
+    digest.update(body_bytes);
     hex::encode(digest.finalize())
 }
 
 impl AuditEvent {
+    /// Serializes `body` once, for good: these bytes are what is stored and hashed.
     pub fn seal(body: AuditBody, prev_hash: &str) -> AuditEvent {
-        let hash = chain_hash(prev_hash, &body);
-        AuditEvent { body, prev_hash: prev_hash.to_string(), hash }
+        let raw = serde_json::to_string(&body).expect("audit body serializes");
+        let hash = chain_hash(prev_hash, raw.as_bytes());
+        AuditEvent { raw, body, prev_hash: prev_hash.to_string(), hash }
+    }
+
+    /// An event from its stored parts. Fails only if `raw` is not a JSON object of a body; the
+    /// link is not checked here (that is `verify_chain`'s and `AuditLog::ship`'s job).
+    pub fn from_parts(raw: String, prev_hash: String, hash: String) -> Result<AuditEvent, serde_json::Error> {
+        let body = serde_json::from_str(&raw)?;
+        Ok(AuditEvent { raw, body, prev_hash, hash })
+    }
+
+    pub fn body(&self) -> &AuditBody {
+        &self.body
+    }
+
+    /// The body's bytes exactly as stored: what the hash covers.
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
+
+    /// The event as the API shows it: the stored body's fields (including any this build does
+    /// not know) with `prev_hash` and `hash` beside them.
+    pub fn view(&self) -> serde_json::Value {
+        let mut map = match serde_json::from_str::<serde_json::Value>(&self.raw) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        map.insert("prev_hash".into(), self.prev_hash.clone().into());
+        map.insert("hash".into(), self.hash.clone().into());
+        serde_json::Value::Object(map)
+    }
+}
+
+#[derive(Serialize)]
+struct EventOut<'a> {
+    body: &'a str,
+    prev_hash: &'a str,
+    hash: &'a str,
+}
+
+#[derive(Deserialize)]
+struct EventIn {
+    body: Option<String>,
+    prev_hash: String,
+    hash: String,
+    /// Storage format 1 (before the bytes were kept) flattened the body's fields here.
+    #[serde(flatten)]
+    legacy: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Serialize for AuditEvent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        EventOut { body: &self.raw, prev_hash: &self.prev_hash, hash: &self.hash }.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for AuditEvent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let wire = EventIn::deserialize(deserializer)?;
+        let raw = match wire.body {
+            Some(raw) => raw,
+            // Format 1 stored the parsed fields, and hashed `serde_json::to_vec` of the body
+            // struct of that build, which is the struct above with every field present: its
+            // serialization now is exactly the bytes that were hashed then. Migrating them
+            // once, here, keeps every format 1 chain verifiable; from then on the bytes are kept.
+            None => {
+                let body: AuditBody = serde_json::from_value(serde_json::Value::Object(wire.legacy))
+                    .map_err(|e| D::Error::custom(format!("audit event (format 1): {e}")))?;
+                serde_json::to_string(&body).map_err(D::Error::custom)?
+            }
+        };
+        AuditEvent::from_parts(raw, wire.prev_hash, wire.hash)
+            .map_err(|e| D::Error::custom(format!("audit event body is not an event: {e}")))
     }
 }
 
@@ -104,7 +189,7 @@ pub struct NodeChain {
 
 impl NodeChain {
     pub fn last_seq(&self) -> u64 {
-        self.events.last().map_or(0, |e| e.body.seq)
+        self.events.last().map_or(0, |e| e.body().seq)
     }
 
     pub fn last_hash(&self) -> &str {
@@ -113,15 +198,15 @@ impl NodeChain {
 
     /// Appends `event` if it is the next link; returns `Ok(false)` for an already-held sequence.
     pub fn append(&mut self, node: NodeId, event: AuditEvent) -> Result<bool, ChainError> {
-        if event.body.node != node {
-            return Err(ChainError::WrongNode { node, found: event.body.node });
+        if event.body().node != node {
+            return Err(ChainError::WrongNode { node, found: event.body().node });
         }
         let expected = self.last_seq() + 1;
-        if event.body.seq < expected {
+        if event.body().seq < expected {
             return Ok(false);
         }
-        if event.body.seq > expected {
-            return Err(ChainError::Gap { node, expected, found: event.body.seq });
+        if event.body().seq > expected {
+            return Err(ChainError::Gap { node, expected, found: event.body().seq });
         }
         check_link(self.last_hash(), &event)?;
         self.events.push(event);
@@ -130,11 +215,11 @@ impl NodeChain {
 }
 
 fn check_link(prev_hash: &str, event: &AuditEvent) -> Result<(), ChainError> {
-    let (node, seq) = (event.body.node, event.body.seq);
+    let (node, seq) = (event.body().node, event.body().seq);
     if event.prev_hash != prev_hash {
         return Err(ChainError::BrokenLink { node, seq });
     }
-    if chain_hash(prev_hash, &event.body) != event.hash {
+    if chain_hash(prev_hash, event.raw.as_bytes()) != event.hash {
         return Err(ChainError::Tampered { node, seq });
     }
     Ok(())
@@ -144,12 +229,12 @@ fn check_link(prev_hash: &str, event: &AuditEvent) -> Result<(), ChainError> {
 pub fn verify_chain(node: NodeId, events: &[AuditEvent]) -> Result<(), ChainError> {
     let mut prev = GENESIS.to_string();
     for (i, event) in events.iter().enumerate() {
-        if event.body.node != node {
-            return Err(ChainError::WrongNode { node, found: event.body.node });
+        if event.body().node != node {
+            return Err(ChainError::WrongNode { node, found: event.body().node });
         }
         let expected = i as u64 + 1;
-        if event.body.seq != expected {
-            return Err(ChainError::Gap { node, expected, found: event.body.seq });
+        if event.body().seq != expected {
+            return Err(ChainError::Gap { node, expected, found: event.body().seq });
         }
         check_link(&prev, event)?;
         prev = event.hash.clone();
@@ -172,26 +257,26 @@ impl AuditLog {
         let mut tips: BTreeMap<NodeId, (u64, String)> = BTreeMap::new();
         let mut accepted = Vec::with_capacity(events.len());
         for event in events {
-            let node = event.body.node;
+            let node = event.body().node;
             let (last_seq, last_hash) = tips.entry(node).or_insert_with(|| {
                 let chain = self.chains.get(&node);
                 (chain.map_or(0, NodeChain::last_seq), chain.map_or(GENESIS, NodeChain::last_hash).to_string())
             });
-            if event.body.seq <= *last_seq {
+            if event.body().seq <= *last_seq {
                 continue;
             }
             // `seq > last_seq` here, so `last_seq + 1` cannot overflow.
-            if event.body.seq != *last_seq + 1 {
-                return Err(ChainError::Gap { node, expected: *last_seq + 1, found: event.body.seq });
+            if event.body().seq != *last_seq + 1 {
+                return Err(ChainError::Gap { node, expected: *last_seq + 1, found: event.body().seq });
             }
             check_link(last_hash, &event)?;
-            *last_seq = event.body.seq;
+            *last_seq = event.body().seq;
             last_hash.clone_from(&event.hash);
             accepted.push(event);
         }
         let count = accepted.len();
         for event in accepted {
-            self.chains.entry(event.body.node).or_default().events.push(event);
+            self.chains.entry(event.body().node).or_default().events.push(event);
         }
         Ok(count)
     }
@@ -227,10 +312,17 @@ mod tests {
         assert_eq!(verify_chain(1, &chain(1, 5)), Ok(()));
     }
 
+    /// Replaces `p3` with `forged` in event 3's stored bytes, keeping its hash and link.
+    fn forge(event: &AuditEvent) -> AuditEvent {
+        let raw = event.raw().replace("\"p3\"", "\"forged\"");
+        AuditEvent::from_parts(raw, event.prev_hash.clone(), event.hash.clone()).unwrap()
+    }
+
     #[test]
     fn editing_an_event_is_detected() {
         let mut events = chain(1, 5);
-        events[2].body.path = "forged".into();
+        events[2] = forge(&events[2]);
+        assert_eq!(events[2].body().path, "forged");
         assert_eq!(verify_chain(1, &events), Err(ChainError::Tampered { node: 1, seq: 3 }));
     }
 
@@ -244,8 +336,8 @@ mod tests {
     #[test]
     fn rehashing_an_edited_event_breaks_the_next_link() {
         let mut events = chain(1, 5);
-        events[2].body.path = "forged".into();
-        events[2].hash = chain_hash(&events[2].prev_hash, &events[2].body);
+        events[2] = forge(&events[2]);
+        events[2].hash = chain_hash(&events[2].prev_hash, events[2].raw().as_bytes());
         assert_eq!(verify_chain(1, &events), Err(ChainError::BrokenLink { node: 1, seq: 4 }));
     }
 
@@ -279,5 +371,72 @@ mod tests {
         let h = hmac_string(b"key", "s3cret-token");
         assert!(h.starts_with("hmac-sha256:"));
         assert!(!h.contains("s3cret"));
+    }
+
+    /// Stores events as the spool and the state do (one JSON record each), from body bytes
+    /// written by an "older build": one lacks `request_id` and `summary`, one carries a field
+    /// this build does not know.
+    fn stored_chain_from_bodies(bodies: &[&str]) -> Vec<String> {
+        let mut prev = GENESIS.to_string();
+        bodies
+            .iter()
+            .map(|raw| {
+                let hash = chain_hash(&prev, raw.as_bytes());
+                let line = serde_json::json!({ "body": raw, "prev_hash": prev, "hash": hash }).to_string();
+                prev = hash;
+                line
+            })
+            .collect()
+    }
+
+    const OLD_BODIES: [&str; 3] = [
+        r#"{"node":1,"seq":1,"time":10,"kind":"request","operation":"read","path":"secret/data/a","user":"root","token_hmac":"","remote_addr":"","status":200,"error":""}"#,
+        r#"{"node":1,"seq":2,"time":11,"kind":"request","operation":"update","path":"secret/data/b","user":"ops","token_hmac":"","remote_addr":"","status":204,"error":"","added_later":{"x":1}}"#,
+        r#"{"seq":3,"node":1,"time":12,"kind":"login","path":"auth/userpass/login/ops"}"#,
+    ];
+
+    #[test]
+    fn a_chain_written_before_a_field_was_added_still_verifies() {
+        let lines = stored_chain_from_bodies(&OLD_BODIES);
+        let events: Vec<AuditEvent> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(verify_chain(1, &events), Ok(()));
+        assert_eq!(events[1].body().user, "ops", "the parsed view reads the fields it knows");
+        assert_eq!(events[0].body().request_id, "", "a missing field takes its default");
+        // Shipped, snapshotted and read back: the bytes travel unchanged, unknown field included.
+        let mut log = AuditLog::default();
+        assert_eq!(log.ship(events.clone()), Ok(3));
+        let restored: AuditLog = serde_json::from_slice(&serde_json::to_vec(&log).unwrap()).unwrap();
+        assert_eq!(restored.verify(), Ok(3));
+        assert_eq!(restored.chains[&1].events[1].raw(), OLD_BODIES[1]);
+        assert_eq!(restored.chains[&1].events[1].view()["added_later"]["x"], 1);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_stored_event_fails_verification_naming_the_event() {
+        let mut lines = stored_chain_from_bodies(&OLD_BODIES);
+        // "secret/data/b" becomes "secret/data/c" in event 2's stored bytes.
+        lines[1] = lines[1].replacen("secret/data/b", "secret/data/c", 1);
+        let events: Vec<AuditEvent> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let err = verify_chain(1, &events).unwrap_err();
+        assert_eq!(err, ChainError::Tampered { node: 1, seq: 2 });
+        assert!(err.to_string().contains("node 1 sequence 2"), "{err}");
+    }
+
+    #[test]
+    fn format_1_events_are_migrated_and_still_verify() {
+        // Format 1 flattened the body beside its link and hashed the struct's serialization.
+        let sealed = chain(2, 2);
+        let legacy: Vec<String> = sealed
+            .iter()
+            .map(|e| {
+                let mut map = serde_json::to_value(e.body()).unwrap();
+                map["prev_hash"] = e.prev_hash.clone().into();
+                map["hash"] = e.hash.clone().into();
+                map.to_string()
+            })
+            .collect();
+        let events: Vec<AuditEvent> = legacy.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(verify_chain(2, &events), Ok(()));
+        assert_eq!(events, sealed);
     }
 }

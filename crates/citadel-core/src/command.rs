@@ -11,7 +11,16 @@ use crate::token::{LoginProof, TokenEntry, User};
 use crate::UnixMillis;
 
 /// Bumped whenever the encoding of a command or of the state changes incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: audit events keep their body's stored bytes (`audit::AuditEvent`).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
+/// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify).
+pub const OLDEST_READABLE_FORMAT: u32 = 1;
+
+/// Whether this build reads data written in `format`.
+pub fn readable_format(format: u32) -> bool {
+    (OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&format)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitCommand {

@@ -72,7 +72,11 @@ fn audit_events() -> impl Strategy<Value = Vec<AuditEvent>> {
             1 => {
                 events.remove(0);
             }
-            2 => events[0].body.path = "forged".into(),
+            2 => {
+                let raw = events[0].raw().replace("\"path\":\"\"", "\"path\":\"forged\"");
+                events[0] = AuditEvent::from_parts(raw, events[0].prev_hash.clone(), events[0].hash.clone())
+                    .expect("a body with another path is a body");
+            }
             _ => events.push(events[0].clone()),
         }
         events

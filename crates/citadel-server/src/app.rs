@@ -34,6 +34,8 @@ pub struct App {
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
+    /// When this node last became leader (Unix ms; 0 while it is not): Vault's `active_time`.
+    pub active_since: std::sync::atomic::AtomicU64,
     /// True while this node is being removed. Client requests hold a read guard from the check
     /// to their audit event, so once the flag is set under the write guard, every request this
     /// node answered has its event in the spool, ready to ship before the node leaves.

@@ -59,7 +59,7 @@ impl AuditSpool {
             })
             .transpose()?;
         let (next_seq, last_hash) =
-            events.last().map_or((1, GENESIS.to_string()), |e| (e.body.seq + 1, e.hash.clone()));
+            events.last().map_or((1, GENESIS.to_string()), |e| (e.body().seq + 1, e.hash.clone()));
         let sync_handle = file.try_clone().with_context(|| format!("cannot open audit spool {}", path.display()))?;
         Ok(Arc::new(AuditSpool {
             node,
@@ -99,7 +99,7 @@ impl AuditSpool {
             spool.unsynced.push(event.clone());
             event
         };
-        self.sync_through(event.body.seq)?;
+        self.sync_through(event.body().seq)?;
         Ok(event)
     }
 
@@ -114,7 +114,7 @@ impl AuditSpool {
         self.sync_handle.sync_data().with_context(|| format!("cannot write audit spool {}", self.path.display()))?;
         let durable: Vec<AuditEvent> = {
             let mut spool = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            let count = spool.unsynced.iter().take_while(|e| e.body.seq <= written).count();
+            let count = spool.unsynced.iter().take_while(|e| e.body().seq <= written).count();
             spool.unsynced.drain(..count).collect()
         };
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(durable);
@@ -125,7 +125,7 @@ impl AuditSpool {
     /// Up to `max` events after `shipped_seq` (the replicated log's last sequence for this node).
     pub fn unshipped(&self, shipped_seq: u64, max: usize) -> Vec<AuditEvent> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.retain(|e| e.body.seq > shipped_seq);
+        pending.retain(|e| e.body().seq > shipped_seq);
         pending.iter().take(max).cloned().collect()
     }
 
@@ -351,7 +351,7 @@ mod tests {
         drop(spool);
         let spool = AuditSpool::open(dir.path(), 3, None).unwrap();
         let third = spool.record(body("c")).await.unwrap();
-        assert_eq!(third.body.seq, 3);
+        assert_eq!(third.body().seq, 3);
         let all = spool.unshipped(0, 100);
         assert_eq!(verify_chain(3, &all), Ok(()));
         assert_eq!(spool.unshipped(2, 100).len(), 1);
@@ -372,7 +372,7 @@ mod tests {
         assert_eq!(spool.last_seq(), 2);
         drop(spool);
 
-        let text = std::fs::read_to_string(&path).unwrap().replacen("\"a\"", "\"forged\"", 1);
+        let text = std::fs::read_to_string(&path).unwrap().replacen(r#"\"a\""#, r#"\"forged\""#, 1);
         std::fs::write(&path, text).unwrap();
         let err = AuditSpool::open(dir.path(), 1, None).err().unwrap().to_string();
         assert!(err.contains("audit.spool") && err.contains("tampered"), "{err}");

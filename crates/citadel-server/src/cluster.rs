@@ -53,7 +53,8 @@ pub struct ClusterNetwork {
 }
 
 /// Version of the node-to-node protocol. Nodes refuse to form a cluster across versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: audit events travel with their body's stored bytes (storage format 2).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>) -> Result<ClusterNetwork> {

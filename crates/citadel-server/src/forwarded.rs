@@ -80,7 +80,7 @@ fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), Forwar
         Forwarding::Client => Ok(()),
         Forwarding::Refused => Err(ForwardRefusal::NotForwardable { kind: command.kind().into() }),
         Forwarding::AuditOfSender => match (command, sender) {
-            (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body.node == node) => Ok(()),
+            (Command::AuditShip { events }, Some(node)) if events.iter().all(|e| e.body().node == node) => Ok(()),
             _ => Err(ForwardRefusal::ForeignAuditEvents),
         },
         Forwarding::Privileged => check_privileged(app, command),

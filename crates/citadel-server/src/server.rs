@@ -96,6 +96,7 @@ pub async fn run(config: Config) -> Result<()> {
         peers: network.peers(),
         started: Instant::now(),
         leader_contact: Default::default(),
+        active_since: Default::default(),
         leaving: Default::default(),
         removed: Default::default(),
     });
@@ -300,6 +301,10 @@ async fn watch_leadership(app: Arc<App>) {
         let stepped_down = last == Some(app.node_id()) && leader != last;
         if (leader.is_some() && leader != last) || stepped_down {
             app.touch_leader();
+        }
+        if leader != last {
+            let since = if leader == Some(app.node_id()) { ids::now_ms() } else { 0 };
+            app.active_since.store(since, std::sync::atomic::Ordering::Relaxed);
         }
         last = leader;
         if metrics.changed().await.is_err() {

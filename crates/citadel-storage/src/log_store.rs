@@ -86,11 +86,19 @@ impl Db {
 pub(crate) fn check_identity(db: &Db, node_id: u64) -> Result<(), StorageOpenError> {
     let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
     match db.read_meta::<Identity>(KEY_IDENTITY).map_err(corrupt)? {
-        Some(id) if id.format != citadel_core::command::FORMAT_VERSION => {
+        Some(id) if !citadel_core::command::readable_format(id.format) => {
             Err(StorageOpenError::Format { path: db.path.clone(), found: id.format })
         }
         Some(id) if id.node_id != node_id => {
             Err(StorageOpenError::Foreign { path: db.path.clone(), found: id.node_id, expected: node_id })
+        }
+        // An older format this build reads: records are migrated as they are read, and new
+        // records are written in the current format, so the directory is marked as current
+        // (an older build then refuses it with a message instead of failing on a record).
+        Some(id) if id.format != citadel_core::command::FORMAT_VERSION => {
+            tracing::info!(path = %db.path.display(), from = id.format, to = citadel_core::command::FORMAT_VERSION, "upgrading the storage format");
+            db.write_meta(KEY_IDENTITY, &Identity { node_id, format: citadel_core::command::FORMAT_VERSION })
+                .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))
         }
         Some(_) => Ok(()),
         None => db
@@ -290,5 +298,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_readable_format_is_marked_current_and_an_unknown_one_is_refused_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::DB_FILE);
+        let db = Db { db: crate::open_db(&path).unwrap(), path: path.clone() };
+        let current = citadel_core::command::FORMAT_VERSION;
+        db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: citadel_core::command::OLDEST_READABLE_FORMAT })
+            .unwrap();
+        check_identity(&db, 1).unwrap();
+        assert_eq!(db.read_meta::<Identity>(KEY_IDENTITY).unwrap().unwrap().format, current);
+
+        db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: current + 1 }).unwrap();
+        let err = check_identity(&db, 1).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains(&format!("format {}", current + 1)), "{err}");
     }
 }

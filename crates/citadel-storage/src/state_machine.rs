@@ -86,7 +86,7 @@ impl StateMachine {
 }
 
 fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
-    if snap.format != citadel_core::command::FORMAT_VERSION {
+    if !citadel_core::command::readable_format(snap.format) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("snapshot format {} is not supported by this build", snap.format),

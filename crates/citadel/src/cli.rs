@@ -271,9 +271,10 @@ enum ClusterCmd {
 
 #[derive(Subcommand)]
 enum SnapshotCmd {
-    /// Save a snapshot of everything committed to FILE.
+    /// Save a snapshot of everything committed to FILE (Vault's archive: a gzip'd tar).
     Save { file: PathBuf },
-    /// Restore FILE (replaces the state; the audit log is kept).
+    /// Restore FILE, an archive or an older bare snapshot file (replaces the state; the audit
+    /// log is kept).
     Restore {
         file: PathBuf,
         /// Accept a snapshot taken from another cluster.
@@ -605,7 +606,8 @@ fn operator_offline(cmd: OperatorCmd, format: Format) -> Result<()> {
                 "format_version": header.version,
                 "hmac_key_term": header.key_term,
                 "authenticity": if header.version >= 2 {
-                    "checksums verified; the HMAC is verified by a restore, with the cluster's keyring"
+                    "checksums verified (an archive's SHA256SUMS and the file's own); the HMAC and \
+                     SHA256SUMS.sealed are verified by a restore, with the cluster's keyring"
                 } else {
                     "checksums verified; version 1 file: no HMAC (only snapshot-force restores it)"
                 },

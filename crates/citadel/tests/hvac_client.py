@@ -29,7 +29,13 @@ assert not client.sys.is_sealed()
 health = client.sys.read_health_status(method="GET")
 assert health["initialized"] and not health["sealed"], health
 assert client.sys.read_seal_status()["type"] == "shamir"
-assert client.sys.read_leader_status()["is_self"] is True
+leader = client.sys.read_leader_status()
+assert leader["is_self"] is True
+# The active node says when it became active (Vault's Go client parses it as a time).
+assert leader["active_time"].startswith("20"), leader
+ha = client.adapter.get("/v1/sys/ha-status")
+assert [n["active_node"] for n in ha["nodes"]] == [True], ha
+assert ha["nodes"][0]["api_address"] and ha["nodes"][0]["cluster_address"].startswith("https://"), ha
 
 # KV v2
 assert kv.create_or_update_secret(path="hvac/app", secret={"pw": "s1"})["data"]["version"] == 1
@@ -84,8 +90,11 @@ expect(exceptions.InvalidRequest, hvac.Client(url=addr, verify=ca).auth.userpass
 child = client.auth.token.create(policies=["hvac-app"], ttl="1h")["auth"]["client_token"]
 child_client = hvac.Client(url=addr, token=child, verify=ca)
 assert child_client.auth.token.lookup_self()["data"]["policies"] == ["hvac-app", "default"]
-assert child_client.auth.token.renew_self(increment="2h")["auth"]["lease_duration"] == 7200
+assert child_client.auth.token.lookup_self()["data"]["id"] == child
+renewed = child_client.auth.token.renew_self(increment="2h")["auth"]
+assert renewed["lease_duration"] == 7200 and renewed["client_token"] == child, renewed
 assert client.auth.token.lookup(child)["data"]["display_name"] == "token-token"
+assert client.auth.token.lookup(child)["data"]["id"] == child
 child_client.auth.token.revoke_self()
 assert not child_client.is_authenticated()
 

@@ -39,7 +39,8 @@ impl MountBarrier {
         let plain = keys.keyring.decrypt(&self.aad(path, version), ciphertext).map_err(|e| {
             ApiError::internal(format!("stored value failed to decrypt ({e}); the data may be damaged"))
         })?;
-        serde_json::from_slice(&plain).map_err(|_| ApiError::internal("stored value is not valid JSON after decryption"))
+        serde_json::from_slice(&plain)
+            .map_err(|_| ApiError::internal("stored value is not valid JSON after decryption"))
     }
 
     fn aad(&self, path: &str, version: u64) -> Vec<u8> {

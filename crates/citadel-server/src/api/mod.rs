@@ -11,9 +11,11 @@ pub mod openapi;
 mod policy;
 pub mod routes;
 mod snapshot;
+mod snapshot_archive;
 mod sys;
+mod vault_ha;
 
-pub use snapshot::{may_read_body as may_read_snapshot_body, parse as snapshot_file};
+pub use snapshot::{may_read_body as may_read_snapshot_body, parse_any as snapshot_file};
 pub use sys::VERSION;
 
 use std::collections::HashMap;

@@ -1,5 +1,9 @@
 //! `sys/storage/raft/snapshot`: operator snapshots, saved and restored as self-describing files.
 //!
+//! `save` writes Vault's archive (`snapshot_archive.rs`: a gzip'd tar of `meta.json`,
+//! `state.bin`, `SHA256SUMS`, `SHA256SUMS.sealed`) whose `state.bin` is the file described
+//! here; a restore takes the archive, or this file on its own (what older builds saved).
+//!
 //! File: one JSON header line (format, version, cluster, index, term, SHA-256 and size of the
 //! body, keyring term and HMAC), then the body, which is the storage layer's checksummed snapshot
 //! record. Nothing in the file is plaintext: values are ciphertext, tokens keyed hashes.
@@ -21,6 +25,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::snapshot_archive::{self as archive, RaftConfiguration, RaftMeta, RaftServer};
 use super::{ApiError, ApiRequest, Reply};
 use crate::app::App;
 use crate::seal::Unsealed;
@@ -181,7 +186,64 @@ pub async fn save(app: &App, keys: &Unsealed) -> Result<Reply, ApiError> {
     let mut file = serde_json::to_vec(&header).map_err(|e| ApiError::internal(e.to_string()))?;
     file.push(b'\n');
     file.extend_from_slice(&data);
-    Ok(Reply::raw(StatusCode::OK, "application/octet-stream", file))
+    let now = crate::ids::now_ms();
+    let meta = raft_meta(&stored, file.len(), now);
+    let bytes = archive::write(&meta, &file, &keys.keyring, &crate::ids::random_bytes(), now / 1000)
+        .map_err(|e| ApiError::internal(format!("cannot write the snapshot archive: {e}")))?;
+    Ok(Reply::raw(StatusCode::OK, "application/gzip", bytes))
+}
+
+/// hashicorp/raft's metadata for `meta.json`: the snapshot's last entry and its membership.
+fn raft_meta(stored: &StoredSnapshot, size: usize, now: u64) -> RaftMeta {
+    let last = stored.last_applied.unwrap_or(codec::StoredLogId { term: 0, leader: 0, index: 0 });
+    let config = &stored.membership.config;
+    let voters: std::collections::BTreeSet<u64> = config.configs.iter().flatten().copied().collect();
+    let servers = config
+        .nodes
+        .iter()
+        .map(|(id, node)| RaftServer {
+            suffrage: u8::from(!voters.contains(id)),
+            id: id.to_string(),
+            address: node.cluster_addr.clone(),
+        })
+        .collect();
+    RaftMeta {
+        version: 1,
+        id: format!("{}-{}-{now}", last.term, last.index),
+        index: last.index,
+        term: last.term,
+        peers: None,
+        configuration: RaftConfiguration { servers },
+        configuration_index: stored.membership.log_id.map_or(0, |l| l.index),
+        size: size as i64,
+    }
+}
+
+/// Reads an upload down to its snapshot file and verifies it. For Vault's archive: its limits,
+/// entries and `SHA256SUMS`, then, given a keyring, `SHA256SUMS.sealed` (before anything in
+/// `state.bin` is read), and that `meta.json` agrees with `state.bin`. A bare snapshot file
+/// (what older builds saved) is taken as it is. Then the file itself ([`parse`]). Returns
+/// whether the upload was an archive.
+fn open(bytes: &[u8], keyring: Option<&Keyring>) -> Result<(bool, SnapshotHeader, StoredSnapshot), String> {
+    if !archive::is_archive(bytes) {
+        let (header, stored) = parse(bytes).map_err(|e| e.to_string())?;
+        return Ok((false, header, stored));
+    }
+    let unpacked = archive::read(bytes).map_err(|e| e.to_string())?;
+    if let Some(keyring) = keyring {
+        archive::unseal(&unpacked, keyring).map_err(|e| e.to_string())?;
+    }
+    let (header, stored) = parse(&unpacked.state).map_err(|e| format!("state.bin: {e}"))?;
+    if (unpacked.meta.index, unpacked.meta.term) != (header.last_index, header.last_term) {
+        return Err(archive::ArchiveError::MetaMismatch.to_string());
+    }
+    Ok((true, header, stored))
+}
+
+/// What `citadel operator raft snapshot inspect` reads: an archive or a bare file, checked as
+/// far as it can be without the cluster's keyring.
+pub fn parse_any(bytes: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), String> {
+    open(bytes, None).map(|(_, header, stored)| (header, stored))
 }
 
 /// Splits a snapshot file and verifies everything but the HMAC (which needs the keyring, see
@@ -226,7 +288,10 @@ pub fn may_read_body(app: &App, method: &Method, path: &str, headers: &HeaderMap
 }
 
 pub async fn restore(app: &App, keys: &Unsealed, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {
-    let (header, stored) = parse(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // snapshot-force takes another cluster's snapshot, whose keyring we lack: it skips the
+    // seal and the HMAC, never a checksum.
+    let keyring = (!force).then_some(&keys.keyring);
+    let (was_archive, header, stored) = open(&req.body, keyring).map_err(ApiError::bad_request)?;
     let current = app.state.read(|s| s.cluster.as_ref().map(|c| c.id.clone()));
     if current.as_deref() != Some(header.cluster_id.as_str()) && !force {
         return Err(ApiError::bad_request(format!(
@@ -237,7 +302,8 @@ pub async fn restore(app: &App, keys: &Unsealed, req: &ApiRequest, force: bool) 
     if force {
         tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "forced restore: the snapshot's HMAC is not verified (checksums are)");
     } else {
-        verify_hmac(&header, &keys.keyring).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let within = if was_archive { "state.bin: " } else { "" };
+        verify_hmac(&header, &keys.keyring).map_err(|e| ApiError::bad_request(format!("{within}{e}")))?;
     }
     tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "restoring a snapshot");
     match app.propose(Command::RestoreState { state: Box::new(stored.state) }).await? {

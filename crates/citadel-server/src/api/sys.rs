@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use citadel_core::audit::AuditBody;
+use citadel_core::audit::{AuditBody, AuditEvent};
 use citadel_core::barrier::{self, Key, Keyring};
 use citadel_core::command::{Command, InitCommand, Response};
 use citadel_core::kv::KvStore;
@@ -521,6 +521,11 @@ pub fn routes() -> Vec<Route<Handler>> {
         ),
         route("sys/ha/status", vec![op::read("Cluster and per-node HA status", handler!(ha_status)).local()]),
         route(
+            "sys/ha-status",
+            vec![op::read("Vault's HA table: nodes, addresses, active node, last echo", handler!(vault_ha_status))
+                .local()],
+        ),
+        route(
             "sys/ha/transfer-leader",
             vec![op::sudo(Op::Write, "Hand leadership to a voter", handler!(transfer_leader))
                 .with_params(TRANSFER_PARAMS)],
@@ -548,7 +553,11 @@ async fn seal(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn leader(c: &Call<'_>) -> Result<Reply, ApiError> {
-    Ok(Reply::json(StatusCode::OK, leader_body(c.app)))
+    Ok(Reply::json(StatusCode::OK, super::vault_ha::leader_body(c.app)))
+}
+
+async fn vault_ha_status(c: &Call<'_>) -> Result<Reply, ApiError> {
+    Ok(Reply::json(StatusCode::OK, super::vault_ha::ha_status(c.app).await))
 }
 
 async fn key_status(c: &Call<'_>) -> Result<Reply, ApiError> {
@@ -771,26 +780,6 @@ async fn disable_mount(c: &Call<'_>) -> Result<Reply, ApiError> {
     }
 }
 
-fn node_addrs(app: &App, id: u64) -> Option<NodeInfo> {
-    app.raft_metrics().membership_config.membership().get_node(&id).cloned()
-}
-
-fn leader_body(app: &App) -> Value {
-    let metrics = app.raft_metrics();
-    let leader = metrics.current_leader.and_then(|id| node_addrs(app, id));
-    json!({
-        "ha_enabled": true,
-        "is_self": metrics.current_leader == Some(app.node_id()),
-        "active_time": "0001-01-01T00:00:00Z",
-        "leader_address": leader.as_ref().map(|n| n.api_addr.clone()).unwrap_or_default(),
-        "leader_cluster_address": leader.as_ref().map(|n| format!("https://{}", n.cluster_addr)).unwrap_or_default(),
-        "performance_standby": false,
-        "performance_standby_last_remote_wal": 0,
-        "raft_committed_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
-        "raft_applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),
-    })
-}
-
 /// Hands leadership to another voter; on a cluster of one there is nobody to hand it to.
 async fn step_down(c: &Call<'_>) -> Result<Reply, ApiError> {
     let app = c.app;
@@ -944,16 +933,15 @@ async fn audit_events(c: &Call<'_>) -> Result<Reply, ApiError> {
             .iter()
             .filter(|(id, _)| node.is_none_or(|n| n == **id))
             .flat_map(|(_, chain)| chain.events.iter())
-            .filter(|e| e.body.time >= since)
-            .filter(|e| user.is_none_or(|u| &e.body.user == u))
-            .filter(|e| path.is_none_or(|p| e.body.path.starts_with(p.as_str())))
+            .filter(|e| e.body().time >= since)
+            .filter(|e| user.is_none_or(|u| &e.body().user == u))
+            .filter(|e| path.is_none_or(|p| e.body().path.starts_with(p.as_str())))
             .cloned()
             .collect::<Vec<_>>()
     });
-    events.sort_by_key(|e| (e.body.time, e.body.node, e.body.seq));
+    events.sort_by_key(|e| (e.body().time, e.body().node, e.body().seq));
     let skip = events.len().saturating_sub(limit);
-    let events: Vec<Value> =
-        events.into_iter().skip(skip).map(|e| serde_json::to_value(e).expect("serializes")).collect();
+    let events: Vec<Value> = events.iter().skip(skip).map(AuditEvent::view).collect();
     Ok(Reply::data(json!({ "events": events })))
 }
 
