@@ -14,13 +14,13 @@ pub fn document(app: &App) -> Value {
     let mut paths = Map::new();
     if let Ok(tables) = tables() {
         for route in tables.core.routes() {
-            paths.insert(openapi_path("", route.pattern), path_item(route));
+            insert(&mut paths, openapi_path("", route.pattern), route);
         }
         let auth_mounts = app.state.read(super::routes::auth_mounts);
         for (mount, kind) in auth_mounts {
             let Some((_, table)) = tables.auth_methods.iter().find(|(k, _)| *k == kind) else { continue };
             for route in table.routes() {
-                paths.insert(openapi_path(&format!("auth/{mount}"), route.pattern), path_item(route));
+                insert(&mut paths, openapi_path(&format!("auth/{mount}"), route.pattern), route);
             }
         }
         let mounts: Vec<(String, String)> =
@@ -28,7 +28,7 @@ pub fn document(app: &App) -> Value {
         for (mount, kind) in mounts {
             let Some((_, table)) = tables.engines.iter().find(|(k, _)| *k == kind) else { continue };
             for route in table.routes() {
-                paths.insert(openapi_path(&mount, route.pattern), path_item(route));
+                insert(&mut paths, openapi_path(&mount, route.pattern), route);
             }
         }
     }
@@ -59,6 +59,12 @@ pub fn document(app: &App) -> Value {
     })
 }
 
+fn insert(paths: &mut Map<String, Value>, path: String, route: &Route<Handler>) {
+    // Unique across mounts: the operation id names the full path.
+    let id = path.trim_start_matches('/').replace('/', "_").replace(['{', '}'], "");
+    paths.insert(path, path_item(route, &id));
+}
+
 /// `/secret/data/{path}` from the mount `secret/` and the pattern `data/*path`.
 fn openapi_path(mount: &str, pattern: &str) -> String {
     let segments: Vec<String> = pattern
@@ -86,24 +92,23 @@ fn path_parameters(pattern: &str) -> Vec<Value> {
         .collect()
 }
 
-fn path_item(route: &Route<Handler>) -> Value {
+fn path_item(route: &Route<Handler>, id: &str) -> Value {
     let mut item = Map::new();
     item.insert("parameters".into(), Value::Array(path_parameters(route.pattern)));
-    let id = route.pattern.replace(['/', ':', '*'], "-");
     let read = route.operation(Op::Read);
     let list = route.operation(Op::List);
     match (read, list) {
         (Some(read), list) => {
-            item.insert("get".into(), operation(read, &format!("read{id}"), list.is_some()));
+            item.insert("get".into(), operation(read, &format!("read_{id}"), list.is_some()));
         }
         (None, Some(list)) => {
-            item.insert("get".into(), operation(list, &format!("list{id}"), true));
+            item.insert("get".into(), operation(list, &format!("list_{id}"), true));
         }
         (None, None) => {}
     }
     for (op, method) in [(Op::Write, "post"), (Op::Patch, "patch"), (Op::Delete, "delete")] {
         if let Some(o) = route.operation(op) {
-            item.insert(method.into(), operation(o, &format!("{method}{id}"), false));
+            item.insert(method.into(), operation(o, &format!("{method}_{id}"), false));
         }
     }
     Value::Object(item)
@@ -123,7 +128,7 @@ fn operation(o: &Operation<Handler>, id: &str, with_list: bool) -> Value {
         }));
     }
     let mut op = Map::new();
-    op.insert("operationId".into(), json!(id.trim_end_matches('-')));
+    op.insert("operationId".into(), json!(id));
     op.insert("summary".into(), json!(o.summary));
     op.insert("parameters".into(), Value::Array(parameters));
     let body: Vec<&Param> = o.params.iter().filter(|p| p.location == In::Body).collect();
