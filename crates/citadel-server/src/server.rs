@@ -1,4 +1,4 @@
-//! Starting a node: storage, Raft, listeners, and the background jobs.
+//! Starting a node: storage, Raft, listeners, and the background tasks (leader jobs: `jobs.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +22,6 @@ use crate::audit::{AuditSpool, RefusalLog};
 use crate::auth::{BackoffPolicy, HashPool, LoginLimiter};
 use crate::cluster::{self, ClusterNetwork};
 use crate::config::{Config, SealKind};
-use crate::ids;
 use crate::limits::ConnectionLimits;
 use crate::tls;
 
@@ -81,6 +80,7 @@ pub async fn run(config: Config) -> Result<()> {
         Duration::from_millis(config.limits.password_hash_wait_ms),
     );
     let refusals = RefusalLog::new(config.audit.refusal_summary_keys, config.audit.max_path_bytes);
+    let (config_node_id, events_config) = (config.node_id, config.events.clone());
     let app = Arc::new(App {
         config,
         raft: raft.clone(),
@@ -96,6 +96,7 @@ pub async fn run(config: Config) -> Result<()> {
         leader_contact: Default::default(),
         leaving: Default::default(),
         removed: Default::default(),
+        events: crate::events::EventBus::new(config_node_id, &events_config),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);
@@ -111,7 +112,8 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
     tokio::spawn(crate::audit::write_refusal_summaries(app.clone()));
     tokio::spawn(ship_audit(app.clone()));
-    tokio::spawn(sweep_expired_tokens(app.clone()));
+    tokio::spawn(crate::jobs::run(app.clone()));
+    tokio::spawn(crate::events::watch(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
     tokio::spawn(crate::peer::watch_membership(app.clone()));
@@ -353,20 +355,6 @@ async fn watch_leadership(app: Arc<App>) {
         last = leader;
         if metrics.changed().await.is_err() {
             return;
-        }
-    }
-}
-
-/// Leader-only job: removes expired tokens from the replicated state.
-async fn sweep_expired_tokens(app: Arc<App>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        if !app.is_leader() {
-            continue;
-        }
-        let now = ids::now_ms();
-        if app.state.read(|s| s.tokens.values().any(|t| t.is_expired(now))) {
-            let _ = app.propose(Command::TokensExpire { now }).await;
         }
     }
 }

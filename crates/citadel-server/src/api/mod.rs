@@ -4,6 +4,7 @@
 //! unauthenticated endpoints → seal check → token → ACL → handler → audit (fsynced) → answer.
 
 mod auth;
+mod events;
 mod kv;
 pub mod openapi;
 mod policy;
@@ -179,6 +180,8 @@ pub struct Reply {
     pub raw: Option<(&'static str, Vec<u8>)>,
     pub warnings: Vec<String>,
     pub headers: Vec<(&'static str, String)>,
+    /// A body written as it is produced (`sys/events`), with its content type.
+    pub stream: Option<(&'static str, axum::body::Body)>,
 }
 
 /// Vault's response envelope.
@@ -204,13 +207,17 @@ impl Reply {
         Reply::json(StatusCode::OK, envelope(Value::Null, auth))
     }
     pub fn json(status: StatusCode, body: Value) -> Reply {
-        Reply { status, body: Some(body), raw: None, warnings: vec![], headers: vec![] }
+        Reply { status, body: Some(body), raw: None, warnings: vec![], headers: vec![], stream: None }
     }
     pub fn empty() -> Reply {
-        Reply { status: StatusCode::NO_CONTENT, body: None, raw: None, warnings: vec![], headers: vec![] }
+        Reply { status: StatusCode::NO_CONTENT, body: None, raw: None, warnings: vec![], headers: vec![], stream: None }
     }
     pub fn raw(status: StatusCode, content_type: &'static str, bytes: Vec<u8>) -> Reply {
-        Reply { status, body: None, raw: Some((content_type, bytes)), warnings: vec![], headers: vec![] }
+        Reply { status, body: None, raw: Some((content_type, bytes)), warnings: vec![], headers: vec![], stream: None }
+    }
+    /// A streamed answer: the connection counts as busy until the body ends (`limits.rs`).
+    pub fn stream(content_type: &'static str, body: axum::body::Body) -> Reply {
+        Reply { stream: Some((content_type, body)), ..Reply::json(StatusCode::OK, Value::Null) }
     }
 }
 
@@ -234,6 +241,14 @@ pub const REQUEST_ID_HEADER: &str = "x-citadel-request-id";
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         let mut response = match (self.raw, self.body) {
+            _ if self.stream.is_some() => {
+                let (content_type, body) = self.stream.expect("checked above");
+                let mut r = (self.status, body).into_response();
+                r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
+                r.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+                r.extensions_mut().insert(crate::limits::Streaming);
+                r
+            }
             (Some((content_type, bytes)), _) => {
                 let mut r = (self.status, bytes).into_response();
                 r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));

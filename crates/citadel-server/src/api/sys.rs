@@ -515,6 +515,7 @@ pub async fn route(
             crate::membership::transfer_leadership(app, target).await.map_err(ApiError::bad_request)?;
             Ok(Reply::empty())
         }
+        ("events" | "jobs", Op::Read) => super::events::route(app, req, op, caller, rest).await,
         ("audit/events", Op::Read) => {
             need_sudo(app, caller, req, op)?;
             audit_events(app, req).await
