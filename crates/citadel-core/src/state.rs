@@ -331,6 +331,15 @@ impl State {
                 self.revoked_serials.retain(|_, not_after| *not_after > now);
                 Ok(Response::Done)
             }
+            Command::PruneExpired { now } => {
+                self.join_tokens.retain(|_, t| !t.used && t.expires > now);
+                self.revoked_serials.retain(|_, not_after| *not_after > now);
+                for certs in self.node_certs.values_mut() {
+                    certs.retain(|_, not_after| *not_after > now);
+                }
+                self.node_certs.retain(|_, certs| !certs.is_empty());
+                Ok(Response::Done)
+            }
             Command::RestoreState { state } => {
                 if !state.is_initialized() {
                     return Err(Rejection::NotInitialized);
@@ -361,7 +370,9 @@ impl State {
         job::check(&run.job, run.term, run.node, entry).map_err(Rejection::Job)?;
         let response = match command.map(|c| *c) {
             None => Response::Done,
-            Some(command @ Command::TokensExpire { .. }) => self.apply_checked(entry, command)?,
+            Some(command @ (Command::TokensExpire { .. } | Command::PruneExpired { .. })) => {
+                self.apply_checked(entry, command)?
+            }
             Some(other) => return Err(Rejection::Job(JobRefusal::NotAJobCommand(other.kind().into()))),
         };
         run.index = entry.map_or(0, |e| e.index);
@@ -655,6 +666,23 @@ mod tests {
         assert!(!state.tokens.contains_key("old"));
         let run = state.jobs.runs.back().expect("a run is recorded");
         assert_eq!((run.term, run.node, run.index, run.job.as_str()), (4, 2, 40, "token_expiry"));
+    }
+
+    #[test]
+    fn pruning_forgets_only_expired_records() {
+        let mut state = initialized();
+        state.apply(Command::JoinTokenCreate { hash: "old".into(), expires: 10, node_id: None });
+        state.apply(Command::JoinTokenCreate { hash: "new".into(), expires: 1_000, node_id: None });
+        state.apply(record(2, "0a", 50, 1));
+        state.apply(record(2, "0b", 5_000, 1));
+        state.apply(record(3, "0c", 50, 1));
+        state.apply(record(4, "0d", 60, 1));
+        state.apply(Command::NodeCertsRevoke { node_id: 4, now: 1 });
+        assert_eq!(state.apply(Command::PruneExpired { now: 100 }), Response::Done);
+        assert_eq!(state.join_tokens.keys().collect::<Vec<_>>(), vec!["new"]);
+        assert_eq!(state.node_certs.keys().collect::<Vec<_>>(), vec![&2]);
+        assert_eq!(state.node_certs[&2].keys().collect::<Vec<_>>(), vec!["0b"]);
+        assert!(!state.is_serial_revoked("0d"), "a revoked certificate that expired is forgotten");
     }
 
     #[test]

@@ -213,13 +213,20 @@ fn other_command() -> BoxedStrategy<Command> {
         }),
         name().prop_map(|hash| Command::TokenRevoke { hash }),
         number().prop_map(|now| Command::TokensExpire { now }),
+        number().prop_map(|now| Command::PruneExpired { now }),
         (1u64..6, 1u64..4, name(), number(), any::<bool>()).prop_map(|(term, node, job, at, sweep)| {
             Command::JobResult {
                 term,
                 node,
                 job,
                 at,
-                command: sweep.then(|| Box::new(Command::TokensExpire { now: at })),
+                command: sweep.then(|| {
+                    Box::new(if at % 2 == 0 {
+                        Command::TokensExpire { now: at }
+                    } else {
+                        Command::PruneExpired { now: at }
+                    })
+                }),
             }
         }),
         audit_events().prop_map(|events| Command::AuditShip { events }),

@@ -51,16 +51,22 @@ pub struct JobsConfig {
     /// The expiry sweep: removes expired tokens and revoked emergency tokens past their expiry.
     #[serde(default = "default_token_sweep_ms")]
     pub token_sweep_ms: u64,
+    /// Forgets expired records: unused join tokens, revoked and member certificates.
+    #[serde(default = "default_prune_ms")]
+    pub prune_ms: u64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { token_sweep_ms: default_token_sweep_ms() }
+        JobsConfig { token_sweep_ms: default_token_sweep_ms(), prune_ms: default_prune_ms() }
     }
 }
 
 fn default_token_sweep_ms() -> u64 {
     30_000
+}
+fn default_prune_ms() -> u64 {
+    3_600_000
 }
 
 /// Shortest job interval: each run commits a Raft entry.
@@ -70,13 +76,13 @@ pub const MAX_JOB_INTERVAL_MS: u64 = 86_400_000;
 
 impl JobsConfig {
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        if !(MIN_JOB_INTERVAL_MS..=MAX_JOB_INTERVAL_MS).contains(&self.token_sweep_ms) {
-            return Err((
-                "jobs.token_sweep_ms",
-                format!("must be between {MIN_JOB_INTERVAL_MS} and {MAX_JOB_INTERVAL_MS} milliseconds"),
-            ));
+        let intervals = [("jobs.token_sweep_ms", self.token_sweep_ms), ("jobs.prune_ms", self.prune_ms)];
+        match intervals.into_iter().find(|(_, ms)| !(MIN_JOB_INTERVAL_MS..=MAX_JOB_INTERVAL_MS).contains(ms)) {
+            Some((key, _)) => {
+                Err((key, format!("must be between {MIN_JOB_INTERVAL_MS} and {MAX_JOB_INTERVAL_MS} milliseconds")))
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -529,6 +535,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_LIMITS_IDLE_TIMEOUT_MS", &["limits", "idle_timeout_ms"]),
     ("CITADEL_LIMITS_MAX_TOKENS_PER_OWNER", &["limits", "max_tokens_per_owner"]),
     ("CITADEL_JOBS_TOKEN_SWEEP_MS", &["jobs", "token_sweep_ms"]),
+    ("CITADEL_JOBS_PRUNE_MS", &["jobs", "prune_ms"]),
     ("CITADEL_EVENTS_BUFFER", &["events", "buffer"]),
     ("CITADEL_EVENTS_MAX_SUBSCRIBERS", &["events", "max_subscribers"]),
     ("CITADEL_EVENTS_HEARTBEAT_MS", &["events", "heartbeat_ms"]),
@@ -732,6 +739,8 @@ mod tests {
         assert_eq!(c.jobs.token_sweep_ms, 200);
         let err = parse(GOOD, &[("CITADEL_JOBS_TOKEN_SWEEP_MS", "5")]).unwrap_err().0;
         assert!(err.contains("`jobs.token_sweep_ms`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[jobs]\nprune_ms = 86400001\n"), &[]).unwrap_err().0;
+        assert!(err.contains("`jobs.prune_ms`"), "{err}");
         let err = parse(&format!("{GOOD}\n[events]\nmax_subscribers = 0\n"), &[]).unwrap_err().0;
         assert!(err.contains("`events.max_subscribers`"), "{err}");
     }

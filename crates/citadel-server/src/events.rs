@@ -104,7 +104,11 @@ impl EventBus {
     }
 
     pub fn publish(&self, event: NodeEvent) {
-        tracing::info!(event = ?event, "node event");
+        match &event {
+            // Every run of every job: routine, so not at info.
+            NodeEvent::JobResult { .. } => tracing::debug!(event = ?event, "node event"),
+            _ => tracing::info!(event = ?event, "node event"),
+        }
         // No subscriber is not an error: the event is simply not wanted.
         let _ = self.tx.send(Published { time: crate::ids::now_ms(), node: self.node, event });
     }
@@ -221,10 +225,11 @@ fn unreachable_after(app: &App) -> Duration {
     (4 * app.election_timeout()).max(Duration::from_secs(1))
 }
 
-/// Publishes what changes, until Raft shuts down.
+/// Publishes what changes, for as long as the node runs.
+///
+/// It looks every `POLL` rather than at every change of Raft's metrics, which change with every
+/// append on a busy leader: events come within `POLL`, at a fixed cost.
 pub async fn watch(app: Arc<App>) {
-    use openraft::async_runtime::WatchReceiver;
-    let mut metrics = app.raft.metrics();
     let mut sealed = app.seal.subscribe();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,8 +238,7 @@ pub async fn watch(app: Arc<App>) {
     let mut announced = last.leader.map(|leader| (leader, last.term));
     loop {
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            _ = sealed.changed() => {}
+            changed = sealed.changed() => if changed.is_err() { return },
             _ = poll.tick() => {}
         }
         let now = watcher.observe(&app);

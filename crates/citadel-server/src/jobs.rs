@@ -35,11 +35,10 @@ pub struct Job {
 }
 
 /// Every leader-only job.
-pub const JOBS: &[Job] = &[Job { name: "token_expiry", every: token_sweep_interval, run: token_expiry }];
-
-fn token_sweep_interval(config: &Config) -> Duration {
-    Duration::from_millis(config.jobs.token_sweep_ms)
-}
+pub const JOBS: &[Job] = &[
+    Job { name: "token_expiry", every: |c| Duration::from_millis(c.jobs.token_sweep_ms), run: token_expiry },
+    Job { name: "prune_expired", every: |c| Duration::from_millis(c.jobs.prune_ms), run: prune_expired },
+];
 
 /// Removes expired (and used-up) tokens, and revoked emergency tokens past their expiry. The
 /// deadline is the leader's clock, carried in the command (`apply` reads none).
@@ -50,6 +49,20 @@ fn token_expiry(app: &App) -> BoxFuture<'_, JobOutput> {
             .state
             .read(|s| s.tokens.values().any(|t| !t.is_usable(now)) || s.revoked_emergency.values().any(|e| *e <= now));
         Ok(due.then_some(Command::TokensExpire { now }))
+    })
+}
+
+/// Forgets join tokens, revoked serials and member certificates that expired: the tables stay
+/// as small as what is still valid.
+fn prune_expired(app: &App) -> BoxFuture<'_, JobOutput> {
+    Box::pin(async move {
+        let now = crate::ids::now_ms();
+        let due = app.state.read(|s| {
+            s.join_tokens.values().any(|t| t.used || t.expires <= now)
+                || s.revoked_serials.values().any(|e| *e <= now)
+                || s.node_certs.values().flat_map(|c| c.values()).any(|e| *e <= now)
+        });
+        Ok(due.then_some(Command::PruneExpired { now }))
     })
 }
 

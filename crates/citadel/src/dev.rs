@@ -408,6 +408,11 @@ impl Printer {
                 self.leader_term = term;
                 Some(format!("leader changed: node {} leads (term {term})", num("leader")))
             }
+            // A new subscription says who leads: printed if no later leader was announced.
+            "subscribed" if line["leader"].is_u64() && num("term") > self.leader_term => {
+                self.leader_term = num("term");
+                Some(format!("node {} leads (term {})", num("leader"), num("term")))
+            }
             "node_unreachable" => Some(format!("node {} unreachable (seen by leader {node})", num("id"))),
             "node_back" => Some(format!("node {} is back (seen by leader {node})", num("id"))),
             "read_only_entered" => {
