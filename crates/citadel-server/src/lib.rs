@@ -6,7 +6,7 @@
 //! - [`audit`]: the local audit spool (fsynced before answering) and its shipping.
 //! - [`cluster`]: Raft transport over mutual TLS.
 //! - [`jobs`]: leader-only periodic jobs; [`events`]: the node's typed event stream.
-//! - [`server`]: wiring.
+//! - [`server`]: wiring and the node's background tasks.
 
 pub mod api;
 pub mod app;
