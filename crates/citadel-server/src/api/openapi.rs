@@ -34,6 +34,8 @@ const ROUTES: &[(&str, &[&str], &str)] = &[
     ("/sys/ha/transfer-leader", &["post"], "Hand leadership to a voter (Citadel, sudo)"),
     ("/sys/audit/events", &["get"], "Replicated audit events (node, user, path, since, limit) (sudo)"),
     ("/sys/audit/verify", &["get"], "Verify every node's audit hash chain (sudo)"),
+    ("/sys/events", &["get"], "This node's event stream, newline-delimited JSON (Citadel, sudo)"),
+    ("/sys/jobs", &["get"], "The latest leader-job runs: job, term, node, log index (Citadel)"),
     ("/auth/userpass/login/{username}", &["post"], "Log in with username and password"),
     ("/auth/userpass/users", &["get"], "List users (LIST or ?list=true)"),
     ("/auth/userpass/users/{username}", &["get", "post", "put", "delete"], "Read, write or delete a user"),
