@@ -267,7 +267,7 @@ async fn audit(app: &App, event: &NodeEvent) {
     };
     let body = AuditBody {
         time: crate::ids::now_ms(),
-        request_id: crate::ids::uuid(),
+        // No request caused it: no request id, as for refusal summaries.
         kind: "cluster_event".into(),
         operation: event.name().into(),
         path: "sys/events".into(),

@@ -119,7 +119,7 @@ async fn line_where(stream: &mut LineStream, what: &str, wanted: impl Fn(&Value)
 }
 
 #[tokio::test]
-async fn the_event_stream_reports_a_leader_change_and_refuses_tokens_without_sudo() {
+async fn the_event_stream_reports_a_leader_change_and_the_dead_leader_and_refuses_tokens_without_sudo() {
     let mut cluster = Cluster::start_nodes(3, 27550, true, "[events]\nmax_subscribers = 2\n").await;
     let leader = cluster.leader().await;
     let old_leader = cluster.layout.node_id(leader);
@@ -140,9 +140,13 @@ async fn the_event_stream_reports_a_leader_change_and_refuses_tokens_without_sud
     let old_term = hello["term"].as_u64().expect("term");
 
     // Subscribers are capped: one more fits, the next is 429.
-    let _second = subscribe(&cluster.root_at(watcher)).await;
+    let second = subscribe(&cluster.root_at(watcher)).await;
     let third = cluster.root_at(watcher).stream("sys/events").await;
     assert_eq!(third.err().and_then(|e| e.status()).map(|s| s.as_u16()), Some(429));
+    drop(second);
+    // The other follower's stream too: whichever follower takes over reports the dead leader.
+    let other = (0..3).find(|i| *i != leader && *i != watcher).expect("another follower");
+    let mut other_stream = subscribe(&cluster.root_at(other)).await;
 
     cluster.kill9_at(leader);
     let change = line_where(&mut stream, "a leader change away from the killed leader", |l| {
@@ -152,8 +156,15 @@ async fn the_event_stream_reports_a_leader_change_and_refuses_tokens_without_sud
     let new_leader = change["leader"].as_u64().expect("leader");
     assert!(change["term"].as_u64().expect("term") > old_term, "{change}");
 
-    // The new leader audited the change it saw (once, as the leader).
+    // The new leader reports the old one unreachable.
     let new_index = (0..3).find(|i| cluster.layout.node_id(*i) == new_leader).expect("new leader is a node");
+    let leader_stream = if new_index == watcher { &mut stream } else { &mut other_stream };
+    line_where(leader_stream, "the killed leader reported unreachable", |l| {
+        l["type"] == json!("node_unreachable") && l["id"] == json!(old_leader) && l["node"] == json!(new_leader)
+    })
+    .await;
+
+    // The new leader audited the change it saw (once, as the leader).
     let auditor = cluster.root_at(new_index);
     dev::wait_for("the leader change in the replicated audit log", STARTUP, || async {
         let events = auditor.get(&format!("sys/audit/events?node={new_leader}&limit=10000")).await.ok()?;
