@@ -80,7 +80,7 @@ pub async fn run(config: Config) -> Result<()> {
         Duration::from_millis(config.limits.password_hash_wait_ms),
     );
     let refusals = RefusalLog::new(config.audit.refusal_summary_keys, config.audit.max_path_bytes);
-    let (config_node_id, events_config) = (config.node_id, config.events.clone());
+    let events = crate::events::EventBus::new(config.node_id, &config.events);
     let app = Arc::new(App {
         config,
         raft: raft.clone(),
@@ -96,7 +96,7 @@ pub async fn run(config: Config) -> Result<()> {
         leader_contact: Default::default(),
         leaving: Default::default(),
         removed: Default::default(),
-        events: crate::events::EventBus::new(config_node_id, &events_config),
+        events,
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);

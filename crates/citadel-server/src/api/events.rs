@@ -35,7 +35,7 @@ pub(super) async fn route(
             super::sys::need_sudo(app, caller, req, op)?;
             subscribe(app, caller)
         }
-        _ => {
+        "jobs" => {
             authorize_op(app, caller, req, op, Target::Action)?;
             if !req.stale_ok() {
                 app.linearize().await?;
@@ -43,6 +43,7 @@ pub(super) async fn route(
             let runs = app.state.read(|s| serde_json::to_value(&s.jobs.runs).unwrap_or(Value::Null));
             Ok(Reply::data(json!({ "runs": runs })))
         }
+        _ => Err(ApiError::no_route(&req.path)),
     }
 }
 

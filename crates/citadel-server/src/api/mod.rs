@@ -240,21 +240,20 @@ pub const REQUEST_ID_HEADER: &str = "x-citadel-request-id";
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let mut response = match (self.raw, self.body) {
-            _ if self.stream.is_some() => {
-                let (content_type, body) = self.stream.expect("checked above");
+        let mut response = match (self.stream, self.raw, self.body) {
+            (Some((content_type, body)), _, _) => {
                 let mut r = (self.status, body).into_response();
                 r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
                 r.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
                 r.extensions_mut().insert(crate::limits::Streaming);
                 r
             }
-            (Some((content_type, bytes)), _) => {
+            (None, Some((content_type, bytes)), _) => {
                 let mut r = (self.status, bytes).into_response();
                 r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
                 r
             }
-            (None, Some(mut body)) => {
+            (None, None, Some(mut body)) => {
                 if !self.warnings.is_empty() {
                     if let Some(obj) = body.as_object_mut() {
                         obj.insert("warnings".into(), json!(self.warnings));
@@ -262,7 +261,7 @@ impl IntoResponse for Reply {
                 }
                 (self.status, axum::Json(body)).into_response()
             }
-            (None, None) => self.status.into_response(),
+            (None, None, None) => self.status.into_response(),
         };
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
