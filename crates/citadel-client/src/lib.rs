@@ -41,6 +41,44 @@ pub struct Reply {
     pub headers: HeaderMap,
 }
 
+/// How long a streamed request may stay open before the client ends it (then reconnects).
+const STREAM_LIMIT: Duration = Duration::from_secs(7 * 86_400);
+/// Longest line accepted from a stream.
+const MAX_STREAM_LINE: usize = 1 << 20;
+
+/// Lines of a newline-delimited JSON answer, one JSON value each.
+pub struct LineStream {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+    addr: String,
+}
+
+impl LineStream {
+    /// The next line; `Ok(None)` once the server has ended the stream.
+    pub async fn next(&mut self) -> Result<Option<Value>, ClientError> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return serde_json::from_slice(&line[..end])
+                    .map(Some)
+                    .map_err(|e| ClientError::Decode(format!("a stream line is not JSON: {e}")));
+            }
+            if self.buffer.len() > MAX_STREAM_LINE {
+                return Err(ClientError::Decode(format!("a stream line exceeds {MAX_STREAM_LINE} bytes")));
+            }
+            let chunk = self
+                .response
+                .chunk()
+                .await
+                .map_err(|source| ClientError::Transport { addr: self.addr.clone(), source })?;
+            match chunk {
+                Some(bytes) => self.buffer.extend_from_slice(&bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -178,6 +216,28 @@ impl Client {
             .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
             .unwrap_or_default();
         Err(ClientError::Api { status, messages, body })
+    }
+
+    /// Opens a streamed endpoint answering newline-delimited JSON (`sys/events`, Citadel only).
+    /// A non-2xx answer is an error carrying the server's status and messages. The stream may
+    /// stay open for days; a caller notices a dead one by the server's heartbeats stopping.
+    pub async fn stream(&self, path: &str) -> Result<LineStream, ClientError> {
+        let mut builder = self.http.get(format!("{}/v1/{}", self.addr, path.trim_start_matches('/')));
+        if let Some(token) = &self.token {
+            builder = builder.header("X-Vault-Token", token);
+        }
+        let transport = |source| ClientError::Transport { addr: self.addr.clone(), source };
+        let response = builder.timeout(STREAM_LIMIT).send().await.map_err(transport)?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let messages = body["errors"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            return Err(ClientError::Api { status, messages, body });
+        }
+        Ok(LineStream { response, buffer: Vec::new(), addr: self.addr.clone() })
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {

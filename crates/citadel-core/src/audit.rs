@@ -31,7 +31,7 @@ pub struct AuditBody {
     /// The id the client got back with its answer (`request_id`, `X-Citadel-Request-Id`), so
     /// an answer can be matched to its event.
     pub request_id: String,
-    /// `request`, `login`, `seal`, `ha`.
+    /// `request`, `login`, `seal`, `ha`, `cluster_event`.
     pub kind: String,
     pub operation: String,
     pub path: String,
@@ -46,6 +46,10 @@ pub struct AuditBody {
     /// every other event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub summary: Option<RefusalSummary>,
+    /// Only on `cluster_event` events: what changed (e.g. `term 7, leader 2`), never a secret.
+    /// Absent from every other event, so their encoding (and chain hash) is what it always was.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// Refusals of one reason from one source address within one interval (§8.3): a flood of

@@ -191,6 +191,23 @@ pub enum Command {
         expires: UnixMillis,
         at: UnixMillis,
     },
+    /// Forgets records that expired by `now` (chosen by the leader's job): unused join tokens,
+    /// revoked serials whose certificates expired, and expired member certificates. Nothing
+    /// here is still valid, so nothing a client holds changes meaning.
+    PruneExpired {
+        now: UnixMillis,
+    },
+    /// The result of a leader-only job (§1.6): `job` ran on `node` while it led in `term`.
+    /// `apply` refuses it unless the log entry carrying it was created by that node in that
+    /// term (a deposed leader's late result), then applies `command` (if the run changed
+    /// anything) and records the run in the state's bounded job log.
+    JobResult {
+        term: u64,
+        node: crate::NodeId,
+        job: String,
+        at: UnixMillis,
+        command: Option<Box<Command>>,
+    },
 }
 
 impl Command {
@@ -228,6 +245,8 @@ impl Command {
             Command::EmergencyTokenRevoke { .. } => "emergency_token_revoke",
             Command::NodeCertRecord { .. } => "node_cert_record",
             Command::NodeCertsRevoke { .. } => "node_certs_revoke",
+            Command::PruneExpired { .. } => "prune_expired",
+            Command::JobResult { .. } => "job_result",
         }
     }
 
@@ -243,6 +262,8 @@ impl Command {
                 Command::Init(_)
                 | Command::SetClusterCa { .. }
                 | Command::TokensExpire { .. }
+                | Command::JobResult { .. }
+                | Command::PruneExpired { .. }
                 | Command::AuditShip { .. }
                 | Command::Authorized { .. } => Forwarding::Refused,
                 _ => Forwarding::Client,
@@ -314,6 +335,8 @@ pub enum Rejection {
     NodeCertInvalid(String),
     #[error("node certificate {0} is revoked")]
     NodeCertRevoked(String),
+    #[error("{0}")]
+    Job(crate::job::JobRefusal),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

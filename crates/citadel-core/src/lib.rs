@@ -10,6 +10,7 @@ pub mod audit;
 pub mod barrier;
 pub mod command;
 pub mod encoding;
+pub mod job;
 pub mod kv;
 pub mod policy;
 pub mod route;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditLog;
 use crate::command::{Command, InitCommand, Rejection, Response};
+use crate::job::{self, JobLog, JobRefusal, JobRun, LogPosition};
 use crate::kv::{KvStore, WriteRequest};
 use crate::policy::{self, Policy};
 use crate::token::{TokenEntry, User};
@@ -124,6 +125,9 @@ pub struct State {
     /// trailing slash (`corp/`).
     #[serde(default)]
     pub auth_mounts: BTreeMap<String, AuthMount>,
+    /// The latest leader-only job runs (bounded), in log order.
+    #[serde(default)]
+    pub jobs: JobLog,
 }
 
 impl State {
@@ -145,11 +149,23 @@ impl State {
         names.iter().filter_map(|n| self.policies.get(n))
     }
 
+    /// Applies a command that is not in a Raft log entry (tests, tools): like `apply_entry`,
+    /// except that a job result, whose term cannot be checked without its entry, is refused.
     pub fn apply(&mut self, command: Command) -> Response {
+        self.apply_at(None, command)
+    }
+
+    /// Applies the command carried by the log entry at `entry` (the state machine's path). The
+    /// entry's leader id is replicated with it, so every replica decides alike.
+    pub fn apply_entry(&mut self, entry: LogPosition, command: Command) -> Response {
+        self.apply_at(Some(&entry), command)
+    }
+
+    fn apply_at(&mut self, entry: Option<&LogPosition>, command: Command) -> Response {
         if !self.is_initialized() && !matches!(command, Command::Init(_) | Command::AuditShip { .. }) {
             return Response::Rejected(Rejection::NotInitialized);
         }
-        match self.apply_checked(command) {
+        match self.apply_checked(entry, command) {
             Ok(response) => response,
             Err(rejection) => Response::Rejected(rejection),
         }
@@ -159,7 +175,7 @@ impl State {
         self.mounts.get_mut(mount).map(|m| &mut m.kv).ok_or_else(|| Rejection::MountNotFound(mount.to_string()))
     }
 
-    fn apply_checked(&mut self, command: Command) -> Result<Response, Rejection> {
+    fn apply_checked(&mut self, entry: Option<&LogPosition>, command: Command) -> Result<Response, Rejection> {
         match command {
             Command::Init(init) => self.init(*init),
             Command::RotateKeyring { expected_term, new_term, wrapped_keyring, at } => {
@@ -322,7 +338,10 @@ impl State {
                 if token.is_expired(at) {
                     return Err(Rejection::TokenInvalid);
                 }
-                self.apply_checked(*command)
+                self.apply_checked(entry, *command)
+            }
+            Command::JobResult { term, node, job, at, command } => {
+                self.apply_job_result(entry, JobRun { job, term, node, index: 0, at }, command)
             }
             Command::TokenRevoke { hash } => {
                 if !self.tokens.contains_key(&hash) {
@@ -370,13 +389,25 @@ impl State {
                 self.revoked_serials.retain(|_, not_after| *not_after > now);
                 Ok(Response::Done)
             }
+            Command::PruneExpired { now } => {
+                self.join_tokens.retain(|_, t| !t.used && t.expires > now);
+                self.revoked_serials.retain(|_, not_after| *not_after > now);
+                for certs in self.node_certs.values_mut() {
+                    certs.retain(|_, not_after| *not_after > now);
+                }
+                self.node_certs.retain(|_, certs| !certs.is_empty());
+                Ok(Response::Done)
+            }
             Command::RestoreState { state } => {
                 if !state.is_initialized() {
                     return Err(Rejection::NotInitialized);
                 }
+                // The audit log and the job history record what happened; a restore keeps them.
                 let audit = std::mem::take(&mut self.audit);
+                let jobs = std::mem::take(&mut self.jobs);
                 *self = *state;
                 self.audit = audit;
+                self.jobs = jobs;
                 Ok(Response::Done)
             }
             Command::AuditShip { events } => {
@@ -384,6 +415,27 @@ impl State {
                 Ok(Response::AuditShipped { accepted })
             }
         }
+    }
+
+    /// A leader job's result: refused unless it comes from the entry's leader in the entry's
+    /// term; its command (only commands a job may propose) must apply too, or nothing changes.
+    fn apply_job_result(
+        &mut self,
+        entry: Option<&LogPosition>,
+        mut run: JobRun,
+        command: Option<Box<Command>>,
+    ) -> Result<Response, Rejection> {
+        job::check(&run.job, run.term, run.node, entry).map_err(Rejection::Job)?;
+        let response = match command.map(|c| *c) {
+            None => Response::Done,
+            Some(command @ (Command::TokensExpire { .. } | Command::PruneExpired { .. })) => {
+                self.apply_checked(entry, command)?
+            }
+            Some(other) => return Err(Rejection::Job(JobRefusal::NotAJobCommand(other.kind().into()))),
+        };
+        run.index = entry.map_or(0, |e| e.index);
+        self.jobs.record(run);
+        Ok(response)
     }
 
     fn init(&mut self, init: InitCommand) -> Result<Response, Rejection> {
@@ -633,6 +685,77 @@ mod tests {
         assert!(!state.tokens.contains_key("old"));
         assert!(state.tokens.contains_key("new"));
         assert!(state.tokens.contains_key("root"));
+    }
+
+    fn job_result(term: u64, node: u64, command: Option<Command>) -> Command {
+        Command::JobResult { term, node, job: "token_expiry".into(), at: 500, command: command.map(Box::new) }
+    }
+
+    #[test]
+    fn a_deposed_leaders_late_job_result_is_refused_and_changes_nothing() {
+        let mut state = initialized();
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(token("old", Some("root"), Some(10))) });
+        let before = state.clone();
+        // Node 1 led term 3 and swept; its result reaches the log only in an entry of term 4,
+        // created by the new leader (node 2).
+        let late = job_result(3, 1, Some(Command::TokensExpire { now: 500 }));
+        let entry = LogPosition { term: 4, leader: 2, index: 40 };
+        assert_eq!(
+            state.apply_entry(entry, late.clone()),
+            Response::Rejected(Rejection::Job(JobRefusal::StaleTerm {
+                job: "token_expiry".into(),
+                job_term: 3,
+                entry_term: 4
+            }))
+        );
+        assert_eq!(state, before, "the late result neither swept nor recorded a run");
+        // A result claiming another node than the entry's leader is refused too.
+        let forged = job_result(4, 1, Some(Command::TokensExpire { now: 500 }));
+        assert!(matches!(
+            state.apply_entry(entry, forged),
+            Response::Rejected(Rejection::Job(JobRefusal::NotFromEntryLeader { .. }))
+        ));
+        // Outside a log entry, the term cannot be checked: refused.
+        assert!(matches!(state.apply(late), Response::Rejected(Rejection::Job(JobRefusal::OutsideLog))));
+        assert_eq!(state, before);
+        // The new leader's own result, in its own term, applies and is recorded.
+        let current = job_result(4, 2, Some(Command::TokensExpire { now: 500 }));
+        assert_eq!(state.apply_entry(entry, current), Response::Done);
+        assert!(!state.tokens.contains_key("old"));
+        let run = state.jobs.runs.back().expect("a run is recorded");
+        assert_eq!((run.term, run.node, run.index, run.job.as_str()), (4, 2, 40, "token_expiry"));
+    }
+
+    #[test]
+    fn pruning_forgets_only_expired_records() {
+        let mut state = initialized();
+        state.apply(Command::JoinTokenCreate { hash: "old".into(), expires: 10, node_id: None });
+        state.apply(Command::JoinTokenCreate { hash: "new".into(), expires: 1_000, node_id: None });
+        state.apply(record(2, "0a", 50, 1));
+        state.apply(record(2, "0b", 5_000, 1));
+        state.apply(record(3, "0c", 50, 1));
+        state.apply(record(4, "0d", 60, 1));
+        state.apply(Command::NodeCertsRevoke { node_id: 4, now: 1 });
+        assert_eq!(state.apply(Command::PruneExpired { now: 100 }), Response::Done);
+        assert_eq!(state.join_tokens.keys().collect::<Vec<_>>(), vec!["new"]);
+        assert_eq!(state.node_certs.keys().collect::<Vec<_>>(), vec![&2]);
+        assert_eq!(state.node_certs[&2].keys().collect::<Vec<_>>(), vec!["0b"]);
+        assert!(!state.is_serial_revoked("0d"), "a revoked certificate that expired is forgotten");
+    }
+
+    #[test]
+    fn a_job_result_carries_only_job_commands() {
+        let mut state = initialized();
+        let before = state.clone();
+        let entry = LogPosition { term: 2, leader: 1, index: 9 };
+        let smuggled = job_result(2, 1, Some(Command::TokenRevoke { hash: "root".into() }));
+        assert!(matches!(
+            state.apply_entry(entry, smuggled),
+            Response::Rejected(Rejection::Job(JobRefusal::NotAJobCommand(_)))
+        ));
+        assert_eq!(state, before);
+        assert_eq!(state.apply_entry(entry, job_result(2, 1, None)), Response::Done);
+        assert_eq!(state.jobs.runs.len(), 1, "a run with nothing to change is still recorded");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use citadel_core::audit::{AuditBody, AuditEvent, GENESIS};
 use citadel_core::command::{Command, InitCommand, Response};
+use citadel_core::job::LogPosition;
 use citadel_core::kv::{KvConfig, KvStore, MetadataUpdate};
 use citadel_core::policy::{self, Caps, Policy, Rule};
 use citadel_core::state::{ClusterInfo, JoinToken, Mount, SealInfo, State};
@@ -216,6 +217,22 @@ fn other_command() -> BoxedStrategy<Command> {
         }),
         name().prop_map(|hash| Command::TokenRevoke { hash }),
         number().prop_map(|now| Command::TokensExpire { now }),
+        number().prop_map(|now| Command::PruneExpired { now }),
+        (1u64..6, 1u64..4, name(), number(), any::<bool>()).prop_map(|(term, node, job, at, sweep)| {
+            Command::JobResult {
+                term,
+                node,
+                job,
+                at,
+                command: sweep.then(|| {
+                    Box::new(if at % 2 == 0 {
+                        Command::TokensExpire { now: at }
+                    } else {
+                        Command::PruneExpired { now: at }
+                    })
+                }),
+            }
+        }),
         audit_events().prop_map(|events| Command::AuditShip { events }),
         (name(), number(), proptest::option::of(1u64..4))
             .prop_map(|(hash, expires, node_id)| Command::JoinTokenCreate { hash, expires, node_id }),
@@ -283,13 +300,16 @@ proptest! {
     fn apply_never_panics_and_rejected_commands_change_nothing(commands in sequence()) {
         let mut state = State::default();
         let mut replica = State::default();
-        for command in commands {
+        for (i, command) in commands.into_iter().enumerate() {
+            // Entries of a few terms, each led by some node: job results must match them.
+            let i = i as u64;
+            let entry = LogPosition { term: 1 + i / 8, leader: 1 + (i / 8) % 3, index: i + 1 };
             let before = state.clone();
-            let response = state.apply(command.clone());
+            let response = state.apply_entry(entry, command.clone());
             if let Response::Rejected(rejection) = &response {
                 prop_assert_eq!(&state, &before, "rejected ({}) yet the state changed: {:?}", rejection, command);
             }
-            prop_assert_eq!(replica.apply(command), response);
+            prop_assert_eq!(replica.apply_entry(entry, command), response);
         }
         prop_assert_eq!(state, replica);
     }

@@ -42,6 +42,8 @@ pub struct App {
     pub leaving: tokio::sync::RwLock<bool>,
     /// This node was removed from the cluster (its `REMOVED` marker): it serves no client request.
     pub removed: std::sync::atomic::AtomicBool,
+    /// The node's event stream (§9.2).
+    pub events: crate::events::EventBus,
 }
 
 /// The request a node is serving, for the commands it proposes and the reads it makes.

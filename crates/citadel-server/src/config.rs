@@ -38,6 +38,102 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+/// How often each leader-only job runs (§1.6, `jobs.rs`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// The expiry sweep: removes expired tokens and revoked emergency tokens past their expiry.
+    #[serde(default = "default_token_sweep_ms")]
+    pub token_sweep_ms: u64,
+    /// Forgets expired records: unused join tokens, revoked and member certificates.
+    #[serde(default = "default_prune_ms")]
+    pub prune_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { token_sweep_ms: default_token_sweep_ms(), prune_ms: default_prune_ms() }
+    }
+}
+
+fn default_token_sweep_ms() -> u64 {
+    30_000
+}
+fn default_prune_ms() -> u64 {
+    3_600_000
+}
+
+/// Shortest job interval: each run commits a Raft entry.
+pub const MIN_JOB_INTERVAL_MS: u64 = 100;
+/// Longest job interval: a day.
+pub const MAX_JOB_INTERVAL_MS: u64 = 86_400_000;
+
+impl JobsConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let intervals = [("jobs.token_sweep_ms", self.token_sweep_ms), ("jobs.prune_ms", self.prune_ms)];
+        match intervals.into_iter().find(|(_, ms)| !(MIN_JOB_INTERVAL_MS..=MAX_JOB_INTERVAL_MS).contains(ms)) {
+            Some((key, _)) => {
+                Err((key, format!("must be between {MIN_JOB_INTERVAL_MS} and {MAX_JOB_INTERVAL_MS} milliseconds")))
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// The node's event stream (`events.rs`, `GET sys/events`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Events buffered for subscribers; one that falls further behind is told how many it missed.
+    #[serde(default = "default_events_buffer")]
+    pub buffer: usize,
+    /// Subscribers to `sys/events` at once; further ones get 429.
+    #[serde(default = "default_events_max_subscribers")]
+    pub max_subscribers: usize,
+    /// An idle stream gets a heartbeat line this often.
+    #[serde(default = "default_events_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            buffer: default_events_buffer(),
+            max_subscribers: default_events_max_subscribers(),
+            heartbeat_ms: default_events_heartbeat_ms(),
+        }
+    }
+}
+
+fn default_events_buffer() -> usize {
+    256
+}
+fn default_events_max_subscribers() -> usize {
+    32
+}
+fn default_events_heartbeat_ms() -> u64 {
+    5_000
+}
+
+impl EventsConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=65_536).contains(&self.buffer) {
+            return Err(("events.buffer", "must be between 1 and 65536".into()));
+        }
+        if !(1..=4096).contains(&self.max_subscribers) {
+            return Err(("events.max_subscribers", "must be between 1 and 4096".into()));
+        }
+        if !(100..=600_000).contains(&self.heartbeat_ms) {
+            return Err(("events.heartbeat_ms", "must be between 100 and 600000 milliseconds".into()));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -438,6 +534,11 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_LIMITS_HEADER_READ_TIMEOUT_MS", &["limits", "header_read_timeout_ms"]),
     ("CITADEL_LIMITS_IDLE_TIMEOUT_MS", &["limits", "idle_timeout_ms"]),
     ("CITADEL_LIMITS_MAX_TOKENS_PER_OWNER", &["limits", "max_tokens_per_owner"]),
+    ("CITADEL_JOBS_TOKEN_SWEEP_MS", &["jobs", "token_sweep_ms"]),
+    ("CITADEL_JOBS_PRUNE_MS", &["jobs", "prune_ms"]),
+    ("CITADEL_EVENTS_BUFFER", &["events", "buffer"]),
+    ("CITADEL_EVENTS_MAX_SUBSCRIBERS", &["events", "max_subscribers"]),
+    ("CITADEL_EVENTS_HEARTBEAT_MS", &["events", "heartbeat_ms"]),
 ];
 
 #[derive(Debug)]
@@ -521,6 +622,8 @@ impl Config {
         }
         self.limits.validate()?;
         self.audit.validate()?;
+        self.jobs.validate()?;
+        self.events.validate()?;
         Ok(())
     }
 
@@ -625,6 +728,21 @@ mod tests {
         assert_eq!(c.audit.refusal_summary_interval_ms, 10_000);
         let c = parse(GOOD, &[("CITADEL_LIMITS_MAX_CONNECTIONS_PER_SOURCE", "8")]).unwrap();
         assert_eq!(c.limits.max_connections_per_source, 8);
+    }
+
+    #[test]
+    fn job_intervals_and_event_limits_are_configurable_and_checked() {
+        let c = parse(GOOD, &[]).unwrap();
+        assert_eq!(c.jobs.token_sweep_ms, 30_000);
+        assert_eq!((c.events.buffer, c.events.max_subscribers), (256, 32));
+        let c = parse(GOOD, &[("CITADEL_JOBS_TOKEN_SWEEP_MS", "200")]).unwrap();
+        assert_eq!(c.jobs.token_sweep_ms, 200);
+        let err = parse(GOOD, &[("CITADEL_JOBS_TOKEN_SWEEP_MS", "5")]).unwrap_err().0;
+        assert!(err.contains("`jobs.token_sweep_ms`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[jobs]\nprune_ms = 86400001\n"), &[]).unwrap_err().0;
+        assert!(err.contains("`jobs.prune_ms`"), "{err}");
+        let err = parse(&format!("{GOOD}\n[events]\nmax_subscribers = 0\n"), &[]).unwrap_err().0;
+        assert!(err.contains("`events.max_subscribers`"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`seal`]: the node's keys (in memory only while unsealed).
 //! - [`audit`]: the local audit spool (fsynced before answering) and its shipping.
 //! - [`cluster`]: Raft transport over mutual TLS.
-//! - [`server`]: wiring and background jobs.
+//! - [`jobs`]: leader-only periodic jobs; [`events`]: the node's typed event stream.
+//! - [`server`]: wiring and the node's background tasks.
 
 pub mod api;
 pub mod app;
@@ -14,9 +15,11 @@ pub mod audit_shipping;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod events;
 pub mod forwarded;
 pub mod ha;
 pub mod ids;
+pub mod jobs;
 pub mod limits;
 pub mod membership;
 pub mod metrics;

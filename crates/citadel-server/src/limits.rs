@@ -150,6 +150,19 @@ impl Drop for Busy {
     }
 }
 
+/// Marks a response whose body is streamed (`GET sys/events`).
+#[derive(Clone, Copy, Debug)]
+pub struct Streaming;
+
+/// Holds `busy` until the body has been written out (or the client went away).
+fn busy_until_end(body: axum::body::Body, busy: Busy) -> axum::body::Body {
+    use futures::StreamExt;
+    axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+        let _held = &busy;
+        chunk
+    }))
+}
+
 /// Serves HTTP/1.1 or HTTP/2 (whichever the peer speaks) on one connection, with the header
 /// read timeout, and closes the connection once it has had no request in flight for the idle
 /// timeout (this also covers a peer that never sends a first byte).
@@ -165,8 +178,17 @@ where
             let router = router.clone();
             async move {
                 let response = tower::ServiceExt::oneshot(router, request).await;
-                drop(busy);
-                response
+                match response {
+                    // A streamed answer keeps the connection busy until its body ends, or the
+                    // idle timeout would cut a live event stream.
+                    Ok(r) if r.extensions().get::<Streaming>().is_some() => {
+                        Ok(r.map(|body| busy_until_end(body, busy)))
+                    }
+                    other => {
+                        drop(busy);
+                        other
+                    }
+                }
             }
         })
     };

@@ -23,6 +23,8 @@ enum SealState {
 
 pub struct SealManager {
     inner: RwLock<SealState>,
+    /// Whether the node is sealed, for the event stream (`events.rs`): one value, never a queue.
+    sealed: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -50,7 +52,10 @@ fn new_nonce() -> String {
 
 impl Default for SealManager {
     fn default() -> Self {
-        SealManager { inner: RwLock::new(SealState::Sealed { shares: Vec::new(), nonce: new_nonce() }) }
+        SealManager {
+            inner: RwLock::new(SealState::Sealed { shares: Vec::new(), nonce: new_nonce() }),
+            sealed: tokio::sync::watch::channel(true).0,
+        }
     }
 }
 
@@ -61,6 +66,15 @@ impl SealManager {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, SealState> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes of the sealed flag (true: sealed), for the event stream.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.sealed.subscribe()
+    }
+
+    fn announce(&self, sealed: bool) {
+        self.sealed.send_if_modified(|current| std::mem::replace(current, sealed) != sealed);
     }
 
     pub fn is_sealed(&self) -> bool {
@@ -109,6 +123,8 @@ impl SealManager {
         match outcome {
             Ok(keys) => {
                 *guard = SealState::Unsealed(Arc::new(keys));
+                drop(guard);
+                self.announce(false);
                 Ok(())
             }
             Err(e) => {
@@ -122,11 +138,13 @@ impl SealManager {
     pub fn unseal_with_key(&self, key: &Key, info: &SealInfo) -> Result<(), UnsealError> {
         let keys = open(key, info)?;
         *self.write() = SealState::Unsealed(Arc::new(keys));
+        self.announce(false);
         Ok(())
     }
 
     pub fn seal(&self) {
         *self.write() = SealState::Sealed { shares: Vec::new(), nonce: new_nonce() };
+        self.announce(true);
     }
 
     /// Reloads the keyring when another node rotated it (the state's term moved on).

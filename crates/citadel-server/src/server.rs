@@ -1,4 +1,4 @@
-//! Starting a node: storage, Raft, listeners, and the background jobs.
+//! Starting a node: storage, Raft, listeners, and the background tasks (leader jobs: `jobs.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use citadel_core::barrier::Key;
-use citadel_core::command::Command;
 use citadel_storage::types::Raft;
 use tokio::net::TcpListener;
 
@@ -22,7 +21,6 @@ use crate::audit::{AuditSpool, RefusalLog};
 use crate::auth::{BackoffPolicy, HashPool, LoginLimiter};
 use crate::cluster::{self, ClusterNetwork};
 use crate::config::{Config, SealKind};
-use crate::ids;
 use crate::limits::ConnectionLimits;
 use crate::tls;
 
@@ -83,6 +81,7 @@ pub async fn run(config: Config) -> Result<()> {
         Duration::from_millis(config.limits.password_hash_wait_ms),
     );
     let refusals = RefusalLog::new(config.audit.refusal_summary_keys, config.audit.max_path_bytes);
+    let events = crate::events::EventBus::new(config.node_id, &config.events);
     let app = Arc::new(App {
         config,
         raft: raft.clone(),
@@ -99,6 +98,7 @@ pub async fn run(config: Config) -> Result<()> {
         active_since: Default::default(),
         leaving: Default::default(),
         removed: Default::default(),
+        events,
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);
@@ -114,7 +114,8 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
     tokio::spawn(crate::audit::write_refusal_summaries(app.clone()));
     tokio::spawn(crate::audit_shipping::ship_audit(app.clone()));
-    tokio::spawn(sweep_expired_tokens(app.clone()));
+    tokio::spawn(crate::jobs::run(app.clone()));
+    tokio::spawn(crate::events::watch(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
     tokio::spawn(crate::peer::watch_membership(app.clone()));
@@ -303,26 +304,12 @@ async fn watch_leadership(app: Arc<App>) {
             app.touch_leader();
         }
         if leader != last {
-            let since = if leader == Some(app.node_id()) { ids::now_ms() } else { 0 };
+            let since = if leader == Some(app.node_id()) { crate::ids::now_ms() } else { 0 };
             app.active_since.store(since, std::sync::atomic::Ordering::Relaxed);
         }
         last = leader;
         if metrics.changed().await.is_err() {
             return;
-        }
-    }
-}
-
-/// Leader-only job: removes expired tokens from the replicated state.
-async fn sweep_expired_tokens(app: Arc<App>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(30)).await;
-        if !app.is_leader() {
-            continue;
-        }
-        let now = ids::now_ms();
-        if app.state.read(|s| s.tokens.values().any(|t| t.is_expired(now))) {
-            let _ = app.propose(Command::TokensExpire { now }).await;
         }
     }
 }

@@ -170,7 +170,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 applied.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => Response::Done,
-                    EntryPayload::Normal(command) => applied.state.apply(command),
+                    EntryPayload::Normal(command) => {
+                        // The entry's leader id (term and node) is replicated with it: a leader
+                        // job's result is checked against it (§1.6), alike on every replica.
+                        let position = citadel_core::job::LogPosition {
+                            term: entry.log_id.leader_id.term,
+                            leader: entry.log_id.leader_id.node_id,
+                            index: entry.log_id.index,
+                        };
+                        applied.state.apply_entry(position, command)
+                    }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::Done

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -325,48 +326,118 @@ pub async fn run(nodes: usize, dir: &Path, port: u16) -> Result<()> {
     out!("  source {}/env    # then: citadel kv put secret/hello password=s3cret", layout.dir.display());
     out!("  Ctrl-C stops every node; run again with the same --dir to resume.");
 
-    watch(&layout, guard).await
+    watch(&layout, &root, guard).await
 }
 
-/// Prints leader changes and nodes going down or up until Ctrl-C (or SIGTERM), then stops the
-/// nodes it started.
-async fn watch(layout: &Layout, mut guard: ChildGuard) -> Result<()> {
-    let clients: Vec<Client> = (0..layout.nodes).map(|i| layout.client(i)).collect::<Result<_>>()?;
-    let mut last: Vec<Option<(u16, Option<u64>)>> = vec![None; layout.nodes];
-    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+/// Prints cluster events from every node's event stream (`GET sys/events`) until Ctrl-C (or
+/// SIGTERM), then stops the nodes it started. A node that dies is reported down; when it comes
+/// back, its stream is picked up again.
+async fn watch(layout: &Layout, root: &str, mut guard: ChildGuard) -> Result<()> {
+    let printer = Arc::new(Mutex::new(Printer::default()));
+    let mut followers = tokio::task::JoinSet::new();
+    for i in 0..layout.nodes {
+        let client = layout.client(i)?.with_token(root.to_string());
+        followers.spawn(follow(layout.node_id(i), client, printer.clone()));
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => {
-                guard.stop();
-                return Ok(());
-            }
-            _ = tokio::signal::ctrl_c() => {
-                out!("stopping {} node(s)", layout.nodes);
-                guard.stop();
-                return Ok(());
-            }
-            _ = ticker.tick() => {}
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => out!("stopping {} node(s)", layout.nodes),
+    }
+    followers.abort_all();
+    guard.stop();
+    Ok(())
+}
+
+/// A stream silent for this long (heartbeats come every 5 s by default) is taken for dead.
+const STREAM_SILENCE: Duration = Duration::from_secs(15);
+/// How often a node that is down is tried again.
+const RECONNECT: Duration = Duration::from_millis(500);
+
+/// Follows one node's event stream, reconnecting whenever it ends.
+async fn follow(id: u64, client: Client, printer: Arc<Mutex<Printer>>) {
+    let mut state = String::new();
+    let mut report = |now: String| {
+        if now != state {
+            out!("[{}] node {id} {now}", clock());
+            state = now;
         }
-        for (i, client) in clients.iter().enumerate() {
-            let now = match client.health().await {
-                Ok(reply) => Some((reply.status.as_u16(), reply.body["leader_id"].as_u64())),
-                Err(_) => None,
-            };
-            if now != last[i] {
-                let id = layout.node_id(i);
-                match (&last[i], &now) {
-                    (_, None) => out!("[{}] node {id} is down", clock()),
-                    (None, Some((code, leader))) => {
-                        out!("[{}] node {id} is up (health {code}, leader {leader:?})", clock())
+    };
+    loop {
+        match client.stream("sys/events").await {
+            Ok(mut stream) => {
+                report("is up".into());
+                while let Ok(Ok(Some(line))) = tokio::time::timeout(STREAM_SILENCE, stream.next()).await {
+                    if let Some(text) = lock(&printer).describe(&line) {
+                        out!("[{}] {text}", clock());
                     }
-                    (Some((_, old)), Some((code, leader))) if old != leader => {
-                        out!("[{}] node {id} sees leader {leader:?} (was {old:?}), health {code}", clock())
-                    }
-                    (Some(_), Some((code, _))) => out!("[{}] node {id} health {code}", clock()),
                 }
-                last[i] = now;
+                report("is down".into());
             }
+            Err(citadel_client::ClientError::Transport { .. }) => report("is down".into()),
+            Err(e) => {
+                report(format!("does not serve events yet ({})", e.status().map_or(e.to_string(), |s| s.to_string())))
+            }
+        }
+        tokio::time::sleep(RECONNECT).await;
+    }
+}
+
+fn lock(printer: &Mutex<Printer>) -> std::sync::MutexGuard<'_, Printer> {
+    printer.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Turns event lines into text, once per cluster-wide fact: every node reports a leader change
+/// and membership change, but each is printed once.
+#[derive(Default)]
+struct Printer {
+    leader_term: u64,
+    membership: String,
+}
+
+impl Printer {
+    fn describe(&mut self, line: &serde_json::Value) -> Option<String> {
+        let node = line["node"].as_u64().unwrap_or(0);
+        let num = |key: &str| line[key].as_u64().unwrap_or(0);
+        match line["type"].as_str()? {
+            "leader_changed" => {
+                let term = num("term");
+                if term <= self.leader_term {
+                    return None;
+                }
+                self.leader_term = term;
+                Some(format!("leader changed: node {} leads (term {term})", num("leader")))
+            }
+            // A new subscription says who leads: printed if no later leader was announced.
+            "subscribed" if line["leader"].is_u64() && num("term") > self.leader_term => {
+                self.leader_term = num("term");
+                Some(format!("node {} leads (term {})", num("leader"), num("term")))
+            }
+            "node_unreachable" => Some(format!("node {} unreachable (seen by leader {node})", num("id"))),
+            "node_back" => Some(format!("node {} is back (seen by leader {node})", num("id"))),
+            "read_only_entered" => {
+                Some(format!("node {node}: read-only entered (no leader; reads served from its replica)"))
+            }
+            "read_only_left" => Some(format!("node {node}: read-only left")),
+            "sealed" => Some(format!("node {node} sealed")),
+            "unsealed" => Some(format!("node {node} unsealed")),
+            "membership_changed" => {
+                let now = format!("voters {}, learners {}", line["voters"], line["learners"]);
+                if now == self.membership {
+                    return None;
+                }
+                self.membership = now.clone();
+                Some(format!("membership changed: {now}"))
+            }
+            "job_result" if line["outcome"] != serde_json::json!("done") => Some(format!(
+                "job {} on node {node} (term {}): {}",
+                line["job"].as_str().unwrap_or("?"),
+                num("term"),
+                line["outcome"].as_str().unwrap_or("?")
+            )),
+            "lagged" => Some(format!("node {node}: {} events were missed (the watcher fell behind)", num("missed"))),
+            "closed" => Some(format!("node {node} closed its event stream: {}", line["reason"].as_str().unwrap_or(""))),
+            _ => None,
         }
     }
 }
@@ -405,5 +476,23 @@ impl ChildGuard {
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_change_reported_by_every_node_is_printed_once() {
+        let mut printer = Printer::default();
+        let change = |node: u64| json!({ "type": "leader_changed", "node": node, "term": 4, "leader": 2 });
+        assert_eq!(printer.describe(&change(2)).as_deref(), Some("leader changed: node 2 leads (term 4)"));
+        assert_eq!(printer.describe(&change(3)), None);
+        let unreachable = json!({ "type": "node_unreachable", "node": 2, "id": 1 });
+        assert_eq!(printer.describe(&unreachable).as_deref(), Some("node 1 unreachable (seen by leader 2)"));
+        let done = json!({ "type": "job_result", "node": 2, "job": "token_expiry", "term": 4, "outcome": "done" });
+        assert_eq!(printer.describe(&done), None, "routine job runs are not printed");
+        assert_eq!(printer.describe(&json!({ "type": "heartbeat", "node": 2 })), None);
     }
 }

@@ -5,6 +5,7 @@
 
 mod auth;
 mod barrier_view;
+mod events;
 mod kv;
 mod node_error;
 pub mod openapi;
@@ -163,6 +164,8 @@ pub struct Reply {
     pub raw: Option<(&'static str, Vec<u8>)>,
     pub warnings: Vec<String>,
     pub headers: Vec<(&'static str, String)>,
+    /// A body written as it is produced (`sys/events`), with its content type.
+    pub stream: Option<(&'static str, axum::body::Body)>,
 }
 
 /// Vault's response envelope.
@@ -188,13 +191,17 @@ impl Reply {
         Reply::json(StatusCode::OK, envelope(Value::Null, auth))
     }
     pub fn json(status: StatusCode, body: Value) -> Reply {
-        Reply { status, body: Some(body), raw: None, warnings: vec![], headers: vec![] }
+        Reply { status, body: Some(body), raw: None, warnings: vec![], headers: vec![], stream: None }
     }
     pub fn empty() -> Reply {
-        Reply { status: StatusCode::NO_CONTENT, body: None, raw: None, warnings: vec![], headers: vec![] }
+        Reply { status: StatusCode::NO_CONTENT, body: None, raw: None, warnings: vec![], headers: vec![], stream: None }
     }
     pub fn raw(status: StatusCode, content_type: &'static str, bytes: Vec<u8>) -> Reply {
-        Reply { status, body: None, raw: Some((content_type, bytes)), warnings: vec![], headers: vec![] }
+        Reply { status, body: None, raw: Some((content_type, bytes)), warnings: vec![], headers: vec![], stream: None }
+    }
+    /// A streamed answer: the connection counts as busy until the body ends (`limits.rs`).
+    pub fn stream(content_type: &'static str, body: axum::body::Body) -> Reply {
+        Reply { stream: Some((content_type, body)), ..Reply::json(StatusCode::OK, Value::Null) }
     }
 }
 
@@ -217,13 +224,20 @@ pub const REQUEST_ID_HEADER: &str = "x-citadel-request-id";
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let mut response = match (self.raw, self.body) {
-            (Some((content_type, bytes)), _) => {
+        let mut response = match (self.stream, self.raw, self.body) {
+            (Some((content_type, body)), _, _) => {
+                let mut r = (self.status, body).into_response();
+                r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
+                r.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+                r.extensions_mut().insert(crate::limits::Streaming);
+                r
+            }
+            (None, Some((content_type, bytes)), _) => {
                 let mut r = (self.status, bytes).into_response();
                 r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
                 r
             }
-            (None, Some(mut body)) => {
+            (None, None, Some(mut body)) => {
                 if !self.warnings.is_empty() {
                     if let Some(obj) = body.as_object_mut() {
                         obj.insert("warnings".into(), json!(self.warnings));
@@ -231,7 +245,7 @@ impl IntoResponse for Reply {
                 }
                 (self.status, axum::Json(body)).into_response()
             }
-            (None, None) => self.status.into_response(),
+            (None, None, None) => self.status.into_response(),
         };
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {

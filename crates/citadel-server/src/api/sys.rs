@@ -528,6 +528,11 @@ pub fn routes() -> Vec<Route<Handler>> {
                 .with_params(TRANSFER_PARAMS)],
         ),
         route(
+            "sys/events",
+            vec![op::sudo(Op::Read, "The node's event stream (NDJSON)", handler!(super::events::subscribe)).local()],
+        ),
+        route("sys/jobs", vec![op::read("The latest leader-only job runs", handler!(super::events::jobs))]),
+        route(
             "sys/audit/events",
             vec![op::sudo(Op::Read, "Replicated audit events", handler!(audit_events)).with_params(AUDIT_PARAMS)],
         ),

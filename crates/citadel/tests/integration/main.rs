@@ -1,5 +1,5 @@
 //! Integration tests: real `citadel server` processes on 127.0.0.1, driven over HTTPS.
-//! Each test owns its ports (listed here) so none can collide: 21000 + 10·k.
+//! Each test owns its ports (listed here) so none can collide: 21000 + 10·k; `jobs`: 27500–27999.
 
 mod acl;
 mod api_auth;
@@ -9,6 +9,7 @@ mod cluster;
 mod crash;
 mod files;
 mod harness;
+mod jobs;
 mod limits;
 mod routes;
 mod security;

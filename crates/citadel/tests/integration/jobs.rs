@@ -1,0 +1,191 @@
+//! Leader-only jobs and the event stream, through a leader's death (kill -9). Ports 27500–27999.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use citadel::dev;
+use citadel_client::{Client, ClientError, LineStream};
+use serde_json::{json, Value};
+
+use crate::harness::{Cluster, STARTUP};
+
+/// Short intervals, so runs on both sides of the failover come quickly.
+const FAST_JOBS: &str = "[jobs]\ntoken_sweep_ms = 200\n";
+
+/// One committed job run, as `GET sys/jobs` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Run {
+    job: String,
+    term: u64,
+    node: u64,
+}
+
+/// Adds the job log as one node sees it to `runs` (keyed by log index). Errors (an election
+/// under way) are ignored: the caller polls again.
+async fn collect_runs(client: &Client, runs: &mut BTreeMap<u64, Run>) {
+    let Ok(body) = client.get("sys/jobs").await else { return };
+    for run in body["data"]["runs"].as_array().into_iter().flatten() {
+        let index = run["index"].as_u64().expect("index");
+        let run = Run {
+            job: run["job"].as_str().expect("job").to_string(),
+            term: run["term"].as_u64().expect("term"),
+            node: run["node"].as_u64().expect("node"),
+        };
+        let held = runs.entry(index).or_insert_with(|| run.clone());
+        assert_eq!(*held, run, "log index {index} holds one run, whichever node is asked");
+    }
+}
+
+/// Polls the job log through `client` until `enough` says the runs collected so far suffice.
+async fn runs_until(
+    client: &Client,
+    runs: &mut BTreeMap<u64, Run>,
+    what: &str,
+    enough: impl Fn(&BTreeMap<u64, Run>) -> bool,
+) {
+    let deadline = Instant::now() + STARTUP;
+    while !enough(runs) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; runs so far: {runs:?}");
+        collect_runs(client, runs).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_periodic_job_runs_on_exactly_one_node_per_term_across_a_leader_change() {
+    let mut cluster = Cluster::start_nodes(3, 27500, true, FAST_JOBS).await;
+    let leader = cluster.leader().await;
+    let old_leader = cluster.layout.node_id(leader);
+    let survivor = (0..3).find(|i| *i != leader).expect("a follower");
+    let client = cluster.root_at(survivor);
+    let mut runs = BTreeMap::new();
+    runs_until(&client, &mut runs, "three runs by the first leader", |runs| {
+        runs.values().filter(|r| r.node == old_leader).count() >= 3
+    })
+    .await;
+
+    cluster.kill9_at(leader);
+    runs_until(&client, &mut runs, "three runs by a new leader", |runs| {
+        runs.values().filter(|r| r.node != old_leader).count() >= 3
+    })
+    .await;
+
+    // In log order, terms never go back, and each term's runs all come from one node.
+    let mut by_term: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut last_term = 0;
+    for (index, run) in &runs {
+        assert_eq!(run.job, "token_expiry");
+        assert!(run.term >= last_term, "run at index {index} is of term {} after term {last_term}: {runs:?}", run.term);
+        last_term = run.term;
+        by_term.entry(run.term).or_default().insert(run.node);
+    }
+    for (term, nodes) in &by_term {
+        assert_eq!(nodes.len(), 1, "term {term} has job runs from nodes {nodes:?}");
+    }
+    let old_terms: Vec<u64> = by_term.iter().filter(|(_, n)| n.contains(&old_leader)).map(|(t, _)| *t).collect();
+    let new_terms: Vec<u64> = by_term.iter().filter(|(_, n)| !n.contains(&old_leader)).map(|(t, _)| *t).collect();
+    assert!(old_terms.iter().max() < new_terms.iter().min(), "the new leader's runs come in later terms: {by_term:?}");
+}
+
+/// Subscribes, retrying while the node answers 503 (an election, or a read index not served
+/// yet): elections happen under load.
+async fn subscribe(client: &Client) -> LineStream {
+    dev::wait_for("an event subscription", STARTUP, || async {
+        match client.stream("sys/events").await {
+            Ok(stream) => Some(stream),
+            Err(e) if e.status().map(|s| s.as_u16()) == Some(503) => None,
+            Err(ClientError::Transport { .. }) => None,
+            Err(e) => panic!("subscribing failed: {e}"),
+        }
+    })
+    .await
+    .expect("subscribed")
+}
+
+/// Reads lines until one satisfies `wanted`, within the deadline.
+async fn line_where(stream: &mut LineStream, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("the stream stays readable")
+            .unwrap_or_else(|| panic!("the stream ended before {what}"));
+        if wanted(&line) {
+            return line;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_event_stream_reports_a_leader_change_and_the_dead_leader_and_refuses_tokens_without_sudo() {
+    let mut cluster = Cluster::start_nodes(3, 27550, true, "[events]\nmax_subscribers = 2\n").await;
+    let leader = cluster.leader().await;
+    let old_leader = cluster.layout.node_id(leader);
+    let watcher = (0..3).find(|i| *i != leader).expect("a follower");
+
+    // `read` on sys/events is not enough: the stream needs sudo.
+    let root = cluster.root_at(watcher);
+    let policy = r#"path "sys/events" { capabilities = ["read", "list"] }"#;
+    root.post("sys/policies/acl/events-reader", &json!({ "policy": policy })).await.unwrap();
+    let token = root.post("auth/token/create", &json!({ "policies": ["events-reader"] })).await.unwrap();
+    let token = token["auth"]["client_token"].as_str().expect("token").to_string();
+    let refused = cluster.anonymous_at(watcher).with_token(token).stream("sys/events").await;
+    assert_eq!(refused.err().and_then(|e| e.status()).map(|s| s.as_u16()), Some(403));
+
+    let mut stream = subscribe(&root).await;
+    let hello = line_where(&mut stream, "the subscribed line", |l| l["type"] == json!("subscribed")).await;
+    assert_eq!(hello["node"], json!(cluster.layout.node_id(watcher)));
+    let old_term = hello["term"].as_u64().expect("term");
+
+    // Subscribers are capped: one more fits, the next is 429.
+    let second = subscribe(&cluster.root_at(watcher)).await;
+    let third = cluster.root_at(watcher).stream("sys/events").await;
+    assert_eq!(third.err().and_then(|e| e.status()).map(|s| s.as_u16()), Some(429));
+    drop(second);
+    // The other follower's stream too: whichever follower takes over reports the dead leader.
+    let other = (0..3).find(|i| *i != leader && *i != watcher).expect("another follower");
+    let mut other_stream = subscribe(&cluster.root_at(other)).await;
+
+    cluster.kill9_at(leader);
+    let change = line_where(&mut stream, "a leader change away from the killed leader", |l| {
+        l["type"] == json!("leader_changed") && l["leader"] != json!(old_leader)
+    })
+    .await;
+    let new_leader = change["leader"].as_u64().expect("leader");
+    assert!(change["term"].as_u64().expect("term") > old_term, "{change}");
+
+    // The new leader reports the old one unreachable.
+    let new_index = (0..3).find(|i| cluster.layout.node_id(*i) == new_leader).expect("new leader is a node");
+    let leader_stream = if new_index == watcher { &mut stream } else { &mut other_stream };
+    line_where(leader_stream, "the killed leader reported unreachable", |l| {
+        l["type"] == json!("node_unreachable") && l["id"] == json!(old_leader) && l["node"] == json!(new_leader)
+    })
+    .await;
+
+    // The new leader audited the change it saw (once, as the leader).
+    let auditor = cluster.root_at(new_index);
+    dev::wait_for("the leader change in the replicated audit log", STARTUP, || async {
+        let events = auditor.get(&format!("sys/audit/events?node={new_leader}&limit=10000")).await.ok()?;
+        let events = events["data"]["events"].as_array()?.clone();
+        events
+            .iter()
+            .any(|e| e["kind"] == json!("cluster_event") && e["operation"] == json!("leader_changed"))
+            .then_some(())
+    })
+    .await
+    .expect("leader change audited");
+}
+
+#[tokio::test]
+async fn an_event_stream_outlives_the_idle_timeout_on_heartbeats() {
+    let config = "[limits]\nidle_timeout_ms = 1000\n[events]\nheartbeat_ms = 200\n";
+    let cluster = Cluster::start_with(27600, true, config).await;
+    let mut stream = subscribe(&cluster.root()).await;
+    let started = Instant::now();
+    for n in 0..12 {
+        line_where(&mut stream, &format!("heartbeat {n}"), |l| l["type"] == json!("heartbeat")).await;
+    }
+    assert!(started.elapsed() > Duration::from_millis(2000), "twelve heartbeats 200 ms apart span two idle timeouts");
+}
