@@ -18,7 +18,7 @@ use citadel_core::audit::{verify_chain, AuditBody, AuditEvent, RefusalSummary, G
 use citadel_core::{NodeId, UnixMillis};
 use citadel_storage::files::{create_private_dir, open_private, FileError, PRIVATE_FILE};
 
-use crate::app::App;
+use crate::node::Node;
 
 struct SpoolFile {
     file: File,
@@ -264,7 +264,7 @@ impl RefusalLog {
 /// Writes the refusal summaries once per interval, through the spool (fsynced, then shipped).
 /// A refusal is therefore durable within one interval rather than before its answer: the
 /// deviation from §1.4 recorded in docs/ARCHITECTURE.md.
-pub async fn write_refusal_summaries(app: Arc<App>) {
+pub async fn write_refusal_summaries(app: Arc<Node>) {
     let interval = Duration::from_millis(app.config.audit.refusal_summary_interval_ms);
     loop {
         tokio::time::sleep(interval).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use citadel_core::command::{Command, Response};
 
-use crate::app::App;
+use crate::node::Node;
 use crate::node_error::NodeError;
 
 /// How long a new audit event waits for company before it is shipped.
@@ -27,7 +27,7 @@ pub enum ShipError {
 }
 
 /// Ships events as they are spooled, while a leader can commit them.
-pub async fn ship_audit(app: Arc<App>) {
+pub async fn ship_audit(app: Arc<Node>) {
     loop {
         tokio::select! {
             _ = app.audit.new_event.notified() => {}
@@ -55,7 +55,7 @@ pub async fn ship_audit(app: Arc<App>) {
 
 /// Proposes the next batch of this node's unshipped audit events; returns how many it shipped
 /// (0: none were waiting).
-pub async fn ship_audit_batch(app: &App) -> Result<usize, ShipError> {
+pub async fn ship_audit_batch(app: &Node) -> Result<usize, ShipError> {
     let shipped = app.state.read(|s| s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq()));
     let batch = app.audit.unshipped(shipped, BATCH);
     if batch.is_empty() {

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use citadel_core::command::{Command, Response};
 
-use crate::app::App;
 use crate::config::Config;
 use crate::forwarded::ForwardError;
+use crate::node::Node;
 use crate::peer::PeerCert;
 
 /// Wire form of a full snapshot.
@@ -247,7 +247,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
 
 /// The cluster port's routes: inbound Raft RPCs, and Citadel's own calls (join, forwarded
 /// proposals, read index, status), all behind mutual TLS.
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(app: Arc<Node>) -> Router {
     let appends = Router::new().route("/raft/append", post(append)).with_state(app.clone());
     let raft = Router::new()
         .route("/raft/vote", post(vote))
@@ -290,7 +290,7 @@ pub enum JoinReply {
 }
 
 async fn join(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     Extension(PeerCert(peer)): Extension<PeerCert>,
     Json(req): Json<JoinRequest>,
 ) -> Json<Wire<JoinReply>> {
@@ -299,7 +299,7 @@ async fn join(
 
 /// A member asks the leader for a fresh certificate for the node id and names of its current one.
 async fn renew_cert(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     Extension(PeerCert(peer)): Extension<PeerCert>,
 ) -> Json<Wire<crate::pki::BootstrapReply>> {
     Json(match peer {
@@ -309,7 +309,7 @@ async fn renew_cert(
 }
 
 async fn propose(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     axum::Extension(peer): axum::Extension<crate::peer::PeerCert>,
     Json(command): Json<Command>,
 ) -> Json<Wire<Result<Response, ForwardError>>> {
@@ -317,7 +317,7 @@ async fn propose(
     Json(Ok(crate::forwarded::commit(&app, sender, command).await))
 }
 
-async fn read_index(State(app): State<Arc<App>>) -> Json<Wire<Result<u64, ForwardError>>> {
+async fn read_index(State(app): State<Arc<Node>>) -> Json<Wire<Result<u64, ForwardError>>> {
     Json(Ok(app.read_index_local().await.map_err(ForwardError::from)))
 }
 
@@ -332,23 +332,23 @@ pub struct NodeStatus {
     pub active_sessions: usize,
 }
 
-async fn status(State(app): State<Arc<App>>) -> Json<Wire<NodeStatus>> {
+async fn status(State(app): State<Arc<Node>>) -> Json<Wire<NodeStatus>> {
     Json(Ok(app.node_status()))
 }
 
-async fn ha_status(State(app): State<Arc<App>>) -> Json<Wire<serde_json::Value>> {
+async fn ha_status(State(app): State<Arc<Node>>) -> Json<Wire<serde_json::Value>> {
     Json(Ok(crate::ha::status(&app).await))
 }
 
-async fn remove_peer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {
+async fn remove_peer(State(app): State<Arc<Node>>, Json(target): Json<u64>) -> Json<Wire<()>> {
     Json(crate::membership::remove_peer(&app, target).await)
 }
 
-async fn leave(State(app): State<Arc<App>>, Json(leaving): Json<bool>) -> Json<Wire<()>> {
+async fn leave(State(app): State<Arc<Node>>, Json(leaving): Json<bool>) -> Json<Wire<()>> {
     Json(crate::membership::leave(&app, leaving).await)
 }
 
-async fn transfer(State(app): State<Arc<App>>, Json(target): Json<u64>) -> Json<Wire<()>> {
+async fn transfer(State(app): State<Arc<Node>>, Json(target): Json<u64>) -> Json<Wire<()>> {
     Json(crate::membership::transfer_leadership(&app, target).await)
 }
 
@@ -357,7 +357,7 @@ fn wire<T, E: std::fmt::Display>(r: Result<T, E>) -> Json<Wire<T>> {
 }
 
 async fn append(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Wire<AppendEntriesResponse<TypeConfig>>> {
     let result = app.raft.append_entries(req).await;

@@ -19,8 +19,8 @@ use citadel_core::audit::AuditBody;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 
-use crate::app::App;
 use crate::config::EventsConfig;
+use crate::node::Node;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -175,7 +175,7 @@ struct Watcher {
 }
 
 impl Watcher {
-    fn observe(&mut self, app: &App) -> Observation {
+    fn observe(&mut self, app: &Node) -> Observation {
         let metrics = app.raft_metrics();
         let me = app.node_id();
         let membership = metrics.membership_config.membership();
@@ -202,7 +202,7 @@ impl Watcher {
 
     /// Members the leader has not heard from for the threshold. A new leader waits that long
     /// before judging: it has had no time to hear from anyone yet.
-    fn unreachable(&self, app: &App) -> BTreeSet<u64> {
+    fn unreachable(&self, app: &Node) -> BTreeSet<u64> {
         let threshold = unreachable_after(app);
         if self.leading_since.is_none_or(|since| since.elapsed() < threshold) {
             return BTreeSet::new();
@@ -221,7 +221,7 @@ impl Watcher {
 
 /// Silence after which the leader calls a member unreachable: several election timeouts, so a
 /// few late heartbeats on a loaded machine do not make the node flap.
-fn unreachable_after(app: &App) -> Duration {
+fn unreachable_after(app: &Node) -> Duration {
     (4 * app.election_timeout()).max(Duration::from_secs(1))
 }
 
@@ -229,7 +229,7 @@ fn unreachable_after(app: &App) -> Duration {
 ///
 /// It looks every `POLL` rather than at every change of Raft's metrics, which change with every
 /// append on a busy leader: events come within `POLL`, at a fixed cost.
-pub async fn watch(app: Arc<App>) {
+pub async fn watch(app: Arc<Node>) {
     let mut sealed = app.seal.subscribe();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,12 +254,12 @@ pub async fn watch(app: Arc<App>) {
 
 /// Leader and membership changes are audited by the node that leads: once per change, not
 /// once per node.
-fn should_audit(app: &App, event: &NodeEvent, now: &Observation) -> bool {
+fn should_audit(app: &Node, event: &NodeEvent, now: &Observation) -> bool {
     let leading = now.leader == Some(app.node_id());
     leading && matches!(event, NodeEvent::LeaderChanged { .. } | NodeEvent::MembershipChanged { .. })
 }
 
-async fn audit(app: &App, event: &NodeEvent) {
+async fn audit(app: &Node, event: &NodeEvent) {
     let detail = match event {
         NodeEvent::LeaderChanged { term, leader } => format!("term {term}, leader {leader}"),
         NodeEvent::MembershipChanged { voters, learners } => format!("voters {voters:?}, learners {learners:?}"),

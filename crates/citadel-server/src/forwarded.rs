@@ -12,7 +12,7 @@ use citadel_core::command::{Command, Forwarding, Response};
 use citadel_core::policy::{self, Caps};
 use serde::{Deserialize, Serialize};
 
-use crate::app::App;
+use crate::node::Node;
 use crate::node_error::NodeError;
 
 /// Why a leader answered a forwarded proposal (`cluster/propose`) or a read-index call
@@ -61,7 +61,7 @@ pub enum ForwardRefusal {
 
 /// Commits `command` forwarded by member `sender` (its certificate's node id; the cluster
 /// channel's gate admitted it as a current member).
-pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<Response, ForwardError> {
+pub async fn commit(app: &Node, sender: Option<u64>, command: Command) -> Result<Response, ForwardError> {
     check(app, sender, &command)?;
     let request_id = match &command {
         Command::Authorized { request_id, .. } => Some(request_id.clone()),
@@ -75,7 +75,7 @@ pub async fn commit(app: &App, sender: Option<u64>, command: Command) -> Result<
     Ok(response)
 }
 
-fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), ForwardRefusal> {
+fn check(app: &Node, sender: Option<u64>, command: &Command) -> Result<(), ForwardRefusal> {
     match command.forwarding() {
         Forwarding::Client => Ok(()),
         Forwarding::Refused => Err(ForwardRefusal::NotForwardable { kind: command.kind().into() }),
@@ -88,7 +88,7 @@ fn check(app: &App, sender: Option<u64>, command: &Command) -> Result<(), Forwar
 }
 
 /// A rotation or a restore needs `sudo` on its path, checked against the leader's own state.
-fn check_privileged(app: &App, command: &Command) -> Result<(), ForwardRefusal> {
+fn check_privileged(app: &Node, command: &Command) -> Result<(), ForwardRefusal> {
     let Command::Authorized { token_hash, at, command: inner, .. } = command else {
         return Err(ForwardRefusal::NoToken);
     };
@@ -111,7 +111,7 @@ fn check_privileged(app: &App, command: &Command) -> Result<(), ForwardRefusal> 
 /// The leader's own record of a command it committed for another node. The Raft entry is the
 /// durable record (it carries the request id and the token's hash); this event indexes it in
 /// the leader's audit chain, written in the background so it adds nothing to the write.
-fn record(app: &App, sender: Option<u64>, kind: &'static str, request_id: String) {
+fn record(app: &Node, sender: Option<u64>, kind: &'static str, request_id: String) {
     let event = AuditBody {
         time: crate::ids::now_ms(),
         request_id,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::app::App;
 use crate::cluster::NodeStatus;
+use crate::node::Node;
 
 /// Entries behind the leader beyond which a node counts as lagging.
 const LAG_ENTRIES: u64 = 1000;
@@ -25,7 +25,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn of(app: &App) -> Progress {
+    pub fn of(app: &Node) -> Progress {
         use openraft::Instant as _;
         let metrics = app.raft_metrics();
         let membership = metrics.membership_config.membership().clone();
@@ -66,7 +66,7 @@ impl Progress {
     }
 }
 
-pub async fn status(app: &App) -> Value {
+pub async fn status(app: &Node) -> Value {
     let metrics = app.raft_metrics();
     match metrics.current_leader {
         Some(id) if id == app.node_id() => leader_view(app).await,
@@ -88,7 +88,7 @@ pub async fn status(app: &App) -> Value {
     }
 }
 
-fn cluster_summary(app: &App, voters: usize, non_voters: usize, health: &str, source: &str, note: &str) -> Value {
+fn cluster_summary(app: &Node, voters: usize, non_voters: usize, health: &str, source: &str, note: &str) -> Value {
     let metrics = app.raft_metrics();
     let (id, name) = app.state.read(|s| s.cluster.as_ref().map(|c| (c.id.clone(), c.name.clone()))).unwrap_or_default();
     let quorum = voters / 2 + 1;
@@ -108,7 +108,7 @@ fn cluster_summary(app: &App, voters: usize, non_voters: usize, health: &str, so
     })
 }
 
-async fn leader_view(app: &App) -> Value {
+async fn leader_view(app: &Node) -> Value {
     let progress = Progress::of(app);
     let (membership, voters) = (&progress.membership, &progress.voters);
     let mut nodes = Vec::new();
@@ -164,7 +164,7 @@ async fn leader_view(app: &App) -> Value {
     })
 }
 
-fn local_view(app: &App, note: &str) -> Value {
+fn local_view(app: &Node, note: &str) -> Value {
     let metrics = app.raft_metrics();
     let membership = metrics.membership_config.membership().clone();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -195,7 +195,7 @@ fn local_view(app: &App, note: &str) -> Value {
     })
 }
 
-fn role(app: &App, id: u64, voter: bool) -> &'static str {
+fn role(app: &Node, id: u64, voter: bool) -> &'static str {
     if app.raft_metrics().current_leader == Some(id) {
         "leader"
     } else if voter {

@@ -19,9 +19,9 @@ use citadel_core::command::{Command, Response};
 use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 
-use crate::app::App;
 use crate::config::Config;
 use crate::events::NodeEvent;
+use crate::node::Node;
 
 /// What a job decides in one run: the command to commit with its result (`None`: nothing to
 /// change), or why it could not run.
@@ -31,7 +31,7 @@ pub struct Job {
     pub name: &'static str,
     /// Its interval, from the configuration (`[jobs]`).
     pub every: fn(&Config) -> Duration,
-    pub run: for<'a> fn(&'a App) -> BoxFuture<'a, JobOutput>,
+    pub run: for<'a> fn(&'a Node) -> BoxFuture<'a, JobOutput>,
 }
 
 /// Every leader-only job.
@@ -42,7 +42,7 @@ pub const JOBS: &[Job] = &[
 
 /// Removes expired (and used-up) tokens, and revoked emergency tokens past their expiry. The
 /// deadline is the leader's clock, carried in the command (`apply` reads none).
-fn token_expiry(app: &App) -> BoxFuture<'_, JobOutput> {
+fn token_expiry(app: &Node) -> BoxFuture<'_, JobOutput> {
     Box::pin(async move {
         let now = crate::ids::now_ms();
         let due = app
@@ -54,7 +54,7 @@ fn token_expiry(app: &App) -> BoxFuture<'_, JobOutput> {
 
 /// Forgets join tokens, revoked serials and member certificates that expired: the tables stay
 /// as small as what is still valid.
-fn prune_expired(app: &App) -> BoxFuture<'_, JobOutput> {
+fn prune_expired(app: &Node) -> BoxFuture<'_, JobOutput> {
     Box::pin(async move {
         let now = crate::ids::now_ms();
         let due = app.state.read(|s| {
@@ -67,7 +67,7 @@ fn prune_expired(app: &App) -> BoxFuture<'_, JobOutput> {
 }
 
 /// Starts the jobs whenever this node leads, and stops them when it no longer does.
-pub async fn run(app: Arc<App>) {
+pub async fn run(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
     let mut metrics = app.raft.metrics();
     // The term the running tasks belong to; dropping the set aborts them.
@@ -97,7 +97,7 @@ pub async fn run(app: Arc<App>) {
 }
 
 /// Runs `job` once per interval, for as long as the runner keeps this task (the term lasts).
-async fn every_interval(app: Arc<App>, job: &'static Job, term: u64) {
+async fn every_interval(app: Arc<Node>, job: &'static Job, term: u64) {
     let every = (job.every)(&app.config);
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -113,7 +113,7 @@ async fn every_interval(app: Arc<App>, job: &'static Job, term: u64) {
 
 /// One run: decide, then commit the result on this node. Never forwarded: a node that no
 /// longer leads gets "not the leader", and a late result is refused by `apply`.
-async fn run_once(app: &App, job: &Job, term: u64) -> String {
+async fn run_once(app: &Node, job: &Job, term: u64) -> String {
     let command = match (job.run)(app).await {
         Ok(command) => command,
         Err(e) => return format!("failed: {e}"),

@@ -10,7 +10,7 @@ const HTTP_MODULES: &[&str] = &["api", "server", "limits", "request_path"];
 const EXEMPT: &[&str] = &["lib.rs", "fuzz_tests.rs", "layering_tests.rs"];
 
 /// The HTTP modules that `source` names through `crate::` or `super::`, as written
-/// (`crate::api`), including inside brace groups (`use crate::{app::App, api::ApiError}`).
+/// (`crate::api`), including inside brace groups (`use crate::{node::Node, api::ApiError}`).
 fn http_mentions(source: &str) -> Vec<String> {
     let mut found = Vec::new();
     for prefix in ["crate::", "super::"] {
@@ -74,7 +74,7 @@ fn the_node_layer_never_imports_the_http_layer() {
     let mut files = Vec::new();
     rust_files(&src, &src, &mut files);
     let node: Vec<&PathBuf> = files.iter().filter(|f| is_node_layer(f)).collect();
-    for expected in ["app.rs", "cluster.rs", "forwarded.rs", "membership.rs"] {
+    for expected in ["node.rs", "cluster.rs", "forwarded.rs", "membership.rs"] {
         assert!(node.iter().any(|f| f.as_os_str() == expected), "{expected} is not among the node layer's files");
     }
     let violations: Vec<String> = node
@@ -96,11 +96,11 @@ fn the_node_layer_never_imports_the_http_layer() {
 fn the_layering_check_catches_every_form_of_use() {
     assert_eq!(http_mentions("use crate::api::ApiError;"), ["crate::api"]);
     assert_eq!(http_mentions("crate::server::ship_audit_batch(app)"), ["crate::server"]);
-    assert_eq!(http_mentions("use crate::{app::App, limits::cap_for_audit};"), ["crate::limits"]);
-    assert_eq!(http_mentions("use crate::{app::{App, REQUEST}, api::{self, ApiError}};"), ["crate::api"]);
-    assert_eq!(http_mentions("use crate::{\n    api,\n    app::App,\n};"), ["crate::api"]);
+    assert_eq!(http_mentions("use crate::{node::Node, limits::cap_for_audit};"), ["crate::limits"]);
+    assert_eq!(http_mentions("use crate::{node::{Node, REQUEST}, api::{self, ApiError}};"), ["crate::api"]);
+    assert_eq!(http_mentions("use crate::{\n    api,\n    node::Node,\n};"), ["crate::api"]);
     assert_eq!(http_mentions("use super::request_path::api_path;"), ["super::request_path"]);
-    assert!(http_mentions("use crate::app::App; use crate::apis; use super::*; // the api").is_empty());
+    assert!(http_mentions("use crate::node::Node; use crate::apis; use super::*; // the api").is_empty());
 }
 
 #[test]
@@ -108,7 +108,7 @@ fn http_files_and_the_root_are_not_node_layer() {
     for file in ["server.rs", "limits.rs", "request_path.rs", "api/mod.rs", "api/kv.rs", "lib.rs", "fuzz_tests.rs"] {
         assert!(!is_node_layer(Path::new(file)), "{file}");
     }
-    for file in ["app.rs", "node_error.rs", "audit_shipping.rs", "node/raft.rs"] {
+    for file in ["node.rs", "node_error.rs", "audit_shipping.rs", "node/raft.rs"] {
         assert!(is_node_layer(Path::new(file)), "{file}");
     }
 }

@@ -9,7 +9,6 @@
 //! - [`server`]: wiring and the node's background tasks.
 
 pub mod api;
-pub mod app;
 pub mod audit;
 pub mod audit_shipping;
 pub mod auth;
@@ -23,6 +22,7 @@ pub mod jobs;
 pub mod limits;
 pub mod membership;
 pub mod metrics;
+pub mod node;
 pub mod node_error;
 pub mod peer;
 pub mod pki;

@@ -11,12 +11,12 @@ use std::time::Duration;
 use citadel_storage::NodeInfo;
 use openraft::ChangeMembers;
 
-use crate::app::App;
 use crate::cluster::{JoinReply, JoinRequest, PROTOCOL_VERSION};
+use crate::node::Node;
 use crate::peer::PeerIdentity;
 
 /// Leader side of a join; `peer` is the identity in the caller's certificate.
-pub async fn accept_join(app: &App, peer: Option<&PeerIdentity>, req: JoinRequest) -> Result<JoinReply, String> {
+pub async fn accept_join(app: &Node, peer: Option<&PeerIdentity>, req: JoinRequest) -> Result<JoinReply, String> {
     if req.protocol_version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version mismatch: node {} speaks version {}, this cluster speaks version {PROTOCOL_VERSION}; \
@@ -75,7 +75,7 @@ pub async fn accept_join(app: &App, peer: Option<&PeerIdentity>, req: JoinReques
 }
 
 /// Joiner side: asks `leader_cluster_addr` (following redirects) to add this node.
-pub async fn join(app: &App, leader_cluster_addr: &str) -> Result<bool, String> {
+pub async fn join(app: &Node, leader_cluster_addr: &str) -> Result<bool, String> {
     let req = JoinRequest {
         node_id: app.node_id(),
         node: NodeInfo {
@@ -100,7 +100,7 @@ pub async fn join(app: &App, leader_cluster_addr: &str) -> Result<bool, String> 
 
 /// `[[retry_join]]`: until this node is a member (a voter, or a non-voter the leader chose to
 /// keep as such), keep asking the configured leaders.
-pub async fn retry_join(app: Arc<App>) {
+pub async fn retry_join(app: Arc<Node>) {
     if app.config.retry_join.is_empty() {
         return;
     }
@@ -134,8 +134,8 @@ pub async fn retry_join(app: Arc<App>) {
 }
 
 /// Hands leadership to `target` (a voter) and waits until it leads, so planned maintenance
-/// fails no request: proposals arriving meanwhile wait for the new leader (`App::propose`).
-pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
+/// fails no request: proposals arriving meanwhile wait for the new leader (`Node::propose`).
+pub async fn transfer_leadership(app: &Node, target: u64) -> Result<(), String> {
     let metrics = app.raft_metrics();
     if !metrics.membership_config.membership().voter_ids().any(|v| v == target) {
         return Err(format!("node {target} is not a voter of this cluster"));
@@ -171,7 +171,7 @@ pub async fn transfer_leadership(app: &App, target: u64) -> Result<(), String> {
 
 /// Removes a node from the cluster (voter or non-voter), through the leader, and revokes its
 /// certificates. Autopilot then fills a freed voting seat with a caught-up non-voter.
-pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
+pub async fn remove_peer(app: &Node, target: u64) -> Result<(), String> {
     let metrics = app.raft_metrics();
     let membership = metrics.membership_config.membership().clone();
     if membership.get_node(&target).is_none() {
@@ -223,7 +223,7 @@ pub async fn remove_peer(app: &App, target: u64) -> Result<(), String> {
 /// Revokes a removed node's certificates, retrying for a while: the node is already out of the
 /// membership, so giving up at the first leaderless moment would leave its certificate good for
 /// joining again.
-async fn revoke_after_removal(app: &App, target: u64) -> Result<(), String> {
+async fn revoke_after_removal(app: &Node, target: u64) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + LEAVE_LIMIT;
     loop {
         match crate::peer::revoke_certificates(app, target).await {
@@ -244,7 +244,7 @@ const LEAVE_LIMIT: Duration = Duration::from_secs(15);
 
 /// The side of a node being removed: with `leaving`, stop taking client requests, wait for the
 /// ones in progress, and ship every audit event; without it, serve again (the removal failed).
-pub async fn leave(app: &App, leaving: bool) -> Result<(), String> {
+pub async fn leave(app: &Node, leaving: bool) -> Result<(), String> {
     *app.leaving.write().await = leaving;
     if !leaving {
         crate::peer::unmark_removed(app);
@@ -268,7 +268,7 @@ pub async fn leave(app: &App, leaving: bool) -> Result<(), String> {
 /// One round of autopilot, on the leader: promote a caught-up non-voter while voters are below
 /// `max_voters`; retire a voter unreachable past `dead_server_threshold` when a non-voter can
 /// take its seat.
-pub async fn autopilot_step(app: &App) {
+pub async fn autopilot_step(app: &Node) {
     if !app.is_leader() {
         return;
     }
@@ -300,7 +300,7 @@ pub async fn autopilot_step(app: &App) {
 }
 
 /// The leader's autopilot loop.
-pub async fn autopilot(app: Arc<App>) {
+pub async fn autopilot(app: Arc<Node>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         autopilot_step(&app).await;

@@ -20,8 +20,8 @@ use axum::Json;
 use citadel_core::command::{Command, Response as CommandResponse};
 use citadel_core::UnixMillis;
 
-use crate::app::App;
 use crate::ids;
+use crate::node::Node;
 
 /// The one cluster route open to a certified node that is not (yet) a member.
 pub const JOIN_PATH: &str = "/cluster/join";
@@ -165,7 +165,7 @@ impl std::fmt::Display for PeerRefusal {
 
 impl std::error::Error for PeerRefusal {}
 
-fn check_not_revoked(app: &App, peer: &PeerIdentity, node_id: u64) -> Result<(), PeerRefusal> {
+fn check_not_revoked(app: &Node, peer: &PeerIdentity, node_id: u64) -> Result<(), PeerRefusal> {
     if app.state.read(|s| s.is_serial_revoked(&peer.serial)) {
         return Err(PeerRefusal::Revoked { node_id, serial: peer.serial.clone() });
     }
@@ -175,7 +175,7 @@ fn check_not_revoked(app: &App, peer: &PeerIdentity, node_id: u64) -> Result<(),
 /// May this peer use a cluster route other than join? A member may, unless its certificate is
 /// revoked. A node that belongs to no membership yet (being added, it has received nothing)
 /// takes Raft's RPCs from any certified peer: it cannot know the leader before its first append.
-pub fn admit(app: &App, peer: Option<&PeerIdentity>, raft_rpc: bool) -> Result<u64, PeerRefusal> {
+pub fn admit(app: &Node, peer: Option<&PeerIdentity>, raft_rpc: bool) -> Result<u64, PeerRefusal> {
     let peer = peer.ok_or(PeerRefusal::NoCertificate)?;
     let node_id = peer.node_id.ok_or(PeerRefusal::NoNodeId)?;
     check_not_revoked(app, peer, node_id)?;
@@ -188,7 +188,7 @@ pub fn admit(app: &App, peer: Option<&PeerIdentity>, raft_rpc: bool) -> Result<u
 
 /// Whether `node_id` is in this node's membership, and whether that membership is empty. Every
 /// Raft RPC asks: the metrics are borrowed, not cloned.
-fn membership_of(app: &App, node_id: u64) -> (bool, bool) {
+fn membership_of(app: &Node, node_id: u64) -> (bool, bool) {
     use openraft::async_runtime::WatchReceiver;
     let receiver = app.raft.metrics();
     let metrics = receiver.borrow_watched();
@@ -199,7 +199,12 @@ fn membership_of(app: &App, node_id: u64) -> (bool, bool) {
 
 /// May this peer join as `node_id` at these addresses? Its certificate must name that node id
 /// and cover every address's host, and must not be revoked.
-pub fn admit_join(app: &App, peer: Option<&PeerIdentity>, node_id: u64, addresses: &[&str]) -> Result<(), PeerRefusal> {
+pub fn admit_join(
+    app: &Node,
+    peer: Option<&PeerIdentity>,
+    node_id: u64,
+    addresses: &[&str],
+) -> Result<(), PeerRefusal> {
     let peer = peer.ok_or(PeerRefusal::NoCertificate)?;
     let certified = peer.node_id.ok_or(PeerRefusal::NoNodeId)?;
     if certified != node_id {
@@ -222,7 +227,7 @@ pub fn refusal_response(refusal: &PeerRefusal) -> Response {
 }
 
 /// Middleware on the cluster router: every route but join needs a current member's certificate.
-pub async fn gate(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+pub async fn gate(State(app): State<Arc<Node>>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     if path == JOIN_PATH {
         return next.run(request).await;
@@ -288,7 +293,7 @@ impl Default for WarnLimiter {
 
 /// Records a certificate of `node_id` in the replicated state, so that removing the node revokes
 /// it. Refused (and so is the join) when the serial is revoked.
-pub async fn record_certificate(app: &App, node_id: u64, peer: &PeerIdentity) -> Result<(), String> {
+pub async fn record_certificate(app: &Node, node_id: u64, peer: &PeerIdentity) -> Result<(), String> {
     // A non-voter asks to join again and again: record its certificate once, not every time.
     let recorded = app.state.read(|s| s.node_certs.get(&node_id).is_some_and(|c| c.contains_key(&peer.serial)));
     if recorded {
@@ -303,13 +308,13 @@ pub async fn record_certificate(app: &App, node_id: u64, peer: &PeerIdentity) ->
 }
 
 /// Records this node's own certificate (the initializing node never joins, so nobody else does).
-pub async fn record_own_certificate(app: &App) -> Result<(), String> {
+pub async fn record_own_certificate(app: &Node) -> Result<(), String> {
     let own = PeerIdentity::from_pem_file(&app.config.tls.cert).map_err(|e| e.to_string())?;
     record_certificate(app, app.node_id(), &own).await
 }
 
 /// Revokes every certificate recorded for a removed node.
-pub async fn revoke_certificates(app: &App, node_id: u64) -> Result<(), String> {
+pub async fn revoke_certificates(app: &Node, node_id: u64) -> Result<(), String> {
     let command = Command::NodeCertsRevoke { node_id, now: ids::now_ms() };
     match app.propose(command).await.map_err(|e| e.to_string())? {
         CommandResponse::Rejected(r) => Err(r.to_string()),
@@ -329,12 +334,12 @@ pub fn removed_marker(data_dir: &Path) -> PathBuf {
     data_dir.join("REMOVED")
 }
 
-pub fn is_removed(app: &App) -> bool {
+pub fn is_removed(app: &Node) -> bool {
     app.removed.load(Ordering::Relaxed)
 }
 
 /// Marks this node removed: from now on (and after restarts) it serves no client request.
-pub fn mark_removed(app: &App, why: &str) {
+pub fn mark_removed(app: &Node, why: &str) {
     if app.removed.swap(true, Ordering::SeqCst) {
         return;
     }
@@ -346,7 +351,7 @@ pub fn mark_removed(app: &App, why: &str) {
 }
 
 /// Undoes `mark_removed` when a removal failed and this node is still a member.
-pub fn unmark_removed(app: &App) {
+pub fn unmark_removed(app: &Node) {
     if !app.removed.swap(false, Ordering::SeqCst) {
         return;
     }
@@ -358,7 +363,7 @@ pub fn unmark_removed(app: &App) {
 }
 
 /// At start: a node that finds its marker stays removed, and says so.
-pub fn load_removed_marker(app: &App) {
+pub fn load_removed_marker(app: &Node) {
     if removed_marker(&app.config.data_dir).exists() {
         app.removed.store(true, Ordering::SeqCst);
         tracing::error!("{REMOVED_MESSAGE}: it serves no client request and issues no token");
@@ -367,7 +372,7 @@ pub fn load_removed_marker(app: &App) {
 
 /// Marks this node removed once an applied membership no longer contains it, after it had been
 /// a member (a removal it was not told about, e.g. the leader could not reach it).
-pub async fn watch_membership(app: Arc<App>) {
+pub async fn watch_membership(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
     let me = app.node_id();
     let mut metrics = app.raft.metrics();

@@ -11,9 +11,9 @@ use citadel_core::command::{Command, Response};
 use citadel_core::state::ClusterCa;
 use serde::{Deserialize, Serialize};
 
-use crate::app::App;
 use crate::config::Config;
 use crate::ids;
+use crate::node::Node;
 use crate::node_error::NodeError;
 use crate::peer::PeerIdentity;
 use crate::tls::{write_private, DevPki, NodeCert};
@@ -21,7 +21,7 @@ use crate::tls::{write_private, DevPki, NodeCert};
 const AAD_CLUSTER_CA: &[u8] = b"citadel/cluster-ca";
 
 /// After init: if this node was given the CA key, hand it to the cluster (sealed).
-pub async fn store_cluster_ca(app: &App) -> Result<()> {
+pub async fn store_cluster_ca(app: &Node) -> Result<()> {
     let (Some(key_path), Some(common_name)) = (&app.config.tls.ca_key, &app.config.tls.ca_common_name) else {
         return Ok(());
     };
@@ -54,7 +54,7 @@ pub struct BootstrapReply {
 }
 
 /// Issues a node certificate for a valid join token, spending the token.
-pub async fn issue(app: &App, req: &BootstrapRequest) -> Result<BootstrapReply, String> {
+pub async fn issue(app: &Node, req: &BootstrapRequest) -> Result<BootstrapReply, String> {
     if req.node_id == 0 {
         return Err("node_id must be a positive integer".into());
     }
@@ -95,7 +95,7 @@ fn check_names(names: &[String]) -> Result<(), String> {
 }
 
 /// The cluster CA as an issuer (its key unsealed with the keyring), and its certificate (PEM).
-fn cluster_issuer(app: &App) -> Result<(DevPki, String), String> {
+fn cluster_issuer(app: &Node) -> Result<(DevPki, String), String> {
     let keys = app.keys().map_err(|_| "the node is sealed".to_string())?;
     let ca = app
         .state
@@ -112,7 +112,7 @@ fn cluster_issuer(app: &App) -> Result<(DevPki, String), String> {
 /// Leader side of a renewal: a fresh certificate for the node id and names of the member's
 /// current one (`peer`, which the cluster gate admitted as a member), recorded so that removing
 /// the member revokes it too.
-pub async fn renew(app: &App, peer: &PeerIdentity) -> Result<BootstrapReply, String> {
+pub async fn renew(app: &Node, peer: &PeerIdentity) -> Result<BootstrapReply, String> {
     let node_id = peer.node_id.ok_or_else(|| crate::peer::PeerRefusal::NoNodeId.to_string())?;
     if !app.is_leader() {
         let not_leader = NodeError::NotLeader { leader: app.raft_metrics().current_leader };
@@ -143,7 +143,7 @@ const RENEW_CHECK: Duration = Duration::from_secs(60);
 const RENEW_RETRY: Duration = Duration::from_secs(5);
 
 /// Member side: renews this node's certificate once it expires within `tls.renew_before_days`.
-pub async fn renew_when_due(app: Arc<App>, node_cert: Arc<NodeCert>) {
+pub async fn renew_when_due(app: Arc<Node>, node_cert: Arc<NodeCert>) {
     let mut reported = String::new();
     // The expiry of a renewed certificate that was itself already due (the leader's validity is
     // shorter than this node's renewal window): not renewed again, or the node would loop.
@@ -163,12 +163,12 @@ pub async fn renew_when_due(app: Arc<App>, node_cert: Arc<NodeCert>) {
     }
 }
 
-fn renew_window_ms(app: &App) -> u64 {
+fn renew_window_ms(app: &Node) -> u64 {
     u64::from(app.config.tls.renew_before_days) * 86_400_000
 }
 
 /// Renews if due (and this node is a member that can reach a leader); Ok when nothing is due.
-async fn renew_if_due(app: &App, node_cert: &NodeCert, too_short: &mut Option<u64>) -> Result<(), String> {
+async fn renew_if_due(app: &Node, node_cert: &NodeCert, too_short: &mut Option<u64>) -> Result<(), String> {
     let current = PeerIdentity::from_der(&node_cert.current().cert[0])?;
     let due = ids::now_ms().saturating_add(renew_window_ms(app)) >= current.not_after;
     if !due || crate::peer::is_removed(app) || *too_short == Some(current.not_after) {
@@ -197,7 +197,7 @@ async fn renew_if_due(app: &App, node_cert: &NodeCert, too_short: &mut Option<u6
 
 /// Writes the renewed key (0600) and certificate atomically (a temporary file renamed over the
 /// old one), then presents them on new connections.
-fn install(app: &App, node_cert: &NodeCert, reply: &BootstrapReply) -> Result<()> {
+fn install(app: &Node, node_cert: &NodeCert, reply: &BootstrapReply) -> Result<()> {
     let (cert_path, key_path) = (&app.config.tls.cert, &app.config.tls.key);
     let staged = |path: &std::path::Path| path.with_file_name(format!(".{}.new", file_name(path)));
     let (cert_new, key_new) = (staged(cert_path), staged(key_path));
@@ -215,7 +215,7 @@ fn file_name(path: &std::path::Path) -> String {
 }
 
 /// Whether `node_id` is a voter or non-voter of this node's view of the membership.
-pub fn is_member(app: &App, node_id: u64) -> bool {
+pub fn is_member(app: &Node, node_id: u64) -> bool {
     app.raft_metrics().membership_config.membership().get_node(&node_id).is_some()
 }
 

@@ -16,12 +16,12 @@ use citadel_storage::types::Raft;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiError, ApiRequest, MAX_BODY, MAX_SNAPSHOT};
-use crate::app::App;
 use crate::audit::{AuditSpool, RefusalLog};
 use crate::auth::{BackoffPolicy, HashPool, LoginLimiter};
 use crate::cluster::{self, ClusterNetwork};
 use crate::config::{Config, SealKind};
 use crate::limits::ConnectionLimits;
+use crate::node::Node;
 use crate::tls;
 
 #[derive(Clone, Copy)]
@@ -82,7 +82,7 @@ pub async fn run(config: Config) -> Result<()> {
     );
     let refusals = RefusalLog::new(config.audit.refusal_summary_keys, config.audit.max_path_bytes);
     let events = crate::events::EventBus::new(config.node_id, &config.events);
-    let app = Arc::new(App {
+    let app = Arc::new(Node {
         config,
         raft: raft.clone(),
         state,
@@ -200,7 +200,7 @@ async fn serve_tls(
     }
 }
 
-fn api_router(app: Arc<App>) -> Router {
+fn api_router(app: Arc<Node>) -> Router {
     Router::new().route("/v1/{*path}", any(api_entry)).fallback(not_found).with_state(app)
 }
 
@@ -209,7 +209,7 @@ async fn not_found(uri: Uri) -> Response {
 }
 
 async fn api_entry(
-    State(app): State<Arc<App>>,
+    State(app): State<Arc<Node>>,
     Extension(RemoteAddr(remote)): Extension<RemoteAddr>,
     method: Method,
     uri: Uri,
@@ -257,7 +257,7 @@ async fn api_entry(
 
 /// Key-file seal: unseals once, as soon as the replicated state says the vault is initialized.
 /// An operator's later `sys/seal` holds until the node restarts (or `sys/unseal`), as in Vault.
-async fn auto_unseal(app: Arc<App>) {
+async fn auto_unseal(app: Arc<Node>) {
     let Some(path) = app.config.seal.key_file.clone() else { return };
     let mut reported = String::new();
     loop {
@@ -293,7 +293,7 @@ async fn auto_unseal(app: Arc<App>) {
 /// node included), so a leader that steps down is not taken for read-only before the new
 /// leader's first heartbeat (stepping down counts: it led with a quorum until then). Only changes count: a dead leader stays "current" in the metrics
 /// until an election succeeds, and must not look alive.
-async fn watch_leadership(app: Arc<App>) {
+async fn watch_leadership(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
     let mut metrics = app.raft.metrics();
     let mut last = None;

@@ -17,10 +17,10 @@ use citadel_core::state::{user_key, DEFAULT_USERPASS};
 
 use super::routes::{self, handler, route, AuthMethod, Call, Handler};
 use super::{duration_secs, record_audit, string_list, ApiError, ApiRequest, Reply};
-use crate::app::App;
 use crate::audit::RefusalReason;
 use crate::auth::{self as authn, Caller};
 use crate::ids;
+use crate::node::Node;
 use crate::seal::Unsealed;
 
 fn valid_username(name: &str) -> bool {
@@ -42,7 +42,7 @@ impl UserRef<'_> {
     }
 }
 
-async fn login(app: &App, req: &ApiRequest, user: UserRef<'_>, keys: &Unsealed) -> Result<Reply, ApiError> {
+async fn login(app: &Node, req: &ApiRequest, user: UserRef<'_>, keys: &Unsealed) -> Result<Reply, ApiError> {
     let now = ids::now_ms();
     let mut refusal = None;
     let result = login_inner(app, req, user, keys, now, &mut refusal).await;
@@ -75,7 +75,7 @@ async fn login(app: &App, req: &ApiRequest, user: UserRef<'_>, keys: &Unsealed) 
 }
 
 async fn login_inner(
-    app: &App,
+    app: &Node,
     req: &ApiRequest,
     login_as: UserRef<'_>,
     keys: &Unsealed,
@@ -139,7 +139,7 @@ struct LoginRefusal {
 /// are summarized rather than audited one by one are reported through `refusal`; failed logins of
 /// existing users stay individual audit events (the limiter bounds their number).
 async fn check_password(
-    app: &App,
+    app: &Node,
     req: &ApiRequest,
     login_as: UserRef<'_>,
     password: String,
@@ -188,7 +188,7 @@ async fn check_password(
 }
 
 /// Answers a summarized login refusal: counted, not audited on its own.
-fn refused_login(app: &App, req: &ApiRequest, refusal: LoginRefusal, error: &ApiError, now: u64) -> Reply {
+fn refused_login(app: &Node, req: &ApiRequest, refusal: LoginRefusal, error: &ApiError, now: u64) -> Reply {
     app.refusals.note(&req.remote, refusal.reason, "update", &req.path, now);
     let mut reply = Reply::json(error.status, json!({ "errors": error.errors }));
     if let Some(secs) = refusal.retry_after_secs {
@@ -201,7 +201,7 @@ fn refused_login(app: &App, req: &ApiRequest, refusal: LoginRefusal, error: &Api
 /// self-verifying (signed with the current keyring term's key), read-only, short-lived, and
 /// needs no consensus.
 fn emergency_login(
-    app: &App,
+    app: &Node,
     username: &str,
     policies: Vec<String>,
     keys: &Unsealed,
@@ -509,7 +509,7 @@ async fn revoke_accessor(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn user_write(
-    app: &App,
+    app: &Node,
     req: &ApiRequest,
     caller: &Caller,
     name: &str,
@@ -589,7 +589,7 @@ fn check_policies_given(caller: &Caller, policies: &[String], held: &[String]) -
 }
 
 /// The token named in the body (`token`) or query, which must be valid; with the token itself.
-fn target_token(app: &App, req: &ApiRequest, keys: &Unsealed, now: u64) -> Result<(Caller, String), ApiError> {
+fn target_token(app: &Node, req: &ApiRequest, keys: &Unsealed, now: u64) -> Result<(Caller, String), ApiError> {
     let body: Value = req.json()?;
     let token = body
         .get("token")
@@ -605,7 +605,7 @@ fn target_token(app: &App, req: &ApiRequest, keys: &Unsealed, now: u64) -> Resul
 }
 
 /// The token whose accessor is named in the body (`accessor`).
-fn by_accessor(app: &App, req: &ApiRequest) -> Result<TokenEntry, ApiError> {
+fn by_accessor(app: &Node, req: &ApiRequest) -> Result<TokenEntry, ApiError> {
     let body: Value = req.json()?;
     let accessor = body
         .get("accessor")
@@ -626,7 +626,7 @@ enum TokenOwner<'a> {
 /// Refuses a new token when its owner already holds `[limits] max_tokens_per_owner` (§8.3): an
 /// authenticated client must not grow the replicated state without bound either. Counted on the
 /// state the request was checked against, so concurrent requests may pass it by their number.
-fn within_token_quota(app: &App, owner: TokenOwner) -> Result<(), ApiError> {
+fn within_token_quota(app: &Node, owner: TokenOwner) -> Result<(), ApiError> {
     let max = app.config.limits.max_tokens_per_owner;
     let held = app.state.read(|s| {
         s.tokens
@@ -659,7 +659,7 @@ struct Lifetime {
     max_expires: Option<u64>,
 }
 
-fn token_lifetime(app: &App, body: &Value, caller: &Caller, orphan: bool, now: u64) -> Result<Lifetime, ApiError> {
+fn token_lifetime(app: &Node, body: &Value, caller: &Caller, orphan: bool, now: u64) -> Result<Lifetime, ApiError> {
     let system_max = app.config.auth.max_ttl;
     let explicit_max = duration_secs(body.get("explicit_max_ttl"), "explicit_max_ttl")?.unwrap_or(0);
     let period = duration_secs(body.get("period"), "period")?.unwrap_or(0);
@@ -687,7 +687,7 @@ fn token_lifetime(app: &App, body: &Value, caller: &Caller, orphan: bool, now: u
 }
 
 async fn create_token(
-    app: &App,
+    app: &Node,
     req: &ApiRequest,
     caller: &Caller,
     keys: &Unsealed,
@@ -766,7 +766,7 @@ fn token_policies(body: &Value, caller: &Caller) -> Result<Vec<String>, ApiError
     Ok(policies)
 }
 
-async fn renew(app: &App, req: &ApiRequest, entry: &TokenEntry, token: &str, now: u64) -> Result<Reply, ApiError> {
+async fn renew(app: &Node, req: &ApiRequest, entry: &TokenEntry, token: &str, now: u64) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     if entry.expires.is_none() {
         // Tokens without a TTL (root) have nothing to renew.
@@ -799,7 +799,7 @@ async fn renew(app: &App, req: &ApiRequest, entry: &TokenEntry, token: &str, now
 }
 
 /// Revokes a stored token with its children, or an emergency token until it would expire.
-async fn revoke(app: &App, target: &Caller) -> Result<Reply, ApiError> {
+async fn revoke(app: &Node, target: &Caller) -> Result<Reply, ApiError> {
     let command = if target.read_only {
         Command::EmergencyTokenRevoke {
             hash: target.entry.hash.clone(),

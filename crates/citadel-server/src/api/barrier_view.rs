@@ -7,8 +7,8 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::ApiError;
-use crate::app::App;
 use crate::ids;
+use crate::node::Node;
 use crate::seal::Unsealed;
 
 pub struct MountBarrier {
@@ -20,7 +20,7 @@ pub struct MountBarrier {
 
 impl MountBarrier {
     /// The barrier of the mount at `mount` (`secret/`), or a 404 if nothing is mounted there.
-    pub fn of(app: &App, mount: &str) -> Result<MountBarrier, ApiError> {
+    pub fn of(app: &Node, mount: &str) -> Result<MountBarrier, ApiError> {
         app.state
             .read(|s| s.mounts.get(mount).map(|m| MountBarrier { kind: m.kind.clone(), mount_uuid: m.uuid.clone() }))
             .ok_or_else(|| ApiError::no_route(mount))
@@ -28,7 +28,7 @@ impl MountBarrier {
 
     /// Seals `value` for `version` of `path` with the newest keyring term: a rotation elsewhere
     /// must not leave a writer sealing with an old one.
-    pub fn seal(&self, app: &App, path: &str, version: u64, value: &Value) -> Result<Vec<u8>, ApiError> {
+    pub fn seal(&self, app: &Node, path: &str, version: u64, value: &Value) -> Result<Vec<u8>, ApiError> {
         let plain = Zeroizing::new(serde_json::to_vec(value).map_err(|e| ApiError::bad_request(e.to_string()))?);
         let keys = app.keys()?;
         Ok(keys.keyring.encrypt(&ids::random_bytes(), &self.aad(path, version), &plain))

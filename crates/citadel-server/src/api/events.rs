@@ -20,9 +20,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::routes::Call;
 use super::{ApiError, Reply};
-use crate::app::App;
 use crate::auth::Caller;
 use crate::events::Subscription;
+use crate::node::Node;
 
 pub(super) async fn jobs(c: &Call<'_>) -> Result<Reply, ApiError> {
     let runs = c.app.state.read(|s| serde_json::to_value(&s.jobs.runs).unwrap_or(Value::Null));
@@ -33,7 +33,7 @@ pub(super) async fn subscribe(c: &Call<'_>) -> Result<Reply, ApiError> {
     open_stream(c.app, c.caller()?)
 }
 
-fn open_stream(app: &Arc<App>, caller: &Caller) -> Result<Reply, ApiError> {
+fn open_stream(app: &Arc<Node>, caller: &Caller) -> Result<Reply, ApiError> {
     let subscription = app.events.subscribe().ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -64,7 +64,7 @@ fn open_stream(app: &Arc<App>, caller: &Caller) -> Result<Reply, ApiError> {
 }
 
 struct Feed {
-    app: Arc<App>,
+    app: Arc<Node>,
     subscription: Subscription,
     heartbeat: tokio::time::Interval,
     token: Option<String>,

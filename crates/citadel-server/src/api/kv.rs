@@ -15,8 +15,8 @@ use citadel_core::state::State;
 use super::barrier_view::MountBarrier;
 use super::routes::{handler, route, Call, Engine, Handler};
 use super::{duration_secs, ApiError, ApiRequest, Reply};
-use crate::app::App;
 use crate::ids;
+use crate::node::Node;
 
 /// Writes retried when another writer took the version this value was sealed for.
 const VERSION_RACE_RETRIES: usize = 8;
@@ -191,7 +191,7 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
     })
 }
 
-fn entry(app: &App, mount: &str, path: &str) -> Option<(String, KvEntry)> {
+fn entry(app: &Node, mount: &str, path: &str) -> Option<(String, KvEntry)> {
     app.state.read(|s| s.mounts.get(mount).and_then(|m| m.kv.entries.get(path).map(|e| (m.uuid.clone(), e.clone()))))
 }
 
@@ -220,7 +220,7 @@ async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
 
 /// Seals `data` for the next version of `path` and proposes it, retrying if another writer took
 /// that version first (unless the caller pinned it with `cas`).
-async fn put(app: &App, mount: &str, path: &str, data: &Value, cas: Option<u64>) -> Result<Reply, ApiError> {
+async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>) -> Result<Reply, ApiError> {
     if !data.is_object() {
         return Err(ApiError::bad_request("data must be a JSON object of key/value pairs"));
     }
@@ -263,7 +263,7 @@ async fn put(app: &App, mount: &str, path: &str, data: &Value, cas: Option<u64>)
     Err(ApiError::unavailable("too many concurrent writers to this path; retry"))
 }
 
-fn written(app: &App, mount: &str, path: &str, version: u64, created: u64, deletion_time: Option<u64>) -> Reply {
+fn written(app: &Node, mount: &str, path: &str, version: u64, created: u64, deletion_time: Option<u64>) -> Reply {
     let custom = entry(app, mount, path).map(|(_, e)| e.custom_metadata).unwrap_or_default();
     Reply::data(json!({
         "created_time": rfc3339(created),
@@ -274,7 +274,7 @@ fn written(app: &App, mount: &str, path: &str, version: u64, created: u64, delet
     }))
 }
 
-async fn write_version(app: &App, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
+async fn write_version(app: &Node, req: &ApiRequest, mount: &str, path: &str) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
     let data = body.get("data").ok_or_else(|| ApiError::bad_request("missing required field \"data\""))?;
     put(app, mount, path, data, options_cas(&body)?).await
@@ -337,7 +337,7 @@ enum VersionAction {
 }
 
 async fn versions_command(
-    app: &App,
+    app: &Node,
     mount: &str,
     path: &str,
     versions: Vec<u64>,

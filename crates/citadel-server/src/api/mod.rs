@@ -33,9 +33,9 @@ use citadel_core::route::{Captures, Consistency, Need, Operation, Route};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::app::App;
 use crate::auth::Caller;
 use crate::ids;
+use crate::node::Node;
 use crate::seal::Unsealed;
 use routes::{Call, Handler};
 
@@ -271,7 +271,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Entry point from the HTTP layer.
-pub async fn handle(app: Arc<App>, req: ApiRequest) -> Response {
+pub async fn handle(app: Arc<Node>, req: ApiRequest) -> Response {
     let result = dispatch(&app, &req).await;
     let status = match &result {
         Ok(r) => r.status,
@@ -284,7 +284,7 @@ pub async fn handle(app: Arc<App>, req: ApiRequest) -> Response {
     }
 }
 
-async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
+async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> {
     let route = routes::resolve(app, &req.path);
     if let Some((route, captures)) = &route {
         if routes::is_unauthenticated(route) {
@@ -323,12 +323,12 @@ async fn dispatch(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
         (_, Err(e)) => Err(e),
         (None, _) => Err(ApiError::forbidden()),
         (Some(caller), Ok(linearized)) => {
-            let context = crate::app::RequestContext {
+            let context = crate::node::RequestContext {
                 token_hash: (!caller.read_only).then(|| caller.entry.hash.clone()),
                 request_id: req.id.clone(),
                 linearized,
             };
-            crate::app::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
+            crate::node::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
         }
     };
     let audit = AuditBody {
@@ -373,7 +373,7 @@ fn operation<'r>(route: &'r Route<Handler>, req: &ApiRequest) -> Result<(Op, &'r
 /// stale reads, which serve the replica as it is, and for writes on the leader, whose state
 /// already holds everything it acknowledged; in read-only mode the replica answers when no
 /// leader can be asked.
-async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
+async fn fresh_state(app: &Node, req: &ApiRequest) -> Result<bool, ApiError> {
     let write_on_leader = !matches!(req.op(), Some(Op::Read | Op::List)) && app.is_leader();
     if req.stale_ok() || write_on_leader {
         return Ok(false);
@@ -389,7 +389,7 @@ async fn fresh_state(app: &App, req: &ApiRequest) -> Result<bool, ApiError> {
 /// Serves an authenticated request: spends a use of a token with `num_uses`, then authorizes
 /// the operation from the route table and brings the replica up to date as the route declares.
 async fn serve(
-    app: &Arc<App>,
+    app: &Arc<Node>,
     req: &ApiRequest,
     route: Option<(&'static Route<Handler>, Captures)>,
     caller: &Caller,
@@ -433,7 +433,7 @@ async fn serve(
 /// Checks the capability the route table declares for this operation, with Vault's existence
 /// check deciding between `create` and `update`, and the rule's parameter constraints.
 fn authorize_route(
-    app: &App,
+    app: &Node,
     caller: &Caller,
     req: &ApiRequest,
     op: Op,
@@ -459,7 +459,7 @@ fn authorize_route(
 
 /// Reads declared linearizable wait for the leader's read index; in read-only mode, or when the
 /// client asked for a stale read, the replica answers and the dispatcher marks it stale.
-async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
+async fn consistent(app: &Node, req: &ApiRequest) -> Result<(), ApiError> {
     if req.stale_ok() {
         Ok(())
     } else if app.read_only() {
@@ -472,7 +472,7 @@ async fn consistent(app: &App, req: &ApiRequest) -> Result<(), ApiError> {
 
 /// With `X-Vault-No-Request-Forwarding: true`, a follower answers 307 to the leader (§5.3)
 /// instead of handling the request itself.
-fn redirect_to_leader(app: &App, req: &ApiRequest) -> Option<Reply> {
+fn redirect_to_leader(app: &Node, req: &ApiRequest) -> Option<Reply> {
     let asked = req.headers.get("x-vault-no-request-forwarding").and_then(|v| v.to_str().ok()) == Some("true");
     if !asked || req.stale_ok() {
         return None;
@@ -492,7 +492,7 @@ fn redirect_to_leader(app: &App, req: &ApiRequest) -> Option<Reply> {
 /// A request without a valid token is refused 403 and counted into its source's refusal
 /// summary rather than audited on its own (§8.3): a flood of them must not grow the replicated
 /// audit log by one event each.
-fn refuse_unauthenticated(app: &App, req: &ApiRequest, now: u64) -> ApiError {
+fn refuse_unauthenticated(app: &Node, req: &ApiRequest, now: u64) -> ApiError {
     let operation = req.op().map_or("unknown", Op::name);
     app.refusals.note(&req.remote, crate::audit::RefusalReason::NoValidToken, operation, &req.path, now);
     ApiError::forbidden()
@@ -500,7 +500,7 @@ fn refuse_unauthenticated(app: &App, req: &ApiRequest, now: u64) -> ApiError {
 
 /// Writes an audit event durably, or fails the request (fail closed, §1.4). Paths and user
 /// names are capped in length first.
-pub(crate) async fn record_audit(app: &App, mut body: AuditBody) -> Result<(), ApiError> {
+pub(crate) async fn record_audit(app: &Node, mut body: AuditBody) -> Result<(), ApiError> {
     let max = app.config.audit.max_path_bytes;
     body.path = crate::limits::cap_for_audit(&body.path, max);
     body.user = crate::limits::cap_for_audit(&body.user, max);
@@ -521,7 +521,7 @@ pub(crate) async fn record_audit(app: &App, mut body: AuditBody) -> Result<(), A
 /// `denied_parameters`, `allowed_parameters`) of the rule that grants them, on the request's
 /// top-level parameters (the JSON body of a write or patch, the query of a read), as Vault checks
 /// them.
-fn authorize_op(app: &App, caller: &Caller, req: &ApiRequest, op: Op, need: Caps) -> Result<(), ApiError> {
+fn authorize_op(app: &Node, caller: &Caller, req: &ApiRequest, op: Op, need: Caps) -> Result<(), ApiError> {
     // A LIST names a folder: Vault checks it with its trailing slash (`secret/metadata/app/`).
     let folder;
     let path = if op == Op::List && !req.path.ends_with('/') {
@@ -553,7 +553,7 @@ fn authorize_op(app: &App, caller: &Caller, req: &ApiRequest, op: Op, need: Caps
 
 /// Whether `caller` holds `need` on `path` (for checks that depend on a request's body, such as
 /// a token created with `no_parent`, which takes `sudo` as Vault's does).
-pub(crate) fn holds(app: &App, caller: &Caller, path: &str, need: Caps) -> bool {
+pub(crate) fn holds(app: &Node, caller: &Caller, path: &str, need: Caps) -> bool {
     app.state.read(|s| caller.capabilities(s, path)).contains(need)
 }
 

@@ -8,9 +8,9 @@ use citadel_core::route::{In, Kind, Need, Op, Operation, Param, Route};
 use serde_json::{json, Map, Value};
 
 use super::routes::{tables, Handler};
-use crate::app::App;
+use crate::node::Node;
 
-pub fn document(app: &App) -> Value {
+pub fn document(app: &Node) -> Value {
     let mut paths = Map::new();
     if let Ok(tables) = tables() {
         for route in tables.core.routes() {

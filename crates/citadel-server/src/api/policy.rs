@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::routes::{self, handler, route, Call, Handler};
 use super::{ApiError, Reply};
-use crate::app::App;
+use crate::node::Node;
 
 const POLICY_PARAMS: &[Param] = &[
     Param::body("policy", Kind::String, "The policy text (HCL or JSON)").required(),
@@ -45,7 +45,7 @@ pub fn routes() -> Vec<Route<Handler>> {
     ]
 }
 
-fn names(app: &App) -> Vec<String> {
+fn names(app: &Node) -> Vec<String> {
     let mut names: Vec<String> = app.state.read(|s| s.policies.keys().cloned().collect());
     names.push(policy::ROOT.into());
     names.sort();
@@ -53,7 +53,7 @@ fn names(app: &App) -> Vec<String> {
 }
 
 /// The policy names, under `data` and (for the legacy path) at the top level too.
-fn listing(app: &App, legacy: bool) -> Reply {
+fn listing(app: &Node, legacy: bool) -> Reply {
     let keys = names(app);
     let mut body = super::envelope(json!({ "keys": keys, "policies": keys }), Value::Null);
     if legacy {

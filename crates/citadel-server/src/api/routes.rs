@@ -9,8 +9,8 @@ use citadel_core::state::{State, DEFAULT_USERPASS};
 use futures::future::BoxFuture;
 
 use super::{ApiError, ApiRequest, Reply};
-use crate::app::App;
 use crate::auth::Caller;
+use crate::node::Node;
 use crate::seal::Unsealed;
 
 /// Serves one operation of one route, once the dispatcher has authorized it.
@@ -27,7 +27,7 @@ pub(crate) use handler;
 /// Everything a handler may use: the node, the request, and (for authenticated routes) the
 /// caller and the unsealed keys.
 pub struct Call<'a> {
-    pub app: &'a Arc<App>,
+    pub app: &'a Arc<Node>,
     pub req: &'a ApiRequest,
     pub op: Op,
     pub captures: Captures,
@@ -36,7 +36,7 @@ pub struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    pub fn new(app: &'a Arc<App>, req: &'a ApiRequest, op: Op, captures: Captures) -> Call<'a> {
+    pub fn new(app: &'a Arc<Node>, req: &'a ApiRequest, op: Op, captures: Captures) -> Call<'a> {
         Call { app, req, op, captures, caller: None, keys: None }
     }
 
@@ -151,7 +151,7 @@ pub fn tables() -> Result<&'static Tables, &'static RouteError> {
 
 /// The route serving `path`: a `sys/` or token store route, a route of the auth method mounted
 /// under `auth/`, or a route of the secrets engine mounted there.
-pub fn resolve(app: &App, path: &str) -> Option<(&'static Route<Handler>, Captures)> {
+pub fn resolve(app: &Node, path: &str) -> Option<(&'static Route<Handler>, Captures)> {
     let tables = tables().ok()?;
     if let Some(found) = tables.core.lookup(path) {
         return Some(found);

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use super::snapshot_archive::{self as archive, RaftConfiguration, RaftMeta, RaftServer};
 use super::{ApiError, ApiRequest, Reply};
-use crate::app::App;
+use crate::node::Node;
 use crate::seal::Unsealed;
 
 const FORMAT: &str = "citadel-snapshot";
@@ -152,7 +152,7 @@ pub fn verify_hmac(header: &SnapshotHeader, keyring: &Keyring) -> Result<(), Sna
 }
 
 /// Builds a fresh snapshot covering everything committed so far and returns it as a file.
-pub async fn save(app: &App, keys: &Unsealed) -> Result<Reply, ApiError> {
+pub async fn save(app: &Node, keys: &Unsealed) -> Result<Reply, ApiError> {
     app.linearize().await?;
     let target = app.state.applied_index();
     app.raft.trigger().snapshot().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -273,7 +273,7 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
 /// Whether a request to the snapshot routes may have its body (up to 256 MiB) read: only when
 /// its token is valid and holds `sudo` and the operation's capability on the path (§8.3). Anyone
 /// else is answered 403 by the dispatcher without the body being read.
-pub fn may_read_body(app: &App, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+pub fn may_read_body(app: &Node, method: &Method, path: &str, headers: &HeaderMap) -> bool {
     let need = match method.as_str() {
         "GET" | "HEAD" => Caps::READ,
         "POST" | "PUT" => Caps::UPDATE,
@@ -287,7 +287,7 @@ pub fn may_read_body(app: &App, method: &Method, path: &str, headers: &HeaderMap
     !caller.read_only && super::holds(app, &caller, path, need.union(Caps::SUDO))
 }
 
-pub async fn restore(app: &App, keys: &Unsealed, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {
+pub async fn restore(app: &Node, keys: &Unsealed, req: &ApiRequest, force: bool) -> Result<Reply, ApiError> {
     // snapshot-force takes another cluster's snapshot, whose keyring we lack: it skips the
     // seal and the HMAC, never a checksum.
     let keyring = (!force).then_some(&keys.keyring);

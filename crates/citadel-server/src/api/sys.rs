@@ -22,9 +22,9 @@ use citadel_core::route::{Kind, Param, Route};
 
 use super::routes::{self, handler, route, Call, Handler};
 use super::{record_audit, ApiError, ApiRequest, Op, Reply};
-use crate::app::App;
 use crate::config::SealKind;
 use crate::ids;
+use crate::node::Node;
 use crate::seal::decode_share;
 
 pub use crate::VERSION;
@@ -40,7 +40,7 @@ fn query_code(req: &ApiRequest, name: &str, default: u16) -> Result<StatusCode, 
 }
 
 /// This node's view of leadership: `leader`, `follower` or `read_only`.
-pub fn ha_mode(app: &App) -> &'static str {
+pub fn ha_mode(app: &Node) -> &'static str {
     if app.read_only() {
         return "read_only";
     }
@@ -107,7 +107,7 @@ fn with_removed(mut body: Value) -> Value {
     body
 }
 
-pub fn seal_status_body(app: &App) -> Value {
+pub fn seal_status_body(app: &Node) -> Value {
     let (info, cluster) = app.state.read(|s| (s.seal.clone(), s.cluster.clone()));
     let (progress, nonce) = app.seal.progress();
     json!({
@@ -132,7 +132,7 @@ async fn seal_status(c: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::json(StatusCode::OK, seal_status_body(c.app)))
 }
 
-fn seal_event(app: &App, req: &ApiRequest, operation: &str, status: u16, error: String) -> AuditBody {
+fn seal_event(app: &Node, req: &ApiRequest, operation: &str, status: u16, error: String) -> AuditBody {
     AuditBody {
         time: ids::now_ms(),
         request_id: req.id.clone(),
@@ -238,7 +238,7 @@ async fn init(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 /// Bootstraps the single-node Raft cluster (if needed), then proposes the initial state.
-async fn initialize(app: &Arc<App>, req: &ApiRequest) -> Result<Reply, ApiError> {
+async fn initialize(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> {
     #[derive(Deserialize)]
     struct InitRequest {
         #[serde(default)]
@@ -340,7 +340,7 @@ pub fn new_mount(kind: &str, now: UnixMillis, description: &str) -> Mount {
 }
 
 /// Makes this node the sole voter of a new cluster and waits for it to lead.
-async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
+async fn bootstrap_raft(app: &Node) -> Result<(), ApiError> {
     let initialized = app.raft.is_initialized().await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     if !initialized {
         let me = NodeInfo {
@@ -369,7 +369,7 @@ async fn bootstrap_raft(app: &App) -> Result<(), ApiError> {
 }
 
 /// The optional `node_id` of a join token request: the only node id the token may certify.
-fn join_token_node_id(app: &App, body: &Value) -> Result<Option<u64>, ApiError> {
+fn join_token_node_id(app: &Node, body: &Value) -> Result<Option<u64>, ApiError> {
     let Some(raw) = body.get("node_id").filter(|v| !v.is_null()) else { return Ok(None) };
     let node_id =
         raw.as_u64().or_else(|| raw.as_str().and_then(|s| s.parse().ok())).filter(|id| *id > 0).ok_or_else(|| {
@@ -884,7 +884,7 @@ fn autopilot_state(ha: Value) -> Value {
     })
 }
 
-fn raft_configuration(app: &App) -> Value {
+fn raft_configuration(app: &Node) -> Value {
     let metrics = app.raft_metrics();
     let membership = metrics.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
@@ -952,7 +952,7 @@ async fn audit_events(c: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::data(json!({ "events": events })))
 }
 
-fn audit_verify_body(app: &App) -> Value {
+fn audit_verify_body(app: &Node) -> Value {
     app.state.read(|s| {
         let nodes: serde_json::Map<String, Value> = s
             .audit

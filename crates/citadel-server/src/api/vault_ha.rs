@@ -7,14 +7,14 @@ use std::sync::atomic::Ordering;
 use citadel_core::time::rfc3339;
 use serde_json::{json, Value};
 
-use crate::app::App;
+use crate::node::Node;
 
 /// What Vault reports as `active_time` on a node that is not active (Go's zero `time.Time`).
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 /// `GET sys/leader`. `active_time` is when this node last became leader (Vault reports the
 /// active node's time; a standby reports the zero time, as Vault's standbys do).
-pub fn leader_body(app: &App) -> Value {
+pub fn leader_body(app: &Node) -> Value {
     let metrics = app.raft_metrics();
     let is_self = metrics.current_leader == Some(app.node_id());
     let leader = metrics.current_leader.and_then(|id| metrics.membership_config.membership().get_node(&id).cloned());
@@ -38,7 +38,7 @@ pub fn leader_body(app: &App) -> Value {
 /// table (so a follower answers with the leader's view, as Vault's standbys forward it). Vault's
 /// Go client decodes the top-level `Nodes`; `data.nodes` carries the same for clients that
 /// read the logical response.
-pub async fn ha_status(app: &App) -> Value {
+pub async fn ha_status(app: &Node) -> Value {
     let table = crate::ha::status(app).await;
     let now = crate::ids::now_ms();
     let nodes: Vec<Value> = table

@@ -1,5 +1,6 @@
-//! The node's shared context: Raft, the applied state, the seal, the audit spool, and the
-//! routing of proposals and linearizable reads to wherever the leader is.
+//! The node (§9.2): Raft, the applied state, the seal, the audit spool, the event stream, and the
+//! routing of proposals and linearizable reads to wherever the leader is. It knows nothing of
+//! HTTP: failures are `NodeError` values, and the API layer above turns them into answers.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::node_error::NodeError;
 use crate::seal::{SealManager, Unsealed};
 
-pub struct App {
+pub struct Node {
     pub config: Config,
     pub raft: Raft,
     pub state: StateReader,
@@ -110,7 +111,7 @@ enum Leadership {
     Unknown,
 }
 
-impl App {
+impl Node {
     pub fn node_id(&self) -> u64 {
         self.config.node_id
     }
