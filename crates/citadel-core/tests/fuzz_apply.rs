@@ -10,7 +10,7 @@ use citadel_core::command::{Command, InitCommand, Response};
 use citadel_core::job::LogPosition;
 use citadel_core::kv::{KvConfig, KvStore, MetadataUpdate};
 use citadel_core::policy::{self, Caps, Policy, Rule};
-use citadel_core::state::{ClusterInfo, JoinToken, Mount, SealInfo, State};
+use citadel_core::state::{AuthMount, ClusterInfo, JoinToken, Mount, SealInfo, State};
 use citadel_core::token::{LoginProof, TokenEntry, User};
 use proptest::prelude::*;
 
@@ -180,6 +180,11 @@ fn other_command() -> BoxedStrategy<Command> {
         }),
         (name(), mount()).prop_map(|(path, mount)| Command::MountEnable { path, mount }),
         name().prop_map(|path| Command::MountDisable { path }),
+        prop_oneof![name(), Just("userpass/".to_string()), Just("corp/".to_string())].prop_map(|path| {
+            let mount = AuthMount { uuid: "u".into(), kind: "userpass".into(), description: String::new(), created: 1 };
+            Command::AuthEnable { path, mount }
+        }),
+        prop_oneof![name(), Just("corp/".to_string())].prop_map(|path| Command::AuthDisable { path }),
         prop_oneof![name(), Just(policy::ROOT.to_string()), Just(policy::DEFAULT.to_string())].prop_map(|name| {
             Command::PolicyPut {
                 policy: Policy {
