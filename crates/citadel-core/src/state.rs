@@ -9,7 +9,7 @@ use crate::command::{Command, InitCommand, Rejection, Response};
 use crate::job::{self, JobLog, JobRefusal, JobRun, LogPosition};
 use crate::kv::{KvStore, WriteRequest};
 use crate::policy::{self, Policy};
-use crate::token::{TokenEntry, User};
+use crate::token::{LoginProof, TokenEntry, User};
 use crate::UnixMillis;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,54 +179,11 @@ impl State {
         match command {
             Command::Init(init) => self.init(*init),
             Command::RotateKeyring { expected_term, new_term, wrapped_keyring, at } => {
-                let seal = self.seal.as_mut().ok_or(Rejection::NotInitialized)?;
-                if seal.key_term != expected_term {
-                    return Err(Rejection::KeyringChanged { current: seal.key_term });
-                }
-                // A proposer whose in-memory keyring is stale proposes a term that is not newer:
-                // refused, never asserted (an assert here would stop every replica on replay).
-                if new_term <= expected_term {
-                    return Err(Rejection::KeyringTermNotNewer { current: expected_term, proposed: new_term });
-                }
-                seal.key_term = new_term;
-                seal.key_installed = at;
-                seal.wrapped_keyring = wrapped_keyring;
-                Ok(Response::Done)
+                self.rotate_keyring(expected_term, new_term, wrapped_keyring, at)
             }
-            Command::MountEnable { path, mount } => {
-                let clash = self.mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
-                if clash {
-                    return Err(Rejection::MountExists(path));
-                }
-                if self.mounts.len() >= MAX_MOUNTS {
-                    return Err(Rejection::TooManyMounts { max: MAX_MOUNTS });
-                }
-                self.mounts.insert(path, mount);
-                Ok(Response::Done)
-            }
-            Command::AuthEnable { path, mount } => {
-                let built_in =
-                    [DEFAULT_USERPASS, TOKEN_AUTH].iter().any(|b| b.starts_with(&path) || path.starts_with(b));
-                let clash = self.auth_mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
-                if built_in || clash || !path.ends_with('/') || path.len() < 2 {
-                    return Err(Rejection::MountExists(format!("auth/{path}")));
-                }
-                if self.auth_mounts.len() >= MAX_MOUNTS {
-                    return Err(Rejection::TooManyMounts { max: MAX_MOUNTS });
-                }
-                self.auth_mounts.insert(path, mount);
-                Ok(Response::Done)
-            }
-            Command::AuthDisable { path } => {
-                self.auth_mounts.remove(&path).ok_or_else(|| Rejection::MountNotFound(format!("auth/{path}")))?;
-                // Its users go, and every token they logged in for.
-                let users: Vec<String> = self.users.keys().filter(|k| k.starts_with(&path)).cloned().collect();
-                for key in users {
-                    self.users.remove(&key);
-                    self.revoke_user_tokens(&key);
-                }
-                Ok(Response::Done)
-            }
+            Command::MountEnable { path, mount } => self.enable_mount(path, mount),
+            Command::AuthEnable { path, mount } => self.enable_auth(path, mount),
+            Command::AuthDisable { path } => self.disable_auth(path),
             Command::MountDisable { path } => {
                 self.mounts.remove(&path).ok_or(Rejection::MountNotFound(path))?;
                 Ok(Response::Done)
@@ -275,36 +232,13 @@ impl State {
                 self.policies.remove(&name).ok_or(Rejection::PolicyNotFound(name))?;
                 Ok(Response::Done)
             }
-            Command::UserPut { user } => {
-                // A new password revokes the logins made with the old one (§8.2).
-                let password_changed =
-                    self.users.get(&user.username).is_some_and(|old| old.password_hash != user.password_hash);
-                if password_changed {
-                    self.revoke_user_tokens(&user.username);
-                }
-                self.users.insert(user.username.clone(), user);
-                Ok(Response::Done)
-            }
+            Command::UserPut { user } => self.put_user(user),
             Command::UserDelete { username } => {
                 self.users.remove(&username).ok_or_else(|| Rejection::UserNotFound(username.clone()))?;
                 self.revoke_user_tokens(&username);
                 Ok(Response::Done)
             }
-            Command::TokenCreate { entry, login } => {
-                if self.tokens.contains_key(&entry.hash) {
-                    // Token hashes are random: an existing hash is this very command retried
-                    // after an ambiguous failure, so applying it again changes nothing.
-                    return Ok(Response::Done);
-                }
-                if let Some(proof) = login {
-                    let current = self.users.get(&proof.username).map(|u| u.password_hash.as_str());
-                    if current != Some(proof.password_hash.as_str()) {
-                        return Err(Rejection::LoginOutdated);
-                    }
-                }
-                self.tokens.insert(entry.hash.clone(), *entry);
-                Ok(Response::Done)
-            }
+            Command::TokenCreate { entry, login } => self.create_token(*entry, login),
             Command::TokenRenew { hash, expires, ttl_secs } => {
                 let token = self.tokens.get_mut(&hash).ok_or(Rejection::TokenNotFound)?;
                 if token.max_expires.is_some_and(|max| expires > max) {
@@ -367,19 +301,7 @@ impl State {
                 self.join_tokens.entry(hash).or_insert(JoinToken { expires, used: false, node_id });
                 Ok(Response::Done)
             }
-            Command::JoinTokenUse { hash, now, node_id } => {
-                let token = self.join_tokens.get_mut(&hash).ok_or(Rejection::JoinTokenInvalid)?;
-                if token.used || token.expires <= now {
-                    return Err(Rejection::JoinTokenInvalid);
-                }
-                if let Some(named) = token.node_id.filter(|named| node_id != Some(*named)) {
-                    return Err(Rejection::JoinTokenForAnotherNode(named));
-                }
-                token.used = true;
-                // Spent and expired tokens are dropped: the table stays small.
-                self.join_tokens.retain(|_, t| !t.used && t.expires > now);
-                Ok(Response::Done)
-            }
+            Command::JoinTokenUse { hash, now, node_id } => self.use_join_token(hash, now, node_id),
             Command::NodeCertRecord { node_id, serial, not_after, at } => {
                 self.record_node_cert(node_id, serial, not_after, at)
             }
@@ -389,32 +311,136 @@ impl State {
                 self.revoked_serials.retain(|_, not_after| *not_after > now);
                 Ok(Response::Done)
             }
-            Command::PruneExpired { now } => {
-                self.join_tokens.retain(|_, t| !t.used && t.expires > now);
-                self.revoked_serials.retain(|_, not_after| *not_after > now);
-                for certs in self.node_certs.values_mut() {
-                    certs.retain(|_, not_after| *not_after > now);
-                }
-                self.node_certs.retain(|_, certs| !certs.is_empty());
-                Ok(Response::Done)
-            }
-            Command::RestoreState { state } => {
-                if !state.is_initialized() {
-                    return Err(Rejection::NotInitialized);
-                }
-                // The audit log and the job history record what happened; a restore keeps them.
-                let audit = std::mem::take(&mut self.audit);
-                let jobs = std::mem::take(&mut self.jobs);
-                *self = *state;
-                self.audit = audit;
-                self.jobs = jobs;
-                Ok(Response::Done)
-            }
+            Command::PruneExpired { now } => self.prune_expired(now),
+            Command::RestoreState { state } => self.restore(*state),
             Command::AuditShip { events } => {
                 let accepted = self.audit.ship(events).map_err(Rejection::Audit)?;
                 Ok(Response::AuditShipped { accepted })
             }
         }
+    }
+
+    fn rotate_keyring(
+        &mut self,
+        expected_term: u32,
+        new_term: u32,
+        wrapped_keyring: Vec<u8>,
+        at: UnixMillis,
+    ) -> Result<Response, Rejection> {
+        let seal = self.seal.as_mut().ok_or(Rejection::NotInitialized)?;
+        if seal.key_term != expected_term {
+            return Err(Rejection::KeyringChanged { current: seal.key_term });
+        }
+        // A proposer whose in-memory keyring is stale proposes a term that is not newer:
+        // refused, never asserted (an assert here would stop every replica on replay).
+        if new_term <= expected_term {
+            return Err(Rejection::KeyringTermNotNewer { current: expected_term, proposed: new_term });
+        }
+        seal.key_term = new_term;
+        seal.key_installed = at;
+        seal.wrapped_keyring = wrapped_keyring;
+        Ok(Response::Done)
+    }
+
+    fn enable_mount(&mut self, path: String, mount: Mount) -> Result<Response, Rejection> {
+        let clash = self.mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
+        if clash {
+            return Err(Rejection::MountExists(path));
+        }
+        if self.mounts.len() >= MAX_MOUNTS {
+            return Err(Rejection::TooManyMounts { max: MAX_MOUNTS });
+        }
+        self.mounts.insert(path, mount);
+        Ok(Response::Done)
+    }
+
+    fn enable_auth(&mut self, path: String, mount: AuthMount) -> Result<Response, Rejection> {
+        let built_in = [DEFAULT_USERPASS, TOKEN_AUTH].iter().any(|b| b.starts_with(&path) || path.starts_with(b));
+        let clash = self.auth_mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
+        if built_in || clash || !path.ends_with('/') || path.len() < 2 {
+            return Err(Rejection::MountExists(format!("auth/{path}")));
+        }
+        if self.auth_mounts.len() >= MAX_MOUNTS {
+            return Err(Rejection::TooManyMounts { max: MAX_MOUNTS });
+        }
+        self.auth_mounts.insert(path, mount);
+        Ok(Response::Done)
+    }
+
+    /// Disables an auth mount: its users go, and every token they logged in for.
+    fn disable_auth(&mut self, path: String) -> Result<Response, Rejection> {
+        self.auth_mounts.remove(&path).ok_or_else(|| Rejection::MountNotFound(format!("auth/{path}")))?;
+        // Its users go, and every token they logged in for.
+        let users: Vec<String> = self.users.keys().filter(|k| k.starts_with(&path)).cloned().collect();
+        for key in users {
+            self.users.remove(&key);
+            self.revoke_user_tokens(&key);
+        }
+        Ok(Response::Done)
+    }
+
+    fn put_user(&mut self, user: User) -> Result<Response, Rejection> {
+        // A new password revokes the logins made with the old one (§8.2).
+        let password_changed =
+            self.users.get(&user.username).is_some_and(|old| old.password_hash != user.password_hash);
+        if password_changed {
+            self.revoke_user_tokens(&user.username);
+        }
+        self.users.insert(user.username.clone(), user);
+        Ok(Response::Done)
+    }
+
+    fn create_token(&mut self, entry: TokenEntry, login: Option<LoginProof>) -> Result<Response, Rejection> {
+        if self.tokens.contains_key(&entry.hash) {
+            // Token hashes are random: an existing hash is this very command retried
+            // after an ambiguous failure, so applying it again changes nothing.
+            return Ok(Response::Done);
+        }
+        if let Some(proof) = login {
+            let current = self.users.get(&proof.username).map(|u| u.password_hash.as_str());
+            if current != Some(proof.password_hash.as_str()) {
+                return Err(Rejection::LoginOutdated);
+            }
+        }
+        self.tokens.insert(entry.hash.clone(), entry);
+        Ok(Response::Done)
+    }
+
+    fn use_join_token(&mut self, hash: String, now: UnixMillis, node_id: Option<u64>) -> Result<Response, Rejection> {
+        let token = self.join_tokens.get_mut(&hash).ok_or(Rejection::JoinTokenInvalid)?;
+        if token.used || token.expires <= now {
+            return Err(Rejection::JoinTokenInvalid);
+        }
+        if let Some(named) = token.node_id.filter(|named| node_id != Some(*named)) {
+            return Err(Rejection::JoinTokenForAnotherNode(named));
+        }
+        token.used = true;
+        // Spent and expired tokens are dropped: the table stays small.
+        self.join_tokens.retain(|_, t| !t.used && t.expires > now);
+        Ok(Response::Done)
+    }
+
+    fn prune_expired(&mut self, now: UnixMillis) -> Result<Response, Rejection> {
+        self.join_tokens.retain(|_, t| !t.used && t.expires > now);
+        self.revoked_serials.retain(|_, not_after| *not_after > now);
+        for certs in self.node_certs.values_mut() {
+            certs.retain(|_, not_after| *not_after > now);
+        }
+        self.node_certs.retain(|_, certs| !certs.is_empty());
+        Ok(Response::Done)
+    }
+
+    fn restore(&mut self, state: State) -> Result<Response, Rejection> {
+        if !state.is_initialized() {
+            return Err(Rejection::NotInitialized);
+        }
+        // The audit log and the job history record what happened; a restore keeps them.
+        let audit = std::mem::take(&mut self.audit);
+        let jobs = std::mem::take(&mut self.jobs);
+        *self = state;
+        self.audit = audit;
+        self.jobs = jobs;
+        Ok(Response::Done)
     }
 
     /// A leader job's result: refused unless it comes from the entry's leader in the entry's
