@@ -380,6 +380,14 @@ impl State {
     }
 
     fn put_user(&mut self, user: User) -> Result<Response, Rejection> {
+        // A user of another mount is kept only while that mount is: one written as its mount was
+        // disabled must not come back if the path is enabled again.
+        if let Some((mount, _)) = user.username.rsplit_once('/') {
+            let mount = format!("{mount}/");
+            if !self.auth_mounts.contains_key(&mount) {
+                return Err(Rejection::MountNotFound(format!("auth/{mount}")));
+            }
+        }
         // A new password revokes the logins made with the old one (§8.2).
         let password_changed =
             self.users.get(&user.username).is_some_and(|old| old.password_hash != user.password_hash);
@@ -879,6 +887,17 @@ mod tests {
         assert_eq!(state.apply(Command::AuthDisable { path: "corp/".into() }), Response::Done);
         assert!(!state.users.contains_key("corp/ann") && !state.tokens.contains_key("corp-login"));
         assert!(state.users.contains_key("ann"), "the built-in mount's user of the same name stays");
+    }
+
+    #[test]
+    fn a_user_of_a_disabled_auth_mount_is_refused_so_it_cannot_come_back() {
+        let mut state = initialized();
+        state.apply(Command::AuthEnable { path: "corp/".into(), mount: auth_mount() });
+        state.apply(Command::AuthDisable { path: "corp/".into() });
+        let before = state.clone();
+        let late = state.apply(Command::UserPut { user: user(&user_key("corp/", "ann"), "h1") });
+        assert_eq!(late, Response::Rejected(Rejection::MountNotFound("auth/corp/".into())));
+        assert_eq!(state, before);
     }
 
     #[test]

@@ -258,6 +258,15 @@ fn auth_block(token: &str, entry: &TokenEntry) -> Value {
     })
 }
 
+/// Where the token came from: the login path of its user's mount, or the token store.
+fn login_path(entry: &TokenEntry) -> String {
+    match entry.username.as_deref().map(|key| key.rsplit_once('/')) {
+        Some(Some((mount, _))) => format!("auth/{mount}/login"),
+        Some(None) => format!("auth/{DEFAULT_USERPASS}login"),
+        None => "auth/token/create".into(),
+    }
+}
+
 /// Vault's token lookup body; `id` is the token itself, shown only to whoever presented it.
 fn lookup_data(entry: &TokenEntry, now: u64, id: &str) -> Value {
     let ttl = entry.expires.map_or(0, |e| e.saturating_sub(now) / 1000);
@@ -274,7 +283,7 @@ fn lookup_data(entry: &TokenEntry, now: u64, id: &str) -> Value {
         "meta": entry.meta,
         "num_uses": entry.uses_left.unwrap_or(0),
         "orphan": entry.parent.is_none(),
-        "path": if entry.username.is_some() { "auth/userpass/login" } else { "auth/token/create" },
+        "path": login_path(entry),
         "period": (entry.period_secs > 0).then_some(entry.period_secs),
         "policies": entry.policies,
         "renewable": entry.renewable,

@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
+use citadel_core::policy::Caps;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
+use zeroize::Zeroizing;
 
 use super::routes::Call;
 use super::{ApiError, Reply};
-use crate::auth::Caller;
 use crate::events::Subscription;
 use crate::node::Node;
 
@@ -30,10 +31,11 @@ pub(super) async fn jobs(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 pub(super) async fn subscribe(c: &Call<'_>) -> Result<Reply, ApiError> {
-    open_stream(c.app, c.caller()?)
+    let token = c.req.token().ok_or_else(ApiError::forbidden)?;
+    open_stream(c.app, &c.req.path, Zeroizing::new(token))
 }
 
-fn open_stream(app: &Arc<Node>, caller: &Caller) -> Result<Reply, ApiError> {
+fn open_stream(app: &Arc<Node>, path: &str, token: Zeroizing<String>) -> Result<Reply, ApiError> {
     let subscription = app.events.subscribe().ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -48,10 +50,10 @@ fn open_stream(app: &Arc<Node>, caller: &Caller) -> Result<Reply, ApiError> {
         app: app.clone(),
         subscription,
         heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat),
-        // A stored token is looked up again at each heartbeat (revoked or expired: the stream
-        // ends); an emergency token is not stored, so only its own expiry applies.
-        token: (!caller.read_only).then(|| caller.entry.hash.clone()),
-        expires: caller.entry.expires,
+        // Checked again at each heartbeat, as a new request would be: revoked, expired, or
+        // without `sudo` on this path any more, and the stream ends.
+        token,
+        path: path.to_string(),
         first: None,
         done: false,
     };
@@ -67,8 +69,8 @@ struct Feed {
     app: Arc<Node>,
     subscription: Subscription,
     heartbeat: tokio::time::Interval,
-    token: Option<String>,
-    expires: Option<u64>,
+    token: Zeroizing<String>,
+    path: String,
     first: Option<Bytes>,
     done: bool,
 }
@@ -92,21 +94,18 @@ impl Feed {
                     Some(self.control("heartbeat", json!({})))
                 } else {
                     self.done = true;
-                    Some(self.control("closed", json!({ "reason": "the token was revoked or has expired" })))
+                    let reason = "the token was revoked or has expired, its policies no longer grant this stream, or the node was sealed";
+                    Some(self.control("closed", json!({ "reason": reason })))
                 }
             }
         }
     }
 
     fn token_valid(&self) -> bool {
+        let Ok(keys) = self.app.keys() else { return false };
         let now = crate::ids::now_ms();
-        if self.expires.is_some_and(|e| e <= now) {
-            return false;
-        }
-        match &self.token {
-            Some(hash) => self.app.state.read(|s| s.tokens.get(hash).is_some_and(|t| !t.is_expired(now))),
-            None => true,
-        }
+        let caller = self.app.state.read(|s| crate::auth::resolve(s, &keys.keyring, &self.token, now));
+        caller.is_some_and(|caller| super::holds(&self.app, &caller, &self.path, Caps::READ.union(Caps::SUDO)))
     }
 
     fn leader(&self) -> Option<u64> {

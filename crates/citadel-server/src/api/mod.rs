@@ -287,6 +287,7 @@ pub async fn handle(app: Arc<Node>, req: ApiRequest) -> Response {
 async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> {
     let route = routes::resolve(app, &req.path);
     if let Some((route, captures)) = &route {
+        // On an open route a wrong method is a 405 before any token check (`POST sys/health`).
         if routes::is_unauthenticated(route) {
             let (op, operation) = operation(route, req)?;
             if operation.need == (Need::Unauthenticated { while_sealed: true }) {
@@ -302,10 +303,12 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
     if let Some(redirect) = redirect_to_leader(app, req) {
         return Ok(redirect);
     }
+    // Only an operation declared open is served without a token, whatever else its route declares.
     if let Some((route, captures)) = &route {
-        if routes::is_unauthenticated(route) {
-            let (op, operation) = operation(route, req)?;
-            return (operation.handler)(&Call::new(app, req, op, captures.clone()).unsealed(&keys)).await;
+        if let Ok((op, operation)) = operation(route, req) {
+            if operation.need == (Need::Unauthenticated { while_sealed: false }) {
+                return (operation.handler)(&Call::new(app, req, op, captures.clone()).unsealed(&keys)).await;
+            }
         }
     }
     let now = ids::now_ms();

@@ -32,7 +32,13 @@ pub fn routes() -> Vec<Route<Handler>> {
             ],
             exists: Some(|s, c| policy_exists(s, c.get("name"))),
         },
-        route("sys/policy", vec![op::read("List policies (legacy)", handler!(list_legacy))]),
+        route(
+            "sys/policy",
+            vec![
+                op::read("List policies (legacy)", handler!(list_legacy)),
+                op::list("List policies (legacy)", handler!(list_legacy)),
+            ],
+        ),
         Route {
             pattern: "sys/policy/:name",
             operations: vec![

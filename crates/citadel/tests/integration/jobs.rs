@@ -189,3 +189,18 @@ async fn an_event_stream_outlives_the_idle_timeout_on_heartbeats() {
     }
     assert!(started.elapsed() > Duration::from_millis(2000), "twelve heartbeats 200 ms apart span two idle timeouts");
 }
+
+#[tokio::test]
+async fn an_event_stream_ends_once_its_tokens_policy_no_longer_grants_sudo() {
+    let cluster = Cluster::start_with(27650, true, "[events]\nheartbeat_ms = 200\n").await;
+    let root = cluster.root();
+    let grant = |caps: &str| json!({ "policy": format!(r#"path "sys/events" {{ capabilities = [{caps}] }}"#) });
+    root.post("sys/policies/acl/watcher", &grant(r#""read", "sudo""#)).await.unwrap();
+    let created = root.post("auth/token/create", &json!({ "policies": ["watcher"] })).await.unwrap();
+    let token = created["auth"]["client_token"].as_str().unwrap().to_string();
+    let mut stream = subscribe(&cluster.anonymous().with_token(token)).await;
+    line_where(&mut stream, "a heartbeat while granted", |l| l["type"] == json!("heartbeat")).await;
+    root.post("sys/policies/acl/watcher", &grant(r#""read""#)).await.unwrap();
+    let closed = line_where(&mut stream, "the stream closing", |l| l["type"] == json!("closed")).await;
+    assert!(closed["reason"].as_str().unwrap().contains("no longer grant"), "{closed}");
+}
