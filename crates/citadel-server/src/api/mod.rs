@@ -331,6 +331,9 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
                 request_id: req.id.clone(),
                 linearized,
             };
+            // Resolved again on the state the token was checked against: a mount enabled on
+            // another node just before this request is found.
+            let route = routes::resolve(app, &req.path);
             crate::node::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
         }
     };
