@@ -29,12 +29,13 @@ use crate::seal::decode_share;
 
 pub use crate::VERSION;
 
+/// A status code a health check asks for (`activecode=` ...): one of HTTP's classes, 200 to 599.
 fn query_code(req: &ApiRequest, name: &str, default: u16) -> Result<StatusCode, ApiError> {
     let code = match req.query.get(name) {
         None => default,
-        Some(v) => {
-            v.parse::<u16>().map_err(|_| ApiError::bad_request(format!("{name} must be an HTTP status code")))?
-        }
+        Some(v) => v.parse::<u16>().ok().filter(|c| (200..=599).contains(c)).ok_or_else(|| {
+            ApiError::bad_request(format!("{name} must be an HTTP status code from 200 to 599, not {v:?}"))
+        })?,
     };
     StatusCode::from_u16(code).map_err(|_| ApiError::bad_request(format!("{name}: {code} is not a valid status code")))
 }
@@ -395,11 +396,11 @@ const UNSEAL_PARAMS: &[Param] = &[
 ];
 const HEALTH_PARAMS: &[Param] = &[
     Param::query("standbyok", Kind::Boolean, "Answer 200 on a standby"),
-    Param::query("activecode", Kind::Integer, "Status code for the active node"),
-    Param::query("standbycode", Kind::Integer, "Status code for a standby"),
-    Param::query("sealedcode", Kind::Integer, "Status code when sealed"),
-    Param::query("uninitcode", Kind::Integer, "Status code when not initialized"),
-    Param::query("haunhealthycode", Kind::Integer, "Status code in read-only mode"),
+    Param::query("activecode", Kind::Integer, "Status code for the active node (200 to 599)"),
+    Param::query("standbycode", Kind::Integer, "Status code for a standby (200 to 599)"),
+    Param::query("sealedcode", Kind::Integer, "Status code when sealed (200 to 599)"),
+    Param::query("uninitcode", Kind::Integer, "Status code when not initialized (200 to 599)"),
+    Param::query("haunhealthycode", Kind::Integer, "Status code in read-only mode (200 to 599)"),
 ];
 const BOOTSTRAP_PARAMS: &[Param] = &[
     Param::body("join_token", Kind::String, "A one-time join token").required(),

@@ -18,6 +18,10 @@ async fn health_uses_vault_codes_through_init_and_shamir_unseal() {
     assert_eq!(h.status, 503, "initialized but sealed");
     assert_eq!(h.body["sealed"], json!(true));
     assert_eq!(c.raw("GET", "sys/health?sealedcode=200", None, &[]).await.unwrap().status, 200);
+    for outside_http in ["sealedcode=673", "sealedcode=99", "sealedcode=1000000"] {
+        let refused = c.raw("GET", &format!("sys/health?{outside_http}"), None, &[]).await.unwrap();
+        assert_eq!(refused.status, 400, "{outside_http} is not an HTTP status code");
+    }
 
     // A request needing the barrier is refused while sealed.
     let kv = c.clone().with_token(root.clone()).raw("GET", "secret/data/x", None, &[]).await.unwrap();
