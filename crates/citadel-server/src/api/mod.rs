@@ -3,13 +3,16 @@
 //! One dispatcher owns the order every request goes through, so no endpoint can skip a step:
 //! unauthenticated endpoints → seal check → token → ACL → handler → audit (fsynced) → answer.
 
+mod audit_query;
 mod auth;
 mod barrier_view;
 mod events;
 mod kv;
+mod mounts;
 mod node_error;
 pub mod openapi;
 mod policy;
+mod raft;
 pub mod routes;
 mod snapshot;
 mod snapshot_archive;

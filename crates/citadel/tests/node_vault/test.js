@@ -121,7 +121,7 @@ async function main() {
         const auths = await root.auths();
         assert.ok('userpass/' in auths.data, JSON.stringify(auths));
         // A script written for Vault enables userpass first; in Citadel it is always there, so
-        // enabling it at userpass/ succeeds with nothing to do (api/sys.rs, enable_auth).
+        // enabling it at userpass/ succeeds with nothing to do (api/mounts.rs, enable_auth).
         await root.enableAuth({ mount_point: 'userpass', type: 'userpass', description: 'users' });
         await root.write('auth/userpass/users/node-user', { password: 'node-password-1', policies: 'node-app' });
         const user = client(leaderAddr);
