@@ -303,6 +303,8 @@ pub enum Rejection {
     MountExists(String),
     #[error("at most {max} mounts of each kind may exist; disable one first")]
     TooManyMounts { max: usize },
+    #[error("a mount path may be at most {max_path} bytes and its description at most {max_description}")]
+    MountTooLarge { max_path: usize, max_description: usize },
     #[error("{0}")]
     Kv(KvError),
     #[error("the keyring was rotated concurrently (current term {current}); retry")]

@@ -58,6 +58,18 @@ pub const DEFAULT_USERPASS: &str = "userpass/";
 pub const TOKEN_AUTH: &str = "token/";
 /// Most secrets engines, and most auth methods, a cluster holds (§8.3).
 pub const MAX_MOUNTS: usize = 256;
+/// Longest mount path, and longest mount description, in bytes: a mount is replicated state, and
+/// a request body may be 1 MiB.
+pub const MAX_MOUNT_PATH: usize = 128;
+pub const MAX_MOUNT_DESCRIPTION: usize = 1024;
+
+/// Refuses a mount whose path or description is longer than the limits.
+fn check_mount_size(path: &str, description: &str) -> Result<(), Rejection> {
+    if path.len() > MAX_MOUNT_PATH || description.len() > MAX_MOUNT_DESCRIPTION {
+        return Err(Rejection::MountTooLarge { max_path: MAX_MOUNT_PATH, max_description: MAX_MOUNT_DESCRIPTION });
+    }
+    Ok(())
+}
 
 /// Where a user of an auth mount is stored in `State::users`: a user of the built-in
 /// `userpass/` mount under its name (as before mounts existed), any other under its mount path
@@ -343,6 +355,7 @@ impl State {
     }
 
     fn enable_mount(&mut self, path: String, mount: Mount) -> Result<Response, Rejection> {
+        check_mount_size(&path, &mount.description)?;
         let clash = self.mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
         if clash {
             return Err(Rejection::MountExists(path));
@@ -355,6 +368,7 @@ impl State {
     }
 
     fn enable_auth(&mut self, path: String, mount: AuthMount) -> Result<Response, Rejection> {
+        check_mount_size(&path, &mount.description)?;
         let built_in = [DEFAULT_USERPASS, TOKEN_AUTH].iter().any(|b| b.starts_with(&path) || path.starts_with(b));
         let clash = self.auth_mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
         if built_in || clash || !path.ends_with('/') || path.len() < 2 {
@@ -910,6 +924,21 @@ mod tests {
         state.apply(Command::AuthEnable { path: "corp/".into(), mount: auth_mount() });
         let nested = state.apply(Command::AuthEnable { path: "corp/eu/".into(), mount: auth_mount() });
         assert!(matches!(nested, Response::Rejected(Rejection::MountExists(_))));
+    }
+
+    #[test]
+    fn a_mount_path_or_description_past_its_limit_is_refused() {
+        let mut state = initialized();
+        let mut mount = state.mounts.values().next().unwrap().clone();
+        let long_path = format!("{}/", "p".repeat(MAX_MOUNT_PATH));
+        let refused = state.apply(Command::MountEnable { path: long_path, mount: mount.clone() });
+        assert!(matches!(refused, Response::Rejected(Rejection::MountTooLarge { .. })));
+        mount.description = "d".repeat(MAX_MOUNT_DESCRIPTION + 1);
+        let refused = state.apply(Command::MountEnable { path: "big/".into(), mount });
+        assert!(matches!(refused, Response::Rejected(Rejection::MountTooLarge { .. })));
+        let auth = AuthMount { description: "d".repeat(MAX_MOUNT_DESCRIPTION + 1), ..auth_mount() };
+        let refused = state.apply(Command::AuthEnable { path: "corp/".into(), mount: auth });
+        assert!(matches!(refused, Response::Rejected(Rejection::MountTooLarge { .. })));
     }
 
     #[test]

@@ -131,7 +131,7 @@ async fn enable_auth(c: &Call<'_>) -> Result<Reply, ApiError> {
         let known: Vec<&str> = super::routes::AUTH_METHODS.iter().map(|m| m.kind).collect();
         ApiError::bad_request(format!("unknown auth method type {kind:?}: this build serves {known:?}"))
     })?;
-    let valid = path.len() > 1 && !path.contains("//") && path.len() <= 128;
+    let valid = path.len() > 1 && !path.contains("//");
     if !valid {
         return Err(ApiError::bad_request(format!("cannot enable an auth method at auth/{path}: invalid path")));
     }

@@ -183,20 +183,21 @@ pub fn resolve(app: &Node, path: &str) -> Option<(&'static Route<Handler>, Captu
 /// The auth mounts: the built-in `userpass/` and those enabled with `sys/auth/:path`, as
 /// (path under `auth/`, method).
 pub fn auth_mounts(state: &State) -> Vec<(String, String)> {
-    let enabled = state.auth_mounts.iter().map(|(path, m)| (path.clone(), m.kind.clone()));
-    std::iter::once((DEFAULT_USERPASS.to_string(), "userpass".to_string())).chain(enabled).collect()
+    each_auth_mount(state).map(|(path, kind)| (path.to_string(), kind.to_string())).collect()
 }
 
-/// The auth mount serving `path` (under `auth/`): (mount, the rest, method).
+fn each_auth_mount(state: &State) -> impl Iterator<Item = (&str, &str)> {
+    let enabled = state.auth_mounts.iter().map(|(path, m)| (path.as_str(), m.kind.as_str()));
+    std::iter::once((DEFAULT_USERPASS, "userpass")).chain(enabled)
+}
+
+/// The auth mount serving `path` (under `auth/`): (mount, the rest, method). Runs on every
+/// request under `auth/`, so it copies only the mount it finds.
 fn auth_mount_of(state: &State, path: &str) -> Option<(String, String, String)> {
-    auth_mounts(state)
-        .into_iter()
-        .filter(|(mount, _)| path.starts_with(mount.as_str()))
+    each_auth_mount(state)
+        .filter(|(mount, _)| path.starts_with(mount))
         .max_by_key(|(mount, _)| mount.len())
-        .map(|(mount, kind)| {
-            let rest = path[mount.len()..].to_string();
-            (mount, rest, kind)
-        })
+        .map(|(mount, kind)| (mount.to_string(), path[mount.len()..].to_string(), kind.to_string()))
 }
 
 /// Whether a route is open without a token, so that a wrong method is a 405 before any token
