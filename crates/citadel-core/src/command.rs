@@ -12,7 +12,10 @@ use crate::UnixMillis;
 
 /// Bumped whenever the encoding of a command or of the state changes incompatibly.
 /// 2: audit events keep their body's stored bytes (`audit::AuditEvent`).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the Raft log lives in `raft-log` files, not in `raft.redb` (commands are unchanged; format
+///    2 data is imported once at start). An older build must refuse such a directory: it would
+///    find no vote and no log in `raft.redb` and start as an empty node.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
 /// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify).
 pub const OLDEST_READABLE_FORMAT: u32 = 1;

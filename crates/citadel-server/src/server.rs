@@ -42,6 +42,7 @@ pub async fn run(config: Config) -> Result<()> {
     let cluster_tls = cluster_tls(&config, node_cert.clone())?;
     let (log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
     let state = sm.reader();
+    let log_failures = log.failures();
     let raft_config = openraft::Config {
         cluster_name: config.cluster_name.clone(),
         heartbeat_interval: config.raft.heartbeat_ms,
@@ -125,10 +126,25 @@ pub async fn run(config: Config) -> Result<()> {
         tokio::spawn(auto_unseal(app.clone()));
     }
 
-    shutdown_signal().await;
+    let stopped_by = tokio::select! {
+        () = shutdown_signal() => None,
+        why = log_failed(log_failures) => Some(why),
+    };
     tracing::info!("shutting down");
     let _ = raft.shutdown().await;
-    Ok(())
+    match stopped_by {
+        None => Ok(()),
+        Some(why) => Err(anyhow::anyhow!(why)),
+    }
+}
+
+/// Resolves when the Raft log has failed (a write or fsync error): the node must not go on.
+async fn log_failed(mut failures: citadel_storage::LogFailure) -> String {
+    match failures.wait_for(Option::is_some).await {
+        Ok(why) => why.clone().unwrap_or_default(),
+        // The log is gone without failing: never resolve, the node stops on a signal.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// The cluster port demands a client certificate signed by the cluster CA.

@@ -50,7 +50,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
     serde_json::from_slice(body).map_err(|e| bad(format!("undecodable record: {e}")))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Ordered as openraft orders log ids: by leader (term, then node), then index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StoredLogId {
     pub term: u64,
     pub leader: u64,
@@ -79,6 +80,13 @@ pub struct StoredVote {
 impl From<&Vote> for StoredVote {
     fn from(v: &Vote) -> Self {
         StoredVote { term: v.leader_id.term, node: v.leader_id.node_id, committed: v.committed }
+    }
+}
+
+/// Ordered as openraft orders votes (the log refuses a vote that goes back).
+impl PartialOrd for StoredVote {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Vote::from(self.clone()).partial_cmp(&Vote::from(other.clone()))
     }
 }
 

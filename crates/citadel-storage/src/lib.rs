@@ -1,4 +1,4 @@
-//! Replicated storage: the Raft log and the state machine, durable on redb.
+//! Replicated storage: the Raft log (on `raft-log`) and the state machine (on redb).
 //!
 //! Everything here sees only ciphertext and keyed hashes (the barrier sits above). What reaches
 //! disk is encoded in Citadel's own versioned records ([`codec`]), never openraft's structs, so
@@ -6,19 +6,21 @@
 //! that is verified before the record is trusted.
 
 pub mod codec;
+pub(crate) mod db;
 pub mod files;
+mod import;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;
 
-pub use log_store::LogStore;
+pub use log_store::{LogFailure, LogStore, LOG_DIR};
 pub use state_machine::{StateMachine, StateReader};
 pub use types::{NodeInfo, TypeConfig};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// File name of the redb database inside a node's data directory.
+/// File name of the redb database inside a node's data directory (identity, state machine).
 pub const DB_FILE: &str = "raft.redb";
 
 /// Opens (or creates) a node's storage, refusing data that belongs to another node or fails
@@ -34,10 +36,11 @@ pub fn open(data_dir: &Path, node_id: u64) -> Result<(LogStore, StateMachine), S
     }
     let path = data_dir.join(DB_FILE);
     let db = open_db(&path)?;
-    let db = Arc::new(log_store::Db { db, path: path.clone() });
-    log_store::check_identity(&db, node_id)?;
-    let log = LogStore::open(db.clone())?;
-    let sm = StateMachine::open(db)?;
+    let db = db::Db { db, path: path.clone() };
+    db::check_identity(&db, node_id)?;
+    import::import_old_log(&db, data_dir, node_id)?;
+    let log = LogStore::open(&data_dir.join(LOG_DIR), node_id)?;
+    let sm = StateMachine::open(Arc::new(db))?;
     Ok((log, sm))
 }
 

@@ -1,184 +1,396 @@
-//! The Raft log on redb. `append` acknowledges only after a durable commit.
+//! The Raft log on `raft-log` (§2, §9.3): an append-only, group-committed record log.
+//!
+//! Why this shape: `append` only queues the entries (they are readable at once, from raft-log's
+//! cache) and asks raft-log's flush thread for an fsync; openraft learns the entries are durable
+//! from `IOFlushed`, which fires after that fsync. So the leader's fsync runs while the entries
+//! are already travelling to the followers, and one fsync covers every entry queued meanwhile.
+//!
+//! Inside raft-log's own checksummed records, every entry is one of Citadel's versioned,
+//! checksummed records ([`codec`]), so the meaning of the bytes stays ours to version.
+//!
+//! Failure policy: a torn or zeroed tail (a crash mid-write: nothing acknowledged is in it) is
+//! cut at open, with a warning naming the file; a complete record that fails its checksum stops
+//! the node, naming the file. A failed fsync or write is never retried: the log is marked
+//! failed, every later operation fails, and [`LogStore::failures`] tells the server to stop (a
+//! retried fsync can report success for data the kernel already dropped).
 
 use std::fmt::Debug;
-use std::io;
+use std::fs::File;
+use std::io::{self, BufReader, Read};
 use std::ops::{Bound, RangeBounds};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use raft_log::api::raft_log_writer::RaftLogWriter;
+use raft_log::codeq::{Decode, Encode};
+use raft_log::{RaftLog, WALRecord};
+use tokio::sync::{oneshot, watch};
 
 use crate::codec::{self, Identity, StoredEntry, StoredLogId, StoredVote};
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 use crate::StorageOpenError;
 
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Directory of the log inside a node's data directory.
+pub const LOG_DIR: &str = "raft-log";
 
-const KEY_IDENTITY: &str = "identity";
-const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
-const KEY_PURGED: &str = "purged";
+/// The largest record the log accepts or reads back. A request body is at most 1 MiB and an
+/// append carries at most 64 entries, so this is never reached by a valid entry; it bounds the
+/// memory a damaged length field could make a read allocate.
+const MAX_RECORD: usize = 64 << 20;
+/// Entries kept in memory for readers (followers catching up): recent ones are read from here,
+/// older ones from disk.
+const CACHE_ENTRIES: usize = 20_000;
+const CACHE_BYTES: usize = 32 << 20;
+/// A chunk file is closed and a new one started at this size; purging deletes whole chunks.
+const CHUNK_BYTES: usize = 32 << 20;
+const READ_BUFFER: usize = 1 << 20;
 
-/// The database and the file it lives in (for error messages).
-pub struct Db {
-    pub db: redb::Database,
-    pub path: PathBuf,
-}
+/// Citadel's types for raft-log.
+#[derive(Debug, Default, PartialEq, Eq, Clone)]
+pub(crate) struct WalTypes;
 
-impl Db {
-    pub(crate) fn err(&self, e: impl std::fmt::Display) -> io::Error {
-        io::Error::other(format!("{}: {e}", self.path.display()))
+impl raft_log::Types for WalTypes {
+    type LogId = StoredLogId;
+    type LogPayload = Record;
+    type Vote = StoredVote;
+    type Callback = Flushed;
+    type UserData = Record;
+
+    fn log_index(log_id: &StoredLogId) -> u64 {
+        log_id.index
     }
 
-    pub(crate) fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
-        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = match txn.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
-        };
-        let value = table.get(key).map_err(|e| self.err(e))?;
-        value.map(|v| codec::decode(v.value(), &format!("{} ({key})", self.path.display()))).transpose()
-    }
-
-    /// Writes a set of changes in one durable, two-phase commit. Two fsyncs, where redb's
-    /// one-phase commit needs one; but after a crash, one-phase redb checks its newest commit
-    /// and, finding it damaged, silently falls back to the one before: an acknowledged log entry
-    /// would vanish without a word. Two-phase redb opens its newest commit as is, and our record
-    /// checksums (verified at open) then stop the node, naming the file.
-    pub(crate) fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> io::Result<()> {
-        self.write_with(redb::Durability::Immediate, f)
-    }
-
-    /// Like `write`, without an fsync: durable with the next durable commit, lost in a crash
-    /// before it. Only for what can be recomputed.
-    pub(crate) fn write_lazily(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> io::Result<()> {
-        self.write_with(redb::Durability::None, f)
-    }
-
-    fn write_with(
-        &self,
-        durability: redb::Durability,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> io::Result<()> {
-        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_two_phase_commit(true);
-        txn.set_durability(durability).map_err(|e| self.err(e))?;
-        f(&txn).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
-    }
-
-    pub(crate) fn write_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
-        let bytes = codec::encode(value);
-        self.write(|txn| {
-            txn.open_table(META)?.insert(key, bytes.as_slice())?;
-            Ok(())
-        })
+    fn payload_size(payload: &Record) -> u64 {
+        payload.0.len() as u64
     }
 }
 
-pub(crate) fn check_identity(db: &Db, node_id: u64) -> Result<(), StorageOpenError> {
-    let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
-    match db.read_meta::<Identity>(KEY_IDENTITY).map_err(corrupt)? {
-        Some(id) if !citadel_core::command::readable_format(id.format) => {
-            Err(StorageOpenError::Format { path: db.path.clone(), found: id.format })
+/// One of Citadel's own records ([`codec::encode`]), length-prefixed inside raft-log's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record(Vec<u8>);
+
+impl Encode for Record {
+    fn encode<W: io::Write>(&self, mut w: W) -> io::Result<usize> {
+        if self.0.len() > MAX_RECORD {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a log record is larger than 64 MiB"));
         }
-        Some(id) if id.node_id != node_id => {
-            Err(StorageOpenError::Foreign { path: db.path.clone(), found: id.node_id, expected: node_id })
+        w.write_all(&(self.0.len() as u32).to_be_bytes())?;
+        w.write_all(&self.0)?;
+        Ok(4 + self.0.len())
+    }
+}
+
+impl Decode for Record {
+    fn decode<R: io::Read>(mut r: R) -> io::Result<Record> {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_RECORD {
+            // Not `UnexpectedEof`: a damaged length must stop the node, not be cut as a torn tail.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a record claims {len} bytes")));
         }
-        // An older format this build reads: records are migrated as they are read, and new
-        // records are written in the current format, so the directory is marked as current
-        // (an older build then refuses it with a message instead of failing on a record).
-        Some(id) if id.format != citadel_core::command::FORMAT_VERSION => {
-            tracing::info!(path = %db.path.display(), from = id.format, to = citadel_core::command::FORMAT_VERSION, "upgrading the storage format");
-            db.write_meta(KEY_IDENTITY, &Identity { node_id, format: citadel_core::command::FORMAT_VERSION })
-                .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))
+        let mut bytes = vec![0; len];
+        r.read_exact(&mut bytes)?;
+        Ok(Record(bytes))
+    }
+}
+
+impl Encode for StoredLogId {
+    fn encode<W: io::Write>(&self, mut w: W) -> io::Result<usize> {
+        Ok(self.term.encode(&mut w)? + self.leader.encode(&mut w)? + self.index.encode(&mut w)?)
+    }
+}
+
+impl Decode for StoredLogId {
+    fn decode<R: io::Read>(mut r: R) -> io::Result<StoredLogId> {
+        Ok(StoredLogId { term: u64::decode(&mut r)?, leader: u64::decode(&mut r)?, index: u64::decode(&mut r)? })
+    }
+}
+
+impl Encode for StoredVote {
+    fn encode<W: io::Write>(&self, mut w: W) -> io::Result<usize> {
+        Ok(self.term.encode(&mut w)? + self.node.encode(&mut w)? + self.committed.encode(&mut w)?)
+    }
+}
+
+impl Decode for StoredVote {
+    fn decode<R: io::Read>(mut r: R) -> io::Result<StoredVote> {
+        Ok(StoredVote { term: u64::decode(&mut r)?, node: u64::decode(&mut r)?, committed: bool::decode(&mut r)? })
+    }
+}
+
+/// Why the log can no longer be trusted; the server stops on it.
+pub type LogFailure = watch::Receiver<Option<String>>;
+
+/// Who waits for a flush: openraft (an append) or this store (a vote, a truncation).
+enum Waiter {
+    Raft(IOFlushed<TypeConfig>),
+    Store(oneshot::Sender<io::Result<()>>),
+}
+
+/// raft-log's flush callback. Dropped without being called means raft-log's flush thread
+/// stopped (a write failed): reported as a failure, never as silence.
+pub(crate) struct Flushed {
+    waiter: Option<Waiter>,
+    failure: Arc<watch::Sender<Option<String>>>,
+    dir: PathBuf,
+}
+
+impl Flushed {
+    fn complete(&mut self, result: io::Result<()>) {
+        if let Err(e) = &result {
+            let message = format!(
+                "writing the Raft log in {} failed: {e}. The node stops rather than trust the disk: check \
+                 it (space, errors in the kernel log), then restart the node",
+                self.dir.display()
+            );
+            tracing::error!("{message}");
+            self.failure.send_if_modified(|current| {
+                let first = current.is_none();
+                if first {
+                    *current = Some(message);
+                }
+                first
+            });
         }
-        Some(_) => Ok(()),
-        None => db
-            .write_meta(KEY_IDENTITY, &Identity { node_id, format: citadel_core::command::FORMAT_VERSION })
-            .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string())),
+        match self.waiter.take() {
+            Some(Waiter::Raft(callback)) => callback.io_completed(result),
+            Some(Waiter::Store(tx)) => {
+                let _ = tx.send(result);
+            }
+            None => {}
+        }
+    }
+}
+
+impl raft_log::Callback for Flushed {
+    fn send(mut self, result: io::Result<()>) {
+        self.complete(result);
+    }
+}
+
+impl Drop for Flushed {
+    fn drop(&mut self) {
+        if self.waiter.is_some() {
+            self.complete(Err(io::Error::other("the log's flush thread stopped before this write was flushed")));
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct LogStore {
-    db: Arc<Db>,
+    log: Arc<Mutex<RaftLog<WalTypes>>>,
+    dir: PathBuf,
+    failure: Arc<watch::Sender<Option<String>>>,
 }
 
 impl LogStore {
-    /// Opens the log and verifies the checksum of every entry in it before anything is served.
-    pub(crate) fn open(db: Arc<Db>) -> Result<LogStore, StorageOpenError> {
-        let store = LogStore { db };
-        let entries =
-            store.read_range(..).map_err(|e| StorageOpenError::Corrupt(store.db.path.clone(), e.to_string()))?;
-        let mut prev: Option<u64> = None;
-        for e in &entries {
-            if let Some(p) = prev {
-                if e.log_id.index != p + 1 {
-                    return Err(StorageOpenError::Corrupt(
-                        store.db.path.clone(),
-                        format!("log has a hole between index {p} and {}", e.log_id.index),
-                    ));
-                }
+    /// Opens the log in `dir`, verifying every record; refuses another node's log.
+    pub(crate) fn open(dir: &Path, node_id: u64) -> Result<LogStore, StorageOpenError> {
+        crate::files::create_private_dir(dir).map_err(StorageOpenError::Files)?;
+        let before = chunk_sizes(dir);
+        let log = RaftLog::<WalTypes>::open(Arc::new(config(dir))).map_err(|e| opening_error(dir, e))?;
+        for (path, size) in before {
+            let now = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(size);
+            if now < size {
+                tracing::warn!(file = %path.display(), cut = size - now, "cut the torn tail of the Raft log left by a crash (its last write was never acknowledged)");
             }
-            prev = Some(e.log_id.index);
         }
+        let store = LogStore {
+            log: Arc::new(Mutex::new(log)),
+            dir: dir.to_path_buf(),
+            failure: Arc::new(watch::channel(None).0),
+        };
+        store.check_identity(node_id)?;
         Ok(store)
     }
 
-    fn read_range(&self, range: impl RangeBounds<u64>) -> io::Result<Vec<Entry>> {
-        let db = &self.db;
-        let txn = db.db.begin_read().map_err(|e| db.err(e))?;
-        let table = match txn.open_table(LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(db.err(e)),
-        };
-        let start = match range.start_bound() {
-            Bound::Included(&s) => s,
-            Bound::Excluded(&s) => s + 1,
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&e) => Bound::Included(e),
-            Bound::Excluded(&e) => Bound::Excluded(e),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        for item in table.range::<u64>((Bound::Included(start), end)).map_err(|e| db.err(e))? {
-            let (key, value) = item.map_err(|e| db.err(e))?;
-            let what = format!("{} log entry {}", db.path.display(), key.value());
-            let stored: StoredEntry = codec::decode(value.value(), &what)?;
-            if stored.log_id.index != key.value() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{what}: stored under the wrong index"),
-                ));
+    /// Tells when the log has failed and the node must stop, and why.
+    pub fn failures(&self) -> LogFailure {
+        self.failure.subscribe()
+    }
+
+    /// The directory the log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_identity(&self, node_id: u64) -> Result<(), StorageOpenError> {
+        let corrupt = |e: io::Error| StorageOpenError::Corrupt(self.dir.clone(), e.to_string());
+        let saved = self.lock().map_err(corrupt)?.log_state().user_data.clone();
+        match saved {
+            Some(Record(bytes)) => {
+                let id: Identity =
+                    codec::decode(&bytes, &format!("{} identity", self.dir.display())).map_err(corrupt)?;
+                if id.node_id != node_id {
+                    return Err(StorageOpenError::Foreign {
+                        path: self.dir.clone(),
+                        found: id.node_id,
+                        expected: node_id,
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                let id = Identity { node_id, format: citadel_core::command::FORMAT_VERSION };
+                let wait = self
+                    .with_log(|log| log.save_user_data(Some(Record(codec::encode(&id)))).map(drop))
+                    .map_err(corrupt)?;
+                futures::executor::block_on(wait).map_err(corrupt)
+            }
+        }
+    }
+
+    fn lock(&self) -> io::Result<MutexGuard<'_, RaftLog<WalTypes>>> {
+        if let Some(why) = self.failure.borrow().as_ref() {
+            return Err(io::Error::other(why.clone()));
+        }
+        Ok(self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn flushed(&self, waiter: Waiter) -> Flushed {
+        Flushed { waiter: Some(waiter), failure: self.failure.clone(), dir: self.dir.clone() }
+    }
+
+    /// Runs `f` on the log, then queues a flush; the future resolves once all of it is durable.
+    fn with_log(
+        &self,
+        f: impl FnOnce(&mut RaftLog<WalTypes>) -> io::Result<()>,
+    ) -> io::Result<impl std::future::Future<Output = io::Result<()>>> {
+        let (tx, rx) = oneshot::channel();
+        let mut log = self.lock()?;
+        f(&mut log)?;
+        log.flush(Some(self.flushed(Waiter::Store(tx))))?;
+        Ok(async move { rx.await.map_err(|_| io::Error::other("the log's flush thread stopped"))? })
+    }
+
+    /// Writes a format-2 log into this (new, empty) log and waits until it is durable.
+    pub(crate) fn import(&self, old: crate::import::OldLog) -> io::Result<()> {
+        let last = old.entries.last().map(|e| e.log_id).or(old.purged);
+        let wait = self.with_log(|log| {
+            if let Some(vote) = old.vote {
+                log.save_vote(vote)?;
+            }
+            if let Some(purged) = old.purged {
+                log.purge(purged)?;
+            }
+            log.append(old.entries.iter().map(|e| (e.log_id, Record(codec::encode(e)))))?;
+            if let Some(committed) = old.committed.filter(|c| Some(*c) <= last) {
+                log.commit(committed)?;
+            }
+            Ok(())
+        })?;
+        futures::executor::block_on(wait)
+    }
+
+    fn read_range(&self, start: u64, end: Bound<u64>) -> io::Result<Vec<Entry>> {
+        let log = self.lock()?;
+        let last = log.log_state().last().map_or(0, |l| l.index + 1);
+        let end = match end {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => e,
+            Bound::Unbounded => last,
+        }
+        .min(last);
+        let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
+        for item in log.read(start, end) {
+            let (log_id, Record(bytes)) = item.map_err(|e| self.err(e))?;
+            let what = format!("{} log entry {}", self.dir.display(), log_id.index);
+            let stored: StoredEntry = codec::decode(&bytes, &what)?;
+            if stored.log_id != log_id {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{what}: stored under another log id")));
             }
             out.push(stored.into_entry()?);
         }
         Ok(out)
     }
 
-    fn last_entry_id(&self) -> io::Result<Option<LogId>> {
-        let db = &self.db;
-        let txn = db.db.begin_read().map_err(|e| db.err(e))?;
-        let table = match txn.open_table(LOG) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(db.err(e)),
-        };
-        let Some((key, value)) = table.last().map_err(|e| db.err(e))? else { return Ok(None) };
-        let what = format!("{} log entry {}", db.path.display(), key.value());
-        let stored: StoredEntry = codec::decode(value.value(), &what)?;
-        Ok(Some(stored.log_id.into()))
+    fn err(&self, e: impl std::fmt::Display) -> io::Error {
+        io::Error::other(format!("{}: {e}", self.dir.display()))
+    }
+}
+
+fn config(dir: &Path) -> raft_log::Config {
+    raft_log::Config {
+        dir: dir.display().to_string(),
+        log_cache_max_items: Some(CACHE_ENTRIES),
+        log_cache_capacity: Some(CACHE_BYTES),
+        read_buffer_size: Some(READ_BUFFER),
+        chunk_max_size: Some(CHUNK_BYTES),
+        truncate_incomplete_record: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The chunk files of a log and their sizes.
+fn chunk_sizes(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "wal") {
+                if let Ok(meta) = entry.metadata() {
+                    out.push((path, meta.len()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// raft-log does not say which file it could not read: find it, so the message can.
+fn opening_error(dir: &Path, e: io::Error) -> StorageOpenError {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        return StorageOpenError::Io(
+            dir.to_path_buf(),
+            format!("{e} (is another citadel running on this data directory?)"),
+        );
+    }
+    match first_damaged_record(dir) {
+        Some((path, offset, why)) => {
+            StorageOpenError::Corrupt(path, format!("the record at byte {offset} is damaged ({why})"))
+        }
+        None => StorageOpenError::Corrupt(dir.to_path_buf(), e.to_string()),
+    }
+}
+
+/// Reads every chunk as raft-log does and returns the first record that does not decode and
+/// is not a cuttable tail.
+pub(crate) fn first_damaged_record(dir: &Path) -> Option<(PathBuf, u64, String)> {
+    for (path, size) in chunk_sizes(dir) {
+        let file = File::open(&path).ok()?;
+        let mut reader = Counting { inner: BufReader::new(file), read: 0 };
+        while reader.read < size {
+            let at = reader.read;
+            match WALRecord::<WalTypes>::decode(&mut reader) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => {
+                    let rest_is_zero = std::fs::read(&path).ok()?.get(at as usize..)?.iter().all(|b| *b == 0);
+                    if rest_is_zero {
+                        break;
+                    }
+                    return Some((path, at, e.to_string()));
+                }
+            }
+        }
+    }
+    None
+}
+
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
@@ -187,13 +399,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = range.end_bound().cloned();
         let store = self.clone();
-        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        tokio::task::spawn_blocking(move || store.read_range(bounds)).await.map_err(io::Error::other)?
+        // A range far behind the cache is read from disk: off the async threads.
+        tokio::task::spawn_blocking(move || store.read_range(start, end)).await.map_err(io::Error::other)?
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.db.read_meta::<StoredVote>(KEY_VOTE)?.map(Into::into))
+        Ok(self.lock()?.log_state().vote().cloned().map(Into::into))
     }
 }
 
@@ -201,9 +419,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let purged: Option<LogId> = self.db.read_meta::<StoredLogId>(KEY_PURGED)?.map(Into::into);
-        let last = self.last_entry_id()?.or(purged);
-        Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+        let log = self.lock()?;
+        let state = log.log_state();
+        Ok(LogState {
+            last_purged_log_id: state.purged().copied().map(Into::into),
+            last_log_id: state.last().copied().map(Into::into),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -212,31 +433,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let stored = StoredVote::from(vote);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.write_meta(KEY_VOTE, &stored)).await.map_err(io::Error::other)?
+        let wait = self.with_log(|log| {
+            // raft-log refuses a vote that goes back only after writing it: check first, so a
+            // refused vote never reaches the file.
+            if log.log_state().vote().is_some_and(|current| !(&stored >= current)) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("vote {stored:?} is older than the saved one"),
+                ));
+            }
+            log.save_vote(stored).map(drop)
+        })?;
+        // openraft must not act on a vote before it is durable.
+        wait.await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not needed for safety (a leader recomputes it), so no fsync of its own: it lets a
-        // restarted node re-apply what it had committed without waiting for a leader, and rides
-        // along with the next durable append.
-        if let Some(c) = committed {
-            let bytes = codec::encode(&StoredLogId::from(&c));
-            let db = self.db.clone();
-            tokio::task::spawn_blocking(move || {
-                db.write_lazily(|txn| {
-                    txn.open_table(META)?.insert(KEY_COMMITTED, bytes.as_slice())?;
-                    Ok(())
-                })
-            })
-            .await
-            .map_err(io::Error::other)??;
+        // Not needed for safety (a leader recomputes it): it lets a restarted node re-apply what
+        // it had committed without waiting for a leader. Written without an fsync of its own; it
+        // is made durable by the next append's.
+        let Some(committed) = committed else { return Ok(()) };
+        let stored = StoredLogId::from(&committed);
+        let mut log = self.lock()?;
+        if log.log_state().committed().is_some_and(|current| stored <= *current) {
+            return Ok(());
         }
+        log.commit(stored)?;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.db.read_meta::<StoredLogId>(KEY_COMMITTED)?.map(Into::into))
+        Ok(self.lock()?.log_state().committed().copied().map(Into::into))
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
@@ -244,80 +471,254 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let records: Vec<(u64, Vec<u8>)> =
-            entries.into_iter().map(|e| (e.log_id.index, codec::encode(&StoredEntry::from(&e)))).collect();
-        let db = self.db.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            db.write(|txn| {
-                let mut table = txn.open_table(LOG)?;
-                for (index, bytes) in &records {
-                    table.insert(*index, bytes.as_slice())?;
-                }
-                Ok(())
+        let records: Vec<(StoredLogId, Record)> = entries
+            .into_iter()
+            .map(|e| {
+                let stored = StoredEntry::from(&e);
+                (stored.log_id, Record(codec::encode(&stored)))
             })
-        })
-        .await
-        .map_err(io::Error::other)?;
-        // Only now is the entry durable; openraft may count it toward a quorum.
-        match result {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
-            }
+            .collect();
+        if let Some((_, Record(bytes))) = records.iter().find(|(_, r)| r.0.len() > MAX_RECORD) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("a log entry of {} bytes", bytes.len())));
         }
+        let mut log = self.lock()?;
+        // raft-log refuses a hole only after writing the record: check first.
+        let mut next = log.log_state().last().map(|l| l.index + 1);
+        for (id, _) in &records {
+            if next.is_some_and(|n| n != id.index) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("appending entry {} would leave a hole after {:?}", id.index, next.map(|n| n - 1)),
+                ));
+            }
+            next = Some(id.index + 1);
+        }
+        log.append(records)?;
+        // Returns now: the flush thread tells openraft after the fsync that covers these entries.
+        log.flush(Some(self.flushed(Waiter::Raft(callback))))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            db.write(|txn| {
-                let mut table = txn.open_table(LOG)?;
-                table.retain_in(from.., |_, _| false)?;
-                Ok(())
-            })
-        })
-        .await
-        .map_err(io::Error::other)?
+        let wait = self.with_log(|log| {
+            if log.log_state().last().is_some_and(|last| last.index >= from) {
+                log.truncate(from)?;
+            }
+            Ok(())
+        })?;
+        wait.await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let stored = codec::encode(&StoredLogId::from(&log_id));
-        let upto = log_id.index;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            db.write(|txn| {
-                txn.open_table(META)?.insert(KEY_PURGED, stored.as_slice())?;
-                txn.open_table(LOG)?.retain_in(..=upto, |_, _| false)?;
-                Ok(())
-            })
-        })
-        .await
-        .map_err(io::Error::other)?
+        let stored = StoredLogId::from(&log_id);
+        let wait = self.with_log(|log| log.purge(stored).map(drop))?;
+        wait.await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use citadel_core::command::Command;
+    use openraft::entry::RaftEntry;
+
+    fn entry(index: u64, bytes: usize) -> Entry {
+        let id = LogId::new(crate::types::LeaderId { term: 1, node_id: 1 }, index);
+        Entry::new_normal(id, Command::MountDisable { path: "x".repeat(bytes) })
+    }
+
+    /// Appends `count` entries of `bytes` each after the log's end and waits for their flush.
+    async fn append(store: &mut LogStore, from: u64, count: u64, bytes: usize) -> io::Result<()> {
+        let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        store.append((from..from + count).map(|i| entry(i, bytes)), IOFlushed::signal(tx)).await?;
+        rx.await.map_err(|_| io::Error::other("flush callback dropped"))?
+    }
+
+    async fn last_index(store: &mut LogStore) -> Option<u64> {
+        store.get_log_state().await.unwrap().last_log_id.map(|l| l.index)
+    }
+
+    fn only_chunk(dir: &Path) -> PathBuf {
+        let chunks = chunk_sizes(dir);
+        assert_eq!(chunks.len(), 1, "{chunks:?}");
+        chunks[0].0.clone()
+    }
 
     #[test]
-    fn an_older_readable_format_is_marked_current_and_an_unknown_one_is_refused_with_the_file_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(crate::DB_FILE);
-        let db = Db { db: crate::open_db(&path).unwrap(), path: path.clone() };
-        let current = citadel_core::command::FORMAT_VERSION;
-        db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: citadel_core::command::OLDEST_READABLE_FORMAT })
-            .unwrap();
-        check_identity(&db, 1).unwrap();
-        assert_eq!(db.read_meta::<Identity>(KEY_IDENTITY).unwrap().unwrap().format, current);
+    fn a_damaged_length_is_refused_as_damage_not_cut_as_a_torn_tail() {
+        let mut bytes = Vec::new();
+        Record(vec![7; 10]).encode(&mut bytes).unwrap();
+        bytes[0] = 0xff;
+        let err = Record::decode(&bytes[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        let err = Record::decode(&bytes[..3]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "a short record is a torn tail: {err}");
+    }
 
-        db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: current + 1 }).unwrap();
-        let err = check_identity(&db, 1).unwrap_err().to_string();
-        assert!(err.contains(&path.display().to_string()) && err.contains(&format!("format {}", current + 1)), "{err}");
+    #[tokio::test]
+    async fn appended_entries_survive_a_reopen_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        append(&mut store, 1, 20, 100).await.unwrap();
+        drop(store);
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        assert_eq!(last_index(&mut store).await, Some(20));
+        let read = store.try_get_log_entries(5..=7).await.unwrap();
+        assert_eq!(read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert_eq!(read[0], entry(5, 100));
+        let err = LogStore::open(&tempfile::tempdir().unwrap().path().join("x"), 1).map(drop);
+        assert!(err.is_ok(), "a new log opens empty");
+    }
+
+    #[tokio::test]
+    async fn another_nodes_log_is_refused_naming_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(LogStore::open(dir.path(), 1).unwrap());
+        let err = LogStore::open(dir.path(), 2).map(drop).unwrap_err();
+        assert!(matches!(&err, StorageOpenError::Foreign { found: 1, expected: 2, .. }), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_back_to_the_last_whole_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        append(&mut store, 1, 10, 100).await.unwrap();
+        drop(store);
+        // A crash in the middle of the last write: its record is cut short.
+        let chunk = only_chunk(dir.path());
+        let len = std::fs::metadata(&chunk).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&chunk).unwrap().set_len(len - 20).unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        assert_eq!(last_index(&mut store).await, Some(9), "the torn entry is gone, the ones before it stay");
+        append(&mut store, 10, 1, 100).await.unwrap();
+        assert_eq!(last_index(&mut store).await, Some(10), "the log goes on after the cut");
+    }
+
+    #[tokio::test]
+    async fn a_zeroed_tail_is_cut_and_every_whole_record_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        append(&mut store, 1, 10, 100).await.unwrap();
+        drop(store);
+        // Some file systems grow the file before its data reaches the disk: zeros after a crash.
+        let chunk = only_chunk(dir.path());
+        let mut file = std::fs::OpenOptions::new().append(true).open(&chunk).unwrap();
+        std::io::Write::write_all(&mut file, &[0; 4096]).unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        assert_eq!(last_index(&mut store).await, Some(10));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_last_record_stops_the_open_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        append(&mut store, 1, 10, 100).await.unwrap();
+        drop(store);
+        // A complete record whose bytes changed: not a crash, damage. Never cut silently.
+        let chunk = only_chunk(dir.path());
+        let mut bytes = std::fs::read(&chunk).unwrap();
+        let at = bytes.len() - 30;
+        bytes[at] ^= 0x01;
+        std::fs::write(&chunk, bytes).unwrap();
+        let err = LogStore::open(dir.path(), 1).map(drop).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, StorageOpenError::Corrupt(..)), "{message}");
+        assert!(message.contains(&chunk.display().to_string()) && message.contains("damaged"), "{message}");
+    }
+
+    /// A small file system mounted for the life of the value. Needs root, as the test command
+    /// runs; every mount and loop device is undone on drop.
+    struct SmallDisk {
+        root: tempfile::TempDir,
+        mounts: Vec<PathBuf>,
+        loop_device: Option<String>,
+    }
+
+    impl SmallDisk {
+        fn run(command: &str, args: &[&str]) -> String {
+            let out =
+                std::process::Command::new(command).args(args).output().unwrap_or_else(|e| panic!("{command}: {e}"));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{command} {args:?} failed (these tests run as root): {stderr}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+
+        fn tmpfs(bytes: u64) -> SmallDisk {
+            let root = tempfile::tempdir().unwrap();
+            let at = root.path().to_str().unwrap().to_string();
+            Self::run("mount", &["-t", "tmpfs", "-o", &format!("size={bytes}"), "citadel-test", &at]);
+            SmallDisk { root, mounts: vec![at.into()], loop_device: None }
+        }
+
+        /// ext4 on a loop device whose backing file lives on a tmpfs of `backing` bytes: writes
+        /// land in the page cache, and the fsync that pushes them to the full backing store
+        /// fails with EIO, as a failing disk's does.
+        fn failing_ext4(backing: u64) -> SmallDisk {
+            let mut disk = Self::tmpfs(backing);
+            let image = disk.root.path().join("image");
+            let image = image.to_str().unwrap();
+            Self::run("truncate", &["-s", "32M", image]);
+            Self::run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", image]);
+            let device = Self::run("losetup", &["-f", "--show", image]);
+            disk.loop_device = Some(device.clone());
+            let mount = disk.root.path().join("fs");
+            std::fs::create_dir(&mount).unwrap();
+            Self::run("mount", &["-o", "errors=continue", &device, mount.to_str().unwrap()]);
+            disk.mounts.push(mount);
+            disk
+        }
+
+        fn path(&self) -> PathBuf {
+            self.mounts.last().unwrap().join("log")
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            while let Some(mount) = self.mounts.pop() {
+                let _ = std::process::Command::new("umount").arg(&mount).status();
+                if let Some(device) = self.loop_device.take() {
+                    let _ = std::process::Command::new("losetup").args(["-d", &device]).status();
+                }
+            }
+        }
+    }
+
+    /// Appends until the disk fails, then checks that the log reports it and takes nothing more.
+    async fn fill_until_the_disk_fails(dir: &Path) -> io::Error {
+        let mut store = LogStore::open(dir, 1).unwrap();
+        let failures = store.failures();
+        let mut next = 1;
+        let err = loop {
+            match append(&mut store, next, 4, 16 << 10).await {
+                Ok(()) => next += 4,
+                Err(e) => break e,
+            }
+            assert!(next < 10_000, "the small disk never failed");
+        };
+        assert!(next > 1, "some entries fit before the disk failed: {err}");
+        let why = failures.borrow().clone().expect("the failure is reported to the server");
+        assert!(why.contains(&dir.display().to_string()), "{why}");
+        // Never retried: whatever the disk does next, this log takes no more writes.
+        let again = append(&mut store, next, 1, 10).await.unwrap_err();
+        assert!(again.to_string().contains("failed"), "{again}");
+        assert!(store.save_vote(&Vote::new(2, 1)).await.is_err(), "nor a vote");
+        err
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_append_and_the_log_stops_for_good() {
+        let disk = SmallDisk::tmpfs(256 << 10);
+        let err = fill_until_the_disk_fails(&disk.path()).await;
+        assert!(err.to_string().contains("stopped") || err.raw_os_error() == Some(libc::ENOSPC), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_fsync_error_fails_the_append_and_the_log_stops_for_good() {
+        let disk = SmallDisk::failing_ext4(6 << 20);
+        let err = fill_until_the_disk_fails(&disk.path()).await;
+        // raft-log passes the error on as text: EIO's.
+        assert!(err.to_string().contains("Input/output error"), "the fsync's own error reaches openraft: {err}");
     }
 }

@@ -15,7 +15,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
 use crate::codec::{self, StoredMembershipState, StoredSnapshot};
-use crate::log_store::Db;
+use crate::db::Db;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 

@@ -106,17 +106,19 @@ async fn a_damaged_raft_log_record_stops_the_node_with_the_file_named() {
     .await
     .unwrap();
     node.kill9();
-    let db = node.layout.data_dir(0).join("raft.redb");
-    let mut bytes = std::fs::read(&db).unwrap();
-    // Copy-on-write leaves older copies of a page in the file: damage every copy of the record.
+    let log_dir = node.layout.data_dir(0).join(citadel_storage::LOG_DIR);
     let needle = b"secret/data/damage-me";
-    let copies: Vec<usize> =
-        bytes.windows(needle.len()).enumerate().filter(|(_, w)| *w == needle).map(|(i, _)| i).collect();
-    assert!(!copies.is_empty(), "the record is in the log file");
-    for at in copies {
-        bytes[at + needle.len() - 2] ^= 0x01;
+    let mut damaged = None;
+    for file in std::fs::read_dir(&log_dir).unwrap() {
+        let path = file.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        if let Some(at) = bytes.windows(needle.len()).position(|w| w == needle) {
+            bytes[at + needle.len() - 2] ^= 0x01;
+            std::fs::write(&path, bytes).unwrap();
+            damaged = Some(path);
+        }
     }
-    std::fs::write(&db, bytes).unwrap();
+    let damaged = damaged.expect("the record is in a log file");
     let mut server = std::process::Command::new(crate::harness::EXE)
         .args(["server", "--config"])
         .arg(node.layout.config_path(0))
@@ -138,5 +140,6 @@ async fn a_damaged_raft_log_record_stops_the_node_with_the_file_named() {
     assert!(!status.success(), "a node must not serve a damaged log");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut server.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(stderr.contains("raft.redb"), "the message must name the damaged file: {stderr}");
+    let name = damaged.file_name().unwrap().to_string_lossy();
+    assert!(stderr.contains(&*name) && stderr.contains("damaged"), "the message must name the damaged file: {stderr}");
 }
