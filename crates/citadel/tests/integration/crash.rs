@@ -143,3 +143,67 @@ async fn a_damaged_raft_log_record_stops_the_node_with_the_file_named() {
     let name = damaged.file_name().unwrap().to_string_lossy();
     assert!(stderr.contains(&*name) && stderr.contains("damaged"), "the message must name the damaged file: {stderr}");
 }
+
+/// A tmpfs mounted over a directory (its contents kept) for the life of the value; needs root,
+/// as the test command runs.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount_over(dir: &std::path::Path, bytes: u64) -> SmallDisk {
+        let aside = dir.with_extension("aside");
+        std::fs::rename(dir, &aside).unwrap();
+        std::fs::create_dir(dir).unwrap();
+        let options = format!("size={bytes},mode=0700");
+        let status =
+            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &options, "citadel-test"]).arg(dir).status();
+        assert!(status.is_ok_and(|s| s.success()), "mounting a small tmpfs failed (the tests run as root)");
+        for file in std::fs::read_dir(&aside).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), dir.join(file.file_name())).unwrap();
+        }
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_node_whose_raft_log_cannot_be_written_stops_saying_why() {
+    let mut node = Node1::start(21340).await;
+    node.root().kv_put("secret", "before", &json!({ "v": "1" }), None).await.unwrap();
+    node.kill9();
+    let log_dir = node.layout.data_dir(0).join(citadel_storage::LOG_DIR);
+    let used: u64 = std::fs::read_dir(&log_dir).unwrap().map(|f| f.unwrap().metadata().unwrap().len()).sum();
+    let _disk = SmallDisk::mount_over(&log_dir, used + (2 << 20));
+    node.restart().await;
+    let root = node.root();
+    let big = "x".repeat(200 << 10);
+    let mut status = None;
+    for i in 0..200 {
+        if let Some(exit) = node.exited_at(0) {
+            status = Some(exit);
+            break;
+        }
+        // Refused writes are expected once the disk is full; the node must then stop.
+        let _ = root.kv_put("secret", &format!("fill{i}"), &json!({ "v": big }), None).await;
+    }
+    if status.is_none() {
+        citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
+            let exit = node.exited_at(0);
+            async move { exit }
+        })
+        .await
+        .unwrap();
+        status = node.exited_at(0);
+    }
+    assert!(!status.expect("the node stopped").success(), "a node that cannot write its log exits with an error");
+    let log = node.server_log();
+    assert!(
+        log.contains("writing the Raft log") && log.contains(&log_dir.display().to_string()),
+        "the node says what failed and where: {log}"
+    );
+}

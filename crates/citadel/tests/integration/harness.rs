@@ -132,6 +132,11 @@ impl Cluster {
         self.children[i].is_some()
     }
 
+    /// The node's exit status, if it has stopped on its own.
+    pub fn exited_at(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.children[i].as_mut().and_then(|c| c.try_wait().expect("poll the node"))
+    }
+
     /// Starts a killed node again (without waiting for it to be healthy).
     pub fn respawn_at(&mut self, i: usize) {
         assert!(self.children[i].is_none(), "kill the node before restarting it");
