@@ -436,7 +436,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let wait = self.with_log(|log| {
             // raft-log refuses a vote that goes back only after writing it: check first, so a
             // refused vote never reaches the file.
-            if log.log_state().vote().is_some_and(|current| !(&stored >= current)) {
+            let goes_back = log.log_state().vote().is_some_and(|current| {
+                !matches!(stored.partial_cmp(current), Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal))
+            });
+            if goes_back {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("vote {stored:?} is older than the saved one"),

@@ -16,6 +16,9 @@ pub enum Workload {
     /// Starts its own 3-node cluster and floods one node with unauthenticated requests (or,
     /// with `--idle-connections`, idle connections); see `flood.rs`.
     Flood,
+    /// Starts its own cluster and loads `--secrets` × `--versions` writes and `--events` audit
+    /// events, recording memory, disk and snapshot size; see `scale.rs`.
+    Scale,
 }
 
 impl Workload {
@@ -26,6 +29,7 @@ impl Workload {
             Workload::StaleRead => "stale-read",
             Workload::Failover => "failover",
             Workload::Flood => "flood",
+            Workload::Scale => "scale",
         }
     }
 }
@@ -103,7 +107,9 @@ impl Endpoint {
             (Target::Etcd, Workload::StaleRead) => {
                 ("/v3/kv/range".into(), json!({ "key": b64(&key), "serializable": true }), &[])
             }
-            (_, Workload::Failover | Workload::Flood) => unreachable!("failover and flood have their own drivers"),
+            (_, Workload::Failover | Workload::Flood | Workload::Scale) => {
+                unreachable!("failover, flood and scale have their own drivers")
+            }
         };
         let (method, body) = match (self.target, body.is_null()) {
             (Target::Citadel, true) => ("GET", None),
@@ -120,7 +126,9 @@ impl Endpoint {
 
 /// Runs `ops` operations of `workload` spread over `concurrency` clients, each on its own key.
 pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrency: usize) -> Result<Summary> {
-    assert!(!matches!(workload, Workload::Failover | Workload::Flood), "failover and flood have their own drivers");
+    if matches!(workload, Workload::Failover | Workload::Flood | Workload::Scale) {
+        anyhow::bail!("{} runs alone: `citadel bench {}`", workload.name(), workload.name());
+    }
     let concurrency = concurrency.max(1);
     // Reads need something to read.
     if workload != Workload::Write {

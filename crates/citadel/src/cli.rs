@@ -108,6 +108,15 @@ enum Cmd {
         /// flood: instead, hold this many idle connections open to one node.
         #[arg(long)]
         idle_connections: Option<usize>,
+        /// scale: secrets to load.
+        #[arg(long, default_value_t = 100_000)]
+        secrets: usize,
+        /// scale: versions written of each secret.
+        #[arg(long, default_value_t = 3)]
+        versions: usize,
+        /// scale: audit events to load in all (writes count; reads make up the rest).
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
         /// flood --idle-connections: the local (loopback) address they come from.
         #[arg(long, default_value = "127.0.0.2")]
         idle_source: std::net::IpAddr,
@@ -459,6 +468,29 @@ async fn dispatch(cli: Cli) -> Result<()> {
             for miss in crate::flood::missed_goals(&report) {
                 out!("goal missed: {miss}");
             }
+            Ok(())
+        }
+        Cmd::Bench { workloads, secrets, versions, events, concurrency, port, dir, json, .. }
+            if workloads.contains(&Workload::Scale) =>
+        {
+            if workloads.len() > 1 {
+                bail!("scale runs alone: `citadel bench scale`");
+            }
+            let settings = crate::scale::ScaleSettings {
+                secrets,
+                versions,
+                events,
+                concurrency: concurrency.iter().copied().max().unwrap_or(1).max(64),
+                port,
+                dir: dir.join("scale"),
+                json: if json == std::path::Path::new("target/bench/bench.json") {
+                    "target/bench/scale.json".into()
+                } else {
+                    json
+                },
+            };
+            let report = crate::scale::run(&settings).await?;
+            print_map(&serde_json::to_value(&report)?, format);
             Ok(())
         }
         Cmd::Bench { workloads, rounds, port, .. } if workloads.contains(&Workload::Failover) => {

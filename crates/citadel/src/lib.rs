@@ -17,3 +17,4 @@ pub mod cli;
 pub mod dev;
 pub mod flood;
 pub mod output;
+pub mod scale;
