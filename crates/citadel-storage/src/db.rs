@@ -1,5 +1,6 @@
-//! The node's redb database: its identity and, today, the state machine's snapshot. The Raft
-//! log lives in its own files ([`crate::log_store`]).
+//! The node's redb database: its identity. The Raft log ([`crate::log_store`]) and the snapshot
+//! ([`crate::snapshot_file`]) live in files of their own; what older formats kept here is moved
+//! out once at open.
 
 use std::io;
 use std::path::PathBuf;

@@ -10,6 +10,7 @@ pub(crate) mod db;
 pub mod files;
 mod import;
 pub mod log_store;
+pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
 
@@ -18,7 +19,6 @@ pub use state_machine::{StateMachine, StateReader};
 pub use types::{NodeInfo, TypeConfig};
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// File name of the redb database inside a node's data directory (identity, state machine).
 pub const DB_FILE: &str = "raft.redb";
@@ -40,7 +40,7 @@ pub fn open(data_dir: &Path, node_id: u64) -> Result<(LogStore, StateMachine), S
     db::check_identity(&db, node_id)?;
     import::import_old_log(&db, data_dir, node_id)?;
     let log = LogStore::open(&data_dir.join(LOG_DIR), node_id)?;
-    let sm = StateMachine::open(Arc::new(db))?;
+    let sm = StateMachine::open(&db, data_dir)?;
     Ok((log, sm))
 }
 

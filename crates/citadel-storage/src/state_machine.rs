@@ -1,10 +1,11 @@
-//! The state machine: `citadel_core::state::State` in memory, snapshotted to redb.
+//! The state machine: `citadel_core::state::State` in memory, snapshotted to a file.
 //!
 //! The state is small (secrets are kilobytes), so it lives in memory and is rebuilt at start from
 //! the latest snapshot plus the committed log after it. Readers take a shared lock; `apply` takes
 //! the write lock for the duration of one batch.
 
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use citadel_core::command::Response;
@@ -16,9 +17,11 @@ use tokio::sync::watch;
 
 use crate::codec::{self, StoredMembershipState, StoredSnapshot};
 use crate::db::Db;
+use crate::snapshot_file::SnapshotFile;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
+/// Where format 3 kept the snapshot, moved out at open.
 const KEY_SNAPSHOT: &str = "snapshot";
 
 struct Applied {
@@ -57,23 +60,32 @@ impl StateReader {
 
 pub struct StateMachine {
     inner: Arc<RwLock<Applied>>,
-    db: Arc<Db>,
+    snapshots: Arc<SnapshotFile>,
     applied_tx: Arc<watch::Sender<u64>>,
 }
 
 impl StateMachine {
-    pub(crate) fn open(db: Arc<Db>) -> Result<StateMachine, StorageOpenError> {
-        let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
-        let applied = match db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).map_err(corrupt)? {
+    pub(crate) fn open(db: &Db, data_dir: &Path) -> Result<StateMachine, StorageOpenError> {
+        let snapshots = SnapshotFile::in_dir(data_dir);
+        let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
+        let record = match snapshots.read::<StoredSnapshotRecord>().map_err(corrupt)? {
+            Some(record) => Some(record),
+            None => move_snapshot_out_of(db, &snapshots)?,
+        };
+        let applied = match record {
             Some(record) => {
-                let snap: StoredSnapshot =
-                    codec::decode(&record.data, &format!("{} snapshot", db.path.display())).map_err(corrupt)?;
+                let what = format!("{} (its state)", snapshots.path().display());
+                let snap: StoredSnapshot = codec::decode(&record.data, &what).map_err(corrupt)?;
                 restore(snap).map_err(corrupt)?
             }
             None => Applied { state: State::default(), last_applied: None, membership: StoredMembership::default() },
         };
         let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
-        Ok(StateMachine { inner: Arc::new(RwLock::new(applied)), db, applied_tx: Arc::new(watch::channel(index).0) })
+        Ok(StateMachine {
+            inner: Arc::new(RwLock::new(applied)),
+            snapshots: Arc::new(snapshots),
+            applied_tx: Arc::new(watch::channel(index).0),
+        })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -83,6 +95,22 @@ impl StateMachine {
     fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
         self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Format 3 kept the snapshot in `raft.redb`: moved to its file once (written first, then
+/// removed from the database, so a crash between the two only repeats the move).
+fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<StoredSnapshotRecord>, StorageOpenError> {
+    let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
+    let Some(record) = db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).map_err(corrupt)? else { return Ok(None) };
+    let io_err = |e: io::Error| StorageOpenError::Io(snapshots.path().to_path_buf(), e.to_string());
+    snapshots.write(&record).map_err(io_err)?;
+    db.write(|txn| {
+        txn.open_table(crate::db::META)?.remove(KEY_SNAPSHOT)?;
+        Ok(())
+    })
+    .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
+    tracing::info!(from = %db.path.display(), to = %snapshots.path().display(), "moved the snapshot to its own file");
+    Ok(Some(record))
 }
 
 fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
@@ -141,8 +169,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (record, meta)
         };
         let data = record.data.clone();
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.write_meta(KEY_SNAPSHOT, &record)).await.map_err(io::Error::other)??;
+        let snapshots = self.snapshots.clone();
+        tokio::task::spawn_blocking(move || snapshots.write(&record)).await.map_err(io::Error::other)??;
         Ok(Snapshot { meta, snapshot: data })
     }
 }
@@ -198,7 +226,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        StateMachine { inner: self.inner.clone(), db: self.db.clone(), applied_tx: self.applied_tx.clone() }
+        StateMachine {
+            inner: self.inner.clone(),
+            snapshots: self.snapshots.clone(),
+            applied_tx: self.applied_tx.clone(),
+        }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
@@ -209,8 +241,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: (&meta.last_membership).into(),
             data: snapshot,
         };
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.write_meta(KEY_SNAPSHOT, &record)).await.map_err(io::Error::other)??;
+        let snapshots = self.snapshots.clone();
+        tokio::task::spawn_blocking(move || snapshots.write(&record)).await.map_err(io::Error::other)??;
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
         *self.write_lock() = restored;
         self.applied_tx.send_replace(index);
@@ -218,7 +250,43 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let record = self.db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT)?;
+        let snapshots = self.snapshots.clone();
+        let record = tokio::task::spawn_blocking(move || snapshots.read::<StoredSnapshotRecord>())
+            .await
+            .map_err(io::Error::other)??;
         record.map(StoredSnapshotRecord::into_snapshot).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{StoredLogId, StoredMembershipConfig};
+
+    #[test]
+    fn a_snapshot_kept_in_raft_redb_moves_to_its_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::DB_FILE);
+        let db = Db { db: crate::open_db(&path).unwrap(), path };
+        let last = StoredLogId { term: 1, leader: 1, index: 7 };
+        let membership = StoredMembershipState {
+            log_id: None,
+            config: StoredMembershipConfig { configs: vec![[1].into()], nodes: [(1, Default::default())].into() },
+        };
+        let stored = StoredSnapshot {
+            format: citadel_core::command::FORMAT_VERSION,
+            last_applied: Some(last),
+            membership: membership.clone(),
+            state: State::default(),
+        };
+        let record = StoredSnapshotRecord { last_log_id: Some(last), membership, data: codec::encode(&stored) };
+        db.write_meta(KEY_SNAPSHOT, &record).unwrap();
+
+        let sm = StateMachine::open(&db, dir.path()).unwrap();
+        assert_eq!(sm.reader().applied_index(), 7, "the state comes from the moved snapshot");
+        assert!(dir.path().join(crate::snapshot_file::SNAPSHOT_FILE).exists());
+        assert!(db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).unwrap().is_none(), "removed from raft.redb");
+        let again = StateMachine::open(&db, dir.path()).unwrap();
+        assert_eq!(again.reader().applied_index(), 7);
     }
 }
