@@ -80,8 +80,7 @@ async fn audit_events(c: &Call<'_>) -> Result<Reply, ApiError> {
             .cloned()
             .collect::<Vec<_>>()
     });
-    let order = |e: &AuditEvent| (e.body().time, e.body().node, e.body().chain.is_empty(), e.body().seq);
-    events.sort_by(|a, b| order(a).cmp(&order(b)));
+    events.sort_by_key(|e| (e.body().time, e.body().node, e.body().chain.is_empty(), e.body().seq));
     let skip = events.len().saturating_sub(limit);
     let events: Vec<Value> = events.iter().skip(skip).map(AuditEvent::view).collect();
     Ok(Reply::data(json!({ "events": events })))
