@@ -58,9 +58,9 @@ pub struct RequestContext {
     /// The request already waited for the leader's read index before its token was checked, so
     /// its reads are linearizable without asking again.
     pub linearized: bool,
-    /// The request's audit event, ridden into the log by the first command the request's
+    /// The request's audit event, carried into the log by the first command the request's
     /// handler proposes (`audit_envelope.rs`); `None` for requests whose events go to the spool
-    /// whatever they do (an emergency token's, which never reach the log's writers).
+    /// whatever they do (an emergency token's: it only reads, or revokes itself unauthorized).
     pub audit: Option<Arc<AuditCarrier>>,
 }
 

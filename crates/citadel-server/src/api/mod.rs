@@ -327,8 +327,8 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
         (_, Err(e)) => Err(e),
         (None, _) => Err(ApiError::forbidden()),
         (Some(caller), Ok(linearized)) => {
-            // An emergency token's requests never write through the log: their events stay in
-            // the spool, with every other read-only-mode event.
+            // An emergency token's requests propose no authorized command (they read, or revoke
+            // the token itself): their events stay in the spool, as every read-only-mode event.
             carrier = (!caller.read_only).then(|| Arc::new(AuditCarrier::new(event.clone())));
             let context = crate::node::RequestContext {
                 token_hash: (!caller.read_only).then(|| caller.entry.hash.clone()),
