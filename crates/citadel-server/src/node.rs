@@ -40,7 +40,8 @@ pub struct Node {
     pub active_since: std::sync::atomic::AtomicU64,
     /// True while this node is being removed. Client requests hold a read guard from the check
     /// to their audit event, so once the flag is set under the write guard, every request this
-    /// node answered has its event in the spool, ready to ship before the node leaves.
+    /// node answered has its event in the log (a write's, in its entry) or in the spool, ready to
+    /// ship before the node leaves.
     pub leaving: tokio::sync::RwLock<bool>,
     /// This node was removed from the cluster (its `REMOVED` marker): it serves no client request.
     pub removed: std::sync::atomic::AtomicBool,

@@ -1,7 +1,8 @@
 //! The HTTP API (§4): Vault's paths, envelope and status codes.
 //!
 //! One dispatcher owns the order every request goes through, so no endpoint can skip a step:
-//! unauthenticated endpoints → seal check → token → ACL → handler → audit (fsynced) → answer.
+//! unauthenticated endpoints → seal check → token → ACL → handler → audit (a write's event in
+//! its own Raft entry, any other fsynced to the spool) → answer.
 
 mod audit_query;
 mod auth;
