@@ -8,6 +8,12 @@
 //! of an event written before (§9.3). The replicated audit log accepts a node's events only in
 //! sequence and only if the link holds, and ignores a sequence number it already has, so
 //! shipping is idempotent: at least once on the wire, exactly once in the log.
+//!
+//! A write's event may instead ride inside the write's own Raft entry (`Command::Audited`,
+//! §1.4, §9.3). Those events form one more chain, the cluster's *log chain*
+//! ([`LogChain`]): `apply` numbers them 1, 2, 3 … in log order and links them as above, so every
+//! replica builds the same bytes. Their body says `"chain": "log"`, keeps the accepting node in
+//! `node`, and takes its `seq` from the log chain, never from the node's spool.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +25,16 @@ use crate::{NodeId, UnixMillis};
 
 /// The `prev_hash` of a node's first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The `chain` of an event numbered by `apply` in the cluster's log chain.
+pub const LOG_CHAIN: &str = "log";
+
+/// How many of the log chain's latest events `apply` searches for an envelope's request id
+/// before recording it: a proposal retried after an ambiguous failure (its first attempt
+/// committed, the answer was lost) must not record its request twice. Retries come within
+/// seconds, far fewer entries than this apart on any cluster Citadel targets; past the window a
+/// retry records a second event (a duplicate, never a loss).
+pub const REQUEST_ID_WINDOW: usize = 1024;
 
 /// What an event says. Parsed leniently from the stored bytes (a field missing from an older
 /// event takes its default; a field unknown to this build is ignored but kept in the bytes).
@@ -50,6 +66,11 @@ pub struct AuditBody {
     /// Absent from every other event, so their encoding (and chain hash) is what it always was.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// [`LOG_CHAIN`] on an event that rode inside its write's Raft entry: `seq` is then its
+    /// place in the cluster's log chain, given by `apply`. Absent from spool events (numbered
+    /// per node), so their encoding and chain hash are what they always were.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chain: String,
 }
 
 /// Refusals of one reason from one source address within one interval (§8.3): a flood of
@@ -183,6 +204,14 @@ pub enum ChainError {
     Tampered { node: NodeId, seq: u64 },
     #[error("event from node {found} in the chain of node {node}")]
     WrongNode { node: NodeId, found: NodeId },
+    #[error("log chain: expected sequence {expected}, found {found}")]
+    LogGap { expected: u64, found: u64 },
+    #[error("log chain sequence {seq}: previous-hash link is broken")]
+    LogBrokenLink { seq: u64 },
+    #[error("log chain sequence {seq}: hash does not match the event (tampered)")]
+    LogTampered { seq: u64 },
+    #[error("log chain sequence {seq}: the event is not marked as the log chain's")]
+    NotInLogChain { seq: u64 },
 }
 
 /// One node's chain as replicated.
@@ -246,10 +275,79 @@ pub fn verify_chain(node: NodeId, events: &[AuditEvent]) -> Result<(), ChainErro
     Ok(())
 }
 
-/// The replicated audit log: one chain per node.
+/// The cluster's log chain: the events that rode inside their write's Raft entry, numbered and
+/// linked by `apply` in log order. One chain for the whole cluster, because only the log orders
+/// entries from every node: a per-node numbering would need each node's last sequence at
+/// propose time, which a follower cannot know before the leader orders its entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChain {
+    pub events: Vec<AuditEvent>,
+}
+
+impl LogChain {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.events.last().map_or(0, |e| e.body().seq)
+    }
+
+    pub fn last_hash(&self) -> &str {
+        self.events.last().map_or(GENESIS, |e| e.hash.as_str())
+    }
+
+    /// Whether one of the latest [`REQUEST_ID_WINDOW`] events belongs to `request_id`.
+    pub fn holds_recent_request(&self, request_id: &str) -> bool {
+        !request_id.is_empty()
+            && self.events.iter().rev().take(REQUEST_ID_WINDOW).any(|e| e.body().request_id == request_id)
+    }
+
+    /// Numbers `body` as the next event of the log chain, links it and appends it; returns
+    /// `false`, appending nothing, if its request already has a recent event (a retried proposal).
+    /// Deterministic: a pure function of the chain and the body.
+    pub fn record(&mut self, mut body: AuditBody) -> bool {
+        if self.holds_recent_request(&body.request_id) {
+            return false;
+        }
+        body.chain = LOG_CHAIN.to_string();
+        body.seq = self.last_seq() + 1;
+        let event = AuditEvent::seal(body, self.last_hash());
+        self.events.push(event);
+        true
+    }
+
+    /// Verifies the whole chain from sequence 1, hashing the stored bytes.
+    pub fn verify(&self) -> Result<(), ChainError> {
+        let mut prev = GENESIS;
+        for (i, event) in self.events.iter().enumerate() {
+            let (expected, seq) = (i as u64 + 1, event.body().seq);
+            if seq != expected {
+                return Err(ChainError::LogGap { expected, found: seq });
+            }
+            if event.body().chain != LOG_CHAIN {
+                return Err(ChainError::NotInLogChain { seq });
+            }
+            if event.prev_hash != prev {
+                return Err(ChainError::LogBrokenLink { seq });
+            }
+            if chain_hash(prev, event.raw.as_bytes()) != event.hash {
+                return Err(ChainError::LogTampered { seq });
+            }
+            prev = &event.hash;
+        }
+        Ok(())
+    }
+}
+
+/// The replicated audit log: one chain per node (its spool, shipped), and the cluster's log
+/// chain (events carried inside their write's Raft entry).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditLog {
     pub chains: BTreeMap<NodeId, NodeChain>,
+    /// Absent from the encoding while empty, so a state that never held one encodes as before.
+    #[serde(default, skip_serializing_if = "LogChain::is_empty")]
+    pub log: LogChain,
 }
 
 impl AuditLog {
@@ -285,13 +383,20 @@ impl AuditLog {
         Ok(count)
     }
 
+    /// Verifies every node's chain and the log chain; returns how many events they hold.
     pub fn verify(&self) -> Result<usize, ChainError> {
         let mut total = 0;
         for (node, chain) in &self.chains {
             verify_chain(*node, &chain.events)?;
             total += chain.events.len();
         }
-        Ok(total)
+        self.log.verify()?;
+        Ok(total + self.log.events.len())
+    }
+
+    /// Every event, the nodes' chains first, then the log chain.
+    pub fn events(&self) -> impl Iterator<Item = &AuditEvent> {
+        self.chains.values().flat_map(|c| c.events.iter()).chain(self.log.events.iter())
     }
 }
 

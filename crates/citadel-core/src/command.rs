@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{AuditEvent, ChainError};
+use crate::audit::{AuditBody, AuditEvent, ChainError};
 use crate::kv::{KvConfig, KvError, MetadataUpdate};
 use crate::policy::Policy;
 use crate::state::{AuthMount, ClusterInfo, Mount, SealInfo};
@@ -15,9 +15,12 @@ use crate::UnixMillis;
 /// 3: the Raft log lives in `raft-log` files, not in `raft.redb` (commands are unchanged; format
 ///    2 data is imported once at start). An older build must refuse such a directory: it would
 ///    find no vote and no log in `raft.redb` and start as an empty node.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: log entries may hold `Command::Audited` (a write's audit event inside its entry) and the
+///    state the log chain (`audit::LogChain`); a build of format 3 cannot decode either.
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
-/// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify).
+/// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify); formats
+/// 2 and 3 are format 4 without the new variant and field, which decode as absent.
 pub const OLDEST_READABLE_FORMAT: u32 = 1;
 
 /// Whether this build reads data written in `format`.
@@ -211,6 +214,14 @@ pub enum Command {
         at: UnixMillis,
         command: Option<Box<Command>>,
     },
+    /// A client request's command with the request's audit event (§1.4, `audited.rs`): `apply`
+    /// applies `command` exactly as alone (same rejections, same response), then records
+    /// `audit` with that outcome in the cluster's log chain, numbered and linked in log order.
+    /// An event past the bounds (`audited::check`) is a rejection: nothing is applied.
+    Audited {
+        audit: Box<AuditBody>,
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -250,6 +261,7 @@ impl Command {
             Command::NodeCertsRevoke { .. } => "node_certs_revoke",
             Command::PruneExpired { .. } => "prune_expired",
             Command::JobResult { .. } => "job_result",
+            Command::Audited { command, .. } => command.kind(),
         }
     }
 
@@ -268,8 +280,16 @@ impl Command {
                 | Command::JobResult { .. }
                 | Command::PruneExpired { .. }
                 | Command::AuditShip { .. }
+                | Command::Audited { .. }
                 | Command::Authorized { .. } => Forwarding::Refused,
                 _ => Forwarding::Client,
+            },
+            // An envelope travels as it is: what it wraps decides, and it must wrap an
+            // authorized command (the sender's request); the leader also checks that the
+            // event is the sender's own.
+            Command::Audited { command, .. } => match command.as_ref() {
+                Command::Authorized { .. } => command.forwarding(),
+                _ => Forwarding::Refused,
             },
             Command::TokenCreate { login: Some(_), .. }
             | Command::JoinTokenUse { .. }
@@ -342,6 +362,28 @@ pub enum Rejection {
     NodeCertRevoked(String),
     #[error("{0}")]
     Job(crate::job::JobRefusal),
+    #[error(
+        "an audited command's event may hold at most {max_field} bytes of path or user and {max_event} bytes in all"
+    )]
+    AuditEventTooLarge { max_field: usize, max_event: usize },
+    #[error("an audited command cannot wrap another audited command")]
+    NestedAudit,
+}
+
+impl Rejection {
+    /// The HTTP status the API answers this rejection with. Kept here, beside the rejections,
+    /// because `apply` writes it into the audit event of a request whose command it rejected
+    /// (`audited.rs`): the event and the client's answer must say the same.
+    pub fn status(&self) -> u16 {
+        match self {
+            Rejection::Kv(KvError::NotFound)
+            | Rejection::PolicyNotFound(_)
+            | Rejection::UserNotFound(_)
+            | Rejection::MountNotFound(_) => 404,
+            Rejection::KeyringChanged { .. } | Rejection::KeyringTermNotNewer { .. } => 409,
+            _ => 400,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

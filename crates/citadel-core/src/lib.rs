@@ -7,6 +7,7 @@
 //! makes this crate testable in microseconds.
 
 pub mod audit;
+pub mod audited;
 pub mod barrier;
 pub mod command;
 pub mod encoding;

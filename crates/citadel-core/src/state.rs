@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditBody, AuditLog};
+use crate::audited;
 use crate::command::{Command, InitCommand, Rejection, Response};
 use crate::job::{self, JobLog, JobRefusal, JobRun, LogPosition};
 use crate::kv::{KvStore, WriteRequest};
@@ -329,7 +330,25 @@ impl State {
                 let accepted = self.audit.ship(events).map_err(Rejection::Audit)?;
                 Ok(Response::AuditShipped { accepted })
             }
+            Command::Audited { audit, command } => self.apply_audited(entry, *audit, *command),
         }
+    }
+
+    /// Applies an envelope's command as if alone, then records the request's event with its
+    /// outcome in the log chain (`audited.rs`). The response is the inner command's, rejection
+    /// included: a rejected command changes nothing but the log chain, which records it.
+    fn apply_audited(
+        &mut self,
+        entry: Option<&LogPosition>,
+        audit: AuditBody,
+        command: Command,
+    ) -> Result<Response, Rejection> {
+        audited::check(&audit, &command)?;
+        let response = self.apply_checked(entry, command).unwrap_or_else(Response::Rejected);
+        if audited::records(&response) {
+            self.audit.log.record(audited::outcome(audit, &response));
+        }
+        Ok(response)
     }
 
     fn rotate_keyring(

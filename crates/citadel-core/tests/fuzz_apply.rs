@@ -3,7 +3,8 @@
 //! Commands are drawn from a small vocabulary of mounts, paths, tokens and terms, so that
 //! sequences hit the same entries repeatedly (versions, cas, deletes, rotations, audit chains)
 //! and reach the edges (u64::MAX versions and times, zero limits). Properties: no panic; a
-//! rejected command changes nothing; replicas applying the same sequence stay identical.
+//! rejected command changes nothing (an audited one only records its
+//! event); replicas applying the same sequence stay identical.
 
 use citadel_core::audit::{AuditBody, AuditEvent, GENESIS};
 use citadel_core::command::{Command, InitCommand, Response};
@@ -285,8 +286,32 @@ fn authorized() -> BoxedStrategy<Command> {
         .boxed()
 }
 
+/// A request's command carried with its audit event: request ids repeat (retried proposals),
+/// paths are sometimes past the bound, and envelopes sometimes nest (both refused by `apply`).
+fn audited() -> BoxedStrategy<Command> {
+    let path = prop_oneof![8 => name(), 1 => Just("p".repeat(citadel_core::audited::MAX_FIELD_BYTES + 1))];
+    (1u64..4, "r[0-3]", path, prop_oneof![3 => authorized(), 1 => kv_command()], any::<bool>())
+        .prop_map(|(node, request_id, path, inner, nested)| {
+            let wrap = |command: Command| Command::Audited {
+                audit: Box::new(AuditBody {
+                    node,
+                    request_id: request_id.clone(),
+                    path: path.clone(),
+                    ..AuditBody::default()
+                }),
+                command: Box::new(command),
+            };
+            if nested {
+                wrap(wrap(inner))
+            } else {
+                wrap(inner)
+            }
+        })
+        .boxed()
+}
+
 fn command() -> BoxedStrategy<Command> {
-    prop_oneof![3 => kv_command(), 2 => other_command(), 1 => init(), 1 => authorized()].boxed()
+    prop_oneof![3 => kv_command(), 2 => other_command(), 1 => init(), 1 => authorized(), 1 => audited()].boxed()
 }
 
 /// Mostly sequences that start with an init (so the rest is not all "not initialized").
@@ -312,10 +337,17 @@ proptest! {
             let before = state.clone();
             let response = state.apply_entry(entry, command.clone());
             if let Response::Rejected(rejection) = &response {
-                prop_assert_eq!(&state, &before, "rejected ({}) yet the state changed: {:?}", rejection, command);
+                // An audited command's rejection is the request's outcome, recorded in the log
+                // chain; nothing else may change.
+                let mut rest = state.clone();
+                if matches!(command, Command::Audited { .. }) {
+                    rest.audit.log = before.audit.log.clone();
+                }
+                prop_assert_eq!(&rest, &before, "rejected ({}) yet the state changed: {:?}", rejection, command);
             }
             prop_assert_eq!(replica.apply_entry(entry, command), response);
         }
+        prop_assert_eq!(state.audit.log.verify(), Ok(()), "the log chain apply built verifies");
         prop_assert_eq!(state, replica);
     }
 }

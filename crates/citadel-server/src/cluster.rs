@@ -54,7 +54,9 @@ pub struct ClusterNetwork {
 
 /// Version of the node-to-node protocol. Nodes refuse to form a cluster across versions.
 /// 2: audit events travel with their body's stored bytes (storage format 2).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: forwarded proposals and log entries may be `Command::Audited` (a write's audit event in
+///    its own entry, storage format 4), which a node of version 2 cannot decode.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>) -> Result<ClusterNetwork> {

@@ -411,12 +411,17 @@ impl AuditConfig {
         if self.max_path_bytes < MIN_AUDIT_PATH_BYTES {
             return Err(("audit.max_path_bytes", format!("must be at least {MIN_AUDIT_PATH_BYTES}")));
         }
+        // A write's event rides in its Raft entry, where `apply` refuses longer fields.
+        if self.max_path_bytes > MAX_CONFIGURED_CAP {
+            return Err(("audit.max_path_bytes", format!("must be at most {MAX_CONFIGURED_CAP}")));
+        }
         Ok(())
     }
 }
 
 /// Shorter caps would make audit events useless for telling requests apart.
 const MIN_AUDIT_PATH_BYTES: usize = 64;
+use citadel_core::audited::MAX_CONFIGURED_CAP;
 
 fn default_refusal_summary_interval_ms() -> u64 {
     10_000

@@ -1,8 +1,9 @@
 //! What a leader commits for another node (§8.1): members forward client requests' commands,
 //! nothing else. Init, CA changes and leader jobs never arrive over the cluster channel;
 //! keyring rotations and restores arrive authorized by a token the leader checks again; a
-//! member ships only its own audit events. The leader records every forwarded command it
-//! commits in its own audit log, under the request's id.
+//! member ships only its own audit events, and a command carrying its request's event
+//! (`Command::Audited`) travels unchanged and must carry the sender's own. The leader records
+//! every other forwarded command it commits in its own audit log, under the request's id.
 //!
 //! What a leader answers when it does not commit (`ForwardError`) crosses the cluster channel
 //! as a value: a forwarder retries on `NotLeader` by matching it, never by reading text (§9.2).
@@ -48,7 +49,7 @@ pub enum ForwardRefusal {
     /// Init, CA changes and leader jobs are proposed by the leader itself only.
     #[error("a leader does not accept a {kind} command from another node")]
     NotForwardable { kind: String },
-    /// An audit batch holding events of another node than the sender.
+    /// An audit batch, or a command's audit event, of another node than the sender.
     #[error("a node may ship only its own audit events")]
     ForeignAuditEvents,
     /// A rotation or a restore that does not carry the token that authorized it.
@@ -63,6 +64,8 @@ pub enum ForwardRefusal {
 /// channel's gate admitted it as a current member).
 pub async fn commit(app: &Node, sender: Option<u64>, command: Command) -> Result<Response, ForwardError> {
     check(app, sender, &command)?;
+    // A command that carries its request's event (`Command::Audited`) is its own record in the
+    // replicated log, under the request's id and the sender's node: no leader event is needed.
     let request_id = match &command {
         Command::Authorized { request_id, .. } => Some(request_id.clone()),
         _ => None,
@@ -75,7 +78,16 @@ pub async fn commit(app: &Node, sender: Option<u64>, command: Command) -> Result
     Ok(response)
 }
 
+/// The command an envelope wraps, or the command itself.
+fn unwrapped(command: &Command) -> &Command {
+    match command {
+        Command::Audited { command, .. } => command,
+        other => other,
+    }
+}
+
 fn check(app: &Node, sender: Option<u64>, command: &Command) -> Result<(), ForwardRefusal> {
+    check_event_sender(sender, command)?;
     match command.forwarding() {
         Forwarding::Client => Ok(()),
         Forwarding::Refused => Err(ForwardRefusal::NotForwardable { kind: command.kind().into() }),
@@ -87,9 +99,17 @@ fn check(app: &Node, sender: Option<u64>, command: &Command) -> Result<(), Forwa
     }
 }
 
+/// A member puts a request's event into the log in its own name only, as when it ships its spool.
+fn check_event_sender(sender: Option<u64>, command: &Command) -> Result<(), ForwardRefusal> {
+    match command {
+        Command::Audited { audit, .. } if sender != Some(audit.node) => Err(ForwardRefusal::ForeignAuditEvents),
+        _ => Ok(()),
+    }
+}
+
 /// A rotation or a restore needs `sudo` on its path, checked against the leader's own state.
 fn check_privileged(app: &Node, command: &Command) -> Result<(), ForwardRefusal> {
-    let Command::Authorized { token_hash, at, command: inner, .. } = command else {
+    let Command::Authorized { token_hash, at, command: inner, .. } = unwrapped(command) else {
         return Err(ForwardRefusal::NoToken);
     };
     let path = match inner.as_ref() {
@@ -127,4 +147,35 @@ fn record(app: &Node, sender: Option<u64>, kind: &'static str, request_id: Strin
             tracing::error!(error = %e, "could not record a forwarded commit in the audit spool");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use citadel_core::command::Forwarding;
+
+    fn audited(node: u64, command: Command) -> Command {
+        Command::Audited { audit: Box::new(AuditBody { node, ..AuditBody::default() }), command: Box::new(command) }
+    }
+
+    fn authorized(command: Command) -> Command {
+        Command::Authorized { token_hash: "t".into(), request_id: "r".into(), at: 1, command: Box::new(command) }
+    }
+
+    #[test]
+    fn a_forwarded_envelope_must_carry_the_senders_own_event_around_a_client_command() {
+        let put = authorized(Command::PolicyDelete { name: "p".into() });
+        assert_eq!(check_event_sender(Some(2), &audited(2, put.clone())), Ok(()));
+        assert_eq!(check_event_sender(Some(2), &audited(3, put.clone())), Err(ForwardRefusal::ForeignAuditEvents));
+        assert_eq!(check_event_sender(None, &audited(2, put.clone())), Err(ForwardRefusal::ForeignAuditEvents));
+        assert_eq!(audited(2, put).forwarding(), Forwarding::Client, "the envelope travels as what it wraps");
+        let rotate =
+            authorized(Command::RotateKeyring { expected_term: 1, new_term: 2, wrapped_keyring: vec![], at: 1 });
+        assert_eq!(audited(2, rotate.clone()).forwarding(), Forwarding::Privileged);
+        assert!(matches!(unwrapped(&audited(2, rotate)), Command::Authorized { .. }), "checked for sudo inside");
+        let unauthorized = Command::PolicyDelete { name: "p".into() };
+        assert_eq!(audited(2, unauthorized).forwarding(), Forwarding::Refused, "only a request's command rides");
+        let job = authorized(Command::PruneExpired { now: 1 });
+        assert_eq!(audited(2, job).forwarding(), Forwarding::Refused);
+    }
 }

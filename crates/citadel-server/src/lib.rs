@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod audit_envelope;
 pub mod audit_shipping;
 pub mod auth;
 pub mod cluster;

@@ -11,6 +11,7 @@ use citadel_storage::{NodeInfo, StateReader, TypeConfig};
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 
 use crate::audit::{AuditSpool, RefusalLog};
+use crate::audit_envelope::AuditCarrier;
 use crate::auth::{HashPool, LoginLimiter};
 use crate::cluster::{NodeStatus, PeerClient, PeerError};
 use crate::config::Config;
@@ -39,7 +40,8 @@ pub struct Node {
     pub active_since: std::sync::atomic::AtomicU64,
     /// True while this node is being removed. Client requests hold a read guard from the check
     /// to their audit event, so once the flag is set under the write guard, every request this
-    /// node answered has its event in the spool, ready to ship before the node leaves.
+    /// node answered has its event in the log (a write's, in its entry) or in the spool, ready to
+    /// ship before the node leaves.
     pub leaving: tokio::sync::RwLock<bool>,
     /// This node was removed from the cluster (its `REMOVED` marker): it serves no client request.
     pub removed: std::sync::atomic::AtomicBool,
@@ -57,6 +59,10 @@ pub struct RequestContext {
     /// The request already waited for the leader's read index before its token was checked, so
     /// its reads are linearizable without asking again.
     pub linearized: bool,
+    /// The request's audit event, carried into the log by the first command the request's
+    /// handler proposes (`audit_envelope.rs`); `None` for requests whose events go to the spool
+    /// whatever they do (an emergency token's: it only reads, or revokes itself unauthorized).
+    pub audit: Option<Arc<AuditCarrier>>,
 }
 
 tokio::task_local! {
@@ -74,6 +80,15 @@ fn authorize_command(command: Command) -> Command {
             Command::Authorized { token_hash, request_id, at: crate::ids::now_ms(), command: Box::new(command) }
         }
         _ => command,
+    }
+}
+
+/// Wraps the first command a request's handler proposes in the envelope carrying the request's
+/// audit event (§1.4); returns the carrier to settle with the proposal's result.
+fn carry_audit(command: Command) -> (Command, Option<Arc<AuditCarrier>>) {
+    match REQUEST.try_with(|r| r.audit.clone()) {
+        Ok(Some(carrier)) => (carrier.wrap(command), Some(carrier)),
+        _ => (command, None),
     }
 }
 
@@ -197,7 +212,16 @@ impl Node {
     /// Fails (the API answers 503) within two election timeouts, or at once in settled
     /// read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
-        let command = authorize_command(command);
+        let (command, carrier) = carry_audit(authorize_command(command));
+        let result = self.propose_routed(command).await;
+        if let Some(carrier) = carrier {
+            carrier.settle(&result);
+        }
+        result
+    }
+
+    /// Proposes on the leader or forwards to it, retrying while leadership moves.
+    async fn propose_routed(&self, command: Command) -> Result<Response, NodeError> {
         let deadline = Instant::now() + self.consensus_deadline();
         loop {
             if self.settled_read_only() {

@@ -648,7 +648,7 @@ fn operator_offline(cmd: OperatorCmd, format: Format) -> Result<()> {
                 "policies": state.policies.len(),
                 "users": state.users.len(),
                 "tokens": state.tokens.len(),
-                "audit_events": state.audit.chains.values().map(|c| c.events.len()).sum::<usize>(),
+                "audit_events": state.audit.events().count(),
             });
             print_map(&summary, format);
             Ok(())
@@ -851,7 +851,11 @@ async fn audit(cmd: AuditCmd, format: Format) -> Result<()> {
                 let time = row["time"].as_u64().unwrap_or(0);
                 row["when"] = json!(citadel_core::time::rfc3339(time));
             }
-            print_rows(&rows, &["when", "node", "seq", "kind", "operation", "path", "user", "status", "error"], format);
+            print_rows(
+                &rows,
+                &["when", "node", "chain", "seq", "kind", "operation", "path", "user", "status", "error"],
+                format,
+            );
         }
         AuditCmd::Verify => {
             let reply = c.get("sys/audit/verify").await?;

@@ -1,4 +1,5 @@
-//! `sys/audit/*`: queries over the replicated audit log and verification of every node's chain.
+//! `sys/audit/*`: queries over the replicated audit log and verification of every node's chain
+//! and of the log chain (the events carried inside their writes' Raft entries).
 
 use citadel_core::audit::AuditEvent;
 use citadel_core::route::{Kind, Param, Route};
@@ -19,7 +20,7 @@ pub fn routes() -> Vec<Route<Handler>> {
         ),
         route(
             "sys/audit/verify",
-            vec![op::sudo(Op::Read, "Verify every node's audit hash chain", handler!(audit_verify))],
+            vec![op::sudo(Op::Read, "Verify every node's audit hash chain and the log chain", handler!(audit_verify))],
         ),
     ]
 }
@@ -67,19 +68,19 @@ async fn audit_events(c: &Call<'_>) -> Result<Reply, ApiError> {
     };
     let user = req.query.get("user");
     let path = req.query.get("path");
+    // By the node that accepted the request: its spool chain's events, and its requests' events
+    // in the log chain (whose `node` is the accepting node too).
     let mut events = app.state.read(|s| {
         s.audit
-            .chains
-            .iter()
-            .filter(|(id, _)| node.is_none_or(|n| n == **id))
-            .flat_map(|(_, chain)| chain.events.iter())
+            .events()
+            .filter(|e| node.is_none_or(|n| n == e.body().node))
             .filter(|e| e.body().time >= since)
             .filter(|e| user.is_none_or(|u| &e.body().user == u))
             .filter(|e| path.is_none_or(|p| e.body().path.starts_with(p.as_str())))
             .cloned()
             .collect::<Vec<_>>()
     });
-    events.sort_by_key(|e| (e.body().time, e.body().node, e.body().seq));
+    events.sort_by_key(|e| (e.body().time, e.body().node, e.body().chain.is_empty(), e.body().seq));
     let skip = events.len().saturating_sub(limit);
     let events: Vec<Value> = events.iter().skip(skip).map(AuditEvent::view).collect();
     Ok(Reply::data(json!({ "events": events })))
@@ -95,9 +96,11 @@ fn audit_verify_body(app: &Node) -> Value {
                 (id.to_string(), json!({ "events": chain.events.len(), "last_seq": chain.last_seq(), "last_hash": chain.last_hash() }))
             })
             .collect();
+        let log = &s.audit.log;
+        let log = json!({ "events": log.events.len(), "last_seq": log.last_seq(), "last_hash": log.last_hash() });
         match s.audit.verify() {
-            Ok(total) => json!({ "ok": true, "events": total, "nodes": nodes }),
-            Err(e) => json!({ "ok": false, "error": e.to_string(), "nodes": nodes }),
+            Ok(total) => json!({ "ok": true, "events": total, "nodes": nodes, "log": log }),
+            Err(e) => json!({ "ok": false, "error": e.to_string(), "nodes": nodes, "log": log }),
         }
     })
 }

@@ -1,7 +1,8 @@
 //! The HTTP API (§4): Vault's paths, envelope and status codes.
 //!
 //! One dispatcher owns the order every request goes through, so no endpoint can skip a step:
-//! unauthenticated endpoints → seal check → token → ACL → handler → audit (fsynced) → answer.
+//! unauthenticated endpoints → seal check → token → ACL → handler → audit (a write's event in
+//! its own Raft entry, any other fsynced to the spool) → answer.
 
 mod audit_query;
 mod auth;
@@ -30,12 +31,12 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use citadel_core::audit::{hmac_string, AuditBody};
 use citadel_core::command::Rejection;
-use citadel_core::kv::KvError;
 use citadel_core::policy::Caps;
 use citadel_core::route::{Captures, Consistency, Need, Operation, Route};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::audit_envelope::{AuditCarrier, Disposition};
 use crate::auth::Caller;
 use crate::ids;
 use crate::node::Node;
@@ -146,18 +147,12 @@ impl ApiError {
     }
 }
 
+/// A rejection answers the status `Rejection::status` names (the one its audit event records
+/// when `apply` writes it) and its text.
 impl From<Rejection> for ApiError {
     fn from(r: Rejection) -> ApiError {
-        match &r {
-            Rejection::Kv(KvError::NotFound)
-            | Rejection::PolicyNotFound(_)
-            | Rejection::UserNotFound(_)
-            | Rejection::MountNotFound(_) => ApiError::new(StatusCode::NOT_FOUND, r.to_string()),
-            Rejection::KeyringChanged { .. } | Rejection::KeyringTermNotNewer { .. } => {
-                ApiError::new(StatusCode::CONFLICT, r.to_string())
-            }
-            _ => ApiError::bad_request(r.to_string()),
-        }
+        let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError::new(status, r.to_string())
     }
 }
 
@@ -325,14 +320,22 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
         // No valid token: summarized, not audited one by one (§8.3).
         return Err(refuse_unauthenticated(app, req, now));
     }
+    // The request's event, prepared before the handler runs: a write carries it into its own
+    // Raft entry (`audit_envelope.rs`); anything else writes it to the spool below.
+    let event = request_event(app, req, now, caller.as_ref(), token.as_deref(), &keys);
+    let mut carrier = None;
     let result = match (&caller, fresh) {
         (_, Err(e)) => Err(e),
         (None, _) => Err(ApiError::forbidden()),
         (Some(caller), Ok(linearized)) => {
+            // An emergency token's requests propose no authorized command (they read, or revoke
+            // the token itself): their events stay in the spool, as every read-only-mode event.
+            carrier = (!caller.read_only).then(|| Arc::new(AuditCarrier::new(event.clone())));
             let context = crate::node::RequestContext {
                 token_hash: (!caller.read_only).then(|| caller.entry.hash.clone()),
                 request_id: req.id.clone(),
                 linearized,
+                audit: carrier.clone(),
             };
             // Resolved again on the state the token was checked against: a mount enabled on
             // another node just before this request is found.
@@ -340,20 +343,11 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
             crate::node::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
         }
     };
-    let audit = AuditBody {
-        time: now,
-        request_id: req.id.clone(),
-        kind: "request".into(),
-        operation: req.op().map_or("unknown", Op::name).into(),
-        path: req.path.clone(),
-        user: caller.as_ref().map(Caller::name).unwrap_or_default(),
-        token_hmac: token.map(|t| hmac_string(&keys.keyring.audit_hmac_key, &t)).unwrap_or_default(),
-        remote_addr: req.remote.clone(),
-        status: result.as_ref().map_or_else(|e| e.status.as_u16(), |r| r.status.as_u16()),
-        error: result.as_ref().err().and_then(|e| e.errors.first().cloned()).unwrap_or_default(),
-        ..AuditBody::default()
-    };
-    record_audit(app, audit).await?;
+    if event_in_log(app, carrier.as_deref(), &req.id) {
+        app.metrics.observe_audit_event();
+    } else {
+        record_audit(app, with_outcome(event, &result)).await?;
+    }
     let mut reply = result?.stamp(&req.id);
     let served_stale = req.served_stale.load(std::sync::atomic::Ordering::Relaxed) || app.read_only();
     let stale = served_stale && !cfg!(feature = "unsafe-stale-reads");
@@ -436,6 +430,10 @@ async fn serve(
     if matches!(op, Op::Read | Op::List) && operation.consistency == Consistency::Linearizable {
         consistent(app, req).await?;
     }
+    // The handler's first proposal carries the request's event; the token use above did not.
+    if let Ok(Some(carrier)) = crate::node::REQUEST.try_with(|r| r.audit.clone()) {
+        carrier.arm();
+    }
     (operation.handler)(&Call::new(app, req, op, captures).authenticated(caller, keys)).await
 }
 
@@ -505,6 +503,53 @@ fn refuse_unauthenticated(app: &Node, req: &ApiRequest, now: u64) -> ApiError {
     let operation = req.op().map_or("unknown", Op::name);
     app.refusals.note(&req.remote, crate::audit::RefusalReason::NoValidToken, operation, &req.path, now);
     ApiError::forbidden()
+}
+
+/// An authenticated request's event as far as it is known before the handler runs, with its
+/// path and user capped (it may be proposed as it is). The outcome comes later: from `apply`
+/// for an event carried in its write's entry, from `with_outcome` for one written to the spool.
+fn request_event(
+    app: &Node,
+    req: &ApiRequest,
+    now: u64,
+    caller: Option<&Caller>,
+    token: Option<&str>,
+    keys: &Unsealed,
+) -> AuditBody {
+    let max = app.config.audit.max_path_bytes;
+    AuditBody {
+        node: app.node_id(),
+        time: now,
+        request_id: req.id.clone(),
+        kind: "request".into(),
+        operation: req.op().map_or("unknown", Op::name).into(),
+        path: crate::limits::cap_for_audit(&req.path, max),
+        user: crate::limits::cap_for_audit(&caller.map(Caller::name).unwrap_or_default(), max),
+        token_hmac: token.map(|t| hmac_string(&keys.keyring.audit_hmac_key, t)).unwrap_or_default(),
+        remote_addr: req.remote.clone(),
+        ..AuditBody::default()
+    }
+}
+
+/// The answer's status and first error, for an event written to the spool.
+fn with_outcome(mut event: AuditBody, result: &Result<Reply, ApiError>) -> AuditBody {
+    event.status = result.as_ref().map_or_else(|e| e.status.as_u16(), |r| r.status.as_u16());
+    event.error = result.as_ref().err().and_then(|e| e.errors.first().cloned()).unwrap_or_default();
+    event
+}
+
+/// Whether the request's event is already in the replicated log: committed inside its write's
+/// entry, or (a proposal whose answer was lost) found among the log chain's latest events on
+/// this replica. Otherwise the dispatcher writes it to the spool (fail closed); if the lost
+/// proposal commits after all, the request has two events (docs/ARCHITECTURE.md).
+fn event_in_log(app: &Node, carrier: Option<&AuditCarrier>, request_id: &str) -> bool {
+    match carrier.map(AuditCarrier::disposition) {
+        Some(Disposition::InLog) => true,
+        Some(Disposition::Spool { maybe_in_log: true }) => {
+            app.state.read(|s| s.audit.log.holds_recent_request(request_id))
+        }
+        Some(Disposition::Spool { maybe_in_log: false }) | None => false,
+    }
 }
 
 /// Writes an audit event durably, or fails the request (fail closed, §1.4). Paths and user

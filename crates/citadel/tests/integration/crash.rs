@@ -66,6 +66,8 @@ async fn a_node_refuses_a_data_directory_of_another_node() {
 async fn a_tampered_audit_spool_stops_the_node_with_the_file_named() {
     let mut node = Node1::start(21320).await;
     node.root().kv_put("secret", "x", &json!({ "v": "1" }), None).await.unwrap();
+    // The write's event rides in its Raft entry; the read's is the spool's to hold.
+    node.root().kv_get("secret", "x", None).await.unwrap();
     node.kill9();
     let spool = node.layout.data_dir(0).join("audit").join("audit.spool");
     let text = std::fs::read_to_string(&spool).unwrap();

@@ -1,10 +1,12 @@
 //! Integration tests: real `citadel server` processes on 127.0.0.1, driven over HTTPS.
-//! Each test owns its ports (listed here) so none can collide: 21000 + 10·k; `jobs`: 27500–27999.
+//! Each test owns its ports (listed here) so none can collide: 21000 + 10·k; `jobs`: 27500–27999;
+//! `audit_in_entry`: 29200–29290.
 
 mod acl;
 mod api_auth;
 mod api_kv;
 mod api_sys;
+mod audit_in_entry;
 mod cluster;
 mod crash;
 mod files;
