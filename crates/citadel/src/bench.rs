@@ -148,7 +148,13 @@ pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrenc
                 let t = Instant::now();
                 match endpoint.op(workload, k, n).await {
                     Ok(()) => latencies.push(t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        // A failed request in a benchmark is a finding: say what it was.
+                        if errors == 0 {
+                            eprintln!("{} {} client {k}: request {n} failed: {e}", endpoint.target.name(), workload.name());
+                        }
+                        errors += 1;
+                    }
                 }
             }
             (latencies, errors)
