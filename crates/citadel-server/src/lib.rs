@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod forwarded;
+pub mod graceful_stop;
 pub mod ha;
 pub mod ids;
 pub mod jobs;

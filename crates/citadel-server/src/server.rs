@@ -112,7 +112,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(cluster_limits.clone().report_refusals());
     tokio::spawn(api_limits.clone().report_refusals());
     tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone()), cluster_limits));
-    tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
+    let api_server = tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
     tokio::spawn(crate::audit::write_refusal_summaries(app.clone()));
     tokio::spawn(crate::audit_shipping::ship_audit(app.clone()));
     tokio::spawn(crate::jobs::run(app.clone()));
@@ -130,6 +130,9 @@ pub async fn run(config: Config) -> Result<()> {
         () = shutdown_signal() => None,
         why = log_failed(log_failures) => Some(why),
     };
+    if stopped_by.is_none() {
+        crate::graceful_stop::stop(&app, || api_server.abort()).await;
+    }
     tracing::info!("shutting down");
     let _ = raft.shutdown().await;
     match stopped_by {

@@ -151,7 +151,11 @@ pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrenc
                     Err(e) => {
                         // A failed request in a benchmark is a finding: say what it was.
                         if errors == 0 {
-                            eprintln!("{} {} client {k}: request {n} failed: {e}", endpoint.target.name(), workload.name());
+                            eprintln!(
+                                "{} {} client {k}: request {n} failed: {e}",
+                                endpoint.target.name(),
+                                workload.name()
+                            );
                         }
                         errors += 1;
                     }

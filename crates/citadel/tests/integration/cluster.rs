@@ -440,3 +440,46 @@ async fn a_node_without_a_certificate_joins_with_a_one_time_join_token() {
         .unwrap_err();
     assert_eq!(forged.status().unwrap(), 400);
 }
+
+#[tokio::test]
+async fn a_leader_stopped_with_sigterm_hands_over_leadership_and_the_others_fail_no_write() {
+    let mut cluster = Cluster::start_nodes(3, 29300, true, "").await;
+    let leader = cluster.leader().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in followers(leader) {
+        let (client, stop, acked) = (cluster.root_at(w), stop.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for n in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match client.kv_put("secret", &format!("sigterm/{w}"), &json!({ "n": n }), None).await {
+                    Ok(_) => {
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            failed
+        }));
+    }
+    let count = || acked.load(std::sync::atomic::Ordering::Relaxed);
+    crate::harness::wait_until("writes before the stop", || count() >= 20).await;
+
+    let status = cluster.terminate_at(leader).await;
+    assert!(status.success(), "a node stopped with SIGTERM exits cleanly: {status:?}");
+    let log = cluster.server_log_at(leader);
+    assert!(log.contains("leadership handed over"), "the leader handed over before stopping: {log}");
+    let before = count();
+    crate::harness::wait_until("writes after the stop", || count() >= before + 20).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        let failed = writer.await.unwrap();
+        assert!(failed.is_empty(), "writes to the nodes that stayed up failed: {failed:?}");
+    }
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+}

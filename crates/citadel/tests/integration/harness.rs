@@ -132,6 +132,25 @@ impl Cluster {
         self.children[i].is_some()
     }
 
+    /// SIGTERM, as systemd stops a node; waits (with a deadline) for it to exit by itself.
+    pub async fn terminate_at(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut child = self.children[i].take().expect("the node is running");
+        // SAFETY: kill only sends a signal to the child we started (by its pid).
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the node") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {} did not stop within {STARTUP:?} of SIGTERM", self.layout.node_id(i));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// The node's exit status, if it has stopped on its own.
     pub fn exited_at(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         self.children[i].as_mut().and_then(|c| c.try_wait().expect("poll the node"))

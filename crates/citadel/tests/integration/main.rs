@@ -1,6 +1,6 @@
 //! Integration tests: real `citadel server` processes on 127.0.0.1, driven over HTTPS.
 //! Each test owns its ports (listed here) so none can collide: 21000 + 10·k; `jobs`: 27500–27999;
-//! `audit_in_entry`: 29200–29290.
+//! `audit_in_entry`: 29200–29290; `cluster::a_leader_stopped_with_sigterm_…`: 29300–29330.
 
 mod acl;
 mod api_auth;
