@@ -71,6 +71,13 @@ pub struct AuditBody {
     /// per node), so their encoding and chain hash are what they always were.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub chain: String,
+    /// On a spool event only: the request's command was proposed carrying its event, but this
+    /// node answered before learning whether it committed (a timeout, a lost leader). This event
+    /// records the answer the client got; if the command committed after all, the log chain also
+    /// holds the command's own event, with its outcome, under the same request id. Absent
+    /// otherwise, so other events encode (and hash) as they always did.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_unknown: bool,
 }
 
 /// Refusals of one reason from one source address within one interval (§8.3): a flood of

@@ -343,10 +343,13 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
             crate::node::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
         }
     };
-    if event_in_log(app, carrier.as_deref(), &req.id) {
-        app.metrics.observe_audit_event();
-    } else {
-        record_audit(app, with_outcome(event, &result)).await?;
+    match event_in_log(app, carrier.as_deref(), &req.id) {
+        EventPlace::Log => app.metrics.observe_audit_event(),
+        place => {
+            let mut event = with_outcome(event, &result);
+            event.outcome_unknown = place == EventPlace::SpoolOutcomeUnknown;
+            record_audit(app, event).await?;
+        }
     }
     let mut reply = result?.stamp(&req.id);
     let served_stale = req.served_stale.load(std::sync::atomic::Ordering::Relaxed) || app.read_only();
@@ -538,17 +541,32 @@ fn with_outcome(mut event: AuditBody, result: &Result<Reply, ApiError>) -> Audit
     event
 }
 
+/// Where a request's event belongs once its handler is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventPlace {
+    /// Already in the replicated log, inside the request's write.
+    Log,
+    /// In the spool: nothing carried it into the log.
+    Spool,
+    /// In the spool, flagged `outcome_unknown`: a proposal carried it and may still commit, in
+    /// which case the log chain will hold the command's own event too (docs/ARCHITECTURE.md).
+    SpoolOutcomeUnknown,
+}
+
 /// Whether the request's event is already in the replicated log: committed inside its write's
 /// entry, or (a proposal whose answer was lost) found among the log chain's latest events on
-/// this replica. Otherwise the dispatcher writes it to the spool (fail closed); if the lost
-/// proposal commits after all, the request has two events (docs/ARCHITECTURE.md).
-fn event_in_log(app: &Node, carrier: Option<&AuditCarrier>, request_id: &str) -> bool {
+/// this replica. Otherwise the dispatcher writes it to the spool (fail closed).
+fn event_in_log(app: &Node, carrier: Option<&AuditCarrier>, request_id: &str) -> EventPlace {
     match carrier.map(AuditCarrier::disposition) {
-        Some(Disposition::InLog) => true,
+        Some(Disposition::InLog) => EventPlace::Log,
         Some(Disposition::Spool { maybe_in_log: true }) => {
-            app.state.read(|s| s.audit.log.holds_recent_request(request_id))
+            if app.state.read(|s| s.audit.log.holds_recent_request(request_id)) {
+                EventPlace::Log
+            } else {
+                EventPlace::SpoolOutcomeUnknown
+            }
         }
-        Some(Disposition::Spool { maybe_in_log: false }) | None => false,
+        Some(Disposition::Spool { maybe_in_log: false }) | None => EventPlace::Spool,
     }
 }
 
