@@ -152,6 +152,8 @@ fn classify(kind: OpKind, status: u16, headers: &HeaderMap, body: &Value) -> Out
                 _ => Outcome::Dropped,
             }
         }
+        // A stale replica's "not found" proves nothing either.
+        (OpKind::Read, 404) if headers.contains_key("x-citadel-stale") => Outcome::Dropped,
         (OpKind::Read, 404) => Outcome::Ok { version: 0, value: 0 },
         (OpKind::Read, _) => Outcome::Dropped,
         (OpKind::Write { value } | OpKind::Cas { value, .. }, 200) => match body["data"]["version"].as_u64() {

@@ -378,7 +378,7 @@ fn parse_pairs(pairs: &[String]) -> Result<Value> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("CITADEL_LOG").unwrap_or_else(|_| "info,openraft=warn".into());
+    let filter = std::env::var("CITADEL_LOG").unwrap_or_else(|_| "info,openraft=warn,raft_log=warn".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     citadel_server::tls::install_crypto_provider();

@@ -212,6 +212,7 @@ async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
             errors: vec![],
             body: Some(super::envelope(json!({ "data": null, "metadata": metadata }), Value::Null)),
             allow: None,
+            stale_ms: None,
         });
     }
     let data = barrier.open(keys, path, number, &version.ciphertext)?;

@@ -112,11 +112,14 @@ pub struct ApiError {
     pub body: Option<Value>,
     /// A 405's `Allow` header.
     pub allow: Option<String>,
+    /// Answered from a replica in read-only mode, this many ms after its last leader contact: a
+    /// "not found" from a stale replica is as stale as a value (`X-Citadel-Stale`).
+    pub stale_ms: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, errors: vec![message.into()], body: None, allow: None }
+        ApiError { status, errors: vec![message.into()], body: None, allow: None, stale_ms: None }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -125,7 +128,7 @@ impl ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "permission denied")
     }
     pub fn not_found() -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, errors: vec![], body: None, allow: None }
+        ApiError { status: StatusCode::NOT_FOUND, errors: vec![], body: None, allow: None, stale_ms: None }
     }
     pub fn no_route(path: &str) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, format!("no handler for route {path:?}"))
@@ -264,6 +267,10 @@ impl IntoResponse for ApiError {
         if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
             response.headers_mut().insert("allow", allow);
         }
+        if let Some(staleness) = self.stale_ms {
+            response.headers_mut().insert("x-citadel-stale", HeaderValue::from_static("true"));
+            response.headers_mut().insert("x-citadel-staleness-ms", HeaderValue::from(staleness));
+        }
         response
     }
 }
@@ -351,11 +358,19 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
             record_audit(app, event).await?;
         }
     }
-    let mut reply = result?.stamp(&req.id);
     let served_stale = req.served_stale.load(std::sync::atomic::Ordering::Relaxed) || app.read_only();
     let stale = served_stale && !cfg!(feature = "unsafe-stale-reads");
-    if matches!(req.op(), Some(Op::Read | Op::List)) && stale {
-        let staleness = app.staleness_ms();
+    let staleness = (matches!(req.op(), Some(Op::Read | Op::List)) && stale).then(|| app.staleness_ms());
+    let mut reply = match (result, staleness) {
+        (Ok(reply), _) => reply.stamp(&req.id),
+        // An error a stale replica gives to a read ("not found" above all) is as stale as a value.
+        (Err(mut e), Some(staleness)) => {
+            e.stale_ms = Some(staleness);
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    if let Some(staleness) = staleness {
         reply.headers.push(("x-citadel-stale", "true".into()));
         reply.headers.push(("x-citadel-staleness-ms", staleness.to_string()));
         reply.warnings.push(format!(

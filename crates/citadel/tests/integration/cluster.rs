@@ -135,6 +135,11 @@ async fn two_of_three_down_gives_read_only_mode_with_emergency_logins_and_audit_
     assert_eq!(read.headers["x-citadel-stale"], "true");
     assert!(read.headers["x-citadel-staleness-ms"].to_str().unwrap().parse::<u64>().unwrap() > 0);
     assert!(read.body["warnings"][0].as_str().unwrap().contains("read-only"), "{:?}", read.body);
+    // "Not found" from a stale replica is as stale as a value (chaos took one for a linearizable
+    // answer from a node still catching up).
+    let missing = s.raw("GET", "secret/data/never-written", None, &[]).await.unwrap();
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.headers["x-citadel-stale"], "true", "{:?}", missing.headers);
 
     let started = Instant::now();
     let write = s.raw("POST", "secret/data/ro", Some(&json!({ "data": { "v": "lost" } })), &[]).await.unwrap();
