@@ -179,22 +179,34 @@ pub fn admit(app: &Node, peer: Option<&PeerIdentity>, raft_rpc: bool) -> Result<
     let peer = peer.ok_or(PeerRefusal::NoCertificate)?;
     let node_id = peer.node_id.ok_or(PeerRefusal::NoNodeId)?;
     check_not_revoked(app, peer, node_id)?;
-    let (member, no_membership) = membership_of(app, node_id);
-    if member || (raft_rpc && no_membership) {
+    let view = membership_of(app, node_id);
+    // A node whose log does not yet hold its own addition is replaying history: the members it
+    // knows may be long gone and the leader one it has not heard of yet, so any certified,
+    // unrevoked peer may send it Raft messages (Raft's terms still decide what it accepts).
+    if view.peer_is_member || (raft_rpc && !view.includes_me) {
         return Ok(node_id);
     }
     Err(PeerRefusal::NotMember { node_id })
 }
 
-/// Whether `node_id` is in this node's membership, and whether that membership is empty. Every
-/// Raft RPC asks: the metrics are borrowed, not cloned.
-fn membership_of(app: &Node, node_id: u64) -> (bool, bool) {
+/// What this node's membership says of a peer, and of itself.
+struct MembershipView {
+    peer_is_member: bool,
+    /// False while the log this node holds predates its own addition (or is empty).
+    includes_me: bool,
+}
+
+/// Every Raft RPC asks: the metrics are borrowed, not cloned.
+fn membership_of(app: &Node, node_id: u64) -> MembershipView {
     use openraft::async_runtime::WatchReceiver;
     let receiver = app.raft.metrics();
     let metrics = receiver.borrow_watched();
     let membership = metrics.membership_config.membership();
-    let answer = (membership.get_node(&node_id).is_some(), membership.nodes().next().is_none());
-    answer
+    let view = MembershipView {
+        peer_is_member: membership.get_node(&node_id).is_some(),
+        includes_me: membership.get_node(&app.node_id()).is_some(),
+    };
+    view
 }
 
 /// May this peer join as `node_id` at these addresses? Its certificate must name that node id

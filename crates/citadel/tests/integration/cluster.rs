@@ -488,3 +488,23 @@ async fn a_leader_stopped_with_sigterm_hands_over_leadership_and_the_others_fail
     let new_leader = cluster.leader().await;
     assert_ne!(new_leader, leader);
 }
+
+#[tokio::test]
+async fn a_new_node_catches_up_from_a_leader_that_joined_after_the_log_began() {
+    // No snapshot yet: the new node replays the log from its start, where its members are only
+    // node 1 (and 2); the leader is node 3. It must accept that leader's messages.
+    let mut cluster = Cluster::start_partial(4, 3, 29340, true, "").await;
+    let third = cluster.layout.node_id(2);
+    cluster.root().post("sys/ha/transfer-leader", &json!({ "node_id": third })).await.unwrap();
+    assert_eq!(cluster.leader().await, 2, "the third node leads");
+    cluster.root_at(2).kv_put("secret", "before-the-fourth", &json!({ "v": 1 }), None).await.unwrap();
+    cluster.respawn_at(3);
+    let fourth = cluster.root_at(3);
+    let got = dev::wait_for("the fourth node to catch up and serve", STARTUP, || async {
+        fourth.kv_get("secret", "before-the-fourth", None).await.ok()
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, json!({ "v": 1 }));
+    assert_eq!(cluster.leader().await, 2, "caught up from the third node, without a new election");
+}
