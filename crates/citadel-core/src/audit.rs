@@ -106,6 +106,19 @@ pub struct AuditEvent {
     pub hash: String,
 }
 
+/// Cuts `text` to at most `max` bytes (at a character boundary) and says how much was cut, so a
+/// truncated path or message in an audit event cannot be mistaken for the real one.
+pub fn cap_for_audit(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…[truncated {} bytes]", &text[..end], text.len() - end)
+}
+
 pub fn chain_hash(prev_hash: &str, body_bytes: &[u8]) -> String {
     let mut digest = Sha256::new();
     digest.update(prev_hash.as_bytes());

@@ -72,7 +72,7 @@ pub fn outcome(mut body: AuditBody, response: &Response) -> AuditBody {
     match response {
         Response::Rejected(rejection) => {
             body.status = rejection.status();
-            body.error = cap(&rejection.to_string(), MAX_ERROR_BYTES);
+            body.error = crate::audit::cap_for_audit(&rejection.to_string(), MAX_ERROR_BYTES);
         }
         _ => {
             body.status = 200;
@@ -81,18 +81,6 @@ pub fn outcome(mut body: AuditBody, response: &Response) -> AuditBody {
     }
     body.summary = None;
     body
-}
-
-/// Cuts `text` to at most `max` bytes at a character boundary, saying how much was cut.
-fn cap(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…[truncated {} bytes]", &text[..end], text.len() - end)
 }
 
 #[cfg(test)]

@@ -138,18 +138,7 @@ impl AuditSpool {
     }
 }
 
-/// Cuts `text` to at most `max` bytes (at a character boundary) and says how much was cut, so a
-/// truncated path in an audit event cannot be mistaken for the real one.
-pub fn cap_for_audit(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…[truncated {} bytes]", &text[..end], text.len() - end)
-}
+pub use citadel_core::audit::cap_for_audit;
 
 /// Why a request was refused before anyone was authenticated. Such refusals are summarized
 /// instead of audited one by one (see [`RefusalLog`]).
