@@ -152,7 +152,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (record, meta) = {
+        // Only the copy holds the lock `apply` needs: encoding and hashing a large state took
+        // hundreds of milliseconds, and writes waiting to apply timed out (`bench scale` found it).
+        let (stored, meta) = {
             let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
             let stored = StoredSnapshot {
                 format: citadel_core::command::FORMAT_VERSION,
@@ -160,17 +162,21 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 membership: (&applied.membership).into(),
                 state: applied.state.clone(),
             };
+            let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
+            (stored, meta)
+        };
+        let snapshots = self.snapshots.clone();
+        let data = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
             let record = StoredSnapshotRecord {
                 last_log_id: stored.last_applied,
                 membership: stored.membership.clone(),
                 data: codec::encode(&stored),
             };
-            let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
-            (record, meta)
-        };
-        let data = record.data.clone();
-        let snapshots = self.snapshots.clone();
-        tokio::task::spawn_blocking(move || snapshots.write(&record)).await.map_err(io::Error::other)??;
+            snapshots.write(&record)?;
+            Ok(record.data)
+        })
+        .await
+        .map_err(io::Error::other)??;
         Ok(Snapshot { meta, snapshot: data })
     }
 }

@@ -41,6 +41,8 @@ pub struct Step {
     pub writes: usize,
     pub events: usize,
     pub load_seconds: f64,
+    /// Requests refused (e.g. 503 while leaderless) and sent again.
+    pub retried_requests: usize,
     pub snapshot_mib: f64,
     pub nodes: Vec<NodeSample>,
 }
@@ -61,6 +63,8 @@ pub struct ScaleReport {
 /// Three voters plus one node kept back to join after the load.
 const NODES: usize = 4;
 const QUERIES: usize = 50;
+/// Attempts per request before the load gives up.
+const RETRIES: usize = 5;
 
 pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
     let exe = std::env::current_exe()?;
@@ -85,12 +89,12 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
     for tenth in 1..=10 {
         let started = Instant::now();
         let write_goal = writes_total * tenth / 10;
-        load(&client, settings, writes..write_goal, true, settings.secrets).await?;
+        let mut retried = load(&client, settings, writes..write_goal, true, settings.secrets).await?;
         events += write_goal - writes;
         writes = write_goal;
         let event_goal = settings.events * tenth / 10;
         let reads = event_goal.saturating_sub(events);
-        load(&client, settings, 0..reads, false, writes).await?;
+        retried += load(&client, settings, 0..reads, false, writes).await?;
         events += reads;
         let load_seconds = started.elapsed().as_secs_f64();
         let snapshot = client.bytes("GET", "sys/storage/raft/snapshot", None).await.context("taking a snapshot")?;
@@ -106,6 +110,7 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
             writes,
             events,
             load_seconds,
+            retried_requests: retried,
             snapshot_mib: mib(snapshot.len() as u64),
             nodes: samples,
         });
@@ -157,7 +162,7 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
     Ok(report)
 }
 
-/// Sends requests `range` with `concurrency` clients: writes of secret `n % secrets` (each pass
+/// Sends requests `range` with `concurrency` clients (returns how many were refused and sent again): writes of secret `n % secrets` (each pass
 /// over the secrets adds a version) or reads of one of the `written` secrets written so far.
 async fn load(
     client: &Client,
@@ -165,16 +170,18 @@ async fn load(
     range: std::ops::Range<usize>,
     write: bool,
     written: usize,
-) -> Result<()> {
+) -> Result<usize> {
     let next = Arc::new(AtomicUsize::new(range.start));
     let failed = Arc::new(AtomicUsize::new(0));
+    let gave_up = Arc::new(AtomicUsize::new(0));
     let first_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let mut tasks = Vec::new();
     for _ in 0..settings.concurrency.max(1) {
-        let (client, next, failed, first_error, end, secrets) = (
+        let (client, next, failed, gave_up, first_error, end, secrets) = (
             client.clone(),
             next.clone(),
             failed.clone(),
+            gave_up.clone(),
             first_error.clone(),
             range.end,
             settings.secrets.min(written).max(1),
@@ -186,14 +193,25 @@ async fn load(
                     break;
                 }
                 let path = format!("scale/s{}", n % secrets);
-                let result = if write {
-                    client.kv_put("secret", &path, &json!({ "password": format!("{n:032}") }), None).await.map(drop)
-                } else {
-                    client.kv_get("secret", &path, None).await.map(drop)
-                };
-                if let Err(e) = result {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    first_error.lock().unwrap().get_or_insert_with(|| format!("{path}: {e}"));
+                // A request refused while the cluster is briefly leaderless (a disk stall on a
+                // shared machine) is counted and sent again: the load must be complete.
+                for attempt in 0..RETRIES {
+                    let result = if write {
+                        client.kv_put("secret", &path, &json!({ "password": format!("{n:032}") }), None).await.map(drop)
+                    } else {
+                        client.kv_get("secret", &path, None).await.map(drop)
+                    };
+                    match result {
+                        Ok(()) => break,
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            first_error.lock().unwrap().get_or_insert_with(|| format!("{path}: {e}"));
+                            if attempt + 1 == RETRIES {
+                                gave_up.fetch_add(1, Ordering::Relaxed);
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
                 }
             }
         }));
@@ -201,12 +219,19 @@ async fn load(
     for task in tasks {
         task.await?;
     }
+    let first = first_error.lock().unwrap().clone().unwrap_or_default();
+    let gave_up = gave_up.load(Ordering::Relaxed);
+    if gave_up > 0 {
+        bail!(
+            "{gave_up} of {} requests failed {RETRIES} times during the load; the first failure: {first}",
+            range.len()
+        );
+    }
     let failed = failed.load(Ordering::Relaxed);
     if failed > 0 {
-        let first = first_error.lock().unwrap().clone().unwrap_or_default();
-        bail!("{failed} of {} requests failed during the load; the first: {first}", range.len());
+        eprintln!("{failed} requests failed and were sent again; the first failure: {first}");
     }
-    Ok(())
+    Ok(failed)
 }
 
 async fn wait_serving(layout: &Layout, i: usize, timeout: Duration) -> Result<()> {
