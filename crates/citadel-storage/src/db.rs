@@ -3,7 +3,7 @@
 //! out once at open.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use redb::{ReadableDatabase, TableDefinition};
 
@@ -27,6 +27,19 @@ pub struct Db {
 }
 
 impl Db {
+    /// Opens (or creates) the redb file: 0600, never through a symbolic link.
+    pub(crate) fn open(path: &Path) -> Result<Db, StorageOpenError> {
+        let io = |e: String| StorageOpenError::Io(path.to_path_buf(), e);
+        let file = crate::files::open_private(
+            path,
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false),
+        )
+        .map_err(StorageOpenError::Files)?;
+        let backend = redb::backends::FileBackend::new(file).map_err(|e| io(e.to_string()))?;
+        let db = redb::Builder::new().create_with_backend(backend).map_err(|e| io(e.to_string()))?;
+        Ok(Db { db, path: path.to_path_buf() })
+    }
+
     pub(crate) fn err(&self, e: impl std::fmt::Display) -> io::Error {
         io::Error::other(format!("{}: {e}", self.path.display()))
     }
@@ -95,7 +108,7 @@ mod tests {
     fn an_older_readable_format_is_marked_current_and_an_unknown_one_is_refused_with_the_file_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(crate::DB_FILE);
-        let db = Db { db: crate::open_db(&path).unwrap(), path: path.clone() };
+        let db = Db::open(&path).unwrap();
         let current = citadel_core::command::FORMAT_VERSION;
         db.write_meta(KEY_IDENTITY, &Identity { node_id: 1, format: citadel_core::command::OLDEST_READABLE_FORMAT })
             .unwrap();

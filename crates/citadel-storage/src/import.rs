@@ -111,7 +111,7 @@ mod tests {
     /// A data directory as format 2 left it: entries 4..=9 after a purge at 3, committed at 8.
     fn format_2_directory(dir: &Path) {
         let path = dir.join(crate::DB_FILE);
-        let db = Db { db: crate::open_db(&path).unwrap(), path };
+        let db = Db::open(&path).unwrap();
         db.write_meta(KEY_VOTE, &StoredVote { term: 2, node: 1, committed: true }).unwrap();
         db.write_meta(KEY_PURGED, &StoredLogId { term: 1, leader: 1, index: 3 }).unwrap();
         db.write_meta(KEY_COMMITTED, &StoredLogId { term: 2, leader: 1, index: 8 }).unwrap();
@@ -146,7 +146,7 @@ mod tests {
 
         // The old tables are gone: a second open imports nothing and finds the same log.
         let path = dir.path().join(crate::DB_FILE);
-        let db = Db { db: crate::open_db(&path).unwrap(), path };
+        let db = Db::open(&path).unwrap();
         assert!(read_old_log(&db).unwrap().is_none());
         drop(db);
         let (mut log, _sm) = crate::open(dir.path(), 1).unwrap();

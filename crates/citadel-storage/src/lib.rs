@@ -34,24 +34,12 @@ pub fn open(data_dir: &Path, node_id: u64) -> Result<(LogStore, StateMachine), S
             "tightened the modes of files and directories an older version left readable by others (now 0600/0700)"
         );
     }
-    let path = data_dir.join(DB_FILE);
-    let db = open_db(&path)?;
-    let db = db::Db { db, path: path.clone() };
+    let db = db::Db::open(&data_dir.join(DB_FILE))?;
     db::check_identity(&db, node_id)?;
     import::import_old_log(&db, data_dir, node_id)?;
     let log = LogStore::open(&data_dir.join(LOG_DIR), node_id)?;
     let sm = StateMachine::open(&db, data_dir)?;
     Ok((log, sm))
-}
-
-/// Opens the redb file itself (0600, never through a symbolic link) and hands it to redb.
-fn open_db(path: &Path) -> Result<redb::Database, StorageOpenError> {
-    let io = |e: String| StorageOpenError::Io(path.to_path_buf(), e);
-    let file =
-        files::open_private(path, std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false))
-            .map_err(StorageOpenError::Files)?;
-    let backend = redb::backends::FileBackend::new(file).map_err(|e| io(e.to_string()))?;
-    redb::Builder::new().create_with_backend(backend).map_err(|e| io(e.to_string()))
 }
 
 #[derive(Debug)]

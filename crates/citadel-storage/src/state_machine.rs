@@ -273,7 +273,7 @@ mod tests {
     fn a_snapshot_kept_in_raft_redb_moves_to_its_file_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(crate::DB_FILE);
-        let db = Db { db: crate::open_db(&path).unwrap(), path };
+        let db = Db::open(&path).unwrap();
         let last = StoredLogId { term: 1, leader: 1, index: 7 };
         let membership = StoredMembershipState {
             log_id: None,

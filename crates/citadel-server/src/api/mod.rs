@@ -350,7 +350,7 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
             crate::node::REQUEST.scope(context, serve(app, req, route, caller, &keys)).await
         }
     };
-    match event_in_log(app, carrier.as_deref(), &req.id) {
+    match event_place(app, carrier.as_deref(), &req.id) {
         EventPlace::Log => app.metrics.observe_audit_event(),
         place => {
             let mut event = with_outcome(event, &result);
@@ -571,7 +571,7 @@ enum EventPlace {
 /// Whether the request's event is already in the replicated log: committed inside its write's
 /// entry, or (a proposal whose answer was lost) found among the log chain's latest events on
 /// this replica. Otherwise the dispatcher writes it to the spool (fail closed).
-fn event_in_log(app: &Node, carrier: Option<&AuditCarrier>, request_id: &str) -> EventPlace {
+fn event_place(app: &Node, carrier: Option<&AuditCarrier>, request_id: &str) -> EventPlace {
     match carrier.map(AuditCarrier::disposition) {
         Some(Disposition::InLog) => EventPlace::Log,
         Some(Disposition::Spool { maybe_in_log: true }) => {
