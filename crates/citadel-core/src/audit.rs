@@ -15,7 +15,7 @@
 //! replica builds the same bytes. Their body says `"chain": "log"`, keeps the accepting node in
 //! `node`, and takes its `seq` from the log chain, never from the node's spool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -234,19 +234,50 @@ pub enum ChainError {
     NotInLogChain { seq: u64 },
 }
 
+/// Where a chain stands after the events a node's audit store already holds: the last one's
+/// sequence and hash. The events themselves live on disk, not in the replicated state in
+/// memory (§9.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainTip {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Default for ChainTip {
+    fn default() -> Self {
+        ChainTip { seq: 0, hash: GENESIS.to_string() }
+    }
+}
+
+impl ChainTip {
+    fn of(event: &AuditEvent) -> ChainTip {
+        ChainTip { seq: event.body().seq, hash: event.hash.clone() }
+    }
+
+    pub fn is_genesis(&self) -> bool {
+        self.seq == 0
+    }
+}
+
 /// One node's chain as replicated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeChain {
+    /// Events applied but not yet handed to the audit store ([`AuditLog::take_unstored`]). In a
+    /// snapshot's full form (and in every snapshot of format 4 and older), the whole chain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<AuditEvent>,
+    /// The last event handed to the audit store.
+    #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
+    pub stored: ChainTip,
 }
 
 impl NodeChain {
     pub fn last_seq(&self) -> u64 {
-        self.events.last().map_or(0, |e| e.body().seq)
+        self.events.last().map_or(self.stored.seq, |e| e.body().seq)
     }
 
     pub fn last_hash(&self) -> &str {
-        self.events.last().map_or(GENESIS, |e| e.hash.as_str())
+        self.events.last().map_or(self.stored.hash.as_str(), |e| e.hash.as_str())
     }
 
     /// Appends `event` if it is the next link; returns `Ok(false)` for an already-held sequence.
@@ -267,6 +298,85 @@ impl NodeChain {
     }
 }
 
+/// Which chain an event belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Chain {
+    /// A node's spool chain, shipped.
+    Node(NodeId),
+    /// The cluster's log chain.
+    Log,
+}
+
+impl Chain {
+    pub fn of(event: &AuditEvent) -> Chain {
+        if event.body().chain == LOG_CHAIN {
+            Chain::Log
+        } else {
+            Chain::Node(event.body().node)
+        }
+    }
+}
+
+impl std::fmt::Display for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chain::Node(node) => write!(f, "node {node}'s chain"),
+            Chain::Log => f.write_str("the log chain"),
+        }
+    }
+}
+
+/// Checks one chain an event at a time, in order from its first event: a store verifies a
+/// chain of any length without holding it in memory.
+pub struct ChainVerifier {
+    chain: Chain,
+    last: ChainTip,
+}
+
+impl ChainVerifier {
+    pub fn new(chain: Chain) -> ChainVerifier {
+        ChainVerifier { chain, last: ChainTip::default() }
+    }
+
+    /// Checks that `event` is the next one of the chain: its sequence, its link, its hash.
+    pub fn check(&mut self, event: &AuditEvent) -> Result<(), ChainError> {
+        let expected = self.last.seq + 1;
+        let seq = event.body().seq;
+        match self.chain {
+            Chain::Node(node) => {
+                if event.body().node != node {
+                    return Err(ChainError::WrongNode { node, found: event.body().node });
+                }
+                if seq != expected {
+                    return Err(ChainError::Gap { node, expected, found: seq });
+                }
+                check_link(&self.last.hash, event)?;
+            }
+            Chain::Log => {
+                if seq != expected {
+                    return Err(ChainError::LogGap { expected, found: seq });
+                }
+                if event.body().chain != LOG_CHAIN {
+                    return Err(ChainError::NotInLogChain { seq });
+                }
+                if event.prev_hash != self.last.hash {
+                    return Err(ChainError::LogBrokenLink { seq });
+                }
+                if chain_hash(&self.last.hash, event.raw.as_bytes()) != event.hash {
+                    return Err(ChainError::LogTampered { seq });
+                }
+            }
+        }
+        self.last = ChainTip::of(event);
+        Ok(())
+    }
+
+    /// The last event checked (genesis before the first).
+    pub fn last(&self) -> &ChainTip {
+        &self.last
+    }
+}
+
 fn check_link(prev_hash: &str, event: &AuditEvent) -> Result<(), ChainError> {
     let (node, seq) = (event.body().node, event.body().seq);
     if event.prev_hash != prev_hash {
@@ -280,19 +390,8 @@ fn check_link(prev_hash: &str, event: &AuditEvent) -> Result<(), ChainError> {
 
 /// Verifies a sequence of events from one node, starting at sequence 1.
 pub fn verify_chain(node: NodeId, events: &[AuditEvent]) -> Result<(), ChainError> {
-    let mut prev = GENESIS.to_string();
-    for (i, event) in events.iter().enumerate() {
-        if event.body().node != node {
-            return Err(ChainError::WrongNode { node, found: event.body().node });
-        }
-        let expected = i as u64 + 1;
-        if event.body().seq != expected {
-            return Err(ChainError::Gap { node, expected, found: event.body().seq });
-        }
-        check_link(&prev, event)?;
-        prev = event.hash.clone();
-    }
-    Ok(())
+    let mut verifier = ChainVerifier::new(Chain::Node(node));
+    events.iter().try_for_each(|e| verifier.check(e))
 }
 
 /// The cluster's log chain: the events that rode inside their write's Raft entry, numbered and
@@ -301,26 +400,37 @@ pub fn verify_chain(node: NodeId, events: &[AuditEvent]) -> Result<(), ChainErro
 /// propose time, which a follower cannot know before the leader orders its entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogChain {
+    /// As [`NodeChain::events`]: not yet in the audit store, or, in a full snapshot, all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<AuditEvent>,
+    #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
+    pub stored: ChainTip,
+    /// The request ids of the latest stored events (at most [`REQUEST_ID_WINDOW`], oldest
+    /// first), so a retried proposal is still recognised once its event has left memory.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub recent_requests: VecDeque<String>,
 }
 
 impl LogChain {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.events.is_empty() && self.stored.is_genesis()
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.events.last().map_or(0, |e| e.body().seq)
+        self.events.last().map_or(self.stored.seq, |e| e.body().seq)
     }
 
     pub fn last_hash(&self) -> &str {
-        self.events.last().map_or(GENESIS, |e| e.hash.as_str())
+        self.events.last().map_or(self.stored.hash.as_str(), |e| e.hash.as_str())
     }
 
-    /// Whether one of the latest [`REQUEST_ID_WINDOW`] events belongs to `request_id`.
+    /// Whether one of the latest [`REQUEST_ID_WINDOW`] events belongs to `request_id`. The
+    /// answer does not depend on when events were handed to the store: the window runs over
+    /// the events in memory, newest first, then the stored ones' ids.
     pub fn holds_recent_request(&self, request_id: &str) -> bool {
-        !request_id.is_empty()
-            && self.events.iter().rev().take(REQUEST_ID_WINDOW).any(|e| e.body().request_id == request_id)
+        let in_memory = self.events.iter().rev().map(|e| e.body().request_id.as_str());
+        let stored = self.recent_requests.iter().rev().map(String::as_str);
+        !request_id.is_empty() && in_memory.chain(stored).take(REQUEST_ID_WINDOW).any(|id| id == request_id)
     }
 
     /// Numbers `body` as the next event of the log chain, links it and appends it; returns
@@ -337,26 +447,11 @@ impl LogChain {
         true
     }
 
-    /// Verifies the whole chain from sequence 1, hashing the stored bytes.
+    /// Verifies the events in memory as the whole chain from sequence 1, hashing the stored
+    /// bytes (a full snapshot's chain; the audit store verifies its own).
     pub fn verify(&self) -> Result<(), ChainError> {
-        let mut prev = GENESIS;
-        for (i, event) in self.events.iter().enumerate() {
-            let (expected, seq) = (i as u64 + 1, event.body().seq);
-            if seq != expected {
-                return Err(ChainError::LogGap { expected, found: seq });
-            }
-            if event.body().chain != LOG_CHAIN {
-                return Err(ChainError::NotInLogChain { seq });
-            }
-            if event.prev_hash != prev {
-                return Err(ChainError::LogBrokenLink { seq });
-            }
-            if chain_hash(prev, event.raw.as_bytes()) != event.hash {
-                return Err(ChainError::LogTampered { seq });
-            }
-            prev = &event.hash;
-        }
-        Ok(())
+        let mut verifier = ChainVerifier::new(Chain::Log);
+        self.events.iter().try_for_each(|e| verifier.check(e))
     }
 }
 
@@ -414,9 +509,40 @@ impl AuditLog {
         Ok(total + self.log.events.len())
     }
 
-    /// Every event, the nodes' chains first, then the log chain.
+    /// Every event in memory, the nodes' chains first, then the log chain.
     pub fn events(&self) -> impl Iterator<Item = &AuditEvent> {
         self.chains.values().flat_map(|c| c.events.iter()).chain(self.log.events.iter())
+    }
+
+    /// Hands over the events applied since the last call, for the audit store, leaving each
+    /// chain's tip in memory. Where the events are (memory or store) changes no decision
+    /// `apply` makes, so replicas that hand them over at different times stay identical in
+    /// everything they answer.
+    pub fn take_unstored(&mut self) -> Vec<AuditEvent> {
+        let mut taken = Vec::new();
+        for chain in self.chains.values_mut() {
+            if let Some(last) = chain.events.last() {
+                chain.stored = ChainTip::of(last);
+            }
+            taken.append(&mut chain.events);
+        }
+        let log = &mut self.log;
+        if let Some(last) = log.events.last() {
+            log.stored = ChainTip::of(last);
+        }
+        for event in &log.events {
+            log.recent_requests.push_back(event.body().request_id.clone());
+        }
+        let excess = log.recent_requests.len().saturating_sub(REQUEST_ID_WINDOW);
+        log.recent_requests.drain(..excess);
+        taken.append(&mut log.events);
+        taken
+    }
+
+    /// Every chain's tip: the stored one when nothing waits in memory.
+    pub fn tips(&self) -> impl Iterator<Item = (Chain, u64)> + '_ {
+        let nodes = self.chains.iter().map(|(node, c)| (Chain::Node(*node), c.last_seq()));
+        nodes.chain(std::iter::once((Chain::Log, self.log.last_seq())))
     }
 }
 
@@ -493,6 +619,62 @@ mod tests {
         assert_eq!(log.ship(events.clone()), Ok(3));
         assert_eq!(log.ship(events), Ok(0), "a re-shipped batch is skipped");
         assert_eq!(log.verify(), Ok(3));
+    }
+
+    fn log_body(request_id: String) -> AuditBody {
+        AuditBody { node: 1, time: 5, request_id, ..AuditBody::default() }
+    }
+
+    #[test]
+    fn events_handed_to_the_store_leave_tips_that_the_next_event_links_to() {
+        let mut log = AuditLog::default();
+        assert_eq!(log.ship(chain(3, 2)), Ok(2));
+        assert!(log.log.record(log_body("a".into())));
+        let mut stored = log.take_unstored();
+        assert_eq!(stored.len(), 3);
+        assert!(log.events().next().is_none(), "nothing left in memory");
+        assert_eq!((log.chains[&3].last_seq(), log.log.last_seq()), (2, 1));
+        assert_eq!(log.ship(chain(3, 3)), Ok(1), "shipping resumes after the stored tip");
+        assert!(log.log.record(log_body("b".into())));
+        stored.extend(log.take_unstored());
+        let mut node_chain = ChainVerifier::new(Chain::Node(3));
+        let mut log_chain = ChainVerifier::new(Chain::Log);
+        for event in &stored {
+            let verifier = if Chain::of(event) == Chain::Log { &mut log_chain } else { &mut node_chain };
+            assert_eq!(verifier.check(event), Ok(()), "{event:?}");
+        }
+        assert_eq!((node_chain.last().seq, log_chain.last().seq), (3, 2));
+        assert_eq!(log.chains[&3].last_hash(), node_chain.last().hash);
+    }
+
+    #[test]
+    fn whether_a_request_is_recent_does_not_depend_on_when_events_were_stored() {
+        let (mut kept, mut stored) = (AuditLog::default(), AuditLog::default());
+        let n = REQUEST_ID_WINDOW + 10;
+        for i in 0..n {
+            assert!(kept.log.record(log_body(format!("r{i}"))));
+            assert!(stored.log.record(log_body(format!("r{i}"))));
+            if i % 7 == 0 {
+                stored.take_unstored();
+            }
+        }
+        assert!(stored.log.recent_requests.len() <= REQUEST_ID_WINDOW);
+        for i in [0, 9, 10, 11, n - 1] {
+            let id = format!("r{i}");
+            assert_eq!(kept.log.holds_recent_request(&id), stored.log.holds_recent_request(&id), "{id}");
+        }
+        assert!(!stored.log.holds_recent_request("r9") && stored.log.holds_recent_request("r10"));
+        assert!(!stored.log.record(log_body(format!("r{}", n - 1))), "a recent retry is still recognised");
+    }
+
+    #[test]
+    fn a_format_4_chain_holding_its_events_reads_as_events_not_yet_stored() {
+        let events = chain(2, 3);
+        let old = serde_json::json!({ "chains": { "2": { "events": events } } });
+        let mut log: AuditLog = serde_json::from_value(old).unwrap();
+        assert_eq!(log.verify(), Ok(3));
+        assert_eq!(log.take_unstored(), events);
+        assert_eq!(log.chains[&2].stored, ChainTip { seq: 3, hash: events[2].hash.clone() });
     }
 
     #[test]

@@ -17,10 +17,13 @@ use crate::UnixMillis;
 ///    find no vote and no log in `raft.redb` and start as an empty node.
 /// 4: log entries may hold `Command::Audited` (a write's audit event inside its entry) and the
 ///    state the log chain (`audit::LogChain`); a build of format 3 cannot decode either.
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: the audit events live in the node's audit store, not in the state: `snapshot.bin` keeps
+///    each chain's tip (`audit::ChainTip`); a build of format 4 would read its chains as empty.
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
 /// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify); formats
-/// 2 and 3 are format 4 without the new variant and field, which decode as absent.
+/// 2 and 3 are format 4 without the new variant and field, which decode as absent; a format 4
+/// snapshot holds its audit events, which move to the audit store when it is read.
 pub const OLDEST_READABLE_FORMAT: u32 = 1;
 
 /// Whether this build reads data written in `format`.

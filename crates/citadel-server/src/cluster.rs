@@ -15,7 +15,7 @@ use axum::extract::{Extension, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use citadel_storage::types::{Raft, Snapshot, SnapshotMeta, Vote};
-use citadel_storage::{NodeInfo, TypeConfig};
+use citadel_storage::{NodeInfo, StateReader, TypeConfig};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
@@ -50,16 +50,20 @@ type Wire<T> = Result<T, String>;
 #[derive(Clone)]
 pub struct ClusterNetwork {
     http: reqwest::Client,
+    /// Expands a snapshot to its full form (with the audit events) before it is sent.
+    state: StateReader,
 }
 
 /// Version of the node-to-node protocol. Nodes refuse to form a cluster across versions.
 /// 2: audit events travel with their body's stored bytes (storage format 2).
 /// 3: forwarded proposals and log entries may be `Command::Audited` (a write's audit event in
 ///    its own entry, storage format 4), which a node of version 2 cannot decode.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: a snapshot sent to a follower is storage format 5 (the audit events read back from the
+///    sender's audit store), which a node of version 3 refuses to install.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 impl ClusterNetwork {
-    pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>) -> Result<ClusterNetwork> {
+    pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(crate::tls::root_store(&config.tls.ca)?)
@@ -81,7 +85,7 @@ impl ClusterNetwork {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        Ok(ClusterNetwork { http })
+        Ok(ClusterNetwork { http, state })
     }
 
     /// A client for Citadel's own cluster calls (join, forwarded proposals, read index).
@@ -161,13 +165,14 @@ impl PeerClient {
 pub struct PeerConnection {
     peers: PeerClient,
     cluster_addr: String,
+    state: StateReader,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, _target: u64, node: &NodeInfo) -> PeerConnection {
-        PeerConnection { peers: self.peers(), cluster_addr: node.cluster_addr.clone() }
+        PeerConnection { peers: self.peers(), cluster_addr: node.cluster_addr.clone(), state: self.state.clone() }
     }
 }
 
@@ -229,7 +234,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         _cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let transfer = SnapshotTransfer { vote, meta: snapshot.meta, data: snapshot.snapshot };
+        // openraft hands over the local form; a follower needs the audit events too.
+        let state = self.state.clone();
+        let data = tokio::task::spawn_blocking(move || state.full_snapshot(&snapshot.snapshot))
+            .await
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let transfer = SnapshotTransfer { vote, meta: snapshot.meta, data };
         self.call("snapshot", &transfer, option.hard_ttl().max(SNAPSHOT_RPC_LIMIT)).await.map_err(|e| match e {
             RPCError::Unreachable(u) => StreamingError::Unreachable(u),
             RPCError::Network(n) => StreamingError::Network(n),

@@ -64,7 +64,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     .validate()
     .context("invalid [raft] settings")?;
-    let network = ClusterNetwork::new(&config, node_cert.clone())?;
+    let network = ClusterNetwork::new(&config, node_cert.clone(), state.clone())?;
     let raft =
         Raft::new(config.node_id, Arc::new(raft_config), network.clone(), log, sm).await.context("starting raft")?;
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;

@@ -1,4 +1,4 @@
-//! The node's redb database: its identity. The Raft log ([`crate::log_store`]) and the snapshot
+//! The node's redb database: its identity and the audit log ([`crate::audit_store`]). The Raft log ([`crate::log_store`]) and the snapshot
 //! ([`crate::snapshot_file`]) live in files of their own; what older formats kept here is moved
 //! out once at open.
 
@@ -15,6 +15,9 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const KEY_IDENTITY: &str = "identity";
+/// redb's page cache. Its default (1 GiB) would let the audit store's reads grow a node's
+/// memory far past its working set; the state a node serves from is small.
+const CACHE_BYTES: usize = 64 << 20;
 // Format 2's Raft state, moved out by [`crate::import`].
 pub(crate) const KEY_VOTE: &str = "vote";
 pub(crate) const KEY_COMMITTED: &str = "committed";
@@ -36,7 +39,10 @@ impl Db {
         )
         .map_err(StorageOpenError::Files)?;
         let backend = redb::backends::FileBackend::new(file).map_err(|e| io(e.to_string()))?;
-        let db = redb::Builder::new().create_with_backend(backend).map_err(|e| io(e.to_string()))?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create_with_backend(backend)
+            .map_err(|e| io(e.to_string()))?;
         Ok(Db { db, path: path.to_path_buf() })
     }
 

@@ -5,6 +5,7 @@
 //! an openraft upgrade cannot silently change the disk format; every record carries a checksum
 //! that is verified before the record is trusted.
 
+pub mod audit_store;
 pub mod codec;
 pub(crate) mod db;
 pub mod files;
@@ -14,13 +15,14 @@ pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
 
+pub use audit_store::{AuditQuery, AuditStore, ChainReport};
 pub use log_store::{LogFailure, LogStore, LOG_DIR};
 pub use state_machine::{StateMachine, StateReader};
 pub use types::{NodeInfo, TypeConfig};
 
 use std::path::{Path, PathBuf};
 
-/// File name of the redb database inside a node's data directory (identity, state machine).
+/// File name of the redb database inside a node's data directory (identity, audit log).
 pub const DB_FILE: &str = "raft.redb";
 
 /// Opens (or creates) a node's storage, refusing data that belongs to another node or fails
@@ -38,7 +40,7 @@ pub fn open(data_dir: &Path, node_id: u64) -> Result<(LogStore, StateMachine), S
     db::check_identity(&db, node_id)?;
     import::import_old_log(&db, data_dir, node_id)?;
     let log = LogStore::open(&data_dir.join(LOG_DIR), node_id)?;
-    let sm = StateMachine::open(&db, data_dir)?;
+    let sm = StateMachine::open(std::sync::Arc::new(db), data_dir)?;
     Ok((log, sm))
 }
 

@@ -1,13 +1,23 @@
-//! The state machine: `citadel_core::state::State` in memory, snapshotted to a file.
+//! The state machine: `citadel_core::state::State` in memory, snapshotted to a file, and the
+//! audit log on disk ([`AuditStore`]).
 //!
-//! The state is small (secrets are kilobytes), so it lives in memory and is rebuilt at start from
-//! the latest snapshot plus the committed log after it. Readers take a shared lock; `apply` takes
-//! the write lock for the duration of one batch.
+//! The state without its audit events is small (secrets are kilobytes), so it lives in memory
+//! and is rebuilt at start from the latest snapshot plus the committed log after it. The audit
+//! events, which grow with every request, go to the audit store after every batch. Readers take
+//! a shared lock; `apply` takes the write lock for the duration of one batch, including its
+//! store commit, so a reader never sees a state whose events are not yet queryable.
+//!
+//! A snapshot has two forms. The *local* form (`snapshot.bin`, what openraft builds and reads
+//! at start) holds each audit chain's tip only. The *full* form, sent to a follower and saved by
+//! an operator, holds every event as well ([`StateReader::full_snapshot`]); installing it puts
+//! the events back in the store.
 
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
+use citadel_core::audit::{Chain, ChainTip};
 use citadel_core::command::Response;
 use citadel_core::state::State;
 use futures::{Stream, TryStreamExt};
@@ -15,6 +25,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
+use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredMembershipState, StoredSnapshot};
 use crate::db::Db;
 use crate::snapshot_file::SnapshotFile;
@@ -30,11 +41,19 @@ struct Applied {
     membership: StoredMembership,
 }
 
+/// How long the audit store's commits may go without an fsync (each is replayable from the
+/// log; the fsync lets redb reuse the pages they freed).
+const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The first storage format whose snapshots leave the audit events in the audit store.
+const AUDIT_STORE_FORMAT: u32 = 5;
+
 /// A cheap, cloneable read handle on the applied state, for the layers above.
 #[derive(Clone)]
 pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
+    audit: AuditStore,
 }
 
 impl StateReader {
@@ -56,40 +75,104 @@ impl StateReader {
     fn lock(&self) -> RwLockReadGuard<'_, Applied> {
         self.inner.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// The audit log on disk, for queries and verification.
+    pub fn audit(&self) -> &AuditStore {
+        &self.audit
+    }
+
+    /// A local snapshot (`snapshot.bin`'s form) in its full form: every audit event up to each
+    /// chain's tip, read from the store. Blocking: the store is read from disk.
+    pub fn full_snapshot(&self, local: &[u8]) -> io::Result<Vec<u8>> {
+        let mut stored: StoredSnapshot = codec::decode(local, "local snapshot")?;
+        let audit = &mut stored.state.audit;
+        let tips: Vec<_> = audit.tips().collect();
+        for (chain, up_to) in tips.into_iter().filter(|&(_, up_to)| up_to > 0) {
+            let events = self.audit.chain_events(chain, up_to)?;
+            let tip = match chain {
+                Chain::Log => &mut audit.log.stored,
+                Chain::Node(node) => &mut audit.chains.entry(node).or_default().stored,
+            };
+            let covered =
+                events.len() as u64 == up_to && (tip.is_genesis() || events.last().is_some_and(|e| e.hash == tip.hash));
+            if !covered {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the audit store holds {} of the {up_to} events of {chain} the snapshot covers",
+                        events.len()
+                    ),
+                ));
+            }
+            *tip = ChainTip::default();
+            match chain {
+                Chain::Log => audit.log.events = events,
+                Chain::Node(node) => audit.chains.entry(node).or_default().events = events,
+            }
+        }
+        // The window is rebuilt from the events by whoever installs this form.
+        audit.log.recent_requests.clear();
+        Ok(codec::encode(&stored))
+    }
 }
 
 pub struct StateMachine {
     inner: Arc<RwLock<Applied>>,
     snapshots: Arc<SnapshotFile>,
     applied_tx: Arc<watch::Sender<u64>>,
+    audit: AuditStore,
+    last_sync: Instant,
 }
 
 impl StateMachine {
-    pub(crate) fn open(db: &Db, data_dir: &Path) -> Result<StateMachine, StorageOpenError> {
+    pub(crate) fn open(db: Arc<Db>, data_dir: &Path) -> Result<StateMachine, StorageOpenError> {
         let snapshots = SnapshotFile::in_dir(data_dir);
         let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
         let record = match snapshots.read::<StoredSnapshotRecord>().map_err(corrupt)? {
             Some(record) => Some(record),
-            None => move_snapshot_out_of(db, &snapshots)?,
+            None => move_snapshot_out_of(&db, &snapshots)?,
         };
-        let applied = match record {
+        let mut format = citadel_core::command::FORMAT_VERSION;
+        let mut applied = match record {
             Some(record) => {
                 let what = format!("{} (its state)", snapshots.path().display());
                 let snap: StoredSnapshot = codec::decode(&record.data, &what).map_err(corrupt)?;
+                format = snap.format;
                 restore(snap).map_err(corrupt)?
             }
             None => Applied { state: State::default(), last_applied: None, membership: StoredMembership::default() },
         };
         let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+        let audit = AuditStore::new(db.clone());
+        let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
+        // A snapshot of format 4 or older holds its audit events: they move to the store once.
+        let events = applied.state.audit.take_unstored();
+        if !events.is_empty() || format < AUDIT_STORE_FORMAT {
+            let stored = audit.applied().map_err(db_err)?;
+            audit.store(&events, stored.max(index), true, false).map_err(db_err)?;
+            tracing::info!(events = events.len(), "moved the audit log out of the snapshot into the audit store");
+        }
+        // Every snapshot is written after the store was synced up to it: a store behind the
+        // snapshot has lost events the log no longer holds.
+        let stored = audit.applied().map_err(db_err)?;
+        if stored < index {
+            return Err(db_err(io::Error::other(format!(
+                "its audit store covers the log up to entry {stored}, but {} starts at entry {index}: \
+                 audit events between them are lost",
+                snapshots.path().display()
+            ))));
+        }
         Ok(StateMachine {
             inner: Arc::new(RwLock::new(applied)),
             snapshots: Arc::new(snapshots),
             applied_tx: Arc::new(watch::channel(index).0),
+            audit,
+            last_sync: Instant::now(),
         })
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { inner: self.inner.clone(), applied_index: self.applied_tx.subscribe() }
+        StateReader { inner: self.inner.clone(), applied_index: self.applied_tx.subscribe(), audit: self.audit.clone() }
     }
 
     fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -166,7 +249,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (stored, meta)
         };
         let snapshots = self.snapshots.clone();
+        let audit = self.audit.clone();
         let data = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            // The log may be purged up to this snapshot once it is written: first make the audit
+            // events it covers durable (apply stored them before the copy above was taken).
+            audit.sync()?;
             let record = StoredSnapshotRecord {
                 last_log_id: stored.last_applied,
                 membership: stored.membership.clone(),
@@ -194,36 +281,53 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        // Collected first: the lock is not held across an await.
+        let mut batch = Vec::new();
+        while let Some(item) = entries.try_next().await? {
+            batch.push(item);
+        }
         let mut last_index = None;
-        while let Some((entry, responder)) = entries.try_next().await? {
-            let response = {
-                let mut applied = self.write_lock();
-                if let Some(prev) = &applied.last_applied {
-                    assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
+        let mut answers = Vec::with_capacity(batch.len());
+        let inner = self.inner.clone();
+        let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (entry, responder) in batch {
+            if let Some(prev) = &applied.last_applied {
+                assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
+            }
+            applied.last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::Done,
+                EntryPayload::Normal(command) => {
+                    // The entry's leader id (term and node) is replicated with it: a leader
+                    // job's result is checked against it (§1.6), alike on every replica.
+                    let position = citadel_core::job::LogPosition {
+                        term: entry.log_id.leader_id.term,
+                        leader: entry.log_id.leader_id.node_id,
+                        index: entry.log_id.index,
+                    };
+                    applied.state.apply_entry(position, command)
                 }
-                applied.last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => Response::Done,
-                    EntryPayload::Normal(command) => {
-                        // The entry's leader id (term and node) is replicated with it: a leader
-                        // job's result is checked against it (§1.6), alike on every replica.
-                        let position = citadel_core::job::LogPosition {
-                            term: entry.log_id.leader_id.term,
-                            leader: entry.log_id.leader_id.node_id,
-                            index: entry.log_id.index,
-                        };
-                        applied.state.apply_entry(position, command)
-                    }
-                    EntryPayload::Membership(m) => {
-                        applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                        Response::Done
-                    }
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response::Done
                 }
             };
             last_index = Some(entry.log_id.index);
-            if let Some(responder) = responder {
-                responder.send(response);
+            answers.extend(responder.map(|r| (r, response)));
+        }
+        if let Some(index) = last_index {
+            // Under the lock: no reader sees this batch before its events are queryable, and no
+            // snapshot copies the state between the two.
+            let events = applied.state.audit.take_unstored();
+            let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
+            self.audit.store(&events, index, durable, false)?;
+            if durable {
+                self.last_sync = Instant::now();
             }
+        }
+        drop(applied);
+        for (responder, response) in answers {
+            responder.send(response);
         }
         if let Some(index) = last_index {
             self.applied_tx.send_replace(index);
@@ -236,20 +340,37 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner: self.inner.clone(),
             snapshots: self.snapshots.clone(),
             applied_tx: self.applied_tx.clone(),
+            audit: self.audit.clone(),
+            last_sync: self.last_sync,
         }
     }
 
+    /// Installs a snapshot in its full form (sent by a leader): its audit events replace the
+    /// store's, durably, before the local form replaces `snapshot.bin`.
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
-        let restored = restore(stored)?;
+        drop(snapshot);
+        let mut restored = restore(stored)?;
+        let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
+        let events = restored.state.audit.take_unstored();
+        let local = StoredSnapshot {
+            format: citadel_core::command::FORMAT_VERSION,
+            last_applied: restored.last_applied.as_ref().map(Into::into),
+            membership: (&restored.membership).into(),
+            state: restored.state.clone(),
+        };
         let record = StoredSnapshotRecord {
             last_log_id: meta.last_log_id.as_ref().map(Into::into),
             membership: (&meta.last_membership).into(),
-            data: snapshot,
+            data: codec::encode(&local),
         };
-        let snapshots = self.snapshots.clone();
-        tokio::task::spawn_blocking(move || snapshots.write(&record)).await.map_err(io::Error::other)??;
-        let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
+        let (snapshots, audit) = (self.snapshots.clone(), self.audit.clone());
+        tokio::task::spawn_blocking(move || {
+            audit.store(&events, index, true, true)?;
+            snapshots.write(&record)
+        })
+        .await
+        .map_err(io::Error::other)??;
         *self.write_lock() = restored;
         self.applied_tx.send_replace(index);
         Ok(())
@@ -269,6 +390,66 @@ mod tests {
     use super::*;
     use crate::codec::{StoredLogId, StoredMembershipConfig};
 
+    fn membership() -> StoredMembershipState {
+        StoredMembershipState {
+            log_id: None,
+            config: StoredMembershipConfig { configs: vec![[1].into()], nodes: [(1, Default::default())].into() },
+        }
+    }
+
+    /// Writes `snapshot.bin` of `format` at index 7 holding `state`.
+    fn write_snapshot(dir: &Path, format: u32, state: State) {
+        let last = StoredLogId { term: 1, leader: 1, index: 7 };
+        let stored = StoredSnapshot { format, last_applied: Some(last), membership: membership(), state };
+        let record =
+            StoredSnapshotRecord { last_log_id: Some(last), membership: membership(), data: codec::encode(&stored) };
+        SnapshotFile::in_dir(dir).write(&record).unwrap();
+    }
+
+    fn spool_events(n: u64) -> Vec<citadel_core::audit::AuditEvent> {
+        let mut prev = citadel_core::audit::GENESIS.to_string();
+        (1..=n)
+            .map(|seq| {
+                let body = citadel_core::audit::AuditBody { node: 1, seq, time: seq, ..Default::default() };
+                let event = citadel_core::audit::AuditEvent::seal(body, &prev);
+                prev = event.hash.clone();
+                event
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_format_4_snapshots_audit_events_move_to_the_store_and_the_full_form_gives_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::default();
+        state.audit.ship(spool_events(3)).unwrap();
+        write_snapshot(dir.path(), 4, state);
+        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
+        let sm = StateMachine::open(db, dir.path()).unwrap();
+        let reader = sm.reader();
+        assert_eq!(reader.read(|s| (s.audit.events().count(), s.audit.chains[&1].last_seq())), (0, 3));
+        let stored = reader.audit().query(&crate::AuditQuery { limit: 10, ..Default::default() }).unwrap();
+        assert_eq!(stored, spool_events(3), "the events are on disk");
+
+        let local = SnapshotFile::in_dir(dir.path()).read::<StoredSnapshotRecord>().unwrap().unwrap().data;
+        let full: StoredSnapshot = codec::decode(&reader.full_snapshot(&local).unwrap(), "full").unwrap();
+        assert_eq!(full.state.audit.chains[&1].events, spool_events(3));
+        assert_eq!(full.state.audit.verify(), Ok(3));
+    }
+
+    #[test]
+    fn an_audit_store_behind_its_snapshot_stops_the_node_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::default();
+        state.audit.ship(spool_events(2)).unwrap();
+        state.audit.take_unstored();
+        write_snapshot(dir.path(), AUDIT_STORE_FORMAT, state);
+        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
+        let err = StateMachine::open(db, dir.path()).err().unwrap().to_string();
+        assert!(err.contains(crate::DB_FILE) && err.contains(crate::snapshot_file::SNAPSHOT_FILE), "{err}");
+        assert!(err.contains("audit events between them are lost"), "{err}");
+    }
+
     #[test]
     fn a_snapshot_kept_in_raft_redb_moves_to_its_file_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -280,7 +461,7 @@ mod tests {
             config: StoredMembershipConfig { configs: vec![[1].into()], nodes: [(1, Default::default())].into() },
         };
         let stored = StoredSnapshot {
-            format: citadel_core::command::FORMAT_VERSION,
+            format: 3,
             last_applied: Some(last),
             membership: membership.clone(),
             state: State::default(),
@@ -288,11 +469,12 @@ mod tests {
         let record = StoredSnapshotRecord { last_log_id: Some(last), membership, data: codec::encode(&stored) };
         db.write_meta(KEY_SNAPSHOT, &record).unwrap();
 
-        let sm = StateMachine::open(&db, dir.path()).unwrap();
+        let db = Arc::new(db);
+        let sm = StateMachine::open(db.clone(), dir.path()).unwrap();
         assert_eq!(sm.reader().applied_index(), 7, "the state comes from the moved snapshot");
         assert!(dir.path().join(crate::snapshot_file::SNAPSHOT_FILE).exists());
         assert!(db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).unwrap().is_none(), "removed from raft.redb");
-        let again = StateMachine::open(&db, dir.path()).unwrap();
+        let again = StateMachine::open(db, dir.path()).unwrap();
         assert_eq!(again.reader().applied_index(), 7);
     }
 }

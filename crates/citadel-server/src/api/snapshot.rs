@@ -167,7 +167,11 @@ pub async fn save(app: &Node, keys: &Unsealed) -> Result<Reply, ApiError> {
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .ok_or_else(|| ApiError::unavailable("no snapshot is available yet; retry"))?;
-    let data = snapshot.snapshot;
+    let state = app.state.clone();
+    let data = tokio::task::spawn_blocking(move || state.full_snapshot(&snapshot.snapshot))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("cannot read the audit log into the snapshot: {e}")))?;
     let stored: StoredSnapshot = codec::decode(&data, "snapshot")
         .map_err(|e| ApiError::internal(format!("the local snapshot is damaged: {e}")))?;
     let last = stored.last_applied.ok_or_else(|| ApiError::unavailable("nothing to snapshot yet"))?;
@@ -306,7 +310,11 @@ pub async fn restore(app: &Node, keys: &Unsealed, req: &ApiRequest, force: bool)
         verify_hmac(&header, &keys.keyring).map_err(|e| ApiError::bad_request(format!("{within}{e}")))?;
     }
     tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "restoring a snapshot");
-    match app.propose(Command::RestoreState { state: Box::new(stored.state) }).await? {
+    // A restore keeps this cluster's audit log (`State::restore`): the file's events would
+    // only make the Raft entry larger.
+    let mut state = stored.state;
+    state.audit = Default::default();
+    match app.propose(Command::RestoreState { state: Box::new(state) }).await? {
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::empty()),
     }

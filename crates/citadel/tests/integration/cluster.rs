@@ -208,7 +208,7 @@ async fn a_sealed_node_still_votes_so_quorum_survives_losing_another() {
 }
 
 #[tokio::test]
-async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot() {
+async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot_with_the_audit_log() {
     let mut cluster = Cluster::start_partial(3, 1, 22400, true, "[raft]\nsnapshot_threshold = 10\n").await;
     let root = cluster.root();
     for n in 0..60 {
@@ -225,6 +225,14 @@ async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot() {
         let r = node.raw("GET", "secret/data/snap/3", None, &[("X-Citadel-Consistency", "stale")]).await.unwrap();
         assert_eq!(r.body["data"]["data"]["n"], json!(59), "node {i} has the data");
         assert!(metric(&node, "citadel_raft_snapshot_index").await > 0, "node {i} installed a snapshot");
+        // The snapshot carried the audit events from the leader's audit store, and the node's
+        // own store answers queries through its path index.
+        let verify = node.get("sys/audit/verify").await.unwrap();
+        assert_eq!(verify["data"]["ok"], json!(true), "node {i}: {verify}");
+        assert!(verify["data"]["log"]["last_seq"].as_u64().unwrap() >= 60, "node {i}: {verify}");
+        let writes = node.get("sys/audit/events?path=secret/data/snap/&limit=1000").await.unwrap();
+        let writes = writes["data"]["events"].as_array().unwrap();
+        assert_eq!(writes.iter().filter(|e| e["chain"] == json!("log")).count(), 60, "node {i}");
     }
     let config = root.get("sys/storage/raft/configuration").await.unwrap();
     assert_eq!(config["data"]["config"]["servers"].as_array().unwrap().len(), 3);
