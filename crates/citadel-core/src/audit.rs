@@ -232,6 +232,19 @@ pub enum ChainError {
     LogTampered { seq: u64 },
     #[error("log chain sequence {seq}: the event is not marked as the log chain's")]
     NotInLogChain { seq: u64 },
+    #[error("cannot prune {chain} through sequence {seq}: it ends at {last}")]
+    PruneBeyondTip { chain: String, seq: u64, last: u64 },
+    #[error("a prune names {chain} twice")]
+    PruneRepeated { chain: String },
+}
+
+/// Retention's cut in one chain: every event up to and including `seq`, whose hash is
+/// `hash`, leaves the audit store for an archive file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrunePoint {
+    pub chain: Chain,
+    pub seq: u64,
+    pub hash: String,
 }
 
 /// Where a chain stands after the events a node's audit store already holds: the last one's
@@ -269,6 +282,10 @@ pub struct NodeChain {
     /// The last event handed to the audit store.
     #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
     pub stored: ChainTip,
+    /// The last event pruned by retention (and archived): the chain's retained events link
+    /// to it.
+    #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
+    pub pruned: ChainTip,
 }
 
 impl NodeChain {
@@ -299,7 +316,7 @@ impl NodeChain {
 }
 
 /// Which chain an event belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Chain {
     /// A node's spool chain, shipped.
     Node(NodeId),
@@ -336,6 +353,11 @@ pub struct ChainVerifier {
 impl ChainVerifier {
     pub fn new(chain: Chain) -> ChainVerifier {
         ChainVerifier { chain, last: ChainTip::default() }
+    }
+
+    /// Starts after `anchor`, the last event retention pruned: the next must link to it.
+    pub fn after(chain: Chain, anchor: ChainTip) -> ChainVerifier {
+        ChainVerifier { chain, last: anchor }
     }
 
     /// Checks that `event` is the next one of the chain: its sequence, its link, its hash.
@@ -394,6 +416,35 @@ pub fn verify_chain(node: NodeId, events: &[AuditEvent]) -> Result<(), ChainErro
     events.iter().try_for_each(|e| verifier.check(e))
 }
 
+/// Checks archive files' events chain by chain (§9.3). Files are read oldest first, and each
+/// chain's events must continue where the file before left them. A chain's first archived
+/// event links to genesis if it is the chain's first; otherwise an older archive held what it
+/// links to, and its link is taken as given.
+#[derive(Default)]
+pub struct ArchiveCheck {
+    chains: BTreeMap<Chain, (u64, ChainVerifier)>,
+}
+
+impl ArchiveCheck {
+    pub fn add(&mut self, event: &AuditEvent) -> Result<(), ChainError> {
+        let chain = Chain::of(event);
+        let (_, verifier) = self.chains.entry(chain).or_insert_with(|| {
+            let seq = event.body().seq;
+            let anchor = match seq {
+                0 | 1 => ChainTip::default(),
+                _ => ChainTip { seq: seq - 1, hash: event.prev_hash.clone() },
+            };
+            (seq, ChainVerifier::after(chain, anchor))
+        });
+        verifier.check(event)
+    }
+
+    /// Each chain archived: its first sequence and its last event.
+    pub fn chains(&self) -> impl Iterator<Item = (Chain, u64, &ChainTip)> {
+        self.chains.iter().map(|(chain, (first, verifier))| (*chain, *first, verifier.last()))
+    }
+}
+
 /// The cluster's log chain: the events that rode inside their write's Raft entry, numbered and
 /// linked by `apply` in log order. One chain for the whole cluster, because only the log orders
 /// entries from every node: a per-node numbering would need each node's last sequence at
@@ -405,6 +456,9 @@ pub struct LogChain {
     pub events: Vec<AuditEvent>,
     #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
     pub stored: ChainTip,
+    /// As [`NodeChain::pruned`].
+    #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
+    pub pruned: ChainTip,
     /// The request ids of the latest stored events (at most [`REQUEST_ID_WINDOW`], oldest
     /// first), so a retried proposal is still recognised once its event has left memory.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
@@ -450,7 +504,7 @@ impl LogChain {
     /// Verifies the events in memory as the whole chain from sequence 1, hashing the stored
     /// bytes (a full snapshot's chain; the audit store verifies its own).
     pub fn verify(&self) -> Result<(), ChainError> {
-        let mut verifier = ChainVerifier::new(Chain::Log);
+        let mut verifier = ChainVerifier::after(Chain::Log, self.pruned.clone());
         self.events.iter().try_for_each(|e| verifier.check(e))
     }
 }
@@ -463,6 +517,9 @@ pub struct AuditLog {
     /// Absent from the encoding while empty, so a state that never held one encodes as before.
     #[serde(default, skip_serializing_if = "LogChain::is_empty")]
     pub log: LogChain,
+    /// Prunes applied but not yet carried out by the audit store ([`AuditLog::take_prunes`]).
+    #[serde(skip)]
+    pub prunes: Vec<PrunePoint>,
 }
 
 impl AuditLog {
@@ -502,7 +559,8 @@ impl AuditLog {
     pub fn verify(&self) -> Result<usize, ChainError> {
         let mut total = 0;
         for (node, chain) in &self.chains {
-            verify_chain(*node, &chain.events)?;
+            let mut verifier = ChainVerifier::after(Chain::Node(*node), chain.pruned.clone());
+            chain.events.iter().try_for_each(|e| verifier.check(e))?;
             total += chain.events.len();
         }
         self.log.verify()?;
@@ -543,6 +601,53 @@ impl AuditLog {
     pub fn tips(&self) -> impl Iterator<Item = (Chain, u64)> + '_ {
         let nodes = self.chains.iter().map(|(node, c)| (Chain::Node(*node), c.last_seq()));
         nodes.chain(std::iter::once((Chain::Log, self.log.last_seq())))
+    }
+
+    /// Every chain's retention anchor (genesis where nothing was pruned).
+    pub fn anchors(&self) -> impl Iterator<Item = (Chain, &ChainTip)> + '_ {
+        let nodes = self.chains.iter().map(|(node, c)| (Chain::Node(*node), &c.pruned));
+        nodes.chain(std::iter::once((Chain::Log, &self.log.pruned)))
+    }
+
+    /// Moves each named chain's retention anchor forward to its point, for the audit store to
+    /// archive and delete the events up to it. All or nothing: a point past its chain's end
+    /// refuses the whole prune. A point at or behind its chain's anchor is skipped (a job's
+    /// retried run). Returns how many chains moved.
+    pub fn prune(&mut self, points: Vec<PrunePoint>) -> Result<usize, ChainError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for point in &points {
+            if !seen.insert(point.chain) {
+                return Err(ChainError::PruneRepeated { chain: point.chain.to_string() });
+            }
+            let last = match point.chain {
+                Chain::Log => self.log.last_seq(),
+                Chain::Node(node) => self.chains.get(&node).map_or(0, NodeChain::last_seq),
+            };
+            if point.seq > last {
+                return Err(ChainError::PruneBeyondTip { chain: point.chain.to_string(), seq: point.seq, last });
+            }
+        }
+        let mut moved = 0;
+        for point in points {
+            let anchor = match point.chain {
+                Chain::Log => &mut self.log.pruned,
+                Chain::Node(node) => match self.chains.get_mut(&node) {
+                    Some(chain) => &mut chain.pruned,
+                    None => continue,
+                },
+            };
+            if point.seq > anchor.seq {
+                *anchor = ChainTip { seq: point.seq, hash: point.hash.clone() };
+                self.prunes.push(point);
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Hands over the prunes applied since the last call, for the audit store.
+    pub fn take_prunes(&mut self) -> Vec<PrunePoint> {
+        std::mem::take(&mut self.prunes)
     }
 }
 
@@ -675,6 +780,49 @@ mod tests {
         assert_eq!(log.verify(), Ok(3));
         assert_eq!(log.take_unstored(), events);
         assert_eq!(log.chains[&2].stored, ChainTip { seq: 3, hash: events[2].hash.clone() });
+    }
+
+    #[test]
+    fn a_prune_moves_anchors_and_refuses_a_point_past_a_chain_end_changing_nothing() {
+        let events = chain(2, 5);
+        let mut log = AuditLog::default();
+        log.ship(events.clone()).unwrap();
+        log.take_unstored();
+        let point = |seq: u64| PrunePoint { chain: Chain::Node(2), seq, hash: events[seq as usize - 1].hash.clone() };
+        let past = PrunePoint { chain: Chain::Node(2), seq: 6, hash: String::new() };
+        let before = log.clone();
+        assert!(matches!(log.prune(vec![past]), Err(ChainError::PruneBeyondTip { seq: 6, last: 5, .. })));
+        let twice = vec![point(2), point(3)];
+        assert!(matches!(log.prune(twice), Err(ChainError::PruneRepeated { .. })));
+        assert_eq!(log, before, "a refused prune changes nothing");
+
+        assert_eq!(log.prune(vec![point(3)]), Ok(1));
+        assert_eq!(log.take_prunes(), vec![point(3)]);
+        assert_eq!(log.prune(vec![point(2)]), Ok(0), "a point behind the anchor is skipped");
+        assert!(log.take_prunes().is_empty());
+        // A full snapshot after the prune holds events 4 and 5, which verify from the anchor.
+        log.chains.get_mut(&2).unwrap().events = events[3..].to_vec();
+        assert_eq!(log.verify(), Ok(2));
+        log.chains.get_mut(&2).unwrap().events = events[2..].to_vec();
+        assert!(log.verify().is_err(), "an event at or before the anchor does not continue the chain");
+    }
+
+    #[test]
+    fn archives_are_checked_link_by_link_across_files_and_a_gap_is_named() {
+        let events = chain(1, 6);
+        let mut check = ArchiveCheck::default();
+        events[..3].iter().chain(&events[3..]).try_for_each(|e| check.add(e)).unwrap();
+        let (chain, first, last) = check.chains().next().unwrap();
+        assert_eq!((chain, first, last.seq, last.hash.as_str()), (Chain::Node(1), 1, 6, events[5].hash.as_str()));
+
+        let mut later_only = ArchiveCheck::default();
+        assert_eq!(events[2..].iter().try_for_each(|e| later_only.add(e)), Ok(()), "an archive may start mid-chain");
+        let mut gap = ArchiveCheck::default();
+        let err = [&events[0], &events[2]].into_iter().try_for_each(|e| gap.add(e)).unwrap_err();
+        assert_eq!(err, ChainError::Gap { node: 1, expected: 2, found: 3 });
+        let mut forged = ArchiveCheck::default();
+        let err = [events[0].clone(), events[1].clone(), forge(&events[2])].iter().try_for_each(|e| forged.add(e));
+        assert_eq!(err, Err(ChainError::Tampered { node: 1, seq: 3 }));
     }
 
     #[test]

@@ -206,6 +206,12 @@ pub enum Command {
     PruneExpired {
         now: UnixMillis,
     },
+    /// Retention (§9.3, the leader's `audit_retention` job): each chain's events up to its
+    /// point, all older than `before`, leave the audit store for an archive file.
+    AuditPrune {
+        before: UnixMillis,
+        through: Vec<crate::audit::PrunePoint>,
+    },
     /// The result of a leader-only job (§1.6): `job` ran on `node` while it led in `term`.
     /// `apply` refuses it unless the log entry carrying it was created by that node in that
     /// term (a deposed leader's late result), then applies `command` (if the run changed
@@ -263,6 +269,7 @@ impl Command {
             Command::NodeCertRecord { .. } => "node_cert_record",
             Command::NodeCertsRevoke { .. } => "node_certs_revoke",
             Command::PruneExpired { .. } => "prune_expired",
+            Command::AuditPrune { .. } => "audit_prune",
             Command::JobResult { .. } => "job_result",
             Command::Audited { command, .. } => command.kind(),
         }
@@ -282,6 +289,7 @@ impl Command {
                 | Command::TokensExpire { .. }
                 | Command::JobResult { .. }
                 | Command::PruneExpired { .. }
+                | Command::AuditPrune { .. }
                 | Command::AuditShip { .. }
                 | Command::Audited { .. }
                 | Command::Authorized { .. } => Forwarding::Refused,

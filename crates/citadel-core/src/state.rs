@@ -325,6 +325,10 @@ impl State {
                 Ok(Response::Done)
             }
             Command::PruneExpired { now } => self.prune_expired(now),
+            Command::AuditPrune { through, .. } => {
+                self.audit.prune(through).map_err(Rejection::Audit)?;
+                Ok(Response::Done)
+            }
             Command::RestoreState { state } => self.restore(*state),
             Command::AuditShip { events } => {
                 let accepted = self.audit.ship(events).map_err(Rejection::Audit)?;
@@ -495,9 +499,9 @@ impl State {
         job::check(&run.job, run.term, run.node, entry).map_err(Rejection::Job)?;
         let response = match command.map(|c| *c) {
             None => Response::Done,
-            Some(command @ (Command::TokensExpire { .. } | Command::PruneExpired { .. })) => {
-                self.apply_checked(entry, command)?
-            }
+            Some(
+                command @ (Command::TokensExpire { .. } | Command::PruneExpired { .. } | Command::AuditPrune { .. }),
+            ) => self.apply_checked(entry, command)?,
             Some(other) => return Err(Rejection::Job(JobRefusal::NotAJobCommand(other.kind().into()))),
         };
         run.index = entry.map_or(0, |e| e.index);

@@ -54,11 +54,18 @@ pub struct JobsConfig {
     /// Forgets expired records: unused join tokens, revoked and member certificates.
     #[serde(default = "default_prune_ms")]
     pub prune_ms: u64,
+    /// Audit retention: archives and prunes events older than `audit.retain_days`.
+    #[serde(default = "default_prune_ms")]
+    pub audit_retention_ms: u64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { token_sweep_ms: default_token_sweep_ms(), prune_ms: default_prune_ms() }
+        JobsConfig {
+            token_sweep_ms: default_token_sweep_ms(),
+            prune_ms: default_prune_ms(),
+            audit_retention_ms: default_prune_ms(),
+        }
     }
 }
 
@@ -76,7 +83,11 @@ pub const MAX_JOB_INTERVAL_MS: u64 = 86_400_000;
 
 impl JobsConfig {
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        let intervals = [("jobs.token_sweep_ms", self.token_sweep_ms), ("jobs.prune_ms", self.prune_ms)];
+        let intervals = [
+            ("jobs.token_sweep_ms", self.token_sweep_ms),
+            ("jobs.prune_ms", self.prune_ms),
+            ("jobs.audit_retention_ms", self.audit_retention_ms),
+        ];
         match intervals.into_iter().find(|(_, ms)| !(MIN_JOB_INTERVAL_MS..=MAX_JOB_INTERVAL_MS).contains(ms)) {
             Some((key, _)) => {
                 Err((key, format!("must be between {MIN_JOB_INTERVAL_MS} and {MAX_JOB_INTERVAL_MS} milliseconds")))
@@ -281,7 +292,19 @@ pub struct AuditConfig {
     /// Longest path or user name stored in an audit event; longer ones are cut with a marker.
     #[serde(default = "default_max_path_bytes")]
     pub max_path_bytes: usize,
+    /// Days an event stays in the replicated audit log before retention moves it to an archive
+    /// file (`DATA/audit-archive/`, checked by `citadel audit verify --archive`). A fraction is
+    /// allowed (0.5 keeps twelve hours).
+    #[serde(default = "default_retain_days")]
+    pub retain_days: f64,
 }
+
+fn default_retain_days() -> f64 {
+    400.0
+}
+
+/// Longest retention: a hundred years.
+const MAX_RETAIN_DAYS: f64 = 36_500.0;
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -290,7 +313,15 @@ impl Default for AuditConfig {
             refusal_summary_interval_ms: default_refusal_summary_interval_ms(),
             refusal_summary_keys: default_refusal_summary_keys(),
             max_path_bytes: default_max_path_bytes(),
+            retain_days: default_retain_days(),
         }
+    }
+}
+
+impl AuditConfig {
+    /// How long an event is retained, in milliseconds.
+    pub fn retain_ms(&self) -> u64 {
+        (self.retain_days * 86_400_000.0) as u64
     }
 }
 
@@ -414,6 +445,9 @@ impl AuditConfig {
         // A write's event rides in its Raft entry, where `apply` refuses longer fields.
         if self.max_path_bytes > MAX_CONFIGURED_CAP {
             return Err(("audit.max_path_bytes", format!("must be at most {MAX_CONFIGURED_CAP}")));
+        }
+        if !(self.retain_days > 0.0 && self.retain_days <= MAX_RETAIN_DAYS) {
+            return Err(("audit.retain_days", format!("must be more than 0 and at most {MAX_RETAIN_DAYS} days")));
         }
         Ok(())
     }
@@ -541,6 +575,8 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_LIMITS_MAX_TOKENS_PER_OWNER", &["limits", "max_tokens_per_owner"]),
     ("CITADEL_JOBS_TOKEN_SWEEP_MS", &["jobs", "token_sweep_ms"]),
     ("CITADEL_JOBS_PRUNE_MS", &["jobs", "prune_ms"]),
+    ("CITADEL_JOBS_AUDIT_RETENTION_MS", &["jobs", "audit_retention_ms"]),
+    ("CITADEL_AUDIT_RETAIN_DAYS", &["audit", "retain_days"]),
     ("CITADEL_EVENTS_BUFFER", &["events", "buffer"]),
     ("CITADEL_EVENTS_MAX_SUBSCRIBERS", &["events", "max_subscribers"]),
     ("CITADEL_EVENTS_HEARTBEAT_MS", &["events", "heartbeat_ms"]),
@@ -656,7 +692,11 @@ fn set_key(table: &mut toml::Table, key: &[&str], raw: &str) {
             .as_table_mut()
             .expect("config sections are tables");
     }
-    let value = raw.parse::<i64>().map(toml::Value::Integer).unwrap_or_else(|_| toml::Value::String(raw.into()));
+    let value = raw
+        .parse::<i64>()
+        .map(toml::Value::Integer)
+        .or_else(|_| raw.parse::<f64>().map(toml::Value::Float))
+        .unwrap_or_else(|_| toml::Value::String(raw.into()));
     current.insert(last.to_string(), value);
 }
 

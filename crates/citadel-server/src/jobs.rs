@@ -38,7 +38,12 @@ pub struct Job {
 pub const JOBS: &[Job] = &[
     Job { name: "token_expiry", every: |c| Duration::from_millis(c.jobs.token_sweep_ms), run: token_expiry },
     Job { name: "prune_expired", every: |c| Duration::from_millis(c.jobs.prune_ms), run: prune_expired },
+    Job { name: "audit_retention", every: |c| Duration::from_millis(c.jobs.audit_retention_ms), run: audit_retention },
 ];
+
+/// Most events one retention run prunes per chain: bounds the work one entry makes every node
+/// do; a backlog is cleared over several runs.
+const RETENTION_BATCH: usize = 100_000;
 
 /// Removes expired (and used-up) tokens, and revoked emergency tokens past their expiry. The
 /// deadline is the leader's clock, carried in the command (`apply` reads none).
@@ -63,6 +68,22 @@ fn prune_expired(app: &Node) -> BoxFuture<'_, JobOutput> {
                 || s.node_certs.values().flat_map(|c| c.values()).any(|e| *e <= now)
         });
         Ok(due.then_some(Command::PruneExpired { now }))
+    })
+}
+
+/// Moves audit events older than `[audit] retain_days` from the replicated audit log into each
+/// node's archive files (§9.3). The cut per chain is read from this node's audit store, named
+/// by sequence and hash, so every replica cuts at the same event (and a replica whose event
+/// there differs stops instead of cutting elsewhere).
+fn audit_retention(app: &Node) -> BoxFuture<'_, JobOutput> {
+    Box::pin(async move {
+        let before = crate::ids::now_ms().saturating_sub(app.config.audit.retain_ms());
+        let store = app.state.audit().clone();
+        let through = tokio::task::spawn_blocking(move || store.prune_points(before, RETENTION_BATCH))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot read the audit log: {e}"))?;
+        Ok((!through.is_empty()).then_some(Command::AuditPrune { before, through }))
     })
 }
 

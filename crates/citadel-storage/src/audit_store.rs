@@ -15,11 +15,13 @@
 //! at its limit. An event is stored as its sealed JSON (body bytes, link, hash) and its hash is
 //! checked when it is read, so a damaged event is reported, never served.
 
-use std::collections::BinaryHeap;
-use std::io;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
 use std::sync::Arc;
 
-use citadel_core::audit::{chain_hash, AuditEvent, Chain, ChainTip, ChainVerifier};
+use citadel_core::audit::{chain_hash, AuditEvent, Chain, ChainTip, ChainVerifier, PrunePoint};
 use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::codec;
@@ -163,8 +165,11 @@ impl AuditStore {
         Ok(event)
     }
 
-    /// The events of `chain` with sequence 1 to `up_to`, in order: a snapshot's full form.
-    pub(crate) fn chain_events(&self, chain: Chain, up_to: u64) -> io::Result<Vec<AuditEvent>> {
+    /// The events of `chain` with sequence `from` to `up_to`, in order: a snapshot's full form.
+    pub(crate) fn chain_events(&self, chain: Chain, from: u64, up_to: u64) -> io::Result<Vec<AuditEvent>> {
+        if from > up_to {
+            return Ok(Vec::new());
+        }
         let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
         let table = match txn.open_table(EVENTS) {
             Ok(t) => t,
@@ -173,7 +178,7 @@ impl AuditStore {
         };
         let key = chain_key(chain);
         let mut events = Vec::new();
-        for row in table.range((key, 1)..=(key, up_to)).map_err(|e| self.err(e))? {
+        for row in table.range((key, from)..=(key, up_to)).map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
             events.push(self.decode(k.value(), v.value())?);
         }
@@ -253,23 +258,26 @@ impl AuditStore {
         Ok(found)
     }
 
-    /// Verifies every chain the store holds from its first event, one event at a time.
-    pub fn verify(&self) -> io::Result<Vec<ChainReport>> {
+    /// Verifies every chain the store holds, one event at a time, from the event after its
+    /// retention anchor (`anchors`, from the replicated state; genesis where none is given).
+    /// A chain in `anchors` that the store holds nothing of is reported at its anchor.
+    pub fn verify(&self, anchors: &BTreeMap<Chain, ChainTip>) -> io::Result<Vec<ChainReport>> {
         let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
+        let mut reports: Vec<ChainReport> = Vec::new();
         let table = match txn.open_table(EVENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
             Err(e) => return Err(self.err(e)),
         };
-        let mut reports: Vec<ChainReport> = Vec::new();
         let mut verifier: Option<ChainVerifier> = None;
-        for row in table.iter().map_err(|e| self.err(e))? {
+        for row in table.as_ref().map(|t| t.iter()).transpose().map_err(|e| self.err(e))?.into_iter().flatten() {
             let (k, v) = row.map_err(|e| self.err(e))?;
             let key = k.value();
             let chain = chain_of_key(key.0);
             if reports.last().is_none_or(|r| r.chain != chain) {
-                reports.push(ChainReport { chain, events: 0, last: ChainTip::default(), error: None });
-                verifier = Some(ChainVerifier::new(chain));
+                let anchor = anchors.get(&chain).cloned().unwrap_or_default();
+                reports.push(ChainReport { chain, events: 0, last: anchor.clone(), error: None });
+                verifier = Some(ChainVerifier::after(chain, anchor));
             }
             let (report, verifier) = (reports.last_mut().expect("pushed above"), verifier.as_mut().expect("set above"));
             report.events += 1;
@@ -284,8 +292,119 @@ impl AuditStore {
                 Err(e) => report.error = Some(format!("sequence {}: undecodable: {e}", key.1)),
             }
         }
+        for (chain, anchor) in anchors {
+            if !reports.iter().any(|r| r.chain == *chain) {
+                reports.push(ChainReport { chain: *chain, events: 0, last: anchor.clone(), error: None });
+            }
+        }
         Ok(reports)
     }
+
+    /// Where retention may cut each chain: the last of its oldest events (at most `cap` per
+    /// chain) whose time is before `before`. A chain is cut as a prefix, so it stays a chain;
+    /// an event out of time order ends the prefix early.
+    pub fn prune_points(&self, before: u64, cap: usize) -> io::Result<Vec<PrunePoint>> {
+        let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut points = Vec::new();
+        let mut next_chain = Some(0u64);
+        while let Some(start) = next_chain {
+            let mut point: Option<PrunePoint> = None;
+            let mut chain_key = None;
+            for (taken, row) in table.range((start, 0)..).map_err(|e| self.err(e))?.enumerate() {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                let key = k.value();
+                if *chain_key.get_or_insert(key.0) != key.0 {
+                    break;
+                }
+                let event = self.decode(key, v.value())?;
+                if event.body().time >= before || taken == cap {
+                    break;
+                }
+                point = Some(PrunePoint { chain: chain_of_key(key.0), seq: key.1, hash: event.hash.clone() });
+            }
+            points.extend(point);
+            next_chain = chain_key.and_then(|k| k.checked_add(1));
+        }
+        Ok(points)
+    }
+
+    /// Carries out a prune applied at log entry `index`: writes each chain's events up to its
+    /// point to `archive_dir/audit-INDEX.jsonl` (fsynced), then deletes them and their index
+    /// entries. Replayed after a crash, it finds what the first run already deleted gone and
+    /// writes the same file again. An event at a point whose hash differs from the point's
+    /// means this replica's audit log diverged: an error, and the node stops.
+    pub(crate) fn prune(&self, points: &[PrunePoint], archive_dir: &Path, index: u64) -> io::Result<usize> {
+        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
+        let mut doomed = Vec::new();
+        {
+            let table = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+            for point in points {
+                let key = chain_key(point.chain);
+                for row in table.range((key, 0)..=(key, point.seq)).map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let event = self.decode(k.value(), v.value())?;
+                    if event.body().seq == point.seq && event.hash != point.hash {
+                        return Err(self.err(format!(
+                            "retention names event {} of {} with hash {}, but this node holds {}: its audit log \
+                             diverged from the cluster's; move the data directory aside and let the node rejoin",
+                            point.seq, point.chain, point.hash, event.hash
+                        )));
+                    }
+                    doomed.push(event);
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        write_archive(&archive_dir.join(format!("audit-{index}.jsonl")), &doomed)?;
+        let delete = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+            let mut table = txn.open_table(EVENTS)?;
+            let mut by_time = txn.open_table(BY_TIME)?;
+            let mut by_node = txn.open_table(BY_NODE)?;
+            let mut by_user = txn.open_table(BY_USER)?;
+            let mut by_path = txn.open_table(BY_PATH)?;
+            for event in &doomed {
+                let body = event.body();
+                let (chain, seq, time) = (chain_key(Chain::of(event)), body.seq, body.time);
+                table.remove((chain, seq))?;
+                by_time.remove((time, chain, seq))?;
+                by_node.remove((body.node, time, chain, seq))?;
+                by_user.remove((body.user.as_str(), time, chain, seq))?;
+                by_path.remove((body.path.as_str(), time, chain, seq))?;
+            }
+            Ok(())
+        };
+        delete(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(doomed.len())
+    }
+}
+
+/// Writes pruned events as JSON lines (each the event as stored: body bytes, link, hash),
+/// replacing the file atomically and durably, 0600 in a 0700 directory.
+fn write_archive(path: &Path, events: &[AuditEvent]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let err = |what: &str, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", path.display()));
+    crate::files::create_private_dir(dir).map_err(|e| err("cannot create the directory of", &e))?;
+    let staging = path.with_extension("jsonl.new");
+    let file = crate::files::open_private(&staging, OpenOptions::new().write(true).create(true).truncate(true))
+        .map_err(|e| err("cannot create", &e))?;
+    let mut out = io::BufWriter::new(file);
+    for event in events {
+        serde_json::to_writer(&mut out, event).map_err(|e| err("cannot write", &e))?;
+        out.write_all(b"\n").map_err(|e| err("cannot write", &e))?;
+    }
+    let file = out.into_inner().map_err(|e| err("cannot write", &e))?;
+    file.sync_data().map_err(|e| err("cannot write", &e))?;
+    std::fs::rename(&staging, path).map_err(|e| err("cannot rename to", &e))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err("cannot sync the directory of", &e))
 }
 
 #[cfg(test)]
@@ -332,7 +451,7 @@ mod tests {
         store.store(&events[2..], 7, false, false).unwrap();
         let all = AuditQuery { limit: 100, ..AuditQuery::default() };
         assert_eq!(seqs(&store.query(&all).unwrap()), [1, 2, 3, 4, 5]);
-        let report = &store.verify().unwrap()[0];
+        let report = &store.verify(&BTreeMap::new()).unwrap()[0];
         assert_eq!((report.chain, report.events, report.last.seq, report.error.clone()), (Chain::Node(1), 5, 5, None));
         assert_eq!(store.applied().unwrap(), 7);
     }
@@ -386,8 +505,50 @@ mod tests {
         txn.commit().unwrap();
         let err = store.query(&AuditQuery { limit: 10, ..AuditQuery::default() }).unwrap_err().to_string();
         assert!(err.contains(crate::DB_FILE) && err.contains("audit event 2 of node 1's chain"), "{err}");
-        let report = &store.verify().unwrap()[0];
+        let report = &store.verify(&BTreeMap::new()).unwrap()[0];
         assert_eq!(report.events, 3);
         assert!(report.error.as_deref().is_some_and(|e| e.contains("sequence 2")), "{report:?}");
+    }
+
+    #[test]
+    fn retention_cuts_each_chain_at_its_oldest_prefix_and_archives_before_it_deletes() {
+        let (dir, store) = store();
+        let events = spool_chain(10);
+        store.store(&events, 10, false, false).unwrap();
+        let points = store.prune_points(5, 100).unwrap();
+        let expected = PrunePoint { chain: Chain::Node(1), seq: 4, hash: events[3].hash.clone() };
+        assert_eq!(points, [expected.clone()], "events at times 1 to 4 are before 5");
+        assert_eq!(store.prune_points(5, 2).unwrap()[0].seq, 2, "at most `cap` per run");
+
+        let archive = dir.path().join("audit-archive");
+        assert_eq!(store.prune(&points, &archive, 42).unwrap(), 4);
+        let file = archive.join("audit-42.jsonl");
+        let archived: Vec<AuditEvent> =
+            std::fs::read_to_string(&file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(archived, events[..4]);
+        let all = store.query(&AuditQuery { limit: 100, ..AuditQuery::default() }).unwrap();
+        assert_eq!(seqs(&all), [5, 6, 7, 8, 9, 10]);
+        let by_user = store.query(&AuditQuery { user: Some("user1".into()), limit: 100, ..Default::default() });
+        assert_eq!(seqs(&by_user.unwrap()), [5, 7, 9], "index entries went with their events");
+        let anchors = BTreeMap::from([(Chain::Node(1), ChainTip { seq: 4, hash: events[3].hash.clone() })]);
+        let report = &store.verify(&anchors).unwrap()[0];
+        assert_eq!((report.events, report.last.seq, report.error.clone()), (6, 10, None));
+
+        // Replayed after a crash: nothing left to delete, the archive stays as written.
+        assert_eq!(store.prune(&points, &archive, 42).unwrap(), 0);
+        assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 4);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_prune_naming_an_event_this_replica_holds_differently_stops_it_and_deletes_nothing() {
+        let (dir, store) = store();
+        store.store(&spool_chain(3), 3, false, false).unwrap();
+        let point = PrunePoint { chain: Chain::Node(1), seq: 2, hash: "not-this-one".into() };
+        let err = store.prune(&[point], &dir.path().join("a"), 7).unwrap_err().to_string();
+        assert!(err.contains("diverged") && err.contains(crate::DB_FILE), "{err}");
+        assert_eq!(store.query(&AuditQuery { limit: 10, ..Default::default() }).unwrap().len(), 3);
+        assert!(!dir.path().join("a").exists(), "no archive was written");
     }
 }

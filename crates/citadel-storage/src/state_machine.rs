@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use citadel_core::audit::{Chain, ChainTip};
+use citadel_core::audit::Chain;
 use citadel_core::command::Response;
 use citadel_core::state::State;
 use futures::{Stream, TryStreamExt};
@@ -44,6 +44,9 @@ struct Applied {
 /// How long the audit store's commits may go without an fsync (each is replayable from the
 /// log; the fsync lets redb reuse the pages they freed).
 const AUDIT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Directory of audit archives inside a node's data directory.
+pub const ARCHIVE_DIR: &str = "audit-archive";
 
 /// The first storage format whose snapshots leave the audit events in the audit store.
 const AUDIT_STORE_FORMAT: u32 = 5;
@@ -87,27 +90,27 @@ impl StateReader {
         let mut stored: StoredSnapshot = codec::decode(local, "local snapshot")?;
         let audit = &mut stored.state.audit;
         let tips: Vec<_> = audit.tips().collect();
-        for (chain, up_to) in tips.into_iter().filter(|&(_, up_to)| up_to > 0) {
-            let events = self.audit.chain_events(chain, up_to)?;
-            let tip = match chain {
-                Chain::Log => &mut audit.log.stored,
-                Chain::Node(node) => &mut audit.chains.entry(node).or_default().stored,
+        for (chain, up_to) in tips {
+            let (anchor, tip) = match chain {
+                Chain::Log => (audit.log.pruned.clone(), audit.log.stored.clone()),
+                Chain::Node(node) => (audit.chains[&node].pruned.clone(), audit.chains[&node].stored.clone()),
             };
-            let covered =
-                events.len() as u64 == up_to && (tip.is_genesis() || events.last().is_some_and(|e| e.hash == tip.hash));
+            let loaded = self.audit.chain_events(chain, anchor.seq + 1, up_to)?;
+            let covered = loaded.len() as u64 == up_to - anchor.seq
+                && (tip.is_genesis() || loaded.last().is_none_or(|e| e.hash == tip.hash));
             if !covered {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "the audit store holds {} of the {up_to} events of {chain} the snapshot covers",
-                        events.len()
+                        "the audit store holds {} of the events {}..={up_to} of {chain} the snapshot covers",
+                        loaded.len(),
+                        anchor.seq + 1
                     ),
                 ));
             }
-            *tip = ChainTip::default();
             match chain {
-                Chain::Log => audit.log.events = events,
-                Chain::Node(node) => audit.chains.entry(node).or_default().events = events,
+                Chain::Log => audit.log.events = loaded,
+                Chain::Node(node) => audit.chains.get_mut(&node).expect("a tip comes from a chain").events = loaded,
             }
         }
         // The window is rebuilt from the events by whoever installs this form.
@@ -122,6 +125,8 @@ pub struct StateMachine {
     applied_tx: Arc<watch::Sender<u64>>,
     audit: AuditStore,
     last_sync: Instant,
+    /// Where retention writes the events it prunes (`DATA/audit-archive`).
+    archive_dir: Arc<Path>,
 }
 
 impl StateMachine {
@@ -168,6 +173,7 @@ impl StateMachine {
             applied_tx: Arc::new(watch::channel(index).0),
             audit,
             last_sync: Instant::now(),
+            archive_dir: data_dir.join(ARCHIVE_DIR).into(),
         })
     }
 
@@ -314,6 +320,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             last_index = Some(entry.log_id.index);
             answers.extend(responder.map(|r| (r, response)));
+            // Retention: the events before the cut must be in the store before it is carried out.
+            let prunes = applied.state.audit.take_prunes();
+            if !prunes.is_empty() {
+                let events = applied.state.audit.take_unstored();
+                self.audit.store(&events, entry.log_id.index, false, false)?;
+                let archived = self.audit.prune(&prunes, &self.archive_dir, entry.log_id.index)?;
+                tracing::info!(events = archived, dir = %self.archive_dir.display(), "audit retention archived and pruned events");
+            }
         }
         if let Some(index) = last_index {
             // Under the lock: no reader sees this batch before its events are queryable, and no
@@ -342,6 +356,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             applied_tx: self.applied_tx.clone(),
             audit: self.audit.clone(),
             last_sync: self.last_sync,
+            archive_dir: self.archive_dir.clone(),
         }
     }
 

@@ -309,7 +309,12 @@ enum AuditCmd {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    Verify,
+    /// Verify the cluster's audit chains; with --archive, verify archive files (oldest first)
+    /// and that they end where the cluster's retained chains begin.
+    Verify {
+        #[arg(long)]
+        archive: Vec<PathBuf>,
+    },
 }
 
 fn env_either(primary: &str, fallback: &str) -> Option<String> {
@@ -857,7 +862,13 @@ async fn audit(cmd: AuditCmd, format: Format) -> Result<()> {
                 format,
             );
         }
-        AuditCmd::Verify => {
+        AuditCmd::Verify { archive } if !archive.is_empty() => {
+            let check = check_archives(&archive)?;
+            let reply = c.get("sys/audit/verify").await?;
+            let rows = archive_against_cluster(&check, &reply["data"])?;
+            print_rows(&rows, &["chain", "first_seq", "last_seq", "last_hash", "cluster"], format);
+        }
+        AuditCmd::Verify { .. } => {
             let reply = c.get("sys/audit/verify").await?;
             let data = &reply["data"];
             print_map(data, format);
@@ -867,6 +878,56 @@ async fn audit(cmd: AuditCmd, format: Format) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads archive files (JSON lines of stored events) oldest first, checking every link.
+fn check_archives(files: &[PathBuf]) -> Result<citadel_core::audit::ArchiveCheck> {
+    use std::io::BufRead;
+    let mut check = citadel_core::audit::ArchiveCheck::default();
+    for path in files {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+            let event: citadel_core::audit::AuditEvent = serde_json::from_str(&line)
+                .with_context(|| format!("{} line {}: not an audit event", path.display(), n + 1))?;
+            check.add(&event).map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), n + 1))?;
+        }
+    }
+    Ok(check)
+}
+
+/// Each archived chain beside the cluster's: its last archived event must be where retention
+/// cut the cluster's chain (or before it, if a later archive continues it).
+fn archive_against_cluster(check: &citadel_core::audit::ArchiveCheck, cluster: &Value) -> Result<Vec<Value>> {
+    use citadel_core::audit::Chain;
+    let mut rows = Vec::new();
+    for (chain, first, last) in check.chains() {
+        let view = match chain {
+            Chain::Log => &cluster["log"],
+            Chain::Node(node) => &cluster["nodes"][node.to_string()],
+        };
+        let cut = view["pruned_through"].as_u64().unwrap_or(0);
+        let verdict = if last.seq > cut {
+            bail!("{chain}: the archive ends at sequence {}, but the cluster pruned only through {cut}", last.seq);
+        } else if last.seq == cut && view["pruned_hash"].as_str() != Some(last.hash.as_str()) {
+            bail!(
+                "{chain}: the archive's event {} is not the one the cluster pruned through (hashes differ)",
+                last.seq
+            );
+        } else if last.seq == cut {
+            "links to the retained chain".to_string()
+        } else {
+            format!("continued by a later archive (the cluster pruned through {cut})")
+        };
+        rows.push(json!({
+            "chain": chain.to_string(),
+            "first_seq": first,
+            "last_seq": last.seq,
+            "last_hash": last.hash,
+            "cluster": verdict,
+        }));
+    }
+    Ok(rows)
 }
 
 fn encode_query(v: &str) -> String {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use citadel_core::audit::{AuditEvent, Chain};
+use citadel_core::audit::{AuditEvent, Chain, ChainTip};
 use citadel_core::route::{Kind, Param, Route};
 use citadel_storage::AuditQuery;
 use serde_json::{json, Value};
@@ -85,9 +85,12 @@ async fn audit_events(c: &Call<'_>) -> Result<Reply, ApiError> {
 async fn audit_verify_body(app: &Node) -> Result<Value, ApiError> {
     // The tips first: the store holds at least what they say once they are read (a batch's
     // events are stored before its state is visible), and may hold more by the time it is read.
-    let tips: BTreeMap<Chain, u64> = app.state.read(|s| s.audit.tips().collect());
+    let (tips, anchors): (BTreeMap<Chain, u64>, BTreeMap<Chain, ChainTip>) = app.state.read(|s| {
+        (s.audit.tips().collect(), s.audit.anchors().map(|(chain, anchor)| (chain, anchor.clone())).collect())
+    });
     let store = app.state.audit().clone();
-    let reports = tokio::task::spawn_blocking(move || store.verify())
+    let held_anchors = anchors.clone();
+    let reports = tokio::task::spawn_blocking(move || store.verify(&held_anchors))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::internal(format!("cannot read the audit log: {e}")))?;
@@ -95,7 +98,15 @@ async fn audit_verify_body(app: &Node) -> Result<Value, ApiError> {
     let mut log = json!({ "events": 0, "last_seq": 0, "last_hash": citadel_core::audit::GENESIS });
     let (mut total, mut error) = (0, None);
     for report in &reports {
-        let view = json!({ "events": report.events, "last_seq": report.last.seq, "last_hash": report.last.hash });
+        // Where retention cut the chain: an archive's last event for it must be this one.
+        let pruned = anchors.get(&report.chain).cloned().unwrap_or_default();
+        let view = json!({
+            "events": report.events,
+            "last_seq": report.last.seq,
+            "last_hash": report.last.hash,
+            "pruned_through": pruned.seq,
+            "pruned_hash": pruned.hash,
+        });
         match report.chain {
             Chain::Log => log = view,
             Chain::Node(node) => {
