@@ -6,7 +6,9 @@
 //!
 //! File: one JSON header line (format, version, cluster, index, term, SHA-256 and size of the
 //! body, keyring term and HMAC), then the body, which is the storage layer's checksummed snapshot
-//! record. Nothing in the file is plaintext: values are ciphertext, tokens keyed hashes.
+//! record. Nothing in the file is plaintext: values are ciphertext, tokens keyed hashes. The
+//! audit log is not in it, only where each chain ends: the cluster keeps its audit log through
+//! a restore, and retention archives it (§9.3).
 //!
 //! The checksum only detects damage: anyone can recompute it. The HMAC-SHA256, under a key
 //! derived from a keyring term, proves the file was written by this cluster and not altered
@@ -167,11 +169,10 @@ pub async fn save(app: &Node, keys: &Unsealed) -> Result<Reply, ApiError> {
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
         .ok_or_else(|| ApiError::unavailable("no snapshot is available yet; retry"))?;
-    let state = app.state.clone();
-    let data = tokio::task::spawn_blocking(move || state.full_snapshot(&snapshot.snapshot))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(format!("cannot read the audit log into the snapshot: {e}")))?;
+    // The local form: every audit chain's tip, not its events. A restore keeps the cluster's
+    // own audit log (`State::restore`), so events in the file would serve nothing, and with
+    // them the file (and the memory to build it) would grow with every request ever audited.
+    let data = snapshot.snapshot;
     let stored: StoredSnapshot = codec::decode(&data, "snapshot")
         .map_err(|e| ApiError::internal(format!("the local snapshot is damaged: {e}")))?;
     let last = stored.last_applied.ok_or_else(|| ApiError::unavailable("nothing to snapshot yet"))?;
