@@ -237,6 +237,62 @@ impl StoredSnapshotRecord {
     }
 }
 
+type Answer = (openraft::storage::ApplyResponder<TypeConfig>, Response);
+
+/// Applies one batch under the state's write lock, then stores its audit events with the
+/// applied index it reaches (fsynced when `durable`). Returns the answers to send and that index.
+fn apply_batch(
+    inner: &RwLock<Applied>,
+    audit: &AuditStore,
+    archive_dir: &Path,
+    batch: Vec<EntryResponder<TypeConfig>>,
+    durable: bool,
+) -> io::Result<(Vec<Answer>, Option<u64>)> {
+    let mut last_index = None;
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (entry, responder) in batch {
+        if let Some(prev) = &applied.last_applied {
+            assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
+        }
+        applied.last_applied = Some(entry.log_id);
+        let response = match entry.payload {
+            EntryPayload::Blank => Response::Done,
+            EntryPayload::Normal(command) => {
+                // The entry's leader id (term and node) is replicated with it: a leader
+                // job's result is checked against it (§1.6), alike on every replica.
+                let position = citadel_core::job::LogPosition {
+                    term: entry.log_id.leader_id.term,
+                    leader: entry.log_id.leader_id.node_id,
+                    index: entry.log_id.index,
+                };
+                applied.state.apply_entry(position, command)
+            }
+            EntryPayload::Membership(m) => {
+                applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                Response::Done
+            }
+        };
+        last_index = Some(entry.log_id.index);
+        answers.extend(responder.map(|r| (r, response)));
+        // Retention: the events before the cut must be in the store before it is carried out.
+        let prunes = applied.state.audit.take_prunes();
+        if !prunes.is_empty() {
+            let events = applied.state.audit.take_unstored();
+            audit.store(&events, entry.log_id.index, false, false)?;
+            let archived = audit.prune(&prunes, archive_dir, entry.log_id.index)?;
+            tracing::info!(events = archived, dir = %archive_dir.display(), "audit retention archived and pruned events");
+        }
+    }
+    if let Some(index) = last_index {
+        // Under the lock: no reader sees this batch before its events are queryable, and no
+        // snapshot copies the state between the two.
+        let events = applied.state.audit.take_unstored();
+        audit.store(&events, index, durable, false)?;
+    }
+    Ok((answers, last_index))
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
 
@@ -287,59 +343,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
-        // Collected first: the lock is not held across an await.
         let mut batch = Vec::new();
         while let Some(item) = entries.try_next().await? {
             batch.push(item);
         }
-        let mut last_index = None;
-        let mut answers = Vec::with_capacity(batch.len());
-        let inner = self.inner.clone();
-        let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (entry, responder) in batch {
-            if let Some(prev) = &applied.last_applied {
-                assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
-            }
-            applied.last_applied = Some(entry.log_id);
-            let response = match entry.payload {
-                EntryPayload::Blank => Response::Done,
-                EntryPayload::Normal(command) => {
-                    // The entry's leader id (term and node) is replicated with it: a leader
-                    // job's result is checked against it (§1.6), alike on every replica.
-                    let position = citadel_core::job::LogPosition {
-                        term: entry.log_id.leader_id.term,
-                        leader: entry.log_id.leader_id.node_id,
-                        index: entry.log_id.index,
-                    };
-                    applied.state.apply_entry(position, command)
-                }
-                EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Response::Done
-                }
-            };
-            last_index = Some(entry.log_id.index);
-            answers.extend(responder.map(|r| (r, response)));
-            // Retention: the events before the cut must be in the store before it is carried out.
-            let prunes = applied.state.audit.take_prunes();
-            if !prunes.is_empty() {
-                let events = applied.state.audit.take_unstored();
-                self.audit.store(&events, entry.log_id.index, false, false)?;
-                let archived = self.audit.prune(&prunes, &self.archive_dir, entry.log_id.index)?;
-                tracing::info!(events = archived, dir = %self.archive_dir.display(), "audit retention archived and pruned events");
-            }
+        // Applied off the async threads: the store's commit (and, once a second, its fsync) must
+        // not stall Raft's heartbeats on a machine with two cores (`bench scale` at full size
+        // saw elections while a commit ran on a runtime thread).
+        let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
+        let (inner, audit, archive_dir) = (self.inner.clone(), self.audit.clone(), self.archive_dir.clone());
+        let (answers, last_index) =
+            tokio::task::spawn_blocking(move || apply_batch(&inner, &audit, &archive_dir, batch, durable))
+                .await
+                .map_err(io::Error::other)??;
+        if durable {
+            self.last_sync = Instant::now();
         }
-        if let Some(index) = last_index {
-            // Under the lock: no reader sees this batch before its events are queryable, and no
-            // snapshot copies the state between the two.
-            let events = applied.state.audit.take_unstored();
-            let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
-            self.audit.store(&events, index, durable, false)?;
-            if durable {
-                self.last_sync = Instant::now();
-            }
-        }
-        drop(applied);
         for (responder, response) in answers {
             responder.send(response);
         }

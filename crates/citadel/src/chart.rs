@@ -110,11 +110,20 @@ fn draw_panel(canvas: &mut Canvas, panel: &Panel, series: &[&str], top: usize) {
     let bar_width = (group_width * 3 / 4) / series.len().max(1);
     for (g, group) in groups.iter().enumerate() {
         let gx = left + g * group_width + group_width / 8;
+        let in_group: Vec<&Bar> = panel.bars.iter().filter(|b| b.group == *group).collect();
+        // Labels wider than their bars would overlap: then only the group's tallest is labelled.
+        let fits = in_group.iter().all(|b| Canvas::text_width(&format_value(b.value)) <= bar_width);
+        let tallest = in_group.iter().map(|b| b.value).fold(f64::MIN, f64::max);
+        let mut labelled = false;
         for (s, name) in series.iter().enumerate() {
-            let Some(bar) = panel.bars.iter().find(|b| b.group == *group && b.series == *name) else { continue };
+            let Some(bar) = in_group.iter().find(|b| b.series == *name) else { continue };
             let h = ((bar.value / max) * (plot_bottom - plot_top) as f64) as usize;
             let x = gx + s * bar_width;
             canvas.rect(x + 2, plot_bottom - h, bar_width.saturating_sub(4), h, PALETTE[s % PALETTE.len()]);
+            if !fits && (labelled || bar.value < tallest) {
+                continue;
+            }
+            labelled = true;
             let label = format_value(bar.value);
             let lx = (x + bar_width / 2).saturating_sub(Canvas::text_width(&label) / 2);
             canvas.text(lx, (plot_bottom - h).saturating_sub(18), &label, [40, 40, 40]);
