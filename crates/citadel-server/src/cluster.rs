@@ -33,7 +33,10 @@ use crate::forwarded::ForwardError;
 use crate::node::Node;
 use crate::peer::PeerCert;
 
-/// Wire form of a full snapshot.
+/// Wire form of a snapshot: this header as one JSON line (the snapshot in transfer form,
+/// without its audit events), then each audit event it covers as one line, streamed from the
+/// sender's store into the receiver's staging tables (`StateReader::write_snapshot_events`,
+/// `SnapshotReceiver`), so neither node holds the audit log in memory.
 #[derive(Serialize, Deserialize)]
 struct SnapshotTransfer {
     vote: Vote,
@@ -41,6 +44,13 @@ struct SnapshotTransfer {
     #[serde(with = "citadel_core::encoding")]
     data: Vec<u8>,
 }
+
+/// Longest line of a snapshot transfer after its header: one stored audit event (its fields
+/// are capped far below this).
+const MAX_SNAPSHOT_EVENT_LINE: usize = 1 << 20;
+/// Bytes per chunk of a snapshot transfer's body, and chunks in flight.
+const SNAPSHOT_CHUNK: usize = 256 << 10;
+const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 8;
 
 /// Every RPC answers `Ok(response)` or `Err(message)`. The message is for people (a refusal
 /// by the member-only gate, a failed join); an outcome a caller acts on travels inside `Ok` as
@@ -146,10 +156,24 @@ impl PeerClient {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
+        let body =
+            serde_json::to_vec(req).map_err(|e| PeerError::Refused(format!("cannot encode the request: {e}")))?;
+        self.call_with_body(cluster_addr, path, body.into(), timeout).await
+    }
+
+    /// As `call`, with a body already encoded (or streamed).
+    async fn call_with_body<Resp: DeserializeOwned>(
+        &self,
+        cluster_addr: &str,
+        path: &str,
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
         let response = self
             .http
             .post(format!("https://{cluster_addr}/{path}"))
-            .json(req)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .timeout(timeout)
             .send()
             .await
@@ -178,8 +202,9 @@ impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
 
 /// The least time an append carrying entries may take (a heartbeat keeps openraft's own).
 const BULK_RPC_LIMIT: Duration = Duration::from_secs(5);
-/// The least time a whole snapshot may take to send and install.
-const SNAPSHOT_RPC_LIMIT: Duration = Duration::from_secs(120);
+/// The least time a whole snapshot may take to send and install: a million audit events are
+/// checked and indexed on the way in.
+const SNAPSHOT_RPC_LIMIT: Duration = Duration::from_secs(600);
 /// Largest body a peer may send (a snapshot, JSON-encoded). Peers are authenticated members.
 const MAX_PEER_BODY: usize = 1 << 30;
 
@@ -234,18 +259,38 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         _cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        // openraft hands over the local form; a follower needs the audit events too.
         let state = self.state.clone();
-        let data = tokio::task::spawn_blocking(move || state.full_snapshot(&snapshot.snapshot))
+        let transfer = tokio::task::spawn_blocking(move || state.transfer_form(&snapshot.snapshot))
             .await
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        let transfer = SnapshotTransfer { vote, meta: snapshot.meta, data };
-        self.call("snapshot", &transfer, option.hard_ttl().max(SNAPSHOT_RPC_LIMIT)).await.map_err(|e| match e {
-            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-            RPCError::Network(n) => StreamingError::Network(n),
-            RPCError::Timeout(t) => StreamingError::Timeout(t),
-            RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+        let header = SnapshotTransfer { vote, meta: snapshot.meta, data: transfer.clone() };
+        let mut first = serde_json::to_vec(&header).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        first.push(b'\n');
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(SNAPSHOT_CHUNKS_IN_FLIGHT);
+        let state = self.state.clone();
+        // The events are read from a store transaction on a blocking thread and flow through a
+        // bounded channel: the body never holds more than a few chunks.
+        tokio::task::spawn_blocking(move || {
+            let mut chunk = first;
+            let written = state.write_snapshot_events(&transfer, &mut |event| {
+                chunk.extend_from_slice(event);
+                chunk.push(b'\n');
+                if chunk.len() >= SNAPSHOT_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(SNAPSHOT_CHUNK * 2));
+                    tx.blocking_send(Ok(full)).map_err(|_| std::io::Error::other("the transfer was abandoned"))?;
+                }
+                Ok(())
+            });
+            let _ = tx.blocking_send(written.map(|_| chunk));
+        });
+        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
+        let timeout = option.hard_ttl().max(SNAPSHOT_RPC_LIMIT);
+        let call =
+            self.peers.call_with_body(&self.cluster_addr, "raft/snapshot", reqwest::Body::wrap_stream(body), timeout);
+        call.await.map_err(|e| match e {
+            PeerError::Unreachable(_) => StreamingError::Unreachable(Unreachable::new(&e)),
+            PeerError::Refused(_) => StreamingError::Network(NetworkError::new(&e)),
         })
     }
 
@@ -261,11 +306,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
 /// The cluster port's routes: inbound Raft RPCs, and Citadel's own calls (join, forwarded
 /// proposals, read index, status), all behind mutual TLS.
 pub fn router(app: Arc<Node>) -> Router {
-    let appends = Router::new().route("/raft/append", post(append)).with_state(app.clone());
+    let appends = Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/snapshot", post(snapshot))
+        .with_state(app.clone());
     let raft = Router::new()
         .route("/raft/vote", post(vote))
         .route("/raft/pre-vote", post(pre_vote))
-        .route("/raft/snapshot", post(snapshot))
         .route("/raft/transfer-leader", post(transfer_leader))
         .with_state(app.raft.clone());
     let cluster = Router::new()
@@ -395,12 +442,74 @@ async fn pre_vote(
     wire(raft.pre_vote(req).await)
 }
 
-async fn snapshot(
-    State(raft): State<Raft>,
-    Json(req): Json<SnapshotTransfer>,
-) -> Json<Wire<SnapshotResponse<TypeConfig>>> {
-    let snapshot = Snapshot { meta: req.meta, snapshot: req.data };
-    wire(raft.install_full_snapshot(req.vote, snapshot).await)
+/// Receives a snapshot: its header line, then its audit events line by line, each checked and
+/// staged as it comes; only once all arrived is the snapshot installed.
+async fn snapshot(State(app): State<Arc<Node>>, body: axum::body::Body) -> Json<Wire<SnapshotResponse<TypeConfig>>> {
+    Json(receive_snapshot(&app, body).await)
+}
+
+async fn receive_snapshot(app: &Node, body: axum::body::Body) -> Wire<SnapshotResponse<TypeConfig>> {
+    let mut lines = Lines { stream: body.into_data_stream(), buf: Vec::new(), start: 0 };
+    let header = lines.next(MAX_PEER_BODY).await?.ok_or("an empty snapshot transfer")?;
+    let header: SnapshotTransfer = serde_json::from_slice(&header).map_err(|e| format!("snapshot header: {e}"))?;
+    let mut receiver = app.state.receive_snapshot(&header.data, &header.meta).map_err(|e| e.to_string())?;
+    let mut batch = Vec::new();
+    loop {
+        let line = lines.next(MAX_SNAPSHOT_EVENT_LINE).await?;
+        let end = line.is_none();
+        batch.extend(line);
+        if end || batch.len() >= 4096 {
+            let lines_now = std::mem::take(&mut batch);
+            receiver = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+                lines_now.iter().try_for_each(|l| receiver.add(l))?;
+                Ok(receiver)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        }
+        if end {
+            break;
+        }
+    }
+    tokio::task::spawn_blocking(move || receiver.finish())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let snapshot = Snapshot { meta: header.meta, snapshot: header.data };
+    app.raft.install_full_snapshot(header.vote, snapshot).await.map_err(|e| e.to_string())
+}
+
+/// A request body read line by line, each line at most a given length.
+struct Lines<S> {
+    stream: S,
+    buf: Vec<u8>,
+    /// Where the unread part of `buf` starts.
+    start: usize,
+}
+
+impl<S: futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin> Lines<S> {
+    /// The next line without its newline; `None` at the end of the body.
+    async fn next(&mut self, max: usize) -> Result<Option<Vec<u8>>, String> {
+        use futures::StreamExt;
+        loop {
+            if let Some(at) = self.buf[self.start..].iter().position(|b| *b == b'\n') {
+                let line = self.buf[self.start..self.start + at].to_vec();
+                self.start += at + 1;
+                return Ok(Some(line));
+            }
+            if self.buf.len() - self.start > max {
+                return Err(format!("a snapshot transfer line is longer than {max} bytes"));
+            }
+            self.buf.drain(..self.start);
+            self.start = 0;
+            match self.stream.next().await {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.map_err(|e| format!("snapshot transfer: {e}"))?),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err("the snapshot transfer ended in the middle of a line".into()),
+            }
+        }
+    }
 }
 
 async fn transfer_leader(

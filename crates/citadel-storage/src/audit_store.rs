@@ -27,17 +27,84 @@ use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use crate::codec;
 use crate::db::{Db, META};
 
-/// (chain, sequence) → the sealed event's JSON. The log chain is chain 0 (node ids start at 1).
-const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("audit_events");
-/// (time, chain, sequence).
-const BY_TIME: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("audit_by_time");
-/// (node that accepted the request, time, chain, sequence).
-const BY_NODE: TableDefinition<(u64, u64, u64, u64), ()> = TableDefinition::new("audit_by_node");
-const BY_USER: TableDefinition<(&str, u64, u64, u64), ()> = TableDefinition::new("audit_by_user");
-const BY_PATH: TableDefinition<(&str, u64, u64, u64), ()> = TableDefinition::new("audit_by_path");
+/// One set of the store's tables: the events by (chain, sequence) → the sealed event's JSON (the
+/// log chain is chain 0, node ids start at 1), and the indexes, each ending in (time, chain,
+/// sequence): by time; by the node that accepted the request; by user; by path.
+struct Tables {
+    events: TableDefinition<'static, (u64, u64), &'static [u8]>,
+    by_time: TableDefinition<'static, (u64, u64, u64), ()>,
+    by_node: TableDefinition<'static, (u64, u64, u64, u64), ()>,
+    by_user: TableDefinition<'static, (&'static str, u64, u64, u64), ()>,
+    by_path: TableDefinition<'static, (&'static str, u64, u64, u64), ()>,
+}
+
+/// The tables queries read.
+const LIVE: Tables = Tables {
+    events: TableDefinition::new("audit_events"),
+    by_time: TableDefinition::new("audit_by_time"),
+    by_node: TableDefinition::new("audit_by_node"),
+    by_user: TableDefinition::new("audit_by_user"),
+    by_path: TableDefinition::new("audit_by_path"),
+};
+/// A snapshot's events while they arrive from the leader, renamed to [`LIVE`] in one commit
+/// when it is installed.
+const STAGED: Tables = Tables {
+    events: TableDefinition::new("audit_events.staged"),
+    by_time: TableDefinition::new("audit_by_time.staged"),
+    by_node: TableDefinition::new("audit_by_node.staged"),
+    by_user: TableDefinition::new("audit_by_user.staged"),
+    by_path: TableDefinition::new("audit_by_path.staged"),
+};
+const EVENTS: TableDefinition<(u64, u64), &[u8]> = LIVE.events;
+const BY_TIME: TableDefinition<(u64, u64, u64), ()> = LIVE.by_time;
+const BY_NODE: TableDefinition<(u64, u64, u64, u64), ()> = LIVE.by_node;
+const BY_USER: TableDefinition<(&str, u64, u64, u64), ()> = LIVE.by_user;
+const BY_PATH: TableDefinition<(&str, u64, u64, u64), ()> = LIVE.by_path;
+
+impl Tables {
+    fn delete(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        txn.delete_table(self.events)?;
+        txn.delete_table(self.by_time)?;
+        txn.delete_table(self.by_node)?;
+        txn.delete_table(self.by_user)?;
+        txn.delete_table(self.by_path)?;
+        Ok(())
+    }
+
+    fn insert(&self, txn: &redb::WriteTransaction, events: &[AuditEvent]) -> Result<(), redb::Error> {
+        let mut table = txn.open_table(self.events)?;
+        let mut by_time = txn.open_table(self.by_time)?;
+        let mut by_node = txn.open_table(self.by_node)?;
+        let mut by_user = txn.open_table(self.by_user)?;
+        let mut by_path = txn.open_table(self.by_path)?;
+        for event in events {
+            let body = event.body();
+            let (chain, seq, time) = (chain_key(Chain::of(event)), body.seq, body.time);
+            let json = serde_json::to_vec(event).expect("an audit event serializes");
+            table.insert((chain, seq), json.as_slice())?;
+            by_time.insert((time, chain, seq), ())?;
+            by_node.insert((body.node, time, chain, seq), ())?;
+            by_user.insert((body.user.as_str(), time, chain, seq), ())?;
+            by_path.insert((body.path.as_str(), time, chain, seq), ())?;
+        }
+        Ok(())
+    }
+
+    /// Renames this set to `to` (which must not exist).
+    fn rename(&self, txn: &redb::WriteTransaction, to: &Tables) -> Result<(), redb::Error> {
+        txn.rename_table(self.events, to.events)?;
+        txn.rename_table(self.by_time, to.by_time)?;
+        txn.rename_table(self.by_node, to.by_node)?;
+        txn.rename_table(self.by_user, to.by_user)?;
+        txn.rename_table(self.by_path, to.by_path)?;
+        Ok(())
+    }
+}
 
 /// The applied index the store's contents cover, in `META`, written with every batch.
 const KEY_APPLIED: &str = "audit_applied";
+/// The snapshot (its last log id) whose events [`STAGED`] holds, once all of them arrived.
+const KEY_STAGED_FOR: &str = "audit_staged_for";
 
 const LOG_CHAIN_KEY: u64 = 0;
 
@@ -115,32 +182,87 @@ impl AuditStore {
         txn.set_durability(durability).map_err(|e| self.err(e))?;
         let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
             if replace {
-                txn.delete_table(EVENTS)?;
-                txn.delete_table(BY_TIME)?;
-                txn.delete_table(BY_NODE)?;
-                txn.delete_table(BY_USER)?;
-                txn.delete_table(BY_PATH)?;
+                LIVE.delete(txn)?;
             }
-            let mut table = txn.open_table(EVENTS)?;
-            let mut by_time = txn.open_table(BY_TIME)?;
-            let mut by_node = txn.open_table(BY_NODE)?;
-            let mut by_user = txn.open_table(BY_USER)?;
-            let mut by_path = txn.open_table(BY_PATH)?;
-            for event in events {
-                let body = event.body();
-                let (chain, seq, time) = (chain_key(Chain::of(event)), body.seq, body.time);
-                let json = serde_json::to_vec(event).expect("an audit event serializes");
-                table.insert((chain, seq), json.as_slice())?;
-                by_time.insert((time, chain, seq), ())?;
-                by_node.insert((body.node, time, chain, seq), ())?;
-                by_user.insert((body.user.as_str(), time, chain, seq), ())?;
-                by_path.insert((body.path.as_str(), time, chain, seq), ())?;
-            }
+            LIVE.insert(txn, events)?;
             txn.open_table(META)?.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
             Ok(())
         };
         write(&txn).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Adds a received snapshot's events to the staging tables, emptied first by the `first`
+    /// batch; not fsynced (a crash only loses a transfer the leader sends again).
+    pub(crate) fn stage(&self, events: &[AuditEvent], first: bool) -> io::Result<()> {
+        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
+        let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+            if first {
+                STAGED.delete(txn)?;
+                txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
+            }
+            STAGED.insert(txn, events)
+        };
+        write(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Marks the staged events complete for the snapshot `snapshot` (its last log id, encoded).
+    pub(crate) fn staged_for(&self, snapshot: &[u8]) -> io::Result<()> {
+        self.db.write(|txn| {
+            txn.open_table(META)?.insert(KEY_STAGED_FOR, snapshot)?;
+            Ok(())
+        })
+    }
+
+    /// Installs the staged events as the store, with the applied index they cover, in one
+    /// durable commit, if they are complete for `snapshot`; says whether they were.
+    pub(crate) fn promote_staged(&self, snapshot: &[u8], applied: u64) -> io::Result<bool> {
+        let mut promoted = false;
+        self.db
+            .write(|txn| {
+                let mut meta = txn.open_table(META)?;
+                if meta.get(KEY_STAGED_FOR)?.is_none_or(|v| v.value() != snapshot) {
+                    return Ok(());
+                }
+                meta.remove(KEY_STAGED_FOR)?;
+                meta.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
+                drop(meta);
+                LIVE.delete(txn)?;
+                STAGED.rename(txn, &LIVE)?;
+                promoted = true;
+                Ok(())
+            })
+            .map(|()| promoted)
+    }
+
+    /// Writes the stored bytes of `chain`'s events `from` to `up_to`, one per line, to `out`:
+    /// a snapshot's events, streamed from a read transaction and never held whole.
+    pub(crate) fn write_chain(
+        &self,
+        chain: Chain,
+        from: u64,
+        up_to: u64,
+        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<u64> {
+        if from > up_to {
+            return Ok(0);
+        }
+        let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
+        let table = match txn.open_table(EVENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(self.err(e)),
+        };
+        let key = chain_key(chain);
+        let mut written = 0;
+        for row in table.range((key, from)..=(key, up_to)).map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            out(v.value())?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// Makes every commit so far durable (one fsync).
@@ -163,26 +285,6 @@ impl AuditStore {
             return Err(damaged("its hash does not match its bytes (damaged or tampered)".into()));
         }
         Ok(event)
-    }
-
-    /// The events of `chain` with sequence `from` to `up_to`, in order: a snapshot's full form.
-    pub(crate) fn chain_events(&self, chain: Chain, from: u64, up_to: u64) -> io::Result<Vec<AuditEvent>> {
-        if from > up_to {
-            return Ok(Vec::new());
-        }
-        let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
-        let table = match txn.open_table(EVENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
-        };
-        let key = chain_key(chain);
-        let mut events = Vec::new();
-        for row in table.range((key, from)..=(key, up_to)).map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            events.push(self.decode(k.value(), v.value())?);
-        }
-        Ok(events)
     }
 
     /// The newest `query.limit` events matching `query`, oldest first (by time, node, the log

@@ -7,17 +7,19 @@
 //! a shared lock; `apply` takes the write lock for the duration of one batch, including its
 //! store commit, so a reader never sees a state whose events are not yet queryable.
 //!
-//! A snapshot has two forms. The *local* form (`snapshot.bin`, what openraft builds and reads
-//! at start) holds each audit chain's tip only. The *full* form, sent to a follower and saved by
-//! an operator, holds every event as well ([`StateReader::full_snapshot`]); installing it puts
-//! the events back in the store.
+//! A snapshot (`snapshot.bin`, what openraft builds and reads at start, and what an operator
+//! saves) holds each audit chain's tip, not its events. Sent to a follower, it is followed by
+//! its events, one per line, streamed from the store ([`StateReader::write_snapshot_events`]);
+//! the follower checks and stages them as they arrive ([`SnapshotReceiver`]) and installs them
+//! with the snapshot in one commit. Neither side holds the audit log in memory.
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use citadel_core::audit::Chain;
+use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
 use futures::{Stream, TryStreamExt};
@@ -57,6 +59,82 @@ pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
     audit: AuditStore,
+    /// Set while a snapshot's events are being received.
+    receiving: Arc<AtomicBool>,
+}
+
+/// Each chain of `audit` with its retention anchor and its tip: the events a snapshot covers.
+fn chain_ranges(audit: &citadel_core::audit::AuditLog) -> Vec<(Chain, ChainTip, ChainTip)> {
+    let nodes = audit.chains.iter().map(|(node, c)| (Chain::Node(*node), c.pruned.clone(), c.stored.clone()));
+    nodes.chain([(Chain::Log, audit.log.pruned.clone(), audit.log.stored.clone())]).collect()
+}
+
+/// What the staged events are marked with: the snapshot's last log id, encoded.
+fn staging_id(meta: &SnapshotMeta) -> Vec<u8> {
+    codec::encode(&meta.last_log_id.as_ref().map(codec::StoredLogId::from))
+}
+
+/// Events staged per commit while a snapshot arrives.
+const STAGING_BATCH: usize = 10_000;
+
+/// A snapshot's audit events arriving from the leader ([`StateReader::receive_snapshot`]).
+pub struct SnapshotReceiver {
+    audit: AuditStore,
+    /// Each chain the snapshot covers: its check so far and the tip it must reach.
+    chains: std::collections::BTreeMap<Chain, (ChainVerifier, ChainTip)>,
+    batch: Vec<citadel_core::audit::AuditEvent>,
+    first: bool,
+    snapshot: Vec<u8>,
+    receiving: Arc<AtomicBool>,
+}
+
+impl SnapshotReceiver {
+    /// Takes the next event (one line): it must continue its chain, within the snapshot.
+    /// Blocking (stages a batch now and then).
+    pub fn add(&mut self, line: &[u8]) -> io::Result<()> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("received snapshot: {what}"));
+        let event: citadel_core::audit::AuditEvent =
+            serde_json::from_slice(line).map_err(|e| bad(format!("not an audit event: {e}")))?;
+        let chain = Chain::of(&event);
+        let (verifier, tip) =
+            self.chains.get_mut(&chain).ok_or_else(|| bad(format!("an event of {chain}, which it does not cover")))?;
+        if event.body().seq > tip.seq {
+            return Err(bad(format!("event {} of {chain} is past the snapshot's tip {}", event.body().seq, tip.seq)));
+        }
+        verifier.check(&event).map_err(|e| bad(e.to_string()))?;
+        self.batch.push(event);
+        if self.batch.len() >= STAGING_BATCH {
+            self.stage()?;
+        }
+        Ok(())
+    }
+
+    fn stage(&mut self) -> io::Result<()> {
+        self.audit.stage(&self.batch, self.first)?;
+        self.batch.clear();
+        self.first = false;
+        Ok(())
+    }
+
+    /// Every event arrived: each chain reached its tip, with the tip's hash.
+    pub fn finish(mut self) -> io::Result<()> {
+        for (chain, (verifier, tip)) in &self.chains {
+            if verifier.last() != tip {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("received snapshot: {chain} ends at {} instead of {}", verifier.last().seq, tip.seq),
+                ));
+            }
+        }
+        self.stage()?;
+        self.audit.staged_for(&self.snapshot)
+    }
+}
+
+impl Drop for SnapshotReceiver {
+    fn drop(&mut self) {
+        self.receiving.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl StateReader {
@@ -84,38 +162,68 @@ impl StateReader {
         &self.audit
     }
 
-    /// A local snapshot (`snapshot.bin`'s form) in its full form: every audit event up to each
-    /// chain's tip, read from the store. Blocking: the store is read from disk.
-    pub fn full_snapshot(&self, local: &[u8]) -> io::Result<Vec<u8>> {
+    /// A local snapshot as it is sent to a follower: without any audit events inline (a
+    /// format-4 `snapshot.bin` still holds them; they are in the store), so the events can
+    /// follow it one per line ([`StateReader::write_snapshot_events`]).
+    pub fn transfer_form(&self, local: &[u8]) -> io::Result<Vec<u8>> {
         let mut stored: StoredSnapshot = codec::decode(local, "local snapshot")?;
-        let audit = &mut stored.state.audit;
-        let tips: Vec<_> = audit.tips().collect();
-        for (chain, up_to) in tips {
-            let (anchor, tip) = match chain {
-                Chain::Log => (audit.log.pruned.clone(), audit.log.stored.clone()),
-                Chain::Node(node) => (audit.chains[&node].pruned.clone(), audit.chains[&node].stored.clone()),
-            };
-            let loaded = self.audit.chain_events(chain, anchor.seq + 1, up_to)?;
-            let covered = loaded.len() as u64 == up_to - anchor.seq
-                && (tip.is_genesis() || loaded.last().is_none_or(|e| e.hash == tip.hash));
-            if !covered {
+        stored.state.audit.take_unstored();
+        Ok(codec::encode(&stored))
+    }
+
+    /// Writes the audit events a snapshot in transfer form covers, each chain from its
+    /// retention anchor to its tip, one stored event per call of `out`, read from the store
+    /// and never held whole. Blocking.
+    pub fn write_snapshot_events(
+        &self,
+        transfer: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let stored: StoredSnapshot = codec::decode(transfer, "snapshot")?;
+        let mut total = 0;
+        for (chain, anchor, tip) in chain_ranges(&stored.state.audit) {
+            let written = self.audit.write_chain(chain, anchor.seq + 1, tip.seq, out)?;
+            if written != tip.seq - anchor.seq {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!(
-                        "the audit store holds {} of the events {}..={up_to} of {chain} the snapshot covers",
-                        loaded.len(),
-                        anchor.seq + 1
+                        "the audit store holds {written} of the events {}..={} of {chain} the snapshot covers",
+                        anchor.seq + 1,
+                        tip.seq
                     ),
                 ));
             }
-            match chain {
-                Chain::Log => audit.log.events = loaded,
-                Chain::Node(node) => audit.chains.get_mut(&node).expect("a tip comes from a chain").events = loaded,
-            }
+            total += written;
         }
-        // The window is rebuilt from the events by whoever installs this form.
-        audit.log.recent_requests.clear();
-        Ok(codec::encode(&stored))
+        Ok(total)
+    }
+
+    /// Starts receiving the audit events of a snapshot in transfer form, whose last log id is
+    /// `snapshot`: they are checked link by link and staged, then installed with the snapshot.
+    /// One transfer at a time.
+    pub fn receive_snapshot(&self, transfer: &[u8], snapshot: &SnapshotMeta) -> io::Result<SnapshotReceiver> {
+        let stored: StoredSnapshot = codec::decode(transfer, "received snapshot")?;
+        if stored.state.audit.events().next().is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a snapshot in transfer form holds no audit events inline",
+            ));
+        }
+        if self.receiving.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Err(io::Error::other("another snapshot is being received; retry"));
+        }
+        let chains = chain_ranges(&stored.state.audit)
+            .into_iter()
+            .map(|(chain, anchor, tip)| (chain, (ChainVerifier::after(chain, anchor), tip)))
+            .collect();
+        Ok(SnapshotReceiver {
+            audit: self.audit.clone(),
+            chains,
+            batch: Vec::new(),
+            first: true,
+            snapshot: staging_id(snapshot),
+            receiving: self.receiving.clone(),
+        })
     }
 }
 
@@ -127,6 +235,7 @@ pub struct StateMachine {
     last_sync: Instant,
     /// Where retention writes the events it prunes (`DATA/audit-archive`).
     archive_dir: Arc<Path>,
+    receiving: Arc<AtomicBool>,
 }
 
 impl StateMachine {
@@ -174,11 +283,17 @@ impl StateMachine {
             audit,
             last_sync: Instant::now(),
             archive_dir: data_dir.join(ARCHIVE_DIR).into(),
+            receiving: Arc::default(),
         })
     }
 
     pub fn reader(&self) -> StateReader {
-        StateReader { inner: self.inner.clone(), applied_index: self.applied_tx.subscribe(), audit: self.audit.clone() }
+        StateReader {
+            inner: self.inner.clone(),
+            applied_index: self.applied_tx.subscribe(),
+            audit: self.audit.clone(),
+            receiving: self.receiving.clone(),
+        }
     }
 
     fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
@@ -376,17 +491,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             audit: self.audit.clone(),
             last_sync: self.last_sync,
             archive_dir: self.archive_dir.clone(),
+            receiving: self.receiving.clone(),
         }
     }
 
-    /// Installs a snapshot in its full form (sent by a leader): its audit events replace the
-    /// store's, durably, before the local form replaces `snapshot.bin`.
+    /// Installs a snapshot received from a leader: in transfer form, its audit events staged
+    /// as they arrived ([`SnapshotReceiver`]) become the store in one durable commit; in full
+    /// form (events inline), they replace the store. Then the local form replaces
+    /// `snapshot.bin`.
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
         drop(snapshot);
         let mut restored = restore(stored)?;
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
-        let events = restored.state.audit.take_unstored();
+        let inline = restored.state.audit.take_unstored();
+        let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
         let local = StoredSnapshot {
             format: citadel_core::command::FORMAT_VERSION,
             last_applied: restored.last_applied.as_ref().map(Into::into),
@@ -398,9 +517,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: (&meta.last_membership).into(),
             data: codec::encode(&local),
         };
-        let (snapshots, audit) = (self.snapshots.clone(), self.audit.clone());
+        let (snapshots, audit, staged) = (self.snapshots.clone(), self.audit.clone(), staging_id(meta));
         tokio::task::spawn_blocking(move || {
-            audit.store(&events, index, true, true)?;
+            if inline.is_empty() {
+                if !audit.promote_staged(&staged, index)? {
+                    if covers_events {
+                        return Err(io::Error::other(
+                            "the snapshot's audit events did not all arrive; it will be sent again",
+                        ));
+                    }
+                    audit.store(&[], index, true, true)?;
+                }
+            } else {
+                audit.store(&inline, index, true, true)?;
+            }
             snapshots.write(&record)
         })
         .await
@@ -452,23 +582,77 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_format_4_snapshots_audit_events_move_to_the_store_and_the_full_form_gives_them_back() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A node holding `n` events of node 1's chain, moved from a format-4 snapshot at index 7.
+    fn node_with_events(dir: &Path, n: u64) -> StateMachine {
         let mut state = State::default();
-        state.audit.ship(spool_events(3)).unwrap();
-        write_snapshot(dir.path(), 4, state);
-        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
-        let sm = StateMachine::open(db, dir.path()).unwrap();
-        let reader = sm.reader();
+        state.audit.ship(spool_events(n)).unwrap();
+        write_snapshot(dir, 4, state);
+        let db = Arc::new(Db::open(&dir.join(crate::DB_FILE)).unwrap());
+        StateMachine::open(db, dir).unwrap()
+    }
+
+    fn meta_at_7() -> SnapshotMeta {
+        let last = StoredLogId { term: 1, leader: 1, index: 7 };
+        SnapshotMeta { last_log_id: Some(last.into()), last_membership: membership().into_stored().unwrap() }
+    }
+
+    /// What the sender streams: its snapshot in transfer form and the event lines after it.
+    fn transfer(sender: &StateReader, dir: &Path) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let local = SnapshotFile::in_dir(dir).read::<StoredSnapshotRecord>().unwrap().unwrap().data;
+        let transfer = sender.transfer_form(&local).unwrap();
+        let mut lines = Vec::new();
+        sender.write_snapshot_events(&transfer, &mut |e| Ok(lines.push(e.to_vec()))).unwrap();
+        (transfer, lines)
+    }
+
+    #[test]
+    fn a_format_4_snapshots_audit_events_move_to_the_store_and_are_sent_from_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let reader = node_with_events(dir.path(), 3).reader();
         assert_eq!(reader.read(|s| (s.audit.events().count(), s.audit.chains[&1].last_seq())), (0, 3));
         let stored = reader.audit().query(&crate::AuditQuery { limit: 10, ..Default::default() }).unwrap();
         assert_eq!(stored, spool_events(3), "the events are on disk");
+        let (transfer, lines) = transfer(&reader, dir.path());
+        let header: StoredSnapshot = codec::decode(&transfer, "transfer").unwrap();
+        assert_eq!(header.state.audit.events().count(), 0, "no event inline");
+        let sent: Vec<citadel_core::audit::AuditEvent> =
+            lines.iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        assert_eq!(sent, spool_events(3));
+    }
 
-        let local = SnapshotFile::in_dir(dir.path()).read::<StoredSnapshotRecord>().unwrap().unwrap().data;
-        let full: StoredSnapshot = codec::decode(&reader.full_snapshot(&local).unwrap(), "full").unwrap();
-        assert_eq!(full.state.audit.chains[&1].events, spool_events(3));
-        assert_eq!(full.state.audit.verify(), Ok(3));
+    #[tokio::test]
+    async fn a_snapshot_streamed_event_by_event_is_installed_whole_and_a_cut_or_forged_stream_is_not() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sender = node_with_events(from.path(), 5).reader();
+        let (transfer, lines) = transfer(&sender, from.path());
+        let db = Arc::new(Db::open(&to.path().join(crate::DB_FILE)).unwrap());
+        let mut receiver_sm = StateMachine::open(db, to.path()).unwrap();
+        let receiver = receiver_sm.reader();
+
+        // Cut short: every event checks, but the chain does not reach its tip.
+        let mut cut = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
+        lines[..4].iter().for_each(|l| cut.add(l).unwrap());
+        assert!(cut.finish().unwrap_err().to_string().contains("ends at 4 instead of 5"));
+        let refused = receiver_sm.install_snapshot(&meta_at_7(), transfer.clone()).await.unwrap_err();
+        assert!(refused.to_string().contains("did not all arrive"), "{refused}");
+        // Forged: an event whose bytes were edited fails its chain check.
+        let mut forged = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
+        forged.add(&lines[0]).unwrap();
+        let edited = String::from_utf8(lines[1].clone()).unwrap().replace("\\\"time\\\":2", "\\\"time\\\":9");
+        assert_ne!(edited.as_bytes(), lines[1]);
+        assert!(forged.add(edited.as_bytes()).unwrap_err().to_string().contains("tampered"));
+        drop(forged);
+
+        let mut whole = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
+        assert!(receiver.receive_snapshot(&transfer, &meta_at_7()).is_err(), "one transfer at a time");
+        lines.iter().for_each(|l| whole.add(l).unwrap());
+        whole.finish().unwrap();
+        receiver_sm.install_snapshot(&meta_at_7(), transfer).await.unwrap();
+        let held = receiver.audit().query(&crate::AuditQuery { limit: 10, ..Default::default() }).unwrap();
+        assert_eq!(held, spool_events(5));
+        assert_eq!((receiver.applied_index(), receiver.read(|s| s.audit.chains[&1].last_seq())), (7, 5));
+        let report = &receiver.audit().verify(&Default::default()).unwrap()[0];
+        assert_eq!((report.events, report.error.clone()), (5, None));
     }
 
     #[test]
