@@ -56,10 +56,17 @@ const STAGED: Tables = Tables {
     by_path: TableDefinition::new("audit_by_path.staged"),
 };
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = LIVE.events;
+type EventsTable = redb::ReadOnlyTable<(u64, u64), &'static [u8]>;
 const BY_TIME: TableDefinition<(u64, u64, u64), ()> = LIVE.by_time;
 const BY_NODE: TableDefinition<(u64, u64, u64, u64), ()> = LIVE.by_node;
 const BY_USER: TableDefinition<(&str, u64, u64, u64), ()> = LIVE.by_user;
 const BY_PATH: TableDefinition<(&str, u64, u64, u64), ()> = LIVE.by_path;
+
+#[derive(Clone, Copy)]
+enum Change {
+    Insert,
+    Remove,
+}
 
 impl Tables {
     fn delete(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
@@ -71,7 +78,8 @@ impl Tables {
         Ok(())
     }
 
-    fn insert(&self, txn: &redb::WriteTransaction, events: &[AuditEvent]) -> Result<(), redb::Error> {
+    /// Adds `events` and their index entries, or removes them.
+    fn write(&self, txn: &redb::WriteTransaction, events: &[AuditEvent], change: Change) -> Result<(), redb::Error> {
         let mut table = txn.open_table(self.events)?;
         let mut by_time = txn.open_table(self.by_time)?;
         let mut by_node = txn.open_table(self.by_node)?;
@@ -80,12 +88,24 @@ impl Tables {
         for event in events {
             let body = event.body();
             let (chain, seq, time) = (chain_key(Chain::of(event)), body.seq, body.time);
-            let json = serde_json::to_vec(event).expect("an audit event serializes");
-            table.insert((chain, seq), json.as_slice())?;
-            by_time.insert((time, chain, seq), ())?;
-            by_node.insert((body.node, time, chain, seq), ())?;
-            by_user.insert((body.user.as_str(), time, chain, seq), ())?;
-            by_path.insert((body.path.as_str(), time, chain, seq), ())?;
+            let (user, path) = (body.user.as_str(), body.path.as_str());
+            match change {
+                Change::Insert => {
+                    let json = serde_json::to_vec(event).expect("an audit event serializes");
+                    table.insert((chain, seq), json.as_slice())?;
+                    by_time.insert((time, chain, seq), ())?;
+                    by_node.insert((body.node, time, chain, seq), ())?;
+                    by_user.insert((user, time, chain, seq), ())?;
+                    by_path.insert((path, time, chain, seq), ())?;
+                }
+                Change::Remove => {
+                    table.remove((chain, seq))?;
+                    by_time.remove((time, chain, seq))?;
+                    by_node.remove((body.node, time, chain, seq))?;
+                    by_user.remove((user, time, chain, seq))?;
+                    by_path.remove((path, time, chain, seq))?;
+                }
+            }
         }
         Ok(())
     }
@@ -184,7 +204,7 @@ impl AuditStore {
             if replace {
                 LIVE.delete(txn)?;
             }
-            LIVE.insert(txn, events)?;
+            LIVE.write(txn, events, Change::Insert)?;
             txn.open_table(META)?.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
             Ok(())
         };
@@ -202,7 +222,7 @@ impl AuditStore {
                 STAGED.delete(txn)?;
                 txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
             }
-            STAGED.insert(txn, events)
+            STAGED.write(txn, events, Change::Insert)
         };
         write(&txn).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
@@ -250,11 +270,7 @@ impl AuditStore {
             return Ok(0);
         }
         let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
-        let table = match txn.open_table(EVENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(self.err(e)),
-        };
+        let Some(table) = self.events_table(&txn)? else { return Ok(0) };
         let key = chain_key(chain);
         let mut written = 0;
         for row in table.range((key, from)..=(key, up_to)).map_err(|e| self.err(e))? {
@@ -263,6 +279,15 @@ impl AuditStore {
             written += 1;
         }
         Ok(written)
+    }
+
+    /// The events table as of `txn`; `None` before the first event was stored.
+    fn events_table(&self, txn: &redb::ReadTransaction) -> io::Result<Option<EventsTable>> {
+        match txn.open_table(EVENTS) {
+            Ok(t) => Ok(Some(t)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
     /// Makes every commit so far durable (one fsync).
@@ -292,11 +317,7 @@ impl AuditStore {
     /// else time.
     pub fn query(&self, query: &AuditQuery) -> io::Result<Vec<AuditEvent>> {
         let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
-        let events = match txn.open_table(EVENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
-        };
+        let Some(events) = self.events_table(&txn)? else { return Ok(Vec::new()) };
         let mut found = Vec::new();
         // Loads the event under `key`, keeps it if it matches; says whether the limit is reached.
         let mut take = |key: (u64, u64)| -> io::Result<bool> {
@@ -366,11 +387,7 @@ impl AuditStore {
     pub fn verify(&self, anchors: &BTreeMap<Chain, ChainTip>) -> io::Result<Vec<ChainReport>> {
         let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
         let mut reports: Vec<ChainReport> = Vec::new();
-        let table = match txn.open_table(EVENTS) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(self.err(e)),
-        };
+        let table = self.events_table(&txn)?;
         let mut verifier: Option<ChainVerifier> = None;
         for row in table.as_ref().map(|t| t.iter()).transpose().map_err(|e| self.err(e))?.into_iter().flatten() {
             let (k, v) = row.map_err(|e| self.err(e))?;
@@ -407,11 +424,7 @@ impl AuditStore {
     /// an event out of time order ends the prefix early.
     pub fn prune_points(&self, before: u64, cap: usize) -> io::Result<Vec<PrunePoint>> {
         let txn = self.db.db.begin_read().map_err(|e| self.err(e))?;
-        let table = match txn.open_table(EVENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
-        };
+        let Some(table) = self.events_table(&txn)? else { return Ok(Vec::new()) };
         let mut points = Vec::new();
         let mut next_chain = Some(0u64);
         while let Some(start) = next_chain {
@@ -466,24 +479,7 @@ impl AuditStore {
             return Ok(0);
         }
         write_archive(&archive_dir.join(format!("audit-{index}.jsonl")), &doomed)?;
-        let delete = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
-            let mut table = txn.open_table(EVENTS)?;
-            let mut by_time = txn.open_table(BY_TIME)?;
-            let mut by_node = txn.open_table(BY_NODE)?;
-            let mut by_user = txn.open_table(BY_USER)?;
-            let mut by_path = txn.open_table(BY_PATH)?;
-            for event in &doomed {
-                let body = event.body();
-                let (chain, seq, time) = (chain_key(Chain::of(event)), body.seq, body.time);
-                table.remove((chain, seq))?;
-                by_time.remove((time, chain, seq))?;
-                by_node.remove((body.node, time, chain, seq))?;
-                by_user.remove((body.user.as_str(), time, chain, seq))?;
-                by_path.remove((body.path.as_str(), time, chain, seq))?;
-            }
-            Ok(())
-        };
-        delete(&txn).map_err(|e| self.err(e))?;
+        LIVE.write(&txn, &doomed, Change::Remove).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))?;
         Ok(doomed.len())
     }
