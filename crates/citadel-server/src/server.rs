@@ -129,6 +129,7 @@ pub async fn run(config: Config) -> Result<()> {
     let stopped_by = tokio::select! {
         () = shutdown_signal() => None,
         why = log_failed(log_failures) => Some(why),
+        why = raft_failed(raft.clone()) => Some(why),
     };
     if stopped_by.is_none() {
         crate::graceful_stop::stop(&app, || api_server.abort()).await;
@@ -147,6 +148,21 @@ async fn log_failed(mut failures: citadel_storage::LogFailure) -> String {
         Ok(why) => why.clone().unwrap_or_default(),
         // The log is gone without failing: never resolve, the node stops on a signal.
         Err(_) => std::future::pending().await,
+    }
+}
+
+/// Resolves when Raft stopped on a fatal error, such as a state-machine write that failed (the
+/// audit store on a full disk): the node must not go on serving from a state it cannot keep.
+async fn raft_failed(raft: Raft) -> String {
+    use openraft::async_runtime::WatchReceiver;
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_watched().running_state {
+            return format!("Raft stopped: {fatal}");
+        }
+        if metrics.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

@@ -214,3 +214,66 @@ async fn a_node_whose_raft_log_cannot_be_written_stops_saying_why() {
         "the node says what failed and where: {log}"
     );
 }
+
+/// A tmpfs of `bytes` holding a copy of `file`, bind-mounted over it for the life of the value.
+struct SmallFile {
+    file: std::path::PathBuf,
+    /// Unmounted after the bind mount over `file` (fields drop after `drop`).
+    _disk: SmallDisk,
+}
+
+impl SmallFile {
+    fn mount_over(file: &std::path::Path, bytes: u64) -> SmallFile {
+        let dir = file.with_extension("disk");
+        std::fs::create_dir(&dir).unwrap();
+        let disk = SmallDisk::mount_over(&dir, bytes);
+        let copy = dir.join(file.file_name().unwrap());
+        std::fs::copy(file, &copy).unwrap();
+        let status = std::process::Command::new("mount").arg("--bind").arg(&copy).arg(file).status();
+        assert!(status.is_ok_and(|s| s.success()), "bind-mounting a file failed (the tests run as root)");
+        SmallFile { file: file.to_path_buf(), _disk: disk }
+    }
+}
+
+impl Drop for SmallFile {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.file).status();
+    }
+}
+
+#[tokio::test]
+async fn a_node_whose_audit_store_cannot_be_written_stops_saying_why() {
+    if std::env::var("CITADEL_SKIP_MOUNT_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: this machine cannot mount file systems (CITADEL_SKIP_MOUNT_TESTS=1)");
+        return;
+    }
+    let mut node = Node1::start(21350).await;
+    node.root().kv_put("secret", "before", &json!({ "v": "1" }), None).await.unwrap();
+    node.kill9();
+    // Only the redb file (the audit store) sits on a full disk; the Raft log has room.
+    let db = node.layout.data_dir(0).join(citadel_storage::DB_FILE);
+    let size = std::fs::metadata(&db).unwrap().len();
+    let _disk = SmallFile::mount_over(&db, size + (1 << 20));
+    node.restart().await;
+    let root = node.root();
+    let long_path = "p".repeat(400);
+    for i in 0..20_000 {
+        if node.exited_at(0).is_some() {
+            break;
+        }
+        // Each write's audit event goes to the store; refusals are expected once it is full.
+        let _ = root.kv_put("secret", &format!("{long_path}{i}"), &json!({ "v": i }), None).await;
+    }
+    citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
+        let exit = node.exited_at(0);
+        async move { exit }
+    })
+    .await
+    .unwrap();
+    assert!(!node.exited_at(0).unwrap().success(), "a node that cannot keep its state exits with an error");
+    let log = node.server_log();
+    assert!(
+        log.contains("Raft stopped") && log.contains(&db.display().to_string()),
+        "the node says what failed and where: {log}"
+    );
+}
