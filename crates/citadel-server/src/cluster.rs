@@ -60,7 +60,7 @@ type Wire<T> = Result<T, String>;
 #[derive(Clone)]
 pub struct ClusterNetwork {
     http: reqwest::Client,
-    /// Expands a snapshot to its full form (with the audit events) before it is sent.
+    /// Streams a snapshot's audit events from this node's store when it is sent.
     state: StateReader,
 }
 
@@ -68,8 +68,8 @@ pub struct ClusterNetwork {
 /// 2: audit events travel with their body's stored bytes (storage format 2).
 /// 3: forwarded proposals and log entries may be `Command::Audited` (a write's audit event in
 ///    its own entry, storage format 4), which a node of version 2 cannot decode.
-/// 4: a snapshot sent to a follower is storage format 5 (the audit events read back from the
-///    sender's audit store), which a node of version 3 refuses to install.
+/// 4: a snapshot travels as a header line (storage format 5) followed by its audit events, one
+///    per line, which a node of version 3 cannot read.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 impl ClusterNetwork {
