@@ -721,6 +721,19 @@ mod tests {
     }
 
     #[test]
+    fn audit_retention_defaults_to_400_days_takes_a_fraction_and_refuses_none_naming_the_key() {
+        assert_eq!(parse(GOOD, &[]).unwrap().audit.retain_ms(), 400 * 86_400_000);
+        let half = parse(&format!("{GOOD}\n[audit]\nretain_days = 0.5\n"), &[]).unwrap();
+        assert_eq!(half.audit.retain_ms(), 43_200_000);
+        let from_env = parse(GOOD, &[("CITADEL_AUDIT_RETAIN_DAYS", "2.5")]).unwrap();
+        assert_eq!(from_env.audit.retain_ms(), 216_000_000);
+        for bad in ["0", "-1", "nan", "inf", "36501"] {
+            let err = parse(GOOD, &[("CITADEL_AUDIT_RETAIN_DAYS", bad)]).unwrap_err().0;
+            assert!(err.contains("audit.retain_days"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_minimal_config_gets_safe_defaults() {
         let c = parse(GOOD, &[]).unwrap();
         assert_eq!(c.seal.kind, SealKind::Shamir);
