@@ -264,9 +264,10 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             .await
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        let header = SnapshotTransfer { vote, meta: snapshot.meta, data: transfer.clone() };
+        let header = SnapshotTransfer { vote, meta: snapshot.meta, data: transfer };
         let mut first = serde_json::to_vec(&header).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         first.push(b'\n');
+        let transfer = header.data;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(SNAPSHOT_CHUNKS_IN_FLIGHT);
         let state = self.state.clone();
         // The events are read from a store transaction on a blocking thread and flow through a

@@ -146,6 +146,16 @@ async fn a_damaged_raft_log_record_stops_the_node_with_the_file_named() {
     assert!(stderr.contains(&*name) && stderr.contains("damaged"), "the message must name the damaged file: {stderr}");
 }
 
+/// The test command sets `CITADEL_SKIP_MOUNT_TESTS=1`, and says so loudly, where mounting is
+/// impossible; the disk-fault tests then say SKIPPED.
+fn mounting_is_impossible() -> bool {
+    let skip = std::env::var("CITADEL_SKIP_MOUNT_TESTS").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("SKIPPED: this machine cannot mount file systems (CITADEL_SKIP_MOUNT_TESTS=1)");
+    }
+    skip
+}
+
 /// A tmpfs mounted over a directory (its contents kept) for the life of the value; needs root,
 /// as the test command runs.
 struct SmallDisk(std::path::PathBuf);
@@ -175,9 +185,7 @@ impl Drop for SmallDisk {
 
 #[tokio::test]
 async fn a_node_whose_raft_log_cannot_be_written_stops_saying_why() {
-    // The test command sets this, and says so loudly, where mounting is impossible.
-    if std::env::var("CITADEL_SKIP_MOUNT_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: this machine cannot mount file systems (CITADEL_SKIP_MOUNT_TESTS=1)");
+    if mounting_is_impossible() {
         return;
     }
     let mut node = Node1::start(21340).await;
@@ -243,8 +251,7 @@ impl Drop for SmallFile {
 
 #[tokio::test]
 async fn a_node_whose_audit_store_cannot_be_written_stops_saying_why() {
-    if std::env::var("CITADEL_SKIP_MOUNT_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: this machine cannot mount file systems (CITADEL_SKIP_MOUNT_TESTS=1)");
+    if mounting_is_impossible() {
         return;
     }
     let mut node = Node1::start(21350).await;
