@@ -84,6 +84,8 @@ pub struct Client {
     http: reqwest::Client,
     addr: String,
     token: Option<String>,
+    /// Replaces the 30-second default for requests that wait on long work (a resync).
+    timeout: Option<Duration>,
 }
 
 fn tls_config(ca_pem: &[u8]) -> Result<rustls::ClientConfig, ClientError> {
@@ -112,12 +114,18 @@ impl Client {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Tls(e.to_string()))?;
-        Ok(Client { http, addr: addr.trim_end_matches('/').to_string(), token: None })
+        Ok(Client { http, addr: addr.trim_end_matches('/').to_string(), token: None, timeout: None })
     }
 
     pub fn from_ca_file(addr: &str, ca: &Path) -> Result<Client, ClientError> {
         let pem = std::fs::read(ca).map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", ca.display())))?;
         Client::new(addr, &pem)
+    }
+
+    /// A client whose requests may take up to `timeout` (instead of 30 seconds).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = Some(timeout);
+        self
     }
 
     pub fn with_token(mut self, token: impl Into<String>) -> Client {
@@ -169,6 +177,9 @@ impl Client {
     ) -> Result<Reply, ClientError> {
         let method = Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Decode(e.to_string()))?;
         let mut builder = self.http.request(method, format!("{}{path}", self.addr));
+        if let Some(timeout) = self.timeout {
+            builder = builder.timeout(timeout);
+        }
         if let Some(token) = &self.token {
             builder = builder.header("X-Vault-Token", token);
         }

@@ -200,6 +200,12 @@ pub enum Command {
         expires: UnixMillis,
         at: UnixMillis,
     },
+    /// Marks a member inactive (§10.1: it serves no client and autopilot gives it no vote) or
+    /// active again. The leader checks that `node_id` is a member before proposing.
+    NodeSetActive {
+        node_id: u64,
+        active: bool,
+    },
     /// Forgets records that expired by `now` (chosen by the leader's job): unused join tokens,
     /// revoked serials whose certificates expired, and expired member certificates. Nothing
     /// here is still valid, so nothing a client holds changes meaning.
@@ -268,6 +274,7 @@ impl Command {
             Command::EmergencyTokenRevoke { .. } => "emergency_token_revoke",
             Command::NodeCertRecord { .. } => "node_cert_record",
             Command::NodeCertsRevoke { .. } => "node_certs_revoke",
+            Command::NodeSetActive { .. } => "node_set_active",
             Command::PruneExpired { .. } => "prune_expired",
             Command::AuditPrune { .. } => "audit_prune",
             Command::JobResult { .. } => "job_result",
@@ -379,6 +386,8 @@ pub enum Rejection {
     AuditEventTooLarge { max_field: usize, max_event: usize },
     #[error("an audited command cannot wrap another audited command")]
     NestedAudit,
+    #[error("at most {max} nodes may be inactive; activate or remove one first")]
+    TooManyInactiveNodes { max: usize },
 }
 
 impl Rejection {

@@ -141,7 +141,14 @@ pub struct State {
     /// The latest leader-only job runs (bounded), in log order.
     #[serde(default)]
     pub jobs: JobLog,
+    /// Members an operator deactivated (§10.1): they replicate, but serve no client and get no
+    /// vote. At most [`MAX_INACTIVE_NODES`]; a removed node leaves the set.
+    #[serde(default)]
+    pub inactive_nodes: BTreeSet<u64>,
 }
+
+/// More inactive nodes than any cluster has members is a hostile or broken proposer.
+pub const MAX_INACTIVE_NODES: usize = 64;
 
 impl State {
     pub fn is_initialized(&self) -> bool {
@@ -318,7 +325,20 @@ impl State {
             Command::NodeCertRecord { node_id, serial, not_after, at } => {
                 self.record_node_cert(node_id, serial, not_after, at)
             }
+            Command::NodeSetActive { node_id, active: true } => {
+                self.inactive_nodes.remove(&node_id);
+                Ok(Response::Done)
+            }
+            Command::NodeSetActive { node_id, active: false } => {
+                if !self.inactive_nodes.contains(&node_id) && self.inactive_nodes.len() >= MAX_INACTIVE_NODES {
+                    return Err(Rejection::TooManyInactiveNodes { max: MAX_INACTIVE_NODES });
+                }
+                self.inactive_nodes.insert(node_id);
+                Ok(Response::Done)
+            }
             Command::NodeCertsRevoke { node_id, now } => {
+                // Revocation follows a removal: the node is no member, active or not.
+                self.inactive_nodes.remove(&node_id);
                 let revoked = self.node_certs.remove(&node_id).unwrap_or_default();
                 self.revoked_serials.extend(revoked);
                 self.revoked_serials.retain(|_, not_after| *not_after > now);
@@ -479,12 +499,15 @@ impl State {
         if !state.is_initialized() {
             return Err(Rejection::NotInitialized);
         }
-        // The audit log and the job history record what happened; a restore keeps them.
+        // The audit log and the job history record what happened; a restore keeps them. Which
+        // members are inactive belongs to the live membership, which a restore keeps too.
         let audit = std::mem::take(&mut self.audit);
         let jobs = std::mem::take(&mut self.jobs);
+        let inactive_nodes = std::mem::take(&mut self.inactive_nodes);
         *self = state;
         self.audit = audit;
         self.jobs = jobs;
+        self.inactive_nodes = inactive_nodes;
         Ok(Response::Done)
     }
 
@@ -812,6 +835,30 @@ mod tests {
         assert_eq!(state.node_certs.keys().collect::<Vec<_>>(), vec![&2]);
         assert_eq!(state.node_certs[&2].keys().collect::<Vec<_>>(), vec!["0b"]);
         assert!(!state.is_serial_revoked("0d"), "a revoked certificate that expired is forgotten");
+    }
+
+    #[test]
+    fn a_node_marked_inactive_stays_so_until_activated_or_removed_and_the_set_is_bounded() {
+        let mut state = initialized();
+        let inactive = |node_id| Command::NodeSetActive { node_id, active: false };
+        assert_eq!(state.apply(inactive(2)), Response::Done);
+        assert_eq!(state.apply(inactive(2)), Response::Done, "marking twice is harmless");
+        assert!(state.inactive_nodes.contains(&2));
+        assert_eq!(state.apply(Command::NodeSetActive { node_id: 2, active: true }), Response::Done);
+        assert!(state.inactive_nodes.is_empty());
+        state.apply(inactive(3));
+        state.apply(Command::NodeCertsRevoke { node_id: 3, now: 1 });
+        assert!(state.inactive_nodes.is_empty(), "a removed node is no longer inactive");
+        for id in 0..MAX_INACTIVE_NODES as u64 {
+            assert_eq!(state.apply(inactive(100 + id)), Response::Done);
+        }
+        let before = state.clone();
+        assert_eq!(
+            state.apply(inactive(1)),
+            Response::Rejected(Rejection::TooManyInactiveNodes { max: MAX_INACTIVE_NODES })
+        );
+        assert_eq!(state, before);
+        assert_eq!(state.apply(inactive(100)), Response::Done, "one already inactive is no growth");
     }
 
     #[test]

@@ -70,7 +70,9 @@ pub struct ClusterNetwork {
 ///    its own entry, storage format 4), which a node of version 2 cannot decode.
 /// 4: a snapshot travels as a header line (storage format 5) followed by its audit events, one
 ///    per line, which a node of version 3 cannot read.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: log entries may be `Command::NodeSetActive` (a deactivated member, §10.1), and the leader
+///    asks members for `cluster/lifecycle` and `cluster/resync`.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {
@@ -325,6 +327,8 @@ pub fn router(app: Arc<Node>) -> Router {
         .route("/cluster/transfer-leader", post(transfer))
         .route("/cluster/remove-peer", post(remove_peer))
         .route("/cluster/leave", post(leave))
+        .route("/cluster/lifecycle", post(lifecycle))
+        .route("/cluster/resync", post(resync))
         .route("/cluster/renew-cert", post(renew_cert))
         .with_state(app.clone());
     // The gate runs before a body is read: a refused peer cannot make this node buffer one.
@@ -403,6 +407,14 @@ async fn ha_status(State(app): State<Arc<Node>>) -> Json<Wire<serde_json::Value>
 
 async fn remove_peer(State(app): State<Arc<Node>>, Json(target): Json<u64>) -> Json<Wire<()>> {
     Json(crate::membership::remove_peer(&app, target).await)
+}
+
+async fn lifecycle(State(app): State<Arc<Node>>, Json(req): Json<crate::lifecycle::Request>) -> Json<Wire<()>> {
+    Json(crate::lifecycle::run(&app, req).await)
+}
+
+async fn resync(State(app): State<Arc<Node>>, Json(()): Json<()>) -> Json<Wire<()>> {
+    Json(crate::resync::request(&app).await)
 }
 
 async fn leave(State(app): State<Arc<Node>>, Json(leaving): Json<bool>) -> Json<Wire<()>> {

@@ -241,6 +241,11 @@ pub struct RaftConfig {
     /// Log entries between automatic snapshots (which also bound the log kept on disk).
     #[serde(default = "default_snapshot_threshold")]
     pub snapshot_threshold: u64,
+    /// Entries kept in the log behind the latest snapshot, so a follower briefly behind catches
+    /// up from the log. A follower further behind (one that was down) gets a snapshot: a dead
+    /// voter never holds the log longer than this plus `snapshot_threshold` (§10.1).
+    #[serde(default = "default_max_trailing_logs")]
+    pub max_trailing_logs: u64,
     /// Voters kept while enough nodes exist; later nodes replicate as non-voters (odd, ≥ 1).
     #[serde(default = "default_max_voters")]
     pub max_voters: usize,
@@ -255,6 +260,7 @@ impl Default for RaftConfig {
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
             snapshot_threshold: default_snapshot_threshold(),
+            max_trailing_logs: default_max_trailing_logs(),
             max_voters: default_max_voters(),
             dead_server_threshold_ms: default_dead_server_threshold_ms(),
         }
@@ -524,6 +530,9 @@ fn default_election_timeout_ms() -> u64 {
 fn default_snapshot_threshold() -> u64 {
     5000
 }
+fn default_max_trailing_logs() -> u64 {
+    1000
+}
 fn default_max_voters() -> usize {
     5
 }
@@ -553,6 +562,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_RAFT_HEARTBEAT_MS", &["raft", "heartbeat_ms"]),
     ("CITADEL_RAFT_ELECTION_TIMEOUT_MS", &["raft", "election_timeout_ms"]),
     ("CITADEL_RAFT_SNAPSHOT_THRESHOLD", &["raft", "snapshot_threshold"]),
+    ("CITADEL_RAFT_MAX_TRAILING_LOGS", &["raft", "max_trailing_logs"]),
     ("CITADEL_RAFT_MAX_VOTERS", &["raft", "max_voters"]),
     ("CITADEL_RAFT_DEAD_SERVER_THRESHOLD_MS", &["raft", "dead_server_threshold_ms"]),
     ("CITADEL_AUDIT_FILE", &["audit", "file"]),

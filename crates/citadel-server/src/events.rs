@@ -47,6 +47,11 @@ pub enum NodeEvent {
         voters: Vec<u64>,
         learners: Vec<u64>,
     },
+    /// The leader carried out an operator's lifecycle action on member `id` (§10.1).
+    Lifecycle {
+        id: u64,
+        action: String,
+    },
     /// A leader-only job ran (`outcome`: `done`, `rejected(...)`, `failed: ...`).
     JobResult {
         job: String,
@@ -67,6 +72,7 @@ impl NodeEvent {
             NodeEvent::Sealed => "sealed",
             NodeEvent::Unsealed => "unsealed",
             NodeEvent::MembershipChanged { .. } => "membership_changed",
+            NodeEvent::Lifecycle { .. } => "lifecycle",
             NodeEvent::JobResult { .. } => "job_result",
         }
     }

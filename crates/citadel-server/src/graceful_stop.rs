@@ -50,7 +50,7 @@ pub async fn stop(app: &Arc<Node>, stop_accepting: impl FnOnce()) {
 }
 
 /// The reachable voter with the least lag, or none.
-fn successor(app: &Node) -> Option<u64> {
+pub fn successor(app: &Node) -> Option<u64> {
     let progress = crate::ha::Progress::of(app);
     let timeout = app.config.raft.election_timeout_ms;
     progress

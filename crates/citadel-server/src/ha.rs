@@ -111,6 +111,7 @@ fn cluster_summary(app: &Node, voters: usize, non_voters: usize, health: &str, s
 async fn leader_view(app: &Node) -> Value {
     let progress = Progress::of(app);
     let (membership, voters) = (&progress.membership, &progress.voters);
+    let inactive = app.state.read(|s| s.inactive_nodes.clone());
     let mut nodes = Vec::new();
     let mut reachable_voters = 0;
     let mut all_replicating = true;
@@ -128,6 +129,7 @@ async fn leader_view(app: &Node) -> Value {
             None => "unreachable",
             Some(_) if !me && last_contact_ms > app.config.raft.election_timeout_ms => "unreachable",
             Some(s) if s.sealed => "sealed",
+            Some(_) if inactive.contains(id) => "inactive",
             Some(_) if lag > LAG_ENTRIES => "lagging",
             Some(_) => "healthy",
         };
@@ -178,6 +180,8 @@ fn local_view(app: &Node, note: &str) -> Value {
                 "unknown"
             } else if me.sealed {
                 "sealed"
+            } else if app.is_inactive() {
+                "inactive"
             } else {
                 "healthy"
             };

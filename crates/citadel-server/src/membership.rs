@@ -63,7 +63,7 @@ pub async fn accept_join(app: &Node, peer: Option<&PeerIdentity>, req: JoinReque
         }
     }
     let voters = app.raft_metrics().membership_config.membership().voter_ids().count();
-    if voters >= app.config.raft.max_voters {
+    if voters >= app.config.raft.max_voters || held_back(app).contains(&req.node_id) {
         return Ok(JoinReply::Joined { voter: false });
     }
     app.raft
@@ -115,6 +115,11 @@ pub async fn retry_join(app: Arc<Node>) {
         let me = app.node_id();
         if app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me) {
             return;
+        }
+        // Deactivated: the operator decides when it votes again (activate).
+        if app.is_inactive() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
         }
         for target in &app.config.retry_join {
             match join(&app, &target.leader_cluster_addr).await {
@@ -276,7 +281,12 @@ pub async fn autopilot_step(app: &Node) {
     let voters = &progress.voters;
     let timeout = app.config.raft.election_timeout_ms;
     let caught_up = |id: u64| progress.lag(id) <= 100 && progress.contact_ms(id).is_some_and(|ms| ms <= timeout);
-    let candidate = progress.membership.nodes().map(|(id, _)| *id).find(|id| !voters.contains(id) && caught_up(*id));
+    let held_back = held_back(app);
+    let candidate = progress
+        .membership
+        .nodes()
+        .map(|(id, _)| *id)
+        .find(|id| !voters.contains(id) && !held_back.contains(id) && caught_up(*id));
     let Some(candidate) = candidate else { return };
     let change = if voters.len() < app.config.raft.max_voters {
         ChangeMembers::AddVoterIds(BTreeSet::from([candidate]))
@@ -297,6 +307,13 @@ pub async fn autopilot_step(app: &Node) {
         Ok(_) => tracing::info!(node = candidate, "autopilot: membership updated"),
         Err(e) => tracing::debug!(error = %e, "autopilot: change deferred"),
     }
+}
+
+/// Non-voters that must not get a vote: deactivated ones, and those this leader is resyncing.
+fn held_back(app: &Node) -> BTreeSet<u64> {
+    let mut nodes = app.state.read(|s| s.inactive_nodes.clone());
+    nodes.extend(app.resyncing.lock().expect("resyncing lock").iter().copied());
+    nodes
 }
 
 /// The leader's autopilot loop.

@@ -47,6 +47,10 @@ pub struct Node {
     pub removed: std::sync::atomic::AtomicBool,
     /// The node's event stream (§9.2).
     pub events: crate::events::EventBus,
+    /// Nodes this leader is resyncing (`lifecycle.rs`): autopilot gives them no vote meanwhile.
+    pub resyncing: Mutex<std::collections::BTreeSet<u64>>,
+    /// Asks the server to stop and start afresh (a resync, `resync.rs`).
+    pub restart: tokio::sync::Notify,
 }
 
 /// The request a node is serving, for the commands it proposes and the reads it makes.
@@ -144,6 +148,11 @@ impl Node {
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
         use openraft::async_runtime::WatchReceiver;
         self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Whether an operator deactivated this node (§10.1): it serves no client request.
+    pub fn is_inactive(&self) -> bool {
+        self.state.read(|s| s.inactive_nodes.contains(&self.node_id()))
     }
 
     pub fn is_leader(&self) -> bool {

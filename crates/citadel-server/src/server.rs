@@ -40,6 +40,7 @@ pub async fn run(config: Config) -> Result<()> {
     let node_cert = tls::NodeCert::load(&config.tls.cert, &config.tls.key)?;
     let api_tls = tls::server_config(node_cert.clone())?;
     let cluster_tls = cluster_tls(&config, node_cert.clone())?;
+    crate::resync::discard_if_requested(&config.data_dir)?;
     let (log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
     let state = sm.reader();
     let log_failures = log.failures();
@@ -51,7 +52,7 @@ pub async fn run(config: Config) -> Result<()> {
         // out, so a wide window delays failover by up to a whole extra timeout. Keep it narrow.
         election_timeout_max: config.raft.election_timeout_ms * 4 / 3,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_threshold),
-        max_in_snapshot_log_to_keep: config.raft.snapshot_threshold / 5,
+        max_in_snapshot_log_to_keep: config.raft.max_trailing_logs,
         enable_pre_vote: Some(true),
         // Bounds one append's size: audit batches make large entries.
         max_payload_entries: 64,
@@ -60,6 +61,12 @@ pub async fn run(config: Config) -> Result<()> {
         // only up to the last committed index it had persisted, which may be behind what it
         // acknowledged (found by scripts/chaos, crash-all).
         enable_leader_restore: Some(false),
+        // A member that comes back with an empty data directory (a lost disk, or an operator
+        // who deleted it before `node resync`) answers that its log is gone. Without this the
+        // leader asserts (debug builds) or keeps a matching index the node no longer has; with
+        // it the leader searches again and sends a snapshot. The committed index never moves
+        // back (openraft keeps the quorum-accepted value).
+        allow_log_reversion: Some(true),
         ..Default::default()
     }
     .validate()
@@ -100,6 +107,8 @@ pub async fn run(config: Config) -> Result<()> {
         leaving: Default::default(),
         removed: Default::default(),
         events,
+        resyncing: Default::default(),
+        restart: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);
@@ -127,19 +136,31 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let stopped_by = tokio::select! {
-        () = shutdown_signal() => None,
-        why = log_failed(log_failures) => Some(why),
-        why = raft_failed(raft.clone()) => Some(why),
+        () = shutdown_signal() => Stop::Signal,
+        () = app.restart.notified() => Stop::Resync,
+        why = log_failed(log_failures) => Stop::Failed(why),
+        why = raft_failed(raft.clone()) => Stop::Failed(why),
     };
-    if stopped_by.is_none() {
+    if !matches!(stopped_by, Stop::Failed(_)) {
         crate::graceful_stop::stop(&app, || api_server.abort()).await;
     }
     tracing::info!("shutting down");
     let _ = raft.shutdown().await;
     match stopped_by {
-        None => Ok(()),
-        Some(why) => Err(anyhow::anyhow!(why)),
+        Stop::Signal => Ok(()),
+        Stop::Resync => Err(crate::resync::restart_process()),
+        Stop::Failed(why) => Err(anyhow::anyhow!(why)),
     }
+}
+
+/// Why the node stops.
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A resync: start afresh without the replicated state.
+    Resync,
+    /// The log or Raft failed: the node must not go on.
+    Failed(String),
 }
 
 /// Resolves when the Raft log has failed (a write or fsync error): the node must not go on.
@@ -239,6 +260,9 @@ fn api_router(app: Arc<Node>) -> Router {
     Router::new().route("/v1/{*path}", any(api_entry)).fallback(not_found).with_state(app)
 }
 
+const INACTIVE_MESSAGE: &str = "this node is inactive: an operator deactivated it (`citadel operator node \
+     activate ID` brings it back); send requests to another node";
+
 async fn not_found(uri: Uri) -> Response {
     ApiError::no_route(uri.path()).into_response()
 }
@@ -257,6 +281,10 @@ async fn api_entry(
     };
     if crate::peer::is_removed(&app) && path != "sys/health" {
         return ApiError::unavailable(crate::peer::REMOVED_MESSAGE).into_response();
+    }
+    // A deactivated node serves operators (`sys/`), not clients (§10.1).
+    if !path.starts_with("sys/") && app.is_inactive() {
+        return ApiError::unavailable(INACTIVE_MESSAGE).into_response();
     }
     let query = match crate::request_path::query(&uri) {
         Ok(q) => q,

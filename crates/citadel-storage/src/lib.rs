@@ -20,10 +20,52 @@ pub use log_store::{LogFailure, LogStore, LOG_DIR};
 pub use state_machine::{StateMachine, StateReader};
 pub use types::{NodeInfo, TypeConfig};
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn discarding_the_replicated_state_keeps_the_nodes_own_files_and_can_be_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(super::LOG_DIR)).unwrap();
+        std::fs::write(d.join(super::LOG_DIR).join("chunk"), b"x").unwrap();
+        for f in [super::DB_FILE, super::snapshot_file::SNAPSHOT_FILE, "audit-spool", "REMOVED"] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let deleted = super::discard_replicated_state(d).unwrap();
+        assert_eq!(deleted.len(), 3, "{deleted:?}");
+        let mut left: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, ["REMOVED", "audit-spool"]);
+        assert!(super::discard_replicated_state(d).unwrap().is_empty(), "a second run finds nothing to do");
+    }
+}
+
 use std::path::{Path, PathBuf};
 
 /// File name of the redb database inside a node's data directory (identity, audit log).
 pub const DB_FILE: &str = "raft.redb";
+
+/// Deletes the node's replicated state (the Raft log, the state machine's database and its
+/// snapshot) so that it catches up from the cluster as a new replica would (§10.1 resync).
+/// What is the node's own stays: its audit spool (its chain goes on from its last sequence),
+/// the audit archives, its certificates and keys. Returns what it deleted; missing files are
+/// no error, so an interrupted discard is finished by running it again.
+pub fn discard_replicated_state(data_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut deleted = Vec::new();
+    for name in [LOG_DIR, DB_FILE, snapshot_file::SNAPSHOT_FILE, snapshot_file::STAGING_FILE] {
+        let path = data_dir.join(name);
+        let result = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+            Ok(_) => std::fs::remove_file(&path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| std::io::Error::new(e.kind(), format!("cannot delete {}: {e}", path.display())))?;
+        deleted.push(path);
+    }
+    std::fs::File::open(data_dir).and_then(|d| d.sync_all())?;
+    Ok(deleted)
+}
 
 /// Opens (or creates) a node's storage, refusing data that belongs to another node or fails
 /// its checksums. Errors say which file and what to do.

@@ -17,6 +17,8 @@ use crate::files::open_private;
 
 /// File name of the snapshot inside a node's data directory.
 pub const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// Where a new snapshot is written before it is renamed over [`SNAPSHOT_FILE`].
+pub const STAGING_FILE: &str = "snapshot.bin.new";
 
 pub(crate) struct SnapshotFile {
     path: PathBuf,
@@ -46,7 +48,7 @@ impl SnapshotFile {
     /// Replaces the snapshot atomically and durably.
     pub(crate) fn write<T: Serialize>(&self, value: &T) -> io::Result<()> {
         let bytes = codec::encode(value);
-        let staging = self.path.with_extension("bin.new");
+        let staging = self.path.with_file_name(STAGING_FILE);
         let err =
             |what: &str, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", staging.display()));
         let mut file = open_private(&staging, std::fs::OpenOptions::new().write(true).create(true).truncate(true))

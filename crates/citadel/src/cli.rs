@@ -140,6 +140,32 @@ enum OperatorCmd {
     StepDown,
     #[command(subcommand)]
     Raft(RaftCmd),
+    /// A node's lifecycle (§10.1): deactivate, activate, resync, rename, remove.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Stop the node serving clients and take its vote; it keeps replicating.
+    Deactivate {
+        node_id: u64,
+        /// Even if the cluster would be left unable to lose another voter.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Let a deactivated node serve again; it gets its vote back once caught up.
+    Activate { node_id: u64 },
+    /// Make the node discard its state and catch up from a snapshot (waits until it has).
+    Resync {
+        node_id: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change the node's display name.
+    Rename { node_id: u64, name: String },
+    /// Remove the node from the cluster (as `operator raft remove-peer`).
+    Remove { node_id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -631,6 +657,30 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
         OperatorCmd::StepDown => {
             c.request("PUT", "sys/step-down", None).await?;
             out!("Success! Stepped down.");
+            Ok(())
+        }
+        OperatorCmd::Node(cmd) => {
+            let (node_id, action, body, done) = match cmd {
+                NodeCmd::Deactivate { node_id, force } => (
+                    node_id,
+                    "deactivate",
+                    json!({ "force": force }),
+                    "is inactive: it serves no client and has no vote",
+                ),
+                NodeCmd::Activate { node_id } => {
+                    (node_id, "activate", json!({}), "is active: it serves, and votes again once caught up")
+                }
+                NodeCmd::Resync { node_id, force } => {
+                    out!("Resyncing node {node_id}: it discards its state and catches up from a snapshot...");
+                    (node_id, "resync", json!({ "force": force }), "has resynced and caught up")
+                }
+                NodeCmd::Rename { node_id, name } => (node_id, "rename", json!({ "name": name }), "is renamed"),
+                NodeCmd::Remove { node_id } => (node_id, "remove", json!({}), "is removed from the cluster"),
+            };
+            // A resync waits for the node to catch up, which the server bounds at 150 s.
+            let c = c.with_timeout(std::time::Duration::from_secs(180));
+            c.post(&format!("sys/ha/nodes/{node_id}/{action}"), &body).await?;
+            out!("Success! Node {node_id} {done}.");
             Ok(())
         }
     }

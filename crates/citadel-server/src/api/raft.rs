@@ -61,6 +61,36 @@ pub fn routes() -> Vec<Route<Handler>> {
                 .local()],
         ),
         route(
+            "sys/ha/nodes/:id/deactivate",
+            vec![op::sudo(
+                Op::Write,
+                "Stop a node serving clients and take its vote; it keeps replicating",
+                handler!(node_deactivate),
+            )
+            .with_params(FORCE_PARAMS)],
+        ),
+        route(
+            "sys/ha/nodes/:id/activate",
+            vec![op::sudo(Op::Write, "Let a deactivated node serve and vote again", handler!(node_activate))],
+        ),
+        route(
+            "sys/ha/nodes/:id/resync",
+            vec![op::sudo(
+                Op::Write,
+                "Make a node discard its state and catch up from a snapshot",
+                handler!(node_resync),
+            )
+            .with_params(FORCE_PARAMS)],
+        ),
+        route(
+            "sys/ha/nodes/:id/rename",
+            vec![op::sudo(Op::Write, "Change a node's display name", handler!(node_rename)).with_params(RENAME_PARAMS)],
+        ),
+        route(
+            "sys/ha/nodes/:id/remove",
+            vec![op::sudo(Op::Write, "Remove a node from the cluster (remove-peer)", handler!(node_remove))],
+        ),
+        route(
             "sys/ha/transfer-leader",
             vec![op::sudo(Op::Write, "Hand leadership to a voter", handler!(transfer_leader))
                 .with_params(TRANSFER_PARAMS)],
@@ -137,6 +167,62 @@ const JOIN_TOKEN_PARAMS: &[Param] = &[
     Param::body("ttl", Kind::Duration, "Lifetime (60s to 7 days, default 1h)"),
     Param::body("node_id", Kind::Integer, "Bind the token to one node id"),
 ];
+
+const FORCE_PARAMS: &[Param] =
+    &[Param::body("force", Kind::Boolean, "Go ahead even if the cluster would lose its failure tolerance")];
+
+const RENAME_PARAMS: &[Param] = &[Param::body("name", Kind::String, "The node's new display name").required()];
+
+/// The `:id` of a `sys/ha/nodes/:id/...` path.
+fn path_node_id(c: &Call<'_>) -> Result<u64, ApiError> {
+    let raw = c.param("id");
+    raw.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+        ApiError::bad_request(format!("{raw:?} is not a node id (a positive integer, as in sys/ha/status)"))
+    })
+}
+
+/// The optional `force` flag of a lifecycle request.
+fn force_field(c: &Call<'_>) -> Result<bool, ApiError> {
+    let body: Value = if c.req.body.is_empty() { Value::Null } else { c.req.json()? };
+    match body.get("force") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(force)) => Ok(*force),
+        Some(other) => Err(ApiError::bad_request(format!("force must be true or false, not {other}"))),
+    }
+}
+
+async fn lifecycle(c: &Call<'_>, action: crate::lifecycle::Action) -> Result<Reply, ApiError> {
+    let node_id = path_node_id(c)?;
+    crate::lifecycle::run(c.app, crate::lifecycle::Request { node_id, action }).await.map_err(ApiError::bad_request)?;
+    Ok(Reply::empty())
+}
+
+async fn node_deactivate(c: &Call<'_>) -> Result<Reply, ApiError> {
+    lifecycle(c, crate::lifecycle::Action::Deactivate { force: force_field(c)? }).await
+}
+
+async fn node_activate(c: &Call<'_>) -> Result<Reply, ApiError> {
+    lifecycle(c, crate::lifecycle::Action::Activate).await
+}
+
+async fn node_resync(c: &Call<'_>) -> Result<Reply, ApiError> {
+    lifecycle(c, crate::lifecycle::Action::Resync { force: force_field(c)? }).await
+}
+
+async fn node_rename(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let body: Value = c.req.json()?;
+    let name = body
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("missing required field \"name\" (the node's new display name)"))?;
+    lifecycle(c, crate::lifecycle::Action::Rename { name: name.to_string() }).await
+}
+
+async fn node_remove(c: &Call<'_>) -> Result<Reply, ApiError> {
+    let node_id = path_node_id(c)?;
+    crate::membership::remove_peer(c.app, node_id).await.map_err(ApiError::bad_request)?;
+    Ok(Reply::empty())
+}
 
 const TRANSFER_PARAMS: &[Param] =
     &[Param::body("node_id", Kind::Integer, "The voter to hand leadership to").required()];

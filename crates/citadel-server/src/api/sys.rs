@@ -96,12 +96,16 @@ async fn health(c: &Call<'_>) -> Result<Reply, ApiError> {
     let mode = ha_mode(app);
     let standby_ok = req.query.get("standbyok").is_some_and(|v| v == "true" || v.is_empty());
     let removed = crate::peer::is_removed(app);
+    let inactive = app.is_inactive();
     let status = if removed {
         StatusCode::SERVICE_UNAVAILABLE
     } else if !initialized {
         query_code(req, "uninitcode", 501)?
     } else if sealed {
         query_code(req, "sealedcode", 503)?
+    } else if inactive {
+        // Load balancers drop a deactivated node (§10.1).
+        query_code(req, "inactivecode", 503)?
     } else if mode == "leader" {
         query_code(req, "activecode", 200)?
     } else if mode == "follower" {
@@ -125,6 +129,7 @@ async fn health(c: &Call<'_>) -> Result<Reply, ApiError> {
         "cluster_name": cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
         "cluster_id": cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
         "ha_mode": mode,
+        "inactive": inactive,
         "leader_id": metrics.current_leader,
         "term": metrics.current_term,
         "commit_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
@@ -373,6 +378,7 @@ const HEALTH_PARAMS: &[Param] = &[
     Param::query("sealedcode", Kind::Integer, "Status code when sealed (200 to 599)"),
     Param::query("uninitcode", Kind::Integer, "Status code when not initialized (200 to 599)"),
     Param::query("haunhealthycode", Kind::Integer, "Status code in read-only mode (200 to 599)"),
+    Param::query("inactivecode", Kind::Integer, "Status code on a deactivated node (200 to 599)"),
 ];
 
 const METRICS_PARAMS: &[Param] = &[Param::query("format", Kind::String, "prometheus or json")];
@@ -442,6 +448,7 @@ async fn metrics(c: &Call<'_>) -> Result<Reply, ApiError> {
         ("citadel_raft_applied_index", "Highest applied log index.", idx(&m.last_applied)),
         ("citadel_raft_snapshot_index", "Last log index in the latest snapshot.", idx(&m.snapshot)),
         ("citadel_raft_purged_index", "Last log index removed by compaction.", idx(&m.purged)),
+        ("citadel_raft_last_log_index", "Last index in this node's log.", m.last_log_index.unwrap_or(0)),
         ("citadel_raft_is_leader", "1 if this node leads.", u64::from(m.current_leader == Some(app.node_id()))),
         ("citadel_sealed", "1 if this node is sealed.", u64::from(app.seal.is_sealed())),
         ("citadel_audit_spool_last_seq", "Last sequence written to the local audit spool.", app.audit.last_seq()),

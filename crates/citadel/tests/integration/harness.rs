@@ -184,6 +184,17 @@ impl Cluster {
         .expect("leader elected")
     }
 
+    /// Runs the `citadel` CLI against node `i` as root (blocking: the nodes are other processes).
+    pub fn cli_at(&self, i: usize, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(EXE)
+            .args(args)
+            .env("CITADEL_ADDR", self.layout.api_url(i))
+            .env("CITADEL_TOKEN", &self.root)
+            .env("CITADEL_CACERT", self.layout.ca_path())
+            .output()
+            .expect("run the citadel CLI")
+    }
+
     pub fn server_log_at(&self, i: usize) -> String {
         std::fs::read_to_string(self.layout.log_path(i)).unwrap_or_default()
     }

@@ -1,0 +1,332 @@
+//! Node lifecycle (§10.1, the seeds' inactive / activate / resync): run on the leader, which
+//! owns membership. Any node accepts the request and forwards it.
+//!
+//! - **deactivate**: the node is marked inactive in the replicated state (it then refuses client
+//!   requests and its health answers 503 `inactive`), then demoted to non-voter; it keeps
+//!   replicating, and autopilot leaves it without a vote.
+//! - **activate**: the mark goes; autopilot gives the node its vote back once it is caught up.
+//! - **resync**: the node is demoted (only a node that does not vote may forget its log), the
+//!   leader compacts its log so that catching up takes a snapshot, the node discards its
+//!   replicated state and restarts (`resync.rs`); once it has caught up it votes again.
+//! - **rename**: its display name in the membership changes (addresses stay, so no peer is lost).
+//!
+//! Taking a vote away is refused when the voters left could not lose one more and keep a
+//! majority of reachable nodes (failure tolerance below 0), unless forced.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use citadel_core::command::{Command, Response};
+use openraft::ChangeMembers;
+use serde::{Deserialize, Serialize};
+
+use crate::events::NodeEvent;
+use crate::node::Node;
+
+/// What an operator asks of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum Action {
+    Deactivate { force: bool },
+    Activate,
+    Resync { force: bool },
+    Rename { name: String },
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Deactivate { .. } => "deactivate",
+            Action::Activate => "activate",
+            Action::Resync { .. } => "resync",
+            Action::Rename { .. } => "rename",
+        }
+    }
+
+    /// Whether the action takes the node's vote away while it runs.
+    fn demotes(&self) -> bool {
+        matches!(self, Action::Deactivate { .. } | Action::Resync { .. })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub node_id: u64,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// A display name: what `node_name` accepts.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// How long a forwarded request may take on the leader: a resync waits for the node's catch-up.
+const FORWARD_LIMIT: Duration = Duration::from_secs(150);
+/// How long the leader waits for a resynced node to restart and catch up.
+const RESYNC_LIMIT: Duration = Duration::from_secs(120);
+/// How long the leader waits for its snapshot before a resync.
+const SNAPSHOT_LIMIT: Duration = Duration::from_secs(30);
+/// Entries a node may trail the leader by and count as caught up (autopilot's measure).
+const CAUGHT_UP_LAG: u64 = 100;
+/// How long a voter may take to answer before it counts as out of reach.
+const PING_LIMIT: Duration = Duration::from_millis(500);
+/// How long a membership change may take to commit. It needs a majority of the old and of the
+/// new voters: past this, one of them is out of reach.
+const MEMBERSHIP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs `req` on the leader, forwarding it there if needed.
+pub async fn run(app: &Node, req: Request) -> Result<(), String> {
+    check_name(&req.action)?;
+    let metrics = app.raft_metrics();
+    let membership = metrics.membership_config.membership().clone();
+    if membership.get_node(&req.node_id).is_none() {
+        return Err(format!("node {} is not a member of this cluster", req.node_id));
+    }
+    let me = app.node_id();
+    match metrics.current_leader {
+        Some(id) if id == me => {}
+        Some(id) => return forward(app, id, &req).await,
+        None => return Err("the cluster has no leader; retry once one is elected".into()),
+    }
+    if req.node_id == me && req.action.demotes() {
+        // The leader would demote itself: hand leadership over, then let the new leader act.
+        let successor = crate::graceful_stop::successor(app).ok_or_else(|| {
+            format!("node {me} leads and no other voter is reachable to take over; nothing was changed")
+        })?;
+        crate::membership::transfer_leadership(app, successor).await?;
+        return forward(app, successor, &req).await;
+    }
+    let outcome = match &req.action {
+        Action::Deactivate { force } => deactivate(app, req.node_id, *force).await,
+        Action::Activate => activate(app, req.node_id).await,
+        Action::Resync { force } => resync(app, req.node_id, *force).await,
+        Action::Rename { name } => rename(app, req.node_id, name).await,
+    };
+    if outcome.is_ok() {
+        tracing::info!(node = req.node_id, action = req.action.name(), "node lifecycle action done");
+        app.events.publish(NodeEvent::Lifecycle { id: req.node_id, action: req.action.name().into() });
+    }
+    outcome
+}
+
+async fn forward(app: &Node, leader: u64, req: &Request) -> Result<(), String> {
+    let node = app
+        .raft_metrics()
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .cloned()
+        .ok_or("the leader is not in this node's membership yet; retry")?;
+    app.peers.call(&node.cluster_addr, "cluster/lifecycle", req, FORWARD_LIMIT).await.map_err(String::from)
+}
+
+fn check_name(action: &Action) -> Result<(), String> {
+    let Action::Rename { name } = action else { return Ok(()) };
+    if name.trim().is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(format!(
+            "name must be 1 to {MAX_NAME_BYTES} bytes of printable characters, not blank: {:?}",
+            name.chars().take(MAX_NAME_BYTES).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses to take `target`'s vote unless the voters left keep a failure tolerance of at
+/// least 0 among the reachable ones (or `force`).
+async fn check_tolerance(app: &Node, target: u64, force: bool) -> Result<(), String> {
+    let progress = crate::ha::Progress::of(app);
+    if !progress.voters.contains(&target) {
+        return Ok(());
+    }
+    let remaining: Vec<u64> = progress.voters.iter().copied().filter(|v| *v != target).collect();
+    if remaining.is_empty() {
+        return Err(format!("node {target} is the only voter: the cluster cannot go on without its vote"));
+    }
+    // Reachable: answers the cluster channel now (openraft's last-contact times lag behind a
+    // node's death). A refusal is retried; a demotion without a majority stalls every write.
+    let me = app.node_id();
+    let mut reachable = 0;
+    for id in &remaining {
+        let answers = match progress.membership.get_node(id) {
+            _ if *id == me => true,
+            Some(node) => app
+                .peers
+                .call::<_, crate::cluster::NodeStatus>(&node.cluster_addr, "cluster/status", &(), PING_LIMIT)
+                .await
+                .is_ok(),
+            None => false,
+        };
+        reachable += usize::from(answers);
+    }
+    let quorum = remaining.len() / 2 + 1;
+    let tolerance = reachable as i64 - quorum as i64;
+    if tolerance < 0 && !force {
+        return Err(format!(
+            "taking node {target}'s vote would leave {} voters of which {reachable} are reachable, \
+             below their quorum of {quorum} (failure tolerance {tolerance}): the cluster would stop \
+             accepting writes. Bring the unreachable voters back first, or pass force",
+            remaining.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn set_active(app: &Node, node_id: u64, active: bool) -> Result<(), String> {
+    match app.propose(Command::NodeSetActive { node_id, active }).await {
+        Ok(Response::Rejected(r)) => Err(r.to_string()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Commits a membership change within [`MEMBERSHIP_LIMIT`]; `what` says what it was for.
+async fn change_membership(
+    app: &Node,
+    change: ChangeMembers<u64, citadel_storage::NodeInfo>,
+    what: &str,
+) -> Result<(), String> {
+    match tokio::time::timeout(MEMBERSHIP_LIMIT, app.raft.change_membership(change, true)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: the membership change did not commit within {MEMBERSHIP_LIMIT:?}; \
+             a majority of the voters is out of reach (see sys/ha/status)"
+        )),
+    }
+}
+
+/// Takes `target`'s vote, keeping it as a non-voter that replicates.
+async fn demote(app: &Node, target: u64) -> Result<(), String> {
+    if !app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == target) {
+        return Ok(());
+    }
+    let change = ChangeMembers::RemoveVoters(BTreeSet::from([target]));
+    change_membership(app, change, &format!("node {target} could not be demoted to non-voter")).await
+}
+
+async fn deactivate(app: &Node, target: u64, force: bool) -> Result<(), String> {
+    check_tolerance(app, target, force).await?;
+    // Marked first, so that autopilot cannot give the vote back in between.
+    set_active(app, target, false).await?;
+    demote(app, target).await
+}
+
+async fn activate(app: &Node, target: u64) -> Result<(), String> {
+    set_active(app, target, true).await?;
+    crate::membership::autopilot_step(app).await;
+    Ok(())
+}
+
+async fn rename(app: &Node, target: u64, name: &str) -> Result<(), String> {
+    let mut node =
+        app.raft_metrics().membership_config.membership().get_node(&target).cloned().ok_or("not a member")?;
+    node.name = name.to_string();
+    let change = ChangeMembers::SetNodes(BTreeMap::from([(target, node)]));
+    change_membership(app, change, &format!("node {target} could not be renamed")).await
+}
+
+/// Keeps autopilot from promoting `node` while it is being resynced on this leader.
+struct Resyncing<'a> {
+    app: &'a Node,
+    node: u64,
+}
+
+impl<'a> Resyncing<'a> {
+    fn start(app: &'a Node, node: u64) -> Result<Resyncing<'a>, String> {
+        if !app.resyncing.lock().expect("resyncing lock").insert(node) {
+            return Err(format!("node {node} is already being resynced"));
+        }
+        Ok(Resyncing { app, node })
+    }
+}
+
+impl Drop for Resyncing<'_> {
+    fn drop(&mut self) {
+        self.app.resyncing.lock().expect("resyncing lock").remove(&self.node);
+    }
+}
+
+async fn resync(app: &Node, target: u64, force: bool) -> Result<(), String> {
+    check_tolerance(app, target, force).await?;
+    let _guard = Resyncing::start(app, target)?;
+    let start = tokio::time::Instant::now();
+    let was_voter = app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == target);
+    demote(app, target).await?;
+    compact_log(app).await?;
+    let node = app.raft_metrics().membership_config.membership().get_node(&target).cloned().ok_or("not a member")?;
+    // A node that lost its data directory knows no member until the log reaches it, and
+    // refuses the leader meanwhile: ask until it accepts.
+    let asked = loop {
+        let asked = tokio::time::Instant::now();
+        match app.peers.call::<_, ()>(&node.cluster_addr, "cluster/resync", &(), Duration::from_secs(10)).await {
+            Ok(()) => break asked,
+            Err(e) if asked.elapsed() + start.elapsed() > RESYNC_LIMIT => {
+                return Err(format!("node {target} did not accept the resync: {e}"))
+            }
+            Err(e) => {
+                tracing::debug!(node = target, error = %e, "resync: the node refused; asking again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Caught up once it answers as a process started after the request, at most CAUGHT_UP_LAG
+    // entries behind.
+    let deadline = asked + RESYNC_LIMIT;
+    loop {
+        let status: Option<crate::cluster::NodeStatus> =
+            app.peers.call(&node.cluster_addr, "cluster/status", &(), Duration::from_millis(500)).await.ok();
+        let restarted = status.is_some_and(|s| s.uptime_ms < asked.elapsed().as_millis() as u64);
+        if restarted && crate::ha::Progress::of(app).lag(target) <= CAUGHT_UP_LAG {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "node {target} discarded its state but has not caught up within {RESYNC_LIMIT:?}; \
+                 check its log (autopilot gives it its vote back once it has)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let inactive = app.state.read(|s| s.inactive_nodes.contains(&target));
+    if was_voter && !inactive {
+        let change = ChangeMembers::AddVoterIds(BTreeSet::from([target]));
+        change_membership(app, change, &format!("node {target} caught up but could not get its vote back")).await?;
+    }
+    Ok(())
+}
+
+/// Snapshots the leader's state and purges its log up to the snapshot, so that a node that
+/// starts empty catches up from the snapshot rather than by replaying the whole log.
+async fn compact_log(app: &Node) -> Result<(), String> {
+    let applied = app.raft_metrics().last_applied.map_or(0, |l| l.index);
+    app.raft.trigger().snapshot().await.map_err(|e| e.to_string())?;
+    app.raft
+        .wait(Some(SNAPSHOT_LIMIT))
+        .metrics(|m| m.snapshot.as_ref().is_some_and(|s| s.index >= applied), "a snapshot of the applied state")
+        .await
+        .map_err(|e| format!("the leader could not take a snapshot for the resync: {e}"))?;
+    app.raft.trigger().purge_log(applied).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reads_as_the_api_sends_it() {
+        let req: Request =
+            serde_json::from_value(serde_json::json!({ "node_id": 3, "action": "deactivate", "force": true })).unwrap();
+        assert_eq!((req.node_id, req.action), (3, Action::Deactivate { force: true }));
+        let req: Request =
+            serde_json::from_value(serde_json::json!({ "node_id": 2, "action": "rename", "name": "db-west" })).unwrap();
+        assert_eq!(req.action, Action::Rename { name: "db-west".into() });
+    }
+
+    #[test]
+    fn a_blank_long_or_control_character_name_is_refused_naming_the_rule() {
+        for bad in ["", "   ", "a\nb", &"x".repeat(MAX_NAME_BYTES + 1)] {
+            let err = check_name(&Action::Rename { name: bad.into() }).unwrap_err();
+            assert!(err.contains("printable"), "{err}");
+        }
+        assert!(check_name(&Action::Rename { name: "node west-1".into() }).is_ok());
+    }
+}

@@ -1,0 +1,81 @@
+//! Resync (§10.1): a node discards its replicated state and catches up from the leader's
+//! snapshot, as a new replica would.
+//!
+//! The discard runs at start, before storage opens, driven by a marker file: the running node
+//! writes the marker, stops as on SIGTERM, and replaces itself with a fresh start of the same
+//! command line (same PID, so systemd and `citadel dev` keep tracking it). A crash anywhere in
+//! between finds the marker at the next start and finishes the job. Only a node that does not
+//! vote may forget its log: a voter that forgot whom it voted for could vote twice in a term, so
+//! the leader demotes it first (`lifecycle.rs`).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::node::Node;
+
+/// The marker file, in the data directory.
+pub const MARKER: &str = "RESYNC";
+
+/// How long this node waits to see itself demoted before it refuses to discard anything.
+const DEMOTION_WAIT: Duration = Duration::from_secs(5);
+
+/// Called by the leader once it has demoted this node: marks the data directory and asks the
+/// server to restart.
+pub async fn request(app: &Node) -> Result<(), String> {
+    let me = app.node_id();
+    let votes = || app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me);
+    let deadline = tokio::time::Instant::now() + DEMOTION_WAIT;
+    while votes() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("node {me} still votes: a voter cannot discard its log (demote it first)"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let marker = app.config.data_dir.join(MARKER);
+    write_marker(&marker).map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+    tracing::warn!("resync requested: restarting to discard the replicated state and catch up from the cluster");
+    app.restart.notify_one();
+    Ok(())
+}
+
+fn write_marker(path: &Path) -> std::io::Result<()> {
+    let mut file =
+        citadel_storage::files::open_private(path, std::fs::OpenOptions::new().write(true).create(true).truncate(true))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    file.write_all(b"the replicated state is discarded at the next start (citadel operator node resync)\n")?;
+    file.sync_all()?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// At start, before storage opens: if a resync was requested, discards the replicated state,
+/// then the marker (last, so an interrupted discard is finished by the next start).
+pub fn discard_if_requested(data_dir: &Path) -> anyhow::Result<()> {
+    let marker = data_dir.join(MARKER);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let deleted =
+        citadel_storage::discard_replicated_state(data_dir).context("resync: discarding the replicated state")?;
+    tracing::warn!(
+        deleted = ?deleted,
+        "resync: discarded this node's replicated state; it catches up from the cluster's snapshot"
+    );
+    std::fs::remove_file(&marker).with_context(|| format!("resync: cannot delete {}", marker.display()))?;
+    Ok(())
+}
+
+/// Replaces this process with a fresh start of the same command line. Returns only on failure.
+pub fn restart_process() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::anyhow!("resync: cannot find this program to restart it: {e}"),
+    };
+    tracing::info!("resync: restarting");
+    let err = std::process::Command::new(&exe).args(std::env::args_os().skip(1)).exec();
+    anyhow::anyhow!("resync: cannot restart {}: {err}; start the node again (it will resync)", exe.display())
+}

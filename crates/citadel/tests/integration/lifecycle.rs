@@ -1,0 +1,214 @@
+//! Node lifecycle (§10.1): deactivate, activate, rename, resync; a voter that is down holds back
+//! no log compaction. Ports 29500–29590.
+
+use citadel::dev;
+use citadel_client::Client;
+use serde_json::{json, Value};
+
+use crate::harness::{Cluster, STARTUP};
+
+/// A gauge of the node's Prometheus metrics (`None` while the node cannot answer).
+async fn metric(client: &Client, name: &str) -> Option<u64> {
+    let reply = client.raw("GET", "sys/metrics?format=prometheus", None, &[]).await.ok()?;
+    let text = reply.body.as_str()?.to_string();
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok())
+}
+
+/// Writes `count` secrets with `clients` concurrent clients; every write must succeed.
+async fn write_many(client: &Client, prefix: &str, count: usize, clients: usize) {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let client = client.clone();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            for n in (c..count).step_by(clients) {
+                client.kv_put("secret", &format!("{prefix}/{}", n % 500), &json!({ "n": n }), None).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_follower_down_while_20000_entries_are_written_holds_back_no_compaction_and_catches_up_by_snapshot() {
+    const THRESHOLD: u64 = 2000;
+    const TRAILING: u64 = 500;
+    let config = format!("[raft]\nsnapshot_threshold = {THRESHOLD}\nmax_trailing_logs = {TRAILING}\n");
+    let mut cluster = Cluster::start_nodes(3, 29500, true, &config).await;
+    let leader = cluster.leader().await;
+    let down = (0..3).find(|i| *i != leader).unwrap();
+    cluster.kill9_at(down);
+
+    let root = cluster.root_at(leader);
+    write_many(&root, "dead-voter", 20_000, 32).await;
+    let last = metric(&root, "citadel_raft_last_log_index").await.unwrap();
+    let purged = metric(&root, "citadel_raft_purged_index").await.unwrap();
+    eprintln!("leader's log with a voter down: last index {last}, purged through {purged}");
+    assert!(last >= 20_000, "the writes reached the log (last index {last})");
+    assert!(
+        last - purged <= THRESHOLD + TRAILING + 100,
+        "the leader keeps {} entries (last {last}, purged through {purged}) with a voter down; \
+         at most snapshot_threshold + max_trailing_logs = {} expected",
+        last - purged,
+        THRESHOLD + TRAILING
+    );
+
+    cluster.respawn_at(down);
+    cluster.wait_healthy(3).await;
+    let node = cluster.root_at(down);
+    dev::wait_for("the returning node to install a snapshot", STARTUP, || async {
+        (metric(&node, "citadel_raft_snapshot_index").await? > 0).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = node.raw("GET", "secret/data/dead-voter/7", None, &[]).await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["data"]["data"]["n"].as_u64().unwrap() % 500, 7);
+}
+
+/// The node's row in the HA table, as node `from` reports it.
+async fn ha_row(cluster: &Cluster, from: usize, node: usize) -> Value {
+    let status = cluster.root_at(from).get("sys/ha/status").await.unwrap();
+    let id = cluster.layout.node_id(node);
+    status["data"]["nodes"].as_array().unwrap().iter().find(|n| n["id"] == json!(id)).cloned().unwrap()
+}
+
+async fn is_voter(cluster: &Cluster, from: usize, node: usize) -> Option<bool> {
+    let config = cluster.root_at(from).get("sys/storage/raft/configuration").await.ok()?;
+    let id = cluster.layout.node_id(node).to_string();
+    let servers = config["data"]["config"]["servers"].as_array()?.clone();
+    servers.iter().find(|s| s["node_id"] == json!(id)).map(|s| s["voter"] == json!(true))
+}
+
+#[tokio::test]
+async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_and_comes_back_when_activated() {
+    let mut cluster = Cluster::start_nodes(3, 29520, true, "").await;
+    let leader = cluster.leader().await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (target, other) = (others[0], others[1]);
+    let id = cluster.layout.node_id(target);
+    let root = cluster.root_at(leader);
+    root.kv_put("secret", "app/db", &json!({ "password": "before" }), None).await.unwrap();
+
+    // With another voter down, taking this one's vote would leave no majority: refused, unchanged.
+    cluster.kill9_at(other);
+    dev::wait_for("the leader to see the killed voter unreachable", STARTUP, || async {
+        (ha_row(&cluster, leader, other).await["state"] == json!("unreachable")).then_some(())
+    })
+    .await
+    .unwrap();
+    let refused = cluster.cli_at(leader, &["operator", "node", "deactivate", &id.to_string()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("failure tolerance"), "{stderr}");
+    assert_eq!(is_voter(&cluster, leader, target).await, Some(true));
+    assert_eq!(cluster.anonymous_at(target).health().await.unwrap().body["inactive"], json!(false));
+    cluster.respawn_at(other);
+    cluster.wait_healthy(3).await;
+    dev::wait_for("the restarted voter to be reachable", STARTUP, || async {
+        (ha_row(&cluster, leader, other).await["state"] == json!("healthy")).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Asked through the other follower: forwarded to the leader.
+    let out = cluster.cli_at(other, &["operator", "node", "deactivate", &id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(is_voter(&cluster, leader, target).await, Some(false), "an inactive node has no vote");
+    let health = cluster.anonymous_at(target).health().await.unwrap();
+    assert_eq!(health.status, 503, "load balancers drop it: {:?}", health.body);
+    assert_eq!(health.body["inactive"], json!(true));
+    let read = cluster.root_at(target).raw("GET", "secret/data/app/db", None, &[]).await.unwrap();
+    assert_eq!(read.status, 503, "it serves no client: {:?}", read.body);
+    assert!(read.body["errors"][0].as_str().unwrap().contains("inactive"), "{:?}", read.body);
+    assert_eq!(ha_row(&cluster, leader, target).await["state"], json!("inactive"));
+
+    // It keeps replicating: a write on the leader reaches its state.
+    root.kv_put("secret", "app/db", &json!({ "password": "after" }), None).await.unwrap();
+    let commit = metric(&root, "citadel_raft_commit_index").await.unwrap();
+    dev::wait_for("the inactive node to apply the write", STARTUP, || async {
+        (metric(&cluster.root_at(target), "citadel_raft_applied_index").await? >= commit).then_some(())
+    })
+    .await
+    .unwrap();
+    // Caught up, it is what autopilot (every second) would promote: watch three rounds pass.
+    let watch = std::time::Instant::now();
+    while watch.elapsed() < std::time::Duration::from_secs(3) {
+        assert_eq!(is_voter(&cluster, leader, target).await, Some(false), "autopilot gave an inactive node a vote");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let out = cluster.cli_at(leader, &["operator", "node", "activate", &id.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dev::wait_for("the activated node to vote again", STARTUP, || async {
+        is_voter(&cluster, leader, target).await.filter(|v| *v).map(|_| ())
+    })
+    .await
+    .unwrap();
+    let read = cluster.root_at(target).kv_get("secret", "app/db", None).await.unwrap();
+    assert_eq!(read, json!({ "password": "after" }));
+    assert_eq!(ha_row(&cluster, leader, target).await["state"], json!("healthy"));
+
+    // Rename: the HA table shows the new name from any node.
+    let out = cluster.cli_at(target, &["operator", "node", "rename", &id.to_string(), "west-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dev::wait_for("the new name on every node", STARTUP, || async {
+        for from in 0..3 {
+            if ha_row(&cluster, from, target).await["name"] != json!("west-1") {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    let audit = root.get("sys/audit/events?path=sys/ha/nodes/&limit=100").await.unwrap();
+    let paths: Vec<&str> =
+        audit["data"]["events"].as_array().unwrap().iter().filter_map(|e| e["path"].as_str()).collect();
+    for action in ["deactivate", "activate", "rename"] {
+        assert!(paths.contains(&format!("sys/ha/nodes/{id}/{action}").as_str()), "{action} is audited: {paths:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_node_whose_data_directory_was_deleted_is_resynced_from_a_snapshot_and_votes_again() {
+    let mut cluster = Cluster::start_nodes(3, 29550, true, "[raft]\nsnapshot_threshold = 100\n").await;
+    let leader = cluster.leader().await;
+    let target = (0..3).find(|i| *i != leader).unwrap();
+    let id = cluster.layout.node_id(target);
+    let root = cluster.root_at(leader);
+    for n in 0..30 {
+        root.kv_put("secret", &format!("resync/{n}"), &json!({ "n": n }), None).await.unwrap();
+    }
+    cluster.kill9_at(target);
+    std::fs::remove_dir_all(cluster.layout.data_dir(target)).unwrap();
+    cluster.respawn_at(target);
+    root.kv_put("secret", "resync/last", &json!({ "n": "last" }), None).await.unwrap();
+
+    let out = cluster.cli_at(leader, &["operator", "node", "resync", &id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}\n--- node log:\n{}\n--- leader log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.server_log_at(target),
+        cluster.server_log_at(leader)
+    );
+    assert!(cluster.is_running(target) && cluster.exited_at(target).is_none(), "the node restarted in place");
+    let log = cluster.server_log_at(target);
+    assert!(log.contains("resync: discarded this node's replicated state"), "{log}");
+    assert_eq!(is_voter(&cluster, leader, target).await, Some(true), "it votes again once caught up");
+    let node = cluster.root_at(target);
+    // Restarted, it unseals itself (key file) before it answers.
+    let snapshot = dev::wait_for("the resynced node to answer", STARTUP, || async {
+        metric(&node, "citadel_raft_snapshot_index").await
+    })
+    .await
+    .unwrap();
+    assert!(snapshot > 0, "it caught up from a snapshot");
+    let read = node.raw("GET", "secret/data/resync/last", None, &[("X-Citadel-Consistency", "stale")]).await.unwrap();
+    assert_eq!(read.body["data"]["data"]["n"], json!("last"), "{read:?}");
+    let verify = node.get("sys/audit/verify").await.unwrap();
+    assert_eq!(verify["data"]["ok"], json!(true), "{verify}");
+    assert!(!cluster.layout.data_dir(target).join("RESYNC").exists(), "the marker is gone");
+}
