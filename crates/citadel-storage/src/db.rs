@@ -82,6 +82,11 @@ impl Db {
     }
 }
 
+/// The node id recorded in the database, if any.
+pub(crate) fn identity(db: &Db) -> io::Result<Option<u64>> {
+    Ok(db.read_meta::<Identity>(KEY_IDENTITY)?.map(|id| id.node_id))
+}
+
 pub(crate) fn check_identity(db: &Db, node_id: u64) -> Result<(), StorageOpenError> {
     let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
     match db.read_meta::<Identity>(KEY_IDENTITY).map_err(corrupt)? {

@@ -11,6 +11,7 @@ pub(crate) mod db;
 pub mod files;
 mod import;
 pub mod log_store;
+pub mod recover;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;

@@ -143,6 +143,17 @@ enum OperatorCmd {
     /// A node's lifecycle (§10.1): deactivate, activate, resync, rename, remove.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Offline, on a stopped node: when a majority is lost for good, make this survivor a
+    /// one-node cluster that keeps every entry of its log (§10.3). Other nodes then join it
+    /// fresh. Run it on one survivor only, the one with the highest applied index.
+    Recover {
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        /// Required: says you know the other members are gone for good.
+        #[arg(long)]
+        force_single_node: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -579,6 +590,9 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
         // Offline: no server needed.
         return operator_offline(cmd, format);
     }
+    if let OperatorCmd::Recover { data_dir, force_single_node } = cmd {
+        return recover(&data_dir, force_single_node, format).await;
+    }
     let c = client()?;
     match cmd {
         OperatorCmd::Init { key_shares, key_threshold } => {
@@ -643,7 +657,9 @@ async fn operator(cmd: OperatorCmd, format: Format) -> Result<()> {
             out!("Success! Restored the snapshot {}", file.display());
             Ok(())
         }
-        OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Inspect { .. })) => unreachable!("handled offline"),
+        OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Inspect { .. })) | OperatorCmd::Recover { .. } => {
+            unreachable!("handled offline")
+        }
         OperatorCmd::Raft(RaftCmd::JoinToken { ttl, node_id }) => {
             let reply = c.post("sys/storage/raft/join-token", &json!({ "ttl": ttl, "node_id": node_id })).await?;
             print_map(&reply["data"], format);
@@ -719,6 +735,34 @@ fn operator_offline(cmd: OperatorCmd, format: Format) -> Result<()> {
         }
         _ => unreachable!("only inspect runs offline"),
     }
+}
+
+/// `citadel operator recover`: offline, on the stopped survivor's data directory.
+async fn recover(data_dir: &std::path::Path, force_single_node: bool, format: Format) -> Result<()> {
+    if !force_single_node {
+        bail!(
+            "recover rewrites this node's membership to itself alone: the other members must be gone for good. \
+             Pass --force-single-node to confirm"
+        );
+    }
+    let node_id = citadel_storage::recover::node_id_of(data_dir).map_err(anyhow::Error::msg)?;
+    let recovery = citadel_storage::recover::force_single_node(data_dir, node_id).await.map_err(anyhow::Error::msg)?;
+    print_map(
+        &json!({
+            "node_id": node_id,
+            "kept_log_through": recovery.last_index,
+            "known_committed": recovery.committed,
+            "new_term": recovery.term,
+            "previous_voters": recovery.previous_voters,
+            "previous_non_voters": recovery.previous_learners,
+        }),
+        format,
+    );
+    out!(
+        "Success! Node {node_id} is now a one-node cluster holding its whole log. Start it, check it serves, \
+         then join new nodes with empty data directories (never restart the old members on their old data)."
+    );
+    Ok(())
 }
 
 async fn token(cmd: TokenCmd, format: Format) -> Result<()> {

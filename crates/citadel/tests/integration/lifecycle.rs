@@ -212,3 +212,69 @@ async fn a_node_whose_data_directory_was_deleted_is_resynced_from_a_snapshot_and
     assert_eq!(verify["data"]["ok"], json!(true), "{verify}");
     assert!(!cluster.layout.data_dir(target).join("RESYNC").exists(), "the marker is gone");
 }
+
+#[tokio::test]
+async fn a_survivor_of_a_lost_majority_is_recovered_as_a_single_node_and_new_nodes_join_with_no_acknowledged_write_lost(
+) {
+    let mut cluster = Cluster::start_nodes(3, 29580, true, "").await;
+    let mut acknowledged = Vec::new();
+    for n in 0..40 {
+        let path = format!("dr/{n}");
+        cluster.root_at(n % 3).kv_put("secret", &path, &json!({ "n": n }), None).await.unwrap();
+        acknowledged.push((path, json!({ "n": n })));
+    }
+    // The survivor holds every acknowledged write (an operator recovers the node with the
+    // highest applied index; a write no survivor received cannot be recovered by anyone).
+    let leader = cluster.leader().await;
+    let commit = metric(&cluster.root_at(leader), "citadel_raft_commit_index").await.unwrap();
+    dev::wait_for("the survivor to apply every acknowledged write", STARTUP, || async {
+        (metric(&cluster.root_at(0), "citadel_raft_applied_index").await? >= commit).then_some(())
+    })
+    .await
+    .unwrap();
+    // Two of three are destroyed for good; the survivor (node 0, which the others join) stops.
+    for i in [1, 2] {
+        cluster.kill9_at(i);
+        std::fs::remove_dir_all(cluster.layout.data_dir(i)).unwrap();
+    }
+    cluster.kill9_at(0);
+
+    let data_dir = cluster.layout.data_dir(0).display().to_string();
+    let refused = cluster.cli_at(0, &["operator", "recover", "--data-dir", &data_dir]);
+    assert!(!refused.status.success(), "recover without --force-single-node must refuse");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force-single-node"));
+    let out = cluster.cli_at(0, &["operator", "recover", "--data-dir", &data_dir, "--force-single-node"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("one-node cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    cluster.respawn_at(0);
+    assert_eq!(cluster.leader().await, 0, "the survivor leads its one-node cluster");
+    dev::wait_for("a write on the recovered node", STARTUP, || async {
+        cluster.root_at(0).kv_put("secret", "dr/after", &json!({ "n": "after" }), None).await.ok()
+    })
+    .await
+    .unwrap();
+    acknowledged.push(("dr/after".into(), json!({ "n": "after" })));
+
+    // Fresh nodes (empty data directories) join the recovered node.
+    cluster.respawn_at(1);
+    cluster.respawn_at(2);
+    cluster.wait_healthy(3).await;
+    for i in 0..3 {
+        let node = cluster.root_at(i);
+        for (path, value) in &acknowledged {
+            let read = dev::wait_for(&format!("{path} on node {i}"), STARTUP, || async {
+                node.kv_get("secret", path, None).await.ok()
+            })
+            .await
+            .unwrap();
+            assert_eq!(&read, value, "node {i}, {path}");
+        }
+        let verify = node.get("sys/audit/verify").await.unwrap();
+        assert_eq!(verify["data"]["ok"], json!(true), "node {i}: {verify}");
+    }
+}
