@@ -33,6 +33,8 @@ pub mod request_path;
 pub mod resync;
 pub mod seal;
 pub mod server;
+pub mod snapshot;
+pub mod snapshot_archive;
 pub mod tls;
 
 #[cfg(test)]

@@ -16,11 +16,11 @@ mod policy;
 mod raft;
 pub mod routes;
 mod snapshot;
-mod snapshot_archive;
 mod sys;
 mod vault_ha;
 
-pub use snapshot::{may_read_body as may_read_snapshot_body, parse_any as snapshot_file};
+pub use crate::snapshot::{parse_any as snapshot_file, MAX_SNAPSHOT};
+pub use snapshot::may_read_body as may_read_snapshot_body;
 pub use sys::VERSION;
 
 use std::collections::HashMap;
@@ -45,8 +45,6 @@ use routes::{Call, Handler};
 
 /// Largest request body accepted (§4).
 pub const MAX_BODY: usize = 1 << 20;
-/// Largest snapshot accepted by a restore.
-pub const MAX_SNAPSHOT: usize = 256 << 20;
 
 pub use citadel_core::route::Op;
 

@@ -4,7 +4,7 @@
 //! - `meta.json`: hashicorp/raft's `SnapshotMeta` (`Version`, `ID`, `Index`, `Term`,
 //!   `Configuration`, `ConfigurationIndex`, `Size`), Go's field names;
 //! - `state.bin`: the state machine's data, here Citadel's own snapshot file
-//!   (`super::snapshot`: header with checksums, cluster id and HMAC, then the stored record);
+//!   (`crate::snapshot`: header with checksums, cluster id and HMAC, then the stored record);
 //! - `SHA256SUMS`: `sha256sum` lines (`<hex>  <name>`) for `meta.json` and `state.bin`;
 //! - `SHA256SUMS.sealed`: `SHA256SUMS` sealed by the barrier (the keyring's current term,
 //!   XChaCha20-Poly1305), as Vault seals it with its barrier. Only the cluster that holds the
@@ -24,7 +24,7 @@ use flate2::write::GzEncoder;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::MAX_SNAPSHOT;
+use crate::snapshot::MAX_SNAPSHOT;
 
 pub const META: &str = "meta.json";
 pub const STATE: &str = "state.bin";

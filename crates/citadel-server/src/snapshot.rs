@@ -1,0 +1,474 @@
+//! Operator snapshots (`sys/storage/raft/snapshot`, scheduled snapshots), built and checked as
+//! self-describing files; `api/snapshot.rs` serves them over HTTP.
+//!
+//! `build` writes Vault's archive (`snapshot_archive.rs`: a gzip'd tar of `meta.json`,
+//! `state.bin`, `SHA256SUMS`, `SHA256SUMS.sealed`) whose `state.bin` is the file described
+//! here; a restore takes the archive, or this file on its own (what older builds saved).
+//!
+//! File: one JSON header line (format, version, cluster, index, term, SHA-256 and size of the
+//! body, keyring term and HMAC), then the body, which is the storage layer's checksummed snapshot
+//! record. Nothing in the file is plaintext: values are ciphertext, tokens keyed hashes. The
+//! audit log is not in it, only where each chain ends: the cluster keeps its audit log through
+//! a restore, and retention archives it (§9.3).
+//!
+//! The checksum only detects damage: anyone can recompute it. The HMAC-SHA256, under a key
+//! derived from a keyring term, proves the file was written by this cluster and not altered
+//! since; a restore verifies both (and decodes the whole body) before it proposes anything, and
+//! goes through Raft like every other change (§1.1). `snapshot-force` restores another cluster's
+//! snapshot, whose keyring we do not hold: it skips the HMAC only, never the checksum.
+
+use std::time::Duration;
+
+use citadel_core::barrier::Keyring;
+use citadel_core::state::State;
+use citadel_storage::codec::{self, StoredSnapshot};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::node::Node;
+use crate::node_error::NodeError;
+use crate::seal::Unsealed;
+use crate::snapshot_archive::{self as archive, RaftConfiguration, RaftMeta, RaftServer};
+
+/// The largest snapshot upload a node reads.
+pub const MAX_SNAPSHOT: usize = 256 << 20;
+
+const FORMAT: &str = "citadel-snapshot";
+/// Version 2 added `key_term` and `hmac_sha256`. Version 1 files (checksum only) are read by
+/// `inspect` and by `snapshot-force`, never by a plain restore.
+const VERSION: u32 = 2;
+const VERSION_UNAUTHENTICATED: u32 = 1;
+/// Domain separation: the snapshot key is used for nothing else.
+const KEY_LABEL: &[u8] = b"citadel/snapshot-hmac-key/v1";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    pub format: String,
+    pub version: u32,
+    pub cluster_id: String,
+    pub last_index: u64,
+    pub last_term: u64,
+    pub sha256: String,
+    pub size: usize,
+    /// The keyring term whose key the HMAC key was derived from (0 in version 1 files).
+    #[serde(default)]
+    pub key_term: u32,
+    /// Hex HMAC-SHA256 over every other header field (the body through `sha256` and `size`).
+    #[serde(default)]
+    pub hmac_sha256: String,
+}
+
+/// Why a snapshot file was refused. Every message names what is wrong.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SnapshotFileError {
+    NoHeader,
+    BadHeader(String),
+    UnsupportedVersion { format: String, version: u32 },
+    Damaged,
+    BadBody(String),
+    Inconsistent,
+    Unauthenticated,
+    UnknownKeyTerm(u32),
+    HmacMismatch,
+}
+
+impl std::fmt::Display for SnapshotFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoHeader => f.write_str("not a Citadel snapshot file (no header line)"),
+            Self::BadHeader(e) => write!(f, "not a Citadel snapshot file: {e}"),
+            Self::UnsupportedVersion { format, version } => write!(
+                f,
+                "unsupported snapshot format {format:?} version {version}; this build reads {FORMAT:?} versions \
+                 {VERSION_UNAUTHENTICATED} and {VERSION}"
+            ),
+            Self::Damaged => f.write_str("the snapshot file is damaged or truncated (checksum mismatch)"),
+            Self::BadBody(e) => write!(f, "the snapshot body is undecodable: {e}"),
+            Self::Inconsistent => f.write_str("the snapshot header does not match its body (index or term differ)"),
+            Self::Unauthenticated => f.write_str(
+                "the snapshot file is version 1, written before snapshots were authenticated, so it carries no \
+                 HMAC to verify: save a new snapshot, or restore this one with sys/storage/raft/snapshot-force \
+                 if you trust the file",
+            ),
+            Self::UnknownKeyTerm(term) => write!(
+                f,
+                "the snapshot is authenticated with keyring term {term}, which this cluster's keyring does not \
+                 have: it was written by another cluster (restore it with sys/storage/raft/snapshot-force) or altered"
+            ),
+            Self::HmacMismatch => f.write_str(
+                "the snapshot failed authentication (HMAC mismatch): it was altered after it was saved, or \
+                 written by another cluster",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SnapshotFileError {}
+
+/// The HMAC key of keyring term `term`: derived, so the data key itself never signs anything.
+fn snapshot_key(keyring: &Keyring, term: u32) -> Option<Hmac<Sha256>> {
+    let entry = keyring.terms.iter().find(|t| t.term == term)?;
+    let mut derive = Hmac::<Sha256>::new_from_slice(&entry.key).ok()?;
+    derive.update(KEY_LABEL);
+    Hmac::<Sha256>::new_from_slice(&derive.finalize().into_bytes()).ok()
+}
+
+/// Feeds every header field but the HMAC into `mac`, each length-prefixed so that no two
+/// headers share an encoding. The body is covered through its SHA-256 and size.
+fn mac_header(mut mac: Hmac<Sha256>, header: &SnapshotHeader) -> Hmac<Sha256> {
+    let mut field = |bytes: &[u8]| {
+        mac.update(&(bytes.len() as u64).to_be_bytes());
+        mac.update(bytes);
+    };
+    field(header.format.as_bytes());
+    field(&header.version.to_be_bytes());
+    field(header.cluster_id.as_bytes());
+    field(&header.last_index.to_be_bytes());
+    field(&header.last_term.to_be_bytes());
+    field(header.sha256.as_bytes());
+    field(&(header.size as u64).to_be_bytes());
+    field(&header.key_term.to_be_bytes());
+    mac
+}
+
+/// Signs `header` with the keyring's current term.
+fn sign(header: &mut SnapshotHeader, keyring: &Keyring) -> Result<(), String> {
+    header.key_term = keyring.current().term;
+    let key = snapshot_key(keyring, header.key_term).ok_or("the keyring has no key for its current term")?;
+    header.hmac_sha256 = hex::encode(mac_header(key, header).finalize().into_bytes());
+    Ok(())
+}
+
+/// Checks the header's HMAC with this cluster's keyring (in constant time).
+pub fn verify_hmac(header: &SnapshotHeader, keyring: &Keyring) -> Result<(), SnapshotFileError> {
+    if header.version == VERSION_UNAUTHENTICATED {
+        return Err(SnapshotFileError::Unauthenticated);
+    }
+    let key = snapshot_key(keyring, header.key_term).ok_or(SnapshotFileError::UnknownKeyTerm(header.key_term))?;
+    // Only the exact form `save` writes (lowercase hex): no second spelling of a valid file.
+    if header.hmac_sha256.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(SnapshotFileError::HmacMismatch);
+    }
+    let tag = hex::decode(&header.hmac_sha256).map_err(|_| SnapshotFileError::HmacMismatch)?;
+    mac_header(key, header).verify_slice(&tag).map_err(|_| SnapshotFileError::HmacMismatch)
+}
+
+/// Why a snapshot could not be built.
+#[derive(Debug)]
+pub enum BuildError {
+    /// The cluster cannot answer for the present (no leader, sealed...).
+    Node(NodeError),
+    /// Not yet possible (no snapshot in time, nothing committed): retry.
+    NotReady(String),
+    /// A local failure: a damaged local snapshot, an archive that cannot be written.
+    Failed(String),
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildError::Node(e) => std::fmt::Display::fmt(e, f),
+            BuildError::NotReady(e) | BuildError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Builds a fresh snapshot covering everything committed so far, as Vault's archive.
+pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
+    app.linearize().await.map_err(BuildError::Node)?;
+    let target = app.state.applied_index();
+    app.raft.trigger().snapshot().await.map_err(|e| BuildError::NotReady(e.to_string()))?;
+    app.raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(|m| m.snapshot.as_ref().is_some_and(|s| s.index >= target), "a snapshot covering the request")
+        .await
+        .map_err(|_| BuildError::NotReady("the snapshot was not built in time; retry".into()))?;
+    let snapshot = app
+        .raft
+        .get_snapshot()
+        .await
+        .map_err(|e| BuildError::NotReady(e.to_string()))?
+        .ok_or_else(|| BuildError::NotReady("no snapshot is available yet; retry".into()))?;
+    // The local form: every audit chain's tip, not its events. A restore keeps the cluster's
+    // own audit log (`State::restore`), so events in the file would serve nothing, and with
+    // them the file (and the memory to build it) would grow with every request ever audited.
+    let data = snapshot.snapshot;
+    let stored: StoredSnapshot = codec::decode(&data, "snapshot")
+        .map_err(|e| BuildError::Failed(format!("the local snapshot is damaged: {e}")))?;
+    let last = stored.last_applied.ok_or_else(|| BuildError::NotReady("nothing to snapshot yet".into()))?;
+    let mut header = SnapshotHeader {
+        format: FORMAT.into(),
+        version: VERSION,
+        cluster_id: stored.state.cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+        last_index: last.index,
+        last_term: last.term,
+        sha256: hex::encode(Sha256::digest(&data)),
+        size: data.len(),
+        key_term: 0,
+        hmac_sha256: String::new(),
+    };
+    sign(&mut header, &keys.keyring).map_err(BuildError::Failed)?;
+    let mut file = serde_json::to_vec(&header).map_err(|e| BuildError::Failed(e.to_string()))?;
+    file.push(b'\n');
+    file.extend_from_slice(&data);
+    let now = crate::ids::now_ms();
+    let meta = raft_meta(&stored, file.len(), now);
+    archive::write(&meta, &file, &keys.keyring, &crate::ids::random_bytes(), now / 1000)
+        .map_err(|e| BuildError::Failed(format!("cannot write the snapshot archive: {e}")))
+}
+
+/// hashicorp/raft's metadata for `meta.json`: the snapshot's last entry and its membership.
+fn raft_meta(stored: &StoredSnapshot, size: usize, now: u64) -> RaftMeta {
+    let last = stored.last_applied.unwrap_or(codec::StoredLogId { term: 0, leader: 0, index: 0 });
+    let config = &stored.membership.config;
+    let voters: std::collections::BTreeSet<u64> = config.configs.iter().flatten().copied().collect();
+    let servers = config
+        .nodes
+        .iter()
+        .map(|(id, node)| RaftServer {
+            suffrage: u8::from(!voters.contains(id)),
+            id: id.to_string(),
+            address: node.cluster_addr.clone(),
+        })
+        .collect();
+    RaftMeta {
+        version: 1,
+        id: format!("{}-{}-{now}", last.term, last.index),
+        index: last.index,
+        term: last.term,
+        peers: None,
+        configuration: RaftConfiguration { servers },
+        configuration_index: stored.membership.log_id.map_or(0, |l| l.index),
+        size: size as i64,
+    }
+}
+
+/// Reads an upload down to its snapshot file and verifies it. For Vault's archive: its limits,
+/// entries and `SHA256SUMS`, then, given a keyring, `SHA256SUMS.sealed` (before anything in
+/// `state.bin` is read), and that `meta.json` agrees with `state.bin`. A bare snapshot file
+/// (what older builds saved) is taken as it is. Then the file itself ([`parse`]). Returns
+/// whether the upload was an archive.
+fn open(bytes: &[u8], keyring: Option<&Keyring>) -> Result<(bool, SnapshotHeader, StoredSnapshot), String> {
+    if !archive::is_archive(bytes) {
+        let (header, stored) = parse(bytes).map_err(|e| e.to_string())?;
+        return Ok((false, header, stored));
+    }
+    let unpacked = archive::read(bytes).map_err(|e| e.to_string())?;
+    if let Some(keyring) = keyring {
+        archive::unseal(&unpacked, keyring).map_err(|e| e.to_string())?;
+    }
+    let (header, stored) = parse(&unpacked.state).map_err(|e| format!("state.bin: {e}"))?;
+    if (unpacked.meta.index, unpacked.meta.term) != (header.last_index, header.last_term) {
+        return Err(archive::ArchiveError::MetaMismatch.to_string());
+    }
+    Ok((true, header, stored))
+}
+
+/// What `citadel operator raft snapshot inspect` reads: an archive or a bare file, checked as
+/// far as it can be without the cluster's keyring.
+pub fn parse_any(bytes: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), String> {
+    open(bytes, None).map(|(_, header, stored)| (header, stored))
+}
+
+/// Splits a snapshot file and verifies everything but the HMAC (which needs the keyring, see
+/// [`verify_hmac`]): format and version, size and checksum of the body, the body's own record
+/// checksum and decoding, and that header and body agree.
+pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFileError> {
+    let newline = file.iter().position(|b| *b == b'\n').ok_or(SnapshotFileError::NoHeader)?;
+    let (head, rest) = file.split_at(newline);
+    let header: SnapshotHeader =
+        serde_json::from_slice(head).map_err(|e| SnapshotFileError::BadHeader(e.to_string()))?;
+    if header.format != FORMAT || !(VERSION_UNAUTHENTICATED..=VERSION).contains(&header.version) {
+        return Err(SnapshotFileError::UnsupportedVersion { format: header.format, version: header.version });
+    }
+    let body = rest.get(1..).unwrap_or_default();
+    if body.len() != header.size || hex::encode(Sha256::digest(body)) != header.sha256 {
+        return Err(SnapshotFileError::Damaged);
+    }
+    let stored: StoredSnapshot =
+        codec::decode(body, "snapshot body").map_err(|e| SnapshotFileError::BadBody(e.to_string()))?;
+    let last = stored.last_applied.as_ref().map(|l| (l.index, l.term));
+    if last != Some((header.last_index, header.last_term)) {
+        return Err(SnapshotFileError::Inconsistent);
+    }
+    Ok((header, stored))
+}
+
+/// What a restore proposes, once the upload is checked whole: refused if it is another
+/// cluster's snapshot (unless `force`), or fails a checksum or (unless `force`) its HMAC.
+pub fn check_restore(app: &Node, keys: &Unsealed, upload: &[u8], force: bool) -> Result<State, String> {
+    // snapshot-force takes another cluster's snapshot, whose keyring we lack: it skips the
+    // seal and the HMAC, never a checksum.
+    let keyring = (!force).then_some(&keys.keyring);
+    let (was_archive, header, stored) = open(upload, keyring)?;
+    let current = app.state.read(|s| s.cluster.as_ref().map(|c| c.id.clone()));
+    if current.as_deref() != Some(header.cluster_id.as_str()) && !force {
+        return Err(format!(
+            "the snapshot belongs to cluster {:?}, not this one; use sys/storage/raft/snapshot-force to restore it anyway",
+            header.cluster_id
+        ));
+    }
+    if force {
+        tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "forced restore: the snapshot's HMAC is not verified (checksums are)");
+    } else {
+        let within = if was_archive { "state.bin: " } else { "" };
+        verify_hmac(&header, &keys.keyring).map_err(|e| format!("{within}{e}"))?;
+    }
+    tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "restoring a snapshot");
+    // A restore keeps this cluster's audit log (`State::restore`): the file's events would
+    // only make the Raft entry larger.
+    let mut state = stored.state;
+    state.audit = Default::default();
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use citadel_core::state::{ClusterInfo, State};
+    use citadel_storage::codec::{StoredLogId, StoredMembershipConfig, StoredMembershipState};
+
+    fn keyring() -> Keyring {
+        Keyring::new(1, [1; 32], [2; 32], [3; 32])
+    }
+
+    fn stored() -> StoredSnapshot {
+        let state = State {
+            cluster: Some(ClusterInfo { id: "c1".into(), name: "citadel".into(), initialized_at: 1 }),
+            ..State::default()
+        };
+        StoredSnapshot {
+            format: citadel_core::command::FORMAT_VERSION,
+            last_applied: Some(StoredLogId { term: 2, leader: 1, index: 9 }),
+            membership: StoredMembershipState {
+                log_id: None,
+                config: StoredMembershipConfig { configs: vec![], nodes: Default::default() },
+            },
+            state,
+        }
+    }
+
+    /// A signed file, as `save` writes it.
+    pub(crate) fn signed_file(stored: &StoredSnapshot, keyring: &Keyring) -> Vec<u8> {
+        let body = codec::encode(stored);
+        let mut header = SnapshotHeader {
+            format: FORMAT.into(),
+            version: VERSION,
+            cluster_id: "c1".into(),
+            last_index: 9,
+            last_term: 2,
+            sha256: hex::encode(Sha256::digest(&body)),
+            size: body.len(),
+            key_term: 0,
+            hmac_sha256: String::new(),
+        };
+        sign(&mut header, keyring).unwrap();
+        let mut file = serde_json::to_vec(&header).unwrap();
+        file.push(b'\n');
+        file.extend_from_slice(&body);
+        file
+    }
+
+    #[test]
+    fn a_signed_snapshot_verifies_after_a_keyring_rotation() {
+        let mut ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        let (header, body) = parse(&file).unwrap();
+        assert_eq!(body, stored());
+        assert_eq!(verify_hmac(&header, &ring), Ok(()));
+        ring.rotate(2, [9; 32]);
+        assert_eq!(verify_hmac(&header, &ring), Ok(()), "old terms stay in the keyring");
+        let other = Keyring::new(1, [7; 32], [2; 32], [3; 32]);
+        assert_eq!(verify_hmac(&header, &other), Err(SnapshotFileError::HmacMismatch));
+    }
+
+    #[test]
+    fn a_snapshot_tampered_with_a_recomputed_checksum_fails_its_hmac() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        let (mut header, mut body) = parse(&file).unwrap();
+        body.state.cluster.as_mut().unwrap().name = "forged".into();
+        let forged = codec::encode(&body);
+        header.sha256 = hex::encode(Sha256::digest(&forged));
+        header.size = forged.len();
+        let mut file = serde_json::to_vec(&header).unwrap();
+        file.push(b'\n');
+        file.extend_from_slice(&forged);
+        let (header, _) = parse(&file).expect("the checksums were recomputed: only the HMAC can tell");
+        assert_eq!(verify_hmac(&header, &ring), Err(SnapshotFileError::HmacMismatch));
+    }
+
+    #[test]
+    fn version_1_files_parse_but_never_authenticate() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        let (mut header, _) = parse(&file).unwrap();
+        header.version = VERSION_UNAUTHENTICATED;
+        assert_eq!(verify_hmac(&header, &ring), Err(SnapshotFileError::Unauthenticated));
+        header.version = 3;
+        let mut file3 = serde_json::to_vec(&header).unwrap();
+        file3.extend_from_slice(&file[file.iter().position(|b| *b == b'\n').unwrap()..]);
+        assert!(matches!(parse(&file3), Err(SnapshotFileError::UnsupportedVersion { version: 3, .. })));
+    }
+
+    /// Parsing and then authenticating, as a restore does.
+    fn accepted(file: &[u8], ring: &Keyring) -> bool {
+        parse(file).is_ok_and(|(header, _)| verify_hmac(&header, ring).is_ok())
+    }
+
+    #[test]
+    fn no_bit_flip_of_a_signed_snapshot_file_is_accepted() {
+        let ring = keyring();
+        let file = signed_file(&stored(), &ring);
+        assert!(accepted(&file, &ring));
+        for bit in 0..file.len() * 8 {
+            let mut damaged = file.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            assert!(!accepted(&damaged, &ring), "a flip of bit {bit} was accepted");
+        }
+        for len in 0..file.len() {
+            assert!(parse(&file[..len]).is_err(), "a file truncated to {len} bytes was accepted");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 3000, failure_persistence: None, ..Default::default()
+        })]
+
+        #[test]
+        fn arbitrary_snapshot_files_are_refused_without_panicking(
+            head in "\\PC{0,120}", body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)
+        ) {
+            let mut file = head.into_bytes();
+            file.push(b'\n');
+            file.extend_from_slice(&body);
+            proptest::prop_assert!(!accepted(&file, &keyring()));
+        }
+
+        #[test]
+        fn mutated_snapshot_files_are_refused_without_panicking(
+            edits in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..8)
+        ) {
+            let ring = keyring();
+            let mut file = signed_file(&stored(), &ring);
+            let original = file.clone();
+            for (at, byte) in edits {
+                let at = at % file.len();
+                file[at] = byte;
+            }
+            proptest::prop_assume!(file != original);
+            proptest::prop_assert!(!accepted(&file, &ring));
+        }
+    }
+
+    #[test]
+    fn a_header_that_disagrees_with_its_body_is_refused() {
+        let ring = keyring();
+        let mut other = stored();
+        other.last_applied = Some(StoredLogId { term: 2, leader: 1, index: 10 });
+        let file = signed_file(&other, &ring);
+        assert_eq!(parse(&file).unwrap_err(), SnapshotFileError::Inconsistent);
+    }
+}
