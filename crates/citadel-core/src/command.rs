@@ -206,6 +206,19 @@ pub enum Command {
         node_id: u64,
         active: bool,
     },
+    /// Adds or replaces a scheduled snapshot configuration (§10.2).
+    SnapshotAutoPut {
+        name: String,
+        config: crate::snapshot_auto::AutoSnapshotConfig,
+    },
+    SnapshotAutoDelete {
+        name: String,
+    },
+    /// How a scheduled snapshot run went (the leader's `snapshot_auto` job).
+    SnapshotAutoRecord {
+        name: String,
+        status: crate::snapshot_auto::AutoSnapshotStatus,
+    },
     /// Forgets records that expired by `now` (chosen by the leader's job): unused join tokens,
     /// revoked serials whose certificates expired, and expired member certificates. Nothing
     /// here is still valid, so nothing a client holds changes meaning.
@@ -275,6 +288,9 @@ impl Command {
             Command::NodeCertRecord { .. } => "node_cert_record",
             Command::NodeCertsRevoke { .. } => "node_certs_revoke",
             Command::NodeSetActive { .. } => "node_set_active",
+            Command::SnapshotAutoPut { .. } => "snapshot_auto_put",
+            Command::SnapshotAutoDelete { .. } => "snapshot_auto_delete",
+            Command::SnapshotAutoRecord { .. } => "snapshot_auto_record",
             Command::PruneExpired { .. } => "prune_expired",
             Command::AuditPrune { .. } => "audit_prune",
             Command::JobResult { .. } => "job_result",
@@ -388,6 +404,10 @@ pub enum Rejection {
     NestedAudit,
     #[error("at most {max} nodes may be inactive; activate or remove one first")]
     TooManyInactiveNodes { max: usize },
+    #[error("scheduled snapshot: {0}")]
+    SnapshotAuto(crate::snapshot_auto::ConfigError),
+    #[error("no scheduled snapshot configuration named {0:?}")]
+    SnapshotAutoNotFound(String),
 }
 
 impl Rejection {
@@ -399,7 +419,8 @@ impl Rejection {
             Rejection::Kv(KvError::NotFound)
             | Rejection::PolicyNotFound(_)
             | Rejection::UserNotFound(_)
-            | Rejection::MountNotFound(_) => 404,
+            | Rejection::MountNotFound(_)
+            | Rejection::SnapshotAutoNotFound(_) => 404,
             Rejection::KeyringChanged { .. } | Rejection::KeyringTermNotNewer { .. } => 409,
             _ => 400,
         }

@@ -16,6 +16,7 @@ pub mod kv;
 pub mod policy;
 pub mod route;
 pub mod shamir;
+pub mod snapshot_auto;
 pub mod state;
 pub mod time;
 pub mod token;

@@ -145,6 +145,9 @@ pub struct State {
     /// vote. At most [`MAX_INACTIVE_NODES`]; a removed node leaves the set.
     #[serde(default)]
     pub inactive_nodes: BTreeSet<u64>,
+    /// Scheduled snapshot configurations and how their last run went (§10.2).
+    #[serde(default)]
+    pub snapshot_auto: BTreeMap<String, crate::snapshot_auto::AutoSnapshot>,
 }
 
 /// More inactive nodes than any cluster has members is a hostile or broken proposer.
@@ -336,6 +339,18 @@ impl State {
                 self.inactive_nodes.insert(node_id);
                 Ok(Response::Done)
             }
+            Command::SnapshotAutoPut { name, config } => {
+                crate::snapshot_auto::put(&mut self.snapshot_auto, name, config).map_err(Rejection::SnapshotAuto)?;
+                Ok(Response::Done)
+            }
+            Command::SnapshotAutoDelete { name } => match self.snapshot_auto.remove(&name) {
+                Some(_) => Ok(Response::Done),
+                None => Err(Rejection::SnapshotAutoNotFound(name)),
+            },
+            Command::SnapshotAutoRecord { name, status } => {
+                crate::snapshot_auto::record(&mut self.snapshot_auto, &name, status);
+                Ok(Response::Done)
+            }
             Command::NodeCertsRevoke { node_id, now } => {
                 // Revocation follows a removal: the node is no member, active or not.
                 self.inactive_nodes.remove(&node_id);
@@ -504,10 +519,13 @@ impl State {
         let audit = std::mem::take(&mut self.audit);
         let jobs = std::mem::take(&mut self.jobs);
         let inactive_nodes = std::mem::take(&mut self.inactive_nodes);
+        let snapshot_auto = std::mem::take(&mut self.snapshot_auto);
         *self = state;
         self.audit = audit;
         self.jobs = jobs;
         self.inactive_nodes = inactive_nodes;
+        // The schedules that make backups are not rolled back by restoring one.
+        self.snapshot_auto = snapshot_auto;
         Ok(Response::Done)
     }
 
@@ -523,7 +541,10 @@ impl State {
         let response = match command.map(|c| *c) {
             None => Response::Done,
             Some(
-                command @ (Command::TokensExpire { .. } | Command::PruneExpired { .. } | Command::AuditPrune { .. }),
+                command @ (Command::TokensExpire { .. }
+                | Command::PruneExpired { .. }
+                | Command::AuditPrune { .. }
+                | Command::SnapshotAutoRecord { .. }),
             ) => self.apply_checked(entry, command)?,
             Some(other) => return Err(Rejection::Job(JobRefusal::NotAJobCommand(other.kind().into()))),
         };

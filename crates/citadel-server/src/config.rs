@@ -57,6 +57,9 @@ pub struct JobsConfig {
     /// Audit retention: archives and prunes events older than `audit.retain_days`.
     #[serde(default = "default_prune_ms")]
     pub audit_retention_ms: u64,
+    /// Scheduled snapshots: how often the leader looks for a configuration that is due.
+    #[serde(default = "default_snapshot_auto_ms")]
+    pub snapshot_auto_ms: u64,
 }
 
 impl Default for JobsConfig {
@@ -65,6 +68,7 @@ impl Default for JobsConfig {
             token_sweep_ms: default_token_sweep_ms(),
             prune_ms: default_prune_ms(),
             audit_retention_ms: default_prune_ms(),
+            snapshot_auto_ms: default_snapshot_auto_ms(),
         }
     }
 }
@@ -74,6 +78,9 @@ fn default_token_sweep_ms() -> u64 {
 }
 fn default_prune_ms() -> u64 {
     3_600_000
+}
+fn default_snapshot_auto_ms() -> u64 {
+    1_000
 }
 
 /// Shortest job interval: each run commits a Raft entry.
@@ -87,6 +94,7 @@ impl JobsConfig {
             ("jobs.token_sweep_ms", self.token_sweep_ms),
             ("jobs.prune_ms", self.prune_ms),
             ("jobs.audit_retention_ms", self.audit_retention_ms),
+            ("jobs.snapshot_auto_ms", self.snapshot_auto_ms),
         ];
         match intervals.into_iter().find(|(_, ms)| !(MIN_JOB_INTERVAL_MS..=MAX_JOB_INTERVAL_MS).contains(ms)) {
             Some((key, _)) => {
@@ -586,6 +594,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_JOBS_TOKEN_SWEEP_MS", &["jobs", "token_sweep_ms"]),
     ("CITADEL_JOBS_PRUNE_MS", &["jobs", "prune_ms"]),
     ("CITADEL_JOBS_AUDIT_RETENTION_MS", &["jobs", "audit_retention_ms"]),
+    ("CITADEL_JOBS_SNAPSHOT_AUTO_MS", &["jobs", "snapshot_auto_ms"]),
     ("CITADEL_AUDIT_RETAIN_DAYS", &["audit", "retain_days"]),
     ("CITADEL_EVENTS_BUFFER", &["events", "buffer"]),
     ("CITADEL_EVENTS_MAX_SUBSCRIBERS", &["events", "max_subscribers"]),

@@ -52,6 +52,11 @@ pub enum NodeEvent {
         id: u64,
         action: String,
     },
+    /// A scheduled snapshot (`name`) failed (§10.2).
+    SnapshotFailed {
+        name: String,
+        error: String,
+    },
     /// A leader-only job ran (`outcome`: `done`, `rejected(...)`, `failed: ...`).
     JobResult {
         job: String,
@@ -73,6 +78,7 @@ impl NodeEvent {
             NodeEvent::Unsealed => "unsealed",
             NodeEvent::MembershipChanged { .. } => "membership_changed",
             NodeEvent::Lifecycle { .. } => "lifecycle",
+            NodeEvent::SnapshotFailed { .. } => "snapshot_failed",
             NodeEvent::JobResult { .. } => "job_result",
         }
     }

@@ -32,14 +32,41 @@ pub struct Job {
     /// Its interval, from the configuration (`[jobs]`).
     pub every: fn(&Config) -> Duration,
     pub run: for<'a> fn(&'a Node) -> BoxFuture<'a, JobOutput>,
+    /// Whether a run that found nothing to do is committed too. A job that looks often for
+    /// rare work (scheduled snapshots, every second) would otherwise fill the log with nothing.
+    pub record_idle: bool,
 }
 
 /// Every leader-only job.
 pub const JOBS: &[Job] = &[
-    Job { name: "token_expiry", every: |c| Duration::from_millis(c.jobs.token_sweep_ms), run: token_expiry },
-    Job { name: "prune_expired", every: |c| Duration::from_millis(c.jobs.prune_ms), run: prune_expired },
-    Job { name: "audit_retention", every: |c| Duration::from_millis(c.jobs.audit_retention_ms), run: audit_retention },
+    Job {
+        name: "token_expiry",
+        every: |c| Duration::from_millis(c.jobs.token_sweep_ms),
+        run: token_expiry,
+        record_idle: true,
+    },
+    Job {
+        name: "prune_expired",
+        every: |c| Duration::from_millis(c.jobs.prune_ms),
+        run: prune_expired,
+        record_idle: true,
+    },
+    Job {
+        name: "audit_retention",
+        every: |c| Duration::from_millis(c.jobs.audit_retention_ms),
+        run: audit_retention,
+        record_idle: true,
+    },
+    Job {
+        name: "snapshot_auto",
+        every: |c| Duration::from_millis(c.jobs.snapshot_auto_ms),
+        run: snapshot_auto,
+        record_idle: false,
+    },
 ];
+
+/// What a run that found nothing to do and commits nothing reports.
+const IDLE: &str = "idle";
 
 /// Most events one retention run prunes per chain: bounds the work one entry makes every node
 /// do; a backlog is cleared over several runs.
@@ -87,6 +114,19 @@ fn audit_retention(app: &Node) -> BoxFuture<'_, JobOutput> {
     })
 }
 
+/// Takes the scheduled snapshot that is most overdue (§10.2) and records how it went.
+fn snapshot_auto(app: &Node) -> BoxFuture<'_, JobOutput> {
+    Box::pin(async move {
+        let now = crate::ids::now_ms();
+        let due = app.state.read(|s| {
+            citadel_core::snapshot_auto::most_overdue(&s.snapshot_auto, now).map(|(n, e)| (n.clone(), e.clone()))
+        });
+        let Some((name, entry)) = due else { return Ok(None) };
+        let status = crate::scheduled_snapshots::take(app, &name, &entry, now).await;
+        Ok(Some(Command::SnapshotAutoRecord { name, status }))
+    })
+}
+
 /// Starts the jobs whenever this node leads, and stops them when it no longer does.
 pub async fn run(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
@@ -125,6 +165,9 @@ async fn every_interval(app: Arc<Node>, job: &'static Job, term: u64) {
     loop {
         ticks.tick().await;
         let outcome = run_once(&app, job, term).await;
+        if outcome == IDLE {
+            continue;
+        }
         if outcome != "done" {
             tracing::warn!(job = job.name, term, outcome = %outcome, "leader job did not complete");
         }
@@ -136,6 +179,7 @@ async fn every_interval(app: Arc<Node>, job: &'static Job, term: u64) {
 /// longer leads gets "not the leader", and a late result is refused by `apply`.
 async fn run_once(app: &Node, job: &Job, term: u64) -> String {
     let command = match (job.run)(app).await {
+        Ok(None) if !job.record_idle => return IDLE.into(),
         Ok(command) => command,
         Err(e) => return format!("failed: {e}"),
     };

@@ -31,6 +31,7 @@ pub mod peer;
 pub mod pki;
 pub mod request_path;
 pub mod resync;
+pub mod scheduled_snapshots;
 pub mod seal;
 pub mod server;
 pub mod snapshot;

@@ -295,6 +295,14 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
     Ok((header, stored))
 }
 
+/// Checks a snapshot file whole with this cluster's keyring, as a restore would.
+pub fn verify(bytes: &[u8], keyring: &Keyring) -> Result<SnapshotHeader, String> {
+    let (was_archive, header, _) = open(bytes, Some(keyring))?;
+    let within = if was_archive { "state.bin: " } else { "" };
+    verify_hmac(&header, keyring).map_err(|e| format!("{within}{e}"))?;
+    Ok(header)
+}
+
 /// What a restore proposes, once the upload is checked whole: refused if it is another
 /// cluster's snapshot (unless `force`), or fails a checksum or (unless `force`) its HMAC.
 pub fn check_restore(app: &Node, keys: &Unsealed, upload: &[u8], force: bool) -> Result<State, String> {

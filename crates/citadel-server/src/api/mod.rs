@@ -16,6 +16,7 @@ mod policy;
 mod raft;
 pub mod routes;
 mod snapshot;
+mod snapshot_auto;
 mod sys;
 mod vault_ha;
 

@@ -134,11 +134,17 @@ fn tables_of<T>(
 
 fn build() -> Result<Tables, RouteError> {
     let mut core = RouteTable::default();
-    for route in [super::sys::routes(), super::mounts::routes(), super::raft::routes(), super::audit_query::routes()]
-        .into_iter()
-        .flatten()
-        .chain(super::policy::routes())
-        .chain(super::auth::routes())
+    for route in [
+        super::sys::routes(),
+        super::mounts::routes(),
+        super::raft::routes(),
+        super::audit_query::routes(),
+        super::snapshot_auto::routes(),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(super::policy::routes())
+    .chain(super::auth::routes())
     {
         core.register(route)?;
     }

@@ -204,3 +204,87 @@ async fn an_event_stream_ends_once_its_tokens_policy_no_longer_grants_sudo() {
     let closed = line_where(&mut stream, "the stream closing", |l| l["type"] == json!("closed")).await;
     assert!(closed["reason"].as_str().unwrap().contains("no longer grant"), "{closed}");
 }
+
+/// The snapshot files of the configuration `prefix` in `dir`, oldest first.
+fn snapshot_files(dir: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{prefix}-")));
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn scheduled_snapshots_are_written_verified_and_pruned_to_retain_and_a_failure_shows_in_the_status() {
+    let mut cluster = Cluster::start_nodes(3, 27700, true, "[jobs]\nsnapshot_auto_ms = 200\n").await;
+    let root = cluster.root();
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({
+        "interval": "1s", "retain": 2, "storage_type": "local",
+        "path_prefix": dir.path().join("backups").display().to_string(), "file_prefix": "hourly",
+    });
+    root.post("sys/storage/raft/snapshot-auto/config/hourly", &config).await.unwrap();
+    let bad = json!({ "interval": "1s", "storage_type": "local", "path_prefix": "relative/dir" });
+    let refused = root.raw("POST", "sys/storage/raft/snapshot-auto/config/bad", Some(&bad), &[]).await.unwrap();
+    assert_eq!(refused.status, 400);
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("path_prefix"), "{:?}", refused.body);
+    let s3 = json!({ "interval": "1s", "storage_type": "aws-s3", "path_prefix": "/x" });
+    let refused = root.raw("POST", "sys/storage/raft/snapshot-auto/config/s3", Some(&s3), &[]).await.unwrap();
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("aws-s3"), "{:?}", refused.body);
+    // A file where the directory should be: every run fails, and says so.
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let failing =
+        json!({ "interval": "1s", "storage_type": "local", "path_prefix": blocker.join("sub").display().to_string() });
+    root.post("sys/storage/raft/snapshot-auto/config/failing", &failing).await.unwrap();
+
+    let listed = root.list("sys/storage/raft/snapshot-auto/config").await.unwrap();
+    assert_eq!(listed, vec!["failing".to_string(), "hourly".to_string()]);
+    let read = root.get("sys/storage/raft/snapshot-auto/config/hourly").await.unwrap();
+    assert_eq!((read["data"]["interval"].clone(), read["data"]["retain"].clone()), (json!(1), json!(2)));
+
+    // Runs go on through a leader change: the schedule is replicated.
+    let backups = dir.path().join("backups");
+    let mut seen = BTreeSet::new();
+    let leader = cluster.leader().await;
+    let mut killed = false;
+    dev::wait_for("four scheduled snapshots, one after a leader change", STARTUP, || {
+        for file in snapshot_files(&backups, "hourly") {
+            seen.insert(file);
+        }
+        if seen.len() >= 2 && !killed {
+            cluster.kill9_at(leader);
+            killed = true;
+        }
+        let done = seen.len() >= 4;
+        async move { done.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let survivor = cluster.root_at((leader + 1) % 3);
+    let status = survivor.get("sys/storage/raft/snapshot-auto/status/hourly").await.unwrap();
+    assert_eq!(status["data"]["last_snapshot_error"], json!(""), "{status}");
+    assert_eq!(status["data"]["consecutive_errors"], json!(0), "{status}");
+    let url = status["data"]["last_snapshot_url"].as_str().unwrap();
+    let last = std::path::PathBuf::from(url.strip_prefix("file://").unwrap());
+    dev::wait_for("retention to keep two files", STARTUP, || {
+        let files = snapshot_files(&backups, "hourly");
+        async move { (files.len() == 2).then_some(files) }
+    })
+    .await
+    .unwrap();
+    let inspect =
+        cluster.cli_at((leader + 1) % 3, &["operator", "raft", "snapshot", "inspect", last.to_str().unwrap()]);
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    // Restoring it through the API verifies its HMAC with the cluster's keyring.
+    let bytes = std::fs::read(&last).unwrap();
+    survivor.bytes("POST", "sys/storage/raft/snapshot", Some(bytes)).await.unwrap();
+
+    let failing = survivor.get("sys/storage/raft/snapshot-auto/status/failing").await.unwrap();
+    assert!(failing["data"]["consecutive_errors"].as_u64().unwrap() >= 1, "{failing}");
+    assert!(failing["data"]["last_snapshot_error"].as_str().unwrap().contains("not-a-dir"), "{failing}");
+    survivor.delete("sys/storage/raft/snapshot-auto/config/failing").await.unwrap();
+    let gone = survivor.raw("GET", "sys/storage/raft/snapshot-auto/status/failing", None, &[]).await.unwrap();
+    assert_eq!(gone.status, 404);
+}
