@@ -26,6 +26,8 @@ pub struct Slot {
     pub child: Option<Child>,
     pub paused: bool,
     pub membership: Membership,
+    /// Deactivated by the nemesis and not yet activated again.
+    pub inactive: bool,
 }
 
 pub struct ChaosCluster {
@@ -56,6 +58,7 @@ impl ChaosCluster {
                 .map(|i| Slot {
                     child: None,
                     paused: false,
+                    inactive: false,
                     membership: if i < nodes { Membership::Member } else { Membership::Spare },
                 })
                 .collect(),
@@ -176,6 +179,41 @@ impl ChaosCluster {
         Ok(())
     }
 
+    /// A lifecycle action (§10.1) on `slot`'s node, asked through another member when one runs.
+    /// A resync waits for the catch-up, so it may take long.
+    pub async fn lifecycle(&mut self, slot: usize, action: &str) -> Result<()> {
+        let via = self.members().into_iter().find(|&s| s != slot && self.is_running(s)).unwrap_or(slot);
+        let client = self.clients[via].clone().with_timeout(Duration::from_secs(150));
+        let path = format!("sys/ha/nodes/{}/{action}", self.node_id(slot));
+        client.post(&path, &json!({})).await.with_context(|| format!("{action} node {}", slot + 1))?;
+        match action {
+            "deactivate" => self.slots[slot].inactive = true,
+            "activate" => self.slots[slot].inactive = false,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, as systemd stops a node; waits for it to exit by itself.
+    pub async fn terminate(&mut self, slot: usize) -> Result<()> {
+        self.signal(slot, "-TERM")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let child = self.slots[slot].child.as_mut().ok_or_else(|| anyhow!("node {} is not running", slot + 1))?;
+            if let Some(status) = child.try_wait()? {
+                self.slots[slot].child = None;
+                if !status.success() {
+                    bail!("node {} exited with {status} after SIGTERM", slot + 1);
+                }
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {} did not stop within 30 s of SIGTERM", slot + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn transfer_leader(&self, slot: usize) -> Result<()> {
         let via = self.members().into_iter().find(|&s| s != slot).unwrap_or(slot);
         self.clients[via].post("sys/ha/transfer-leader", &json!({ "node_id": self.node_id(slot) })).await?;
@@ -217,9 +255,19 @@ impl ChaosCluster {
         Ok(())
     }
 
-    /// Waits until every member is up, unsealed, and a voter, under one leader.
+    /// Waits until every member is up, unsealed, active and a voter, under one leader.
     pub async fn wait_converged(&mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
+        for slot in self.members() {
+            while self.slots[slot].inactive {
+                if let Err(e) = self.lifecycle(slot, "activate").await {
+                    if tokio::time::Instant::now() > deadline {
+                        bail!("node {} could not be activated again: {e:#}", slot + 1);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
         for slot in self.members() {
             let client = self.clients.get(slot).cloned().unwrap_or(self.layout.client(slot)?);
             loop {

@@ -45,6 +45,9 @@ struct Args {
     /// First port; node i uses port + 10i (API) and port + 10i + 1 (cluster, proxied).
     #[arg(long, default_value_t = 23000)]
     port: u16,
+    /// Print what the nemesis did in every run, passing ones included.
+    #[arg(long)]
+    show_nemesis: bool,
     /// Where failing runs leave their evidence.
     #[arg(long, default_value = "target/chaos")]
     out: PathBuf,
@@ -118,6 +121,11 @@ async fn run_all(args: Args) -> Result<usize> {
                 fault.name(),
                 verdict.summary
             );
+            if args.show_nemesis {
+                for line in &verdict.nemesis_log {
+                    println!("    {line}");
+                }
+            }
             let _ = std::fs::remove_dir_all(&dir);
         } else {
             failed += 1;

@@ -30,12 +30,15 @@ pub enum Fault {
     Bridge,
     /// Add a node, transfer leadership, remove a node, under load.
     Membership,
+    /// The node lifecycle under load (§10.1): deactivate then activate a follower, resync one,
+    /// restart one gracefully (SIGTERM, the leader included).
+    Lifecycle,
     /// A random fault each time.
     Mixed,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Fault::KillLeader,
         Fault::KillRandom,
         Fault::CrashAll,
@@ -45,6 +48,7 @@ impl Fault {
         Fault::Halves,
         Fault::Bridge,
         Fault::Membership,
+        Fault::Lifecycle,
         Fault::Mixed,
     ];
 
@@ -59,6 +63,7 @@ impl Fault {
             Fault::Halves => "halves",
             Fault::Bridge => "bridge",
             Fault::Membership => "membership",
+            Fault::Lifecycle => "lifecycle",
             Fault::Mixed => "mixed",
         }
     }
@@ -69,6 +74,8 @@ enum Undo {
     Restart(Vec<usize>),
     Resume(usize),
     HealNet,
+    /// Activate a node the nemesis deactivated.
+    Activate(usize),
     Nothing,
 }
 
@@ -76,11 +83,12 @@ pub struct Nemesis {
     pub log: Vec<String>,
     start: Instant,
     membership_step: usize,
+    lifecycle_step: usize,
 }
 
 impl Nemesis {
     pub fn new() -> Nemesis {
-        Nemesis { log: Vec::new(), start: Instant::now(), membership_step: 0 }
+        Nemesis { log: Vec::new(), start: Instant::now(), membership_step: 0, lifecycle_step: 0 }
     }
 
     fn note(&mut self, what: String) {
@@ -118,6 +126,11 @@ impl Nemesis {
                     cluster.net.heal();
                     self.note("heal the network".into());
                 }
+                Undo::Activate(slot) => match cluster.lifecycle(slot, "activate").await {
+                    Ok(()) => self.note(format!("node {} activated", slot + 1)),
+                    // Converging activates it again; the final checks need every member voting.
+                    Err(e) => self.note(format!("activating node {} refused: {e:#}", slot + 1)),
+                },
                 Undo::Nothing => {}
             }
         }
@@ -182,7 +195,59 @@ impl Nemesis {
                 self.membership_change(cluster, rng, leader).await?;
                 Undo::Nothing
             }
+            Fault::Lifecycle => self.lifecycle_change(cluster, rng, leader).await?,
             Fault::Mixed => unreachable!("mixed picks a concrete fault"),
+        })
+    }
+
+    /// Cycles through deactivate (undone by activate), resync, and a graceful restart.
+    async fn lifecycle_change(
+        &mut self,
+        cluster: &mut ChaosCluster,
+        rng: &mut StdRng,
+        leader: Option<usize>,
+    ) -> Result<Undo> {
+        let step = self.lifecycle_step;
+        self.lifecycle_step += 1;
+        let members = cluster.members();
+        let running: Vec<usize> = members.iter().copied().filter(|&s| cluster.is_running(s)).collect();
+        let followers: Vec<usize> = running.iter().copied().filter(|&s| Some(s) != leader).collect();
+        let Some(&follower) = followers.choose(rng) else {
+            self.note("lifecycle: no running follower".into());
+            return Ok(Undo::Nothing);
+        };
+        // A refused action is noted, not a failure: the checks judge what clients saw.
+        Ok(match step % 3 {
+            0 => {
+                self.note(format!("deactivate node {}", follower + 1));
+                match cluster.lifecycle(follower, "deactivate").await {
+                    Ok(()) => {
+                        self.note(format!("node {} inactive", follower + 1));
+                        Undo::Activate(follower)
+                    }
+                    Err(e) => {
+                        self.note(format!("deactivation refused: {e:#}"));
+                        Undo::Nothing
+                    }
+                }
+            }
+            1 => {
+                self.note(format!("resync node {}", follower + 1));
+                match cluster.lifecycle(follower, "resync").await {
+                    Ok(()) => self.note(format!("node {} resynced", follower + 1)),
+                    Err(e) => self.note(format!("resync refused: {e:#}")),
+                }
+                Undo::Nothing
+            }
+            _ => {
+                let slot = leader.filter(|l| running.contains(l)).unwrap_or(follower);
+                self.note(format!("SIGTERM node {}{}", slot + 1, if Some(slot) == leader { " (leader)" } else { "" }));
+                match cluster.terminate(slot).await {
+                    Ok(()) => self.note(format!("node {} stopped gracefully", slot + 1)),
+                    Err(e) => self.note(format!("graceful stop failed: {e:#}")),
+                }
+                Undo::Restart(vec![slot])
+            }
         })
     }
 

@@ -70,8 +70,9 @@ pub struct ClusterNetwork {
 ///    its own entry, storage format 4), which a node of version 2 cannot decode.
 /// 4: a snapshot travels as a header line (storage format 5) followed by its audit events, one
 ///    per line, which a node of version 3 cannot read.
-/// 5: log entries may be `Command::NodeSetActive` (a deactivated member, §10.1), and the leader
-///    asks members for `cluster/lifecycle` and `cluster/resync`.
+/// 5: log entries may be `Command::NodeSetActive` (a deactivated member, §10.1) or
+///    `Command::SnapshotAuto*` (scheduled snapshots, §10.2), and the leader asks members for
+///    `cluster/lifecycle` and `cluster/resync`.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 impl ClusterNetwork {

@@ -246,6 +246,12 @@ pub struct RaftConfig {
     pub heartbeat_ms: u64,
     #[serde(default = "default_election_timeout_ms")]
     pub election_timeout_ms: u64,
+    /// How long a request waits for a leader while none is known (an election under way)
+    /// before it fails with 503. Longer than an election (≈ 0.4 s measured), so a request that
+    /// arrives while the leader dies is held and answered by the next one; read-only mode
+    /// itself (stale reads, emergency logins) starts after one election timeout.
+    #[serde(default = "default_leader_wait_ms")]
+    pub leader_wait_ms: u64,
     /// Log entries between automatic snapshots (which also bound the log kept on disk).
     #[serde(default = "default_snapshot_threshold")]
     pub snapshot_threshold: u64,
@@ -267,6 +273,7 @@ impl Default for RaftConfig {
         RaftConfig {
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
+            leader_wait_ms: default_leader_wait_ms(),
             snapshot_threshold: default_snapshot_threshold(),
             max_trailing_logs: default_max_trailing_logs(),
             max_voters: default_max_voters(),
@@ -535,6 +542,9 @@ fn default_heartbeat_ms() -> u64 {
 fn default_election_timeout_ms() -> u64 {
     150
 }
+fn default_leader_wait_ms() -> u64 {
+    1_000
+}
 fn default_snapshot_threshold() -> u64 {
     5000
 }
@@ -570,6 +580,7 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_RAFT_HEARTBEAT_MS", &["raft", "heartbeat_ms"]),
     ("CITADEL_RAFT_ELECTION_TIMEOUT_MS", &["raft", "election_timeout_ms"]),
     ("CITADEL_RAFT_SNAPSHOT_THRESHOLD", &["raft", "snapshot_threshold"]),
+    ("CITADEL_RAFT_LEADER_WAIT_MS", &["raft", "leader_wait_ms"]),
     ("CITADEL_RAFT_MAX_TRAILING_LOGS", &["raft", "max_trailing_logs"]),
     ("CITADEL_RAFT_MAX_VOTERS", &["raft", "max_voters"]),
     ("CITADEL_RAFT_DEAD_SERVER_THRESHOLD_MS", &["raft", "dead_server_threshold_ms"]),
@@ -677,6 +688,15 @@ impl Config {
         if self.auth.max_ttl == 0 || self.auth.max_ttl > MAX_DURATION_SECS {
             return Err(("auth.max_ttl", format!("must be between 1 second and {MAX_DURATION_SECS} seconds")));
         }
+        if self.raft.leader_wait_ms < 2 * self.raft.election_timeout_ms || self.raft.leader_wait_ms > 60_000 {
+            return Err((
+                "raft.leader_wait_ms",
+                format!(
+                    "must be between 2 × raft.election_timeout_ms ({}) and 60000",
+                    2 * self.raft.election_timeout_ms
+                ),
+            ));
+        }
         if self.raft.snapshot_threshold < 10 {
             return Err(("raft.snapshot_threshold", "must be at least 10".into()));
         }
@@ -737,6 +757,50 @@ mod tests {
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = env.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         Config::parse(text, Path::new("/etc/citadel.toml"), &env)
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_accepted_as_it_is_and_with_every_commented_key_set() {
+        let example = include_str!("../../../deploy/systemd/citadel.toml.example");
+        parse(example, &[]).unwrap();
+        // Uncommenting a `# key = value` line must give a valid config too: the defaults it shows
+        // are real keys with accepted values (the first of alternatives for one key).
+        let mut seen = std::collections::BTreeSet::new();
+        let mut table = String::new();
+        let mut uncommented = Vec::new();
+        for line in example.lines() {
+            // A commented table header (`# [[retry_join]]`) is uncommented with its keys.
+            if let Some(header) = line.strip_prefix("# ").filter(|h| h.starts_with('[')) {
+                table = header.to_string();
+                seen.retain(|k: &String| !k.starts_with(&table));
+                uncommented.push(header);
+                continue;
+            }
+            if line.starts_with('[') {
+                table = line.to_string();
+            }
+            let key = line.split_once(" = ").map(|(k, _)| k.trim_start_matches("# ").to_string());
+            if let Some(key) = key.filter(|k| !k.contains(' ')) {
+                if !seen.insert(format!("{table}.{key}")) && line.starts_with("# ") {
+                    continue;
+                }
+            }
+            match line.strip_prefix("# ") {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => uncommented.push(rest),
+                _ => uncommented.push(line),
+            }
+        }
+        parse(&uncommented.join("\n"), &[]).unwrap();
+    }
+
+    #[test]
+    fn the_wait_for_a_leader_is_at_least_two_election_timeouts_and_bounded() {
+        assert_eq!(parse(GOOD, &[]).unwrap().raft.leader_wait_ms, 1000);
+        for bad in ["299", "60001"] {
+            let err = parse(GOOD, &[("CITADEL_RAFT_LEADER_WAIT_MS", bad)]).unwrap_err().0;
+            assert!(err.contains("raft.leader_wait_ms"), "{err}");
+        }
+        assert_eq!(parse(GOOD, &[("CITADEL_RAFT_LEADER_WAIT_MS", "300")]).unwrap().raft.leader_wait_ms, 300);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! it aborts them. Each run proposes `Command::JobResult` tagged with the term and this node,
 //! on this node only (never forwarded): `apply` refuses a result from a deposed leader (its
 //! term is older than the entry carrying it), so even a run that raced a leader change cannot
-//! act twice. Every run is committed, even one that changed nothing, so the replicated job log
-//! (`State::jobs`, `GET sys/jobs`) shows which node ran what in which term; each outcome is
-//! also published on the event stream.
+//! act twice. Every run is committed, even one that changed nothing (except for a job that looks
+//! often for rare work, `Job::record_idle`), so the replicated job log (`State::jobs`,
+//! `GET sys/jobs`) shows which node ran what in which term; each outcome is also published on the
+//! event stream.
 //!
 //! The job set is declared once, in `JOBS`: a new job (audit retention, scheduled snapshots,
 //! rotations, alert delivery) is one entry.

@@ -139,10 +139,11 @@ impl Node {
         Duration::from_millis(self.config.raft.election_timeout_ms)
     }
 
-    /// How long a request waits for a leader to exist (§1.5): two election timeouts. Waiting on a
-    /// leader that still hears from a quorum is bounded by `PROPOSAL_LIMIT` instead.
+    /// How long a request waits for a leader to exist (§1.5): `raft.leader_wait_ms`, longer than
+    /// an election, so that a failover fails no request. Waiting on a leader that still hears
+    /// from a quorum is bounded by `PROPOSAL_LIMIT` instead.
     pub fn consensus_deadline(&self) -> Duration {
-        2 * self.election_timeout()
+        Duration::from_millis(self.config.raft.leader_wait_ms)
     }
 
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
@@ -197,11 +198,11 @@ impl Node {
         members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms
     }
 
-    /// Settled read-only mode: no leader for two election timeouts. Requests then fail at once;
+    /// Settled read-only mode: no leader for `raft.leader_wait_ms`. Requests then fail at once;
     /// before that, an election or a leader transfer may still be finishing, so they wait (within
     /// their deadline) for a leader instead.
     fn settled_read_only(&self) -> bool {
-        self.read_only() && self.staleness_ms() > 2 * self.config.raft.election_timeout_ms
+        self.read_only() && self.staleness_ms() > self.config.raft.leader_wait_ms
     }
 
     fn leaderless(&self) -> NodeError {
@@ -218,7 +219,7 @@ impl Node {
     }
 
     /// Proposes a command through the leader, wherever it is, and waits for it to be applied.
-    /// Fails (the API answers 503) within two election timeouts, or at once in settled
+    /// Fails (the API answers 503) within `raft.leader_wait_ms`, or at once in settled
     /// read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
         let (command, carrier) = carry_audit(authorize_command(command));

@@ -18,7 +18,7 @@ pub enum NodeError {
     /// No leader committed the request, or answered a read index, within the deadline (§1.5).
     #[error("the cluster has no leader: the request could not be committed within the deadline")]
     NoLeader,
-    /// Settled read-only mode (§5.4): no leader for two election timeouts, so writes fail at once.
+    /// Settled read-only mode (§5.4): no leader for `raft.leader_wait_ms`, so writes fail at once.
     #[error("the cluster is read-only because it has no leader: writes are refused until a quorum of voters is back")]
     ReadOnly,
     /// The leader refused or failed a command this node forwarded to it; the text is its reason,

@@ -11,8 +11,12 @@ pub enum Workload {
     Write,
     Read,
     StaleRead,
-    /// Starts its own 3-node cluster and kills the leader `--rounds` times.
+    /// Starts its own 3-node cluster and kills the leader `--rounds` times, with a writer on a
+    /// survivor through each kill.
     Failover,
+    /// Starts its own 3-node cluster and restarts each node in turn (SIGTERM) `--rounds` times
+    /// over, with a writer on a node that stays up.
+    RollingRestart,
     /// Starts its own 3-node cluster and floods one node with unauthenticated requests (or,
     /// with `--idle-connections`, idle connections); see `flood.rs`.
     Flood,
@@ -28,6 +32,7 @@ impl Workload {
             Workload::Read => "read",
             Workload::StaleRead => "stale-read",
             Workload::Failover => "failover",
+            Workload::RollingRestart => "rolling-restart",
             Workload::Flood => "flood",
             Workload::Scale => "scale",
         }
@@ -107,7 +112,7 @@ impl Endpoint {
             (Target::Etcd, Workload::StaleRead) => {
                 ("/v3/kv/range".into(), json!({ "key": b64(&key), "serializable": true }), &[])
             }
-            (_, Workload::Failover | Workload::Flood | Workload::Scale) => {
+            (_, Workload::Failover | Workload::RollingRestart | Workload::Flood | Workload::Scale) => {
                 unreachable!("failover, flood and scale have their own drivers")
             }
         };
@@ -126,7 +131,7 @@ impl Endpoint {
 
 /// Runs `ops` operations of `workload` spread over `concurrency` clients, each on its own key.
 pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrency: usize) -> Result<Summary> {
-    if matches!(workload, Workload::Failover | Workload::Flood | Workload::Scale) {
+    if matches!(workload, Workload::Failover | Workload::RollingRestart | Workload::Flood | Workload::Scale) {
         anyhow::bail!("{} runs alone: `citadel bench {}`", workload.name(), workload.name());
     }
     let concurrency = concurrency.max(1);
@@ -309,21 +314,144 @@ pub fn fsync_floor(dir: &std::path::Path, samples: usize) -> Result<(Duration, D
     Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
 }
 
+/// One request of the writer that runs through a failover, timed from the round's start.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    at: Duration,
+    took: Duration,
+    ok: bool,
+}
+
+/// A round of `citadel bench failover` (a kill) or of a rolling restart (a SIGTERM).
+#[derive(Clone, Debug)]
+pub struct DisruptionRound {
+    /// The node stopped and the node the writer used.
+    pub stopped: usize,
+    pub writer_on: usize,
+    pub sent: usize,
+    pub failed: usize,
+    /// The first failure's message, if any.
+    pub first_failure: Option<String>,
+    /// The writer's median latency before the stop, and its slowest request of the round.
+    pub baseline_p50: Duration,
+    pub worst: Duration,
+    /// From the stop to the first write acknowledged after it that was sent after it.
+    pub stop_to_first_new_write: Duration,
+}
+
+impl DisruptionRound {
+    /// What the stop added to the slowest request.
+    pub fn added_latency(&self) -> Duration {
+        self.worst.saturating_sub(self.baseline_p50)
+    }
+}
+
 /// What `citadel bench failover` measured.
 pub struct FailoverReport {
-    /// Per round: from `kill -9` of the leader to the first acknowledged write on a survivor.
-    pub rounds: Vec<Duration>,
+    pub rounds: Vec<DisruptionRound>,
     /// From `kill -9` of two of three nodes to the survivor reporting read-only mode (474).
     pub read_only_entry: Duration,
     pub election_timeout_ms: u64,
     pub heartbeat_ms: u64,
+    pub leader_wait_ms: u64,
 }
 
 pub fn median(sorted: &[Duration]) -> Duration {
     percentile(sorted, 0.5)
 }
 
-/// Starts a 3-node cluster under `dir`, kills its leader `rounds` times, and measures.
+/// What the writer has sent so far, and its first failure.
+#[derive(Default)]
+struct WriterLog {
+    sent: Vec<Sent>,
+    first_failure: Option<String>,
+}
+
+/// Writes to `client` one request after another until `stop` is set, recording each in `log`.
+fn start_writer(
+    client: Client,
+    start: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    log: std::sync::Arc<std::sync::Mutex<WriterLog>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let at = start.elapsed();
+            let result = client.kv_put("secret", &format!("failover/{}", n % 64), &json!({ "n": n }), None).await;
+            let mut log = log.lock().expect("writer log");
+            if let Err(e) = &result {
+                log.first_failure.get_or_insert_with(|| e.to_string());
+            }
+            log.sent.push(Sent { at, took: start.elapsed() - at, ok: result.is_ok() });
+            n += 1;
+        }
+    })
+}
+
+/// Runs a writer on node `writer_on` while `disrupt` stops node `stopped`, then measures. The
+/// writer runs half a second before the stop, and a second past the first write sent after the
+/// stop that is acknowledged.
+async fn through_disruption(
+    client: Client,
+    stopped: usize,
+    writer_on: usize,
+    disrupt: impl std::future::Future<Output = Result<()>>,
+) -> Result<DisruptionRound> {
+    const BASELINE: Duration = Duration::from_millis(500);
+    const AFTER: Duration = Duration::from_secs(1);
+    const LIMIT: Duration = Duration::from_secs(60);
+    let start = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(WriterLog::default()));
+    let writer = start_writer(client, start, stop.clone(), log.clone());
+    tokio::time::sleep(BASELINE).await;
+    let stopped_at = start.elapsed();
+    disrupt.await?;
+    let first_new = |log: &WriterLog| {
+        log.sent.iter().filter(|s| s.ok && s.at >= stopped_at).map(|s| s.at + s.took - stopped_at).min()
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let seen = first_new(&log.lock().expect("writer log"));
+        if seen.is_some_and(|t| start.elapsed() >= stopped_at + t + AFTER) || start.elapsed() > stopped_at + LIMIT {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await?;
+    let log = std::mem::take(&mut *log.lock().expect("writer log"));
+    let mut before: Vec<Duration> = log.sent.iter().filter(|s| s.at + s.took < stopped_at).map(|s| s.took).collect();
+    before.sort();
+    let stop_to_first_new_write = first_new(&log)
+        .ok_or_else(|| anyhow::anyhow!("no write sent after the stop was acknowledged within {LIMIT:?}"))?;
+    Ok(DisruptionRound {
+        stopped,
+        writer_on,
+        sent: log.sent.len(),
+        failed: log.sent.iter().filter(|s| !s.ok).count(),
+        first_failure: log.first_failure,
+        baseline_p50: median(&before),
+        worst: log.sent.iter().map(|s| s.took).max().unwrap_or_default(),
+        stop_to_first_new_write,
+    })
+}
+
+/// The index of the node that answers health as the leader.
+async fn leader_of(clients: &[Client]) -> Result<usize> {
+    crate::dev::wait_for("a leader", Duration::from_secs(60), || async {
+        for (i, c) in clients.iter().enumerate() {
+            if c.health().await.ok().map(|r| r.status.as_u16()) == Some(200) {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Starts a 3-node cluster under `dir` and kills its leader (`kill -9`) `rounds` times, with a
+/// writer on a survivor through each kill; then kills two of three and times read-only entry.
 pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result<FailoverReport> {
     use crate::dev;
     let exe = std::env::current_exe()?;
@@ -332,51 +460,33 @@ pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result
     // What the nodes actually run with (file plus CITADEL_* overrides), for the report.
     let raft = citadel_server::Config::load(&layout.config_path(0))?.raft;
 
-    let leader_of = |clients: &[Client]| {
-        let clients = clients.to_vec();
-        async move {
-            dev::wait_for("a leader", Duration::from_secs(60), || async {
-                for (i, c) in clients.iter().enumerate() {
-                    if c.health().await.ok().map(|r| r.status.as_u16()) == Some(200) {
-                        return Some(i);
-                    }
-                }
-                None
-            })
-            .await
-        }
-    };
-    let write_until_ok = |client: Client, started: Instant| async move {
-        loop {
-            if client
-                .kv_put("secret", "failover", &json!({ "at": format!("{:?}", started.elapsed()) }), None)
-                .await
-                .is_ok()
-            {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                anyhow::bail!("no write succeeded within 60 s of killing the leader");
-            }
-        }
-    };
-
-    let mut times = Vec::with_capacity(rounds);
+    let mut results = Vec::with_capacity(rounds);
     for round in 0..rounds {
         let leader = leader_of(&clients).await?;
         let survivor = (leader + 1) % 3;
-        let started = Instant::now();
-        guard.0[leader].kill()?;
-        guard.0[leader].wait()?;
-        let took = write_until_ok(clients[survivor].clone(), started).await?;
+        let child = &mut guard.0[leader];
+        let kill = async {
+            child.kill()?;
+            child.wait()?;
+            Ok(())
+        };
+        let result = through_disruption(clients[survivor].clone(), leader, survivor, kill).await?;
         crate::out!(
-            "round {:>2}: killed node {}, first write on node {} after {:>4} ms",
+            "round {:>2}: killed node {}, writer on node {}: {} sent, {} failed, slowest {:>4} ms (+{} ms), \
+             first new write after {} ms",
             round + 1,
             leader + 1,
             survivor + 1,
-            took.as_millis()
+            result.sent,
+            result.failed,
+            result.worst.as_millis(),
+            result.added_latency().as_millis(),
+            result.stop_to_first_new_write.as_millis()
         );
-        times.push(took);
+        if let Some(failure) = &result.first_failure {
+            crate::out!("          first failure: {failure}");
+        }
+        results.push(result);
         guard.0[leader] = layout.spawn(&exe, leader)?;
         dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
     }
@@ -397,11 +507,53 @@ pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result
     let read_only_entry = started.elapsed();
     guard.stop();
     Ok(FailoverReport {
-        rounds: times,
+        rounds: results,
         read_only_entry,
         election_timeout_ms: raft.election_timeout_ms,
         heartbeat_ms: raft.heartbeat_ms,
+        leader_wait_ms: raft.leader_wait_ms,
     })
+}
+
+/// Starts a 3-node cluster under `dir` and restarts every node in turn (SIGTERM, then start
+/// again), `rounds` times over, with a writer on a node that is up and not being restarted.
+pub async fn rolling_restart(dir: &std::path::Path, rounds: usize, port: u16) -> Result<Vec<DisruptionRound>> {
+    use crate::dev;
+    let exe = std::env::current_exe()?;
+    let CitadelCluster { layout, nodes: mut guard, root_token: root, .. } = start_citadel(dir, port).await?;
+    let clients: Vec<Client> = (0..3).map(|i| Ok(layout.client(i)?.with_token(root.clone()))).collect::<Result<_>>()?;
+    let mut results = Vec::new();
+    for _ in 0..rounds {
+        for node in 0..3 {
+            let writer_on = (node + 1) % 3;
+            let child = &mut guard.0[node];
+            let term = async {
+                // SAFETY: kill only sends SIGTERM to the child this process started (by its pid).
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let status = tokio::task::block_in_place(|| child.wait())?;
+                anyhow::ensure!(status.success(), "node {} exited with {status} after SIGTERM", node + 1);
+                Ok(())
+            };
+            let result = through_disruption(clients[writer_on].clone(), node, writer_on, term).await?;
+            crate::out!(
+                "restarted node {} (writer on node {}): {} sent, {} failed, slowest {} ms",
+                node + 1,
+                writer_on + 1,
+                result.sent,
+                result.failed,
+                result.worst.as_millis()
+            );
+            if let Some(failure) = &result.first_failure {
+                crate::out!("          first failure: {failure}");
+            }
+            results.push(result);
+            guard.0[node] = layout.spawn(&exe, node)?;
+            dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
+            leader_of(&clients).await?;
+        }
+    }
+    guard.stop();
+    Ok(results)
 }
 
 /// What `citadel bench` compares.

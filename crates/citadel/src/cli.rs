@@ -66,7 +66,7 @@ enum Cmd {
     /// Measure throughput and latency: Citadel (a 3-node cluster it starts, or --addr) and,
     /// with --target etcd, a 3-member etcd cluster, side by side in one run.
     Bench {
-        /// Workloads, comma-separated: write, read (linearizable), stale-read; or failover.
+        /// Workloads, comma-separated: write, read (linearizable), stale-read; or alone: failover, rolling-restart, flood, scale.
         #[arg(value_enum, value_delimiter = ',', required = true)]
         workloads: Vec<Workload>,
         /// Systems to measure, comma-separated; each level runs on each in turn.
@@ -90,7 +90,7 @@ enum Cmd {
         /// Results as JSON (and a PNG chart beside it, same name).
         #[arg(long, default_value = "target/bench/bench.json")]
         json: PathBuf,
-        /// failover: how many times to kill the leader.
+        /// failover: how many times to kill the leader; rolling-restart: how many times to restart every node.
         #[arg(long, default_value_t = 10)]
         rounds: usize,
         /// Base port of started clusters (uses BASE..BASE+21).
@@ -543,26 +543,46 @@ async fn dispatch(cli: Cli) -> Result<()> {
             print_map(&serde_json::to_value(&report)?, format);
             Ok(())
         }
-        Cmd::Bench { workloads, rounds, port, .. } if workloads.contains(&Workload::Failover) => {
-            if workloads.len() > 1 {
-                bail!("failover runs alone: `citadel bench failover`");
-            }
-            let dir = std::env::temp_dir().join(format!("citadel-bench-failover-{}", std::process::id()));
-            let report = bench::failover(&dir, rounds, port).await;
-            let _ = std::fs::remove_dir_all(&dir);
-            let report = report?;
-            let mut sorted = report.rounds.clone();
-            sorted.sort();
+        Cmd::Bench { workloads, rounds, port, .. }
+            if workloads.iter().any(|w| matches!(w, Workload::Failover | Workload::RollingRestart)) =>
+        {
+            let [workload] = workloads[..] else {
+                bail!("failover and rolling-restart run alone: `citadel bench failover`");
+            };
+            let dir = std::env::temp_dir().join(format!("citadel-bench-{}-{}", workload.name(), std::process::id()));
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            let summary = json!({
-                "rounds": sorted.len(),
-                "median_ms": format!("{:.0}", ms(bench::median(&sorted))),
-                "worst_ms": format!("{:.0}", ms(*sorted.last().unwrap_or(&Default::default()))),
-                "best_ms": format!("{:.0}", ms(*sorted.first().unwrap_or(&Default::default()))),
-                "read_only_entry_ms": format!("{:.0}", ms(report.read_only_entry)),
-                "election_timeout_ms": report.election_timeout_ms,
-                "heartbeat_ms": report.heartbeat_ms,
+            let (rounds, extra) = if workload == Workload::Failover {
+                let report = bench::failover(&dir, rounds, port).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                let report = report?;
+                let extra = json!({
+                    "read_only_entry_ms": format!("{:.0}", ms(report.read_only_entry)),
+                    "election_timeout_ms": report.election_timeout_ms,
+                    "heartbeat_ms": report.heartbeat_ms,
+                    "leader_wait_ms": report.leader_wait_ms,
+                });
+                (report.rounds, extra)
+            } else {
+                let report = bench::rolling_restart(&dir, rounds, port).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                (report?, json!({}))
+            };
+            let mut first_writes: Vec<_> = rounds.iter().map(|r| r.stop_to_first_new_write).collect();
+            first_writes.sort();
+            let mut summary = json!({
+                "rounds": rounds.len(),
+                "requests_sent": rounds.iter().map(|r| r.sent).sum::<usize>(),
+                "requests_failed": rounds.iter().map(|r| r.failed).sum::<usize>(),
+                "worst_latency_ms": format!("{:.0}", ms(rounds.iter().map(|r| r.worst).max().unwrap_or_default())),
+                "worst_added_latency_ms":
+                    format!("{:.0}", ms(rounds.iter().map(|r| r.added_latency()).max().unwrap_or_default())),
+                "stop_to_first_new_write_median_ms": format!("{:.0}", ms(bench::median(&first_writes))),
+                "stop_to_first_new_write_worst_ms":
+                    format!("{:.0}", ms(first_writes.last().copied().unwrap_or_default())),
             });
+            if let (Some(summary), Some(extra)) = (summary.as_object_mut(), extra.as_object()) {
+                summary.extend(extra.clone());
+            }
             print_map(&summary, format);
             Ok(())
         }

@@ -429,6 +429,22 @@ impl Printer {
                 self.membership = now.clone();
                 Some(format!("membership changed: {now}"))
             }
+            "lifecycle" => Some(format!(
+                "node {}: {} (by leader {node})",
+                num("id"),
+                match line["action"].as_str().unwrap_or("?") {
+                    "deactivate" => "deactivated: serves no client, has no vote, keeps replicating",
+                    "activate" => "activated: serves again, votes once caught up",
+                    "resync" => "resynced: discarded its state and caught up from a snapshot",
+                    "rename" => "renamed",
+                    other => other,
+                }
+            )),
+            "snapshot_failed" => Some(format!(
+                "scheduled snapshot {} failed on leader {node}: {}",
+                line["name"].as_str().unwrap_or("?"),
+                line["error"].as_str().unwrap_or("?")
+            )),
             "job_result" if line["outcome"] != serde_json::json!("done") => Some(format!(
                 "job {} on node {node} (term {}): {}",
                 line["job"].as_str().unwrap_or("?"),
@@ -494,5 +510,20 @@ mod tests {
         let done = json!({ "type": "job_result", "node": 2, "job": "token_expiry", "term": 4, "outcome": "done" });
         assert_eq!(printer.describe(&done), None, "routine job runs are not printed");
         assert_eq!(printer.describe(&json!({ "type": "heartbeat", "node": 2 })), None);
+    }
+
+    #[test]
+    fn lifecycle_actions_and_failed_snapshots_are_printed_saying_what_happened() {
+        let mut printer = Printer::default();
+        let deactivated = json!({ "type": "lifecycle", "node": 1, "id": 3, "action": "deactivate" });
+        assert_eq!(
+            printer.describe(&deactivated).as_deref(),
+            Some("node 3: deactivated: serves no client, has no vote, keeps replicating (by leader 1)")
+        );
+        let failed = json!({ "type": "snapshot_failed", "node": 1, "name": "hourly", "error": "disk full" });
+        assert_eq!(
+            printer.describe(&failed).as_deref(),
+            Some("scheduled snapshot hourly failed on leader 1: disk full")
+        );
     }
 }

@@ -146,8 +146,8 @@ async fn two_of_three_down_gives_read_only_mode_with_emergency_logins_and_audit_
     let took = started.elapsed();
     assert_eq!(write.status, 503);
     assert!(write.body["errors"][0].as_str().unwrap().contains("read-only"), "{:?}", write.body);
-    // The product's bound is 2 × the election timeout (600 ms); the test allows for a loaded machine.
-    assert!(took < Duration::from_millis(1500), "a write in read-only mode fails fast, took {took:?}");
+    // The product's bound is `raft.leader_wait_ms` (1 s); the test allows for a loaded machine.
+    assert!(took < Duration::from_millis(2500), "a write in read-only mode fails fast, took {took:?}");
 
     // Emergency login: checked against the replica, a self-verifying read-only token.
     let mut oncall = cluster.anonymous_at(survivor);
@@ -209,7 +209,8 @@ async fn a_sealed_node_still_votes_so_quorum_survives_losing_another() {
 
 #[tokio::test]
 async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot_with_the_audit_log() {
-    let mut cluster = Cluster::start_partial(3, 1, 22400, true, "[raft]\nsnapshot_threshold = 10\n").await;
+    let mut cluster =
+        Cluster::start_partial(3, 1, 22400, true, "[raft]\nsnapshot_threshold = 10\nmax_trailing_logs = 2\n").await;
     let root = cluster.root();
     for n in 0..60 {
         root.kv_put("secret", &format!("snap/{}", n % 7), &json!({ "n": n }), None).await.unwrap();
