@@ -158,7 +158,7 @@ const ADDR_PARAMS: &[Param] =
 const BOOTSTRAP_PARAMS: &[Param] = &[
     Param::body("join_token", Kind::String, "A one-time join token").required(),
     Param::body("node_id", Kind::Integer, "The joining node's id").required(),
-    Param::body("csr", Kind::String, "The node's certificate signing request (PEM)").required(),
+    Param::body("names", Kind::StringList, "IP addresses and DNS names the certificate must cover").required(),
 ];
 
 const REMOVE_PEER_PARAMS: &[Param] = &[Param::body("server_id", Kind::String, "The node id to remove").required()];
