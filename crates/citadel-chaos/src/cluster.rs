@@ -183,13 +183,16 @@ impl ChaosCluster {
     /// A resync waits for the catch-up, so it may take long.
     pub async fn lifecycle(&mut self, slot: usize, action: &str) -> Result<()> {
         let via = self.members().into_iter().find(|&s| s != slot && self.is_running(s)).unwrap_or(slot);
-        let client = self.clients[via].clone().with_timeout(Duration::from_secs(150));
+        let client = self.clients[via].clone().with_timeout(Duration::from_secs(180));
         let path = format!("sys/ha/nodes/{}/{action}", self.node_id(slot));
+        // Marked before asking: a deactivation whose answer is lost may still have taken
+        // effect, and converging activates the node again either way.
+        if action == "deactivate" {
+            self.slots[slot].inactive = true;
+        }
         client.post(&path, &json!({})).await.with_context(|| format!("{action} node {}", slot + 1))?;
-        match action {
-            "deactivate" => self.slots[slot].inactive = true,
-            "activate" => self.slots[slot].inactive = false,
-            _ => {}
+        if action == "activate" {
+            self.slots[slot].inactive = false;
         }
         Ok(())
     }

@@ -315,7 +315,10 @@ impl Command {
                 | Command::AuditPrune { .. }
                 | Command::AuditShip { .. }
                 | Command::Audited { .. }
-                | Command::Authorized { .. } => Forwarding::Refused,
+                | Command::Authorized { .. }
+                // The leader's own: a lifecycle action runs on the leader, a job's record in its job.
+                | Command::NodeSetActive { .. }
+                | Command::SnapshotAutoRecord { .. } => Forwarding::Refused,
                 _ => Forwarding::Client,
             },
             // An envelope travels as it is: what it wraps decides, and it must wrap an

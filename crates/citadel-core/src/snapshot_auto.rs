@@ -74,6 +74,9 @@ pub enum ConfigError {
     FilePrefix,
     #[error("at most {MAX_CONFIGS} scheduled snapshot configurations may exist; delete one first")]
     TooMany,
+    /// Retention would delete the other configuration's files: its files are named alike.
+    #[error("configuration {0:?} already writes {1}/{2}-*.snap; give this one another file_prefix or path_prefix")]
+    SameFiles(String, String, String),
 }
 
 fn is_simple_name(s: &str) -> bool {
@@ -115,6 +118,13 @@ pub fn put(
     config: AutoSnapshotConfig,
 ) -> Result<(), ConfigError> {
     check(&name, &config)?;
+    let same_files = |c: &AutoSnapshotConfig| {
+        c.path_prefix.trim_end_matches('/') == config.path_prefix.trim_end_matches('/')
+            && c.file_prefix == config.file_prefix
+    };
+    if let Some((other, _)) = configs.iter().find(|(n, e)| **n != name && same_files(&e.config)) {
+        return Err(ConfigError::SameFiles(other.clone(), config.path_prefix.clone(), config.file_prefix.clone()));
+    }
     if let Some(existing) = configs.get_mut(&name) {
         existing.config = config;
         return Ok(());
@@ -178,11 +188,12 @@ mod tests {
     fn configurations_are_bounded_and_a_replaced_one_keeps_its_schedule() {
         let mut configs = BTreeMap::new();
         for i in 0..MAX_CONFIGS {
-            put(&mut configs, format!("c{i}"), config()).unwrap();
+            put(&mut configs, format!("c{i}"), AutoSnapshotConfig { file_prefix: format!("c{i}"), ..config() })
+                .unwrap();
         }
         assert_eq!(put(&mut configs, "one-more".into(), config()), Err(ConfigError::TooMany));
         record(&mut configs, "c0", AutoSnapshotStatus { last_snapshot_start: 5_000, ..Default::default() });
-        put(&mut configs, "c0".into(), AutoSnapshotConfig { retain: 9, ..config() }).unwrap();
+        put(&mut configs, "c0".into(), AutoSnapshotConfig { retain: 9, file_prefix: "c0".into(), ..config() }).unwrap();
         assert_eq!(configs["c0"].status.last_snapshot_start, 5_000);
         assert_eq!(configs["c0"].config.retain, 9);
         record(&mut configs, "gone", AutoSnapshotStatus::default());
@@ -190,9 +201,26 @@ mod tests {
     }
 
     #[test]
+    fn two_configurations_whose_retention_would_delete_each_others_files_are_refused() {
+        let mut configs = BTreeMap::new();
+        put(&mut configs, "hourly".into(), config()).unwrap();
+        let same = AutoSnapshotConfig { retain: 7, path_prefix: "/var/backups/citadel/".into(), ..config() };
+        assert!(
+            matches!(put(&mut configs, "daily".into(), same.clone()), Err(ConfigError::SameFiles(n, _, _)) if n == "hourly")
+        );
+        put(&mut configs, "daily".into(), AutoSnapshotConfig { file_prefix: "daily".into(), ..same }).unwrap();
+        put(&mut configs, "hourly".into(), AutoSnapshotConfig { retain: 48, ..config() }).unwrap();
+    }
+
+    #[test]
     fn the_most_overdue_schedule_runs_first_and_a_new_one_at_once() {
         let mut configs = BTreeMap::new();
-        put(&mut configs, "hourly".into(), AutoSnapshotConfig { interval_secs: 3600, ..config() }).unwrap();
+        put(
+            &mut configs,
+            "hourly".into(),
+            AutoSnapshotConfig { interval_secs: 3600, file_prefix: "h".into(), ..config() },
+        )
+        .unwrap();
         put(&mut configs, "minutely".into(), config()).unwrap();
         record(&mut configs, "hourly", AutoSnapshotStatus { last_snapshot_start: 1_000, ..Default::default() });
         assert_eq!(most_overdue(&configs, 2_000).unwrap().0, "minutely", "never ran: due at once");

@@ -410,8 +410,11 @@ async fn remove_peer(State(app): State<Arc<Node>>, Json(target): Json<u64>) -> J
     Json(crate::membership::remove_peer(&app, target).await)
 }
 
-async fn lifecycle(State(app): State<Arc<Node>>, Json(req): Json<crate::lifecycle::Request>) -> Json<Wire<()>> {
-    Json(crate::lifecycle::run(&app, req).await)
+async fn lifecycle(
+    State(app): State<Arc<Node>>,
+    Json(req): Json<crate::lifecycle::Request>,
+) -> Json<Wire<Result<(), crate::lifecycle::LifecycleError>>> {
+    Json(Ok(crate::lifecycle::run(&app, req).await))
 }
 
 async fn resync(State(app): State<Arc<Node>>, Json(()): Json<()>) -> Json<Wire<()>> {

@@ -249,9 +249,10 @@ pub struct RaftConfig {
     /// How long a request waits for a leader while none is known (an election under way)
     /// before it fails with 503. Longer than an election (≈ 0.4 s measured), so a request that
     /// arrives while the leader dies is held and answered by the next one; read-only mode
-    /// itself (stale reads, emergency logins) starts after one election timeout.
-    #[serde(default = "default_leader_wait_ms")]
-    pub leader_wait_ms: u64,
+    /// itself (stale reads, emergency logins) starts after one election timeout. Unset: 1 s, or
+    /// 2 × `election_timeout_ms` if that is longer (read it through [`RaftConfig::leader_wait_ms`]).
+    #[serde(default, rename = "leader_wait_ms")]
+    pub leader_wait_ms_setting: Option<u64>,
     /// Log entries between automatic snapshots (which also bound the log kept on disk).
     #[serde(default = "default_snapshot_threshold")]
     pub snapshot_threshold: u64,
@@ -268,12 +269,19 @@ pub struct RaftConfig {
     pub dead_server_threshold_ms: u64,
 }
 
+impl RaftConfig {
+    /// How long a request waits for a leader (`leader_wait_ms`, or its default).
+    pub fn leader_wait_ms(&self) -> u64 {
+        self.leader_wait_ms_setting.unwrap_or_else(|| (2 * self.election_timeout_ms).max(1_000))
+    }
+}
+
 impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_ms: default_heartbeat_ms(),
             election_timeout_ms: default_election_timeout_ms(),
-            leader_wait_ms: default_leader_wait_ms(),
+            leader_wait_ms_setting: None,
             snapshot_threshold: default_snapshot_threshold(),
             max_trailing_logs: default_max_trailing_logs(),
             max_voters: default_max_voters(),
@@ -542,9 +550,6 @@ fn default_heartbeat_ms() -> u64 {
 fn default_election_timeout_ms() -> u64 {
     150
 }
-fn default_leader_wait_ms() -> u64 {
-    1_000
-}
 fn default_snapshot_threshold() -> u64 {
     5000
 }
@@ -688,7 +693,8 @@ impl Config {
         if self.auth.max_ttl == 0 || self.auth.max_ttl > MAX_DURATION_SECS {
             return Err(("auth.max_ttl", format!("must be between 1 second and {MAX_DURATION_SECS} seconds")));
         }
-        if self.raft.leader_wait_ms < 2 * self.raft.election_timeout_ms || self.raft.leader_wait_ms > 60_000 {
+        let leader_wait_ms = self.raft.leader_wait_ms();
+        if leader_wait_ms < 2 * self.raft.election_timeout_ms || leader_wait_ms > 60_000 {
             return Err((
                 "raft.leader_wait_ms",
                 format!(
@@ -795,12 +801,15 @@ mod tests {
 
     #[test]
     fn the_wait_for_a_leader_is_at_least_two_election_timeouts_and_bounded() {
-        assert_eq!(parse(GOOD, &[]).unwrap().raft.leader_wait_ms, 1000);
+        assert_eq!(parse(GOOD, &[]).unwrap().raft.leader_wait_ms(), 1000);
         for bad in ["299", "60001"] {
             let err = parse(GOOD, &[("CITADEL_RAFT_LEADER_WAIT_MS", bad)]).unwrap_err().0;
             assert!(err.contains("raft.leader_wait_ms"), "{err}");
         }
-        assert_eq!(parse(GOOD, &[("CITADEL_RAFT_LEADER_WAIT_MS", "300")]).unwrap().raft.leader_wait_ms, 300);
+        assert_eq!(parse(GOOD, &[("CITADEL_RAFT_LEADER_WAIT_MS", "300")]).unwrap().raft.leader_wait_ms(), 300);
+        // Unset, it follows a longer election timeout instead of refusing the config.
+        let slow = parse(GOOD, &[("CITADEL_RAFT_ELECTION_TIMEOUT_MS", "800")]).unwrap();
+        assert_eq!(slow.raft.leader_wait_ms(), 1600);
     }
 
     #[test]

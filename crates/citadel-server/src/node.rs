@@ -51,6 +51,8 @@ pub struct Node {
     pub resyncing: Mutex<std::collections::BTreeSet<u64>>,
     /// Asks the server to stop and start afresh (a resync, `resync.rs`).
     pub restart: tokio::sync::Notify,
+    /// Held by the lifecycle action this leader is carrying out (`lifecycle.rs`).
+    pub lifecycle_lock: tokio::sync::Mutex<()>,
 }
 
 /// The request a node is serving, for the commands it proposes and the reads it makes.
@@ -143,7 +145,7 @@ impl Node {
     /// an election, so that a failover fails no request. Waiting on a leader that still hears
     /// from a quorum is bounded by `PROPOSAL_LIMIT` instead.
     pub fn consensus_deadline(&self) -> Duration {
-        Duration::from_millis(self.config.raft.leader_wait_ms)
+        Duration::from_millis(self.config.raft.leader_wait_ms())
     }
 
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
@@ -202,7 +204,7 @@ impl Node {
     /// before that, an election or a leader transfer may still be finishing, so they wait (within
     /// their deadline) for a leader instead.
     fn settled_read_only(&self) -> bool {
-        self.read_only() && self.staleness_ms() > self.config.raft.leader_wait_ms
+        self.read_only() && self.staleness_ms() > self.config.raft.leader_wait_ms()
     }
 
     fn leaderless(&self) -> NodeError {

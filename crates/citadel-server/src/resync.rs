@@ -2,11 +2,12 @@
 //! snapshot, as a new replica would.
 //!
 //! The discard runs at start, before storage opens, driven by a marker file: the running node
-//! writes the marker, stops as on SIGTERM, and replaces itself with a fresh start of the same
-//! command line (same PID, so systemd and `citadel dev` keep tracking it). A crash anywhere in
-//! between finds the marker at the next start and finishes the job. Only a node that does not
-//! vote may forget its log: a voter that forgot whom it voted for could vote twice in a term, so
-//! the leader demotes it first (`lifecycle.rs`).
+//! stops as on SIGTERM, then, with Raft stopped, writes the marker and replaces itself with a
+//! fresh start of the same command line (same PID, so systemd and `citadel dev` keep tracking
+//! it). A crash after the marker finds it at the next start and finishes the job. Only a node
+//! that does not vote may forget its log: a voter that forgot whom it voted for could vote twice
+//! in a term. The leader demotes it first (`lifecycle.rs`), and the node checks again once Raft
+//! has stopped, when nothing can change any more: a new leader may have given the vote back.
 
 use std::io::Write;
 use std::path::Path;
@@ -22,8 +23,7 @@ pub const MARKER: &str = "RESYNC";
 /// How long this node waits to see itself demoted before it refuses to discard anything.
 const DEMOTION_WAIT: Duration = Duration::from_secs(5);
 
-/// Called by the leader once it has demoted this node: marks the data directory and asks the
-/// server to restart.
+/// Called by the leader once it has demoted this node: asks the server to stop and restart.
 pub async fn request(app: &Node) -> Result<(), String> {
     let me = app.node_id();
     let votes = || app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me);
@@ -34,11 +34,26 @@ pub async fn request(app: &Node) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let marker = app.config.data_dir.join(MARKER);
-    write_marker(&marker).map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
     tracing::warn!("resync requested: restarting to discard the replicated state and catch up from the cluster");
     app.restart.notify_one();
     Ok(())
+}
+
+/// With Raft stopped: marks the data directory for the discard, unless the membership this
+/// node last saw (its log's latest, committed or not) gives it a vote again.
+pub fn mark_unless_voting(app: &Node) {
+    let me = app.node_id();
+    if app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me) {
+        tracing::error!(
+            "resync abandoned: node {me} was given a vote again before it stopped, and a voter must not forget \
+             its log; it restarts with its state (run the resync again)"
+        );
+        return;
+    }
+    let marker = app.config.data_dir.join(MARKER);
+    if let Err(e) = write_marker(&marker) {
+        tracing::error!(path = %marker.display(), error = %e, "resync abandoned: cannot write the marker; restarting with the state");
+    }
 }
 
 fn write_marker(path: &Path) -> std::io::Result<()> {

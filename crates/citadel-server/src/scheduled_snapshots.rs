@@ -92,21 +92,40 @@ fn write_file(
         let _ = std::fs::remove_file(&staging);
         return Err(format!("cannot write {}: {e}", path.display()));
     }
-    let read = std::fs::read(&path).map_err(|e| format!("cannot read back {}: {e}", path.display()))?;
-    if let Err(e) = crate::snapshot::verify(&read, keyring) {
-        return Err(format!("{} failed verification after writing: {e}", path.display()));
-    }
+    let verified =
+        std::fs::read(&path).map_err(|e| format!("cannot read back {}: {e}", path.display())).and_then(|read| {
+            match crate::snapshot::verify(&read, keyring) {
+                Ok(_) => Ok(read),
+                Err(e) => Err(format!("{} failed verification after writing, and was deleted: {e}", path.display())),
+            }
+        });
+    let read = match verified {
+        Ok(read) => read,
+        Err(e) => {
+            // A file that did not verify must not count as a snapshot, nor push a good one out.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
     prune(dir, config).map_err(|e| format!("the snapshot {} is written, but retention failed: {e}", path.display()))?;
     Ok((path, read.len() as u64))
 }
 
-/// Deletes this configuration's oldest files beyond `retain`; never touches another file.
+/// Deletes this configuration's oldest files beyond `retain`, and its staging files a crash
+/// left behind (none is being written: runs follow one another); never touches another file.
 fn prune(dir: &Path, config: &AutoSnapshotConfig) -> std::io::Result<()> {
-    let mut runs: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter_map(|e| run_of(config, &e.file_name().to_string_lossy()).map(|run| (run, e.path())))
-        .collect();
+    let mut runs: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(run) = run_of(config, &name) {
+            runs.push((run, entry.path()));
+        } else if name.strip_suffix(".tmp").and_then(|n| run_of(config, n)).is_some() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
     runs.sort();
     let excess = runs.len().saturating_sub(config.retain as usize);
     for (_, path) in runs.into_iter().take(excess) {
@@ -136,7 +155,9 @@ mod tests {
         for run in [900, 1000, 20, 300] {
             std::fs::write(dir.path().join(file_name(&c, run)), b"x").unwrap();
         }
-        for other in ["citadel-12.snap.tmp", "citadel-x.snap", "other-1.snap", "citadel-.snap", "notes.txt"] {
+        for other in
+            ["citadel-12.snap.tmp", "citadel-x.snap", "other-1.snap", "other-1.snap.tmp", "citadel-.snap", "notes.txt"]
+        {
             std::fs::write(dir.path().join(other), b"x").unwrap();
         }
         prune(dir.path(), &c).unwrap();
@@ -148,12 +169,13 @@ mod tests {
             [
                 "citadel-.snap",
                 "citadel-1000.snap",
-                "citadel-12.snap.tmp",
                 "citadel-900.snap",
                 "citadel-x.snap",
                 "notes.txt",
-                "other-1.snap"
-            ]
+                "other-1.snap",
+                "other-1.snap.tmp"
+            ],
+            "its own stale staging file goes too"
         );
     }
 
@@ -163,6 +185,7 @@ mod tests {
         let keyring = Keyring::new(1, [1; 32], [2; 32], [3; 32]);
         let err = write_file(&config(dir.path(), 1), 5, b"not an archive", &keyring).unwrap_err();
         assert!(err.contains("failed verification"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the file that failed is gone");
     }
 
     #[test]

@@ -61,12 +61,6 @@ pub async fn run(config: Config) -> Result<()> {
         // only up to the last committed index it had persisted, which may be behind what it
         // acknowledged (found by scripts/chaos, crash-all).
         enable_leader_restore: Some(false),
-        // A member that comes back with an empty data directory (a lost disk, or an operator
-        // who deleted it before `node resync`) answers that its log is gone. Without this the
-        // leader asserts (debug builds) or keeps a matching index the node no longer has; with
-        // it the leader searches again and sends a snapshot. The committed index never moves
-        // back (openraft keeps the quorum-accepted value).
-        allow_log_reversion: Some(true),
         ..Default::default()
     }
     .validate()
@@ -109,6 +103,7 @@ pub async fn run(config: Config) -> Result<()> {
         events,
         resyncing: Default::default(),
         restart: Default::default(),
+        lifecycle_lock: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);
@@ -148,7 +143,11 @@ pub async fn run(config: Config) -> Result<()> {
     let _ = raft.shutdown().await;
     match stopped_by {
         Stop::Signal => Ok(()),
-        Stop::Resync => Err(crate::resync::restart_process()),
+        Stop::Resync => {
+            // Raft is stopped: the membership it last saw is final until the restart.
+            crate::resync::mark_unless_voting(&app);
+            Err(crate::resync::restart_process())
+        }
         Stop::Failed(why) => Err(anyhow::anyhow!(why)),
     }
 }

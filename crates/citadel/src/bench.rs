@@ -511,7 +511,7 @@ pub async fn failover(dir: &std::path::Path, rounds: usize, port: u16) -> Result
         read_only_entry,
         election_timeout_ms: raft.election_timeout_ms,
         heartbeat_ms: raft.heartbeat_ms,
-        leader_wait_ms: raft.leader_wait_ms,
+        leader_wait_ms: raft.leader_wait_ms(),
     })
 }
 

@@ -765,6 +765,14 @@ async fn recover(data_dir: &std::path::Path, force_single_node: bool, format: Fo
              Pass --force-single-node to confirm"
         );
     }
+    let marker = data_dir.join(citadel_server::resync::MARKER);
+    if marker.exists() {
+        bail!(
+            "{} exists: this node was being resynced and discards its replicated state at its next start. \
+             If its data is the survivor's you want to keep, delete that file first, then run recover again",
+            marker.display()
+        );
+    }
     let node_id = citadel_storage::recover::node_id_of(data_dir).map_err(anyhow::Error::msg)?;
     let recovery = citadel_storage::recover::force_single_node(data_dir, node_id).await.map_err(anyhow::Error::msg)?;
     print_map(

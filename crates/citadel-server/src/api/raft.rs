@@ -192,8 +192,14 @@ fn force_field(c: &Call<'_>) -> Result<bool, ApiError> {
 }
 
 async fn lifecycle(c: &Call<'_>, action: crate::lifecycle::Action) -> Result<Reply, ApiError> {
+    use crate::lifecycle::LifecycleError;
     let node_id = path_node_id(c)?;
-    crate::lifecycle::run(c.app, crate::lifecycle::Request { node_id, action }).await.map_err(ApiError::bad_request)?;
+    crate::lifecycle::run(c.app, crate::lifecycle::Request { node_id, action }).await.map_err(|e| match e {
+        LifecycleError::NotMember(e) => ApiError::new(StatusCode::NOT_FOUND, e),
+        LifecycleError::Busy(e) => ApiError::new(StatusCode::CONFLICT, e),
+        LifecycleError::Unavailable(e) => ApiError::unavailable(e),
+        LifecycleError::Refused(e) => ApiError::bad_request(e),
+    })?;
     Ok(Reply::empty())
 }
 

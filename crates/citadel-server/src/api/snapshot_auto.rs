@@ -83,7 +83,8 @@ async fn status(c: &Call<'_>) -> Result<Reply, ApiError> {
         "last_snapshot_url": s.last_snapshot_url,
         "snapshot_size": s.last_snapshot_size,
         "consecutive_errors": s.consecutive_errors,
-        "next_snapshot_start": rfc3339(entry.next_start().max(s.last_snapshot_end)),
+        // A schedule that never ran is due at once.
+        "next_snapshot_start": time(entry.next_start()),
     })))
 }
 
@@ -122,6 +123,13 @@ async fn write(c: &Call<'_>) -> Result<Reply, ApiError> {
     let path_prefix = text("path_prefix")?
         .ok_or_else(|| ApiError::bad_request("missing required field \"path_prefix\" (a directory on the leader)"))?;
     let file_prefix = text("file_prefix")?.unwrap_or_else(|| DEFAULT_FILE_PREFIX.into());
+    // The data directory is the node's alone: a resync deletes parts of it whole.
+    if std::path::Path::new(&path_prefix).starts_with(&c.app.config.data_dir) {
+        return Err(ApiError::bad_request(format!(
+            "path_prefix {path_prefix:?} is inside the node's data directory {}; choose a directory outside it",
+            c.app.config.data_dir.display()
+        )));
+    }
     let name = c.param("name").to_string();
     let config = AutoSnapshotConfig { interval_secs, retain, path_prefix, file_prefix };
     // The same check `apply` makes: refused here with the field named, before anything is proposed.

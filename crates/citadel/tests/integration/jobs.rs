@@ -210,7 +210,10 @@ fn snapshot_files(dir: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
-    files.retain(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{prefix}-")));
+    files.retain(|p| {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        name.starts_with(&format!("{prefix}-")) && name.ends_with(".snap")
+    });
     files.sort();
     files
 }
@@ -232,6 +235,15 @@ async fn scheduled_snapshots_are_written_verified_and_pruned_to_retain_and_a_fai
     let s3 = json!({ "interval": "1s", "storage_type": "aws-s3", "path_prefix": "/x" });
     let refused = root.raw("POST", "sys/storage/raft/snapshot-auto/config/s3", Some(&s3), &[]).await.unwrap();
     assert!(refused.body["errors"][0].as_str().unwrap().contains("aws-s3"), "{:?}", refused.body);
+    let inside = cluster.layout.data_dir(0).join("snapshots").display().to_string();
+    let inside = json!({ "interval": "1s", "storage_type": "local", "path_prefix": inside });
+    let refused = root.raw("POST", "sys/storage/raft/snapshot-auto/config/inside", Some(&inside), &[]).await.unwrap();
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("data directory"), "{:?}", refused.body);
+    // Two configurations whose retention would delete each other's files.
+    let twin = json!({ "interval": "1h", "storage_type": "local", "file_prefix": "hourly",
+        "path_prefix": dir.path().join("backups").display().to_string() });
+    let refused = root.raw("POST", "sys/storage/raft/snapshot-auto/config/twin", Some(&twin), &[]).await.unwrap();
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("already writes"), "{:?}", refused.body);
     // A file where the directory should be: every run fails, and says so.
     let blocker = dir.path().join("not-a-dir");
     std::fs::write(&blocker, b"x").unwrap();
@@ -263,6 +275,12 @@ async fn scheduled_snapshots_are_written_verified_and_pruned_to_retain_and_a_fai
     .await
     .unwrap();
     let survivor = cluster.root_at((leader + 1) % 3);
+    // Stop the schedule, so that the files looked at below are not pruned meanwhile.
+    let stopped = json!({
+        "interval": "24h", "retain": 2, "storage_type": "local",
+        "path_prefix": backups.display().to_string(), "file_prefix": "hourly",
+    });
+    survivor.post("sys/storage/raft/snapshot-auto/config/hourly", &stopped).await.unwrap();
     let status = survivor.get("sys/storage/raft/snapshot-auto/status/hourly").await.unwrap();
     assert_eq!(status["data"]["last_snapshot_error"], json!(""), "{status}");
     assert_eq!(status["data"]["consecutive_errors"], json!(0), "{status}");

@@ -120,9 +120,13 @@ async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_a
     let out = cluster.cli_at(other, &["operator", "node", "deactivate", &id.to_string()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(is_voter(&cluster, leader, target).await, Some(false), "an inactive node has no vote");
-    let health = cluster.anonymous_at(target).health().await.unwrap();
-    assert_eq!(health.status, 503, "load balancers drop it: {:?}", health.body);
-    assert_eq!(health.body["inactive"], json!(true));
+    // Once it has applied its own deactivation, load balancers drop it.
+    let health = dev::wait_for("the node to answer health 503", STARTUP, || async {
+        cluster.anonymous_at(target).health().await.ok().filter(|h| h.status == 503)
+    })
+    .await
+    .unwrap();
+    assert_eq!(health.body["inactive"], json!(true), "{:?}", health.body);
     let read = cluster.root_at(target).raw("GET", "secret/data/app/db", None, &[]).await.unwrap();
     assert_eq!(read.status, 503, "it serves no client: {:?}", read.body);
     assert!(read.body["errors"][0].as_str().unwrap().contains("inactive"), "{:?}", read.body);
@@ -150,7 +154,11 @@ async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_a
     })
     .await
     .unwrap();
-    let read = cluster.root_at(target).kv_get("secret", "app/db", None).await.unwrap();
+    let read = dev::wait_for("the activated node to serve", STARTUP, || async {
+        cluster.root_at(target).kv_get("secret", "app/db", None).await.ok()
+    })
+    .await
+    .unwrap();
     assert_eq!(read, json!({ "password": "after" }));
     assert_eq!(ha_row(&cluster, leader, target).await["state"], json!("healthy"));
 
@@ -175,33 +183,12 @@ async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_a
     }
 }
 
-#[tokio::test]
-async fn a_node_whose_data_directory_was_deleted_is_resynced_from_a_snapshot_and_votes_again() {
-    let mut cluster = Cluster::start_nodes(3, 29550, true, "[raft]\nsnapshot_threshold = 100\n").await;
-    let leader = cluster.leader().await;
-    let target = (0..3).find(|i| *i != leader).unwrap();
-    let id = cluster.layout.node_id(target);
-    let root = cluster.root_at(leader);
-    for n in 0..30 {
-        root.kv_put("secret", &format!("resync/{n}"), &json!({ "n": n }), None).await.unwrap();
-    }
-    cluster.kill9_at(target);
-    std::fs::remove_dir_all(cluster.layout.data_dir(target)).unwrap();
-    cluster.respawn_at(target);
-    root.kv_put("secret", "resync/last", &json!({ "n": "last" }), None).await.unwrap();
-
-    let out = cluster.cli_at(leader, &["operator", "node", "resync", &id.to_string()]);
-    assert!(
-        out.status.success(),
-        "{}\n--- node log:\n{}\n--- leader log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.server_log_at(target),
-        cluster.server_log_at(leader)
-    );
-    assert!(cluster.is_running(target) && cluster.exited_at(target).is_none(), "the node restarted in place");
+/// Checks that node `target` resynced: it discarded its state, caught up from a snapshot,
+/// votes, holds `resync/last`, and its audit chains verify.
+async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize) {
     let log = cluster.server_log_at(target);
     assert!(log.contains("resync: discarded this node's replicated state"), "{log}");
-    assert_eq!(is_voter(&cluster, leader, target).await, Some(true), "it votes again once caught up");
+    assert_eq!(is_voter(cluster, leader, target).await, Some(true), "it votes again once caught up");
     let node = cluster.root_at(target);
     // Restarted, it unseals itself (key file) before it answers.
     let snapshot = dev::wait_for("the resynced node to answer", STARTUP, || async {
@@ -215,6 +202,57 @@ async fn a_node_whose_data_directory_was_deleted_is_resynced_from_a_snapshot_and
     let verify = node.get("sys/audit/verify").await.unwrap();
     assert_eq!(verify["data"]["ok"], json!(true), "{verify}");
     assert!(!cluster.layout.data_dir(target).join("RESYNC").exists(), "the marker is gone");
+}
+
+#[tokio::test]
+async fn a_running_node_and_one_whose_data_directory_was_deleted_are_resynced_from_a_snapshot_and_vote_again() {
+    let mut cluster = Cluster::start_nodes(3, 29550, true, "[raft]\nsnapshot_threshold = 100\n").await;
+    let leader = cluster.leader().await;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let root = cluster.root_at(leader);
+    for n in 0..30 {
+        root.kv_put("secret", &format!("resync/{n}"), &json!({ "n": n }), None).await.unwrap();
+    }
+    root.kv_put("secret", "resync/last", &json!({ "n": "last" }), None).await.unwrap();
+
+    // A running node: it discards its state and restarts in place (the same process).
+    let running = followers[0];
+    let out = cluster.cli_at(leader, &["operator", "node", "resync", &cluster.layout.node_id(running).to_string()]);
+    assert!(
+        out.status.success(),
+        "{}\n--- node log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.server_log_at(running)
+    );
+    assert!(cluster.exited_at(running).is_none(), "the node restarted in place, as the same process");
+    assert_resynced(&cluster, leader, running).await;
+
+    // A lost disk: the node stays down while the resync demotes it (an empty voter could vote
+    // twice in a term), then starts with an empty data directory and is caught up.
+    let lost = followers[1];
+    cluster.kill9_at(lost);
+    std::fs::remove_dir_all(cluster.layout.data_dir(lost)).unwrap();
+    let mut resync = std::process::Command::new(crate::harness::EXE);
+    resync
+        .args(["operator", "node", "resync", &cluster.layout.node_id(lost).to_string()])
+        .env("CITADEL_ADDR", cluster.layout.api_url(leader))
+        .env("CITADEL_TOKEN", &cluster.root)
+        .env("CITADEL_CACERT", cluster.layout.ca_path());
+    let resync = std::thread::spawn(move || resync.output().expect("run the citadel CLI"));
+    dev::wait_for("the lost node to be demoted", STARTUP, || async {
+        is_voter(&cluster, leader, lost).await.filter(|v| !v).map(|_| ())
+    })
+    .await
+    .unwrap();
+    cluster.respawn_at(lost);
+    let out = tokio::task::spawn_blocking(move || resync.join().unwrap()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n--- node log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.server_log_at(lost)
+    );
+    assert_resynced(&cluster, leader, lost).await;
 }
 
 #[tokio::test]
