@@ -145,7 +145,8 @@ enum OperatorCmd {
     Node(NodeCmd),
     /// Offline, on a stopped node: when a majority is lost for good, make this survivor a
     /// one-node cluster that keeps every entry of its log (§10.3). Other nodes then join it
-    /// fresh. Run it on one survivor only, the one with the highest applied index.
+    /// fresh. Run it on one survivor only: the one with the highest last_log_term, then
+    /// last_log_index (sys/health).
     Recover {
         /// The stopped node's data directory.
         #[arg(long)]

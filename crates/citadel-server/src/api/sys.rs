@@ -93,6 +93,10 @@ async fn health(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (initialized, cluster) = app.state.read(|s| (s.is_initialized(), s.cluster.clone()));
     let sealed = app.seal.is_sealed();
     let metrics = app.raft_metrics();
+    let last_log = {
+        use openraft::async_runtime::WatchReceiver;
+        app.raft.data_metrics().borrow_watched().last_log
+    };
     let mode = ha_mode(app);
     let standby_ok = req.query.get("standbyok").is_some_and(|v| v == "true" || v.is_empty());
     let removed = crate::peer::is_removed(app);
@@ -134,6 +138,9 @@ async fn health(c: &Call<'_>) -> Result<Reply, ApiError> {
         "term": metrics.current_term,
         "commit_index": metrics.local_committed.as_ref().map_or(0, |l| l.index),
         "applied_index": metrics.last_applied.as_ref().map_or(0, |l| l.index),
+        // Which survivor holds the most of the log (§10.3): the highest term, then index.
+        "last_log_term": last_log.as_ref().map_or(0, |l| l.leader_id.term),
+        "last_log_index": last_log.as_ref().map_or(0, |l| l.index),
     });
     let body = if removed { with_removed(body) } else { body };
     if req.method == axum::http::Method::HEAD {

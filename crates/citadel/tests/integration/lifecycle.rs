@@ -274,6 +274,10 @@ async fn a_survivor_of_a_lost_majority_is_recovered_as_a_single_node_and_new_nod
     })
     .await
     .unwrap();
+    // Health says how much of the log a survivor holds, to choose the one to recover.
+    let health = cluster.anonymous_at(0).health().await.unwrap().body;
+    assert!(health["last_log_index"].as_u64().unwrap() >= commit, "{health}");
+    assert!(health["last_log_term"].as_u64().unwrap() >= 1, "{health}");
     // Two of three are destroyed for good; the survivor (node 0, which the others join) stops.
     for i in [1, 2] {
         cluster.kill9_at(i);
