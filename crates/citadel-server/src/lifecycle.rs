@@ -230,13 +230,9 @@ async fn change_membership(
     }
 }
 
-fn votes(app: &Node, node: u64) -> bool {
-    app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == node)
-}
-
 /// Takes `target`'s vote, keeping it as a non-voter that replicates.
 async fn demote(app: &Node, target: u64) -> Result<(), LifecycleError> {
-    if !votes(app, target) {
+    if !app.votes(target) {
         return Ok(());
     }
     let change = ChangeMembers::RemoveVoters(BTreeSet::from([target]));
@@ -314,7 +310,7 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
     check_tolerance(app, target, force).await?;
     let _guard = Resyncing::start(app, target);
     let deadline = tokio::time::Instant::now() + RESYNC_LIMIT;
-    let was_voter = votes(app, target);
+    let was_voter = app.votes(target);
     allow_log_reversion(app, target).await?;
     demote(app, target).await?;
     compact_log(app).await?;

@@ -112,8 +112,7 @@ pub async fn retry_join(app: Arc<Node>) {
     loop {
         // Done once this node votes. A non-voter keeps asking: its promotion may have failed
         // (a concurrent membership change), and the leader decides whether a seat is free.
-        let me = app.node_id();
-        if app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me) {
+        if app.votes(app.node_id()) {
             return;
         }
         // Deactivated: the operator decides when it votes again (activate).

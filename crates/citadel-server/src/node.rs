@@ -153,6 +153,11 @@ impl Node {
         self.raft.metrics().borrow_watched().clone()
     }
 
+    /// Whether `node` votes in the membership this node knows (its log's latest).
+    pub fn votes(&self, node: u64) -> bool {
+        self.raft_metrics().membership_config.membership().voter_ids().any(|v| v == node)
+    }
+
     /// Whether an operator deactivated this node (§10.1): it serves no client request.
     pub fn is_inactive(&self) -> bool {
         self.state.read(|s| s.inactive_nodes.contains(&self.node_id()))

@@ -26,9 +26,8 @@ const DEMOTION_WAIT: Duration = Duration::from_secs(5);
 /// Called by the leader once it has demoted this node: asks the server to stop and restart.
 pub async fn request(app: &Node) -> Result<(), String> {
     let me = app.node_id();
-    let votes = || app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me);
     let deadline = tokio::time::Instant::now() + DEMOTION_WAIT;
-    while votes() {
+    while app.votes(me) {
         if tokio::time::Instant::now() >= deadline {
             return Err(format!("node {me} still votes: a voter cannot discard its log (demote it first)"));
         }
@@ -43,7 +42,7 @@ pub async fn request(app: &Node) -> Result<(), String> {
 /// node last saw (its log's latest, committed or not) gives it a vote again.
 pub fn mark_unless_voting(app: &Node) {
     let me = app.node_id();
-    if app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == me) {
+    if app.votes(me) {
         tracing::error!(
             "resync abandoned: node {me} was given a vote again before it stopped, and a voter must not forget \
              its log; it restarts with its state (run the resync again)"
@@ -57,13 +56,9 @@ pub fn mark_unless_voting(app: &Node) {
 }
 
 fn write_marker(path: &Path) -> std::io::Result<()> {
-    let mut file =
-        citadel_storage::files::open_private(path, std::fs::OpenOptions::new().write(true).create(true).truncate(true))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-    file.write_all(b"the replicated state is discarded at the next start (citadel operator node resync)\n")?;
-    file.sync_all()?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
+    citadel_storage::files::replace_durably(path, &path.with_extension("new"), |out| {
+        out.write_all(b"the replicated state is discarded at the next start (citadel operator node resync)\n")
+    })
 }
 
 /// At start, before storage opens: if a resync was requested, discards the replicated state,

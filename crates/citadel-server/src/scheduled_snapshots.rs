@@ -77,20 +77,9 @@ fn write_file(
     citadel_storage::files::create_private_dir(dir).map_err(|e| e.to_string())?;
     let path = dir.join(file_name(config, start));
     let staging = dir.join(format!("{}.tmp", file_name(config, start)));
-    let written = (|| -> std::io::Result<()> {
-        let mut file = citadel_storage::files::open_private(
-            &staging,
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true),
-        )
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&staging, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if let Err(e) = written {
+    if let Err(e) = citadel_storage::files::replace_durably(&path, &staging, |out| out.write_all(bytes)) {
         let _ = std::fs::remove_file(&staging);
-        return Err(format!("cannot write {}: {e}", path.display()));
+        return Err(e.to_string());
     }
     let verified =
         std::fs::read(&path).map_err(|e| format!("cannot read back {}: {e}", path.display())).and_then(|read| {

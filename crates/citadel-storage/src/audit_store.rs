@@ -16,7 +16,6 @@
 //! checked when it is read, so a damaged event is reported, never served.
 
 use std::collections::{BTreeMap, BinaryHeap};
-use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -491,18 +490,13 @@ fn write_archive(path: &Path, events: &[AuditEvent]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let err = |what: &str, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", path.display()));
     crate::files::create_private_dir(dir).map_err(|e| err("cannot create the directory of", &e))?;
-    let staging = path.with_extension("jsonl.new");
-    let file = crate::files::open_private(&staging, OpenOptions::new().write(true).create(true).truncate(true))
-        .map_err(|e| err("cannot create", &e))?;
-    let mut out = io::BufWriter::new(file);
-    for event in events {
-        serde_json::to_writer(&mut out, event).map_err(|e| err("cannot write", &e))?;
-        out.write_all(b"\n").map_err(|e| err("cannot write", &e))?;
-    }
-    let file = out.into_inner().map_err(|e| err("cannot write", &e))?;
-    file.sync_data().map_err(|e| err("cannot write", &e))?;
-    std::fs::rename(&staging, path).map_err(|e| err("cannot rename to", &e))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err("cannot sync the directory of", &e))
+    crate::files::replace_durably(path, &path.with_extension("jsonl.new"), |out| {
+        for event in events {
+            serde_json::to_writer(&mut *out, event)?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -103,6 +103,26 @@ pub fn open_private(path: &Path, options: &mut OpenOptions) -> Result<File, File
     Ok(file)
 }
 
+/// Replaces `path` atomically and durably with what `write` puts into `staging`, a private file
+/// beside it: written, fsynced, renamed over `path`, then the directory fsynced. A crash leaves
+/// the old file or the new one. Errors name the file and the step that failed.
+pub fn replace_durably(
+    path: &Path,
+    staging: &Path,
+    write: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+) -> io::Result<()> {
+    let err = |what: &str, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", path.display()));
+    let file = open_private(staging, OpenOptions::new().write(true).create(true).truncate(true))
+        .map_err(|e| err("cannot create", &e))?;
+    let mut out = io::BufWriter::new(file);
+    write(&mut out).map_err(|e| err("cannot write", &e))?;
+    let file = out.into_inner().map_err(|e| err("cannot write", &e))?;
+    file.sync_data().map_err(|e| err("cannot write", &e))?;
+    std::fs::rename(staging, path).map_err(|e| err("cannot rename to", &e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err("cannot sync the directory of", &e))
+}
+
 /// Checks a node's data directory at start, creating it 0700 if it is missing. Refuses a
 /// directory (the data directory or one inside it) that group or others can write, and any
 /// symbolic link inside it. Files and directories with looser modes than 0600/0700 (written by

@@ -48,16 +48,7 @@ impl SnapshotFile {
     /// Replaces the snapshot atomically and durably.
     pub(crate) fn write<T: Serialize>(&self, value: &T) -> io::Result<()> {
         let bytes = codec::encode(value);
-        let staging = self.path.with_file_name(STAGING_FILE);
-        let err =
-            |what: &str, e: &dyn std::fmt::Display| io::Error::other(format!("{what} {}: {e}", staging.display()));
-        let mut file = open_private(&staging, std::fs::OpenOptions::new().write(true).create(true).truncate(true))
-            .map_err(|e| err("cannot create", &e))?;
-        file.write_all(&bytes).map_err(|e| err("cannot write", &e))?;
-        file.sync_data().map_err(|e| err("cannot write", &e))?;
-        std::fs::rename(&staging, &self.path).map_err(|e| err("cannot rename", &e))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err("cannot sync the directory of", &e))
+        crate::files::replace_durably(&self.path, &self.path.with_file_name(STAGING_FILE), |out| out.write_all(&bytes))
     }
 }
 
