@@ -121,7 +121,8 @@ mod tests {
     }
 
     fn kv_write(path: &str, version: u64, cas: Option<u64>) -> Command {
-        Command::KvWrite { mount: "secret/".into(), path: path.into(), version, ciphertext: vec![9], cas, at: 5 }
+        let ciphertext = crate::state::tests::sealed();
+        Command::KvWrite { mount: "secret/".into(), path: path.into(), version, ciphertext, cas, at: 5 }
     }
 
     /// A client request's write as a node proposes it: authorized by the root token, with the
@@ -268,6 +269,19 @@ mod tests {
         assert_eq!(state.apply(put), Response::Done, "committed twice, applied as before");
         assert_eq!(state.audit.log.events.len(), 1);
         assert!(state.audit.log.holds_recent_request("r1"));
+    }
+
+    #[test]
+    fn a_cas_write_committed_twice_after_a_leader_change_answers_written_both_times_with_one_event() {
+        let mut state = initialized();
+        state.apply(audited(1, "r1", "a", kv_write("a", 1, None)));
+        let cas = audited(2, "r2", "a", kv_write("a", 2, Some(1)));
+        let first = state.apply(cas.clone());
+        assert!(matches!(first, Response::KvWritten { version: 2, .. }), "{first:?}");
+        assert_eq!(state.apply(cas), first, "the retry is told what the first attempt did");
+        let r2: Vec<_> = state.audit.log.events.iter().filter(|e| e.body().request_id == "r2").collect();
+        assert_eq!(r2.len(), 1);
+        assert_eq!(r2[0].body().status, 200);
     }
 
     #[test]

@@ -93,6 +93,9 @@ impl KvStore {
     }
 
     pub fn write(&mut self, req: WriteRequest) -> Result<(u64, UnixMillis, Option<UnixMillis>), KvError> {
+        if let Some(earlier) = self.earlier_attempt(&req) {
+            return Ok(earlier);
+        }
         let next = self.next_version(&req.path);
         if self.entries.get(&req.path).is_some_and(|e| e.current_version == u64::MAX) {
             return Err(KvError::VersionsExhausted);
@@ -122,6 +125,15 @@ impl KvStore {
             .insert(next, KvVersion { created: req.at, deletion_time, destroyed: false, ciphertext: req.ciphertext });
         prune(entry, max);
         Ok((next, req.at, deletion_time))
+    }
+
+    /// A proposal retried after its answer was lost (a leader change) finds itself already
+    /// applied: its ciphertext, sealed with a random nonce, is at its version. The earlier result
+    /// stands; checking `cas` again would refuse a write that did happen.
+    fn earlier_attempt(&self, req: &WriteRequest) -> Option<(u64, UnixMillis, Option<UnixMillis>)> {
+        let version = self.entries.get(&req.path)?.versions.get(&req.version)?;
+        let same = !version.destroyed && !req.ciphertext.is_empty() && version.ciphertext == req.ciphertext;
+        same.then_some((req.version, version.created, version.deletion_time))
     }
 
     fn entry_mut(&mut self, path: &str) -> Result<&mut KvEntry, KvError> {
@@ -279,6 +291,20 @@ mod tests {
         write(&mut kv, "a", None, 1).unwrap();
         let stale = kv.write(WriteRequest { path: "a".into(), version: 1, ciphertext: vec![], cas: None, at: 2 });
         assert_eq!(stale, Err(KvError::VersionRace { proposed: 1, next: 2 }));
+    }
+
+    #[test]
+    fn a_retried_cas_write_that_already_landed_answers_its_earlier_result_not_a_mismatch() {
+        let mut kv = KvStore::default();
+        write(&mut kv, "a", None, 1).unwrap();
+        let attempt = || WriteRequest { path: "a".into(), version: 2, ciphertext: vec![7, 7], cas: Some(1), at: 5 };
+        assert_eq!(kv.write(attempt()), Ok((2, 5, None)));
+        let after_first = kv.clone();
+        assert_eq!(kv.write(attempt()), Ok((2, 5, None)), "the repeat is the same write, not a cas mismatch");
+        assert_eq!(kv, after_first, "the repeat changes nothing");
+        // Another writer's cas against the same version still fails.
+        let other = WriteRequest { path: "a".into(), version: 2, ciphertext: vec![8], cas: Some(1), at: 6 };
+        assert_eq!(kv.write(other), Err(KvError::CasMismatch { current: 2 }));
     }
 
     #[test]

@@ -398,6 +398,10 @@ impl State {
         at: UnixMillis,
     ) -> Result<Response, Rejection> {
         let seal = self.seal.as_mut().ok_or(Rejection::NotInitialized)?;
+        // A proposal retried after a leader change that already landed (§9.2): done, not a race.
+        if seal.key_term == new_term && seal.wrapped_keyring == wrapped_keyring {
+            return Ok(Response::Done);
+        }
         if seal.key_term != expected_term {
             return Err(Rejection::KeyringChanged { current: seal.key_term });
         }
@@ -414,6 +418,10 @@ impl State {
 
     fn enable_mount(&mut self, path: String, mount: Mount) -> Result<Response, Rejection> {
         check_mount_size(&path, &mount.description)?;
+        // The proposer's random uuid recognises its own retried proposal: done, not a clash.
+        if self.mounts.get(&path).is_some_and(|m| m.uuid == mount.uuid) {
+            return Ok(Response::Done);
+        }
         let clash = self.mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
         if clash {
             return Err(Rejection::MountExists(path));
@@ -427,6 +435,9 @@ impl State {
 
     fn enable_auth(&mut self, path: String, mount: AuthMount) -> Result<Response, Rejection> {
         check_mount_size(&path, &mount.description)?;
+        if self.auth_mounts.get(&path).is_some_and(|m| m.uuid == mount.uuid) {
+            return Ok(Response::Done);
+        }
         let built_in = [DEFAULT_USERPASS, TOKEN_AUTH].iter().any(|b| b.starts_with(&path) || path.starts_with(b));
         let clash = self.auth_mounts.keys().any(|m| m.starts_with(&path) || path.starts_with(m.as_str()));
         if built_in || clash || !path.ends_with('/') || path.len() < 2 {
@@ -631,7 +642,7 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::audit::{AuditBody, AuditEvent, GENESIS};
 
@@ -678,8 +689,14 @@ mod tests {
         state
     }
 
+    /// A write as a proposer seals it: each ciphertext is unique (the barrier's random nonce).
     fn write(path: &str, version: u64) -> Command {
-        Command::KvWrite { mount: "secret/".into(), path: path.into(), version, ciphertext: vec![9], cas: None, at: 5 }
+        Command::KvWrite { mount: "secret/".into(), path: path.into(), version, ciphertext: sealed(), cas: None, at: 5 }
+    }
+
+    pub(crate) fn sealed() -> Vec<u8> {
+        static NONCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NONCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes().to_vec()
     }
 
     #[test]
@@ -730,6 +747,33 @@ mod tests {
             Response::Rejected(Rejection::MountNotFound(_))
         ));
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn proposals_retried_after_they_landed_answer_done_not_a_clash_and_change_nothing() {
+        let mut state = initialized();
+        let mount = Mount {
+            uuid: "u-1".into(),
+            kind: "kv".into(),
+            description: String::new(),
+            created: 1,
+            kv: KvStore::default(),
+        };
+        let enable = Command::MountEnable { path: "kv/".into(), mount: mount.clone() };
+        assert_eq!(state.apply(enable.clone()), Response::Done);
+        let term = state.seal.as_ref().unwrap().key_term;
+        let rotate =
+            Command::RotateKeyring { expected_term: term, new_term: term + 1, wrapped_keyring: vec![1, 2], at: 9 };
+        assert_eq!(state.apply(rotate.clone()), Response::Done);
+        let after = state.clone();
+        assert_eq!(state.apply(enable), Response::Done);
+        assert_eq!(state.apply(rotate), Response::Done);
+        assert_eq!(state, after);
+        // Another proposer's mount at the same path still clashes; a stale rotation still races.
+        let other = Command::MountEnable { path: "kv/".into(), mount: Mount { uuid: "u-2".into(), ..mount } };
+        assert_eq!(state.apply(other), Response::Rejected(Rejection::MountExists("kv/".into())));
+        let stale = Command::RotateKeyring { expected_term: term, new_term: term + 1, wrapped_keyring: vec![3], at: 9 };
+        assert_eq!(state.apply(stale), Response::Rejected(Rejection::KeyringChanged { current: term + 1 }));
     }
 
     #[test]
@@ -917,7 +961,7 @@ mod tests {
         let rotate = |expected_term, new_term| Command::RotateKeyring {
             expected_term,
             new_term,
-            wrapped_keyring: vec![new_term as u8],
+            wrapped_keyring: sealed(),
             at: 7,
         };
         // Two nodes rotate from term 1 at once: the first wins, the second finds the term moved.
