@@ -255,6 +255,9 @@ pub async fn watch(app: Arc<Node>) {
         }
         let now = watcher.observe(&app);
         for event in changes(&last, &now, &mut announced) {
+            if matches!(event, NodeEvent::LeaderChanged { .. }) {
+                app.metrics.observe_leader_change();
+            }
             if should_audit(&app, &event, &now) {
                 audit(&app, &event).await;
             }

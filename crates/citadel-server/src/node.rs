@@ -31,7 +31,7 @@ pub struct Node {
     pub hash_pool: HashPool,
     /// Unauthenticated refusals, counted until the next summary event.
     pub refusals: RefusalLog,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub peers: PeerClient,
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
@@ -230,7 +230,9 @@ impl Node {
     /// read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
         let (command, carrier) = carry_audit(authorize_command(command));
+        let started = Instant::now();
         let result = self.propose_routed(command).await;
+        self.metrics.observe_proposal(started.elapsed(), result.is_ok());
         if let Some(carrier) = carrier {
             carrier.settle(&result);
         }
@@ -316,7 +318,9 @@ impl Node {
                 }
             }
         };
-        self.metrics.observe_proposal(started.elapsed());
+        if matches!(result, Ok(Ok(_))) {
+            self.metrics.observe_commit(started.elapsed());
+        }
         match result? {
             Ok(reply) => Ok(reply.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

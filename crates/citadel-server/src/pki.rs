@@ -170,6 +170,7 @@ fn renew_window_ms(app: &Node) -> u64 {
 /// Renews if due (and this node is a member that can reach a leader); Ok when nothing is due.
 async fn renew_if_due(app: &Node, node_cert: &NodeCert, too_short: &mut Option<u64>) -> Result<(), String> {
     let current = PeerIdentity::from_der(&node_cert.current().cert[0])?;
+    app.metrics.observe_certificate_expiry(current.not_after);
     let due = ids::now_ms().saturating_add(renew_window_ms(app)) >= current.not_after;
     if !due || crate::peer::is_removed(app) || *too_short == Some(current.not_after) {
         return Ok(());

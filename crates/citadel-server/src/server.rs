@@ -41,7 +41,9 @@ pub async fn run(config: Config) -> Result<()> {
     let api_tls = tls::server_config(node_cert.clone())?;
     let cluster_tls = cluster_tls(&config, node_cert.clone())?;
     crate::resync::discard_if_requested(&config.data_dir)?;
-    let (log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
+    let (mut log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    log.observe_flushes(metrics.clone());
     let state = sm.reader();
     let log_failures = log.failures();
     let raft_config = openraft::Config {
@@ -93,7 +95,7 @@ pub async fn run(config: Config) -> Result<()> {
         limiter,
         hash_pool,
         refusals,
-        metrics: Default::default(),
+        metrics,
         peers: network.peers(),
         started: Instant::now(),
         leader_contact: Default::default(),

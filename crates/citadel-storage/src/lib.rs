@@ -17,7 +17,7 @@ pub mod state_machine;
 pub mod types;
 
 pub use audit_store::{AuditQuery, AuditStore, ChainReport};
-pub use log_store::{LogFailure, LogStore, LOG_DIR};
+pub use log_store::{DiskObserver, LogFailure, LogStore, LOG_DIR};
 pub use state_machine::{StateMachine, StateReader};
 pub use types::{NodeInfo, TypeConfig};
 

@@ -20,6 +20,7 @@ use std::io::{self, BufReader, Read};
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
@@ -136,6 +137,9 @@ pub(crate) struct Flushed {
     waiter: Option<Waiter>,
     failure: Arc<watch::Sender<Option<String>>>,
     dir: PathBuf,
+    /// When the flush was asked for, and who hears how long it took (Raft appends only).
+    queued: Instant,
+    observer: Option<Arc<dyn DiskObserver>>,
 }
 
 impl Flushed {
@@ -154,6 +158,9 @@ impl Flushed {
                 }
                 first
             });
+        }
+        if let (Ok(()), Some(observer)) = (&result, &self.observer) {
+            observer.log_flushed(self.queued.elapsed());
         }
         match self.waiter.take() {
             Some(Waiter::Raft(callback)) => callback.io_completed(result),
@@ -184,9 +191,21 @@ pub struct LogStore {
     log: Arc<Mutex<RaftLog<WalTypes>>>,
     dir: PathBuf,
     failure: Arc<watch::Sender<Option<String>>>,
+    observer: Option<Arc<dyn DiskObserver>>,
+}
+
+/// Where the log reports how long its flushes took; the metrics live above storage.
+pub trait DiskObserver: Send + Sync {
+    /// From an append's flush request to the fsync that made it durable.
+    fn log_flushed(&self, took: std::time::Duration);
 }
 
 impl LogStore {
+    /// Reports each Raft append's flush time to `observer` from now on.
+    pub fn observe_flushes(&mut self, observer: Arc<dyn DiskObserver>) {
+        self.observer = Some(observer);
+    }
+
     /// Opens the log in `dir`, verifying every record; refuses another node's log.
     pub(crate) fn open(dir: &Path, node_id: u64) -> Result<LogStore, StorageOpenError> {
         crate::files::create_private_dir(dir).map_err(StorageOpenError::Files)?;
@@ -202,6 +221,7 @@ impl LogStore {
             log: Arc::new(Mutex::new(log)),
             dir: dir.to_path_buf(),
             failure: Arc::new(watch::channel(None).0),
+            observer: None,
         };
         store.check_identity(node_id)?;
         Ok(store)
@@ -251,7 +271,14 @@ impl LogStore {
     }
 
     fn flushed(&self, waiter: Waiter) -> Flushed {
-        Flushed { waiter: Some(waiter), failure: self.failure.clone(), dir: self.dir.clone() }
+        let observer = matches!(waiter, Waiter::Raft(_)).then(|| self.observer.clone()).flatten();
+        Flushed {
+            waiter: Some(waiter),
+            failure: self.failure.clone(),
+            dir: self.dir.clone(),
+            queued: Instant::now(),
+            observer,
+        }
     }
 
     /// Runs `f` on the log, then queues a flush; the future resolves once all of it is durable.

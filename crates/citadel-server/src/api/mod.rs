@@ -276,12 +276,14 @@ impl IntoResponse for ApiError {
 
 /// Entry point from the HTTP layer.
 pub async fn handle(app: Arc<Node>, req: ApiRequest) -> Response {
+    let started = std::time::Instant::now();
     let result = dispatch(&app, &req).await;
     let status = match &result {
         Ok(r) => r.status,
         Err(e) => e.status,
     };
-    app.metrics.observe_request(status.as_u16());
+    let route = routes::resolve(&app, &req.path).map_or("unmatched", |(route, _)| route.pattern);
+    app.metrics.observe_request(route, req.method.as_str(), status.as_u16(), started.elapsed());
     match result {
         Ok(reply) => reply.into_response(),
         Err(e) => e.into_response(),

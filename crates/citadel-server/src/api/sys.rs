@@ -447,27 +447,12 @@ async fn rotate(c: &Call<'_>) -> Result<Reply, ApiError> {
 
 async fn metrics(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (app, req) = (c.app, c.req);
-    let m = app.raft_metrics();
-    let idx = |l: &Option<citadel_storage::types::LogId>| l.as_ref().map_or(0, |l| l.index);
-    let raft = [
-        ("citadel_raft_term", "Current Raft term.", m.current_term),
-        ("citadel_raft_commit_index", "Highest committed log index.", idx(&m.local_committed)),
-        ("citadel_raft_applied_index", "Highest applied log index.", idx(&m.last_applied)),
-        ("citadel_raft_snapshot_index", "Last log index in the latest snapshot.", idx(&m.snapshot)),
-        ("citadel_raft_purged_index", "Last log index removed by compaction.", idx(&m.purged)),
-        ("citadel_raft_last_log_index", "Last index in this node's log.", m.last_log_index.unwrap_or(0)),
-        ("citadel_raft_is_leader", "1 if this node leads.", u64::from(m.current_leader == Some(app.node_id()))),
-        ("citadel_sealed", "1 if this node is sealed.", u64::from(app.seal.is_sealed())),
-        ("citadel_audit_spool_last_seq", "Last sequence written to the local audit spool.", app.audit.last_seq()),
-    ];
+    let now = crate::metrics::NodeGauges::read(app);
     match req.query.get("format").map(String::as_str) {
         Some("prometheus") => {
-            Ok(Reply::raw(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.render(&raft).into_bytes()))
+            Ok(Reply::raw(StatusCode::OK, crate::metrics::CONTENT_TYPE, app.metrics.render(&now).into_bytes()))
         }
-        None | Some("json") => {
-            let gauges: Vec<Value> = raft.iter().map(|(name, _, v)| json!({ "Name": name, "Value": v })).collect();
-            Ok(Reply::json(StatusCode::OK, json!({ "Gauges": gauges, "Counters": [], "Samples": [] })))
-        }
+        None | Some("json") => Ok(Reply::json(StatusCode::OK, now.to_json())),
         Some(other) => Err(ApiError::bad_request(format!("unknown metrics format {other:?} (use prometheus or json)"))),
     }
 }
