@@ -88,7 +88,17 @@ pub async fn status(app: &Node) -> Value {
     }
 }
 
-fn cluster_summary(app: &Node, voters: usize, non_voters: usize, health: &str, source: &str, note: &str) -> Value {
+/// `failure_tolerance`: how many more voters may fail before writes stop, counted by the leader
+/// from the voters it hears from (Vault's autopilot counts healthy voters the same way); `None`
+/// in a node's local view, which cannot know.
+fn cluster_summary(
+    app: &Node,
+    (voters, non_voters): (usize, usize),
+    failure_tolerance: Option<usize>,
+    health: &str,
+    source: &str,
+    note: &str,
+) -> Value {
     let metrics = app.raft_metrics();
     let (id, name) = app.state.read(|s| s.cluster.as_ref().map(|c| (c.id.clone(), c.name.clone()))).unwrap_or_default();
     let quorum = voters / 2 + 1;
@@ -101,7 +111,7 @@ fn cluster_summary(app: &Node, voters: usize, non_voters: usize, health: &str, s
         "voters": voters,
         "non_voters": non_voters,
         "quorum_size": quorum,
-        "failure_tolerance": voters.saturating_sub(quorum),
+        "failure_tolerance": failure_tolerance,
         "health": health,
         "source": source,
         "note": note,
@@ -161,7 +171,14 @@ async fn leader_view(app: &Node) -> Value {
         "failed"
     };
     json!({
-        "cluster": cluster_summary(app, voters.len(), membership.nodes().count() - voters.len(), health, "leader", ""),
+        "cluster": cluster_summary(
+            app,
+            (voters.len(), membership.nodes().count() - voters.len()),
+            Some(reachable_voters.saturating_sub(quorum)),
+            health,
+            "leader",
+            "",
+        ),
         "nodes": nodes,
     })
 }
@@ -194,7 +211,14 @@ fn local_view(app: &Node, note: &str) -> Value {
         .collect();
     let health = if app.read_only() { "failed" } else { "degraded" };
     json!({
-        "cluster": cluster_summary(app, voters.len(), membership.nodes().count() - voters.len(), health, "local", note),
+        "cluster": cluster_summary(
+            app,
+            (voters.len(), membership.nodes().count() - voters.len()),
+            None,
+            health,
+            "local",
+            note,
+        ),
         "nodes": nodes,
     })
 }

@@ -37,6 +37,7 @@ pub mod server;
 pub mod snapshot;
 pub mod snapshot_archive;
 pub mod tls;
+pub mod ui;
 
 #[cfg(test)]
 mod fuzz_tests;

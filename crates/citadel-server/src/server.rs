@@ -258,7 +258,13 @@ async fn serve_tls(
 }
 
 fn api_router(app: Arc<Node>) -> Router {
-    Router::new().route("/v1/{*path}", any(api_entry)).fallback(not_found).with_state(app)
+    Router::new()
+        .route("/v1/{*path}", any(api_entry))
+        .route("/ui", axum::routing::get(crate::ui::redirect))
+        .route("/ui/", axum::routing::get(crate::ui::index))
+        .route("/ui/{file}", axum::routing::get(crate::ui::file))
+        .fallback(not_found)
+        .with_state(app)
 }
 
 const INACTIVE_MESSAGE: &str = "this node is inactive: an operator deactivated it (`citadel operator node \

@@ -132,6 +132,7 @@ async fn health(c: &Call<'_>) -> Result<Reply, ApiError> {
         "version": VERSION,
         "cluster_name": cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
         "cluster_id": cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
+        "node_id": app.node_id(),
         "ha_mode": mode,
         "inactive": inactive,
         "leader_id": metrics.current_leader,

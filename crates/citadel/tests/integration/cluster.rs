@@ -319,6 +319,7 @@ async fn ha_status_reports_roles_quorum_and_an_unreachable_node_from_any_node() 
     .await
     .unwrap();
     assert_eq!(degraded["cluster"]["health"], json!("degraded"));
+    assert_eq!(degraded["cluster"]["failure_tolerance"], json!(0), "one more voter lost stops writes");
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! Each test owns its ports (listed here) so none can collide: 21000 + 10·k; `jobs`: 27500–27999;
 //! `audit_in_entry`: 29200–29290; `cluster::a_leader_stopped_with_sigterm_…`: 29300–29330;
 //! `cluster::a_new_node_catches_up_from_a_leader_that_joined_…`: 29340–29380; `retention`: 29400–29430;
-//! `lifecycle`: 29500–29590; `observability`: 29600–29690.
+//! `lifecycle`: 29500–29590; `observability`: 29600–29690; `console`: 29700–29790.
 
 mod acl;
 mod api_auth;
@@ -10,6 +10,7 @@ mod api_kv;
 mod api_sys;
 mod audit_in_entry;
 mod cluster;
+mod console;
 mod crash;
 mod files;
 mod harness;
