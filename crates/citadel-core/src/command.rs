@@ -219,6 +219,26 @@ pub enum Command {
         name: String,
         status: crate::snapshot_auto::AutoSnapshotStatus,
     },
+    /// Adds or replaces an alert sink (§11.2).
+    AlertSinkPut {
+        name: String,
+        sink: crate::alerts::Sink,
+    },
+    AlertSinkDelete {
+        name: String,
+    },
+    /// Alerts the leader's `alerts` job fired and resolved at `at`.
+    AlertsUpdate {
+        fire: Vec<crate::alerts::Firing>,
+        /// Fingerprints.
+        resolve: Vec<String>,
+        at: UnixMillis,
+    },
+    /// What `sink` acknowledged: (fingerprint, revision) pairs (the leader's delivery job).
+    AlertsDelivered {
+        sink: String,
+        acks: Vec<(String, u64)>,
+    },
     /// Forgets records that expired by `now` (chosen by the leader's job): unused join tokens,
     /// revoked serials whose certificates expired, and expired member certificates. Nothing
     /// here is still valid, so nothing a client holds changes meaning.
@@ -291,6 +311,10 @@ impl Command {
             Command::SnapshotAutoPut { .. } => "snapshot_auto_put",
             Command::SnapshotAutoDelete { .. } => "snapshot_auto_delete",
             Command::SnapshotAutoRecord { .. } => "snapshot_auto_record",
+            Command::AlertSinkPut { .. } => "alert_sink_put",
+            Command::AlertSinkDelete { .. } => "alert_sink_delete",
+            Command::AlertsUpdate { .. } => "alerts_update",
+            Command::AlertsDelivered { .. } => "alerts_delivered",
             Command::PruneExpired { .. } => "prune_expired",
             Command::AuditPrune { .. } => "audit_prune",
             Command::JobResult { .. } => "job_result",
@@ -318,7 +342,9 @@ impl Command {
                 | Command::Authorized { .. }
                 // The leader's own: a lifecycle action runs on the leader, a job's record in its job.
                 | Command::NodeSetActive { .. }
-                | Command::SnapshotAutoRecord { .. } => Forwarding::Refused,
+                | Command::SnapshotAutoRecord { .. }
+                | Command::AlertsUpdate { .. }
+                | Command::AlertsDelivered { .. } => Forwarding::Refused,
                 _ => Forwarding::Client,
             },
             // An envelope travels as it is: what it wraps decides, and it must wrap an
@@ -411,6 +437,8 @@ pub enum Rejection {
     SnapshotAuto(crate::snapshot_auto::ConfigError),
     #[error("no scheduled snapshot configuration named {0:?}")]
     SnapshotAutoNotFound(String),
+    #[error("alerts: {0}")]
+    Alerts(crate::alerts::AlertError),
 }
 
 impl Rejection {
@@ -423,7 +451,8 @@ impl Rejection {
             | Rejection::PolicyNotFound(_)
             | Rejection::UserNotFound(_)
             | Rejection::MountNotFound(_)
-            | Rejection::SnapshotAutoNotFound(_) => 404,
+            | Rejection::SnapshotAutoNotFound(_)
+            | Rejection::Alerts(crate::alerts::AlertError::NoSuchSink(_)) => 404,
             Rejection::KeyringChanged { .. } | Rejection::KeyringTermNotNewer { .. } => 409,
             _ => 400,
         }

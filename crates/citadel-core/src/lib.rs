@@ -6,6 +6,7 @@
 //! That is what lets the storage layer replay, snapshot and compare states byte for byte, and what
 //! makes this crate testable in microseconds.
 
+pub mod alerts;
 pub mod audit;
 pub mod audited;
 pub mod barrier;

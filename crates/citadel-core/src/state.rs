@@ -148,6 +148,9 @@ pub struct State {
     /// Scheduled snapshot configurations and how their last run went (§10.2).
     #[serde(default)]
     pub snapshot_auto: BTreeMap<String, crate::snapshot_auto::AutoSnapshot>,
+    /// Alert sinks and the outbox of alerts with what each sink acknowledged (§11.2).
+    #[serde(default)]
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// More inactive nodes than any cluster has members is a hostile or broken proposer.
@@ -351,6 +354,22 @@ impl State {
                 crate::snapshot_auto::record(&mut self.snapshot_auto, &name, status);
                 Ok(Response::Done)
             }
+            Command::AlertSinkPut { name, sink } => {
+                self.alerts.put_sink(name, sink).map_err(Rejection::Alerts)?;
+                Ok(Response::Done)
+            }
+            Command::AlertSinkDelete { name } => {
+                self.alerts.delete_sink(&name).map_err(Rejection::Alerts)?;
+                Ok(Response::Done)
+            }
+            Command::AlertsUpdate { fire, resolve, at } => {
+                self.alerts.update(fire, resolve, at).map_err(Rejection::Alerts)?;
+                Ok(Response::Done)
+            }
+            Command::AlertsDelivered { sink, acks } => {
+                self.alerts.delivered(&sink, &acks).map_err(Rejection::Alerts)?;
+                Ok(Response::Done)
+            }
             Command::NodeCertsRevoke { node_id, now } => {
                 // Revocation follows a removal: the node is no member, active or not.
                 self.inactive_nodes.remove(&node_id);
@@ -531,12 +550,15 @@ impl State {
         let jobs = std::mem::take(&mut self.jobs);
         let inactive_nodes = std::mem::take(&mut self.inactive_nodes);
         let snapshot_auto = std::mem::take(&mut self.snapshot_auto);
+        let alerts = std::mem::take(&mut self.alerts);
         *self = state;
         self.audit = audit;
         self.jobs = jobs;
         self.inactive_nodes = inactive_nodes;
         // The schedules that make backups are not rolled back by restoring one.
         self.snapshot_auto = snapshot_auto;
+        // Nor are the alerts: what fired and who was told is the live cluster's.
+        self.alerts = alerts;
         Ok(Response::Done)
     }
 
@@ -555,7 +577,9 @@ impl State {
                 command @ (Command::TokensExpire { .. }
                 | Command::PruneExpired { .. }
                 | Command::AuditPrune { .. }
-                | Command::SnapshotAutoRecord { .. }),
+                | Command::SnapshotAutoRecord { .. }
+                | Command::AlertsUpdate { .. }
+                | Command::AlertsDelivered { .. }),
             ) => self.apply_checked(entry, command)?,
             Some(other) => return Err(Rejection::Job(JobRefusal::NotAJobCommand(other.kind().into()))),
         };

@@ -73,7 +73,8 @@ pub struct ClusterNetwork {
 /// 5: log entries may be `Command::NodeSetActive` (a deactivated member, §10.1) or
 ///    `Command::SnapshotAuto*` (scheduled snapshots, §10.2), and the leader asks members for
 ///    `cluster/lifecycle` and `cluster/resync`.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: log entries may be `Command::AlertSink*` and `Command::Alerts*` (§11.2).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {

@@ -60,6 +60,12 @@ pub struct JobsConfig {
     /// Scheduled snapshots: how often the leader looks for a configuration that is due.
     #[serde(default = "default_snapshot_auto_ms")]
     pub snapshot_auto_ms: u64,
+    /// Alerts (§11.2): how often the leader looks at the cluster to fire and resolve them.
+    #[serde(default = "default_alerts_ms")]
+    pub alerts_ms: u64,
+    /// How often the leader sends what a sink has not acknowledged.
+    #[serde(default = "default_alert_delivery_ms")]
+    pub alert_delivery_ms: u64,
 }
 
 impl Default for JobsConfig {
@@ -69,6 +75,8 @@ impl Default for JobsConfig {
             prune_ms: default_prune_ms(),
             audit_retention_ms: default_prune_ms(),
             snapshot_auto_ms: default_snapshot_auto_ms(),
+            alerts_ms: default_alerts_ms(),
+            alert_delivery_ms: default_alert_delivery_ms(),
         }
     }
 }
@@ -81,6 +89,12 @@ fn default_prune_ms() -> u64 {
 }
 fn default_snapshot_auto_ms() -> u64 {
     1_000
+}
+fn default_alerts_ms() -> u64 {
+    250
+}
+fn default_alert_delivery_ms() -> u64 {
+    100
 }
 
 /// Shortest job interval: each run commits a Raft entry.
@@ -95,6 +109,8 @@ impl JobsConfig {
             ("jobs.prune_ms", self.prune_ms),
             ("jobs.audit_retention_ms", self.audit_retention_ms),
             ("jobs.snapshot_auto_ms", self.snapshot_auto_ms),
+            ("jobs.alerts_ms", self.alerts_ms),
+            ("jobs.alert_delivery_ms", self.alert_delivery_ms),
         ];
         match intervals.into_iter().find(|(_, ms)| !(MIN_JOB_INTERVAL_MS..=MAX_JOB_INTERVAL_MS).contains(ms)) {
             Some((key, _)) => {
@@ -611,6 +627,8 @@ const ENV_OVERRIDES: &[(&str, &[&str])] = &[
     ("CITADEL_JOBS_PRUNE_MS", &["jobs", "prune_ms"]),
     ("CITADEL_JOBS_AUDIT_RETENTION_MS", &["jobs", "audit_retention_ms"]),
     ("CITADEL_JOBS_SNAPSHOT_AUTO_MS", &["jobs", "snapshot_auto_ms"]),
+    ("CITADEL_JOBS_ALERTS_MS", &["jobs", "alerts_ms"]),
+    ("CITADEL_JOBS_ALERT_DELIVERY_MS", &["jobs", "alert_delivery_ms"]),
     ("CITADEL_AUDIT_RETAIN_DAYS", &["audit", "retain_days"]),
     ("CITADEL_EVENTS_BUFFER", &["events", "buffer"]),
     ("CITADEL_EVENTS_MAX_SUBSCRIBERS", &["events", "max_subscribers"]),

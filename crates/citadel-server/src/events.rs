@@ -233,7 +233,7 @@ impl Watcher {
 
 /// Silence after which the leader calls a member unreachable: several election timeouts, so a
 /// few late heartbeats on a loaded machine do not make the node flap.
-fn unreachable_after(app: &Node) -> Duration {
+pub(crate) fn unreachable_after(app: &Node) -> Duration {
     (4 * app.election_timeout()).max(Duration::from_secs(1))
 }
 

@@ -13,7 +13,7 @@ use crate::cluster::NodeStatus;
 use crate::node::Node;
 
 /// Entries behind the leader beyond which a node counts as lagging.
-const LAG_ENTRIES: u64 = 1000;
+pub(crate) const LAG_ENTRIES: u64 = 1000;
 
 /// The leader's view of how far each member has replicated, read from openraft's metrics.
 pub struct Progress {

@@ -64,6 +64,18 @@ pub const JOBS: &[Job] = &[
         run: snapshot_auto,
         record_idle: false,
     },
+    Job {
+        name: "alerts",
+        every: |c| Duration::from_millis(c.jobs.alerts_ms),
+        run: |app| Box::pin(crate::alerts::alerts_job(app)),
+        record_idle: false,
+    },
+    Job {
+        name: "alert_delivery",
+        every: |c| Duration::from_millis(c.jobs.alert_delivery_ms),
+        run: |app| Box::pin(crate::alerts::delivery_job(app)),
+        record_idle: false,
+    },
 ];
 
 /// What a run that found nothing to do and commits nothing reports.

@@ -38,6 +38,8 @@ pub struct Node {
     pub leader_contact: Mutex<Option<Instant>>,
     /// When this node last became leader (Unix ms; 0 while it is not): Vault's `active_time`.
     pub active_since: std::sync::atomic::AtomicU64,
+    /// Where this node, while it leads, is in delivering alerts to each sink (§11.2).
+    pub alert_delivery: crate::alerts::Delivery,
     /// True while this node is being removed. Client requests hold a read guard from the check
     /// to their audit event, so once the flag is set under the write guard, every request this
     /// node answered has its event in the log (a write's, in its entry) or in the spool, ready to

@@ -100,6 +100,7 @@ pub async fn run(config: Config) -> Result<()> {
         started: Instant::now(),
         leader_contact: Default::default(),
         active_since: Default::default(),
+        alert_delivery: Default::default(),
         leaving: Default::default(),
         removed: Default::default(),
         events,

@@ -4,6 +4,7 @@
 //! unauthenticated endpoints → seal check → token → ACL → handler → audit (a write's event in
 //! its own Raft entry, any other fsynced to the spool) → answer.
 
+mod alerts;
 mod audit_query;
 mod auth;
 mod barrier_view;

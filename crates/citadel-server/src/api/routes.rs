@@ -140,6 +140,7 @@ fn build() -> Result<Tables, RouteError> {
         super::raft::routes(),
         super::audit_query::routes(),
         super::snapshot_auto::routes(),
+        super::alerts::routes(),
     ]
     .into_iter()
     .flatten()

@@ -1,0 +1,519 @@
+//! Alerts (§11.2) on the leader: which alerts the cluster's condition calls for, and their
+//! delivery to the sinks. The outbox itself is replicated state (`citadel_core::alerts`).
+//!
+//! Two leader-only jobs (`jobs.rs`):
+//! - `alerts` looks at the cluster every `[jobs] alerts_ms` and commits the alerts that start or
+//!   stop firing ([`evaluate`] decides, from an [`Observation`], with no I/O);
+//! - `alert_delivery` sends a sink what it has not acknowledged, then commits the
+//!   acknowledgement. A send that fails backs off (per sink, in memory); a new leader starts
+//!   from the replicated acknowledgements and sends again what was not acknowledged, so a
+//!   receiver may get a notice twice, never zero times.
+//!
+//! Not here yet: `CitadelNoLeader`, `CitadelReadOnly`, `CitadelNodeSealed` and
+//! `CitadelAuditBacklog`, which need a node without a leader (or a follower) to send alerts
+//! itself, and the syslog and email sinks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use citadel_core::alerts::{fingerprint, Alert, Firing, Sink};
+use citadel_core::command::Command;
+use citadel_core::time::rfc3339;
+use citadel_core::UnixMillis;
+use serde_json::{json, Value};
+
+use crate::node::Node;
+
+/// `CitadelLeaderChanged` resolves itself this long after the change.
+pub const LEADER_CHANGED_MS: UnixMillis = 10 * 60 * 1000;
+/// `CitadelLeaderFlapping`: this many changes within `FLAPPING_WINDOW_MS`.
+pub const FLAPPING_CHANGES: usize = 3;
+pub const FLAPPING_WINDOW_MS: UnixMillis = 15 * 60 * 1000;
+/// `CitadelCertificateExpiring`: a member's newest certificate expires within this.
+pub const CERT_WARNING_MS: UnixMillis = 7 * 86_400_000;
+/// Alerts one send carries at most.
+const BATCH: usize = 64;
+/// An Alertmanager forgets a firing alert it is not told about again (its `resolve_timeout`):
+/// firing alerts are sent again this often, each valid for `AM_VALIDITY`.
+const AM_RESEND: Duration = Duration::from_secs(60);
+const AM_VALIDITY_MS: UnixMillis = 4 * 60 * 1000;
+/// How long one send may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the leader sees when it looks.
+#[derive(Clone, Debug, Default)]
+pub struct Observation {
+    pub now: UnixMillis,
+    pub cluster: String,
+    pub me: u64,
+    /// When this node became leader (Unix ms).
+    pub leading_since: UnixMillis,
+    /// Milliseconds a new leader waits before judging reachability (it has heard nobody yet).
+    pub grace_ms: u64,
+    pub unreachable_ms: u64,
+    pub members: Vec<Member>,
+    pub quorum: usize,
+    /// Leader changes within the flapping window.
+    pub recent_leader_changes: usize,
+    /// (configuration, consecutive errors, last error).
+    pub snapshot_errors: Vec<(String, u32, String)>,
+    /// (member, when its newest certificate expires).
+    pub certificates: Vec<(u64, UnixMillis)>,
+    /// Alerts firing now (from the outbox).
+    pub firing: Vec<Alert>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Member {
+    pub id: u64,
+    pub voter: bool,
+    /// Since the leader last heard from it (`None`: never).
+    pub contact_ms: Option<u64>,
+    pub lag: u64,
+}
+
+impl Observation {
+    pub fn of(app: &Node) -> Observation {
+        let now = crate::ids::now_ms();
+        let progress = crate::ha::Progress::of(app);
+        let me = app.node_id();
+        let members = progress
+            .membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != me)
+            .map(|id| Member {
+                id,
+                voter: progress.voters.contains(&id),
+                contact_ms: progress.contact_ms(id),
+                lag: progress.lag(id),
+            })
+            .collect();
+        let (cluster, recent, snapshot_errors, certificates, firing) = app.state.read(|s| {
+            let cluster = s.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+            let recent = s.alerts.leader_changes_since(now.saturating_sub(FLAPPING_WINDOW_MS));
+            let snapshots = s
+                .snapshot_auto
+                .iter()
+                .map(|(n, a)| (n.clone(), a.status.consecutive_errors, a.status.last_snapshot_error.clone()))
+                .collect();
+            let certs = s.node_certs.iter().filter_map(|(id, c)| c.values().max().map(|t| (*id, *t))).collect();
+            let firing = s.alerts.alerts.values().filter(|a| a.is_firing()).cloned().collect();
+            (cluster, recent, snapshots, certs, firing)
+        });
+        let unreachable = crate::events::unreachable_after(app).as_millis() as u64;
+        Observation {
+            now,
+            cluster,
+            me,
+            leading_since: app.active_since.load(std::sync::atomic::Ordering::Relaxed),
+            grace_ms: unreachable,
+            unreachable_ms: unreachable,
+            members,
+            quorum: progress.voters.len() / 2 + 1,
+            recent_leader_changes: recent,
+            snapshot_errors,
+            certificates,
+            firing,
+        }
+    }
+}
+
+fn alert(o: &Observation, name: &str, severity: &str, node: Option<u64>, extra: &[(&str, &str)]) -> Firing {
+    let mut labels = BTreeMap::from([
+        ("alertname".to_string(), name.to_string()),
+        ("severity".to_string(), severity.to_string()),
+        ("cluster".to_string(), o.cluster.clone()),
+    ]);
+    if let Some(node) = node {
+        labels.insert("node".into(), node.to_string());
+    }
+    for (k, v) in extra {
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Firing { labels, annotations: BTreeMap::new(), starts_at: o.now }
+}
+
+fn annotate(mut firing: Firing, summary: String, description: &str) -> Firing {
+    firing.annotations.insert("summary".into(), summary);
+    firing.annotations.insert("description".into(), description.into());
+    firing
+}
+
+/// The alerts the cluster's condition calls for now. Pure: unit-tested without a cluster.
+pub fn evaluate(o: &Observation) -> Vec<Firing> {
+    let mut out = Vec::new();
+    let judged = o.now.saturating_sub(o.leading_since) >= o.grace_ms;
+    let changed = annotate(
+        Firing { starts_at: o.leading_since, ..alert(o, "CitadelLeaderChanged", "info", Some(o.me), &[]) },
+        format!("Node {} became the leader", o.me),
+        "A new leader was elected (a failover, a transfer or a restart). Resolves itself after 10 minutes.",
+    );
+    if o.now.saturating_sub(o.leading_since) < LEADER_CHANGED_MS {
+        out.push(changed);
+    }
+    // An earlier leader's change keeps firing for its ten minutes.
+    out.extend(
+        o.firing
+            .iter()
+            .filter(|a| a.name() == "CitadelLeaderChanged" && o.now.saturating_sub(a.starts_at) < LEADER_CHANGED_MS)
+            .map(|a| Firing { labels: a.labels.clone(), annotations: a.annotations.clone(), starts_at: a.starts_at }),
+    );
+    if o.recent_leader_changes >= FLAPPING_CHANGES {
+        out.push(annotate(
+            alert(o, "CitadelLeaderFlapping", "warning", None, &[]),
+            format!("{} leader changes in 15 minutes", o.recent_leader_changes),
+            "Look for a flapping network, an overloaded node or a disk that stalls.",
+        ));
+    }
+    if judged {
+        let mut heard_voters = 1; // this leader
+        for m in &o.members {
+            let heard = m.contact_ms.is_some_and(|ms| ms <= o.unreachable_ms);
+            if m.voter && heard {
+                heard_voters += 1;
+            }
+            if !heard {
+                out.push(annotate(
+                    alert(o, "CitadelNodeUnreachable", "critical", Some(m.id), &[]),
+                    format!("Node {} is unreachable", m.id),
+                    "The leader has not heard from this member for several election timeouts.",
+                ));
+            } else if m.lag > crate::ha::LAG_ENTRIES {
+                out.push(annotate(
+                    alert(o, "CitadelNodeLagging", "warning", Some(m.id), &[]),
+                    format!("Node {} is {} entries behind the leader", m.id, m.lag),
+                    "It replicates, but slowly: check its disk and network.",
+                ));
+            }
+        }
+        if heard_voters <= o.quorum {
+            out.push(annotate(
+                alert(o, "CitadelQuorumDegraded", "warning", None, &[]),
+                "The cluster cannot lose another voter".into(),
+                "The leader hears from just a quorum of voters: one more failure stops writes.",
+            ));
+        }
+    }
+    for (name, errors, error) in &o.snapshot_errors {
+        if *errors > 0 {
+            out.push(annotate(
+                alert(o, "CitadelSnapshotFailed", "warning", None, &[("snapshot", name)]),
+                format!("Scheduled snapshot {name} failed {errors} time(s) in a row"),
+                error,
+            ));
+        }
+    }
+    for (node, expires) in &o.certificates {
+        if expires.saturating_sub(o.now) < CERT_WARNING_MS {
+            out.push(annotate(
+                alert(o, "CitadelCertificateExpiring", "warning", Some(*node), &[]),
+                format!("Node {node}'s cluster certificate expires {}", rfc3339(*expires)),
+                "Members renew through the leader before tls.renew_before_days; this one has not.",
+            ));
+        }
+    }
+    out
+}
+
+/// What to commit: alerts that start firing and fingerprints of those that stop.
+pub fn changes(o: &Observation, wanted: Vec<Firing>) -> (Vec<Firing>, Vec<String>) {
+    let wanted: BTreeMap<String, Firing> = wanted.into_iter().map(|f| (fingerprint(&f.labels), f)).collect();
+    let firing: BTreeMap<String, &Alert> = o.firing.iter().map(|a| (fingerprint(&a.labels), a)).collect();
+    let fire = wanted.iter().filter(|(k, _)| !firing.contains_key(*k)).map(|(_, f)| f.clone()).collect();
+    let resolve = firing.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+    (fire, resolve)
+}
+
+/// The `alerts` job: commits what started or stopped firing.
+pub async fn alerts_job(app: &Node) -> Result<Option<Command>, String> {
+    let observation = Observation::of(app);
+    let (mut fire, mut resolve) = changes(&observation, evaluate(&observation));
+    if fire.is_empty() && resolve.is_empty() {
+        return Ok(None);
+    }
+    fire.truncate(citadel_core::alerts::MAX_CHANGES / 2);
+    resolve.truncate(citadel_core::alerts::MAX_CHANGES / 2);
+    Ok(Some(Command::AlertsUpdate { fire, resolve, at: observation.now }))
+}
+
+/// This node's delivery progress per sink (in memory: a new leader starts afresh from the
+/// replicated acknowledgements).
+#[derive(Default)]
+pub struct Delivery {
+    sinks: Mutex<HashMap<String, SinkProgress>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SinkProgress {
+    pub failures: u32,
+    pub next_try: Option<Instant>,
+    pub last_error: String,
+    pub last_full_send: Option<Instant>,
+    pub last_attempt: Option<Instant>,
+}
+
+impl Delivery {
+    fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, SinkProgress>> {
+        self.sinks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A sink's last error as this node saw it (empty: none, or this node does not deliver).
+    pub fn last_error(&self, sink: &str) -> String {
+        self.progress().get(sink).map(|p| p.last_error.clone()).unwrap_or_default()
+    }
+}
+
+/// The `alert_delivery` job: one sink per run, the one waiting longest, not backing off.
+pub async fn delivery_job(app: &Node) -> Result<Option<Command>, String> {
+    let now = Instant::now();
+    let (sinks, alerts) = app.state.read(|s| (s.alerts.sinks.clone(), s.alerts.alerts.clone()));
+    let chosen = {
+        let progress = app.alert_delivery.progress();
+        sinks
+            .iter()
+            .filter_map(|(name, sink)| {
+                let p = progress.get(name).cloned().unwrap_or_default();
+                if p.next_try.is_some_and(|t| t > now) {
+                    return None;
+                }
+                let resend = matches!(sink, Sink::Alertmanager { .. })
+                    && p.last_full_send.is_none_or(|t| now.duration_since(t) >= AM_RESEND);
+                let batch: Vec<(&String, &Alert)> = alerts
+                    .iter()
+                    .filter(|(_, a)| a.pending_for(name) || (resend && a.is_firing()))
+                    .take(BATCH)
+                    .collect();
+                (!batch.is_empty()).then(|| (p.last_attempt, name.clone(), sink.clone(), resend, batch))
+            })
+            .min_by_key(|(last, ..)| *last)
+            .map(|(_, name, sink, resend, batch)| {
+                let batch: Vec<(String, Alert)> = batch.into_iter().map(|(k, a)| (k.clone(), a.clone())).collect();
+                (name, sink, resend, batch)
+            })
+    };
+    let Some((name, sink, resend, batch)) = chosen else { return Ok(None) };
+    let sent = send(app, &name, &sink, &batch).await;
+    let mut progress = app.alert_delivery.progress();
+    let p = progress.entry(name.clone()).or_default();
+    p.last_attempt = Some(Instant::now());
+    match sent {
+        Ok(()) => {
+            *p = SinkProgress { last_attempt: p.last_attempt, last_full_send: p.last_full_send, ..Default::default() };
+            if resend {
+                p.last_full_send = Some(Instant::now());
+            }
+            let acks: Vec<(String, u64)> =
+                batch.iter().filter(|(_, a)| a.pending_for(&name)).map(|(k, a)| (k.clone(), a.revision)).collect();
+            Ok((!acks.is_empty()).then_some(Command::AlertsDelivered { sink: name, acks }))
+        }
+        Err(e) => {
+            p.failures += 1;
+            let backoff = (Duration::from_millis(200) * 2u32.saturating_pow(p.failures.min(8))).min(MAX_BACKOFF);
+            p.next_try = Some(Instant::now() + backoff);
+            p.last_error = e.clone();
+            Err(format!("alert sink {name}: {e} (next try in {} ms)", backoff.as_millis()))
+        }
+    }
+}
+
+/// Alertmanager's zero time: what its payloads carry for "not ended".
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+fn generator_url(app: &Node) -> String {
+    app.raft_metrics()
+        .membership_config
+        .membership()
+        .get_node(&app.node_id())
+        .map(|n| format!("{}/ui/", n.api_addr.trim_end_matches('/')))
+        .unwrap_or_default()
+}
+
+/// Alertmanager's webhook payload (`"version": "4"`) for `batch`.
+pub fn webhook_payload(receiver: &str, external_url: &str, batch: &[(String, Alert)]) -> Value {
+    let status = if batch.iter().any(|(_, a)| a.is_firing()) { "firing" } else { "resolved" };
+    let common = |pick: fn(&Alert) -> &BTreeMap<String, String>| {
+        let mut common = batch.first().map(|(_, a)| pick(a).clone()).unwrap_or_default();
+        common.retain(|k, v| batch.iter().all(|(_, a)| pick(a).get(k) == Some(v)));
+        common
+    };
+    let alerts: Vec<Value> = batch
+        .iter()
+        .map(|(key, a)| {
+            json!({
+                "status": if a.is_firing() { "firing" } else { "resolved" },
+                "labels": a.labels,
+                "annotations": a.annotations,
+                "startsAt": rfc3339(a.starts_at),
+                "endsAt": a.ends_at.map_or(ZERO_TIME.to_string(), rfc3339),
+                "generatorURL": external_url,
+                "fingerprint": key,
+            })
+        })
+        .collect();
+    json!({
+        "version": "4",
+        "groupKey": format!("{{}}:{{cluster=\"{}\"}}", common(|a| &a.labels).get("cluster").cloned().unwrap_or_default()),
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": receiver,
+        "groupLabels": {},
+        "commonLabels": common(|a| &a.labels),
+        "commonAnnotations": common(|a| &a.annotations),
+        "externalURL": external_url,
+        "alerts": alerts,
+    })
+}
+
+/// Alertmanager's `POST /api/v2/alerts` body: a firing alert is valid for `AM_VALIDITY_MS`
+/// (and sent again before that), a resolved one ends when it was resolved.
+pub fn alertmanager_payload(external_url: &str, batch: &[(String, Alert)], now: UnixMillis) -> Value {
+    Value::Array(
+        batch
+            .iter()
+            .map(|(_, a)| {
+                json!({
+                    "labels": a.labels,
+                    "annotations": a.annotations,
+                    "startsAt": rfc3339(a.starts_at),
+                    "endsAt": rfc3339(a.ends_at.unwrap_or(now + AM_VALIDITY_MS)),
+                    "generatorURL": external_url,
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn send(app: &Node, name: &str, sink: &Sink, batch: &[(String, Alert)]) -> Result<(), String> {
+    let external = generator_url(app);
+    let (url, body) = match sink {
+        Sink::Webhook { url } => (url.clone(), webhook_payload(name, &external, batch)),
+        Sink::Alertmanager { url } => (
+            format!("{}/api/v2/alerts", url.trim_end_matches('/')),
+            alertmanager_payload(&external, batch, crate::ids::now_ms()),
+        ),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(SEND_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let reply = client.post(&url).json(&body).send().await.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    if !reply.status().is_success() {
+        return Err(format!("{url} answered {}", reply.status()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observation() -> Observation {
+        Observation {
+            now: 1_000_000,
+            cluster: "prod".into(),
+            me: 1,
+            leading_since: 1_000_000 - 5_000,
+            grace_ms: 1_000,
+            unreachable_ms: 1_000,
+            members: vec![
+                Member { id: 2, voter: true, contact_ms: Some(10), lag: 0 },
+                Member { id: 3, voter: true, contact_ms: Some(10), lag: 0 },
+            ],
+            quorum: 2,
+            ..Observation::default()
+        }
+    }
+
+    fn names(alerts: &[Firing]) -> Vec<String> {
+        let mut names: Vec<String> = alerts
+            .iter()
+            .map(|a| format!("{}:{}", a.labels["alertname"], a.labels.get("node").map_or("", |n| n)))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_new_leader_announces_itself_and_a_healthy_cluster_raises_nothing_else() {
+        let o = observation();
+        assert_eq!(names(&evaluate(&o)), ["CitadelLeaderChanged:1"]);
+        let settled = Observation { leading_since: o.now - LEADER_CHANGED_MS, ..o };
+        assert!(evaluate(&settled).is_empty(), "the change resolves itself after ten minutes");
+    }
+
+    #[test]
+    fn a_silent_voter_is_unreachable_and_leaves_the_quorum_degraded_only_after_the_grace() {
+        let mut o = observation();
+        o.members[1].contact_ms = Some(5_000);
+        assert_eq!(
+            names(&evaluate(&o)),
+            ["CitadelLeaderChanged:1", "CitadelNodeUnreachable:3", "CitadelQuorumDegraded:"]
+        );
+        let just_elected = Observation { leading_since: o.now - 100, ..o.clone() };
+        assert_eq!(names(&evaluate(&just_elected)), ["CitadelLeaderChanged:1"], "nobody heard from yet");
+        o.members[1].contact_ms = Some(10);
+        o.members[1].lag = crate::ha::LAG_ENTRIES + 1;
+        assert_eq!(names(&evaluate(&o)), ["CitadelLeaderChanged:1", "CitadelNodeLagging:3"]);
+    }
+
+    #[test]
+    fn flapping_failed_snapshots_and_expiring_certificates_fire() {
+        let mut o = observation();
+        o.leading_since = o.now - LEADER_CHANGED_MS;
+        o.recent_leader_changes = FLAPPING_CHANGES;
+        o.snapshot_errors = vec![("daily".into(), 2, "disk full".into()), ("hourly".into(), 0, String::new())];
+        o.certificates = vec![(2, o.now + CERT_WARNING_MS - 1), (3, o.now + CERT_WARNING_MS + 1)];
+        assert_eq!(
+            names(&evaluate(&o)),
+            ["CitadelCertificateExpiring:2", "CitadelLeaderFlapping:", "CitadelSnapshotFailed:"]
+        );
+    }
+
+    #[test]
+    fn changes_fire_what_is_new_resolve_what_stopped_and_keep_an_earlier_leaders_change_for_its_ten_minutes() {
+        let mut o = observation();
+        let old_change = Alert {
+            labels: alert(&o, "CitadelLeaderChanged", "info", Some(2), &[]).labels,
+            starts_at: o.now - 60_000,
+            ..Alert::default()
+        };
+        let stale =
+            Alert { labels: alert(&o, "CitadelNodeUnreachable", "critical", Some(3), &[]).labels, ..Alert::default() };
+        o.firing = vec![old_change.clone(), stale.clone()];
+        let (fire, resolve) = changes(&o, evaluate(&o));
+        assert_eq!(names(&fire), ["CitadelLeaderChanged:1"]);
+        assert_eq!(resolve, vec![fingerprint(&stale.labels)], "node 3 answers again; node 2's change stays");
+    }
+
+    #[test]
+    fn payloads_have_alertmanagers_shapes() {
+        let o = observation();
+        let firing = Alert {
+            labels: alert(&o, "CitadelNodeUnreachable", "critical", Some(3), &[]).labels,
+            starts_at: 1_000,
+            revision: 1,
+            ..Alert::default()
+        };
+        let resolved = Alert { ends_at: Some(2_000), ..firing.clone() };
+        let key = fingerprint(&firing.labels);
+        let hook = webhook_payload("ops", "https://n1:8200/ui/", &[(key.clone(), firing.clone())]);
+        assert_eq!(hook["version"], "4");
+        assert_eq!(hook["status"], "firing");
+        assert_eq!(hook["alerts"][0]["fingerprint"], key.as_str());
+        assert_eq!(hook["alerts"][0]["endsAt"], ZERO_TIME);
+        assert_eq!(hook["commonLabels"]["alertname"], "CitadelNodeUnreachable");
+        let hook = webhook_payload("ops", "", &[(key.clone(), resolved.clone())]);
+        assert_eq!(
+            (hook["status"].as_str(), hook["alerts"][0]["endsAt"].as_str()),
+            (Some("resolved"), Some("1970-01-01T00:00:02.000Z"))
+        );
+        let am = alertmanager_payload("", &[(key.clone(), firing)], 10_000);
+        assert_eq!(am[0]["endsAt"], rfc3339(10_000 + AM_VALIDITY_MS));
+        let am = alertmanager_payload("", &[(key, resolved)], 10_000);
+        assert_eq!(am[0]["endsAt"], rfc3339(2_000));
+    }
+}
