@@ -573,6 +573,78 @@ function auditPage(root) {
   return () => {};
 }
 
+// ---- Alerts ----
+
+function alertsPage(root) {
+  const active = el('tbody', { id: 'alerts-active' });
+  const resolved = el('tbody', { id: 'alerts-resolved' });
+  const sinks = el('tbody', { id: 'alert-sinks' });
+  const head = (...names) => el('thead', {}, el('tr', {}, names.map((h) => el('th', { scope: 'col' }, h))));
+  const row = (a) => {
+    const deliveries = Object.entries(a.deliveries || {}).map(([sink, state]) => sink + ': ' + state).join(', ');
+    return el('tr', { class: a.status },
+      el('td', {}, a.labels.alertname), el('td', {}, a.labels.severity || ''), el('td', {}, a.labels.node || ''),
+      el('td', {}, (a.annotations && a.annotations.summary) || ''), el('td', {}, a.startsAt),
+      el('td', {}, a.endsAt || ''), el('td', {}, deliveries || 'no sink'));
+  };
+  const type = el('select', { id: 'sink-type' }, el('option', { value: 'webhook' }, 'webhook'),
+    el('option', { value: 'alertmanager' }, 'alertmanager'));
+  const addSink = async () => {
+    const name = $('sink-name').value.trim();
+    try {
+      await api('POST', 'sys/alerts/sinks/' + encodeURIComponent(name), { type: type.value, url: $('sink-url').value.trim() });
+      say('Sink ' + name + ' saved');
+      refresh();
+    } catch (e) {
+      say('Sink refused: ' + e.message, true);
+    }
+  };
+  const refresh = async () => {
+    try {
+      const data = dataOf(await api('GET', 'sys/alerts'));
+      active.replaceChildren(...data.active.map(row));
+      resolved.replaceChildren(...data.resolved.map(row));
+      if (!data.active.length) active.append(el('tr', {}, el('td', { colspan: 7 }, 'Nothing fires.')));
+      const names = (await api('GET', 'sys/alerts/sinks?list=true').catch(() => ({ data: { keys: [] } }))).data.keys || [];
+      const rows = [];
+      for (const name of names) {
+        const sink = dataOf(await api('GET', 'sys/alerts/sinks/' + encodeURIComponent(name)));
+        const remove = el('button', {
+          type: 'button',
+          click: async () => {
+            if (!window.confirm('Delete the alert sink ' + name + '?')) return;
+            await api('DELETE', 'sys/alerts/sinks/' + encodeURIComponent(name)).catch((e) => say(e.message, true));
+            refresh();
+          },
+        }, 'Delete');
+        const error = (data.sink_errors || {})[name] || '';
+        rows.push(el('tr', {}, el('td', {}, name), el('td', {}, sink.type), el('td', {}, sink.url || sink.address || ''),
+          el('td', { class: error ? 'error' : '' }, error), el('td', {}, remove)));
+      }
+      sinks.replaceChildren(...rows);
+    } catch (e) {
+      say('Cannot read the alerts: ' + e.message, true);
+    }
+  };
+  root.append(
+    el('h2', {}, 'Alerts'),
+    el('h3', {}, 'Firing'),
+    el('table', {}, head('Alert', 'Severity', 'Node', 'Summary', 'Since', 'Until', 'Deliveries'), active),
+    el('h3', {}, 'Sinks'),
+    el('table', {}, head('Name', 'Type', 'Where', 'Last error (this node)', ''), sinks),
+    el('form', { class: 'inline', submit: (e) => { e.preventDefault(); addSink(); } },
+      el('label', { for: 'sink-name' }, 'Name'), el('input', { id: 'sink-name', required: true, size: 10 }),
+      el('label', { for: 'sink-type' }, 'Type'), type,
+      el('label', { for: 'sink-url' }, 'URL'), el('input', { id: 'sink-url', required: true, size: 40 }),
+      el('button', { type: 'submit' }, 'Add or replace')),
+    el('h3', {}, 'Resolved (last 24 hours)'),
+    el('table', {}, head('Alert', 'Severity', 'Node', 'Summary', 'Since', 'Until', 'Deliveries'), resolved),
+  );
+  refresh();
+  const timer = setInterval(refresh, 2000);
+  return () => clearInterval(timer);
+}
+
 // ---- Snapshots ----
 
 function snapshotsPage(root) {
@@ -651,6 +723,7 @@ const PAGES = {
   nodes: (root) => haPage(root, true),
   secrets: secretsPage,
   audit: auditPage,
+  alerts: alertsPage,
   snapshots: snapshotsPage,
 };
 

@@ -232,6 +232,17 @@ async fn the_console_shows_the_cluster_follows_a_failover_within_two_seconds_and
     browser.wait_for("return document.querySelectorAll('tbody tr').length > 0 ? 'yes' : null").await;
     browser.screenshot("audit").await;
 
+    // The failover's alerts are listed.
+    browser.open(&format!("{}/ui/#/alerts", cluster.layout.api_url(watcher))).await;
+    let firing = browser
+        .wait_for(
+            "const t = document.getElementById('alerts-active').textContent;\
+             return t.includes('CitadelLeaderChanged') && t.includes('CitadelNodeUnreachable') ? t : null",
+        )
+        .await;
+    assert!(firing.contains("critical"), "{firing}");
+    browser.screenshot("alerts").await;
+
     // Take a snapshot from the Snapshots page.
     browser.open(&format!("{}/ui/#/snapshots", cluster.layout.api_url(watcher))).await;
     browser.click("#take-snapshot").await;
