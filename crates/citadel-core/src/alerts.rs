@@ -31,24 +31,113 @@ pub const MAX_ANNOTATION_BYTES: usize = 2048;
 pub const MAX_NAME_BYTES: usize = 64;
 pub const MAX_URL_BYTES: usize = 2048;
 
-/// Where alerts go. Tagged by `type` as in `POST sys/alerts/sinks/:name`.
+/// Where alerts go. Tagged by `type` as in `POST sys/alerts/sinks/:name`. A sink reached over
+/// TLS names `ca_file`, the PEM of the CA that signed the receiver's certificate (on every
+/// node: any may lead): a vault trusts the CAs it is told to, never the system's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Sink {
     /// Alertmanager's webhook receiver payload (`"version": "4"`), POSTed to `url`.
-    Webhook { url: String },
+    Webhook {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
+    },
     /// An Alertmanager: its `POST /api/v2/alerts` under `url`.
-    Alertmanager { url: String },
+    Alertmanager {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
+    },
+    /// RFC 5424 messages over TCP with RFC 6587 octet counting, over TLS when `tls`.
+    Syslog {
+        address: String,
+        #[serde(default)]
+        tls: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
+    },
+    /// One mail per alert notice, through `smtp_host:smtp_port`, with STARTTLS unless
+    /// `starttls` is false.
+    Email {
+        smtp_host: String,
+        smtp_port: u16,
+        from: String,
+        to: Vec<String>,
+        #[serde(default = "yes")]
+        starttls: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<String>,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Most recipients of an email sink.
+pub const MAX_RECIPIENTS: usize = 10;
+const MAX_ADDRESS_BYTES: usize = 254;
+const MAX_PATH_BYTES: usize = 4096;
+
+fn check_host(host: &str) -> bool {
+    !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+}
+
+/// `host:port` with a port.
+fn check_address(address: &str) -> bool {
+    address.rsplit_once(':').is_some_and(|(host, port)| check_host(host) && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// A mailbox as SMTP sends it: no spaces, brackets or line breaks that could smuggle commands.
+fn check_mailbox(mailbox: &str) -> bool {
+    mailbox.len() <= MAX_ADDRESS_BYTES
+        && mailbox.split_once('@').is_some_and(|(l, d)| !l.is_empty() && check_host(d))
+        && !mailbox.chars().any(|c| c.is_whitespace() || c.is_control() || "<>,;\"".contains(c))
 }
 
 impl Sink {
     pub fn check(&self) -> Result<(), AlertError> {
-        let url = match self {
-            Sink::Webhook { url } | Sink::Alertmanager { url } => url,
+        let ca_file = match self {
+            Sink::Webhook { ca_file, .. }
+            | Sink::Alertmanager { ca_file, .. }
+            | Sink::Syslog { ca_file, .. }
+            | Sink::Email { ca_file, .. } => ca_file,
         };
-        let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-        if !scheme_ok || url.len() > MAX_URL_BYTES || url.chars().any(char::is_whitespace) {
-            return Err(AlertError::BadUrl { max: MAX_URL_BYTES });
+        let ca_ok = ca_file.as_ref().is_none_or(|p| p.starts_with('/') && p.len() <= MAX_PATH_BYTES);
+        if !ca_ok {
+            return Err(AlertError::BadCaFile);
+        }
+        let needs_ca = match self {
+            Sink::Webhook { url, .. } | Sink::Alertmanager { url, .. } => {
+                let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+                if !scheme_ok || url.len() > MAX_URL_BYTES || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(AlertError::BadUrl { max: MAX_URL_BYTES });
+                }
+                url.starts_with("https://")
+            }
+            Sink::Syslog { address, tls, .. } => {
+                if !check_address(address) {
+                    return Err(AlertError::BadAddress);
+                }
+                *tls
+            }
+            Sink::Email { smtp_host, smtp_port, from, to, starttls, .. } => {
+                if !check_host(smtp_host) || *smtp_port == 0 {
+                    return Err(AlertError::BadAddress);
+                }
+                if !check_mailbox(from)
+                    || to.is_empty()
+                    || to.len() > MAX_RECIPIENTS
+                    || !to.iter().all(|t| check_mailbox(t))
+                {
+                    return Err(AlertError::BadMailbox { max: MAX_RECIPIENTS });
+                }
+                *starttls
+            }
+        };
+        if needs_ca && ca_file.is_none() {
+            return Err(AlertError::CaFileNeeded);
         }
         Ok(())
     }
@@ -106,6 +195,16 @@ pub enum AlertError {
     BadName { max: usize },
     #[error("a sink url must be an http:// or https:// URL of at most {max} bytes")]
     BadUrl { max: usize },
+    #[error("a sink address must be host:port (smtp_host a host name or address, smtp_port above 0)")]
+    BadAddress,
+    #[error("from and to must be plain mail addresses (user@host), with 1 to {max} recipients")]
+    BadMailbox { max: usize },
+    #[error("ca_file must be an absolute path to a PEM file")]
+    BadCaFile,
+    #[error(
+        "a sink reached over TLS (https, tls, starttls) needs ca_file: the CA that signed the receiver's certificate"
+    )]
+    CaFileNeeded,
     #[error("at most {max} alert sinks; delete one first")]
     TooManySinks { max: usize },
     #[error("no alert sink named {0:?}")]
@@ -306,7 +405,7 @@ mod tests {
     #[test]
     fn an_alert_fires_once_resolves_once_and_is_pending_for_each_sink_until_acknowledged() {
         let mut alerts = Alerts::default();
-        alerts.put_sink("ops".into(), Sink::Webhook { url: "http://127.0.0.1:9/hook".into() }).unwrap();
+        alerts.put_sink("ops".into(), Sink::Webhook { url: "http://127.0.0.1:9/hook".into(), ca_file: None }).unwrap();
         alerts.update(vec![firing("CitadelNodeUnreachable", "2", 10)], vec![], 10).unwrap();
         let key = fingerprint(&firing("CitadelNodeUnreachable", "2", 0).labels);
         let before = alerts.clone();
@@ -330,7 +429,7 @@ mod tests {
     #[test]
     fn resolved_alerts_are_forgotten_after_a_day_once_delivered_and_the_outbox_is_bounded() {
         let mut alerts = Alerts::default();
-        alerts.put_sink("ops".into(), Sink::Alertmanager { url: "http://am:9093".into() }).unwrap();
+        alerts.put_sink("ops".into(), Sink::Alertmanager { url: "http://am:9093".into(), ca_file: None }).unwrap();
         let fire: Vec<Firing> = (0..MAX_CHANGES).map(|i| firing("CitadelNodeLagging", &i.to_string(), 1)).collect();
         alerts.update(fire, vec![], 1).unwrap();
         let keys: Vec<String> = alerts.alerts.keys().cloned().collect();
@@ -352,7 +451,7 @@ mod tests {
     #[test]
     fn bad_sinks_and_alerts_are_refused_naming_the_rule() {
         let mut alerts = Alerts::default();
-        let hook = |url: &str| Sink::Webhook { url: url.into() };
+        let hook = |url: &str| Sink::Webhook { url: url.into(), ca_file: None };
         assert_eq!(alerts.put_sink("a b".into(), hook("http://x")), Err(AlertError::BadName { max: MAX_NAME_BYTES }));
         assert!(matches!(alerts.put_sink("a".into(), hook("file:///etc/passwd")), Err(AlertError::BadUrl { .. })));
         for i in 0..MAX_SINKS {
@@ -362,6 +461,22 @@ mod tests {
             alerts.put_sink("one-more".into(), hook("http://x")),
             Err(AlertError::TooManySinks { max: MAX_SINKS })
         );
+        assert_eq!(alerts.put_sink("a".into(), hook("https://x")), Err(AlertError::CaFileNeeded));
+        let syslog = |address: &str| Sink::Syslog { address: address.into(), tls: false, ca_file: None };
+        assert_eq!(syslog("logs:514").check(), Ok(()));
+        assert_eq!(syslog("logs").check(), Err(AlertError::BadAddress));
+        let mail = |to: &str| Sink::Email {
+            smtp_host: "mx".into(),
+            smtp_port: 25,
+            from: "citadel@example.com".into(),
+            to: vec![to.into()],
+            starttls: false,
+            ca_file: None,
+        };
+        assert_eq!(mail("ops@example.com").check(), Ok(()));
+        for smuggled in ["ops@example.com>\r\nRCPT TO:<x@y", "a b@c", "nobody", "x@y,z@w"] {
+            assert_eq!(mail(smuggled).check(), Err(AlertError::BadMailbox { max: MAX_RECIPIENTS }), "{smuggled}");
+        }
         let nameless = Firing { labels: labels(&[("node", "1")]), annotations: BTreeMap::new(), starts_at: 1 };
         assert!(matches!(alerts.update(vec![nameless], vec![], 1), Err(AlertError::BadAlert { .. })));
         let huge = Firing { labels: labels(&[("alertname", &"x".repeat(MAX_LABEL_BYTES + 1))]), ..firing("x", "1", 1) };

@@ -11,7 +11,7 @@
 //!
 //! Not here yet: `CitadelNoLeader`, `CitadelReadOnly`, `CitadelNodeSealed` and
 //! `CitadelAuditBacklog`, which need a node without a leader (or a follower) to send alerts
-//! itself, and the syslog and email sinks.
+//! itself. The wire protocols are in `alert_sinks.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -38,8 +38,6 @@ const BATCH: usize = 64;
 /// firing alerts are sent again this often, each valid for `AM_VALIDITY`.
 const AM_RESEND: Duration = Duration::from_secs(60);
 const AM_VALIDITY_MS: UnixMillis = 4 * 60 * 1000;
-/// How long one send may take.
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What the leader sees when it looks.
@@ -387,24 +385,25 @@ pub fn alertmanager_payload(external_url: &str, batch: &[(String, Alert)], now: 
 }
 
 async fn send(app: &Node, name: &str, sink: &Sink, batch: &[(String, Alert)]) -> Result<(), String> {
+    use crate::alert_sinks as wire;
     let external = generator_url(app);
-    let (url, body) = match sink {
-        Sink::Webhook { url } => (url.clone(), webhook_payload(name, &external, batch)),
-        Sink::Alertmanager { url } => (
-            format!("{}/api/v2/alerts", url.trim_end_matches('/')),
-            alertmanager_payload(&external, batch, crate::ids::now_ms()),
-        ),
-    };
-    let client = reqwest::Client::builder()
-        .timeout(SEND_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-    let reply = client.post(&url).json(&body).send().await.map_err(|e| format!("cannot reach {url}: {e}"))?;
-    if !reply.status().is_success() {
-        return Err(format!("{url} answered {}", reply.status()));
+    let hostname = format!("citadel-{}", app.node_id());
+    match sink {
+        Sink::Webhook { url, ca_file } => {
+            wire::post_json(url, ca_file.as_deref(), &webhook_payload(name, &external, batch)).await
+        }
+        Sink::Alertmanager { url, ca_file } => {
+            let url = format!("{}/api/v2/alerts", url.trim_end_matches('/'));
+            let body = alertmanager_payload(&external, batch, crate::ids::now_ms());
+            wire::post_json(&url, ca_file.as_deref(), &body).await
+        }
+        Sink::Syslog { address, tls, ca_file } => {
+            wire::send_syslog(address, *tls, ca_file.as_deref(), &hostname, batch).await
+        }
+        Sink::Email { smtp_host, smtp_port, from, to, starttls, ca_file } => {
+            wire::send_email(smtp_host, *smtp_port, *starttls, ca_file.as_deref(), from, to, &hostname, batch).await
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! - [`jobs`]: leader-only periodic jobs; [`events`]: the node's typed event stream.
 //! - [`server`]: wiring and the node's background tasks.
 
+pub mod alert_sinks;
 pub mod alerts;
 pub mod api;
 pub mod audit;

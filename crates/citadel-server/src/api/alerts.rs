@@ -31,8 +31,20 @@ pub fn routes() -> Vec<Route<Handler>> {
 }
 
 const SINK_PARAMS: &[Param] = &[
-    Param::body("type", Kind::String, "webhook (Alertmanager's receiver payload) or alertmanager (its API)").required(),
-    Param::body("url", Kind::String, "Where to POST: the receiver's URL, or the Alertmanager's base URL").required(),
+    Param::body("type", Kind::String, "webhook, alertmanager, syslog or email").required(),
+    Param::body("url", Kind::String, "webhook: the receiver's URL; alertmanager: its base URL"),
+    Param::body("address", Kind::String, "syslog: host:port (TCP)"),
+    Param::body("tls", Kind::Boolean, "syslog: over TLS"),
+    Param::body("smtp_host", Kind::String, "email: the SMTP server"),
+    Param::body("smtp_port", Kind::Integer, "email: its port"),
+    Param::body("from", Kind::String, "email: the sender's address"),
+    Param::body("to", Kind::String, "email: the recipients' addresses (a string or a list)"),
+    Param::body("starttls", Kind::Boolean, "email: STARTTLS (default true)"),
+    Param::body(
+        "ca_file",
+        Kind::String,
+        "The CA (PEM, absolute path on every node) that signed the receiver's TLS certificate",
+    ),
 ];
 
 fn alert_json(fingerprint: &str, alert: &Alert, sinks: &[String]) -> Value {
@@ -78,31 +90,34 @@ async fn read_sink(c: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::data(serde_json::to_value(&sink).unwrap_or(Value::Null)))
 }
 
+/// The fields each sink type takes; anything else is a typo worth a 400.
+const SINK_FIELDS: [(&str, &[&str]); 4] = [
+    ("webhook", &["type", "url", "ca_file"]),
+    ("alertmanager", &["type", "url", "ca_file"]),
+    ("syslog", &["type", "address", "tls", "ca_file"]),
+    ("email", &["type", "smtp_host", "smtp_port", "from", "to", "starttls", "ca_file"]),
+];
+
 async fn write_sink(c: &Call<'_>) -> Result<Reply, ApiError> {
-    let body: Value = c.req.json()?;
-    let fields = body.as_object().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
-    if let Some(unknown) = fields.keys().find(|k| !["type", "url"].contains(&k.as_str())) {
-        return Err(ApiError::bad_request(format!("unknown field {unknown:?} (accepted: type, url)")));
+    let mut body: Value = c.req.json()?;
+    let fields = body.as_object_mut().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
+    let types = SINK_FIELDS.map(|(t, _)| t).join(", ");
+    let kind = fields.get("type").and_then(Value::as_str).unwrap_or_default().to_string();
+    let (_, accepted) = SINK_FIELDS
+        .iter()
+        .find(|(t, _)| *t == kind)
+        .ok_or_else(|| ApiError::bad_request(format!("type must be one of {types}")))?;
+    if let Some(unknown) = fields.keys().find(|k| !accepted.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field {unknown:?} for a {kind} sink ({})",
+            accepted.join(", ")
+        )));
     }
-    let url = || {
-        body.get("url")
-            .and_then(Value::as_str)
-            .map(String::from)
-            .ok_or_else(|| ApiError::bad_request("missing required field \"url\""))
-    };
-    let sink = match body.get("type").and_then(Value::as_str) {
-        Some("webhook") => Sink::Webhook { url: url()? },
-        Some("alertmanager") => Sink::Alertmanager { url: url()? },
-        Some(other @ ("syslog" | "email")) => {
-            return Err(ApiError::bad_request(format!(
-                "sink type {other:?} is not supported yet (webhook, alertmanager)"
-            )))
-        }
-        Some(other) => {
-            return Err(ApiError::bad_request(format!("unknown sink type {other:?} (webhook, alertmanager)")))
-        }
-        None => return Err(ApiError::bad_request("missing required field \"type\" (webhook or alertmanager)")),
-    };
+    // One recipient may be given as a string.
+    if let Some(Value::String(one)) = fields.get("to").cloned() {
+        fields.insert("to".into(), json!([one]));
+    }
+    let sink: Sink = serde_json::from_value(body).map_err(|e| ApiError::bad_request(format!("{kind} sink: {e}")))?;
     // The checks `apply` makes, answered before anything is proposed.
     sink.check().map_err(|e| ApiError::bad_request(e.to_string()))?;
     let name = c.param("name").to_string();

@@ -1,7 +1,8 @@
 //! Alerts (§11.2) delivered to real receivers: a Prometheus Alertmanager (Debian's
-//! `prometheus-alertmanager`, installed by `scripts/test`) through its API, and a webhook
-//! receiver (this test, speaking HTTP on loopback) for Alertmanager's webhook payload, which
-//! Citadel sends directly and the Alertmanager sends on. Ports 29800–29890.
+//! `prometheus-alertmanager`) through its API, a webhook receiver (this test, speaking HTTP on
+//! loopback) for Alertmanager's webhook payload, which Citadel sends directly and the
+//! Alertmanager sends on, Debian's rsyslog, and Python's aiosmtpd requiring STARTTLS; all
+//! installed by `scripts/test`. Ports 29800–29890.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,8 @@ use crate::harness::{Cluster, STARTUP};
 const CITADEL_HOOK: u16 = 29880;
 const AM_HOOK: u16 = 29881;
 const ALERTMANAGER: u16 = 29870;
+const SYSLOG: u16 = 29882;
+const SMTP: u16 = 29883;
 
 /// A webhook receiver: records each JSON body it is sent; answers 503 while `refusing`.
 #[derive(Clone, Default)]
@@ -234,4 +237,159 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     direct.refusing.store(false, Ordering::SeqCst);
     direct.wait_for("the webhook", "CitadelNodeUnreachable", victim_id, "resolved").await;
     direct.wait_for("the webhook", "CitadelNodeUnreachable", leader_id, "firing").await;
+}
+
+/// A process this test started, killed by its PID on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + STARTUP;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// rsyslog taking RFC 6587 octet-counted messages on TCP, writing each raw to `dir/messages`.
+fn rsyslog(dir: &std::path::Path) -> Daemon {
+    let config = format!(
+        "global(workDirectory=\"{dir}\")\n\
+         module(load=\"imtcp\")\n\
+         input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{SYSLOG}\")\n\
+         template(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n\
+         *.* action(type=\"omfile\" file=\"{dir}/messages\" template=\"raw\")\n",
+        dir = dir.display()
+    );
+    std::fs::write(dir.join("rsyslog.conf"), config).unwrap();
+    let child = Command::new("rsyslogd")
+        .arg("-n")
+        .arg("-f")
+        .arg(dir.join("rsyslog.conf"))
+        .arg("-i")
+        .arg(dir.join("rsyslog.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rsyslogd (scripts/test installs Debian's rsyslog)");
+    Daemon(child)
+}
+
+/// aiosmtpd requiring STARTTLS, with a certificate for 127.0.0.1 signed by `ca`, storing mail
+/// in the maildir `dir/mail`.
+fn smtp_server(dir: &std::path::Path, ca: &std::path::Path, ca_key: &std::path::Path) -> Daemon {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "smtp-key.pem",
+        "-out",
+        "smtp.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let (ca, ca_key) = (ca.display().to_string(), ca_key.display().to_string());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "smtp.csr",
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        "smtp.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    ]);
+    let child = Command::new("python3")
+        .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{SMTP}"), "-c", "aiosmtpd.handlers.Mailbox"])
+        .arg("--tlscert")
+        .arg(dir.join("smtp.pem"))
+        .arg("--tlskey")
+        .arg(dir.join("smtp-key.pem"))
+        .arg(dir.join("mail"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start aiosmtpd (scripts/test installs it with pip)");
+    Daemon(child)
+}
+
+/// Every mail in the maildir, as text.
+fn mails(dir: &std::path::Path) -> String {
+    let mut all = String::new();
+    for entry in std::fs::read_dir(dir.join("mail/new")).into_iter().flatten().flatten() {
+        all.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    all
+}
+
+async fn wait_text(what: &str, read: impl Fn() -> String, wanted: &str) {
+    let deadline = Instant::now() + STARTUP;
+    while !read().contains(wanted) {
+        assert!(Instant::now() < deadline, "{what} never received {wanted:?}; it holds:\n{}", read());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn alerts_reach_rsyslog_and_an_smtp_server_over_starttls_on_failover_and_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start_nodes(3, 29830, true, "").await;
+    let _syslog = rsyslog(dir.path());
+    let _smtp = smtp_server(dir.path(), &cluster.layout.ca_path(), &cluster.layout.ca_key_path());
+    wait_listening(SYSLOG, "rsyslogd").await;
+    wait_listening(SMTP, "aiosmtpd").await;
+    let root = cluster.root();
+    let syslog = json!({ "type": "syslog", "address": format!("127.0.0.1:{SYSLOG}") });
+    root.post("sys/alerts/sinks/syslog", &syslog).await.unwrap();
+    let ca = cluster.layout.ca_path().display().to_string();
+    let email = json!({ "type": "email", "smtp_host": "127.0.0.1", "smtp_port": SMTP, "from": "citadel@example.com",
+        "to": "ops@example.com", "ca_file": ca });
+    root.post("sys/alerts/sinks/mail", &email).await.unwrap();
+    let no_ca = json!({ "type": "email", "smtp_host": "127.0.0.1", "smtp_port": SMTP, "from": "citadel@example.com",
+        "to": "ops@example.com" });
+    let refused = root.raw("POST", "sys/alerts/sinks/no-ca", Some(&no_ca), &[]).await.unwrap();
+    assert!(refused.body["errors"][0].as_str().unwrap().contains("ca_file"), "{:?}", refused.body);
+
+    let messages = || std::fs::read_to_string(dir.path().join("messages")).unwrap_or_default();
+    let mail = || mails(dir.path());
+    let first = cluster.leader().await;
+    let first_id = cluster.layout.node_id(first);
+    wait_text("rsyslog", messages, &format!("FIRING CitadelLeaderChanged: Node {first_id} became the leader")).await;
+    wait_text("the SMTP server", mail, &format!("FIRING CitadelLeaderChanged: Node {first_id} became the leader"))
+        .await;
+    assert!(messages().contains("[citadel@32473 fingerprint="), "structured data: {}", messages());
+
+    cluster.kill9_at(first);
+    let second_id = cluster.layout.node_id(cluster.leader().await);
+    for (what, read) in [("rsyslog", &messages as &dyn Fn() -> String), ("the SMTP server", &mail)] {
+        wait_text(what, read, &format!("FIRING CitadelLeaderChanged: Node {second_id} became the leader")).await;
+        wait_text(what, read, &format!("FIRING CitadelNodeUnreachable: Node {first_id} is unreachable")).await;
+    }
+    cluster.respawn_at(first);
+    for (what, read) in [("rsyslog", &messages as &dyn Fn() -> String), ("the SMTP server", &mail)] {
+        wait_text(what, read, &format!("RESOLVED CitadelNodeUnreachable: Node {first_id} is unreachable")).await;
+    }
 }
