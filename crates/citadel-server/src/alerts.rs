@@ -9,9 +9,8 @@
 //!   from the replicated acknowledgements and sends again what was not acknowledged, so a
 //!   receiver may get a notice twice, never zero times.
 //!
-//! Not here yet: `CitadelNoLeader`, `CitadelReadOnly`, `CitadelNodeSealed` and
-//! `CitadelAuditBacklog`, which need a node without a leader (or a follower) to send alerts
-//! itself. The wire protocols are in `alert_sinks.rs`.
+//! `CitadelNoLeader` and `CitadelReadOnly` cannot wait for a leader: a node without one raises
+//! and sends them itself (`leaderless_alerts.rs`). The wire protocols are in `alert_sinks.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -32,8 +31,15 @@ pub const FLAPPING_CHANGES: usize = 3;
 pub const FLAPPING_WINDOW_MS: UnixMillis = 15 * 60 * 1000;
 /// `CitadelCertificateExpiring`: a member's newest certificate expires within this.
 pub const CERT_WARNING_MS: UnixMillis = 7 * 86_400_000;
+/// `CitadelAuditBacklog`: a member's spool holds more events than this not yet replicated.
+pub const AUDIT_BACKLOG: u64 = 10_000;
+/// How long the members' statuses are reused before the alerts job asks again (each answer
+/// counts the member's sessions).
+const STATUS_REFRESH: Duration = Duration::from_secs(2);
+/// How long the alerts job waits for one member's status.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(300);
 /// Alerts one send carries at most.
-const BATCH: usize = 64;
+pub(crate) const BATCH: usize = 64;
 /// An Alertmanager forgets a firing alert it is not told about again (its `resolve_timeout`):
 /// firing alerts are sent again this often, each valid for `AM_VALIDITY`.
 const AM_RESEND: Duration = Duration::from_secs(60);
@@ -61,6 +67,16 @@ pub struct Observation {
     pub certificates: Vec<(u64, UnixMillis)>,
     /// Alerts firing now (from the outbox).
     pub firing: Vec<Alert>,
+    /// The members that answered, this node included.
+    pub statuses: Vec<MemberStatus>,
+}
+
+/// What a member says of itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub sealed: bool,
+    pub audit_backlog: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -72,8 +88,42 @@ pub struct Member {
     pub lag: u64,
 }
 
+/// The members' statuses as last asked, reused for `STATUS_REFRESH`.
+#[derive(Default)]
+pub struct StatusCache(Mutex<Option<(Instant, Vec<MemberStatus>)>>);
+
+impl StatusCache {
+    async fn get(&self, app: &Node) -> Vec<MemberStatus> {
+        if let Some((at, statuses)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if at.elapsed() < STATUS_REFRESH {
+                return statuses.clone();
+            }
+        }
+        let me = app.node_status();
+        let members: Vec<_> =
+            app.raft_metrics().membership_config.membership().nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let asks = members.into_iter().filter(|(id, _)| *id != me.node_id).map(|(_, node)| async move {
+            app.peers
+                .call::<_, crate::cluster::NodeStatus>(&node.cluster_addr, "cluster/status", &(), STATUS_TIMEOUT)
+                .await
+                .ok()
+        });
+        let status = |s: crate::cluster::NodeStatus| MemberStatus {
+            id: s.node_id,
+            sealed: s.sealed,
+            audit_backlog: s.audit_backlog,
+        };
+        let mut statuses: Vec<MemberStatus> =
+            futures::future::join_all(asks).await.into_iter().flatten().map(status).collect();
+        statuses.push(status(me));
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), statuses.clone()));
+        statuses
+    }
+}
+
 impl Observation {
-    pub fn of(app: &Node) -> Observation {
+    pub async fn of(app: &Node) -> Observation {
+        let statuses = app.member_statuses.get(app).await;
         let now = crate::ids::now_ms();
         let progress = crate::ha::Progress::of(app);
         let me = app.node_id();
@@ -115,6 +165,7 @@ impl Observation {
             snapshot_errors,
             certificates,
             firing,
+            statuses,
         }
     }
 }
@@ -195,6 +246,22 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
             ));
         }
     }
+    for &MemberStatus { id: node, sealed, audit_backlog: backlog } in &o.statuses {
+        if sealed {
+            out.push(annotate(
+                alert(o, "CitadelNodeSealed", "critical", Some(node), &[]),
+                format!("Node {node} is sealed"),
+                "A sealed node serves nothing until it is unsealed (citadel operator unseal).",
+            ));
+        }
+        if backlog > AUDIT_BACKLOG {
+            out.push(annotate(
+                alert(o, "CitadelAuditBacklog", "warning", Some(node), &[]),
+                format!("Node {node} holds {backlog} audit events not yet replicated"),
+                "Its audit spool is not draining into the replicated log.",
+            ));
+        }
+    }
     for (name, errors, error) in &o.snapshot_errors {
         if *errors > 0 {
             out.push(annotate(
@@ -227,7 +294,7 @@ pub fn changes(o: &Observation, wanted: Vec<Firing>) -> (Vec<Firing>, Vec<String
 
 /// The `alerts` job: commits what started or stopped firing.
 pub async fn alerts_job(app: &Node) -> Result<Option<Command>, String> {
-    let observation = Observation::of(app);
+    let observation = Observation::of(app).await;
     let (mut fire, mut resolve) = changes(&observation, evaluate(&observation));
     if fire.is_empty() && resolve.is_empty() {
         return Ok(None);
@@ -264,57 +331,72 @@ impl Delivery {
     }
 }
 
-/// The `alert_delivery` job: one sink per run, the one waiting longest, not backing off.
-pub async fn delivery_job(app: &Node) -> Result<Option<Command>, String> {
-    let now = Instant::now();
-    let (sinks, alerts) = app.state.read(|s| (s.alerts.sinks.clone(), s.alerts.alerts.clone()));
-    let chosen = {
-        let progress = app.alert_delivery.progress();
-        sinks
-            .iter()
-            .filter_map(|(name, sink)| {
-                let p = progress.get(name).cloned().unwrap_or_default();
-                if p.next_try.is_some_and(|t| t > now) {
-                    return None;
-                }
-                let resend = matches!(sink, Sink::Alertmanager { .. })
-                    && p.last_full_send.is_none_or(|t| now.duration_since(t) >= AM_RESEND);
-                let batch: Vec<(&String, &Alert)> = alerts
-                    .iter()
-                    .filter(|(_, a)| a.pending_for(name) || (resend && a.is_firing()))
-                    .take(BATCH)
-                    .collect();
-                (!batch.is_empty()).then(|| (p.last_attempt, name.clone(), sink.clone(), resend, batch))
-            })
-            .min_by_key(|(last, ..)| *last)
-            .map(|(_, name, sink, resend, batch)| {
-                let batch: Vec<(String, Alert)> = batch.into_iter().map(|(k, a)| (k.clone(), a.clone())).collect();
-                (name, sink, resend, batch)
-            })
-    };
-    let Some((name, sink, resend, batch)) = chosen else { return Ok(None) };
-    let sent = send(app, &name, &sink, &batch).await;
-    let mut progress = app.alert_delivery.progress();
-    let p = progress.entry(name.clone()).or_default();
-    p.last_attempt = Some(Instant::now());
-    match sent {
-        Ok(()) => {
-            *p = SinkProgress { last_attempt: p.last_attempt, last_full_send: p.last_full_send, ..Default::default() };
-            if resend {
-                p.last_full_send = Some(Instant::now());
+/// What one delivery round achieved: the sink, and the (fingerprint, revision) it acknowledged.
+pub struct Delivered {
+    pub sink: String,
+    pub acks: Vec<(String, u64)>,
+}
+
+impl Delivery {
+    /// Sends one sink (the one waiting longest, not backing off) what `alerts` still owes it.
+    /// `Ok(None)`: nothing to send.
+    pub async fn round(
+        &self,
+        app: &Node,
+        sinks: &BTreeMap<String, Sink>,
+        alerts: &BTreeMap<String, Alert>,
+    ) -> Result<Option<Delivered>, String> {
+        let now = Instant::now();
+        let chosen = {
+            let progress = self.progress();
+            sinks
+                .iter()
+                .filter_map(|(name, sink)| {
+                    let p = progress.get(name).cloned().unwrap_or_default();
+                    if p.next_try.is_some_and(|t| t > now) {
+                        return None;
+                    }
+                    let resend = matches!(sink, Sink::Alertmanager { .. })
+                        && p.last_full_send.is_none_or(|t| now.duration_since(t) >= AM_RESEND);
+                    let batch: Vec<(String, Alert)> = alerts
+                        .iter()
+                        .filter(|(_, a)| a.pending_for(name) || (resend && a.is_firing()))
+                        .take(BATCH)
+                        .map(|(k, a)| (k.clone(), a.clone()))
+                        .collect();
+                    (!batch.is_empty()).then(|| (p.last_attempt, name.clone(), sink.clone(), resend, batch))
+                })
+                .min_by_key(|(last, ..)| *last)
+        };
+        let Some((_, name, sink, resend, batch)) = chosen else { return Ok(None) };
+        let sent = send(app, &name, &sink, &batch).await;
+        let mut progress = self.progress();
+        let p = progress.entry(name.clone()).or_default();
+        p.last_attempt = Some(Instant::now());
+        match sent {
+            Ok(()) => {
+                let last_full_send = if resend { Some(Instant::now()) } else { p.last_full_send };
+                *p = SinkProgress { last_attempt: p.last_attempt, last_full_send, ..Default::default() };
+                let acks =
+                    batch.iter().filter(|(_, a)| a.pending_for(&name)).map(|(k, a)| (k.clone(), a.revision)).collect();
+                Ok(Some(Delivered { sink: name, acks }))
             }
-            let acks: Vec<(String, u64)> =
-                batch.iter().filter(|(_, a)| a.pending_for(&name)).map(|(k, a)| (k.clone(), a.revision)).collect();
-            Ok((!acks.is_empty()).then_some(Command::AlertsDelivered { sink: name, acks }))
-        }
-        Err(e) => {
-            p.failures += 1;
-            let backoff = (Duration::from_millis(200) * 2u32.saturating_pow(p.failures.min(8))).min(MAX_BACKOFF);
-            p.next_try = Some(Instant::now() + backoff);
-            p.last_error = e.clone();
-            Err(format!("alert sink {name}: {e} (next try in {} ms)", backoff.as_millis()))
+            Err(e) => {
+                p.failures += 1;
+                let backoff = (Duration::from_millis(200) * 2u32.saturating_pow(p.failures.min(8))).min(MAX_BACKOFF);
+                p.next_try = Some(Instant::now() + backoff);
+                p.last_error = e.clone();
+                Err(format!("alert sink {name}: {e} (next try in {} ms)", backoff.as_millis()))
+            }
         }
     }
+}
+
+/// The `alert_delivery` job: one sink's round, its acknowledgements committed.
+pub async fn delivery_job(app: &Node) -> Result<Option<Command>, String> {
+    let (sinks, alerts) = app.state.read(|s| (s.alerts.sinks.clone(), s.alerts.alerts.clone()));
+    let delivered = app.alert_delivery.round(app, &sinks, &alerts).await?;
+    Ok(delivered.filter(|d| !d.acks.is_empty()).map(|d| Command::AlertsDelivered { sink: d.sink, acks: d.acks }))
 }
 
 /// Alertmanager's zero time: what its payloads carry for "not ended".
@@ -384,7 +466,8 @@ pub fn alertmanager_payload(external_url: &str, batch: &[(String, Alert)], now: 
     )
 }
 
-async fn send(app: &Node, name: &str, sink: &Sink, batch: &[(String, Alert)]) -> Result<(), String> {
+/// Sends `batch` to `sink` by its protocol.
+pub(crate) async fn send(app: &Node, name: &str, sink: &Sink, batch: &[(String, Alert)]) -> Result<(), String> {
     use crate::alert_sinks as wire;
     let external = generator_url(app);
     let hostname = format!("citadel-{}", app.node_id());
@@ -460,15 +543,26 @@ mod tests {
     }
 
     #[test]
-    fn flapping_failed_snapshots_and_expiring_certificates_fire() {
+    fn flapping_failed_snapshots_expiring_certificates_sealed_nodes_and_audit_backlogs_fire() {
         let mut o = observation();
+        o.statuses = vec![
+            MemberStatus { id: 1, sealed: false, audit_backlog: AUDIT_BACKLOG + 1 },
+            MemberStatus { id: 2, sealed: true, audit_backlog: 0 },
+            MemberStatus { id: 3, sealed: false, audit_backlog: 0 },
+        ];
         o.leading_since = o.now - LEADER_CHANGED_MS;
         o.recent_leader_changes = FLAPPING_CHANGES;
         o.snapshot_errors = vec![("daily".into(), 2, "disk full".into()), ("hourly".into(), 0, String::new())];
         o.certificates = vec![(2, o.now + CERT_WARNING_MS - 1), (3, o.now + CERT_WARNING_MS + 1)];
         assert_eq!(
             names(&evaluate(&o)),
-            ["CitadelCertificateExpiring:2", "CitadelLeaderFlapping:", "CitadelSnapshotFailed:"]
+            [
+                "CitadelAuditBacklog:1",
+                "CitadelCertificateExpiring:2",
+                "CitadelLeaderFlapping:",
+                "CitadelNodeSealed:2",
+                "CitadelSnapshotFailed:"
+            ]
         );
     }
 

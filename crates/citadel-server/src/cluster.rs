@@ -397,6 +397,9 @@ pub struct NodeStatus {
     pub uptime_ms: u64,
     pub applied_index: u64,
     pub active_sessions: usize,
+    /// Audit events in its spool not yet in the replicated log (absent from older nodes).
+    #[serde(default)]
+    pub audit_backlog: u64,
 }
 
 async fn status(State(app): State<Arc<Node>>) -> Json<Wire<NodeStatus>> {

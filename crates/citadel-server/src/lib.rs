@@ -23,6 +23,7 @@ pub mod graceful_stop;
 pub mod ha;
 pub mod ids;
 pub mod jobs;
+pub mod leaderless_alerts;
 pub mod lifecycle;
 pub mod limits;
 pub mod membership;

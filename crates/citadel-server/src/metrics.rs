@@ -330,11 +330,9 @@ impl NodeGauges {
         } else {
             (Vec::new(), None)
         };
-        let (shipped, snapshot_errors) = app.state.read(|s| {
-            let shipped = s.audit.chains.get(&app.node_id()).map_or(0, |c| c.last_seq());
-            let errors = s.snapshot_auto.iter().map(|(name, a)| (name.clone(), a.status.consecutive_errors));
-            (shipped, errors.collect())
-        });
+        let snapshot_errors = app
+            .state
+            .read(|s| s.snapshot_auto.iter().map(|(name, a)| (name.clone(), a.status.consecutive_errors)).collect());
         NodeGauges {
             has_leader: m.current_leader.is_some(),
             is_leader,
@@ -348,7 +346,7 @@ impl NodeGauges {
             failure_tolerance,
             read_only: app.read_only(),
             sealed: app.seal.is_sealed(),
-            audit_backlog: app.audit.last_seq().saturating_sub(shipped),
+            audit_backlog: app.audit_backlog(),
             snapshot_errors,
         }
     }

@@ -40,6 +40,10 @@ pub struct Node {
     pub active_since: std::sync::atomic::AtomicU64,
     /// Where this node, while it leads, is in delivering alerts to each sink (§11.2).
     pub alert_delivery: crate::alerts::Delivery,
+    /// The members' own views (sealed, audit backlog), as the leader's alerts job last asked.
+    pub member_statuses: crate::alerts::StatusCache,
+    /// Alerts this node raises and sends itself while it has no leader (§11.2).
+    pub leaderless_alerts: crate::leaderless_alerts::Local,
     /// True while this node is being removed. Client requests hold a read guard from the check
     /// to their audit event, so once the flag is set under the write guard, every request this
     /// node answered has its event in the log (a write's, in its entry) or in the spool, ready to
@@ -443,7 +447,14 @@ impl Node {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             applied_index: self.state.applied_index(),
             active_sessions: self.state.read(|s| s.tokens.values().filter(|t| !t.is_expired(now)).count()),
+            audit_backlog: self.audit_backlog(),
         }
+    }
+
+    /// Audit events in this node's spool that the replicated log does not hold yet.
+    pub fn audit_backlog(&self) -> u64 {
+        let shipped = self.state.read(|s| s.audit.chains.get(&self.node_id()).map_or(0, |c| c.last_seq()));
+        self.audit.last_seq().saturating_sub(shipped)
     }
 }
 

@@ -101,6 +101,8 @@ pub async fn run(config: Config) -> Result<()> {
         leader_contact: Default::default(),
         active_since: Default::default(),
         alert_delivery: Default::default(),
+        member_statuses: Default::default(),
+        leaderless_alerts: Default::default(),
         leaving: Default::default(),
         removed: Default::default(),
         events,
@@ -124,6 +126,7 @@ pub async fn run(config: Config) -> Result<()> {
     tokio::spawn(crate::audit_shipping::ship_audit(app.clone()));
     tokio::spawn(crate::jobs::run(app.clone()));
     tokio::spawn(crate::events::watch(app.clone()));
+    tokio::spawn(crate::leaderless_alerts::watch(app.clone()));
     tokio::spawn(crate::membership::retry_join(app.clone()));
     tokio::spawn(watch_leadership(app.clone()));
     tokio::spawn(crate::peer::watch_membership(app.clone()));

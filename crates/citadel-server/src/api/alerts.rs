@@ -74,7 +74,9 @@ async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
         sinks.iter().map(|s| (s.clone(), json!(c.app.alert_delivery.last_error(s)))).collect();
     let active: Vec<Value> = active;
     let resolved: Vec<Value> = resolved;
-    Ok(Reply::data(json!({ "active": active, "resolved": resolved, "sink_errors": sink_errors })))
+    // What this node raised and sends itself because it has (or had) no leader.
+    let local: Vec<Value> = c.app.leaderless_alerts.snapshot().iter().map(|(k, a)| alert_json(k, a, &sinks)).collect();
+    Ok(Reply::data(json!({ "active": active, "resolved": resolved, "local": local, "sink_errors": sink_errors })))
 }
 
 async fn sinks(c: &Call<'_>) -> Result<Reply, ApiError> {

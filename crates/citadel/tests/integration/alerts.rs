@@ -65,9 +65,11 @@ impl Receiver {
             .collect()
     }
 
-    async fn wait_for(&self, what: &str, alertname: &str, node: u64, status: &str) {
+    /// Waits for `alertname` about `node` (`None`: an alert about the cluster) with `status`.
+    async fn wait_for(&self, what: &str, alertname: &str, node: Option<u64>, status: &str) {
         let deadline = Instant::now() + STARTUP;
-        let wanted = (alertname.to_string(), node.to_string(), status.to_string());
+        let node = node.map_or(String::new(), |n| n.to_string());
+        let wanted = (alertname.to_string(), node, status.to_string());
         while !self.alerts().contains(&wanted) {
             assert!(Instant::now() < deadline, "{what} never received {wanted:?}; got {:?}", self.alerts());
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -175,7 +177,7 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     // The first leader's election is announced, and Alertmanager agrees on its fingerprint.
     let first = cluster.leader().await;
     let first_id = cluster.layout.node_id(first);
-    direct.wait_for("the webhook", "CitadelLeaderChanged", first_id, "firing").await;
+    direct.wait_for("the webhook", "CitadelLeaderChanged", Some(first_id), "firing").await;
     let listed = root.get("sys/alerts").await.unwrap()["data"].clone();
     let ours = listed["active"]
         .as_array()
@@ -200,13 +202,13 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     let second = cluster.leader().await;
     let second_id = cluster.layout.node_id(second);
     for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
-        receiver.wait_for(what, "CitadelLeaderChanged", second_id, "firing").await;
-        receiver.wait_for(what, "CitadelNodeUnreachable", first_id, "firing").await;
+        receiver.wait_for(what, "CitadelLeaderChanged", Some(second_id), "firing").await;
+        receiver.wait_for(what, "CitadelNodeUnreachable", Some(first_id), "firing").await;
     }
     // Restart it: the resolved notice arrives.
     cluster.respawn_at(first);
     for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
-        receiver.wait_for(what, "CitadelNodeUnreachable", first_id, "resolved").await;
+        receiver.wait_for(what, "CitadelNodeUnreachable", Some(first_id), "resolved").await;
     }
 
     // The receiver refuses while the leader dies with notices still owed: its successor sends them.
@@ -235,8 +237,23 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     cluster.wait_healthy(3).await;
     cluster.kill9_at(leader);
     direct.refusing.store(false, Ordering::SeqCst);
-    direct.wait_for("the webhook", "CitadelNodeUnreachable", victim_id, "resolved").await;
-    direct.wait_for("the webhook", "CitadelNodeUnreachable", leader_id, "firing").await;
+    direct.wait_for("the webhook", "CitadelNodeUnreachable", Some(victim_id), "resolved").await;
+    direct.wait_for("the webhook", "CitadelNodeUnreachable", Some(leader_id), "firing").await;
+
+    // A majority lost: the survivor has no leader and sends its own alerts; a leader back, it
+    // sends their resolved notices.
+    let up: Vec<usize> = (0..3).filter(|i| cluster.is_running(*i)).collect();
+    cluster.kill9_at(up[0]);
+    let survivor_id = cluster.layout.node_id(up[1]);
+    for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
+        receiver.wait_for(what, "CitadelNoLeader", None, "firing").await;
+        receiver.wait_for(what, "CitadelReadOnly", Some(survivor_id), "firing").await;
+    }
+    cluster.respawn_at(up[0]);
+    for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
+        receiver.wait_for(what, "CitadelNoLeader", None, "resolved").await;
+        receiver.wait_for(what, "CitadelReadOnly", Some(survivor_id), "resolved").await;
+    }
 }
 
 /// A process this test started, killed by its PID on drop.
