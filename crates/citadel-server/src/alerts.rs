@@ -52,6 +52,8 @@ pub struct Observation {
     pub now: UnixMillis,
     pub cluster: String,
     pub me: u64,
+    /// The term this node leads.
+    pub term: u64,
     /// When this node became leader (Unix ms).
     pub leading_since: UnixMillis,
     /// Milliseconds a new leader waits before judging reachability (it has heard nobody yet).
@@ -156,6 +158,7 @@ impl Observation {
             now,
             cluster,
             me,
+            term: app.raft_metrics().current_term,
             leading_since: app.active_since.load(std::sync::atomic::Ordering::Relaxed),
             grace_ms: unreachable,
             unreachable_ms: unreachable,
@@ -195,9 +198,12 @@ fn annotate(mut firing: Firing, summary: String, description: &str) -> Firing {
 pub fn evaluate(o: &Observation) -> Vec<Firing> {
     let mut out = Vec::new();
     let judged = o.now.saturating_sub(o.leading_since) >= o.grace_ms;
+    // One alert per election (its term is a label): a node elected again within ten minutes
+    // is a new change, and is announced.
+    let term = o.term.to_string();
     let changed = annotate(
-        Firing { starts_at: o.leading_since, ..alert(o, "CitadelLeaderChanged", "info", Some(o.me), &[]) },
-        format!("Node {} became the leader", o.me),
+        Firing { starts_at: o.leading_since, ..alert(o, "CitadelLeaderChanged", "info", Some(o.me), &[("term", &term)]) },
+        format!("Node {} became the leader in term {}", o.me, o.term),
         "A new leader was elected (a failover, a transfer or a restart). Resolves itself after 10 minutes.",
     );
     if o.now.saturating_sub(o.leading_since) < LEADER_CHANGED_MS {

@@ -17,6 +17,9 @@ pub enum Workload {
     /// Starts its own 3-node cluster and restarts each node in turn (SIGTERM) `--rounds` times
     /// over, with a writer on a node that stays up.
     RollingRestart,
+    /// Starts its own 3-node cluster and a webhook receiver, kills the leader `--rounds` times
+    /// and times each alert from the kill to its receipt; see `alert_bench.rs`.
+    Alerts,
     /// Starts its own 3-node cluster and floods one node with unauthenticated requests (or,
     /// with `--idle-connections`, idle connections); see `flood.rs`.
     Flood,
@@ -33,6 +36,7 @@ impl Workload {
             Workload::StaleRead => "stale-read",
             Workload::Failover => "failover",
             Workload::RollingRestart => "rolling-restart",
+            Workload::Alerts => "alerts",
             Workload::Flood => "flood",
             Workload::Scale => "scale",
         }
@@ -112,7 +116,10 @@ impl Endpoint {
             (Target::Etcd, Workload::StaleRead) => {
                 ("/v3/kv/range".into(), json!({ "key": b64(&key), "serializable": true }), &[])
             }
-            (_, Workload::Failover | Workload::RollingRestart | Workload::Flood | Workload::Scale) => {
+            (
+                _,
+                Workload::Failover | Workload::RollingRestart | Workload::Alerts | Workload::Flood | Workload::Scale,
+            ) => {
                 unreachable!("failover, flood and scale have their own drivers")
             }
         };
@@ -131,7 +138,10 @@ impl Endpoint {
 
 /// Runs `ops` operations of `workload` spread over `concurrency` clients, each on its own key.
 pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrency: usize) -> Result<Summary> {
-    if matches!(workload, Workload::Failover | Workload::RollingRestart | Workload::Flood | Workload::Scale) {
+    if matches!(
+        workload,
+        Workload::Failover | Workload::RollingRestart | Workload::Alerts | Workload::Flood | Workload::Scale
+    ) {
         anyhow::bail!("{} runs alone: `citadel bench {}`", workload.name(), workload.name());
     }
     let concurrency = concurrency.max(1);
@@ -438,7 +448,7 @@ async fn through_disruption(
 }
 
 /// The index of the node that answers health as the leader.
-async fn leader_of(clients: &[Client]) -> Result<usize> {
+pub(crate) async fn leader_of(clients: &[Client]) -> Result<usize> {
     crate::dev::wait_for("a leader", Duration::from_secs(60), || async {
         for (i, c) in clients.iter().enumerate() {
             if c.health().await.ok().map(|r| r.status.as_u16()) == Some(200) {

@@ -66,7 +66,7 @@ enum Cmd {
     /// Measure throughput and latency: Citadel (a 3-node cluster it starts, or --addr) and,
     /// with --target etcd, a 3-member etcd cluster, side by side in one run.
     Bench {
-        /// Workloads, comma-separated: write, read (linearizable), stale-read; or alone: failover, rolling-restart, flood, scale.
+        /// Workloads, comma-separated: write, read (linearizable), stale-read; or alone: failover, rolling-restart, alerts, flood, scale.
         #[arg(value_enum, value_delimiter = ',', required = true)]
         workloads: Vec<Workload>,
         /// Systems to measure, comma-separated; each level runs on each in turn.
@@ -90,7 +90,7 @@ enum Cmd {
         /// Results as JSON (and a PNG chart beside it, same name).
         #[arg(long, default_value = "target/bench/bench.json")]
         json: PathBuf,
-        /// failover: how many times to kill the leader; rolling-restart: how many times to restart every node.
+        /// failover, alerts: how many times to kill the leader; rolling-restart: how many times to restart every node.
         #[arg(long, default_value_t = 10)]
         rounds: usize,
         /// Base port of started clusters (uses BASE..BASE+21).
@@ -542,6 +542,33 @@ async fn dispatch(cli: Cli) -> Result<()> {
             };
             let report = crate::scale::run(&settings).await?;
             print_map(&serde_json::to_value(&report)?, format);
+            Ok(())
+        }
+        Cmd::Bench { workloads, rounds, port, .. } if workloads.contains(&Workload::Alerts) => {
+            let [Workload::Alerts] = workloads[..] else { bail!("alerts runs alone: `citadel bench alerts`") };
+            let dir = std::env::temp_dir().join(format!("citadel-bench-alerts-{}", std::process::id()));
+            let report = crate::alert_bench::run(&dir, rounds, port).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let report = report?;
+            let ms = |d: std::time::Duration| format!("{:.0}", d.as_secs_f64() * 1e3);
+            let stat = |pick: fn(&crate::alert_bench::AlertRound) -> std::time::Duration| {
+                let mut all: Vec<_> = report.iter().map(pick).collect();
+                all.sort();
+                (ms(bench::median(&all)), ms(all.last().copied().unwrap_or_default()))
+            };
+            let (changed_median, changed_worst) = stat(|r| r.leader_changed);
+            let (unreachable_median, unreachable_worst) = stat(|r| r.unreachable);
+            let (resolved_median, resolved_worst) = stat(|r| r.resolved);
+            let summary = json!({
+                "rounds": report.len(),
+                "kill_to_leader_changed_median_ms": changed_median,
+                "kill_to_leader_changed_worst_ms": changed_worst,
+                "kill_to_node_unreachable_median_ms": unreachable_median,
+                "kill_to_node_unreachable_worst_ms": unreachable_worst,
+                "restart_to_resolved_median_ms": resolved_median,
+                "restart_to_resolved_worst_ms": resolved_worst,
+            });
+            print_map(&summary, format);
             Ok(())
         }
         Cmd::Bench { workloads, rounds, port, .. }

@@ -11,6 +11,7 @@ macro_rules! out {
     }};
 }
 
+pub mod alert_bench;
 pub mod bench;
 pub mod chart;
 pub mod cli;
