@@ -579,7 +579,8 @@ impl State {
                 | Command::AuditPrune { .. }
                 | Command::SnapshotAutoRecord { .. }
                 | Command::AlertsUpdate { .. }
-                | Command::AlertsDelivered { .. }),
+                | Command::AlertsDelivered { .. }
+                | Command::AlertSinkPut { .. }),
             ) => self.apply_checked(entry, command)?,
             Some(other) => return Err(Rejection::Job(JobRefusal::NotAJobCommand(other.kind().into()))),
         };

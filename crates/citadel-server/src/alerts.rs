@@ -202,7 +202,10 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
     // is a new change, and is announced.
     let term = o.term.to_string();
     let changed = annotate(
-        Firing { starts_at: o.leading_since, ..alert(o, "CitadelLeaderChanged", "info", Some(o.me), &[("term", &term)]) },
+        Firing {
+            starts_at: o.leading_since,
+            ..alert(o, "CitadelLeaderChanged", "info", Some(o.me), &[("term", &term)])
+        },
         format!("Node {} became the leader in term {}", o.me, o.term),
         "A new leader was elected (a failover, a transfer or a restart). Resolves itself after 10 minutes.",
     );
@@ -298,8 +301,23 @@ pub fn changes(o: &Observation, wanted: Vec<Firing>) -> (Vec<Firing>, Vec<String
     (fire, resolve)
 }
 
-/// The `alerts` job: commits what started or stopped firing.
+/// A sink `[[alerts.sink]]` declares that the replicated state does not hold as declared.
+fn configured_sink(app: &Node) -> Option<Command> {
+    let declared = &app.config.alerts.sink;
+    app.state.read(|s| {
+        declared
+            .iter()
+            .find(|c| s.alerts.sinks.get(&c.name) != Some(&c.sink))
+            .map(|c| Command::AlertSinkPut { name: c.name.clone(), sink: c.sink.clone() })
+    })
+}
+
+/// The `alerts` job: puts the configured sinks in place, then commits what started or stopped
+/// firing.
 pub async fn alerts_job(app: &Node) -> Result<Option<Command>, String> {
+    if let Some(put) = configured_sink(app) {
+        return Ok(Some(put));
+    }
     let observation = Observation::of(app).await;
     let (mut fire, mut resolve) = changes(&observation, evaluate(&observation));
     if fire.is_empty() && resolve.is_empty() {

@@ -42,6 +42,43 @@ pub struct Config {
     pub jobs: JobsConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// `[[alerts.sink]]`: sinks the leader puts into the replicated state (§11.2), as
+/// `POST sys/alerts/sinks/:name` would, and puts back if they are changed or deleted there.
+/// Declare the same sinks on every node: each leader enforces its own file. Sinks added
+/// through the API and not declared here are left alone.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    #[serde(default)]
+    pub sink: Vec<SinkConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SinkConfig {
+    pub name: String,
+    #[serde(flatten)]
+    pub sink: citadel_core::alerts::Sink,
+}
+
+impl AlertsConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let mut seen = std::collections::BTreeSet::new();
+        for SinkConfig { name, sink } in &self.sink {
+            let mut probe = citadel_core::alerts::Alerts::default();
+            probe.put_sink(name.clone(), sink.clone()).map_err(|e| ("alerts.sink", format!("sink {name:?}: {e}")))?;
+            if !seen.insert(name) {
+                return Err(("alerts.sink", format!("sink {name:?} is declared twice")));
+            }
+        }
+        if self.sink.len() > citadel_core::alerts::MAX_SINKS {
+            return Err(("alerts.sink", format!("at most {} sinks", citadel_core::alerts::MAX_SINKS)));
+        }
+        Ok(())
+    }
 }
 
 /// How often each leader-only job runs (§1.6, `jobs.rs`).
@@ -728,6 +765,7 @@ impl Config {
         self.audit.validate()?;
         self.jobs.validate()?;
         self.events.validate()?;
+        self.alerts.validate()?;
         Ok(())
     }
 
@@ -815,6 +853,34 @@ mod tests {
             }
         }
         parse(&uncommented.join("\n"), &[]).unwrap();
+    }
+
+    #[test]
+    fn alert_sinks_are_declared_in_the_config_and_a_bad_one_is_refused_naming_it() {
+        let sinks = r#"
+            [[alerts.sink]]
+            name = "ops"
+            type = "webhook"
+            url = "http://127.0.0.1:9000/hook"
+            [[alerts.sink]]
+            name = "oncall"
+            type = "email"
+            smtp_host = "mx.example.com"
+            smtp_port = 587
+            from = "citadel@example.com"
+            to = ["ops@example.com"]
+            ca_file = "/etc/citadel/mx-ca.pem"
+        "#;
+        let config = parse(&format!("{GOOD}{sinks}"), &[]).unwrap();
+        assert_eq!(config.alerts.sink.len(), 2);
+        assert!(matches!(&config.alerts.sink[1].sink, citadel_core::alerts::Sink::Email { starttls: true, .. }));
+        let insecure = sinks.replace("ca_file = \"/etc/citadel/mx-ca.pem\"", "");
+        let err = parse(&format!("{GOOD}{insecure}"), &[]).unwrap_err().0;
+        assert!(err.contains("alerts.sink") && err.contains("\"oncall\"") && err.contains("ca_file"), "{err}");
+        let twice =
+            format!("{GOOD}{sinks}{}", &sinks[..sinks.find("[[alerts.sink]]\n            name = \"oncall\"").unwrap()]);
+        let err = parse(&twice, &[]).unwrap_err().0;
+        assert!(err.contains("declared twice"), "{err}");
     }
 
     #[test]

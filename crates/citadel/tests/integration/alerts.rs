@@ -373,14 +373,14 @@ async fn wait_text(what: &str, read: impl Fn() -> String, wanted: &str) {
 #[tokio::test]
 async fn alerts_reach_rsyslog_and_an_smtp_server_over_starttls_on_failover_and_recovery() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start_nodes(3, 29830, true, "").await;
+    // The syslog sink is declared in every node's config; the email sink through the API.
+    let declared = format!("[[alerts.sink]]\nname = \"syslog\"\ntype = \"syslog\"\naddress = \"127.0.0.1:{SYSLOG}\"\n");
+    let mut cluster = Cluster::start_nodes(3, 29830, true, &declared).await;
     let _syslog = rsyslog(dir.path());
     let _smtp = smtp_server(dir.path(), &cluster.layout.ca_path(), &cluster.layout.ca_key_path());
     wait_listening(SYSLOG, "rsyslogd").await;
     wait_listening(SMTP, "aiosmtpd").await;
     let root = cluster.root();
-    let syslog = json!({ "type": "syslog", "address": format!("127.0.0.1:{SYSLOG}") });
-    root.post("sys/alerts/sinks/syslog", &syslog).await.unwrap();
     let ca = cluster.layout.ca_path().display().to_string();
     let email = json!({ "type": "email", "smtp_host": "127.0.0.1", "smtp_port": SMTP, "from": "citadel@example.com",
         "to": "ops@example.com", "ca_file": ca });
