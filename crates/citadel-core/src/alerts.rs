@@ -75,6 +75,14 @@ fn yes() -> bool {
     true
 }
 
+/// The fields each sink type takes, `type` included (the API and the config refuse others).
+pub const SINK_FIELDS: [(&str, &[&str]); 4] = [
+    ("webhook", &["type", "url", "ca_file"]),
+    ("alertmanager", &["type", "url", "ca_file"]),
+    ("syslog", &["type", "address", "tls", "ca_file"]),
+    ("email", &["type", "smtp_host", "smtp_port", "from", "to", "starttls", "ca_file"]),
+];
+
 /// Most recipients of an email sink.
 pub const MAX_RECIPIENTS: usize = 10;
 const MAX_ADDRESS_BYTES: usize = 254;
@@ -111,7 +119,11 @@ impl Sink {
         let needs_ca = match self {
             Sink::Webhook { url, .. } | Sink::Alertmanager { url, .. } => {
                 let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-                if !scheme_ok || url.len() > MAX_URL_BYTES || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                // User info in a URL is a password stored in plain text in the state and named in errors.
+                let authority =
+                    url.split_once("://").map_or("", |(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""));
+                let bad = url.len() > MAX_URL_BYTES || url.chars().any(|c| c.is_whitespace() || c.is_control());
+                if !scheme_ok || bad || authority.is_empty() || authority.contains('@') {
                     return Err(AlertError::BadUrl { max: MAX_URL_BYTES });
                 }
                 url.starts_with("https://")
@@ -193,7 +205,7 @@ pub struct Alerts {
 pub enum AlertError {
     #[error("a sink name is 1 to {max} letters, digits, '-' or '_'")]
     BadName { max: usize },
-    #[error("a sink url must be an http:// or https:// URL of at most {max} bytes")]
+    #[error("a sink url must be an http:// or https:// URL with a host and no user info, of at most {max} bytes")]
     BadUrl { max: usize },
     #[error("a sink address must be host:port (smtp_host a host name or address, smtp_port above 0)")]
     BadAddress,
@@ -266,12 +278,14 @@ impl Alerts {
         if !self.sinks.contains_key(&name) && self.sinks.len() >= MAX_SINKS {
             return Err(AlertError::TooManySinks { max: MAX_SINKS });
         }
-        // A new or changed sink starts from what is firing now, not from the history.
+        // A new sink starts from what fires now, not from the history; a changed one is sent
+        // what fires again (its receiver may be another) and keeps the resolved notices owed.
+        let new = !self.sinks.contains_key(&name);
         for alert in self.alerts.values_mut() {
-            if !alert.is_firing() {
-                alert.delivered.insert(name.clone(), alert.revision);
-            } else {
+            if alert.is_firing() {
                 alert.delivered.remove(&name);
+            } else if new {
+                alert.delivered.insert(name.clone(), alert.revision);
             }
         }
         self.sinks.insert(name, sink);
@@ -286,50 +300,55 @@ impl Alerts {
         Ok(())
     }
 
-    /// Fires and resolves alerts (the leader's `alerts` job) at `now`. Firing one that already
-    /// fires changes nothing; resolving one that does not fire changes nothing. Resolved alerts
-    /// older than `RESOLVED_KEPT_MS` and delivered everywhere are forgotten.
+    /// Fires and resolves alerts (the leader's `alerts` job) at `now`, all or nothing. Firing one
+    /// that already fires changes nothing; resolving one that does not fire changes nothing.
+    /// Resolves come first, so they make room; resolved alerts older than `RESOLVED_KEPT_MS`
+    /// and delivered everywhere are forgotten.
     pub fn update(&mut self, fire: Vec<Firing>, resolve: Vec<String>, now: UnixMillis) -> Result<(), AlertError> {
         if fire.len() + resolve.len() > MAX_CHANGES {
             return Err(AlertError::TooManyChanges { max: MAX_CHANGES });
         }
         fire.iter().try_for_each(check_alert)?;
-        self.forget_old(now);
-        let new = fire.iter().filter(|f| !self.alerts.contains_key(&fingerprint(&f.labels))).count();
-        while self.alerts.len() + new > MAX_ALERTS {
-            if !self.forget_oldest_resolved() {
-                return Err(AlertError::OutboxFull { max: MAX_ALERTS });
+        // Bounded (`MAX_ALERTS`): a copy keeps a refused update from changing anything.
+        let mut next = self.clone();
+        next.forget_old(now);
+        for key in resolve {
+            if let Some(alert) = next.alerts.get_mut(&key).filter(|a| a.is_firing()) {
+                next.next_revision += 1;
+                alert.ends_at = Some(now);
+                alert.revision = next.next_revision;
             }
         }
         for firing in fire {
             let key = fingerprint(&firing.labels);
-            if self.alerts.get(&key).is_some_and(Alert::is_firing) {
+            if next.alerts.get(&key).is_some_and(Alert::is_firing) {
                 continue;
             }
-            if firing.labels.get("alertname").is_some_and(|n| n == "CitadelLeaderChanged") {
-                while self.leader_changes.len() >= MAX_LEADER_CHANGES {
-                    self.leader_changes.pop_front();
+            if !next.alerts.contains_key(&key) {
+                while next.alerts.len() >= MAX_ALERTS {
+                    if !next.forget_oldest_resolved() {
+                        return Err(AlertError::OutboxFull { max: MAX_ALERTS });
+                    }
                 }
-                self.leader_changes.push_back(firing.starts_at);
             }
-            self.next_revision += 1;
+            if firing.labels.get("alertname").is_some_and(|n| n == "CitadelLeaderChanged") {
+                while next.leader_changes.len() >= MAX_LEADER_CHANGES {
+                    next.leader_changes.pop_front();
+                }
+                next.leader_changes.push_back(firing.starts_at);
+            }
+            next.next_revision += 1;
             let alert = Alert {
                 labels: firing.labels,
                 annotations: firing.annotations,
                 starts_at: firing.starts_at,
                 ends_at: None,
-                revision: self.next_revision,
+                revision: next.next_revision,
                 delivered: BTreeMap::new(),
             };
-            self.alerts.insert(key, alert);
+            next.alerts.insert(key, alert);
         }
-        for key in resolve {
-            if let Some(alert) = self.alerts.get_mut(&key).filter(|a| a.is_firing()) {
-                self.next_revision += 1;
-                alert.ends_at = Some(now);
-                alert.revision = self.next_revision;
-            }
-        }
+        *self = next;
         Ok(())
     }
 
@@ -443,8 +462,13 @@ mod tests {
             let fire = (0..MAX_CHANGES).map(|i| firing("CitadelNodeLagging", &format!("{round}-{i}"), 5)).collect();
             alerts.update(fire, vec![], 5).unwrap();
         }
+        let before = alerts.clone();
         let refused = alerts.update(vec![firing("CitadelNodeSealed", "1", 6)], vec![], 6);
         assert_eq!(refused, Err(AlertError::OutboxFull { max: MAX_ALERTS }));
+        assert_eq!(alerts, before, "a refused update changes nothing");
+        // A resolve in the same update makes the room.
+        let one = alerts.alerts.keys().next().unwrap().clone();
+        alerts.update(vec![firing("CitadelNodeSealed", "1", 7)], vec![one], 7).unwrap();
         assert_eq!(alerts.alerts.len(), MAX_ALERTS);
     }
 
@@ -462,6 +486,8 @@ mod tests {
             Err(AlertError::TooManySinks { max: MAX_SINKS })
         );
         assert_eq!(alerts.put_sink("a".into(), hook("https://x")), Err(AlertError::CaFileNeeded));
+        assert!(matches!(alerts.put_sink("a".into(), hook("http://user:pw@x/")), Err(AlertError::BadUrl { .. })));
+        assert!(matches!(alerts.put_sink("a".into(), hook("http:///path")), Err(AlertError::BadUrl { .. })));
         let syslog = |address: &str| Sink::Syslog { address: address.into(), tls: false, ca_file: None };
         assert_eq!(syslog("logs:514").check(), Ok(()));
         assert_eq!(syslog("logs").check(), Err(AlertError::BadAddress));

@@ -15,20 +15,58 @@ use tokio::net::TcpStream;
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest SMTP reply line read; a server sending more is not one.
 const MAX_REPLY_LINE: usize = 4096;
+/// Largest `ca_file` read: a bundle of CA certificates, not a disk image.
+const MAX_CA_FILE: u64 = 1 << 20;
+/// Longest line of a mail's body (SMTP allows 998 octets).
+const MAX_MAIL_LINE: usize = 900;
+
+/// Reads a sink's `ca_file`: a regular file (never a FIFO or a device: opened without
+/// blocking, checked, then read) of at most `MAX_CA_FILE` bytes, off the async workers.
+async fn read_ca(path: &str) -> Result<Vec<u8>, String> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
+        let meta = file.metadata().map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
+        if !meta.is_file() || meta.len() > MAX_CA_FILE {
+            return Err(format!("ca_file {path} must be a regular file of at most {MAX_CA_FILE} bytes"));
+        }
+        let mut pem = Vec::new();
+        file.take(MAX_CA_FILE).read_to_end(&mut pem).map_err(|e| format!("cannot read ca_file {path}: {e}"))?;
+        Ok(pem)
+    })
+    .await
+    .map_err(|e| format!("reading ca_file failed: {e}"))?
+}
+
+/// `scheme://host:port` of a URL: what an error may name (a path or user info may hold a secret).
+fn endpoint(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!("{}://{}:{}", u.scheme(), u.host_str().unwrap_or("?"), u.port_or_known_default().unwrap_or(0)),
+        Err(_) => "the sink's url".into(),
+    }
+}
 
 /// POSTs `body` as JSON; any 2xx answer is an acknowledgement.
 pub async fn post_json(url: &str, ca_file: Option<&str>, body: &Value) -> Result<(), String> {
     let mut builder = reqwest::Client::builder().timeout(SEND_TIMEOUT).redirect(reqwest::redirect::Policy::none());
     if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).map_err(|e| format!("cannot read ca_file {ca}: {e}"))?;
+        let pem = read_ca(ca).await?;
         let cert =
             reqwest::Certificate::from_pem(&pem).map_err(|e| format!("ca_file {ca} is not a PEM certificate: {e}"))?;
         builder = builder.tls_built_in_root_certs(false).add_root_certificate(cert);
     }
     let client = builder.build().map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-    let reply = client.post(url).json(body).send().await.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let at = endpoint(url);
+    let reply =
+        client.post(url).json(body).send().await.map_err(|e| format!("cannot reach {at}: {}", e.without_url()))?;
     if !reply.status().is_success() {
-        return Err(format!("{url} answered {}", reply.status()));
+        return Err(format!("{at} answered {}", reply.status()));
     }
     Ok(())
 }
@@ -47,7 +85,8 @@ async fn tls_over<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     ca_file: Option<&str>,
 ) -> Result<Box<dyn Wire>, String> {
     let ca = ca_file.ok_or("TLS needs ca_file")?;
-    let config = crate::tls::client_config(std::path::Path::new(ca)).map_err(|e| format!("{e:#}"))?;
+    let pem = read_ca(ca).await?;
+    let config = crate::tls::client_config_from_pem(&pem, &format!("ca_file {ca}")).map_err(|e| format!("{e:#}"))?;
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|_| format!("{host:?} is not a name TLS can check"))?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -143,25 +182,67 @@ pub fn mail(from: &str, to: &[String], batch: &[(String, Alert)], now: u64) -> S
         "From: <{from}>\r\nTo: {}\r\nSubject: {}\r\nDate: {}\r\nMessage-ID: <{id}.{now}@citadel>\r\n\
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
         to.iter().map(|t| format!("<{t}>")).collect::<Vec<_>>().join(", "),
-        one_line(&subject),
+        header_text(&subject),
         rfc5322(now),
     );
+    let mut body = String::new();
     for (fingerprint, alert) in batch {
-        text.push_str(&summary(alert));
-        text.push_str("\r\n");
+        body.push_str(&summary(alert));
+        body.push_str("\r\n");
         if let Some(description) = alert.annotations.get("description") {
-            text.push_str(&format!("  {}\r\n", one_line(description)));
+            body.push_str(&format!("  {}\r\n", one_line(description)));
         }
         for (k, v) in &alert.labels {
-            text.push_str(&format!("  {k}: {}\r\n", one_line(v)));
+            body.push_str(&format!("  {k}: {}\r\n", one_line(v)));
         }
-        text.push_str(&format!("  started: {}\r\n", rfc3339(alert.starts_at)));
+        body.push_str(&format!("  started: {}\r\n", rfc3339(alert.starts_at)));
         if let Some(end) = alert.ends_at {
-            text.push_str(&format!("  resolved: {}\r\n", rfc3339(end)));
+            body.push_str(&format!("  resolved: {}\r\n", rfc3339(end)));
         }
-        text.push_str(&format!("  fingerprint: {fingerprint}\r\n\r\n"));
+        body.push_str(&format!("  fingerprint: {fingerprint}\r\n\r\n"));
     }
+    text.push_str(&fold(&body));
     text
+}
+
+/// A header value: one line, and RFC 2047 encoded words when it is not plain ASCII.
+fn header_text(text: &str) -> String {
+    use base64::Engine as _;
+    let line = one_line(text);
+    if line.is_ascii() {
+        return line;
+    }
+    // Encoded words of at most 75 characters: 45 bytes of UTF-8 each, cut on characters.
+    let mut words = Vec::new();
+    let mut chunk = String::new();
+    for c in line.chars() {
+        if chunk.len() + c.len_utf8() > 45 {
+            words.push(std::mem::take(&mut chunk));
+        }
+        chunk.push(c);
+    }
+    words.push(chunk);
+    let encode = |w: &String| format!("=?UTF-8?B?{}?=", base64::engine::general_purpose::STANDARD.encode(w));
+    words.iter().map(encode).collect::<Vec<_>>().join("\r\n ")
+}
+
+/// Cuts body lines longer than SMTP allows, on character boundaries.
+fn fold(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split("\r\n") {
+        let mut width = 0;
+        for c in line.chars() {
+            if width + c.len_utf8() > MAX_MAIL_LINE {
+                out.push_str("\r\n");
+                width = 0;
+            }
+            out.push(c);
+            width += c.len_utf8();
+        }
+        out.push_str("\r\n");
+    }
+    out.truncate(out.len() - 2);
+    out
 }
 
 /// Reads one SMTP reply (its lines) and checks its code.
@@ -304,5 +385,22 @@ mod tests {
         assert!(head.contains("Subject: [Citadel] FIRING CitadelNodeUnreachable: Node 3  Bcc: evil@x is unreachable"));
         assert!(head.contains("Date: Thu, 01 Jan 1970 00:00:00 +0000"));
         assert!(body.contains("fingerprint: 00ff"));
+    }
+
+    #[test]
+    fn long_lines_are_folded_and_a_non_ascii_subject_is_encoded() {
+        let (key, mut long) = alert(true);
+        long.annotations.insert("description".into(), "é".repeat(2000));
+        long.annotations.insert("summary".into(), "Nœud 3 injoignable".into());
+        let text = mail("citadel@example.com", &["ops@example.com".into()], &[(key, long)], 0);
+        assert!(text.split("\r\n").all(|l| l.len() <= MAX_MAIL_LINE), "no line past SMTP's limit");
+        let subject = text.lines().find(|l| l.starts_with("Subject: ")).unwrap();
+        assert!(subject.starts_with("Subject: =?UTF-8?B?") && subject.is_ascii(), "{subject}");
+    }
+
+    #[test]
+    fn errors_name_the_endpoint_never_a_path_or_user_info_that_may_be_secret() {
+        assert_eq!(endpoint("https://user:pw@hooks.example.com/T000/B000/XXXX"), "https://hooks.example.com:443");
+        assert_eq!(endpoint("not a url"), "the sink's url");
     }
 }

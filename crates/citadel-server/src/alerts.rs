@@ -26,6 +26,8 @@ use crate::node::Node;
 
 /// `CitadelLeaderChanged` resolves itself this long after the change.
 pub const LEADER_CHANGED_MS: UnixMillis = 10 * 60 * 1000;
+/// Earlier leaders' `CitadelLeaderChanged` alerts kept firing beside the current one.
+const LEADER_CHANGES_KEPT: usize = 3;
 /// `CitadelLeaderFlapping`: this many changes within `FLAPPING_WINDOW_MS`.
 pub const FLAPPING_CHANGES: usize = 3;
 pub const FLAPPING_WINDOW_MS: UnixMillis = 15 * 60 * 1000;
@@ -95,15 +97,18 @@ pub struct Member {
 pub struct StatusCache(Mutex<Option<(Instant, Vec<MemberStatus>)>>);
 
 impl StatusCache {
+    /// A member that does not answer keeps its last known status: a sealed node that also went
+    /// down is still sealed, and a slow one does not flap its alerts.
     async fn get(&self, app: &Node) -> Vec<MemberStatus> {
-        if let Some((at, statuses)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            if at.elapsed() < STATUS_REFRESH {
-                return statuses.clone();
-            }
-        }
+        let previous = match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some((at, statuses)) if at.elapsed() < STATUS_REFRESH => return statuses.clone(),
+            Some((_, statuses)) => statuses.clone(),
+            None => Vec::new(),
+        };
         let me = app.node_status();
         let members: Vec<_> =
             app.raft_metrics().membership_config.membership().nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let ids: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
         let asks = members.into_iter().filter(|(id, _)| *id != me.node_id).map(|(_, node)| async move {
             app.peers
                 .call::<_, crate::cluster::NodeStatus>(&node.cluster_addr, "cluster/status", &(), STATUS_TIMEOUT)
@@ -118,6 +123,11 @@ impl StatusCache {
         let mut statuses: Vec<MemberStatus> =
             futures::future::join_all(asks).await.into_iter().flatten().map(status).collect();
         statuses.push(status(me));
+        for old in previous {
+            if ids.contains(&old.id) && !statuses.iter().any(|s| s.id == old.id) {
+                statuses.push(old);
+            }
+        }
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), statuses.clone()));
         statuses
     }
@@ -159,7 +169,10 @@ impl Observation {
             cluster,
             me,
             term: app.raft_metrics().current_term,
-            leading_since: app.active_since.load(std::sync::atomic::Ordering::Relaxed),
+            // Not recorded yet (the job saw the election first): it is happening now.
+            leading_since: Some(app.active_since.load(std::sync::atomic::Ordering::Relaxed))
+                .filter(|since| *since > 0)
+                .unwrap_or(now),
             grace_ms: unreachable,
             unreachable_ms: unreachable,
             members,
@@ -212,13 +225,19 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
     if o.now.saturating_sub(o.leading_since) < LEADER_CHANGED_MS {
         out.push(changed);
     }
-    // An earlier leader's change keeps firing for its ten minutes.
-    out.extend(
-        o.firing
-            .iter()
-            .filter(|a| a.name() == "CitadelLeaderChanged" && o.now.saturating_sub(a.starts_at) < LEADER_CHANGED_MS)
-            .map(|a| Firing { labels: a.labels.clone(), annotations: a.annotations.clone(), starts_at: a.starts_at }),
-    );
+    // An earlier leader's change keeps firing for its ten minutes, the newest few only: a
+    // flapping cluster is one `CitadelLeaderFlapping`, not hundreds of changes.
+    let mut earlier: Vec<&Alert> = o
+        .firing
+        .iter()
+        .filter(|a| a.name() == "CitadelLeaderChanged" && o.now.saturating_sub(a.starts_at) < LEADER_CHANGED_MS)
+        .collect();
+    earlier.sort_by_key(|a| std::cmp::Reverse(a.starts_at));
+    out.extend(earlier.into_iter().take(LEADER_CHANGES_KEPT).map(|a| Firing {
+        labels: a.labels.clone(),
+        annotations: a.annotations.clone(),
+        starts_at: a.starts_at,
+    }));
     if o.recent_leader_changes >= FLAPPING_CHANGES {
         out.push(annotate(
             alert(o, "CitadelLeaderFlapping", "warning", None, &[]),
@@ -226,8 +245,15 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
             "Look for a flapping network, an overloaded node or a disk that stalls.",
         ));
     }
+    // A condition near its threshold must not fire and resolve on every look: once firing, an
+    // alert about lag or backlog resolves only under half its threshold.
+    let fires = |name: &str, node: u64| {
+        o.firing.iter().any(|a| a.name() == name && a.labels.get("node").is_some_and(|n| *n == node.to_string()))
+    };
+    let over = |value: u64, threshold: u64, firing: bool| value > if firing { threshold / 2 } else { threshold };
     if judged {
         let mut heard_voters = 1; // this leader
+        let voters = 1 + o.members.iter().filter(|m| m.voter).count();
         for m in &o.members {
             let heard = m.contact_ms.is_some_and(|ms| ms <= o.unreachable_ms);
             if m.voter && heard {
@@ -239,7 +265,7 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
                     format!("Node {} is unreachable", m.id),
                     "The leader has not heard from this member for several election timeouts.",
                 ));
-            } else if m.lag > crate::ha::LAG_ENTRIES {
+            } else if over(m.lag, crate::ha::LAG_ENTRIES, fires("CitadelNodeLagging", m.id)) {
                 out.push(annotate(
                     alert(o, "CitadelNodeLagging", "warning", Some(m.id), &[]),
                     format!("Node {} is {} entries behind the leader", m.id, m.lag),
@@ -247,7 +273,8 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
                 ));
             }
         }
-        if heard_voters <= o.quorum {
+        // A cluster of one or two voters never tolerates a failure: nothing was lost.
+        if voters >= 3 && heard_voters <= o.quorum {
             out.push(annotate(
                 alert(o, "CitadelQuorumDegraded", "warning", None, &[]),
                 "The cluster cannot lose another voter".into(),
@@ -263,7 +290,7 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
                 "A sealed node serves nothing until it is unsealed (citadel operator unseal).",
             ));
         }
-        if backlog > AUDIT_BACKLOG {
+        if over(backlog, AUDIT_BACKLOG, fires("CitadelAuditBacklog", node)) {
             out.push(annotate(
                 alert(o, "CitadelAuditBacklog", "warning", Some(node), &[]),
                 format!("Node {node} holds {backlog} audit events not yet replicated"),
@@ -305,23 +332,23 @@ pub fn changes(o: &Observation, wanted: Vec<Firing>) -> (Vec<Firing>, Vec<String
 fn configured_sink(app: &Node) -> Option<Command> {
     let declared = &app.config.alerts.sink;
     app.state.read(|s| {
+        // Only one `apply` would take (16 sinks added through the API leave no room): a refused
+        // put, proposed again on every look, would be a rejected entry four times a second.
         declared
             .iter()
-            .find(|c| s.alerts.sinks.get(&c.name) != Some(&c.sink))
+            .filter(|c| s.alerts.sinks.get(&c.name) != Some(&c.sink))
+            .find(|c| s.alerts.clone().put_sink(c.name.clone(), c.sink.clone()).is_ok())
             .map(|c| Command::AlertSinkPut { name: c.name.clone(), sink: c.sink.clone() })
     })
 }
 
-/// The `alerts` job: puts the configured sinks in place, then commits what started or stopped
-/// firing.
+/// The `alerts` job: commits what started or stopped firing, else puts a configured sink in
+/// place.
 pub async fn alerts_job(app: &Node) -> Result<Option<Command>, String> {
-    if let Some(put) = configured_sink(app) {
-        return Ok(Some(put));
-    }
     let observation = Observation::of(app).await;
     let (mut fire, mut resolve) = changes(&observation, evaluate(&observation));
     if fire.is_empty() && resolve.is_empty() {
-        return Ok(None);
+        return Ok(configured_sink(app));
     }
     fire.truncate(citadel_core::alerts::MAX_CHANGES / 2);
     resolve.truncate(citadel_core::alerts::MAX_CHANGES / 2);
@@ -372,7 +399,8 @@ impl Delivery {
     ) -> Result<Option<Delivered>, String> {
         let now = Instant::now();
         let chosen = {
-            let progress = self.progress();
+            let mut progress = self.progress();
+            progress.retain(|name, _| sinks.contains_key(name));
             sinks
                 .iter()
                 .filter_map(|(name, sink)| {
@@ -382,10 +410,13 @@ impl Delivery {
                     }
                     let resend = matches!(sink, Sink::Alertmanager { .. })
                         && p.last_full_send.is_none_or(|t| now.duration_since(t) >= AM_RESEND);
+                    // A re-send to an Alertmanager covers every firing alert (at most
+                    // `MAX_ALERTS`), or the ones past a batch would expire there.
+                    let limit = if resend { citadel_core::alerts::MAX_ALERTS } else { BATCH };
                     let batch: Vec<(String, Alert)> = alerts
                         .iter()
                         .filter(|(_, a)| a.pending_for(name) || (resend && a.is_firing()))
-                        .take(BATCH)
+                        .take(limit)
                         .map(|(k, a)| (k.clone(), a.clone()))
                         .collect();
                     (!batch.is_empty()).then(|| (p.last_attempt, name.clone(), sink.clone(), resend, batch))

@@ -58,10 +58,33 @@ pub struct AlertsConfig {
 }
 
 #[derive(Clone, Debug, Deserialize)]
+#[serde(try_from = "toml::Table")]
 pub struct SinkConfig {
     pub name: String,
-    #[serde(flatten)]
     pub sink: citadel_core::alerts::Sink,
+}
+
+/// A `[[alerts.sink]]` table: `name` and the fields its `type` takes, no others (as the API).
+impl TryFrom<toml::Table> for SinkConfig {
+    type Error = String;
+
+    fn try_from(mut table: toml::Table) -> Result<SinkConfig, String> {
+        let name = match table.remove("name") {
+            Some(toml::Value::String(name)) => name,
+            _ => return Err("each [[alerts.sink]] needs a name (a string)".into()),
+        };
+        let kind = table.get("type").and_then(toml::Value::as_str).unwrap_or_default().to_string();
+        let types = citadel_core::alerts::SINK_FIELDS.map(|(t, _)| t).join(", ");
+        let (_, fields) = citadel_core::alerts::SINK_FIELDS
+            .iter()
+            .find(|(t, _)| *t == kind)
+            .ok_or_else(|| format!("sink {name:?}: type must be one of {types}"))?;
+        if let Some(unknown) = table.keys().find(|k| !fields.contains(&k.as_str())) {
+            return Err(format!("sink {name:?}: unknown key {unknown:?} for a {kind} sink ({})", fields.join(", ")));
+        }
+        let sink = toml::Value::Table(table).try_into().map_err(|e| format!("sink {name:?}: {e}"))?;
+        Ok(SinkConfig { name, sink })
+    }
 }
 
 impl AlertsConfig {
@@ -881,6 +904,9 @@ mod tests {
             format!("{GOOD}{sinks}{}", &sinks[..sinks.find("[[alerts.sink]]\n            name = \"oncall\"").unwrap()]);
         let err = parse(&twice, &[]).unwrap_err().0;
         assert!(err.contains("declared twice"), "{err}");
+        let typo = sinks.replace("smtp_port = 587", "smtp_port = 587\n            start_tls = true");
+        let err = parse(&format!("{GOOD}{typo}"), &[]).unwrap_err().0;
+        assert!(err.contains("unknown key \"start_tls\""), "{err}");
     }
 
     #[test]

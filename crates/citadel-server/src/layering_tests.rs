@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// The HTTP layer: these modules, and everything under `api/`.
-const HTTP_MODULES: &[&str] = &["api", "server", "limits", "request_path"];
+const HTTP_MODULES: &[&str] = &["api", "server", "limits", "request_path", "ui"];
 /// Neither layer: the crate root declares every module, and test modules may use anything.
 const EXEMPT: &[&str] = &["lib.rs", "fuzz_tests.rs", "layering_tests.rs"];
 

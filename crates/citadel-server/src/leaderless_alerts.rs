@@ -1,4 +1,5 @@
-//! Alerts a node raises and sends itself while it has no leader (§11.2): `CitadelNoLeader`
+//! Alerts a node raises and sends itself while it has had no leader for `raft.leader_wait_ms`
+//! (longer than an election, so a failover raises none) (§11.2): `CitadelNoLeader`
 //! (labelled with the cluster only, so every node's copy has the same fingerprint and a
 //! receiver merges them) and `CitadelReadOnly` (labelled with this node).
 //!
@@ -19,6 +20,9 @@ use crate::node::Node;
 
 /// How often a node looks at whether it has a leader, and sends what it owes.
 const POLL: Duration = Duration::from_millis(250);
+/// A node that just started has heard from no leader yet: it judges only once it has had one,
+/// or after this long (as the event stream does).
+const START_GRACE: Duration = Duration::from_secs(2);
 
 /// This node's own outbox and its delivery progress.
 #[derive(Default)]
@@ -95,20 +99,27 @@ pub async fn watch(app: Arc<Node>) {
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported = String::new();
+    let mut had_leader = false;
     loop {
         poll.tick().await;
+        had_leader |= app.raft_metrics().current_leader.is_some();
+        let settled = had_leader || app.started.elapsed() > START_GRACE;
         let now = crate::ids::now_ms();
         let (initialized, cluster, sinks) = app.state.read(|s| {
             let cluster = s.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default();
             (s.is_initialized(), cluster, s.alerts.sinks.clone())
         });
-        if !initialized || crate::peer::is_removed(&app) {
+        if !initialized {
             continue;
         }
         let names: Vec<String> = sinks.keys().cloned().collect();
         let snapshot = {
             let mut outbox = app.leaderless_alerts.outbox();
-            reconcile(&mut outbox, wanted(&cluster, app.node_id(), app.read_only(), now), &names, now);
+            // Settled read-only mode (no leader for `raft.leader_wait_ms`): the survivors of an
+            // ordinary failover are without a leader for a moment too, and must not page anyone.
+            // A removed node has no leader for good, and says why elsewhere: it resolves its own.
+            let read_only = settled && app.settled_read_only() && !crate::peer::is_removed(&app);
+            reconcile(&mut outbox, wanted(&cluster, app.node_id(), read_only, now), &names, now);
             outbox.clone()
         };
         if snapshot.is_empty() {

@@ -214,7 +214,7 @@ impl Node {
     /// Settled read-only mode: no leader for `raft.leader_wait_ms`. Requests then fail at once;
     /// before that, an election or a leader transfer may still be finishing, so they wait (within
     /// their deadline) for a leader instead.
-    fn settled_read_only(&self) -> bool {
+    pub(crate) fn settled_read_only(&self) -> bool {
         self.read_only() && self.staleness_ms() > self.config.raft.leader_wait_ms()
     }
 

@@ -101,6 +101,22 @@ impl rustls::client::ResolvesClientCert for NodeCert {
     }
 }
 
+/// A client config trusting only the CA certificates in `pem` (an alert sink's `ca_file`).
+pub fn client_config_from_pem(pem: &[u8], what: &str) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.with_context(|| format!("{what} is not a PEM certificate file"))?;
+        roots.add(cert).with_context(|| format!("{what} holds an unusable CA certificate"))?;
+    }
+    if roots.is_empty() {
+        return Err(anyhow!("{what} contains no certificate"));
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// A client config trusting only `ca` (never the system roots: a vault trusts its own CA).
 pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())

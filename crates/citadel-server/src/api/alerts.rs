@@ -92,20 +92,12 @@ async fn read_sink(c: &Call<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::data(serde_json::to_value(&sink).unwrap_or(Value::Null)))
 }
 
-/// The fields each sink type takes; anything else is a typo worth a 400.
-const SINK_FIELDS: [(&str, &[&str]); 4] = [
-    ("webhook", &["type", "url", "ca_file"]),
-    ("alertmanager", &["type", "url", "ca_file"]),
-    ("syslog", &["type", "address", "tls", "ca_file"]),
-    ("email", &["type", "smtp_host", "smtp_port", "from", "to", "starttls", "ca_file"]),
-];
-
 async fn write_sink(c: &Call<'_>) -> Result<Reply, ApiError> {
     let mut body: Value = c.req.json()?;
     let fields = body.as_object_mut().ok_or_else(|| ApiError::bad_request("the body must be a JSON object"))?;
-    let types = SINK_FIELDS.map(|(t, _)| t).join(", ");
+    let types = citadel_core::alerts::SINK_FIELDS.map(|(t, _)| t).join(", ");
     let kind = fields.get("type").and_then(Value::as_str).unwrap_or_default().to_string();
-    let (_, accepted) = SINK_FIELDS
+    let (_, accepted) = citadel_core::alerts::SINK_FIELDS
         .iter()
         .find(|(t, _)| *t == kind)
         .ok_or_else(|| ApiError::bad_request(format!("type must be one of {types}")))?;

@@ -52,10 +52,15 @@ impl Receiver {
         receiver
     }
 
-    /// Every alert received so far, as (alertname, node label, status).
-    fn alerts(&self) -> Vec<(String, String, String)> {
+    /// How many bodies arrived so far: a phase of the test looks only at what came after.
+    fn mark(&self) -> usize {
+        self.bodies.lock().unwrap().len()
+    }
+
+    /// Every alert received since `mark`, as (alertname, node label, status).
+    fn alerts(&self, mark: usize) -> Vec<(String, String, String)> {
         let bodies = self.bodies.lock().unwrap();
-        bodies
+        bodies[mark.min(bodies.len())..]
             .iter()
             .flat_map(|b| b["alerts"].as_array().cloned().unwrap_or_default())
             .map(|a| {
@@ -65,13 +70,14 @@ impl Receiver {
             .collect()
     }
 
-    /// Waits for `alertname` about `node` (`None`: an alert about the cluster) with `status`.
-    async fn wait_for(&self, what: &str, alertname: &str, node: Option<u64>, status: &str) {
+    /// Waits for `alertname` about `node` (`None`: an alert about the cluster) with `status`,
+    /// received after `mark`.
+    async fn wait_for(&self, what: &str, mark: usize, alertname: &str, node: Option<u64>, status: &str) {
         let deadline = Instant::now() + STARTUP;
         let node = node.map_or(String::new(), |n| n.to_string());
         let wanted = (alertname.to_string(), node, status.to_string());
-        while !self.alerts().contains(&wanted) {
-            assert!(Instant::now() < deadline, "{what} never received {wanted:?}; got {:?}", self.alerts());
+        while !self.alerts(mark).contains(&wanted) {
+            assert!(Instant::now() < deadline, "{what} never received {wanted:?}; got {:?}", self.alerts(mark));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -177,7 +183,7 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     // The first leader's election is announced, and Alertmanager agrees on its fingerprint.
     let first = cluster.leader().await;
     let first_id = cluster.layout.node_id(first);
-    direct.wait_for("the webhook", "CitadelLeaderChanged", Some(first_id), "firing").await;
+    direct.wait_for("the webhook", 0, "CitadelLeaderChanged", Some(first_id), "firing").await;
     let listed = root.get("sys/alerts").await.unwrap()["data"].clone();
     let ours = listed["active"]
         .as_array()
@@ -198,21 +204,31 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     }
 
     // Kill the leader: the new leader's election and the dead node arrive at both receivers.
+    let receivers = [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")];
+    let marks = receivers.map(|(r, _)| r.mark());
     cluster.kill9_at(first);
     let second = cluster.leader().await;
     let second_id = cluster.layout.node_id(second);
-    for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
-        receiver.wait_for(what, "CitadelLeaderChanged", Some(second_id), "firing").await;
-        receiver.wait_for(what, "CitadelNodeUnreachable", Some(first_id), "firing").await;
+    for ((receiver, what), mark) in receivers.iter().zip(marks) {
+        receiver.wait_for(what, mark, "CitadelLeaderChanged", Some(second_id), "firing").await;
+        receiver.wait_for(what, mark, "CitadelNodeUnreachable", Some(first_id), "firing").await;
     }
     // Restart it: the resolved notice arrives.
+    let marks = receivers.map(|(r, _)| r.mark());
     cluster.respawn_at(first);
-    for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
-        receiver.wait_for(what, "CitadelNodeUnreachable", Some(first_id), "resolved").await;
+    for ((receiver, what), mark) in receivers.iter().zip(marks) {
+        receiver.wait_for(what, mark, "CitadelNodeUnreachable", Some(first_id), "resolved").await;
+    }
+    // An ordinary failover is no outage: no node sent an alert of its own.
+    for (receiver, what) in receivers {
+        let leaderless =
+            receiver.alerts(0).into_iter().filter(|a| a.0 == "CitadelNoLeader" || a.0 == "CitadelReadOnly");
+        assert_eq!(leaderless.count(), 0, "{what} was paged for a failover");
     }
 
     // The receiver refuses while the leader dies with notices still owed: its successor sends them.
     cluster.wait_healthy(3).await;
+    let owed_mark = direct.mark();
     direct.refusing.store(true, Ordering::SeqCst);
     let leader = cluster.leader().await;
     let leader_id = cluster.layout.node_id(leader);
@@ -233,26 +249,43 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
         assert!(Instant::now() < deadline, "the unreachable node's alert was never raised");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The victim comes back: the leader resolves its alert, and owes that notice too.
     cluster.respawn_at(victim);
     cluster.wait_healthy(3).await;
+    let resolved_and_owed = |body: Value| {
+        body["data"]["resolved"].as_array().is_some_and(|resolved| {
+            resolved.iter().any(|a| {
+                a["labels"]["node"].as_str() == Some(victim_id.to_string().as_str())
+                    && a["deliveries"]["hook"] == "pending"
+            })
+        })
+    };
+    let deadline = Instant::now() + STARTUP;
+    while !resolved_and_owed(cluster.root_at(leader).get("sys/alerts").await.unwrap_or_default()) {
+        assert!(Instant::now() < deadline, "the victim's alert was never resolved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cluster.kill9_at(leader);
     direct.refusing.store(false, Ordering::SeqCst);
-    direct.wait_for("the webhook", "CitadelNodeUnreachable", Some(victim_id), "resolved").await;
-    direct.wait_for("the webhook", "CitadelNodeUnreachable", Some(leader_id), "firing").await;
+    // Only the dead leader's outbox held this notice: the next leader sees the victim healthy.
+    direct.wait_for("the webhook", owed_mark, "CitadelNodeUnreachable", Some(victim_id), "resolved").await;
+    direct.wait_for("the webhook", owed_mark, "CitadelNodeUnreachable", Some(leader_id), "firing").await;
 
     // A majority lost: the survivor has no leader and sends its own alerts; a leader back, it
     // sends their resolved notices.
     let up: Vec<usize> = (0..3).filter(|i| cluster.is_running(*i)).collect();
+    let marks = receivers.map(|(r, _)| r.mark());
     cluster.kill9_at(up[0]);
     let survivor_id = cluster.layout.node_id(up[1]);
-    for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
-        receiver.wait_for(what, "CitadelNoLeader", None, "firing").await;
-        receiver.wait_for(what, "CitadelReadOnly", Some(survivor_id), "firing").await;
+    for ((receiver, what), mark) in receivers.iter().zip(marks) {
+        receiver.wait_for(what, mark, "CitadelNoLeader", None, "firing").await;
+        receiver.wait_for(what, mark, "CitadelReadOnly", Some(survivor_id), "firing").await;
     }
+    let marks = receivers.map(|(r, _)| r.mark());
     cluster.respawn_at(up[0]);
-    for (receiver, what) in [(&direct, "the webhook"), (&via_alertmanager, "Alertmanager's webhook")] {
-        receiver.wait_for(what, "CitadelNoLeader", None, "resolved").await;
-        receiver.wait_for(what, "CitadelReadOnly", Some(survivor_id), "resolved").await;
+    for ((receiver, what), mark) in receivers.iter().zip(marks) {
+        receiver.wait_for(what, mark, "CitadelNoLeader", None, "resolved").await;
+        receiver.wait_for(what, mark, "CitadelReadOnly", Some(survivor_id), "resolved").await;
     }
 }
 
