@@ -29,30 +29,36 @@ pub struct AlertRound {
     pub resolved: Duration,
 }
 
+/// Reads one HTTP/1.1 request from `stream` and returns its body (by Content-Length). A small
+/// webhook receiver for this bench and the alerts tests: no chunked bodies, no keep-alive.
+pub async fn read_http_body(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buffer.len() >= end + 4 + length {
+            return Some(buffer[end + 4..end + 4 + length].to_vec());
+        }
+    }
+}
+
 /// Answers every request 200 and records the alerts in its JSON body.
 async fn receive(listener: tokio::net::TcpListener, received: Received) {
     while let Ok((mut stream, _)) = listener.accept().await {
         let received = received.clone();
         tokio::spawn(async move {
-            let mut buffer = Vec::new();
-            let mut chunk = [0u8; 8192];
-            let body = loop {
-                let Ok(n) = stream.read(&mut chunk).await else { return };
-                if n == 0 {
-                    return;
-                }
-                buffer.extend_from_slice(&chunk[..n]);
-                let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-                let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if buffer.len() >= end + 4 + length {
-                    break buffer[end + 4..end + 4 + length].to_vec();
-                }
-            };
+            let Some(body) = read_http_body(&mut stream).await else { return };
             let now = Instant::now();
             if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
                 let mut log = received.lock().unwrap_or_else(|p| p.into_inner());

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::harness::{Cluster, STARTUP};
 
@@ -36,7 +36,7 @@ impl Receiver {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let r = r.clone();
                 tokio::spawn(async move {
-                    let Some(body) = read_request(&mut stream).await else { return };
+                    let Some(body) = citadel::alert_bench::read_http_body(&mut stream).await else { return };
                     let refusing = r.refusing.load(Ordering::SeqCst);
                     if !refusing {
                         if let Ok(json) = serde_json::from_slice(&body) {
@@ -79,35 +79,6 @@ impl Receiver {
         while !self.alerts(mark).contains(&wanted) {
             assert!(Instant::now() < deadline, "{what} never received {wanted:?}; got {:?}", self.alerts(mark));
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// Reads one HTTP/1.1 request and returns its body (by Content-Length).
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            while buffer.len() < end + 4 + length {
-                let n = stream.read(&mut chunk).await.ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buffer.extend_from_slice(&chunk[..n]);
-            }
-            return Some(buffer[end + 4..end + 4 + length].to_vec());
         }
     }
 }
