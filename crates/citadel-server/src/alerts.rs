@@ -332,8 +332,8 @@ pub fn changes(o: &Observation, wanted: Vec<Firing>) -> (Vec<Firing>, Vec<String
 fn configured_sink(app: &Node) -> Option<Command> {
     let declared = &app.config.alerts.sink;
     app.state.read(|s| {
-        // Only one `apply` would take (16 sinks added through the API leave no room): a refused
-        // put, proposed again on every look, would be a rejected entry four times a second.
+        // Only a put `apply` would accept (16 sinks added through the API may leave no room): a
+        // refused put, proposed again on every look, would be a rejected entry four times a second.
         declared
             .iter()
             .filter(|c| s.alerts.sinks.get(&c.name) != Some(&c.sink))
