@@ -58,8 +58,8 @@ pub struct Observation {
     pub term: u64,
     /// When this node became leader (Unix ms).
     pub leading_since: UnixMillis,
-    /// Milliseconds a new leader waits before judging reachability (it has heard nobody yet).
-    pub grace_ms: u64,
+    /// Silence after which a member is unreachable; a new leader waits as long before it judges
+    /// anyone (it has heard nobody yet).
     pub unreachable_ms: u64,
     pub members: Vec<Member>,
     pub quorum: usize,
@@ -163,7 +163,6 @@ impl Observation {
             let firing = s.alerts.alerts.values().filter(|a| a.is_firing()).cloned().collect();
             (cluster, recent, snapshots, certs, firing)
         });
-        let unreachable = crate::events::unreachable_after(app).as_millis() as u64;
         Observation {
             now,
             cluster,
@@ -173,10 +172,9 @@ impl Observation {
             leading_since: Some(app.active_since.load(std::sync::atomic::Ordering::Relaxed))
                 .filter(|since| *since > 0)
                 .unwrap_or(now),
-            grace_ms: unreachable,
-            unreachable_ms: unreachable,
+            unreachable_ms: crate::events::unreachable_after(app).as_millis() as u64,
             members,
-            quorum: progress.voters.len() / 2 + 1,
+            quorum: crate::ha::quorum(progress.voters.len()),
             recent_leader_changes: recent,
             snapshot_errors,
             certificates,
@@ -210,7 +208,7 @@ fn annotate(mut firing: Firing, summary: String, description: &str) -> Firing {
 /// The alerts the cluster's condition calls for now. Pure: unit-tested without a cluster.
 pub fn evaluate(o: &Observation) -> Vec<Firing> {
     let mut out = Vec::new();
-    let judged = o.now.saturating_sub(o.leading_since) >= o.grace_ms;
+    let judged = o.now.saturating_sub(o.leading_since) >= o.unreachable_ms;
     // One alert per election (its term is a label): a node elected again within ten minutes
     // is a new change, and is announced.
     let term = o.term.to_string();
@@ -449,7 +447,17 @@ impl Delivery {
 
 /// The `alert_delivery` job: one sink's round, its acknowledgements committed.
 pub async fn delivery_job(app: &Node) -> Result<Option<Command>, String> {
-    let (sinks, alerts) = app.state.read(|s| (s.alerts.sinks.clone(), s.alerts.alerts.clone()));
+    // Every 100 ms: copy only what a round can send (firing, or owed to a sink), not the day of
+    // resolved history the outbox keeps.
+    let (sinks, alerts) = app.state.read(|s| {
+        let sendable = |a: &&Alert| a.is_firing() || s.alerts.sinks.keys().any(|n| a.pending_for(n));
+        let alerts: BTreeMap<String, Alert> =
+            s.alerts.alerts.iter().filter(|(_, a)| sendable(a)).map(|(k, a)| (k.clone(), a.clone())).collect();
+        (s.alerts.sinks.clone(), alerts)
+    });
+    if alerts.is_empty() {
+        return Ok(None);
+    }
     let delivered = app.alert_delivery.round(app, &sinks, &alerts).await?;
     Ok(delivered.filter(|d| !d.acks.is_empty()).map(|d| Command::AlertsDelivered { sink: d.sink, acks: d.acks }))
 }
@@ -554,7 +562,6 @@ mod tests {
             cluster: "prod".into(),
             me: 1,
             leading_since: 1_000_000 - 5_000,
-            grace_ms: 1_000,
             unreachable_ms: 1_000,
             members: vec![
                 Member { id: 2, voter: true, contact_ms: Some(10), lag: 0 },

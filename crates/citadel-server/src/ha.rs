@@ -15,6 +15,11 @@ use crate::node::Node;
 /// Entries behind the leader beyond which a node counts as lagging.
 pub(crate) const LAG_ENTRIES: u64 = 1000;
 
+/// Votes a change needs among `voters`: a majority.
+pub fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
 /// The leader's view of how far each member has replicated, read from openraft's metrics.
 pub struct Progress {
     pub membership: citadel_storage::types::Membership,
@@ -101,7 +106,7 @@ fn cluster_summary(
 ) -> Value {
     let metrics = app.raft_metrics();
     let (id, name) = app.state.read(|s| s.cluster.as_ref().map(|c| (c.id.clone(), c.name.clone()))).unwrap_or_default();
-    let quorum = voters / 2 + 1;
+    let quorum = quorum(voters);
     json!({
         "id": id,
         "name": name,
@@ -162,7 +167,7 @@ async fn leader_view(app: &Node) -> Value {
             status.as_ref(),
         ));
     }
-    let quorum = voters.len() / 2 + 1;
+    let quorum = quorum(voters.len());
     let health = if all_replicating {
         "alive"
     } else if reachable_voters >= quorum {

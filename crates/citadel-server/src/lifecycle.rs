@@ -193,7 +193,7 @@ async fn check_tolerance(app: &Node, target: u64, force: bool) -> Result<(), Lif
         };
         reachable += usize::from(answers);
     }
-    let quorum = remaining.len() / 2 + 1;
+    let quorum = crate::ha::quorum(remaining.len());
     let tolerance = reachable as i64 - quorum as i64;
     if tolerance < 0 && !force {
         return Err(Refused(format!(

@@ -325,7 +325,7 @@ impl NodeGauges {
                     || progress.contact_ms(*id).is_some_and(|ms| ms <= app.config.raft.election_timeout_ms)
             };
             let audible = progress.voters.iter().filter(|id| heard(id)).count() as i64;
-            let quorum = progress.voters.len() as i64 / 2 + 1;
+            let quorum = crate::ha::quorum(progress.voters.len()) as i64;
             (followers, Some(audible - quorum))
         } else {
             (Vec::new(), None)

@@ -16,11 +16,16 @@ pub fn install_crypto_provider() {
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("cannot read certificate file {}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+    certs_from_pem(&pem, &path.display().to_string())
+}
+
+/// The certificates in `pem` (`what` names it in errors); none is an error.
+fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
-        .with_context(|| format!("{} is not a PEM certificate file", path.display()))?;
+        .with_context(|| format!("{what} is not a PEM certificate file"))?;
     if certs.is_empty() {
-        return Err(anyhow!("{} contains no certificate", path.display()));
+        return Err(anyhow!("{what} contains no certificate"));
     }
     Ok(certs)
 }
@@ -33,9 +38,13 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 }
 
 pub fn root_store(ca: &Path) -> Result<rustls::RootCertStore> {
+    roots_of(load_certs(ca)?, &ca.display().to_string())
+}
+
+fn roots_of(certs: Vec<CertificateDer<'static>>, what: &str) -> Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in load_certs(ca)? {
-        roots.add(cert).with_context(|| format!("{} holds an unusable CA certificate", ca.display()))?;
+    for cert in certs {
+        roots.add(cert).with_context(|| format!("{what} holds an unusable CA certificate"))?;
     }
     Ok(roots)
 }
@@ -103,25 +112,18 @@ impl rustls::client::ResolvesClientCert for NodeCert {
 
 /// A client config trusting only the CA certificates in `pem` (an alert sink's `ca_file`).
 pub fn client_config_from_pem(pem: &[u8], what: &str) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        let cert = cert.with_context(|| format!("{what} is not a PEM certificate file"))?;
-        roots.add(cert).with_context(|| format!("{what} holds an unusable CA certificate"))?;
-    }
-    if roots.is_empty() {
-        return Err(anyhow!("{what} contains no certificate"));
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    client_config_trusting(roots_of(certs_from_pem(pem, what)?, what)?)
 }
 
 /// A client config trusting only `ca` (never the system roots: a vault trusts its own CA).
 pub fn client_config(ca: &Path) -> Result<rustls::ClientConfig> {
+    client_config_trusting(root_store(ca)?)
+}
+
+fn client_config_trusting(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(root_store(ca)?)
+        .with_root_certificates(roots)
         .with_no_client_auth())
 }
 

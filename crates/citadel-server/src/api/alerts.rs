@@ -67,13 +67,13 @@ async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
         let mut alerts: Vec<(&String, &Alert)> = s.alerts.alerts.iter().collect();
         alerts.sort_by_key(|(_, a)| std::cmp::Reverse(a.ends_at.unwrap_or(a.starts_at)));
         let (active, resolved): (Vec<_>, Vec<_>) = alerts.into_iter().partition(|(_, a)| a.is_firing());
-        let view = |list: Vec<(&String, &Alert)>| list.into_iter().map(|(k, a)| alert_json(k, a, &sinks)).collect();
+        let view = |list: Vec<(&String, &Alert)>| -> Vec<Value> {
+            list.into_iter().map(|(k, a)| alert_json(k, a, &sinks)).collect()
+        };
         (view(active), view(resolved), sinks)
     });
     let sink_errors: serde_json::Map<String, Value> =
         sinks.iter().map(|s| (s.clone(), json!(c.app.alert_delivery.last_error(s)))).collect();
-    let active: Vec<Value> = active;
-    let resolved: Vec<Value> = resolved;
     // What this node raised and sends itself because it has (or had) no leader.
     let local: Vec<Value> = c.app.leaderless_alerts.snapshot().iter().map(|(k, a)| alert_json(k, a, &sinks)).collect();
     Ok(Reply::data(json!({ "active": active, "resolved": resolved, "local": local, "sink_errors": sink_errors })))

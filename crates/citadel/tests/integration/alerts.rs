@@ -206,36 +206,11 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
     let victim = (0..3).find(|i| *i != leader).unwrap();
     let victim_id = cluster.layout.node_id(victim);
     cluster.kill9_at(victim);
-    let pending = |body: Value| {
-        body["data"]["active"].as_array().is_some_and(|active| {
-            active.iter().any(|a| {
-                a["labels"]["alertname"] == "CitadelNodeUnreachable"
-                    && a["labels"]["node"].as_str() == Some(victim_id.to_string().as_str())
-                    && a["deliveries"]["hook"] == "pending"
-            })
-        })
-    };
-    let deadline = Instant::now() + STARTUP;
-    while !pending(cluster.root_at(leader).get("sys/alerts").await.unwrap_or_default()) {
-        assert!(Instant::now() < deadline, "the unreachable node's alert was never raised");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    owed_to_hook(&cluster.root_at(leader), "active", victim_id).await;
     // The victim comes back: the leader resolves its alert, and owes that notice too.
     cluster.respawn_at(victim);
     cluster.wait_healthy(3).await;
-    let resolved_and_owed = |body: Value| {
-        body["data"]["resolved"].as_array().is_some_and(|resolved| {
-            resolved.iter().any(|a| {
-                a["labels"]["node"].as_str() == Some(victim_id.to_string().as_str())
-                    && a["deliveries"]["hook"] == "pending"
-            })
-        })
-    };
-    let deadline = Instant::now() + STARTUP;
-    while !resolved_and_owed(cluster.root_at(leader).get("sys/alerts").await.unwrap_or_default()) {
-        assert!(Instant::now() < deadline, "the victim's alert was never resolved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    owed_to_hook(&cluster.root_at(leader), "resolved", victim_id).await;
     cluster.kill9_at(leader);
     direct.refusing.store(false, Ordering::SeqCst);
     // Only the dead leader's outbox held this notice: the next leader sees the victim healthy.
@@ -258,6 +233,23 @@ async fn alerts_reach_alertmanager_and_a_webhook_on_failover_resolve_on_recovery
         receiver.wait_for(what, mark, "CitadelNoLeader", None, "resolved").await;
         receiver.wait_for(what, mark, "CitadelReadOnly", Some(survivor_id), "resolved").await;
     }
+}
+
+/// Waits until the leader's `sys/alerts` lists, under `section` (`active` or `resolved`),
+/// `CitadelNodeUnreachable` for `node` with its notice still owed to the `hook` sink.
+async fn owed_to_hook(leader: &citadel_client::Client, section: &str, node: u64) {
+    let what = format!("CitadelNodeUnreachable for node {node} {section} and owed to the hook");
+    citadel::dev::wait_for(&what, STARTUP, || async {
+        let body = leader.get("sys/alerts").await.ok()?;
+        let owed = body["data"][section].as_array()?.iter().any(|a| {
+            a["labels"]["alertname"] == "CitadelNodeUnreachable"
+                && a["labels"]["node"].as_str() == Some(node.to_string().as_str())
+                && a["deliveries"]["hook"] == "pending"
+        });
+        owed.then_some(())
+    })
+    .await
+    .expect("the alert");
 }
 
 /// A process this test started, killed by its PID on drop.
