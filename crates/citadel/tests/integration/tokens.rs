@@ -257,6 +257,9 @@ async fn emergency_tokens_are_revocable_once_quorum_returns() {
 
     cluster.respawn_at(leader);
     cluster.respawn_at(other);
+    // Every node serving again (a restarted node unseals itself first), so each one's answer below
+    // is about the token, not about a node still starting.
+    cluster.wait_healthy(3).await;
     let leader = cluster.leader().await;
     let root = cluster.root_at(leader);
     dev::wait_for("the revocation to commit", STARTUP, || async {
