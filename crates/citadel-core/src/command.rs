@@ -19,7 +19,10 @@ use crate::UnixMillis;
 ///    state the log chain (`audit::LogChain`); a build of format 3 cannot decode either.
 /// 5: the audit events live in the node's audit store, not in the state: `snapshot.bin` keeps
 ///    each chain's tip (`audit::ChainTip`); a build of format 4 would read its chains as empty.
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: the secrets live in the node's state store, not in the state in memory: `snapshot.bin`
+///    carries them beside the state (`StoredSnapshot::kv`), and `raft.redb` holds the state as
+///    of its applied index; a build of format 5 would read every mount as empty.
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
 /// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify); formats
 /// 2 and 3 are format 4 without the new variant and field, which decode as absent; a format 4
@@ -273,6 +276,21 @@ pub enum Command {
 }
 
 impl Command {
+    /// The secret (mount, path) a KV command reads and changes, through its envelopes: the
+    /// state machine loads that entry from its store before `apply` ([`crate::state::State::preload_kv`]).
+    pub fn kv_target(&self) -> Option<(&str, &str)> {
+        match self {
+            Command::KvWrite { mount, path, .. }
+            | Command::KvDelete { mount, path, .. }
+            | Command::KvUndelete { mount, path, .. }
+            | Command::KvDestroy { mount, path, .. }
+            | Command::KvMetadataUpdate { mount, path, .. }
+            | Command::KvMetadataDelete { mount, path } => Some((mount, path)),
+            Command::Authorized { command, .. } | Command::Audited { command, .. } => command.kv_target(),
+            _ => None,
+        }
+    }
+
     /// A short name for logs and metrics; never includes a value.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -2,8 +2,13 @@
 //!
 //! Values are ciphertext here (sealed by the barrier before proposal); this module only keeps
 //! the bookkeeping Vault exposes: versions, deletion times, `cas`, `max_versions`.
+//!
+//! Where the entries live: without a store (tests, tools) a [`KvStore`] holds all of them. On a
+//! node it holds only the entries a batch of commands touches: the state machine loads each
+//! command's entry from its store first ([`KvStore::preload`]) and writes the changes back after
+//! the batch ([`KvStore::take_changes`]), so memory never holds the secrets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +54,19 @@ pub struct KvEntry {
     pub versions: BTreeMap<u64, KvVersion>,
 }
 
+/// Reads secrets where they live: a node's store, or a state's memory ([`KvStore`]).
+pub trait KvRead {
+    /// The entry at `path` of the mount at `mount`.
+    fn entry(&self, mount: &str, path: &str) -> std::io::Result<Option<KvEntry>>;
+}
+
+/// A state that holds its secrets in memory (tests and tools) reads them from there.
+impl KvRead for crate::state::State {
+    fn entry(&self, mount: &str, path: &str) -> std::io::Result<Option<KvEntry>> {
+        Ok(self.mounts.get(mount).and_then(|m| m.kv.entries.get(path)).cloned())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum KvError {
     #[error("check-and-set parameter did not match the current version (current version is {current})")]
@@ -68,7 +86,19 @@ pub enum KvError {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvStore {
     pub config: KvConfig,
+    /// Every entry without a store; on a node, those loaded or changed since the last batch.
     pub entries: BTreeMap<String, KvEntry>,
+    /// Paths whose entry was deleted since the last batch (never also in `entries`): the store
+    /// must forget them, and a later command must not load them back.
+    #[serde(skip)]
+    removed: BTreeSet<String>,
+}
+
+/// What one batch changed in a mount's entries: the store writes `put` and forgets `removed`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KvChanges {
+    pub put: Vec<(String, KvEntry)>,
+    pub removed: Vec<String>,
 }
 
 pub struct WriteRequest {
@@ -80,10 +110,31 @@ pub struct WriteRequest {
 }
 
 impl KvStore {
+    /// Whether `path`'s entry must be loaded from the store before a command touches it: it is
+    /// neither in memory nor deleted since the last batch.
+    pub fn needs(&self, path: &str) -> bool {
+        !self.entries.contains_key(path) && !self.removed.contains(path)
+    }
+
+    /// Takes `path`'s entry as the store holds it (none: no entry).
+    pub fn preload(&mut self, path: &str, stored: Option<KvEntry>) {
+        debug_assert!(self.needs(path), "an entry in memory is newer than the store's");
+        if let Some(entry) = stored {
+            self.entries.insert(path.to_string(), entry);
+        }
+    }
+
+    /// Empties memory of entries, returning what the store must write and forget.
+    pub fn take_changes(&mut self) -> KvChanges {
+        KvChanges {
+            put: std::mem::take(&mut self.entries).into_iter().collect(),
+            removed: std::mem::take(&mut self.removed).into_iter().collect(),
+        }
+    }
+
     /// The version a new write to `path` will get; the proposer binds its ciphertext to it.
     pub fn next_version(&self, path: &str) -> u64 {
-        // Saturating: a (restored) entry at u64::MAX is refused by `write`, never overflowed.
-        self.entries.get(path).map_or(1, |e| e.current_version.saturating_add(1))
+        next_version(self.entries.get(path))
     }
 
     /// The key's own limit, else the mount's, else Vault's default.
@@ -113,6 +164,7 @@ impl KvStore {
         let dva = if dva > 0 { dva } else { self.config.delete_version_after_secs };
         let deletion_time = (dva > 0).then(|| req.at.saturating_add(dva.saturating_mul(1000)));
         let max = self.max_versions_for(&req.path);
+        self.removed.remove(&req.path);
         let entry = self.entries.entry(req.path).or_insert_with(|| KvEntry {
             created: req.at,
             oldest_version: 1,
@@ -185,6 +237,7 @@ impl KvStore {
         if update.max_versions.is_some_and(|m| m > 1000) {
             return Err(KvError::TooManyVersions);
         }
+        self.removed.remove(path);
         let entry = self.entries.entry(path.to_string()).or_insert_with(|| KvEntry {
             created: at,
             oldest_version: 0,
@@ -211,26 +264,40 @@ impl KvStore {
     }
 
     pub fn delete_all(&mut self, path: &str) -> Result<(), KvError> {
-        self.entries.remove(path).map(|_| ()).ok_or(KvError::NotFound)
+        self.entries.remove(path).ok_or(KvError::NotFound)?;
+        self.removed.insert(path.to_string());
+        Ok(())
     }
 
     /// Immediate children of `prefix` (a folder path, empty or ending in `/`): names, with a
     /// trailing `/` for sub-folders, as Vault's LIST returns them.
     pub fn list(&self, prefix: &str) -> Vec<String> {
-        let mut keys: Vec<String> = Vec::new();
-        for path in self.entries.range(prefix.to_string()..).map(|(k, _)| k) {
-            let Some(rest) = path.strip_prefix(prefix) else { break };
-            let key = match rest.find('/') {
-                Some(i) => &rest[..=i],
-                None => rest,
-            };
-            if !key.is_empty() && keys.last().map(String::as_str) != Some(key) {
-                keys.push(key.to_string());
-            }
-        }
-        keys.dedup();
-        keys
+        children(prefix, self.entries.range(prefix.to_string()..).map(|(k, _)| k.as_str()))
     }
+}
+
+/// The version a new write after `entry` gets (1 for a new secret).
+pub fn next_version(entry: Option<&KvEntry>) -> u64 {
+    // Saturating: a (restored) entry at u64::MAX is refused by `write`, never overflowed.
+    entry.map_or(1, |e| e.current_version.saturating_add(1))
+}
+
+/// The immediate children of `prefix` among `paths`, which are sorted and start at `prefix`
+/// (a store's range scan, or [`KvStore::list`]'s).
+pub fn children<S: AsRef<str>>(prefix: &str, paths: impl IntoIterator<Item = S>) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    for path in paths {
+        let Some(rest) = path.as_ref().strip_prefix(prefix) else { break };
+        let key = match rest.find('/') {
+            Some(i) => &rest[..=i],
+            None => rest,
+        };
+        if !key.is_empty() && keys.last().map(String::as_str) != Some(key) {
+            keys.push(key.to_string());
+        }
+    }
+    keys.dedup();
+    keys
 }
 
 /// Drops the oldest versions beyond `max`, as Vault does.

@@ -151,6 +151,20 @@ pub struct State {
     /// Alert sinks and the outbox of alerts with what each sink acknowledged (§11.2).
     #[serde(default)]
     pub alerts: crate::alerts::Alerts,
+    /// Mount paths whose stored entries no longer count (the mount was disabled, or replaced by
+    /// a restore) since the last batch: the store forgets them before it writes the batch's
+    /// entries, and nothing is loaded from it for them meanwhile.
+    #[serde(skip)]
+    kv_cleared: BTreeSet<String>,
+}
+
+/// What one batch changed in the secrets of every mount ([`State::take_kv_changes`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StateKvChanges {
+    /// Mount paths whose stored entries all go, before `mounts` is written.
+    pub cleared: Vec<String>,
+    /// Each mount's changes, by mount path.
+    pub mounts: Vec<(String, crate::kv::KvChanges)>,
 }
 
 /// More inactive nodes than any cluster has members is a hostile or broken proposer.
@@ -197,6 +211,33 @@ impl State {
         }
     }
 
+    /// Loads the entry `command` will read and change, if it is neither in memory nor void, by
+    /// `load(mount, path)` from the node's store. Called before `apply_entry`, so that `apply`
+    /// itself stays free of I/O.
+    pub fn preload_kv<E>(
+        &mut self,
+        command: &Command,
+        load: impl FnOnce(&str, &str) -> Result<Option<crate::kv::KvEntry>, E>,
+    ) -> Result<(), E> {
+        let Some((mount, path)) = command.kv_target() else { return Ok(()) };
+        if self.kv_cleared.contains(mount) {
+            return Ok(());
+        }
+        if let Some(kv) = self.mounts.get_mut(mount).map(|m| &mut m.kv) {
+            if kv.needs(path) {
+                kv.preload(path, load(mount, path)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties memory of secrets, returning what the store must forget and write.
+    pub fn take_kv_changes(&mut self) -> StateKvChanges {
+        let cleared = std::mem::take(&mut self.kv_cleared).into_iter().collect();
+        let mounts = self.mounts.iter_mut().map(|(path, m)| (path.clone(), m.kv.take_changes()));
+        StateKvChanges { cleared, mounts: mounts.filter(|(_, c)| !c.put.is_empty() || !c.removed.is_empty()).collect() }
+    }
+
     fn kv_mut(&mut self, mount: &str) -> Result<&mut KvStore, Rejection> {
         self.mounts.get_mut(mount).map(|m| &mut m.kv).ok_or_else(|| Rejection::MountNotFound(mount.to_string()))
     }
@@ -211,7 +252,8 @@ impl State {
             Command::AuthEnable { path, mount } => self.enable_auth(path, mount),
             Command::AuthDisable { path } => self.disable_auth(path),
             Command::MountDisable { path } => {
-                self.mounts.remove(&path).ok_or(Rejection::MountNotFound(path))?;
+                self.mounts.remove(&path).ok_or_else(|| Rejection::MountNotFound(path.clone()))?;
+                self.kv_cleared.insert(path);
                 Ok(Response::Done)
             }
             Command::KvWrite { mount, path, version, ciphertext, cas, at } => {
@@ -551,7 +593,12 @@ impl State {
         let inactive_nodes = std::mem::take(&mut self.inactive_nodes);
         let snapshot_auto = std::mem::take(&mut self.snapshot_auto);
         let alerts = std::mem::take(&mut self.alerts);
+        // Every mount's stored entries give way to the snapshot's, which are all in memory.
+        let mut kv_cleared = std::mem::take(&mut self.kv_cleared);
+        kv_cleared.extend(self.mounts.keys().cloned());
+        kv_cleared.extend(state.mounts.keys().cloned());
         *self = state;
+        self.kv_cleared = kv_cleared;
         self.audit = audit;
         self.jobs = jobs;
         self.inactive_nodes = inactive_nodes;
@@ -1226,5 +1273,107 @@ pub(crate) mod tests {
         assert!(matches!(state.apply(record(2, "ff", 100, 1)), Response::Rejected(Rejection::NodeCertInvalid(_))));
         assert_eq!(state.apply(record(2, "ff", 200, 100)), Response::Done, "expired records make room");
         assert_eq!(state.node_certs[&2].len(), 1);
+    }
+
+    /// A store as a node keeps one: the secrets by (mount, path), written back after each batch.
+    #[derive(Default)]
+    struct Store(BTreeMap<(String, String), crate::kv::KvEntry>);
+
+    impl Store {
+        fn write(&mut self, changes: StateKvChanges) {
+            for mount in changes.cleared {
+                self.0.retain(|(m, _), _| *m != mount);
+            }
+            for (mount, kv) in changes.mounts {
+                for path in kv.removed {
+                    self.0.remove(&(mount.clone(), path));
+                }
+                for (path, entry) in kv.put {
+                    self.0.insert((mount.clone(), path), entry);
+                }
+            }
+        }
+
+        fn of(state: &State) -> BTreeMap<(String, String), crate::kv::KvEntry> {
+            let mounts = state.mounts.iter();
+            mounts
+                .flat_map(|(m, mount)| mount.kv.entries.iter().map(|(p, e)| ((m.clone(), p.clone()), e.clone())))
+                .collect()
+        }
+    }
+
+    /// Every KV command, a mount disabled and enabled again on the same path, and a restore,
+    /// on a few paths, chosen by `seed`.
+    fn kv_commands(seed: u64, count: usize) -> Vec<Command> {
+        let mut x = seed | 1;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut snapshot: Option<State> = None;
+        let mut commands = Vec::new();
+        for _ in 0..count {
+            let path = format!("p{}", next(3));
+            let mount = if next(3) == 0 { "other/" } else { "secret/" }.to_string();
+            let versions = vec![next(4) + 1];
+            let command = match next(11) {
+                0..=3 => Command::KvWrite { mount, path, version: next(5) + 1, ciphertext: sealed(), cas: None, at: 5 },
+                4 => Command::KvDelete { mount, path, versions, at: 6 },
+                5 => Command::KvUndelete { mount, path, versions, at: 7 },
+                6 => Command::KvDestroy { mount, path, versions, at: 8 },
+                7 => Command::KvMetadataDelete { mount, path },
+                8 => {
+                    let update =
+                        crate::kv::MetadataUpdate { max_versions: Some(next(3) as u32 + 1), ..Default::default() };
+                    Command::KvMetadataUpdate { mount, path, update, at: 9 }
+                }
+                9 if next(2) == 0 => Command::MountDisable { path: mount },
+                9 => Command::MountEnable {
+                    path: mount,
+                    mount: Mount {
+                        uuid: format!("u{}", next(1000)),
+                        kind: "kv".into(),
+                        description: String::new(),
+                        created: 1,
+                        kv: KvStore::default(),
+                    },
+                },
+                _ => match snapshot.take() {
+                    Some(state) => Command::RestoreState { state: Box::new(state) },
+                    None => {
+                        let mut taken = initialized();
+                        let written = write("p1", 1);
+                        assert!(matches!(taken.apply(written), Response::KvWritten { .. }));
+                        snapshot = Some(taken);
+                        continue;
+                    }
+                },
+            };
+            commands.push(command);
+        }
+        commands
+    }
+
+    #[test]
+    fn a_replica_with_its_secrets_in_a_store_answers_and_ends_like_one_holding_them_in_memory() {
+        for seed in 1..200u64 {
+            let commands = kv_commands(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 60);
+            let mut whole = initialized();
+            let (mut node, mut store) = (initialized(), Store::default());
+            store.write(node.take_kv_changes());
+            for (i, batch) in commands.chunks(1 + (seed as usize % 4)).enumerate() {
+                for command in batch {
+                    let expected = whole.apply(command.clone());
+                    node.preload_kv(command, |m, p| Ok::<_, ()>(store.0.get(&(m.to_string(), p.to_string())).cloned()))
+                        .unwrap();
+                    assert_eq!(node.apply(command.clone()), expected, "seed {seed}, batch {i}: {}", command.kind());
+                }
+                store.write(node.take_kv_changes());
+                assert!(Store::of(&node).is_empty(), "memory holds no secret between batches");
+                assert_eq!(store.0, Store::of(&whole), "seed {seed}, after batch {i}");
+            }
+        }
     }
 }

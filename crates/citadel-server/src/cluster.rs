@@ -74,7 +74,9 @@ pub struct ClusterNetwork {
 ///    `Command::SnapshotAuto*` (scheduled snapshots, §10.2), and the leader asks members for
 ///    `cluster/lifecycle` and `cluster/resync`.
 /// 6: log entries may be `Command::AlertSink*` and `Command::Alerts*` (§11.2).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: a snapshot's secrets travel beside its state (storage format 6), where a node of version
+///    6 would find every mount empty.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {

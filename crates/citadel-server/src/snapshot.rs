@@ -326,7 +326,7 @@ pub fn check_restore(app: &Node, keys: &Unsealed, upload: &[u8], force: bool) ->
     tracing::warn!(index = header.last_index, cluster = %header.cluster_id, "restoring a snapshot");
     // A restore keeps this cluster's audit log (`State::restore`): the file's events would
     // only make the Raft entry larger.
-    let mut state = stored.state;
+    let mut state = stored.into_whole_state().map_err(|e| e.to_string())?;
     state.audit = Default::default();
     Ok(state)
 }
@@ -354,6 +354,7 @@ mod tests {
                 config: StoredMembershipConfig { configs: vec![], nodes: Default::default() },
             },
             state,
+            kv: vec![],
         }
     }
 

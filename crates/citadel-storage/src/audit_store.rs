@@ -199,16 +199,24 @@ impl AuditStore {
         let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
         let durability = if durable { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(|e| self.err(e))?;
-        let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
-            if replace {
-                LIVE.delete(txn)?;
-            }
-            LIVE.write(txn, events, Change::Insert)?;
-            txn.open_table(META)?.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
-            Ok(())
-        };
-        write(&txn).map_err(|e| self.err(e))?;
+        self.store_in(&txn, events, applied, replace).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// [`AuditStore::store`] inside the caller's transaction (the state machine's batch).
+    pub(crate) fn store_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        events: &[AuditEvent],
+        applied: u64,
+        replace: bool,
+    ) -> Result<(), redb::Error> {
+        if replace {
+            LIVE.delete(txn)?;
+        }
+        LIVE.write(txn, events, Change::Insert)?;
+        txn.open_table(META)?.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
+        Ok(())
     }
 
     /// Adds a received snapshot's events to the staging tables, emptied first by the `first`
@@ -228,32 +236,37 @@ impl AuditStore {
     }
 
     /// Marks the staged events complete for the snapshot `snapshot` (its last log id, encoded).
+    /// Not fsynced either: only the state machine's commits are durable, each with the state
+    /// it brings the database to (`state_machine.rs`).
     pub(crate) fn staged_for(&self, snapshot: &[u8]) -> io::Result<()> {
-        self.db.write(|txn| {
+        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
+        txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
+        let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
             txn.open_table(META)?.insert(KEY_STAGED_FOR, snapshot)?;
             Ok(())
-        })
+        };
+        write(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
     }
 
-    /// Installs the staged events as the store, with the applied index they cover, in one
-    /// durable commit, if they are complete for `snapshot`; says whether they were.
-    pub(crate) fn promote_staged(&self, snapshot: &[u8], applied: u64) -> io::Result<bool> {
-        let mut promoted = false;
-        self.db
-            .write(|txn| {
-                let mut meta = txn.open_table(META)?;
-                if meta.get(KEY_STAGED_FOR)?.is_none_or(|v| v.value() != snapshot) {
-                    return Ok(());
-                }
-                meta.remove(KEY_STAGED_FOR)?;
-                meta.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
-                drop(meta);
-                LIVE.delete(txn)?;
-                STAGED.rename(txn, &LIVE)?;
-                promoted = true;
-                Ok(())
-            })
-            .map(|()| promoted)
+    /// Installs the staged events as the store, with the applied index they cover, inside the
+    /// caller's transaction, if they are complete for `snapshot`; says whether they were.
+    pub(crate) fn promote_staged_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        snapshot: &[u8],
+        applied: u64,
+    ) -> Result<bool, redb::Error> {
+        let mut meta = txn.open_table(META)?;
+        if meta.get(KEY_STAGED_FOR)?.is_none_or(|v| v.value() != snapshot) {
+            return Ok(false);
+        }
+        meta.remove(KEY_STAGED_FOR)?;
+        meta.insert(KEY_APPLIED, codec::encode(&applied).as_slice())?;
+        drop(meta);
+        LIVE.delete(txn)?;
+        STAGED.rename(txn, &LIVE)?;
+        Ok(true)
     }
 
     /// Writes the stored bytes of `chain`'s events `from` to `up_to`, one per line, to `out`:
@@ -287,13 +300,6 @@ impl AuditStore {
             Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
-    }
-
-    /// Makes every commit so far durable (one fsync).
-    pub(crate) fn sync(&self) -> io::Result<()> {
-        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(Durability::Immediate).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
     }
 
     /// Reads one event, checking that its hash covers its bytes and link.

@@ -25,12 +25,18 @@ fn checksum(body: &[u8]) -> [u8; 8] {
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let body = serde_json::to_vec(value).expect("storage records serialize");
+    try_encode(value).expect("storage records serialize")
+}
+
+/// Encodes a record whose serialization may fail: one that reads the store as it is written
+/// ([`crate::state_machine`]'s snapshots).
+pub fn try_encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    let body = serde_json::to_vec(value).map_err(io::Error::other)?;
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.push(RECORD_FORMAT);
     out.extend_from_slice(&checksum(&body));
     out.extend_from_slice(&body);
-    out
+    Ok(out)
 }
 
 /// Decodes a record, verifying its format byte and checksum first. `what` names the record in
@@ -177,7 +183,40 @@ pub struct StoredSnapshot {
     pub format: u32,
     pub last_applied: Option<StoredLogId>,
     pub membership: StoredMembershipState,
+    /// From format 6 the state holds no secrets: they follow in `kv`. Older formats hold them
+    /// in their mounts.
     pub state: State,
+    #[serde(default)]
+    pub kv: Vec<crate::kv_table::StoredKvEntry>,
+}
+
+/// A [`StoredSnapshot`] as written, borrowing its state and with its secrets from anywhere
+/// that serializes as a sequence of [`crate::kv_table::StoredKvEntry`] (a store being read).
+#[derive(Serialize)]
+pub(crate) struct StoredSnapshotRef<'a, K: Serialize> {
+    pub format: u32,
+    pub last_applied: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    pub state: &'a State,
+    pub kv: K,
+}
+
+impl StoredSnapshot {
+    /// The state with every secret in its mount, as a state without a store holds it (a
+    /// restore proposes it whole; tools count it). Refuses a secret of a mount it lacks.
+    pub fn into_whole_state(self) -> io::Result<State> {
+        let mut state = self.state;
+        for stored in self.kv {
+            let mount = state.mounts.get_mut(&stored.mount).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the snapshot holds a secret of {}, which is not one of its mounts", stored.mount),
+                )
+            })?;
+            mount.kv.entries.insert(stored.path, stored.entry);
+        }
+        Ok(state)
+    }
 }
 
 /// Which node a data directory belongs to, and in which format it was written.

@@ -10,6 +10,7 @@ pub mod codec;
 pub(crate) mod db;
 pub mod files;
 mod import;
+pub mod kv_table;
 pub mod log_store;
 pub mod recover;
 pub mod snapshot_file;

@@ -1,17 +1,27 @@
-//! The state machine: `citadel_core::state::State` in memory, snapshotted to a file, and the
-//! audit log on disk ([`AuditStore`]).
+//! The state machine: `citadel_core::state::State` in memory without its secrets and its
+//! audit events, which live on disk beside it ([`crate::kv_table`], [`AuditStore`]).
 //!
-//! The state without its audit events is small (secrets are kilobytes), so it lives in memory
-//! and is rebuilt at start from the latest snapshot plus the committed log after it. The audit
-//! events, which grow with every request, go to the audit store after every batch. Readers take
-//! a shared lock; `apply` takes the write lock for the duration of one batch, including its
-//! store commit, so a reader never sees a state whose events are not yet queryable.
+//! What stays in memory is small and bounded (mounts, policies, users, tokens, chain tips, the
+//! alert outbox). Each batch of entries loads the secrets its commands touch, applies under
+//! the state's write lock, and writes the secrets it changed and the events it sealed in one
+//! redb transaction that records the applied index. Readers take the shared lock and read the
+//! store through a read transaction opened under it, so a reader never sees a state whose
+//! secrets or events are not yet stored.
 //!
-//! A snapshot (`snapshot.bin`, what openraft builds and reads at start, and what an operator
-//! saves) holds each audit chain's tip, not its events. Sent to a follower, it is followed by
-//! its events, one per line, streamed from the store ([`StateReader::write_snapshot_events`]);
-//! the follower checks and stages them as they arrive ([`SnapshotReceiver`]) and installs them
-//! with the snapshot in one commit. Neither side holds the audit log in memory.
+//! Durability: the batch commits are not fsynced one by one (the Raft log is durable and
+//! replays them). At least once a second, and before every snapshot, a commit is made durable,
+//! and every durable commit also saves the state in memory as of that commit (`KEY_STATE`).
+//! After a crash redb is back at its last durable commit, where the secrets, the audit events
+//! and the saved state agree; the node starts from there and Raft replays the rest. Replaying
+//! onto a store that is ahead of the state in memory would not converge (a write's version
+//! depends on what it finds), which is why nothing else in `raft.redb` is committed durably.
+//!
+//! A snapshot (`snapshot.bin`, what openraft sends and an operator saves) holds the state and
+//! every secret beside it (`StoredSnapshot::kv`), streamed out of one read transaction, and each
+//! audit chain's tip, not its events. Sent to a follower, it is followed by its events, one per
+//! line, streamed from the store ([`StateReader::write_snapshot_events`]); the follower checks
+//! and stages them as they arrive ([`SnapshotReceiver`]) and installs them with the snapshot in
+//! one commit.
 
 use std::io;
 use std::path::Path;
@@ -28,14 +38,17 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
 use crate::audit_store::AuditStore;
-use crate::codec::{self, StoredMembershipState, StoredSnapshot};
-use crate::db::Db;
+use crate::codec::{self, StoredMembershipState, StoredSnapshot, StoredSnapshotRef};
+use crate::db::{Db, META};
+use crate::kv_table::{self, KvView, StoredKvEntryRef};
 use crate::snapshot_file::SnapshotFile;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
 /// Where format 3 kept the snapshot, moved out at open.
 const KEY_SNAPSHOT: &str = "snapshot";
+/// The state in memory as of the last durable commit: a snapshot record without secrets.
+const KEY_STATE: &str = "state";
 
 struct Applied {
     state: State,
@@ -53,11 +66,40 @@ pub const ARCHIVE_DIR: &str = "audit-archive";
 /// The first storage format whose snapshots leave the audit events in the audit store.
 const AUDIT_STORE_FORMAT: u32 = 5;
 
+/// The applied state as saved beside the tables at a durable commit.
+fn saved_state(applied: &Applied) -> Vec<u8> {
+    codec::encode(&StoredSnapshotRef {
+        format: citadel_core::command::FORMAT_VERSION,
+        last_applied: applied.last_applied.as_ref().map(Into::into),
+        membership: (&applied.membership).into(),
+        state: &applied.state,
+        kv: [(); 0],
+    })
+}
+
+/// Serializes every secret a view holds as a snapshot's `kv`, one entry at a time.
+struct StreamedKv<'a>(&'a KvView<'a>);
+
+impl serde::Serialize for StreamedKv<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = serializer.serialize_seq(None)?;
+        self.0
+            .for_each(&mut |mount, path, entry| {
+                seq.serialize_element(&StoredKvEntryRef { mount, path, entry: &entry })
+                    .map_err(|e| io::Error::other(e.to_string()))
+            })
+            .map_err(S::Error::custom)?;
+        seq.end()
+    }
+}
+
 /// A cheap, cloneable read handle on the applied state, for the layers above.
 #[derive(Clone)]
 pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
+    db: Arc<Db>,
     audit: AuditStore,
     /// Set while a snapshot's events are being received.
     receiving: Arc<AtomicBool>,
@@ -141,6 +183,13 @@ impl StateReader {
     /// Runs `f` against the current state under a shared lock.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.lock().state)
+    }
+
+    /// Runs `f` against the current state and its stored secrets, both as of the same applied
+    /// index (the store is read in a transaction opened under the state's lock).
+    pub fn read_with_kv<T>(&self, f: impl FnOnce(&State, &KvView<'_>) -> T) -> T {
+        let applied = self.lock();
+        f(&applied.state, &KvView::new(&self.db))
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -229,8 +278,10 @@ impl StateReader {
 
 pub struct StateMachine {
     inner: Arc<RwLock<Applied>>,
+    save_on_drop: Arc<SaveOnDrop>,
     snapshots: Arc<SnapshotFile>,
     applied_tx: Arc<watch::Sender<u64>>,
+    db: Arc<Db>,
     audit: AuditStore,
     last_sync: Instant,
     /// Where retention writes the events it prunes (`DATA/audit-archive`).
@@ -246,40 +297,40 @@ impl StateMachine {
             Some(record) => Some(record),
             None => move_snapshot_out_of(&db, &snapshots)?,
         };
-        let mut format = citadel_core::command::FORMAT_VERSION;
-        let mut applied = match record {
-            Some(record) => {
-                let what = format!("{} (its state)", snapshots.path().display());
-                let snap: StoredSnapshot = codec::decode(&record.data, &what).map_err(corrupt)?;
-                format = snap.format;
-                restore(snap).map_err(corrupt)?
-            }
-            None => Applied { state: State::default(), last_applied: None, membership: StoredMembership::default() },
-        };
-        let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+        let snapshot_index = record.as_ref().and_then(|r| r.last_log_id).map_or(0, |l| l.index);
         let audit = AuditStore::new(db.clone());
         let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
-        // A snapshot of format 4 or older holds its audit events: they move to the store once.
-        let events = applied.state.audit.take_unstored();
-        if !events.is_empty() || format < AUDIT_STORE_FORMAT {
-            let stored = audit.applied().map_err(db_err)?;
-            audit.store(&events, stored.max(index), true, false).map_err(db_err)?;
-            tracing::info!(events = events.len(), "moved the audit log out of the snapshot into the audit store");
-        }
-        // Every snapshot is written after the store was synced up to it: a store behind the
-        // snapshot has lost events the log no longer holds.
         let stored = audit.applied().map_err(db_err)?;
-        if stored < index {
+        let applied = match db.read_meta::<StoredSnapshot>(KEY_STATE).map_err(db_err)? {
+            Some(saved) if saved.last_applied.map_or(0, |l| l.index) == stored => restore(saved).map_err(db_err)?,
+            Some(saved) => {
+                // A clean close of redb makes its commits durable, and the last ones did not save
+                // the state (a stop the state machine did not see through): start over from the
+                // snapshot rather than replay onto secrets that are ahead of the state.
+                let saved_at = saved.last_applied.map_or(0, |l| l.index);
+                tracing::warn!(path = %db.path.display(), saved_at, stored, "the stored secrets and events are ahead of the saved state; rebuilding from the snapshot");
+                rebuild_from_snapshot(&db, &audit, &snapshots, record)?
+            }
+            None => rebuild_from_snapshot(&db, &audit, &snapshots, record)?,
+        };
+        let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+        // Every snapshot is written after a durable commit that covers it: a database behind the
+        // snapshot has lost secrets and events the log no longer holds.
+        let stored = audit.applied().map_err(db_err)?;
+        if index < snapshot_index || stored < index {
             return Err(db_err(io::Error::other(format!(
-                "its audit store covers the log up to entry {stored}, but {} starts at entry {index}: \
-                 audit events between them are lost",
+                "it holds the state up to entry {index} and audit events up to entry {stored}, but {} starts \
+                 at entry {snapshot_index}: what lies between them is lost",
                 snapshots.path().display()
             ))));
         }
+        let inner = Arc::new(RwLock::new(applied));
         Ok(StateMachine {
-            inner: Arc::new(RwLock::new(applied)),
+            save_on_drop: Arc::new(SaveOnDrop { inner: inner.clone(), db: db.clone() }),
+            inner,
             snapshots: Arc::new(snapshots),
             applied_tx: Arc::new(watch::channel(index).0),
+            db,
             audit,
             last_sync: Instant::now(),
             archive_dir: data_dir.join(ARCHIVE_DIR).into(),
@@ -291,13 +342,33 @@ impl StateMachine {
         StateReader {
             inner: self.inner.clone(),
             applied_index: self.applied_tx.subscribe(),
+            db: self.db.clone(),
             audit: self.audit.clone(),
             receiving: self.receiving.clone(),
         }
     }
+}
 
-    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
-        self.inner.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Saves the state when the last state machine handle goes (Raft has stopped): redb's clean
+/// close makes every commit durable, and without the state saved beside the last of them the
+/// next start would rebuild from the snapshot. Should anything have failed half-way, the saved
+/// index differs from the store's and the next start rebuilds anyway.
+struct SaveOnDrop {
+    inner: Arc<RwLock<Applied>>,
+    db: Arc<Db>,
+}
+
+impl Drop for SaveOnDrop {
+    fn drop(&mut self) {
+        let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let saved = saved_state(&applied);
+        let result = commit(&self.db, true, |txn| {
+            txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot save the state at stop; the next start rebuilds it from the snapshot");
+        }
     }
 }
 
@@ -317,6 +388,63 @@ fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<Stor
     Ok(Some(record))
 }
 
+/// Starts the database over from `snapshot.bin` (or from nothing, without one): its state is
+/// saved, its secrets replace the table's, and its audit events (format 4 and older) move to
+/// the audit store, whose applied index goes back to the snapshot's; Raft then replays the log
+/// after it, and events stored again are unchanged. For a data directory of format 5 or older,
+/// and for one whose store went ahead of its saved state.
+fn rebuild_from_snapshot(
+    db: &Db,
+    audit: &AuditStore,
+    snapshots: &SnapshotFile,
+    record: Option<StoredSnapshotRecord>,
+) -> Result<Applied, StorageOpenError> {
+    let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
+    let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
+    let (mut applied, format) = match record {
+        Some(record) => {
+            let what = format!("{} (its state)", snapshots.path().display());
+            let snap: StoredSnapshot = codec::decode(&record.data, &what).map_err(corrupt)?;
+            let format = snap.format;
+            (restore(snap).map_err(corrupt)?, format)
+        }
+        None => {
+            let empty =
+                Applied { state: State::default(), last_applied: None, membership: StoredMembership::default() };
+            (empty, citadel_core::command::FORMAT_VERSION)
+        }
+    };
+    let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+    let events = applied.state.audit.take_unstored();
+    if !events.is_empty() || format < AUDIT_STORE_FORMAT {
+        let stored = audit.applied().map_err(db_err)?;
+        audit.store(&events, stored.max(index), true, false).map_err(db_err)?;
+        tracing::info!(events = events.len(), "moved the audit log out of the snapshot into the audit store");
+    }
+    // Every snapshot is written after the store was made durable up to it: a store behind the
+    // snapshot has lost events the log no longer holds.
+    let stored = audit.applied().map_err(db_err)?;
+    if stored < index {
+        return Err(db_err(io::Error::other(format!(
+            "its audit store covers the log up to entry {stored}, but {} starts at entry {index}: \
+             audit events between them are lost",
+            snapshots.path().display()
+        ))));
+    }
+    let kv = applied.state.take_kv_changes();
+    let saved = saved_state(&applied);
+    let mut moved = 0;
+    db.write(|txn| {
+        moved = kv_table::replace_all(txn, kv_refs(&kv))?;
+        audit.store_in(txn, &[], index, false)?;
+        txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+        Ok(())
+    })
+    .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
+    tracing::info!(secrets = moved, index, from = %snapshots.path().display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
+    Ok(applied)
+}
+
 fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
     if !citadel_core::command::readable_format(snap.format) {
         return Err(io::Error::new(
@@ -324,11 +452,10 @@ fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
             format!("snapshot format {} is not supported by this build", snap.format),
         ));
     }
-    Ok(Applied {
-        state: snap.state,
-        last_applied: snap.last_applied.map(Into::into),
-        membership: snap.membership.into_stored()?,
-    })
+    let last_applied = snap.last_applied.map(Into::into);
+    let membership = snap.membership.clone().into_stored()?;
+    // Its secrets in memory for now: the caller moves them to the store.
+    Ok(Applied { state: snap.into_whole_state()?, last_applied, membership })
 }
 
 /// A snapshot as persisted: openraft's meta in our encoding, plus the encoded data.
@@ -354,11 +481,14 @@ impl StoredSnapshotRecord {
 
 type Answer = (openraft::storage::ApplyResponder<TypeConfig>, Response);
 
-/// Applies one batch under the state's write lock, then stores its audit events with the
-/// applied index it reaches (fsynced when `durable`). Returns the answers to send and that index.
+/// Applies one batch under the state's write lock, loading the secrets its commands touch, then
+/// writes the secrets it changed and the events it sealed with the applied index it reaches, in
+/// one commit; when `durable`, fsynced and with the state saved. Returns the answers to send
+/// and that index.
 fn apply_batch(
-    inner: &RwLock<Applied>,
+    db: &Db,
     audit: &AuditStore,
+    inner: &RwLock<Applied>,
     archive_dir: &Path,
     batch: Vec<EntryResponder<TypeConfig>>,
     durable: bool,
@@ -366,6 +496,8 @@ fn apply_batch(
     let mut last_index = None;
     let mut answers = Vec::with_capacity(batch.len());
     let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // What the store held before this batch: its changes stay in memory until the commit below.
+    let stored = KvView::new(db);
     for (entry, responder) in batch {
         if let Some(prev) = &applied.last_applied {
             assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
@@ -381,6 +513,7 @@ fn apply_batch(
                     leader: entry.log_id.leader_id.node_id,
                     index: entry.log_id.index,
                 };
+                applied.state.preload_kv(&command, |mount, path| stored.entry(mount, path))?;
                 applied.state.apply_entry(position, command)
             }
             EntryPayload::Membership(m) => {
@@ -399,45 +532,81 @@ fn apply_batch(
             tracing::info!(events = archived, dir = %archive_dir.display(), "audit retention archived and pruned events");
         }
     }
+    drop(stored);
     if let Some(index) = last_index {
-        // Under the lock: no reader sees this batch before its events are queryable, and no
-        // snapshot copies the state between the two.
+        // Under the lock: no reader sees this batch before its secrets and events are stored,
+        // and no snapshot copies the state between the two.
         let events = applied.state.audit.take_unstored();
-        audit.store(&events, index, durable, false)?;
+        let kv = applied.state.take_kv_changes();
+        let saved = durable.then(|| saved_state(&applied));
+        commit(db, durable, |txn| {
+            audit.store_in(txn, &events, index, false)?;
+            kv_table::write_changes(txn, &kv)?;
+            if let Some(saved) = &saved {
+                txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+            }
+            Ok(())
+        })?;
     }
     Ok((answers, last_index))
+}
+
+/// Every secret a batch's changes put, as a snapshot's `kv` lists them.
+fn kv_refs(kv: &citadel_core::state::StateKvChanges) -> impl Iterator<Item = StoredKvEntryRef<'_>> {
+    kv.mounts
+        .iter()
+        .flat_map(|(mount, c)| c.put.iter().map(move |(path, entry)| StoredKvEntryRef { mount, path, entry }))
+}
+
+/// One commit of the state machine's changes, fsynced when `durable`.
+fn commit(
+    db: &Db,
+    durable: bool,
+    write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+) -> io::Result<()> {
+    let mut txn = db.db.begin_write().map_err(|e| db.err(e))?;
+    let durability = if durable { redb::Durability::Immediate } else { redb::Durability::None };
+    txn.set_durability(durability).map_err(|e| db.err(e))?;
+    write(&txn).map_err(|e| db.err(e))?;
+    txn.commit().map_err(|e| db.err(e))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        // Only the copy holds the lock `apply` needs: encoding and hashing a large state took
-        // hundreds of milliseconds, and writes waiting to apply timed out (`bench scale` found it).
-        let (stored, meta) = {
-            let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            let stored = StoredSnapshot {
+        let (inner, db, snapshots) = (self.inner.clone(), self.db.clone(), self.snapshots.clone());
+        let (meta, data) = tokio::task::spawn_blocking(move || -> io::Result<(SnapshotMeta, Vec<u8>)> {
+            // Under the lock only: a durable commit with the state saved (the log may be purged
+            // up to this snapshot once it is written), a copy of the state without its secrets,
+            // and a read transaction on the secrets as of the same index. Encoding the secrets
+            // holds no lock `apply` needs: with the whole state under it, writes waiting to apply
+            // timed out (`bench scale` found it).
+            let stored = KvView::new(&db);
+            let (state, meta) = {
+                let applied = inner.read().unwrap_or_else(|p| p.into_inner());
+                let saved = saved_state(&applied);
+                commit(&db, true, |txn| {
+                    txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+                    Ok(())
+                })?;
+                stored.open()?;
+                let meta =
+                    SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
+                (applied.state.clone(), meta)
+            };
+            let last_log_id = meta.last_log_id.as_ref().map(Into::into);
+            let membership: StoredMembershipState = (&meta.last_membership).into();
+            let data = codec::try_encode(&StoredSnapshotRef {
                 format: citadel_core::command::FORMAT_VERSION,
-                last_applied: applied.last_applied.as_ref().map(Into::into),
-                membership: (&applied.membership).into(),
-                state: applied.state.clone(),
-            };
-            let meta = SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
-            (stored, meta)
-        };
-        let snapshots = self.snapshots.clone();
-        let audit = self.audit.clone();
-        let data = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
-            // The log may be purged up to this snapshot once it is written: first make the audit
-            // events it covers durable (apply stored them before the copy above was taken).
-            audit.sync()?;
-            let record = StoredSnapshotRecord {
-                last_log_id: stored.last_applied,
-                membership: stored.membership.clone(),
-                data: codec::encode(&stored),
-            };
+                last_applied: last_log_id,
+                membership: membership.clone(),
+                state: &state,
+                kv: StreamedKv(&stored),
+            })?;
+            let record = StoredSnapshotRecord { last_log_id, membership, data };
             snapshots.write(&record)?;
-            Ok(record.data)
+            Ok((meta, record.data))
         })
         .await
         .map_err(io::Error::other)??;
@@ -466,9 +635,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // not stall Raft's heartbeats on a machine with two cores (`bench scale` at full size
         // saw elections while a commit ran on a runtime thread).
         let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
-        let (inner, audit, archive_dir) = (self.inner.clone(), self.audit.clone(), self.archive_dir.clone());
+        let (db, audit, inner, archive_dir) =
+            (self.db.clone(), self.audit.clone(), self.inner.clone(), self.archive_dir.clone());
         let (answers, last_index) =
-            tokio::task::spawn_blocking(move || apply_batch(&inner, &audit, &archive_dir, batch, durable))
+            tokio::task::spawn_blocking(move || apply_batch(&db, &audit, &inner, &archive_dir, batch, durable))
                 .await
                 .map_err(io::Error::other)??;
         if durable {
@@ -486,8 +656,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         StateMachine {
             inner: self.inner.clone(),
+            save_on_drop: self.save_on_drop.clone(),
             snapshots: self.snapshots.clone(),
             applied_tx: self.applied_tx.clone(),
+            db: self.db.clone(),
             audit: self.audit.clone(),
             last_sync: self.last_sync,
             archive_dir: self.archive_dir.clone(),
@@ -506,38 +678,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
         let inline = restored.state.audit.take_unstored();
         let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
-        let local = StoredSnapshot {
-            format: citadel_core::command::FORMAT_VERSION,
-            last_applied: restored.last_applied.as_ref().map(Into::into),
-            membership: (&restored.membership).into(),
-            state: restored.state.clone(),
-        };
+        let kv = restored.state.take_kv_changes();
         let record = StoredSnapshotRecord {
             last_log_id: meta.last_log_id.as_ref().map(Into::into),
             membership: (&meta.last_membership).into(),
-            data: codec::encode(&local),
+            data: codec::encode(&StoredSnapshotRef {
+                format: citadel_core::command::FORMAT_VERSION,
+                last_applied: restored.last_applied.as_ref().map(Into::into),
+                membership: (&restored.membership).into(),
+                state: &restored.state,
+                kv: kv_refs(&kv).collect::<Vec<_>>(),
+            }),
         };
-        let (snapshots, audit, staged) = (self.snapshots.clone(), self.audit.clone(), staging_id(meta));
+        let saved = saved_state(&restored);
+        let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
+        let (snapshots, applied_tx) = (self.snapshots.clone(), self.applied_tx.clone());
         tokio::task::spawn_blocking(move || {
-            if inline.is_empty() {
-                if !audit.promote_staged(&staged, index)? {
-                    if covers_events {
-                        return Err(io::Error::other(
-                            "the snapshot's audit events did not all arrive; it will be sent again",
-                        ));
-                    }
-                    audit.store(&[], index, true, true)?;
-                }
-            } else {
-                audit.store(&inline, index, true, true)?;
+            // Under the write lock: no snapshot saves the old state beside the new tables.
+            let mut applied = inner.write().unwrap_or_else(|p| p.into_inner());
+            let mut txn = db.db.begin_write().map_err(|e| db.err(e))?;
+            txn.set_two_phase_commit(true);
+            let promoted = inline.is_empty() && audit.promote_staged_in(&txn, &staged, index).map_err(|e| db.err(e))?;
+            if !promoted && inline.is_empty() && covers_events {
+                return Err(io::Error::other("the snapshot's audit events did not all arrive; it will be sent again"));
             }
-            snapshots.write(&record)
+            let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+                if !promoted {
+                    audit.store_in(txn, &inline, index, true)?;
+                }
+                kv_table::replace_all(txn, kv_refs(&kv))?;
+                txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+                Ok(())
+            };
+            write(&txn).map_err(|e| db.err(e))?;
+            txn.commit().map_err(|e| db.err(e))?;
+            snapshots.write(&record)?;
+            *applied = restored;
+            applied_tx.send_replace(index);
+            Ok(())
         })
         .await
-        .map_err(io::Error::other)??;
-        *self.write_lock() = restored;
-        self.applied_tx.send_replace(index);
-        Ok(())
+        .map_err(io::Error::other)?
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
@@ -564,7 +745,7 @@ mod tests {
     /// Writes `snapshot.bin` of `format` at index 7 holding `state`.
     fn write_snapshot(dir: &Path, format: u32, state: State) {
         let last = StoredLogId { term: 1, leader: 1, index: 7 };
-        let stored = StoredSnapshot { format, last_applied: Some(last), membership: membership(), state };
+        let stored = StoredSnapshot { format, last_applied: Some(last), membership: membership(), state, kv: vec![] };
         let record =
             StoredSnapshotRecord { last_log_id: Some(last), membership: membership(), data: codec::encode(&stored) };
         SnapshotFile::in_dir(dir).write(&record).unwrap();
@@ -683,6 +864,7 @@ mod tests {
             last_applied: Some(last),
             membership: membership.clone(),
             state: State::default(),
+            kv: vec![],
         };
         let record = StoredSnapshotRecord { last_log_id: Some(last), membership, data: codec::encode(&stored) };
         db.write_meta(KEY_SNAPSHOT, &record).unwrap();
@@ -694,5 +876,142 @@ mod tests {
         assert!(db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).unwrap().is_none(), "removed from raft.redb");
         let again = StateMachine::open(db, dir.path()).unwrap();
         assert_eq!(again.reader().applied_index(), 7);
+    }
+
+    fn init() -> citadel_core::command::Command {
+        use citadel_core::state::{ClusterInfo, Mount, SealInfo};
+        citadel_core::command::Command::Init(Box::new(citadel_core::command::InitCommand {
+            cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
+            seal: SealInfo {
+                shares: 1,
+                threshold: 1,
+                wrapped_root_key: vec![1],
+                wrapped_keyring: vec![2],
+                key_term: 1,
+                key_installed: 1,
+            },
+            root_token: citadel_core::token::TokenEntry { hash: "root".into(), ..Default::default() },
+            default_mount_path: "secret/".into(),
+            default_mount: Mount {
+                uuid: "u".into(),
+                kind: "kv".into(),
+                description: String::new(),
+                created: 1,
+                kv: Default::default(),
+            },
+        }))
+    }
+
+    fn write(path: &str, version: u64) -> citadel_core::command::Command {
+        let ciphertext = format!("{path}@{version}").into_bytes();
+        citadel_core::command::Command::KvWrite {
+            mount: "secret/".into(),
+            path: path.into(),
+            version,
+            ciphertext,
+            cas: None,
+            at: 5,
+        }
+    }
+
+    /// Applies `commands` as the log entries after `after`, one batch.
+    async fn apply(sm: &mut StateMachine, after: u64, commands: Vec<citadel_core::command::Command>) {
+        use openraft::entry::RaftEntry;
+        let entries = commands.into_iter().enumerate().map(|(i, c)| {
+            let id = LogId::new(crate::types::LeaderId { term: 1, node_id: 1 }, after + 1 + i as u64);
+            Ok((crate::types::Entry::new_normal(id, c), None))
+        });
+        sm.apply(futures::stream::iter(entries.collect::<Vec<_>>())).await.unwrap();
+    }
+
+    fn open(dir: &Path) -> StateMachine {
+        let db = Arc::new(Db::open(&dir.join(crate::DB_FILE)).unwrap());
+        StateMachine::open(db, dir).unwrap()
+    }
+
+    /// What the store holds at `path` of `secret/`, and how many entries the state in memory holds.
+    fn stored_and_in_memory(reader: &StateReader, path: &str) -> (Option<u64>, usize) {
+        reader.read_with_kv(|s, kv| {
+            let held = s.mounts.values().map(|m| m.kv.entries.len()).sum();
+            (kv.entry("secret/", path).unwrap().map(|e| e.current_version), held)
+        })
+    }
+
+    #[tokio::test]
+    async fn secrets_live_in_the_store_not_in_memory_and_a_restarted_node_finds_them_at_its_applied_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        apply(&mut sm, 0, vec![init(), write("a", 1), write("b", 1)]).await;
+        apply(&mut sm, 3, vec![write("a", 2)]).await;
+        let reader = sm.reader();
+        assert_eq!(stored_and_in_memory(&reader, "a"), (Some(2), 0), "stored, and none in memory");
+        assert_eq!(reader.read_with_kv(|_, kv| kv.list("secret/", "").unwrap()), ["a", "b"]);
+        drop((sm, reader));
+
+        let sm = open(dir.path());
+        assert_eq!(sm.reader().applied_index(), 4, "the state saved at stop, not a snapshot's");
+        assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(2), 0));
+        assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (Some(1), 0));
+    }
+
+    #[tokio::test]
+    async fn a_store_ahead_of_its_saved_state_is_rebuilt_from_the_snapshot_and_the_log_replays_onto_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        apply(&mut sm, 0, vec![init(), write("a", 1)]).await;
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        apply(&mut sm, 2, vec![write("a", 2), write("b", 1)]).await;
+        // What a stop between durable commits leaves: the secrets at entry 4, the state at 2.
+        let saved_at_2 = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
+        let db = sm.db.clone();
+        drop(sm);
+        db.write_meta(KEY_STATE, &saved_at_2).unwrap();
+        drop(db);
+
+        let mut sm = open(dir.path());
+        assert_eq!(sm.reader().applied_index(), 2, "the snapshot's");
+        assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(1), 0), "the snapshot's secrets");
+        assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (None, 0));
+        apply(&mut sm, 2, vec![write("a", 2), write("b", 1)]).await;
+        assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(2), 0), "the replay converges");
+        assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (Some(1), 0));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_carries_the_stored_secrets_and_installing_it_replaces_the_receivers() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut sender = open(from.path());
+        apply(&mut sender, 0, vec![init(), write("a", 1), write("a", 2), write("b", 1)]).await;
+        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let stored: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
+        let paths: Vec<_> = stored.kv.iter().map(|e| (e.path.as_str(), e.entry.current_version)).collect();
+        assert_eq!(paths, [("a", 2), ("b", 1)]);
+        assert!(stored.state.mounts["secret/"].kv.entries.is_empty(), "beside the state, not in it");
+
+        let mut receiver = open(to.path());
+        apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
+        let transfer = sender.reader().transfer_form(&snapshot.snapshot).unwrap();
+        receiver.install_snapshot(&snapshot.meta, transfer).await.unwrap();
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(2), 0));
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0), "the receiver's own secrets are gone");
+        drop(receiver);
+        assert_eq!(stored_and_in_memory(&open(to.path()).reader(), "b"), (Some(1), 0), "installed durably");
+    }
+
+    #[test]
+    fn a_format_5_snapshots_secrets_move_to_the_store_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::default();
+        assert_eq!(state.apply(init()), Response::Done);
+        assert!(matches!(state.apply(write("a", 1)), Response::KvWritten { .. }));
+        write_snapshot(dir.path(), 5, state);
+        // A format-5 node's audit store covers its snapshot.
+        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
+        AuditStore::new(db).store(&[], 7, true, false).unwrap();
+        let sm = open(dir.path());
+        assert_eq!((sm.reader().applied_index(), stored_and_in_memory(&sm.reader(), "a")), (7, (Some(1), 0)));
+        drop(sm);
+        let again = open(dir.path());
+        assert_eq!(stored_and_in_memory(&again.reader(), "a"), (Some(1), 0), "read from the store the next time");
     }
 }

@@ -71,6 +71,7 @@ fn valid_records() -> Vec<Vec<u8>> {
             last_applied: Some(log_id),
             membership: StoredMembershipState { log_id: Some(log_id), config: membership() },
             state: State::default(),
+            kv: vec![],
         }),
         codec::encode(&Identity { node_id: 1, format: 1 }),
     ]

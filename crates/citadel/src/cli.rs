@@ -755,7 +755,7 @@ fn operator_offline(cmd: OperatorCmd, format: Format) -> Result<()> {
         OperatorCmd::Raft(RaftCmd::Snapshot(SnapshotCmd::Inspect { file })) => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let (header, stored) = citadel_server::api::snapshot_file(&bytes).map_err(anyhow::Error::msg)?;
-            let state = &stored.state;
+            let state = &stored.into_whole_state()?;
             let summary = json!({
                 "cluster_id": header.cluster_id,
                 "last_index": header.last_index,

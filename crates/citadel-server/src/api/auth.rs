@@ -341,7 +341,7 @@ fn userpass_routes() -> Vec<Route<Handler>> {
                 op::write("Create or update a user", handler!(write_user)).with_params(USER_PARAMS),
                 op::delete("Delete a user and revoke its tokens", handler!(delete_user)),
             ],
-            exists: Some(|s, c| s.users.contains_key(&user_key(&c.mount, c.get("username")))),
+            exists: Some(|s, _, c| s.users.contains_key(&user_key(&c.mount, c.get("username")))),
         },
         route(
             "users/:username/password",

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
 use citadel_core::command::{Command, Rejection, Response};
-use citadel_core::kv::{KvConfig, KvEntry, KvError, KvVersion, MetadataUpdate};
+use citadel_core::kv::{KvConfig, KvEntry, KvError, KvRead, KvVersion, MetadataUpdate};
 use citadel_core::time::rfc3339;
 use serde_json::{json, Value};
 
@@ -65,8 +65,10 @@ const CONFIG_PARAMS: &[Param] = &[
 
 /// Vault's KV existence check: a secret exists while its metadata does (even if every version is
 /// deleted), so rewriting it needs `update`.
-fn secret_exists(s: &State, c: &Captures) -> bool {
-    s.mounts.get(&c.mount).is_some_and(|m| m.kv.entries.contains_key(c.get("path")))
+/// A store that cannot be read counts as holding the secret: `update` is then needed, and the
+/// write itself fails on the same damage.
+fn secret_exists(_: &State, kv: &dyn KvRead, c: &Captures) -> bool {
+    kv.entry(&c.mount, c.get("path")).map_or(true, |e| e.is_some())
 }
 
 /// The engine's routes, relative to its mount.
@@ -160,7 +162,11 @@ async fn destroy_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
 async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (mount, path) = secret(c);
     let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-    let keys = c.app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.list(&prefix)).unwrap_or_default());
+    let keys = c.app.state.read_with_kv(|s, kv| match s.mounts.contains_key(mount) {
+        true => kv.list(mount, &prefix),
+        false => Ok(Vec::new()),
+    });
+    let keys = keys.map_err(stored_secrets_unreadable)?;
     if keys.is_empty() {
         return Err(ApiError::not_found());
     }
@@ -191,8 +197,20 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
     })
 }
 
-fn entry(app: &Node, mount: &str, path: &str) -> Option<(String, KvEntry)> {
-    app.state.read(|s| s.mounts.get(mount).and_then(|m| m.kv.entries.get(path).map(|e| (m.uuid.clone(), e.clone()))))
+/// The secret at `path` of `mount` as stored.
+fn entry(app: &Node, mount: &str, path: &str) -> Result<Option<KvEntry>, ApiError> {
+    let entry = app.state.read_with_kv(|s, kv| match s.mounts.contains_key(mount) {
+        true => kv.entry(mount, path),
+        false => Ok(None),
+    });
+    entry.map_err(stored_secrets_unreadable)
+}
+
+/// A secret the store holds damaged is never served: the client hears that much, the log
+/// hears which file and secret (never a value: the store holds ciphertext only).
+fn stored_secrets_unreadable(e: std::io::Error) -> ApiError {
+    tracing::error!(error = %e, "cannot read the stored secrets");
+    ApiError::internal("the stored secrets cannot be read on this node; see its log")
 }
 
 async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
@@ -202,7 +220,7 @@ async fn read(c: &Call<'_>) -> Result<Reply, ApiError> {
         Some(v) => Some(v.parse::<u64>().map_err(|_| ApiError::bad_request("version must be a number"))?),
     };
     let barrier = MountBarrier::of(app, mount)?;
-    let (_, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
+    let entry = entry(app, mount, path)?.ok_or_else(ApiError::not_found)?;
     let number = requested.filter(|&v| v > 0).unwrap_or(entry.current_version);
     let version = entry.versions.get(&number).ok_or_else(ApiError::not_found)?;
     let metadata = version_json(version, number, &entry.custom_metadata);
@@ -227,8 +245,10 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
     }
     let barrier = MountBarrier::of(app, mount)?;
     for _ in 0..VERSION_RACE_RETRIES {
-        let version = app.state.read(|s| s.mounts.get(mount).map(|m| m.kv.next_version(path)));
-        let version = version.ok_or_else(|| ApiError::no_route(mount))?;
+        if !app.state.read(|s| s.mounts.contains_key(mount)) {
+            return Err(ApiError::no_route(mount));
+        }
+        let version = citadel_core::kv::next_version(entry(app, mount, path)?.as_ref());
         let ciphertext = barrier.seal(app, path, version, data)?;
         let sealed = ciphertext.clone();
         let command =
@@ -249,7 +269,7 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
                 // Either another writer took the version, or this very write landed on an earlier
                 // attempt whose answer was lost: the ciphertext (random nonce) tells which.
                 app.linearize().await?;
-                let landed = entry(app, mount, path).and_then(|(_, e)| {
+                let landed = entry(app, mount, path)?.and_then(|e| {
                     e.versions.get(&version).filter(|v| v.ciphertext == sealed).map(|v| (v.created, v.deletion_time))
                 });
                 if let Some((created, deletion_time)) = landed {
@@ -265,7 +285,8 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
 }
 
 fn written(app: &Node, mount: &str, path: &str, version: u64, created: u64, deletion_time: Option<u64>) -> Reply {
-    let custom = entry(app, mount, path).map(|(_, e)| e.custom_metadata).unwrap_or_default();
+    // The write is done: a store that cannot be read now only leaves the answer's metadata out.
+    let custom = entry(app, mount, path).ok().flatten().map(|e| e.custom_metadata).unwrap_or_default();
     Reply::data(json!({
         "created_time": rfc3339(created),
         "custom_metadata": if custom.is_empty() { Value::Null } else { json!(custom) },
@@ -301,7 +322,7 @@ async fn patch(c: &Call<'_>) -> Result<Reply, ApiError> {
     let cas = options_cas(&body)?;
     app.linearize().await?;
     let barrier = MountBarrier::of(app, mount)?;
-    let (_, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
+    let entry = entry(app, mount, path)?.ok_or_else(ApiError::not_found)?;
     let current = entry.current_version;
     let mount_requires_cas = app.state.read(|s| s.mounts.get(mount).is_some_and(|m| m.kv.config.cas_required));
     if cas.is_none() && (mount_requires_cas || entry.cas_required) {
@@ -360,7 +381,7 @@ async fn versions_command(
 
 async fn read_metadata(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (app, (mount, path)) = (c.app, secret(c));
-    let (_, entry) = entry(app, mount, path).ok_or_else(ApiError::not_found)?;
+    let entry = entry(app, mount, path)?.ok_or_else(ApiError::not_found)?;
     let versions: serde_json::Map<String, Value> = entry
         .versions
         .iter()

@@ -25,7 +25,7 @@ pub fn routes() -> Vec<Route<Handler>> {
                 op::write("Enable a secrets engine by type", handler!(enable_mount)).with_params(MOUNT_PARAMS),
                 op::delete("Disable a secrets engine and delete its data", handler!(disable_mount)),
             ],
-            exists: Some(|s, c| s.mounts.contains_key(&mount_key(c.get("path")))),
+            exists: Some(|s, _, c| s.mounts.contains_key(&mount_key(c.get("path")))),
         },
         route("sys/auth", vec![op::read("List auth methods", handler!(list_auth))]),
         // Vault's auth endpoints are root-protected: each needs sudo.

@@ -30,7 +30,7 @@ pub fn routes() -> Vec<Route<Handler>> {
                 op::write("Create or update an ACL policy", handler!(write)).with_params(POLICY_PARAMS),
                 op::delete("Delete an ACL policy", handler!(delete)),
             ],
-            exists: Some(|s, c| policy_exists(s, c.get("name"))),
+            exists: Some(|s, _, c| policy_exists(s, c.get("name"))),
         },
         route(
             "sys/policy",
@@ -46,7 +46,7 @@ pub fn routes() -> Vec<Route<Handler>> {
                 op::write("Create or update a policy (legacy)", handler!(write)).with_params(POLICY_PARAMS),
                 op::delete("Delete a policy (legacy)", handler!(delete)),
             ],
-            exists: Some(|s, c| policy_exists(s, c.get("name"))),
+            exists: Some(|s, _, c| policy_exists(s, c.get("name"))),
         },
     ]
 }
