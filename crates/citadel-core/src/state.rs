@@ -155,7 +155,7 @@ pub struct State {
     /// a restore) since the last batch: the store forgets them before it writes the batch's
     /// entries, and nothing is loaded from it for them meanwhile.
     #[serde(skip)]
-    kv_cleared: BTreeSet<String>,
+    pub kv_cleared: BTreeSet<String>,
 }
 
 /// What one batch changed in the secrets of every mount ([`State::take_kv_changes`]).

@@ -14,21 +14,41 @@ async fn metric(client: &Client, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok())
 }
 
-/// Writes `count` secrets with `clients` concurrent clients; every write must succeed.
-async fn write_many(client: &Client, prefix: &str, count: usize, clients: usize) {
+/// Writes `count` secrets with `clients` concurrent clients; every write must succeed. A 503
+/// (no leader within the request's deadline: with a voter down, a heartbeat late by more than an
+/// election timeout on a loaded machine costs an election) is sent again, as a client would,
+/// until a generous deadline; any other error fails the test. Returns how many were sent again.
+async fn write_many(client: &Client, prefix: &str, count: usize, clients: usize) -> usize {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let client = client.clone();
         let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
+            let mut retried = 0;
             for n in (c..count).step_by(clients) {
-                client.kv_put("secret", &format!("{prefix}/{}", n % 500), &json!({ "n": n }), None).await.unwrap();
+                let path = format!("{prefix}/{}", n % 500);
+                let deadline = std::time::Instant::now() + STARTUP;
+                loop {
+                    match client.kv_put("secret", &path, &json!({ "n": n }), None).await {
+                        Ok(_) => break,
+                        Err(e) if e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+                            && std::time::Instant::now() < deadline =>
+                        {
+                            retried += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("write {n} failed: {e}"),
+                    }
+                }
             }
+            retried
         }));
     }
+    let mut retried = 0;
     for t in tasks {
-        t.await.unwrap();
+        retried += t.await.unwrap();
     }
+    retried
 }
 
 #[tokio::test]
@@ -42,7 +62,8 @@ async fn a_follower_down_while_20000_entries_are_written_holds_back_no_compactio
     cluster.kill9_at(down);
 
     let root = cluster.root_at(leader);
-    write_many(&root, "dead-voter", 20_000, 32).await;
+    let retried = write_many(&root, "dead-voter", 20_000, 32).await;
+    eprintln!("writes sent again after a 503: {retried}");
     let last = metric(&root, "citadel_raft_last_log_index").await.unwrap();
     let purged = metric(&root, "citadel_raft_purged_index").await.unwrap();
     eprintln!("leader's log with a voter down: last index {last}, purged through {purged}");
