@@ -58,6 +58,11 @@ pub struct KvEntry {
 pub trait KvRead {
     /// The entry at `path` of the mount at `mount`.
     fn entry(&self, mount: &str, path: &str) -> std::io::Result<Option<KvEntry>>;
+
+    /// Whether an entry is at `path` (without decoding it).
+    fn contains(&self, mount: &str, path: &str) -> std::io::Result<bool> {
+        self.entry(mount, path).map(|e| e.is_some())
+    }
 }
 
 /// A state that holds its secrets in memory (tests and tools) reads them from there.

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredMembershipState, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
-use crate::kv_table::{self, KvView, StoredKvEntryRef};
+use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
 use crate::snapshot_file::SnapshotFile;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
@@ -100,6 +100,7 @@ pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
     db: Arc<Db>,
+    kv_cache: Arc<KvCache>,
     audit: AuditStore,
     /// Set while a snapshot's events are being received.
     receiving: Arc<AtomicBool>,
@@ -189,7 +190,7 @@ impl StateReader {
     /// index (the store is read in a transaction opened under the state's lock).
     pub fn read_with_kv<T>(&self, f: impl FnOnce(&State, &KvView<'_>) -> T) -> T {
         let applied = self.lock();
-        f(&applied.state, &KvView::new(&self.db))
+        f(&applied.state, &KvView::new(&self.db, &self.kv_cache))
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -282,6 +283,7 @@ pub struct StateMachine {
     snapshots: Arc<SnapshotFile>,
     applied_tx: Arc<watch::Sender<u64>>,
     db: Arc<Db>,
+    kv_cache: Arc<KvCache>,
     audit: AuditStore,
     last_sync: Instant,
     /// Where retention writes the events it prunes (`DATA/audit-archive`).
@@ -331,6 +333,7 @@ impl StateMachine {
             snapshots: Arc::new(snapshots),
             applied_tx: Arc::new(watch::channel(index).0),
             db,
+            kv_cache: Arc::default(),
             audit,
             last_sync: Instant::now(),
             archive_dir: data_dir.join(ARCHIVE_DIR).into(),
@@ -343,6 +346,7 @@ impl StateMachine {
             inner: self.inner.clone(),
             applied_index: self.applied_tx.subscribe(),
             db: self.db.clone(),
+            kv_cache: self.kv_cache.clone(),
             audit: self.audit.clone(),
             receiving: self.receiving.clone(),
         }
@@ -487,6 +491,7 @@ type Answer = (openraft::storage::ApplyResponder<TypeConfig>, Response);
 /// and that index.
 fn apply_batch(
     db: &Db,
+    kv_cache: &KvCache,
     audit: &AuditStore,
     inner: &RwLock<Applied>,
     archive_dir: &Path,
@@ -497,7 +502,7 @@ fn apply_batch(
     let mut answers = Vec::with_capacity(batch.len());
     let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
     // What the store held before this batch: its changes stay in memory until the commit below.
-    let stored = KvView::new(db);
+    let stored = KvView::new(db, kv_cache);
     for (entry, responder) in batch {
         if let Some(prev) = &applied.last_applied {
             assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
@@ -547,6 +552,7 @@ fn apply_batch(
             }
             Ok(())
         })?;
+        kv_cache.committed(&kv);
     }
     Ok((answers, last_index))
 }
@@ -575,14 +581,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (inner, db, snapshots) = (self.inner.clone(), self.db.clone(), self.snapshots.clone());
+        let (inner, db, kv_cache, snapshots) =
+            (self.inner.clone(), self.db.clone(), self.kv_cache.clone(), self.snapshots.clone());
         let (meta, data) = tokio::task::spawn_blocking(move || -> io::Result<(SnapshotMeta, Vec<u8>)> {
             // Under the lock only: a durable commit with the state saved (the log may be purged
             // up to this snapshot once it is written), a copy of the state without its secrets,
             // and a read transaction on the secrets as of the same index. Encoding the secrets
             // holds no lock `apply` needs: with the whole state under it, writes waiting to apply
             // timed out (`bench scale` found it).
-            let stored = KvView::new(&db);
+            let stored = KvView::new(&db, &kv_cache);
             let (state, meta) = {
                 let applied = inner.read().unwrap_or_else(|p| p.into_inner());
                 let saved = saved_state(&applied);
@@ -635,12 +642,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // not stall Raft's heartbeats on a machine with two cores (`bench scale` at full size
         // saw elections while a commit ran on a runtime thread).
         let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
-        let (db, audit, inner, archive_dir) =
-            (self.db.clone(), self.audit.clone(), self.inner.clone(), self.archive_dir.clone());
-        let (answers, last_index) =
-            tokio::task::spawn_blocking(move || apply_batch(&db, &audit, &inner, &archive_dir, batch, durable))
-                .await
-                .map_err(io::Error::other)??;
+        let (db, kv_cache, audit, inner, archive_dir) =
+            (self.db.clone(), self.kv_cache.clone(), self.audit.clone(), self.inner.clone(), self.archive_dir.clone());
+        let (answers, last_index) = tokio::task::spawn_blocking(move || {
+            apply_batch(&db, &kv_cache, &audit, &inner, &archive_dir, batch, durable)
+        })
+        .await
+        .map_err(io::Error::other)??;
         if durable {
             self.last_sync = Instant::now();
         }
@@ -660,6 +668,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshots: self.snapshots.clone(),
             applied_tx: self.applied_tx.clone(),
             db: self.db.clone(),
+            kv_cache: self.kv_cache.clone(),
             audit: self.audit.clone(),
             last_sync: self.last_sync,
             archive_dir: self.archive_dir.clone(),
@@ -692,6 +701,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
+        let kv_cache = self.kv_cache.clone();
         let (snapshots, applied_tx) = (self.snapshots.clone(), self.applied_tx.clone());
         tokio::task::spawn_blocking(move || {
             // Under the write lock: no snapshot saves the old state beside the new tables.
@@ -712,6 +722,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             write(&txn).map_err(|e| db.err(e))?;
             txn.commit().map_err(|e| db.err(e))?;
+            kv_cache.clear();
             snapshots.write(&record)?;
             *applied = restored;
             applied_tx.send_replace(index);

@@ -68,7 +68,7 @@ const CONFIG_PARAMS: &[Param] = &[
 /// A store that cannot be read counts as holding the secret: `update` is then needed, and the
 /// write itself fails on the same damage.
 fn secret_exists(_: &State, kv: &dyn KvRead, c: &Captures) -> bool {
-    kv.entry(&c.mount, c.get("path")).map_or(true, |e| e.is_some())
+    kv.contains(&c.mount, c.get("path")).unwrap_or(true)
 }
 
 /// The engine's routes, relative to its mount.
@@ -248,7 +248,10 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
         if !app.state.read(|s| s.mounts.contains_key(mount)) {
             return Err(ApiError::no_route(mount));
         }
-        let version = citadel_core::kv::next_version(entry(app, mount, path)?.as_ref());
+        let before = entry(app, mount, path)?;
+        let version = citadel_core::kv::next_version(before.as_ref());
+        // A write changes no custom metadata: the answer's is the entry's before it.
+        let custom = before.map(|e| e.custom_metadata).unwrap_or_default();
         let ciphertext = barrier.seal(app, path, version, data)?;
         let sealed = ciphertext.clone();
         let command =
@@ -263,7 +266,7 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
         let proposal = app.propose(command);
         match proposal.await? {
             Response::KvWritten { version, created, deletion_time } => {
-                return Ok(written(app, mount, path, version, created, deletion_time));
+                return Ok(written(&custom, version, created, deletion_time));
             }
             Response::Rejected(Rejection::Kv(KvError::VersionRace { .. })) => {
                 // Either another writer took the version, or this very write landed on an earlier
@@ -273,7 +276,7 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
                     e.versions.get(&version).filter(|v| v.ciphertext == sealed).map(|v| (v.created, v.deletion_time))
                 });
                 if let Some((created, deletion_time)) = landed {
-                    return Ok(written(app, mount, path, version, created, deletion_time));
+                    return Ok(written(&custom, version, created, deletion_time));
                 }
                 continue;
             }
@@ -284,9 +287,7 @@ async fn put(app: &Node, mount: &str, path: &str, data: &Value, cas: Option<u64>
     Err(ApiError::unavailable("too many concurrent writers to this path; retry"))
 }
 
-fn written(app: &Node, mount: &str, path: &str, version: u64, created: u64, deletion_time: Option<u64>) -> Reply {
-    // The write is done: a store that cannot be read now only leaves the answer's metadata out.
-    let custom = entry(app, mount, path).ok().flatten().map(|e| e.custom_metadata).unwrap_or_default();
+fn written(custom: &BTreeMap<String, String>, version: u64, created: u64, deletion_time: Option<u64>) -> Reply {
     Reply::data(json!({
         "created_time": rfc3339(created),
         "custom_metadata": if custom.is_empty() { Value::Null } else { json!(custom) },

@@ -31,8 +31,9 @@ async fn write_many(client: &Client, prefix: &str, count: usize, clients: usize)
                 loop {
                     match client.kv_put("secret", &path, &json!({ "n": n }), None).await {
                         Ok(_) => break,
-                        Err(e) if e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE)
-                            && std::time::Instant::now() < deadline =>
+                        Err(e)
+                            if e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+                                && std::time::Instant::now() < deadline =>
                         {
                             retried += 1;
                             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
