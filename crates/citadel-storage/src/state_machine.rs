@@ -14,7 +14,9 @@
 //! After a crash redb is back at its last durable commit, where the secrets, the audit events
 //! and the saved state agree; the node starts from there and Raft replays the rest. Replaying
 //! onto a store that is ahead of the state in memory would not converge (a write's version
-//! depends on what it finds), which is why nothing else in `raft.redb` is committed durably.
+//! depends on what it finds). A durable commit made elsewhere (the staging of a received
+//! snapshot) or redb's clean close can leave the store ahead of the saved state: the start sees
+//! that the applied indexes differ and rebuilds from the snapshot.
 //!
 //! A snapshot (`snapshot.bin`, what openraft sends and an operator saves) holds the state and
 //! every secret beside it (`StoredSnapshot::kv`), streamed out of one read transaction, and each
