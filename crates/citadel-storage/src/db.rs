@@ -1,4 +1,5 @@
-//! The node's redb database: its identity and the audit log ([`crate::audit_store`]). The Raft log ([`crate::log_store`]) and the snapshot
+//! The node's redb database: its identity, the audit log ([`crate::audit_store`]), the secrets
+//! ([`crate::kv_table`]) and the state saved beside them ([`crate::state_machine`]). The Raft log ([`crate::log_store`]) and the snapshot
 //! ([`crate::snapshot_file`]) live in files of their own; what older formats kept here is moved
 //! out once at open.
 

@@ -3,10 +3,10 @@
 //! Why here and not in the state in memory: a vault holds as many secrets as its users write,
 //! each with up to `max_versions` versions; in memory (and cloned into every snapshot) they
 //! made a node's memory grow with its data. The state in memory keeps each mount's settings;
-//! `apply` loads the one entry a command touches ([`citadel_core::state::State::preload_kv`])
-//! and the state machine writes the batch's changes here in the transaction that records the
-//! applied index ([`crate::state_machine`]), so the table, the audit store and the state saved
-//! beside them always describe the same point of the log.
+//! before `apply`, the state machine loads the one entry a command touches
+//! ([`citadel_core::state::State::preload_kv`]), and it writes the batch's changes here in the transaction that records the
+//! applied index ([`crate::state_machine`]); the state saved at the next durable commit joins
+//! them, and a start that finds them apart rebuilds from the snapshot.
 //!
 //! Keyed by (mount path, secret path): a mount's entries go with it when it is disabled, and
 //! a LIST is a range scan. Each value is a checksummed record ([`crate::codec`]), verified
@@ -81,54 +81,87 @@ fn next_mount(mount: &str) -> String {
     next
 }
 
-/// Entries the cache holds at most: ~3 KiB each with ten versions, so ~12 MiB.
-const CACHE_ENTRIES: usize = 4096;
+/// What the cache holds at most, by the size of what its entries hold: ~16 MiB.
+const CACHE_BYTES: usize = 16 << 20;
+/// A larger entry (up to 1000 versions of up to 1 MiB each) is not kept.
+const CACHE_ENTRY_BYTES: usize = 256 << 10;
+
+/// Roughly what an entry holds in memory.
+fn weight(entry: &KvEntry) -> usize {
+    let versions: usize = entry.versions.values().map(|v| 64 + v.ciphertext.len()).sum();
+    let metadata: usize = entry.custom_metadata.iter().map(|(k, v)| 48 + k.len() + v.len()).sum();
+    256 + versions + metadata
+}
+
+#[derive(Default)]
+struct Cached {
+    entries: std::collections::HashMap<(String, String), (KvEntry, usize)>,
+    bytes: usize,
+}
+
+impl Cached {
+    fn remove(&mut self, key: &(String, String)) {
+        if let Some((_, weight)) = self.entries.remove(key) {
+            self.bytes -= weight;
+        }
+    }
+}
 
 /// Recently used entries, decoded: a write reads its secret three times on the leader (the
 /// existence check, the next version, `apply`'s load) and once on each follower, and decoding
 /// and checking a record of ten versions each time cost a quarter of the write throughput at 64
 /// clients. Coherent with the table because only the state machine changes it, under the
 /// state's write lock, and updates the cache after the commit ([`KvCache::committed`]); readers
-/// fill it under the read lock from a view of the same commit. Bounded: when full, an arbitrary
-/// entry makes room.
+/// fill it under the read lock from a view of the same commit. Bounded by size: when full,
+/// arbitrary entries make room, and a large entry is not kept.
 #[derive(Default)]
 pub(crate) struct KvCache {
-    entries: std::sync::Mutex<std::collections::HashMap<(String, String), KvEntry>>,
+    cached: std::sync::Mutex<Cached>,
 }
 
 impl KvCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), KvEntry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cached> {
+        self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn get(&self, mount: &str, path: &str) -> Option<KvEntry> {
-        self.lock().get(&(mount.to_string(), path.to_string())).cloned()
+        self.lock().entries.get(&(mount.to_string(), path.to_string())).map(|(e, _)| e.clone())
     }
 
     fn has(&self, mount: &str, path: &str) -> bool {
-        self.lock().contains_key(&(mount.to_string(), path.to_string()))
+        self.lock().entries.contains_key(&(mount.to_string(), path.to_string()))
     }
 
     fn insert(&self, mount: &str, path: &str, entry: &KvEntry) {
-        let mut entries = self.lock();
-        if entries.len() >= CACHE_ENTRIES {
-            if let Some(key) = entries.keys().next().cloned() {
-                entries.remove(&key);
-            }
+        let key = (mount.to_string(), path.to_string());
+        let weight = weight(entry);
+        let mut cached = self.lock();
+        cached.remove(&key);
+        if weight > CACHE_ENTRY_BYTES {
+            return;
         }
-        entries.insert((mount.to_string(), path.to_string()), entry.clone());
+        while cached.bytes + weight > CACHE_BYTES {
+            let Some(victim) = cached.entries.keys().next().cloned() else { break };
+            cached.remove(&victim);
+        }
+        cached.bytes += weight;
+        cached.entries.insert(key, (entry.clone(), weight));
     }
 
     /// What a batch committed: cleared mounts and removed entries leave, written ones are kept.
     pub(crate) fn committed(&self, changes: &StateKvChanges) {
-        let mut entries = self.lock();
-        entries.retain(|(mount, _), _| !changes.cleared.contains(mount));
+        let mut cached = self.lock();
+        let gone: Vec<(String, String)> =
+            cached.entries.keys().filter(|(mount, _)| changes.cleared.contains(mount)).cloned().collect();
+        for key in &gone {
+            cached.remove(key);
+        }
         for (mount, kv) in &changes.mounts {
             for path in &kv.removed {
-                entries.remove(&(mount.clone(), path.clone()));
+                cached.remove(&(mount.clone(), path.clone()));
             }
         }
-        drop(entries);
+        drop(cached);
         for (mount, kv) in &changes.mounts {
             for (path, entry) in &kv.put {
                 self.insert(mount, path, entry);
@@ -138,7 +171,7 @@ impl KvCache {
 
     /// The table was replaced whole (a snapshot installed).
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        *self.lock() = Cached::default();
     }
 }
 

@@ -330,7 +330,7 @@ impl StateMachine {
         }
         let inner = Arc::new(RwLock::new(applied));
         Ok(StateMachine {
-            save_on_drop: Arc::new(SaveOnDrop { inner: inner.clone(), db: db.clone() }),
+            save_on_drop: Arc::new(SaveOnDrop { inner: inner.clone(), db: db.clone(), failed: AtomicBool::new(false) }),
             inner,
             snapshots: Arc::new(snapshots),
             applied_tx: Arc::new(watch::channel(index).0),
@@ -362,10 +362,29 @@ impl StateMachine {
 struct SaveOnDrop {
     inner: Arc<RwLock<Applied>>,
     db: Arc<Db>,
+    /// Set when a batch or an install failed: memory may then hold a half-applied batch, which
+    /// must not be saved (the next start rebuilds from the snapshot instead).
+    failed: AtomicBool,
+}
+
+impl SaveOnDrop {
+    /// Passes `result` on, remembering a failure.
+    fn watch<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        if result.is_err() {
+            self.failed.store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
+    }
 }
 
 impl Drop for SaveOnDrop {
     fn drop(&mut self) {
+        if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::warn!(
+                "not saving the state at stop after a failed write; the next start rebuilds it from the snapshot"
+            );
+            return;
+        }
         let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
         let saved = saved_state(&applied);
         let result = commit(&self.db, true, |txn| {
@@ -646,11 +665,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
         let (db, kv_cache, audit, inner, archive_dir) =
             (self.db.clone(), self.kv_cache.clone(), self.audit.clone(), self.inner.clone(), self.archive_dir.clone());
-        let (answers, last_index) = tokio::task::spawn_blocking(move || {
+        let applied = tokio::task::spawn_blocking(move || {
             apply_batch(&db, &kv_cache, &audit, &inner, &archive_dir, batch, durable)
         })
         .await
-        .map_err(io::Error::other)??;
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        let (answers, last_index) = self.save_on_drop.watch(applied)?;
         if durable {
             self.last_sync = Instant::now();
         }
@@ -724,11 +745,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             write(&txn).map_err(|e| db.err(e))?;
             txn.commit().map_err(|e| db.err(e))?;
+            // The database holds the snapshot now: so does memory, whatever becomes of the file.
             kv_cache.clear();
-            snapshots.write(&record)?;
             *applied = restored;
             applied_tx.send_replace(index);
-            Ok(())
+            drop(applied);
+            snapshots.write(&record)
         })
         .await
         .map_err(io::Error::other)?
