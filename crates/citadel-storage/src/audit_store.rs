@@ -196,11 +196,7 @@ impl AuditStore {
     /// Stores `events` and the applied index they bring the store to, in one transaction;
     /// fsynced only when `durable`. `replace` first empties the store (a received snapshot).
     pub(crate) fn store(&self, events: &[AuditEvent], applied: u64, durable: bool, replace: bool) -> io::Result<()> {
-        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
-        let durability = if durable { Durability::Immediate } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| self.err(e))?;
-        self.store_in(&txn, events, applied, replace).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        self.db.commit(durable, |txn| self.store_in(txn, events, applied, replace))
     }
 
     /// [`AuditStore::store`] inside the caller's transaction (the state machine's batch).
@@ -226,31 +222,23 @@ impl AuditStore {
     /// the state machine's latest commits durable without its saved state: the next start then
     /// finds the store ahead of the saved state and rebuilds from the snapshot (`state_machine.rs`).
     pub(crate) fn stage(&self, events: &[AuditEvent], first: bool) -> io::Result<()> {
-        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(Durability::Immediate).map_err(|e| self.err(e))?;
-        let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+        self.db.commit(true, |txn| {
             if first {
                 STAGED.delete(txn)?;
                 txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
             }
             STAGED.write(txn, events, Change::Insert)
-        };
-        write(&txn).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        })
     }
 
     /// Marks the staged events complete for the snapshot `snapshot` (its last log id, encoded).
     /// Not fsynced: the install that relies on the mark commits durably (a crash before it only
     /// loses a transfer the leader sends again).
     pub(crate) fn staged_for(&self, snapshot: &[u8]) -> io::Result<()> {
-        let mut txn = self.db.db.begin_write().map_err(|e| self.err(e))?;
-        txn.set_durability(Durability::None).map_err(|e| self.err(e))?;
-        let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
+        self.db.commit(false, |txn| {
             txn.open_table(META)?.insert(KEY_STAGED_FOR, snapshot)?;
             Ok(())
-        };
-        write(&txn).map_err(|e| self.err(e))?;
-        txn.commit().map_err(|e| self.err(e))
+        })
     }
 
     /// Installs the staged events as the store, with the applied index they cover, inside the

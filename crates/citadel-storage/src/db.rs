@@ -74,6 +74,20 @@ impl Db {
         txn.commit().map_err(|e| self.err(e))
     }
 
+    /// Writes a set of changes in one one-phase commit, fsynced only when `durable`: the
+    /// state machine's batches and the audit store's writes.
+    pub(crate) fn commit(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> io::Result<()> {
+        let mut txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let durability = if durable { redb::Durability::Immediate } else { redb::Durability::None };
+        txn.set_durability(durability).map_err(|e| self.err(e))?;
+        f(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
     pub(crate) fn write_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
         let bytes = codec::encode(value);
         self.write(|txn| {

@@ -387,7 +387,7 @@ impl Drop for SaveOnDrop {
         }
         let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
         let saved = saved_state(&applied);
-        let result = commit(&self.db, true, |txn| {
+        let result = self.db.commit(true, |txn| {
             txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
             Ok(())
         });
@@ -565,7 +565,7 @@ fn apply_batch(
         let events = applied.state.audit.take_unstored();
         let kv = applied.state.take_kv_changes();
         let saved = durable.then(|| saved_state(&applied));
-        commit(db, durable, |txn| {
+        db.commit(durable, |txn| {
             audit.store_in(txn, &events, index, false)?;
             kv_table::write_changes(txn, &kv)?;
             if let Some(saved) = &saved {
@@ -585,19 +585,6 @@ fn kv_refs(kv: &citadel_core::state::StateKvChanges) -> impl Iterator<Item = Sto
         .flat_map(|(mount, c)| c.put.iter().map(move |(path, entry)| StoredKvEntryRef { mount, path, entry }))
 }
 
-/// One commit of the state machine's changes, fsynced when `durable`.
-fn commit(
-    db: &Db,
-    durable: bool,
-    write: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-) -> io::Result<()> {
-    let mut txn = db.db.begin_write().map_err(|e| db.err(e))?;
-    let durability = if durable { redb::Durability::Immediate } else { redb::Durability::None };
-    txn.set_durability(durability).map_err(|e| db.err(e))?;
-    write(&txn).map_err(|e| db.err(e))?;
-    txn.commit().map_err(|e| db.err(e))
-}
-
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
 
@@ -614,7 +601,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let (state, meta) = {
                 let applied = inner.read().unwrap_or_else(|p| p.into_inner());
                 let saved = saved_state(&applied);
-                commit(&db, true, |txn| {
+                db.commit(true, |txn| {
                     txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
                     Ok(())
                 })?;

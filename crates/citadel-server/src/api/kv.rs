@@ -162,10 +162,10 @@ async fn destroy_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
 async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (mount, path) = secret(c);
     let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-    let keys = c.app.state.read_with_kv(|s, kv| match s.mounts.contains_key(mount) {
-        true => kv.list(mount, &prefix),
-        false => Ok(Vec::new()),
-    });
+    let keys =
+        c.app
+            .state
+            .read_with_kv(|s, kv| if s.mounts.contains_key(mount) { kv.list(mount, &prefix) } else { Ok(Vec::new()) });
     let keys = keys.map_err(stored_secrets_unreadable)?;
     if keys.is_empty() {
         return Err(ApiError::not_found());
@@ -199,10 +199,8 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
 
 /// The secret at `path` of `mount` as stored.
 fn entry(app: &Node, mount: &str, path: &str) -> Result<Option<KvEntry>, ApiError> {
-    let entry = app.state.read_with_kv(|s, kv| match s.mounts.contains_key(mount) {
-        true => kv.entry(mount, path),
-        false => Ok(None),
-    });
+    let entry =
+        app.state.read_with_kv(|s, kv| if s.mounts.contains_key(mount) { kv.entry(mount, path) } else { Ok(None) });
     entry.map_err(stored_secrets_unreadable)
 }
 
