@@ -1,10 +1,11 @@
-//! Node-to-node transport: Raft RPCs as JSON over HTTPS with mutual TLS on the cluster port.
+//! Node-to-node transport on the cluster port, with mutual TLS: Raft's appends and votes on
+//! the Raft stream (`raft_stream`), everything else as JSON over HTTP/2.
 //!
 //! Both ends present certificates from the cluster CA; a peer with any other certificate is
 //! refused during the handshake. Past the handshake, only members may use the routes, and
 //! only with unrevoked certificates (`peer::gate`; joining has its own checks).
-//! Peers speak HTTP/2, so one connection per peer is multiplexed
-//! between Raft's messages, forwarded commands and snapshot transfers. openraft's messages travel as its serde encoding: the wire
+//! One HTTP/2 connection per peer is multiplexed between forwarded commands, snapshot transfers
+//! and Citadel's own calls. openraft's messages travel as its serde encoding: the wire
 //! needs both ends on the same protocol version (checked at join), unlike the disk format.
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::config::Config;
 use crate::forwarded::ForwardError;
 use crate::node::Node;
 use crate::peer::PeerCert;
+use crate::raft_stream::{RaftStreams, Rpc};
 
 /// Wire form of a snapshot: this header as one JSON line (the snapshot in transfer form,
 /// without its audit events), then each audit event it covers as one line, streamed from the
@@ -55,11 +57,13 @@ const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 8;
 /// Every RPC answers `Ok(response)` or `Err(message)`. The message is for people (a refusal
 /// by the member-only gate, a failed join); an outcome a caller acts on travels inside `Ok` as
 /// a typed value (`forwarded::ForwardError`).
-type Wire<T> = Result<T, String>;
+pub(crate) type Wire<T> = Result<T, String>;
 
 #[derive(Clone)]
 pub struct ClusterNetwork {
     http: reqwest::Client,
+    /// Raft's appends and votes.
+    streams: RaftStreams,
     /// Streams a snapshot's audit events from this node's store when it is sent.
     state: StateReader,
 }
@@ -76,7 +80,8 @@ pub struct ClusterNetwork {
 /// 6: log entries may be `Command::AlertSink*` and `Command::Alerts*` (§11.2).
 /// 7: a snapshot's secrets travel beside its state (storage format 6), where a node of version
 ///    6 would find every mount empty.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: appends and votes travel on the Raft stream (ALPN `citadel-raft/8`), not as HTTP routes.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {
@@ -84,24 +89,26 @@ impl ClusterNetwork {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(crate::tls::root_store(&config.tls.ca)?)
             .with_client_cert_resolver(node_cert);
-        let mut tls = tls;
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        // HTTP/2: one long-lived, multiplexed connection per peer carries Raft messages,
-        // forwarded commands and snapshots alike.
+        let connect_timeout = Duration::from_millis(config.raft.election_timeout_ms);
         // Cluster traffic leaves from the cluster address, so peers (and their firewalls or
         // fault proxies) see this node at the address it was configured with.
         let source = Some(config.cluster_addr.ip()).filter(|ip| !ip.is_unspecified());
+        let streams = RaftStreams::new(tls.clone(), source, connect_timeout);
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        // HTTP/2: one long-lived, multiplexed connection per peer carries forwarded commands,
+        // snapshots and Citadel's own calls.
         let http = reqwest::Client::builder()
             .local_address(source)
             .use_preconfigured_tls(tls)
             .http2_prior_knowledge()
             .http2_keep_alive_interval(Duration::from_secs(10))
             .http2_keep_alive_while_idle(true)
-            .connect_timeout(Duration::from_millis(config.raft.election_timeout_ms))
+            .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()?;
-        Ok(ClusterNetwork { http, state })
+        Ok(ClusterNetwork { http, streams, state })
     }
 
     /// A client for Citadel's own cluster calls (join, forwarded proposals, read index).
@@ -194,6 +201,7 @@ impl PeerClient {
 
 pub struct PeerConnection {
     peers: PeerClient,
+    streams: RaftStreams,
     cluster_addr: String,
     state: StateReader,
 }
@@ -202,7 +210,12 @@ impl RaftNetworkFactory<TypeConfig> for ClusterNetwork {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, _target: u64, node: &NodeInfo) -> PeerConnection {
-        PeerConnection { peers: self.peers(), cluster_addr: node.cluster_addr.clone(), state: self.state.clone() }
+        PeerConnection {
+            peers: self.peers(),
+            streams: self.streams.clone(),
+            cluster_addr: node.cluster_addr.clone(),
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -212,19 +225,32 @@ const BULK_RPC_LIMIT: Duration = Duration::from_secs(5);
 /// checked and indexed on the way in.
 const SNAPSHOT_RPC_LIMIT: Duration = Duration::from_secs(600);
 /// Largest body a peer may send (a snapshot, JSON-encoded). Peers are authenticated members.
-const MAX_PEER_BODY: usize = 1 << 30;
+pub(crate) const MAX_PEER_BODY: usize = 1 << 30;
 
 impl PeerConnection {
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
-        rpc: &str,
+        rpc: Rpc,
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
-        self.peers.call(&self.cluster_addr, &format!("raft/{rpc}"), req, timeout).await.map_err(|e| match e {
-            PeerError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
-            PeerError::Refused(_) => RPCError::Network(NetworkError::new(&e)),
-        })
+        self.streams.call(&self.cluster_addr, rpc, req, timeout).await.map_err(|e| rpc_error(&e))
+    }
+
+    async fn call_http<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        self.peers.call(&self.cluster_addr, path, req, timeout).await.map_err(|e| rpc_error(&e))
+    }
+}
+
+fn rpc_error(e: &PeerError) -> RPCError<TypeConfig> {
+    match e {
+        PeerError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(e)),
+        PeerError::Refused(_) => RPCError::Network(NetworkError::new(e)),
     }
 }
 
@@ -239,7 +265,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         // openraft allows one heartbeat interval per append; a catch-up batch of large entries
         // cannot cross TLS and a follower's fsync that fast, and would be retried forever.
         let timeout = if rpc.entries.is_empty() { option.hard_ttl() } else { option.hard_ttl().max(BULK_RPC_LIMIT) };
-        self.call("append", &rpc, timeout).await
+        self.call(Rpc::Append, &rpc, timeout).await
     }
 
     async fn vote(
@@ -247,7 +273,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("vote", &rpc, option.hard_ttl()).await
+        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
     }
 
     async fn pre_vote(
@@ -255,7 +281,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("pre-vote", &rpc, option.hard_ttl()).await
+        self.call(Rpc::PreVote, &rpc, option.hard_ttl()).await
     }
 
     async fn full_snapshot(
@@ -306,22 +332,16 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("transfer-leader", &req, option.hard_ttl()).await
+        self.call_http("raft/transfer-leader", &req, option.hard_ttl()).await
     }
 }
 
-/// The cluster port's routes: inbound Raft RPCs, and Citadel's own calls (join, forwarded
-/// proposals, read index, status), all behind mutual TLS.
+/// The cluster port's HTTP routes: snapshots, leadership transfer, and Citadel's own calls
+/// (join, forwarded proposals, read index, status), all behind mutual TLS. Appends and votes
+/// come on the Raft stream.
 pub fn router(app: Arc<Node>) -> Router {
-    let appends = Router::new()
-        .route("/raft/append", post(append))
-        .route("/raft/snapshot", post(snapshot))
-        .with_state(app.clone());
-    let raft = Router::new()
-        .route("/raft/vote", post(vote))
-        .route("/raft/pre-vote", post(pre_vote))
-        .route("/raft/transfer-leader", post(transfer_leader))
-        .with_state(app.raft.clone());
+    let snapshots = Router::new().route("/raft/snapshot", post(snapshot)).with_state(app.clone());
+    let raft = Router::new().route("/raft/transfer-leader", post(transfer_leader)).with_state(app.raft.clone());
     let cluster = Router::new()
         .route(crate::peer::JOIN_PATH, post(join))
         .route("/cluster/propose", post(propose))
@@ -336,7 +356,7 @@ pub fn router(app: Arc<Node>) -> Router {
         .route("/cluster/renew-cert", post(renew_cert))
         .with_state(app.clone());
     // The gate runs before a body is read: a refused peer cannot make this node buffer one.
-    raft.merge(appends)
+    raft.merge(snapshots)
         .merge(cluster)
         .layer(axum::middleware::from_fn_with_state(app, crate::peer::gate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_PEER_BODY))
@@ -439,30 +459,17 @@ fn wire<T, E: std::fmt::Display>(r: Result<T, E>) -> Json<Wire<T>> {
     Json(r.map_err(|e| e.to_string()))
 }
 
-async fn append(
-    State(app): State<Arc<Node>>,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Wire<AppendEntriesResponse<TypeConfig>>> {
+/// An append from the leader, as the Raft stream delivers it.
+pub(crate) async fn receive_append(
+    app: &Node,
+    req: AppendEntriesRequest<TypeConfig>,
+) -> Wire<AppendEntriesResponse<TypeConfig>> {
     let result = app.raft.append_entries(req).await;
     // Any answer but "your vote is stale" means a live leader is talking to us.
     if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
         app.touch_leader();
     }
-    wire(result)
-}
-
-async fn vote(
-    State(raft): State<Raft>,
-    Json(req): Json<VoteRequest<TypeConfig>>,
-) -> Json<Wire<VoteResponse<TypeConfig>>> {
-    wire(raft.vote(req).await)
-}
-
-async fn pre_vote(
-    State(raft): State<Raft>,
-    Json(req): Json<VoteRequest<TypeConfig>>,
-) -> Json<Wire<VoteResponse<TypeConfig>>> {
-    wire(raft.pre_vote(req).await)
+    result.map_err(|e| e.to_string())
 }
 
 /// Receives a snapshot: its header line, then its audit events line by line, each checked and

@@ -32,6 +32,7 @@ pub mod node;
 pub mod node_error;
 pub mod peer;
 pub mod pki;
+pub mod raft_stream;
 pub mod request_path;
 pub mod resync;
 pub mod scheduled_snapshots;

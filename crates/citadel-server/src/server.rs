@@ -120,8 +120,9 @@ pub async fn run(config: Config) -> Result<()> {
     let api_limits = ConnectionLimits::new("api", &app.config.limits, true);
     tokio::spawn(cluster_limits.clone().report_refusals());
     tokio::spawn(api_limits.clone().report_refusals());
-    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster::router(app.clone()), cluster_limits));
-    let api_server = tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits));
+    let cluster_router = cluster::router(app.clone());
+    tokio::spawn(serve_tls(cluster_listener, cluster_tls, cluster_router, cluster_limits, Some(app.clone())));
+    let api_server = tokio::spawn(serve_tls(api_listener, api_tls, api_router(app.clone()), api_limits, None));
     tokio::spawn(crate::audit::write_refusal_summaries(app.clone()));
     tokio::spawn(crate::audit_shipping::ship_audit(app.clone()));
     tokio::spawn(crate::jobs::run(app.clone()));
@@ -205,7 +206,7 @@ fn cluster_tls(config: &Config, node_cert: Arc<tls::NodeCert>) -> Result<Arc<rus
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(node_cert);
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    server.alpn_protocols = vec![crate::raft_stream::ALPN.to_vec(), b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(server))
 }
 
@@ -217,7 +218,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Accepts TLS connections and serves `router` on each, recording the peer address.
+/// Accepts TLS connections and serves `router` on each, recording the peer address; on the
+/// cluster port (`raft` given), a connection that negotiated the Raft stream is served that.
 /// Connections beyond the listener's or the source's cap are closed at once (counted, and
 /// reported once per interval by `ConnectionLimits::report_refusals`).
 async fn serve_tls(
@@ -225,6 +227,7 @@ async fn serve_tls(
     tls: Arc<rustls::ServerConfig>,
     router: Router,
     limits: Arc<ConnectionLimits>,
+    raft: Option<Arc<Node>>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -244,6 +247,7 @@ async fn serve_tls(
         let acceptor = acceptor.clone();
         let limits = limits.clone();
         let service = router.clone().layer(Extension(RemoteAddr(remote)));
+        let raft = raft.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
@@ -254,7 +258,12 @@ async fn serve_tls(
                 }
                 Err(_) => return,
             };
-            let service = service.layer(Extension(crate::peer::PeerCert::of(tls.get_ref().1)));
+            let peer = crate::peer::PeerCert::of(tls.get_ref().1);
+            if let Some(app) = raft.filter(|_| tls.get_ref().1.alpn_protocol() == Some(crate::raft_stream::ALPN)) {
+                crate::raft_stream::serve(app, tls, peer).await;
+                return;
+            }
+            let service = service.layer(Extension(peer));
             // HTTP/1.1 or HTTP/2, whichever the peer speaks (the API advertises only HTTP/1.1).
             crate::limits::serve_connection(tls, service, &limits).await;
         });

@@ -2,17 +2,17 @@
 //! certificates naming another node, and renewal. Ports 23000 + 50·k.
 
 use citadel::dev;
+use citadel_server::cluster::PeerError;
 use citadel_server::peer::PeerIdentity;
+use citadel_server::raft_stream::{RaftStreams, Rpc};
 use serde_json::{json, Value};
 
 use crate::harness::{Cluster, STARTUP};
 
-/// Every cluster route except `/cluster/join`, with a body each would accept from a member.
+/// Every HTTP cluster route except `/cluster/join`, with a body each would accept from a member.
+/// (Appends and votes travel on the Raft stream: `assert_the_raft_stream_refuses`.)
 fn guarded_routes() -> Vec<(&'static str, Value)> {
     vec![
-        ("raft/append", json!(null)),
-        ("raft/vote", json!(null)),
-        ("raft/pre-vote", json!(null)),
         ("raft/snapshot", json!(null)),
         ("raft/transfer-leader", json!(null)),
         ("cluster/propose", root_user_put("mallory")),
@@ -67,6 +67,31 @@ async fn assert_every_route_refuses(cluster: &Cluster, client: &reqwest::Client,
     }
 }
 
+/// A Raft stream client presenting `cert` and `key` (PEM).
+fn raft_stream_client(cluster: &Cluster, cert: &str, key: &str) -> RaftStreams {
+    citadel_server::tls::install_crypto_provider();
+    let certs = rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pemfile::private_key(&mut key.as_bytes()).unwrap().unwrap();
+    let roots = citadel_server::tls::root_store(&cluster.layout.ca_path()).unwrap();
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key).unwrap();
+    RaftStreams::new(tls, None, std::time::Duration::from_secs(5))
+}
+
+/// Asserts that node `i`'s Raft stream refuses appends, votes and pre-votes from the client,
+/// saying `why`. The gate answers before a request is decoded, as on the HTTP routes.
+async fn assert_the_raft_stream_refuses(cluster: &Cluster, streams: &RaftStreams, i: usize, why: &str) {
+    let addr = cluster.layout.cluster_addr(i);
+    for rpc in [Rpc::Append, Rpc::Vote, Rpc::PreVote] {
+        let answer = streams.call::<Value, Value>(&addr, rpc, &json!(null), std::time::Duration::from_secs(10)).await;
+        match answer {
+            Err(PeerError::Refused(refusal)) => {
+                assert!(refusal.contains(why), "{rpc:?} was refused with {refusal:?}, expected one saying {why:?}")
+            }
+            other => panic!("{rpc:?} on the Raft stream was not refused: {other:?}"),
+        }
+    }
+}
+
 async fn join_token(cluster: &Cluster, node_id: Option<u64>) -> String {
     let body = match node_id {
         Some(id) => json!({ "ttl": "10m", "node_id": id }),
@@ -118,6 +143,8 @@ async fn a_join_token_certificate_of_a_non_member_is_refused_on_every_cluster_ro
     let (cert, key) = bootstrap(&cluster, &token, 7).await.unwrap();
     let outsider = peer_client(&cluster, &cert, &key);
     assert_every_route_refuses(&cluster, &outsider, 0, "node 7 is not a member of this cluster").await;
+    let outsider_stream = raft_stream_client(&cluster, &cert, &key);
+    assert_the_raft_stream_refuses(&cluster, &outsider_stream, 0, "node 7 is not a member of this cluster").await;
 
     let user = cluster.root().raw("GET", "auth/userpass/users/mallory", None, &[]).await.unwrap();
     assert_eq!(user.status, 404, "the forwarded root user was not created: {:?}", user.body);
@@ -137,8 +164,10 @@ async fn a_removed_nodes_certificate_is_refused_on_every_cluster_route_and_canno
     let id = cluster.layout.node_id(removed);
     let former = peer_client(&cluster, &cert, &key);
     assert_every_route_refuses(&cluster, &former, leader, &format!("certificate of node {id}")).await;
-    let (_, answer) = call(&cluster, &former, leader, "raft/vote", &json!(null)).await;
+    let (_, answer) = call(&cluster, &former, leader, "raft/snapshot", &json!(null)).await;
     assert!(answer["Err"].as_str().unwrap().contains("revoked"), "{answer}");
+    let former_stream = raft_stream_client(&cluster, &cert, &key);
+    assert_the_raft_stream_refuses(&cluster, &former_stream, leader, "revoked").await;
 
     let other = 3 - leader - removed;
     dev::wait_for("the other member to refuse the revoked certificate", STARTUP, || async {
