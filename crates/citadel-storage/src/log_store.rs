@@ -14,6 +14,7 @@
 //! failed, every later operation fails, and [`LogStore::failures`] tells the server to stop (a
 //! retried fsync can report success for data the kernel already dropped).
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -47,6 +48,9 @@ const CACHE_BYTES: usize = 32 << 20;
 /// A chunk file is closed and a new one started at this size; purging deletes whole chunks.
 const CHUNK_BYTES: usize = 32 << 20;
 const READ_BUFFER: usize = 1 << 20;
+/// Decoded copies of the newest entries ([`RecentEntries`]), by count and by encoded size.
+const RECENT_ENTRIES: usize = 1024;
+const RECENT_BYTES: usize = 8 << 20;
 
 /// Citadel's types for raft-log.
 #[derive(Debug, Default, PartialEq, Eq, Clone)]
@@ -189,6 +193,8 @@ impl Drop for Flushed {
 #[derive(Clone)]
 pub struct LogStore {
     log: Arc<Mutex<RaftLog<WalTypes>>>,
+    /// Changed only under `log`'s lock, so it is always a suffix of the log.
+    recent: Arc<Mutex<RecentEntries>>,
     dir: PathBuf,
     failure: Arc<watch::Sender<Option<String>>>,
     observer: Option<Arc<dyn DiskObserver>>,
@@ -219,6 +225,7 @@ impl LogStore {
         }
         let store = LogStore {
             log: Arc::new(Mutex::new(log)),
+            recent: Arc::default(),
             dir: dir.to_path_buf(),
             failure: Arc::new(watch::channel(None).0),
             observer: None,
@@ -268,6 +275,10 @@ impl LogStore {
             return Err(io::Error::other(why.clone()));
         }
         Ok(self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn recent(&self) -> MutexGuard<'_, RecentEntries> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn flushed(&self, waiter: Waiter) -> Flushed {
@@ -321,6 +332,10 @@ impl LogStore {
             Bound::Unbounded => last,
         }
         .min(last);
+        if start >= end {
+            // raft-log's map panics on a reversed range (one starting past the log's end).
+            return Ok(Vec::new());
+        }
         let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
         for item in log.read(start, end) {
             let (log_id, Record(bytes)) = item.map_err(|e| self.err(e))?;
@@ -432,6 +447,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = range.end_bound().cloned();
+        if let Some(entries) = self.recent().range(start, end) {
+            return Ok(entries);
+        }
         let store = self.clone();
         // A range far behind the cache is read from disk: off the async threads.
         tokio::task::spawn_blocking(move || store.read_range(start, end)).await.map_err(io::Error::other)?
@@ -501,10 +519,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let records: Vec<(StoredLogId, Record)> = entries
-            .into_iter()
+            .iter()
             .map(|e| {
-                let stored = StoredEntry::from(&e);
+                let stored = StoredEntry::from(e);
                 (stored.log_id, Record(codec::encode(&stored)))
             })
             .collect();
@@ -523,7 +542,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             next = Some(id.index + 1);
         }
+        let sizes: Vec<usize> = records.iter().map(|(_, Record(bytes))| bytes.len()).collect();
         log.append(records)?;
+        self.recent().push(entries.into_iter().zip(sizes));
         // Returns now: the flush thread tells openraft after the fsync that covers these entries.
         log.flush(Some(self.flushed(Waiter::Raft(callback))))
     }
@@ -532,6 +553,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map_or(0, |l| l.index + 1);
         let wait = self.with_log(|log| {
             if log.log_state().last().is_some_and(|last| last.index >= from) {
+                self.recent().truncate(from);
                 log.truncate(from)?;
             }
             Ok(())
@@ -541,8 +563,77 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let stored = StoredLogId::from(&log_id);
-        let wait = self.with_log(|log| log.purge(stored).map(drop))?;
+        let wait = self.with_log(|log| {
+            self.recent().purge(log_id.index);
+            log.purge(stored).map(drop)
+        })?;
         wait.await
+    }
+}
+
+/// The newest entries, decoded, as appended: a leader sends each new entry to every follower
+/// right after appending it, and the state machine applies it soon after, on every node. Read
+/// back from the log, each read would cost a blocking-pool hop, a checksum and a JSON decode.
+/// Holds a contiguous run that ends at the log's last entry, or nothing.
+#[derive(Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    fn push(&mut self, appended: impl IntoIterator<Item = (Entry, usize)>) {
+        for (entry, size) in appended {
+            if self.entries.back().is_some_and(|(last, _)| last.log_id.index + 1 != entry.log_id.index) {
+                self.clear();
+            }
+            self.bytes += size;
+            self.entries.push_back((entry, size));
+            while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+                let Some((_, size)) = self.entries.pop_front() else { break };
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Forgets entries from index `from` on (the log is being cut there).
+    fn truncate(&mut self, from: u64) {
+        while let Some((_, size)) = self.entries.pop_back_if(|(e, _)| e.log_id.index >= from) {
+            self.bytes -= size;
+        }
+    }
+
+    /// Forgets entries up to index `upto` (the log is being purged through it).
+    fn purge(&mut self, upto: u64) {
+        while let Some((_, size)) = self.entries.pop_front_if(|(e, _)| e.log_id.index <= upto) {
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Copies of the entries from `start` to `end`, if all of them are here. An end past the
+    /// last entry means the last entry, as when reading the log.
+    fn range(&self, start: u64, end: Bound<u64>) -> Option<Vec<Entry>> {
+        let first = self.entries.front()?.0.log_id.index;
+        let last = self.entries.back()?.0.log_id.index;
+        let end = match end {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => e,
+            Bound::Unbounded => last + 1,
+        }
+        .min(last + 1);
+        if start < first {
+            return None;
+        }
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let skip = usize::try_from(start - first).ok()?;
+        Some(self.entries.iter().skip(skip).take((end - start) as usize).map(|(e, _)| e.clone()).collect())
     }
 }
 
@@ -562,6 +653,65 @@ mod tests {
         let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
         store.append((from..from + count).map(|i| entry(i, bytes)), IOFlushed::signal(tx)).await?;
         rx.await.map_err(|_| io::Error::other("flush callback dropped"))?
+    }
+
+    /// Every range around `indexes`, read through the recent entries and straight from the
+    /// log, must be the same entries.
+    async fn assert_reads_match_the_log(store: &mut LogStore, indexes: &[u64]) {
+        for &start in indexes {
+            for &end in indexes.iter().filter(|e| **e >= start) {
+                let read = store.try_get_log_entries(start..end).await.unwrap();
+                let from_log = store.read_range(start, Bound::Excluded(end)).unwrap();
+                assert!(read == from_log, "entries {start}..{end} differ from the log's");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_served_from_the_recent_entries_match_the_log_through_appends_truncations_and_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(dir.path(), 1).unwrap();
+        let n = RECENT_ENTRIES as u64 + 300;
+        append(&mut store, 1, n / 2, 10).await.unwrap();
+        append(&mut store, n / 2 + 1, n - n / 2, 300).await.unwrap();
+        assert_eq!(store.recent().entries.len(), RECENT_ENTRIES, "bounded by count");
+        assert!(store.recent().range(n - 5, Bound::Unbounded).is_some(), "the newest are served from memory");
+        let edges = [1, 2, 299, 300, 301, n / 2, n - 200, n - 1, n, n + 1, n + 5];
+        assert_reads_match_the_log(&mut store, &edges).await;
+
+        // A new leader overwrites the tail: the cache must not serve the old term's entries.
+        let cut = n - 100;
+        store.truncate_after(Some(LogId::new(crate::types::LeaderId { term: 1, node_id: 1 }, cut))).await.unwrap();
+        assert_reads_match_the_log(&mut store, &[cut - 1, cut, cut + 1, cut + 2]).await;
+        let term_2 = |i: u64, path: String| {
+            Entry::new_normal(
+                LogId::new(crate::types::LeaderId { term: 2, node_id: 2 }, i),
+                Command::MountDisable { path },
+            )
+        };
+        let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        store
+            .append((cut + 1..cut + 51).map(|i| term_2(i, format!("entry {i}"))), IOFlushed::signal(tx))
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        let newest = store.try_get_log_entries(cut + 50..cut + 51).await.unwrap();
+        assert_eq!(newest[0].log_id.leader_id.term, 2);
+        store.purge(LogId::new(crate::types::LeaderId { term: 1, node_id: 1 }, n - 300)).await.unwrap();
+        let oldest_held = store.recent().entries.front().map(|(e, _)| e.log_id.index);
+        assert!(oldest_held.is_some_and(|i| i > n - 300), "purged entries are not held: {oldest_held:?}");
+        let edges = [n - 299, n - 150, cut - 1, cut, cut + 1, cut + 2, cut + 50, cut + 51, cut + 60];
+        assert_reads_match_the_log(&mut store, &edges).await;
+
+        // Large entries are bounded by bytes, not count.
+        let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        store
+            .append((cut + 51..cut + 56).map(|i| term_2(i, "x".repeat(3 << 20))), IOFlushed::signal(tx))
+            .await
+            .unwrap();
+        rx.await.unwrap().unwrap();
+        assert!(store.recent().bytes <= RECENT_BYTES && store.recent().entries.len() < 5);
+        assert_reads_match_the_log(&mut store, &[cut + 40, cut + 51, cut + 53, cut + 55, cut + 56]).await;
     }
 
     async fn last_index(store: &mut LogStore) -> Option<u64> {
