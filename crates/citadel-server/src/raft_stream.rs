@@ -158,6 +158,14 @@ fn encode<T: Serialize>(wire: Wire<T>) -> Vec<u8> {
     })
 }
 
+/// Whether an idle connection is still open. A server never speaks unasked, so anything to read
+/// (its close after a restart, or after [`SERVER_IDLE`]) means the connection is done; without
+/// this check, the first vote to a restarted peer would be sent into a dead connection and lost.
+fn still_open(conn: &TlsStream<TcpStream>) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(conn.get_ref().0.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// Opens and pools this node's Raft stream connections to its peers. Shared by every
 /// `PeerConnection`, so votes and heartbeats reuse the replication streams' idle connections.
 #[derive(Clone)]
@@ -225,7 +233,7 @@ impl RaftStreams {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.get_mut(cluster_addr)?;
         let now = Instant::now();
-        conns.retain(|(_, since)| now.saturating_duration_since(*since) < POOLED_FOR);
+        conns.retain(|(conn, since)| now.saturating_duration_since(*since) < POOLED_FOR && still_open(conn));
         let conn = conns.pop().map(|(conn, _)| conn);
         if conns.is_empty() {
             idle.remove(cluster_addr);
