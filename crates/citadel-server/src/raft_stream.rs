@@ -37,6 +37,8 @@ pub const ALPN: &[u8] = b"citadel-raft/8";
 
 /// Longest frame either way: an append of many large entries, as the HTTP channel allows.
 const MAX_FRAME: usize = crate::cluster::MAX_PEER_BODY;
+/// Longest vote or pre-vote: a vote and a log id.
+const MAX_VOTE_FRAME: usize = 64 << 10;
 /// A server closes a connection that sent no frame for this long. The leader's heartbeats keep
 /// a used connection far busier; a client drops pooled ones sooner ([`POOLED_FOR`]), so it never
 /// sends on a connection the server is closing.
@@ -64,6 +66,13 @@ impl Rpc {
             _ => None,
         }
     }
+
+    fn max_request(self) -> usize {
+        match self {
+            Rpc::Append => MAX_FRAME,
+            Rpc::Vote | Rpc::PreVote => MAX_VOTE_FRAME,
+        }
+    }
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, tag: u8, payload: &[u8]) -> std::io::Result<()> {
@@ -79,15 +88,26 @@ async fn write_frame<W: AsyncWrite + Unpin>(io: &mut W, tag: u8, payload: &[u8])
     io.flush().await
 }
 
-/// Reads one frame. The payload grows as its bytes arrive, so a length alone allocates nothing.
+/// Reads one frame.
 async fn read_frame<R: AsyncRead + Unpin>(io: &mut R) -> std::io::Result<(u8, Vec<u8>)> {
+    let (tag, length) = read_head(io).await?;
+    Ok((tag, read_payload(io, length, MAX_FRAME).await?))
+}
+
+/// A frame's tag and payload length.
+async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> std::io::Result<(u8, usize)> {
     let mut head = [0u8; 5];
     io.read_exact(&mut head).await?;
-    let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if length > MAX_FRAME {
+    Ok((head[4], u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize))
+}
+
+/// A frame's payload, refused past `limit`. It grows as its bytes arrive, so a claimed length
+/// allocates nothing the peer has not sent.
+async fn read_payload<R: AsyncRead + Unpin>(io: &mut R, length: usize, limit: usize) -> std::io::Result<Vec<u8>> {
+    if length > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("a frame of {length} bytes is over the {MAX_FRAME}-byte limit"),
+            format!("a frame of {length} bytes is over the {limit}-byte limit"),
         ));
     }
     let mut payload = Vec::with_capacity(length.min(64 << 10));
@@ -95,14 +115,14 @@ async fn read_frame<R: AsyncRead + Unpin>(io: &mut R) -> std::io::Result<(u8, Ve
     if payload.len() != length {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    Ok((head[4], payload))
+    Ok(payload)
 }
 
 /// Serves one peer's Raft stream until it closes, idles, or is refused.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(app: Arc<Node>, mut io: S, peer: PeerCert) {
     loop {
-        let (tag, payload) = match tokio::time::timeout(SERVER_IDLE, read_frame(&mut io)).await {
-            Ok(Ok(frame)) => frame,
+        let (tag, length) = match tokio::time::timeout(SERVER_IDLE, read_head(&mut io)).await {
+            Ok(Ok(head)) => head,
             Ok(Err(e)) => {
                 if e.kind() != std::io::ErrorKind::UnexpectedEof {
                     tracing::debug!(error = %e, "a Raft stream ended");
@@ -111,21 +131,34 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(app: Arc<Node>, mut io: S,
             }
             Err(_) => return,
         };
-        let (answer, go_on) = match crate::peer::admit(&app, peer.0.as_deref(), true) {
-            Err(refusal) => {
+        // The gate and the message kind are checked before the payload is read, as the HTTP
+        // routes' gate runs before a body is: a refused peer cannot make this node buffer a frame.
+        let rpc = match (crate::peer::admit(&app, peer.0.as_deref(), true), Rpc::of_tag(tag)) {
+            (Err(refusal), _) => {
                 crate::peer::warn_refused(peer.0.as_deref(), &refusal, "raft stream");
-                (encode::<()>(Err(refusal.to_string())), false)
+                return refuse(&mut io, tag, refusal.to_string()).await;
             }
-            Ok(_) => match Rpc::of_tag(tag) {
-                Some(rpc) => answer(&app, rpc, &payload).await,
-                None => (encode::<()>(Err(format!("unknown Raft stream message {tag}"))), false),
-            },
+            (Ok(_), None) => return refuse(&mut io, tag, format!("unknown Raft stream message {tag}")).await,
+            (Ok(_), Some(rpc)) => rpc,
         };
+        let payload = match tokio::time::timeout(SERVER_IDLE, read_payload(&mut io, length, rpc.max_request())).await {
+            Ok(Ok(payload)) => payload,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return refuse(&mut io, tag, format!("{rpc:?}: {e}")).await;
+            }
+            _ => return,
+        };
+        let (answer, go_on) = answer(&app, rpc, &payload).await;
         match tokio::time::timeout(ANSWER_WRITE_LIMIT, write_frame(&mut io, tag, &answer)).await {
             Ok(Ok(())) if go_on => {}
             _ => return,
         }
     }
+}
+
+/// Answers a request with a refusal; the caller then closes the connection.
+async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, tag: u8, why: String) {
+    let _ = tokio::time::timeout(ANSWER_WRITE_LIMIT, write_frame(io, tag, &encode::<()>(Err(why)))).await;
 }
 
 /// Decodes a request and runs it; the answer, and whether the connection may go on (not after
@@ -243,6 +276,12 @@ impl RaftStreams {
 
     fn put_back(&self, cluster_addr: &str, conn: TlsStream<TcpStream>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired connections go under every address, or those of a removed peer would stay.
+        let now = Instant::now();
+        idle.retain(|_, conns| {
+            conns.retain(|(_, since)| now.saturating_duration_since(*since) < POOLED_FOR);
+            !conns.is_empty()
+        });
         let conns = idle.entry(cluster_addr.to_string()).or_default();
         if conns.len() < POOLED_PER_PEER {
             conns.push((conn, Instant::now()));
@@ -251,20 +290,23 @@ impl RaftStreams {
 
     async fn connect(&self, cluster_addr: &str) -> Result<TlsStream<TcpStream>, PeerError> {
         let unreachable = |why: String| PeerError::Unreachable(format!("cannot reach {cluster_addr}: {why}"));
-        let target: SocketAddr = tokio::net::lookup_host(cluster_addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .next()
-            .ok_or_else(|| unreachable("the address resolves to nothing".into()))?;
-        let socket = if target.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
-            .map_err(|e| unreachable(e.to_string()))?;
-        if let Some(source) = self.source.filter(|s| s.is_ipv4() == target.is_ipv4()) {
-            socket.bind(SocketAddr::new(source, 0)).map_err(|e| unreachable(format!("cannot bind {source}: {e}")))?;
+        let mut targets: Vec<SocketAddr> =
+            tokio::net::lookup_host(cluster_addr).await.map_err(|e| unreachable(e.to_string()))?.collect();
+        // Addresses of the source's family first: those are the ones it can leave from.
+        targets.sort_by_key(|t| self.source.is_some_and(|s| s.is_ipv4() != t.is_ipv4()));
+        let mut last_error = "the address resolves to nothing".to_string();
+        let mut connected = None;
+        for target in targets {
+            match tokio::time::timeout(self.connect_timeout, self.connect_tcp(target)).await {
+                Ok(Ok(stream)) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Ok(Err(e)) => last_error = format!("{target}: {e}"),
+                Err(_) => last_error = format!("{target}: connection timed out"),
+            }
         }
-        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(target))
-            .await
-            .map_err(|_| unreachable("connection timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let stream = connected.ok_or_else(|| unreachable(last_error))?;
         let _ = stream.set_nodelay(true);
         let host = crate::peer::host_of(cluster_addr).ok_or_else(|| unreachable("no host in the address".into()))?;
         let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| unreachable(e.to_string()))?;
@@ -279,6 +321,14 @@ impl RaftStreams {
             )));
         }
         Ok(tls)
+    }
+
+    async fn connect_tcp(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = if target.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+        if let Some(source) = self.source.filter(|s| s.is_ipv4() == target.is_ipv4()) {
+            socket.bind(SocketAddr::new(source, 0))?;
+        }
+        socket.connect(target).await
     }
 }
 

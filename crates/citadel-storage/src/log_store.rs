@@ -447,6 +447,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = range.end_bound().cloned();
+        // A failed log serves nothing, not even what it holds decoded (`lock` refuses too).
+        if let Some(why) = self.failure.borrow().as_ref() {
+            return Err(io::Error::other(why.clone()));
+        }
         if let Some(entries) = self.recent().range(start, end) {
             return Ok(entries);
         }
@@ -598,15 +602,19 @@ impl RecentEntries {
 
     /// Forgets entries from index `from` on (the log is being cut there).
     fn truncate(&mut self, from: u64) {
-        while let Some((_, size)) = self.entries.pop_back_if(|(e, _)| e.log_id.index >= from) {
-            self.bytes -= size;
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= from) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
         }
     }
 
     /// Forgets entries up to index `upto` (the log is being purged through it).
     fn purge(&mut self, upto: u64) {
-        while let Some((_, size)) = self.entries.pop_front_if(|(e, _)| e.log_id.index <= upto) {
-            self.bytes -= size;
+        while self.entries.front().is_some_and(|(e, _)| e.log_id.index <= upto) {
+            if let Some((_, size)) = self.entries.pop_front() {
+                self.bytes -= size;
+            }
         }
     }
 

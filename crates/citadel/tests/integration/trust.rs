@@ -67,18 +67,42 @@ async fn assert_every_route_refuses(cluster: &Cluster, client: &reqwest::Client,
     }
 }
 
-/// A Raft stream client presenting `cert` and `key` (PEM).
-fn raft_stream_client(cluster: &Cluster, cert: &str, key: &str) -> RaftStreams {
+/// TLS for a cluster peer presenting `cert` and `key` (PEM).
+fn peer_tls(cluster: &Cluster, cert: &str, key: &str) -> rustls::ClientConfig {
     citadel_server::tls::install_crypto_provider();
     let certs = rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
     let key = rustls_pemfile::private_key(&mut key.as_bytes()).unwrap().unwrap();
     let roots = citadel_server::tls::root_store(&cluster.layout.ca_path()).unwrap();
-    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key).unwrap();
-    RaftStreams::new(tls, None, std::time::Duration::from_secs(5))
+    rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key).unwrap()
+}
+
+/// A Raft stream client presenting `cert` and `key` (PEM).
+fn raft_stream_client(cluster: &Cluster, cert: &str, key: &str) -> RaftStreams {
+    RaftStreams::new(peer_tls(cluster, cert, key), None, std::time::Duration::from_secs(5))
+}
+
+/// Opens a Raft stream to node `i` as `cert`, sends only the head of an append that claims to be
+/// 1 GiB long, and returns the server's answer: a refused peer is answered before its payload.
+async fn answer_to_a_claimed_gibibyte(cluster: &Cluster, i: usize, cert: &str, key: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = peer_tls(cluster, cert, key);
+    tls.alpn_protocols = vec![citadel_server::raft_stream::ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(cluster.layout.cluster_addr(i)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)).connect(name, tcp).await.unwrap();
+    stream.write_all(&[0x40, 0, 0, 0, Rpc::Append as u8]).await.unwrap();
+    let read = async {
+        let mut head = [0u8; 5];
+        stream.read_exact(&mut head).await.unwrap();
+        let mut payload = vec![0; u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize];
+        stream.read_exact(&mut payload).await.unwrap();
+        serde_json::from_slice(&payload).unwrap()
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read).await.expect("answered before the payload")
 }
 
 /// Asserts that node `i`'s Raft stream refuses appends, votes and pre-votes from the client,
-/// saying `why`. The gate answers before a request is decoded, as on the HTTP routes.
+/// saying `why`. The gate answers before a request is read, as on the HTTP routes.
 async fn assert_the_raft_stream_refuses(cluster: &Cluster, streams: &RaftStreams, i: usize, why: &str) {
     let addr = cluster.layout.cluster_addr(i);
     for rpc in [Rpc::Append, Rpc::Vote, Rpc::PreVote] {
@@ -145,6 +169,8 @@ async fn a_join_token_certificate_of_a_non_member_is_refused_on_every_cluster_ro
     assert_every_route_refuses(&cluster, &outsider, 0, "node 7 is not a member of this cluster").await;
     let outsider_stream = raft_stream_client(&cluster, &cert, &key);
     assert_the_raft_stream_refuses(&cluster, &outsider_stream, 0, "node 7 is not a member of this cluster").await;
+    let answer = answer_to_a_claimed_gibibyte(&cluster, 0, &cert, &key).await;
+    assert!(answer["Err"].as_str().unwrap_or_default().contains("node 7 is not a member"), "{answer}");
 
     let user = cluster.root().raw("GET", "auth/userpass/users/mallory", None, &[]).await.unwrap();
     assert_eq!(user.status, 404, "the forwarded root user was not created: {:?}", user.body);
