@@ -148,10 +148,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(app: Arc<Node>, mut io: S,
             }
             _ => return,
         };
-        let (answer, go_on) = answer(&app, rpc, &payload).await;
-        match tokio::time::timeout(ANSWER_WRITE_LIMIT, write_frame(&mut io, tag, &answer)).await {
-            Ok(Ok(())) if go_on => {}
-            _ => return,
+        let answer = match answer(&app, rpc, &payload).await {
+            Ok(answer) => answer,
+            Err(unreadable) => return refuse(&mut io, tag, unreadable).await,
+        };
+        if !matches!(tokio::time::timeout(ANSWER_WRITE_LIMIT, write_frame(&mut io, tag, &answer)).await, Ok(Ok(()))) {
+            return;
         }
     }
 }
@@ -161,28 +163,17 @@ async fn refuse<S: AsyncWrite + Unpin>(io: &mut S, tag: u8, why: String) {
     let _ = tokio::time::timeout(ANSWER_WRITE_LIMIT, write_frame(io, tag, &encode::<()>(Err(why)))).await;
 }
 
-/// Decodes a request and runs it; the answer, and whether the connection may go on (not after
-/// a request that could not be read).
-async fn answer(app: &Node, rpc: Rpc, payload: &[u8]) -> (Vec<u8>, bool) {
-    fn request<T: DeserializeOwned>(rpc: Rpc, payload: &[u8]) -> Result<T, (Vec<u8>, bool)> {
-        serde_json::from_slice(payload)
-            .map_err(|e| (encode::<()>(Err(format!("unreadable {rpc:?} request: {e}"))), false))
+/// Decodes a request and runs it: its encoded answer, or why it could not be read (the
+/// connection then closes).
+async fn answer(app: &Node, rpc: Rpc, payload: &[u8]) -> Result<Vec<u8>, String> {
+    fn request<T: DeserializeOwned>(rpc: Rpc, payload: &[u8]) -> Result<T, String> {
+        serde_json::from_slice(payload).map_err(|e| format!("unreadable {rpc:?} request: {e}"))
     }
-    let answer = match rpc {
-        Rpc::Append => match request(rpc, payload) {
-            Ok(req) => encode(crate::cluster::receive_append(app, req).await),
-            Err(refused) => return refused,
-        },
-        Rpc::Vote => match request(rpc, payload) {
-            Ok(req) => encode(app.raft.vote(req).await.map_err(|e| e.to_string())),
-            Err(refused) => return refused,
-        },
-        Rpc::PreVote => match request(rpc, payload) {
-            Ok(req) => encode(app.raft.pre_vote(req).await.map_err(|e| e.to_string())),
-            Err(refused) => return refused,
-        },
-    };
-    (answer, true)
+    Ok(match rpc {
+        Rpc::Append => encode(crate::cluster::receive_append(app, request(rpc, payload)?).await),
+        Rpc::Vote => encode(app.raft.vote(request(rpc, payload)?).await.map_err(|e| e.to_string())),
+        Rpc::PreVote => encode(app.raft.pre_vote(request(rpc, payload)?).await.map_err(|e| e.to_string())),
+    })
 }
 
 fn encode<T: Serialize>(wire: Wire<T>) -> Vec<u8> {

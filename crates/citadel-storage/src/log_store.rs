@@ -271,10 +271,16 @@ impl LogStore {
     }
 
     fn lock(&self) -> io::Result<MutexGuard<'_, RaftLog<WalTypes>>> {
-        if let Some(why) = self.failure.borrow().as_ref() {
-            return Err(io::Error::other(why.clone()));
-        }
+        self.check_not_failed()?;
         Ok(self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A failed log serves nothing: neither its records nor what it holds decoded.
+    fn check_not_failed(&self) -> io::Result<()> {
+        match self.failure.borrow().as_ref() {
+            Some(why) => Err(io::Error::other(why.clone())),
+            None => Ok(()),
+        }
     }
 
     fn recent(&self) -> MutexGuard<'_, RecentEntries> {
@@ -447,10 +453,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = range.end_bound().cloned();
-        // A failed log serves nothing, not even what it holds decoded (`lock` refuses too).
-        if let Some(why) = self.failure.borrow().as_ref() {
-            return Err(io::Error::other(why.clone()));
-        }
+        self.check_not_failed()?;
         if let Some(entries) = self.recent().range(start, end) {
             return Ok(entries);
         }

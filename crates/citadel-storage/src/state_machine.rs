@@ -69,6 +69,18 @@ pub const ARCHIVE_DIR: &str = "audit-archive";
 const AUDIT_STORE_FORMAT: u32 = 5;
 
 /// The applied state as saved beside the tables at a durable commit.
+/// Writes a saved state ([`saved_state`]) in `txn`.
+fn put_saved_state(txn: &redb::WriteTransaction, saved: &[u8]) -> Result<(), redb::Error> {
+    txn.open_table(META)?.insert(KEY_STATE, saved)?;
+    Ok(())
+}
+
+/// Saves the state in a durable commit of its own (at stop, before a snapshot is built).
+fn save_state(db: &Db, applied: &Applied) -> io::Result<()> {
+    let saved = saved_state(applied);
+    db.commit(true, |txn| put_saved_state(txn, &saved))
+}
+
 fn saved_state(applied: &Applied) -> Vec<u8> {
     codec::encode(&StoredSnapshotRef {
         format: citadel_core::command::FORMAT_VERSION,
@@ -386,12 +398,7 @@ impl Drop for SaveOnDrop {
             return;
         }
         let applied = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let saved = saved_state(&applied);
-        let result = self.db.commit(true, |txn| {
-            txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
-            Ok(())
-        });
-        if let Err(e) = result {
+        if let Err(e) = save_state(&self.db, &applied) {
             tracing::warn!(error = %e, "cannot save the state at stop; the next start rebuilds it from the snapshot");
         }
     }
@@ -462,7 +469,7 @@ fn rebuild_from_snapshot(
     db.write(|txn| {
         moved = kv_table::replace_all(txn, kv_refs(&kv))?;
         audit.store_in(txn, &[], index, false)?;
-        txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+        put_saved_state(txn, &saved)?;
         Ok(())
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
@@ -569,7 +576,7 @@ fn apply_batch(
             audit.store_in(txn, &events, index, false)?;
             kv_table::write_changes(txn, &kv)?;
             if let Some(saved) = &saved {
-                txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+                put_saved_state(txn, saved)?;
             }
             Ok(())
         })?;
@@ -600,11 +607,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let stored = KvView::new(&db, &kv_cache);
             let (state, meta) = {
                 let applied = inner.read().unwrap_or_else(|p| p.into_inner());
-                let saved = saved_state(&applied);
-                db.commit(true, |txn| {
-                    txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
-                    Ok(())
-                })?;
+                save_state(&db, &applied)?;
                 stored.open()?;
                 let meta =
                     SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
@@ -727,7 +730,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     audit.store_in(txn, &inline, index, true)?;
                 }
                 kv_table::replace_all(txn, kv_refs(&kv))?;
-                txn.open_table(META)?.insert(KEY_STATE, saved.as_slice())?;
+                put_saved_state(txn, &saved)?;
                 Ok(())
             };
             write(&txn).map_err(|e| db.err(e))?;
