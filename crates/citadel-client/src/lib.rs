@@ -25,6 +25,19 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The error for a non-2xx answer, with the server's messages: Citadel's and Vault's
+    /// `errors` list, or etcd's gateway `message`.
+    pub fn api(status: StatusCode, body: Value) -> ClientError {
+        let mut messages: Vec<String> = body["errors"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        if let Some(message) = body["message"].as_str() {
+            messages.push(message.to_string());
+        }
+        ClientError::Api { status, messages, body }
+    }
+
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
@@ -147,11 +160,7 @@ impl Client {
         if reply.status.is_success() {
             Ok(reply)
         } else {
-            let messages = reply.body["errors"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
-                .unwrap_or_default();
-            Err(ClientError::Api { status: reply.status, messages, body: reply.body })
+            Err(ClientError::api(reply.status, reply.body))
         }
     }
 
@@ -221,12 +230,7 @@ impl Client {
         if status.is_success() {
             return Ok(bytes);
         }
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let messages = body["errors"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
-            .unwrap_or_default();
-        Err(ClientError::Api { status, messages, body })
+        Err(ClientError::api(status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
     }
 
     /// Opens a streamed endpoint answering newline-delimited JSON (`sys/events`, Citadel only).
@@ -241,12 +245,7 @@ impl Client {
         let response = builder.timeout(STREAM_LIMIT).send().await.map_err(transport)?;
         let status = response.status();
         if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let messages = body["errors"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
-                .unwrap_or_default();
-            return Err(ClientError::Api { status, messages, body });
+            return Err(ClientError::api(status, response.json().await.unwrap_or(Value::Null)));
         }
         Ok(LineStream { response, buffer: Vec::new(), addr: self.addr.clone() })
     }

@@ -131,7 +131,7 @@ impl Endpoint {
         if reply.status.is_success() {
             Ok(())
         } else {
-            Err(citadel_client::ClientError::Api { status: reply.status, messages: vec![], body: reply.body })
+            Err(citadel_client::ClientError::api(reply.status, reply.body))
         }
     }
 }
