@@ -387,22 +387,27 @@ pub fn load_removed_marker(app: &Node) {
 pub async fn watch_membership(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
     let me = app.node_id();
-    let mut metrics = app.raft.metrics();
+    // Woken by membership changes only (the server metrics); the full metrics, which change with
+    // every write, are watched only while a membership without this node waits to be applied.
+    let mut server = app.raft.server_metrics();
+    let mut data = app.raft.data_metrics();
     let mut was_member = false;
     loop {
-        let dropped = {
-            let m = metrics.borrow_watched();
-            let stored = &m.membership_config;
-            let applied = stored.log_id().as_ref().map(|l| l.index) <= m.last_applied.as_ref().map(|l| l.index);
-            let member = stored.membership().get_node(&me).is_some();
-            was_member |= member;
-            was_member && applied && !member
+        let (member, applied) = {
+            let stored = server.borrow_watched().membership_config.clone();
+            let applied = data.borrow_watched().last_applied.as_ref().map(|l| l.index);
+            (stored.membership().get_node(&me).is_some(), stored.log_id().as_ref().map(|l| l.index) <= applied)
         };
-        if dropped {
-            mark_removed(&app, "an applied membership no longer contains this node");
-            return;
-        }
-        if metrics.changed().await.is_err() {
+        was_member |= member;
+        let woken = match (was_member && !member, applied) {
+            (true, true) => {
+                mark_removed(&app, "an applied membership no longer contains this node");
+                return;
+            }
+            (true, false) => data.changed().await,
+            _ => server.changed().await,
+        };
+        if woken.is_err() {
             return;
         }
     }

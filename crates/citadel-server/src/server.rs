@@ -182,14 +182,13 @@ async fn log_failed(mut failures: citadel_storage::LogFailure) -> String {
 /// audit store on a full disk): the node must not go on serving from a state it cannot keep.
 async fn raft_failed(raft: Raft) -> String {
     use openraft::async_runtime::WatchReceiver;
-    let mut metrics = raft.metrics();
-    loop {
-        if let Err(fatal) = &metrics.borrow_watched().running_state {
-            return format!("Raft stopped: {fatal}");
-        }
-        if metrics.changed().await.is_err() {
-            return std::future::pending().await;
-        }
+    // Raft's core drops its metrics senders when it ends: wait for that on the server metrics,
+    // which, unlike the full metrics, do not change with every write.
+    let mut server = raft.server_metrics();
+    while server.changed().await.is_ok() {}
+    match &raft.metrics().borrow_watched().running_state {
+        Err(fatal) => format!("Raft stopped: {fatal}"),
+        Ok(()) => std::future::pending().await,
     }
 }
 
@@ -378,7 +377,7 @@ async fn auto_unseal(app: Arc<Node>) {
 /// until an election succeeds, and must not look alive.
 async fn watch_leadership(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
-    let mut metrics = app.raft.metrics();
+    let mut metrics = app.raft.server_metrics();
     let mut last = None;
     loop {
         let leader = metrics.borrow_watched().current_leader;
