@@ -197,12 +197,21 @@ async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_a
     })
     .await
     .unwrap();
-    let audit = root.get("sys/audit/events?path=sys/ha/nodes/&limit=100").await.unwrap();
-    let paths: Vec<&str> =
-        audit["data"]["events"].as_array().unwrap().iter().filter_map(|e| e["path"].as_str()).collect();
-    for action in ["deactivate", "activate", "rename"] {
-        assert!(paths.contains(&format!("sys/ha/nodes/{id}/{action}").as_str()), "{action} is audited: {paths:?}");
-    }
+    // The rename was asked of a follower, which forwards it and ships its own request event in
+    // the background (gathered for up to 50 ms): wait for the events rather than look once.
+    let wanted: Vec<String> =
+        ["deactivate", "activate", "rename"].iter().map(|action| format!("sys/ha/nodes/{id}/{action}")).collect();
+    let paths = std::cell::RefCell::new(Vec::new());
+    let audited = dev::wait_for("every lifecycle request in the audit log", STARTUP, || async {
+        let audit = root.get("sys/audit/events?path=sys/ha/nodes/&limit=100").await.ok()?;
+        let found: Vec<String> =
+            audit["data"]["events"].as_array()?.iter().filter_map(|e| e["path"].as_str().map(String::from)).collect();
+        let all = wanted.iter().all(|w| found.contains(w));
+        *paths.borrow_mut() = found;
+        all.then_some(())
+    })
+    .await;
+    assert!(audited.is_ok(), "deactivate, activate and rename are audited: {:?}", paths.borrow());
 }
 
 /// Checks that node `target` resynced: it discarded its state, caught up from a snapshot,
