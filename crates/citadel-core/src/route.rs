@@ -300,7 +300,13 @@ impl<H> RouteTable<H> {
 
     /// The route serving `path` and the captures of its pattern.
     pub fn lookup(&self, path: &str) -> Option<(&Route<H>, Captures)> {
-        self.routes.iter().find_map(|r| captures(r.pattern, path).map(|c| (r, c)))
+        // Every request scans the table: only the route that matches allocates its captures.
+        let route = self.routes.iter().find(|r| walk(r.pattern, path, |_, _| ()))?;
+        let mut captures = Captures::default();
+        walk(route.pattern, path, |name, value| {
+            captures.values.insert(name, value.to_string());
+        });
+        Some((route, captures))
     }
 }
 
@@ -339,32 +345,30 @@ fn check_pattern(pattern: &'static str) -> Result<(), RouteError> {
     Ok(())
 }
 
-/// Matches `path` (no leading or trailing slash) against `pattern`.
-fn captures(pattern: &'static str, path: &str) -> Option<Captures> {
-    let mut captures = Captures::default();
+/// Whether `path` (no leading or trailing slash) matches `pattern`, handing each capture (its
+/// name and value) to `capture` on the way; a path that fails may have handed some already.
+fn walk<'p>(pattern: &'static str, path: &'p str, mut capture: impl FnMut(&'static str, &'p str)) -> bool {
     let mut rest = path;
     for segment in pattern.split('/') {
         if let Some(name) = segment.strip_prefix('*') {
             if rest.is_empty() {
-                return None;
+                return false;
             }
-            captures.values.insert(name, rest.to_string());
-            return Some(captures);
+            capture(name, rest);
+            return true;
         }
         let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
         if head.is_empty() {
-            return None;
+            return false;
         }
         match segment.strip_prefix(':') {
-            Some(name) => {
-                captures.values.insert(name, head.to_string());
-            }
+            Some(name) => capture(name, head),
             None if segment == head => {}
-            None => return None,
+            None => return false,
         }
         rest = tail;
     }
-    rest.is_empty().then_some(captures)
+    rest.is_empty()
 }
 
 #[cfg(test)]
