@@ -23,8 +23,6 @@ use crate::node::Node;
 /// What the writer thread keeps: the file and the chain's head.
 struct SpoolFile {
     file: File,
-    /// The same file, for fsync.
-    sync_handle: File,
     next_seq: u64,
     last_hash: String,
     export: Option<File>,
@@ -45,10 +43,12 @@ pub struct AuditSpool {
     /// To the writer thread, which numbers, chains, appends and fsyncs events in groups; the
     /// thread ends when the spool is dropped.
     appends: std::sync::mpsc::Sender<Append>,
-    /// The last sequence written (durable or about to be).
+    /// The last sequence written and fsynced.
     last_seq: Arc<std::sync::atomic::AtomicU64>,
     /// Durable events not yet confirmed in the replicated log, in sequence order.
     pending: Arc<Mutex<Vec<AuditEvent>>>,
+    /// Why the writer failed, once it has: the node stops on it (`server.rs`).
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
     pub new_event: tokio::sync::Notify,
 }
 
@@ -69,24 +69,33 @@ impl AuditSpool {
             .transpose()?;
         let (next_seq, last_hash) =
             events.last().map_or((1, GENESIS.to_string()), |e| (e.body().seq + 1, e.hash.clone()));
-        let sync_handle = file.try_clone().with_context(|| format!("cannot open audit spool {}", path.display()))?;
-        let spool = SpoolFile { file, sync_handle, next_seq, last_hash, export };
+        let spool = SpoolFile { file, next_seq, last_hash, export };
         let last_seq = Arc::new(std::sync::atomic::AtomicU64::new(next_seq - 1));
         let pending = Arc::new(Mutex::new(events));
         let (appends, queue) = std::sync::mpsc::channel();
+        let failure = Arc::new(tokio::sync::watch::channel(None).0);
         let writer = Writer {
             node,
             path: path.clone(),
             spool,
             last_seq: last_seq.clone(),
             pending: pending.clone(),
+            failure: failure.clone(),
             failed: None,
         };
         std::thread::Builder::new()
             .name("citadel-audit-spool".into())
             .spawn(move || writer.run(queue))
             .with_context(|| format!("cannot start the writer of audit spool {}", path.display()))?;
-        Ok(Arc::new(AuditSpool { node, path, appends, last_seq, pending, new_event: tokio::sync::Notify::new() }))
+        Ok(Arc::new(AuditSpool {
+            node,
+            path,
+            appends,
+            last_seq,
+            pending,
+            failure,
+            new_event: tokio::sync::Notify::new(),
+        }))
     }
 
     /// Numbers, chains, appends and fsyncs one event. Only after this returns may the request it
@@ -111,6 +120,11 @@ impl AuditSpool {
         self.node
     }
 
+    /// Tells when the spool has failed and the node must stop, and why.
+    pub fn failures(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failure.subscribe()
+    }
+
     pub fn last_seq(&self) -> u64 {
         self.last_seq.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -126,9 +140,11 @@ struct Writer {
     spool: SpoolFile,
     last_seq: Arc<std::sync::atomic::AtomicU64>,
     pending: Arc<Mutex<Vec<AuditEvent>>>,
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
     /// Set by the first failed write or fsync, and then the answer to every append: after it the
     /// file may end in a torn line, and after a failed fsync the kernel may have dropped pages it
-    /// had accepted. A restart cuts the torn tail; nothing is appended after damage.
+    /// had accepted. The node stops on it; a restart cuts the torn tail, and nothing is ever
+    /// appended after damage.
     failed: Option<String>,
 }
 
@@ -174,14 +190,15 @@ impl Writer {
             hash = event.hash.clone();
             events.push(event);
         }
-        let written = self.spool.file.write_all(&lines).and_then(|()| self.spool.sync_handle.sync_data());
+        let written = self.spool.file.write_all(&lines).and_then(|()| self.spool.file.sync_data());
         if let Err(e) = written {
             let why = format!(
-                "cannot write audit spool {}: {e}; this node audits no further request until it is restarted (free or fix the disk first)",
+                "cannot write audit spool {}: {e}; the node stops: free or fix the disk, then start it again",
                 self.path.display()
             );
             tracing::error!("{why}");
             self.failed = Some(why.clone());
+            self.failure.send_replace(Some(why.clone()));
             return Err(anyhow!(why));
         }
         if let Some(export) = self.spool.export.as_mut() {

@@ -387,7 +387,7 @@ pub fn load_removed_marker(app: &Node) {
 pub async fn watch_membership(app: Arc<Node>) {
     use openraft::async_runtime::WatchReceiver;
     let me = app.node_id();
-    // Woken by membership changes only (the server metrics); the full metrics, which change with
+    // Woken by membership changes only (the server metrics); the data metrics, which change with
     // every write, are watched only while a membership without this node waits to be applied.
     let mut server = app.raft.server_metrics();
     let mut data = app.raft.data_metrics();

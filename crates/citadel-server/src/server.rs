@@ -71,6 +71,7 @@ pub async fn run(config: Config) -> Result<()> {
     let raft =
         Raft::new(config.node_id, Arc::new(raft_config), network.clone(), log, sm).await.context("starting raft")?;
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
+    let spool_failures = audit.failures();
 
     let api_listener = TcpListener::bind(config.api_addr)
         .await
@@ -140,7 +141,8 @@ pub async fn run(config: Config) -> Result<()> {
     let stopped_by = tokio::select! {
         () = shutdown_signal() => Stop::Signal,
         () = app.restart.notified() => Stop::Resync,
-        why = log_failed(log_failures) => Stop::Failed(why),
+        why = storage_failed(log_failures) => Stop::Failed(why),
+        why = storage_failed(spool_failures) => Stop::Failed(why),
         why = raft_failed(raft.clone()) => Stop::Failed(why),
     };
     if !matches!(stopped_by, Stop::Failed(_)) {
@@ -165,15 +167,16 @@ enum Stop {
     Signal,
     /// A resync: start afresh without the replicated state.
     Resync,
-    /// The log or Raft failed: the node must not go on.
+    /// The log, the audit spool or Raft failed: the node must not go on.
     Failed(String),
 }
 
-/// Resolves when the Raft log has failed (a write or fsync error): the node must not go on.
-async fn log_failed(mut failures: citadel_storage::LogFailure) -> String {
+/// Resolves when the Raft log or the audit spool has failed (a write or fsync error): the node
+/// must not go on, and a restart is what trusts the file again (a torn tail is cut there).
+async fn storage_failed(mut failures: citadel_storage::LogFailure) -> String {
     match failures.wait_for(Option::is_some).await {
         Ok(why) => why.clone().unwrap_or_default(),
-        // The log is gone without failing: never resolve, the node stops on a signal.
+        // The file's owner is gone without failing: never resolve, the node stops on a signal.
         Err(_) => std::future::pending().await,
     }
 }
@@ -188,7 +191,8 @@ async fn raft_failed(raft: Raft) -> String {
     while server.changed().await.is_ok() {}
     match &raft.metrics().borrow_watched().running_state {
         Err(fatal) => format!("Raft stopped: {fatal}"),
-        Ok(()) => std::future::pending().await,
+        // The core ended without saying why (a panic): nothing would replicate or apply.
+        Ok(()) => "Raft stopped without reporting an error (see the log above)".into(),
     }
 }
 

@@ -284,3 +284,43 @@ async fn a_node_whose_audit_store_cannot_be_written_stops_saying_why() {
         "the node says what failed and where: {log}"
     );
 }
+
+#[tokio::test]
+async fn a_node_whose_audit_spool_cannot_be_written_stops_saying_why() {
+    if mounting_is_impossible() {
+        return;
+    }
+    let mut node = Node1::start(21360).await;
+    node.root().kv_put("secret", "before", &json!({ "v": "1" }), None).await.unwrap();
+    node.kill9();
+    // Only the spool sits on a full disk: every read's event is fsynced there before its answer.
+    let spool = node.layout.data_dir(0).join("audit").join("audit.spool");
+    let size = std::fs::metadata(&spool).unwrap().len();
+    let _disk = SmallFile::mount_over(&spool, size + (64 << 10));
+    node.restart().await;
+    let root = node.root();
+    let mut answered_after_failure = 0;
+    for _ in 0..5_000 {
+        if node.exited_at(0).is_some() {
+            break;
+        }
+        // Reads succeed until the spool is full; once a write to it failed, none may be answered.
+        let failed_already = node.server_log().contains("cannot write audit spool");
+        if root.kv_get("secret", "before", None).await.is_ok() && failed_already {
+            answered_after_failure += 1;
+        }
+    }
+    citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
+        let exit = node.exited_at(0);
+        async move { exit }
+    })
+    .await
+    .unwrap();
+    assert!(!node.exited_at(0).unwrap().success(), "a node that cannot audit exits with an error");
+    assert_eq!(answered_after_failure, 0, "no read is answered once its event cannot be written");
+    let log = node.server_log();
+    assert!(
+        log.contains("cannot write audit spool") && log.contains(&spool.display().to_string()),
+        "the node says what failed and where: {log}"
+    );
+}
