@@ -173,7 +173,7 @@ enum Stop {
 
 /// Resolves when the Raft log or the audit spool has failed (a write or fsync error): the node
 /// must not go on, and a restart is what trusts the file again (a torn tail is cut there).
-async fn storage_failed(mut failures: citadel_storage::LogFailure) -> String {
+async fn storage_failed(mut failures: tokio::sync::watch::Receiver<Option<String>>) -> String {
     match failures.wait_for(Option::is_some).await {
         Ok(why) => why.clone().unwrap_or_default(),
         // The file's owner is gone without failing: never resolve, the node stops on a signal.

@@ -156,6 +156,16 @@ fn mounting_is_impossible() -> bool {
     skip
 }
 
+/// Waits (a minute at most) for the cluster's node 0 to exit, and says how it did.
+async fn stopped(node: &mut Node1) -> std::process::ExitStatus {
+    citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
+        let exit = node.exited_at(0);
+        async move { exit }
+    })
+    .await
+    .unwrap()
+}
+
 /// A tmpfs mounted over a directory (its contents kept) for the life of the value; needs root,
 /// as the test command runs.
 struct SmallDisk(std::path::PathBuf);
@@ -197,25 +207,14 @@ async fn a_node_whose_raft_log_cannot_be_written_stops_saying_why() {
     node.restart().await;
     let root = node.root();
     let big = "x".repeat(200 << 10);
-    let mut status = None;
     for i in 0..200 {
-        if let Some(exit) = node.exited_at(0) {
-            status = Some(exit);
+        if node.exited_at(0).is_some() {
             break;
         }
         // Refused writes are expected once the disk is full; the node must then stop.
         let _ = root.kv_put("secret", &format!("fill{i}"), &json!({ "v": big }), None).await;
     }
-    if status.is_none() {
-        citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
-            let exit = node.exited_at(0);
-            async move { exit }
-        })
-        .await
-        .unwrap();
-        status = node.exited_at(0);
-    }
-    assert!(!status.expect("the node stopped").success(), "a node that cannot write its log exits with an error");
+    assert!(!stopped(&mut node).await.success(), "a node that cannot write its log exits with an error");
     let log = node.server_log();
     assert!(
         log.contains("writing the Raft log") && log.contains(&log_dir.display().to_string()),
@@ -271,13 +270,7 @@ async fn a_node_whose_audit_store_cannot_be_written_stops_saying_why() {
         // Each write's audit event goes to the store; refusals are expected once it is full.
         let _ = root.kv_put("secret", &format!("{long_path}{i}"), &json!({ "v": i }), None).await;
     }
-    citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
-        let exit = node.exited_at(0);
-        async move { exit }
-    })
-    .await
-    .unwrap();
-    assert!(!node.exited_at(0).unwrap().success(), "a node that cannot keep its state exits with an error");
+    assert!(!stopped(&mut node).await.success(), "a node that cannot keep its state exits with an error");
     let log = node.server_log();
     assert!(
         log.contains("Raft stopped") && log.contains(&db.display().to_string()),
@@ -310,13 +303,7 @@ async fn a_node_whose_audit_spool_cannot_be_written_stops_saying_why() {
             answered_after_failure += 1;
         }
     }
-    citadel::dev::wait_for("the node to stop", std::time::Duration::from_secs(60), || {
-        let exit = node.exited_at(0);
-        async move { exit }
-    })
-    .await
-    .unwrap();
-    assert!(!node.exited_at(0).unwrap().success(), "a node that cannot audit exits with an error");
+    assert!(!stopped(&mut node).await.success(), "a node that cannot audit exits with an error");
     assert_eq!(answered_after_failure, 0, "no read is answered once its event cannot be written");
     let log = node.server_log();
     assert!(
