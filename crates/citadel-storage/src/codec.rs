@@ -1,4 +1,9 @@
-//! Citadel's own on-disk records: `[format: u8][checksum: 8 bytes of SHA-256][JSON body]`.
+//! Citadel's own on-disk records: `[format: u8][checksum: 8 bytes of SHA-256][body]`.
+//!
+//! The body is JSON (format 1) or postcard (format 2). Binary bodies are for the records written
+//! on every write, where JSON's base64 and text scanning showed in the profile (KV entries);
+//! everything else stays readable JSON. `decode` reads either, so a store written before
+//! binary bodies existed reads as it is and is rewritten entry by entry as entries change.
 //!
 //! openraft's structs are converted to the `Stored*` mirrors below before they touch disk, so
 //! the disk format is ours to version. A record whose checksum does not verify is never decoded.
@@ -16,7 +21,8 @@ use sha2::{Digest, Sha256};
 
 use crate::types::{Entry, LeaderId, LogId, Membership, NodeInfo, StoredMembership, Vote};
 
-const RECORD_FORMAT: u8 = 1;
+const RECORD_FORMAT_JSON: u8 = 1;
+const RECORD_FORMAT_BINARY: u8 = 2;
 const HEADER: usize = 9;
 
 fn checksum(body: &[u8]) -> [u8; 8] {
@@ -32,11 +38,23 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// ([`crate::state_machine`]'s snapshots).
 pub fn try_encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let body = serde_json::to_vec(value).map_err(io::Error::other)?;
+    Ok(framed(RECORD_FORMAT_JSON, &body))
+}
+
+/// Encodes a record with a postcard body (format 2). Only for types without serde attributes
+/// that skip or default fields: postcard is not self-describing, so such a field would shift
+/// every field after it.
+pub fn encode_binary<T: Serialize>(value: &T) -> Vec<u8> {
+    let body = postcard::to_allocvec(value).expect("storage records serialize");
+    framed(RECORD_FORMAT_BINARY, &body)
+}
+
+fn framed(format: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + body.len());
-    out.push(RECORD_FORMAT);
-    out.extend_from_slice(&checksum(&body));
-    out.extend_from_slice(&body);
-    Ok(out)
+    out.push(format);
+    out.extend_from_slice(&checksum(body));
+    out.extend_from_slice(body);
+    out
 }
 
 /// Decodes a record, verifying its format byte and checksum first. `what` names the record in
@@ -46,14 +64,24 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
     if bytes.len() < HEADER {
         return Err(bad("record is truncated".into()));
     }
-    if bytes[0] != RECORD_FORMAT {
-        return Err(bad(format!("unknown record format {}", bytes[0])));
+    let format = bytes[0];
+    if format != RECORD_FORMAT_JSON && format != RECORD_FORMAT_BINARY {
+        return Err(bad(format!("unknown record format {format}")));
     }
     let body = &bytes[HEADER..];
     if checksum(body) != bytes[1..HEADER] {
         return Err(bad("checksum mismatch".into()));
     }
-    serde_json::from_slice(body).map_err(|e| bad(format!("undecodable record: {e}")))
+    let undecodable = |e: &dyn std::fmt::Display| bad(format!("undecodable record: {e}"));
+    if format == RECORD_FORMAT_JSON {
+        serde_json::from_slice(body).map_err(|e| undecodable(&e))
+    } else {
+        match postcard::take_from_bytes(body) {
+            Ok((value, [])) => Ok(value),
+            Ok((_, rest)) => Err(bad(format!("{} bytes after the record", rest.len()))),
+            Err(e) => Err(undecodable(&e)),
+        }
+    }
 }
 
 /// Ordered as openraft orders log ids: by leader (term, then node), then index.
@@ -247,5 +275,55 @@ mod tests {
         }
         let err = decode::<StoredLogId>(&bytes[..4], "log entry 9").unwrap_err();
         assert!(err.to_string().contains("log entry 9"));
+    }
+
+    fn secret() -> citadel_core::kv::KvEntry {
+        let version = |n: u8| citadel_core::kv::KvVersion {
+            created: u64::from(n),
+            deletion_time: (n == 2).then_some(9),
+            destroyed: n == 3,
+            ciphertext: vec![n; 40],
+        };
+        citadel_core::kv::KvEntry {
+            current_version: 3,
+            custom_metadata: [("owner".to_string(), "ops".to_string())].into(),
+            versions: (1..=3).map(|n| (u64::from(n), version(n))).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn binary_records_round_trip_with_bytes_as_they_are_and_json_records_still_decode() {
+        let binary = encode_binary(&secret());
+        assert_eq!(binary[0], RECORD_FORMAT_BINARY);
+        assert!(
+            !String::from_utf8_lossy(&binary).contains(&"AQEBAQ"[..]),
+            "ciphertext is not base64 in a binary record"
+        );
+        assert_eq!(decode::<citadel_core::kv::KvEntry>(&binary, "x").unwrap(), secret());
+        let json = encode(&secret());
+        assert_eq!(json[0], RECORD_FORMAT_JSON);
+        assert!(binary.len() < json.len(), "{} vs {} bytes", binary.len(), json.len());
+        assert_eq!(decode::<citadel_core::kv::KvEntry>(&json, "x").unwrap(), secret(), "what earlier builds wrote");
+    }
+
+    #[test]
+    fn a_binary_record_flipped_cut_or_extended_is_refused_naming_it() {
+        let bytes = encode_binary(&secret());
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x20;
+            assert!(decode::<citadel_core::kv::KvEntry>(&damaged, "s").is_err(), "flip at byte {i} went unnoticed");
+        }
+        // A body that checks but holds more or less than one record (a bug, not bit rot).
+        let mut body = postcard::to_allocvec(&secret()).unwrap();
+        body.push(0);
+        let err =
+            decode::<citadel_core::kv::KvEntry>(&framed(RECORD_FORMAT_BINARY, &body), "the secret a").unwrap_err();
+        assert!(err.to_string().contains("the secret a: 1 bytes after the record"), "{err}");
+        body.truncate(body.len() - 10);
+        let err =
+            decode::<citadel_core::kv::KvEntry>(&framed(RECORD_FORMAT_BINARY, &body), "the secret a").unwrap_err();
+        assert!(err.to_string().contains("the secret a: undecodable record"), "{err}");
     }
 }

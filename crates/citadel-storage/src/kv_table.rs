@@ -9,7 +9,7 @@
 //! them, and a start that finds them apart rebuilds from the snapshot.
 //!
 //! Keyed by (mount path, secret path): a mount's entries go with it when it is disabled, and
-//! a LIST is a range scan. Each value is a checksummed record ([`crate::codec`]), verified
+//! a LIST is a range scan. Each value is a checksummed record with a binary body ([`crate::codec`]), verified
 //! when it is read; a damaged one is reported naming the file and the secret, never served.
 
 use std::io;
@@ -51,7 +51,7 @@ pub(crate) fn write_changes(txn: &redb::WriteTransaction, changes: &StateKvChang
             table.remove((mount.as_str(), path.as_str()))?;
         }
         for (path, entry) in &kv.put {
-            table.insert((mount.as_str(), path.as_str()), codec::encode(entry).as_slice())?;
+            table.insert((mount.as_str(), path.as_str()), codec::encode_binary(entry).as_slice())?;
         }
     }
     Ok(())
@@ -67,7 +67,7 @@ pub(crate) fn replace_all<'a>(
     let mut table = txn.open_table(KV)?;
     let mut count = 0;
     for StoredKvEntryRef { mount, path, entry } in entries {
-        table.insert((mount, path), codec::encode(entry).as_slice())?;
+        table.insert((mount, path), codec::encode_binary(entry).as_slice())?;
         count += 1;
     }
     Ok(count)

@@ -1039,4 +1039,37 @@ mod tests {
         let again = open(dir.path());
         assert_eq!(stored_and_in_memory(&again.reader(), "a"), (Some(1), 0), "read from the store the next time");
     }
+
+    /// The record kept for `path` of `secret/`, as its bytes.
+    fn raw_record(sm: &StateMachine, path: &str) -> Vec<u8> {
+        let txn = redb::ReadableDatabase::begin_read(&sm.db.db).unwrap();
+        let table = txn.open_table(kv_table::KV).unwrap();
+        table.get(("secret/", path)).unwrap().unwrap().value().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_secret_an_earlier_build_stored_as_json_still_reads_and_is_stored_binary_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        apply(&mut sm, 0, vec![init(), write("a", 1)]).await;
+        assert_eq!(raw_record(&sm, "a")[0], 2, "written binary");
+        // What a build before binary records left on disk: the same entry as JSON.
+        let entry = sm.reader().read_with_kv(|_, kv| kv.entry("secret/", "a").unwrap().unwrap());
+        sm.db
+            .write(|txn| {
+                txn.open_table(kv_table::KV)?.insert(("secret/", "a"), codec::encode(&entry).as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        drop(sm);
+
+        let mut sm = open(dir.path());
+        assert_eq!(raw_record(&sm, "a")[0], 1);
+        assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(1), 0), "the JSON record reads");
+        apply(&mut sm, 2, vec![write("a", 2)]).await;
+        assert_eq!(raw_record(&sm, "a")[0], 2, "rewritten binary");
+        let versions = sm.reader().read_with_kv(|_, kv| kv.entry("secret/", "a").unwrap().unwrap().versions);
+        assert_eq!(versions[&1].ciphertext, b"a@1", "the old version came through");
+        assert_eq!(versions[&2].ciphertext, b"a@2");
+    }
 }
