@@ -40,12 +40,28 @@ pub fn check(audit: &AuditBody, command: &Command) -> Result<(), Rejection> {
     if audit.path.len() > MAX_FIELD_BYTES || audit.user.len() > MAX_FIELD_BYTES {
         return Err(too_large());
     }
-    // Serializing a body of strings and numbers cannot fail; an error would only make the size 0.
-    let size = serde_json::to_vec(audit).map_or(0, |bytes| bytes.len());
-    if size > MAX_BODY_BYTES {
+    // Counted, not collected: this runs on every write. Serializing a body of strings and
+    // numbers cannot fail; an error would only leave the count short.
+    let mut size = ByteCount(0);
+    let _ = serde_json::to_writer(&mut size, audit);
+    if size.0 > MAX_BODY_BYTES {
         return Err(too_large());
     }
     Ok(())
+}
+
+/// A writer that only counts what it is given.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Whether `apply` records the envelope's event with this response of its inner command. Not for
