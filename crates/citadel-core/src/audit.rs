@@ -512,13 +512,7 @@ impl LogChain {
 /// `a == b`, deciding most pairs by their length and first eight bytes: every write scans
 /// [`REQUEST_ID_WINDOW`] random ids, and a `memcmp` call per id showed in the profile.
 fn same_id(a: &str, b: &str) -> bool {
-    let head = |s: &str| -> u64 {
-        let mut bytes = [0u8; 8];
-        let n = s.len().min(8);
-        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
-        u64::from_le_bytes(bytes)
-    };
-    a.len() == b.len() && head(a) == head(b) && a == b
+    a.len() == b.len() && a.as_bytes().first_chunk::<8>() == b.as_bytes().first_chunk::<8>() && a == b
 }
 
 /// The replicated audit log: one chain per node (its spool, shipped), and the cluster's log
