@@ -607,7 +607,7 @@ mod tests {
         store.store(&events, 10, false, false).unwrap();
         let points = store.prune_points(5, 100).unwrap();
         let expected = PrunePoint { chain: Chain::Node(1), seq: 4, hash: events[3].hash.clone() };
-        assert_eq!(points, [expected.clone()], "events at times 1 to 4 are before 5");
+        assert_eq!(points, std::slice::from_ref(&expected), "events at times 1 to 4 are before 5");
         assert_eq!(store.prune_points(5, 2).unwrap()[0].seq, 2, "at most `cap` per run");
 
         let archive = dir.path().join("audit-archive");

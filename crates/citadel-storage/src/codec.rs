@@ -296,10 +296,7 @@ mod tests {
     fn binary_records_round_trip_with_bytes_as_they_are_and_json_records_still_decode() {
         let binary = encode_binary(&secret());
         assert_eq!(binary[0], RECORD_FORMAT_BINARY);
-        assert!(
-            !String::from_utf8_lossy(&binary).contains(&"AQEBAQ"[..]),
-            "ciphertext is not base64 in a binary record"
-        );
+        assert!(!String::from_utf8_lossy(&binary).contains("AQEBAQ"), "ciphertext is not base64 in a binary record");
         assert_eq!(decode::<citadel_core::kv::KvEntry>(&binary, "x").unwrap(), secret());
         let json = encode(&secret());
         assert_eq!(json[0], RECORD_FORMAT_JSON);

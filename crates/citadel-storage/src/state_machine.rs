@@ -807,7 +807,12 @@ mod tests {
         let local = SnapshotFile::in_dir(dir).read::<StoredSnapshotRecord>().unwrap().unwrap().data;
         let transfer = sender.transfer_form(&local).unwrap();
         let mut lines = Vec::new();
-        sender.write_snapshot_events(&transfer, &mut |e| Ok(lines.push(e.to_vec()))).unwrap();
+        sender
+            .write_snapshot_events(&transfer, &mut |e| {
+                lines.push(e.to_vec());
+                Ok(())
+            })
+            .unwrap();
         (transfer, lines)
     }
 

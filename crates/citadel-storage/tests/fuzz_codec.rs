@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use citadel_core::command::Command;
+use citadel_core::kv::{KvEntry, KvVersion};
 use citadel_core::state::State;
 use citadel_storage::codec::{
     self, Identity, StoredEntry, StoredLogId, StoredMembershipConfig, StoredMembershipState, StoredPayload,
@@ -27,15 +28,16 @@ fn any_decodes(bytes: &[u8]) -> bool {
         codec::decode::<StoredSnapshot>(bytes, "snapshot").is_ok(),
         codec::decode::<StoredMembershipState>(bytes, "membership").is_ok(),
         codec::decode::<Identity>(bytes, "identity").is_ok(),
+        codec::decode::<KvEntry>(bytes, "secret").is_ok(),
     ]
     .into_iter()
     .any(|ok| ok)
 }
 
-/// A record with a correct format byte and checksum around arbitrary body bytes: only the JSON
-/// decoding stands between them and the node.
-fn framed(body: &[u8]) -> Vec<u8> {
-    let mut out = vec![1u8];
+/// A record with a correct format byte (1: JSON, 2: postcard) and checksum around arbitrary body
+/// bytes: only the body's decoding stands between them and the node.
+fn framed(format: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![format];
     out.extend_from_slice(&Sha256::digest(body)[..8]);
     out.extend_from_slice(body);
     out
@@ -74,7 +76,20 @@ fn valid_records() -> Vec<Vec<u8>> {
             kv: vec![],
         }),
         codec::encode(&Identity { node_id: 1, format: 1 }),
+        codec::encode_binary(&secret()),
     ]
+}
+
+/// A secret as the KV table stores it (a binary record).
+fn secret() -> KvEntry {
+    let version = |n: u64| KvVersion { created: n, deletion_time: Some(9), destroyed: false, ciphertext: vec![7; 30] };
+    KvEntry {
+        current_version: 2,
+        max_versions: 10,
+        custom_metadata: BTreeMap::from([("owner".to_string(), "ops".to_string())]),
+        versions: BTreeMap::from([(1, version(1)), (2, version(2))]),
+        ..KvEntry::default()
+    }
 }
 
 #[test]
@@ -104,7 +119,14 @@ proptest! {
     fn a_checksummed_body_of_arbitrary_json_decodes_or_is_refused_without_panicking(
         body in "\\PC{0,200}|\\{\"log_id\":\\{\"term\":[0-9]{1,22},\"leader\":1,\"index\":[0-9-]{1,22}\\},\"payload\":\\PC{0,40}\\}"
     ) {
-        let _ = any_decodes(&framed(body.as_bytes()));
+        let _ = any_decodes(&framed(1, body.as_bytes()));
+    }
+
+    #[test]
+    fn a_checksummed_binary_body_of_arbitrary_bytes_decodes_or_is_refused_without_panicking(
+        body in proptest::collection::vec(any::<u8>(), 0..300)
+    ) {
+        let _ = any_decodes(&framed(2, &body));
     }
 
     #[test]
@@ -114,15 +136,16 @@ proptest! {
     ) {
         let records = valid_records();
         let record = &records[index % records.len()];
+        let format = record[0];
         let mut body = record[9..].to_vec();
         for (at, byte) in edits {
             let at = at % body.len();
             body[at] = byte;
         }
-        if let Ok(entry) = codec::decode::<StoredEntry>(&framed(&body), "log entry") {
+        if let Ok(entry) = codec::decode::<StoredEntry>(&framed(format, &body), "log entry") {
             // A decodable entry must also convert (or be refused) without panicking.
             let _ = entry.into_entry();
         }
-        let _ = any_decodes(&framed(&body));
+        let _ = any_decodes(&framed(format, &body));
     }
 }
