@@ -21,6 +21,7 @@ pub mod snapshot_auto;
 pub mod state;
 pub mod time;
 pub mod token;
+pub mod token_table;
 
 /// Raft node identifier.
 pub type NodeId = u64;

@@ -11,6 +11,7 @@ use crate::job::{self, JobLog, JobRefusal, JobRun, LogPosition};
 use crate::kv::{KvStore, WriteRequest};
 use crate::policy::{self, Policy};
 use crate::token::{LoginProof, TokenEntry, User};
+use crate::token_table::TokenTable;
 use crate::UnixMillis;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,8 +117,8 @@ pub struct State {
     pub mounts: BTreeMap<String, Mount>,
     pub policies: BTreeMap<String, Policy>,
     pub users: BTreeMap<String, User>,
-    /// Keyed by token hash.
-    pub tokens: BTreeMap<String, TokenEntry>,
+    /// Keyed by token hash, with the indexes revocation walks.
+    pub tokens: TokenTable,
     pub audit: AuditLog,
     #[serde(default)]
     pub cluster_ca: Option<ClusterCa>,
@@ -308,20 +309,24 @@ impl State {
             }
             Command::TokenCreate { entry, login } => self.create_token(*entry, login),
             Command::TokenRenew { hash, expires, ttl_secs } => {
-                let token = self.tokens.get_mut(&hash).ok_or(Rejection::TokenNotFound)?;
+                let token = self.tokens.get(&hash).ok_or(Rejection::TokenNotFound)?;
                 if token.max_expires.is_some_and(|max| expires > max) {
                     return Err(Rejection::RenewalPastMax);
                 }
-                token.expires = Some(expires);
-                token.ttl_secs = ttl_secs;
+                self.tokens.update(&hash, |token| {
+                    token.expires = Some(expires);
+                    token.ttl_secs = ttl_secs;
+                });
                 Ok(Response::Done)
             }
             Command::TokenUse { hash } => {
-                let token = self.tokens.get_mut(&hash).ok_or(Rejection::TokenInvalid)?;
+                let token = self.tokens.get(&hash).ok_or(Rejection::TokenInvalid)?;
                 match token.uses_left {
                     None => {}
                     Some(0) => return Err(Rejection::TokenInvalid),
-                    Some(n) => token.uses_left = Some(n - 1),
+                    Some(n) => {
+                        self.tokens.update(&hash, |token| token.uses_left = Some(n - 1));
+                    }
                 }
                 Ok(Response::Done)
             }
@@ -349,7 +354,7 @@ impl State {
                 if !self.tokens.contains_key(&hash) {
                     return Err(Rejection::TokenNotFound);
                 }
-                self.revoke_tree(hash);
+                self.tokens.remove_tree(&hash);
                 Ok(Response::Done)
             }
             Command::TokensExpire { now } => {
@@ -357,7 +362,7 @@ impl State {
                 let expired: Vec<String> =
                     self.tokens.values().filter(|t| !t.is_usable(now)).map(|t| t.hash.clone()).collect();
                 for hash in expired {
-                    self.revoke_tree(hash);
+                    self.tokens.remove_tree(&hash);
                 }
                 Ok(Response::Done)
             }
@@ -650,10 +655,9 @@ impl State {
 
     /// Revokes every token a user's logins issued, with their descendants.
     fn revoke_user_tokens(&mut self, username: &str) {
-        let owned: Vec<String> =
-            self.tokens.values().filter(|t| t.username.as_deref() == Some(username)).map(|t| t.hash.clone()).collect();
+        let owned: Vec<String> = self.tokens.of_username(username).map(|t| t.hash.clone()).collect();
         for hash in owned {
-            self.revoke_tree(hash);
+            self.tokens.remove_tree(&hash);
         }
     }
 
@@ -690,26 +694,6 @@ impl State {
         }
         certs.insert(serial, not_after);
         Ok(Response::Done)
-    }
-
-    /// Removes a token and all its descendants.
-    fn revoke_tree(&mut self, root: String) {
-        let mut doomed = BTreeSet::from([root]);
-        loop {
-            let children: Vec<String> = self
-                .tokens
-                .values()
-                .filter(|t| t.parent.as_ref().is_some_and(|p| doomed.contains(p)) && !doomed.contains(&t.hash))
-                .map(|t| t.hash.clone())
-                .collect();
-            if children.is_empty() {
-                break;
-            }
-            doomed.extend(children);
-        }
-        for hash in doomed {
-            self.tokens.remove(&hash);
-        }
     }
 }
 

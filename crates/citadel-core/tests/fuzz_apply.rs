@@ -38,8 +38,14 @@ fn mount() -> impl Strategy<Value = Mount> {
 }
 
 fn token() -> impl Strategy<Value = TokenEntry> {
-    (name(), proptest::option::of(name()), proptest::option::of(number()), proptest::option::of(0u64..3)).prop_map(
-        |(hash, parent, expires, uses_left)| TokenEntry {
+    (
+        name(),
+        proptest::option::of(name()),
+        proptest::option::of(number()),
+        proptest::option::of(0u64..3),
+        proptest::option::of(name()),
+    )
+        .prop_map(|(hash, parent, expires, uses_left, username)| TokenEntry {
             accessor: format!("acc-{hash}"),
             hash,
             policies: vec![policy::DEFAULT.into()],
@@ -50,12 +56,11 @@ fn token() -> impl Strategy<Value = TokenEntry> {
             ttl_secs: 0,
             renewable: true,
             parent,
-            username: None,
+            username,
             uses_left,
             max_expires: expires,
             ..TokenEntry::default()
-        },
-    )
+        })
 }
 
 /// A short chain of audit events from `node`, possibly with a gap, a duplicate or a forged link.
@@ -346,6 +351,7 @@ proptest! {
                 prop_assert_eq!(&rest, &before, "rejected ({}) yet the state changed: {:?}", rejection, command);
             }
             prop_assert_eq!(replica.apply_entry(entry, command), response);
+            prop_assert!(state.tokens.indexes_match_tokens(), "the token indexes drifted from the tokens");
         }
         prop_assert_eq!(state.audit.log.verify(), Ok(()), "the log chain apply built verifies");
         prop_assert_eq!(state, replica);

@@ -637,14 +637,9 @@ enum TokenOwner<'a> {
 /// state the request was checked against, so concurrent requests may pass it by their number.
 fn within_token_quota(app: &Node, owner: TokenOwner) -> Result<(), ApiError> {
     let max = app.config.limits.max_tokens_per_owner;
-    let held = app.state.read(|s| {
-        s.tokens
-            .values()
-            .filter(|t| match owner {
-                TokenOwner::User(user) => t.parent.is_none() && t.username.as_deref() == Some(user),
-                TokenOwner::Parent(parent) => t.parent.as_deref() == Some(parent),
-            })
-            .count()
+    let held = app.state.read(|s| match owner {
+        TokenOwner::User(user) => s.tokens.of_username(user).filter(|t| t.parent.is_none()).count(),
+        TokenOwner::Parent(parent) => s.tokens.children_of(parent).count(),
     });
     if held >= max {
         let whose = match owner {
