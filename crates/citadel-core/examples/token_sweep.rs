@@ -14,13 +14,23 @@ use citadel_core::token::TokenEntry;
 
 const USERS: usize = 20;
 
-fn token(hash: String, parent: Option<String>, username: &str, expires: u64) -> TokenEntry {
+/// A 64-hex-digit hash, as `token_hash` makes them.
+fn hash(name: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(name.as_bytes()))
+}
+
+/// A token shaped like a login's: its hash, accessor and display name as long as real ones.
+fn token(name: &str, parent: Option<String>, username: &str, expires: u64) -> TokenEntry {
     TokenEntry {
-        hash,
+        hash: hash(name),
+        accessor: hash(&format!("accessor {name}"))[..24].to_string(),
+        display_name: format!("userpass-{username}"),
         parent,
         username: Some(username.to_string()),
         expires: Some(expires),
-        policies: vec!["default".into()],
+        ttl_secs: 3600,
+        policies: vec!["default".into(), "ops".into()],
         ..TokenEntry::default()
     }
 }
@@ -62,10 +72,10 @@ fn loaded(total: usize) -> State {
     for u in 0..USERS {
         let user = format!("user{u}");
         let login = format!("login{u}");
-        create(&mut state, token(login.clone(), None, &user, 1_000));
+        create(&mut state, token(&login, None, &user, 1_000));
         for c in 1..per_user {
             let expires = if c % 2 == 0 { 10 } else { 1_000 };
-            create(&mut state, token(format!("child{u}-{c}"), Some(login.clone()), &user, expires));
+            create(&mut state, token(&format!("child{u}-{c}"), Some(hash(&login)), &user, expires));
         }
     }
     state
@@ -75,6 +85,10 @@ fn main() {
     let total: usize = std::env::args().nth(1).map_or(20_000, |n| n.parse().expect("TOKENS: a number"));
     let mut state = loaded(total);
     let held = state.tokens.len();
+    let resident = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l[6..].trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
 
     let started = Instant::now();
     assert_eq!(state.apply(Command::TokensExpire { now: 500 }), Response::Done);
@@ -84,11 +98,11 @@ fn main() {
 
     let before = state.tokens.len();
     let started = Instant::now();
-    assert_eq!(state.apply(Command::TokenRevoke { hash: "login0".into() }), Response::Done);
+    assert_eq!(state.apply(Command::TokenRevoke { hash: hash("login0") }), Response::Done);
     let revoke = started.elapsed();
 
     println!(
-        "{held} tokens: expiry sweep of {swept} took {:.1} ms; revoking a login with its {} children took {:.2} ms",
+        "{held} tokens ({resident} resident): expiry sweep of {swept} took {:.1} ms; revoking a login with its {} children took {:.2} ms",
         sweep.as_secs_f64() * 1e3,
         before - state.tokens.len() - 1,
         revoke.as_secs_f64() * 1e3
