@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use citadel_core::barrier::Keyring;
 use citadel_core::state::State;
-use citadel_storage::codec::{self, StoredSnapshot};
+use citadel_storage::codec::{self, StoredSnapshot, StoredSnapshotSummary};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -194,7 +194,7 @@ pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
     // own audit log (`State::restore`), so events in the file would serve nothing, and with
     // them the file (and the memory to build it) would grow with every request ever audited.
     let data = snapshot.snapshot;
-    let stored: StoredSnapshot = codec::decode(&data, "snapshot")
+    let stored: StoredSnapshotSummary = codec::decode(&data, "snapshot")
         .map_err(|e| BuildError::Failed(format!("the local snapshot is damaged: {e}")))?;
     let last = stored.last_applied.ok_or_else(|| BuildError::NotReady("nothing to snapshot yet".into()))?;
     let mut header = SnapshotHeader {
@@ -212,6 +212,7 @@ pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
     let mut file = serde_json::to_vec(&header).map_err(|e| BuildError::Failed(e.to_string()))?;
     file.push(b'\n');
     file.extend_from_slice(&data);
+    drop(data); // in `file` now: the archive is built beside one copy, not two
     let now = crate::ids::now_ms();
     let meta = raft_meta(&stored, file.len(), now);
     archive::write(&meta, &file, &keys.keyring, &crate::ids::random_bytes(), now / 1000)
@@ -219,7 +220,7 @@ pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
 }
 
 /// hashicorp/raft's metadata for `meta.json`: the snapshot's last entry and its membership.
-fn raft_meta(stored: &StoredSnapshot, size: usize, now: u64) -> RaftMeta {
+fn raft_meta(stored: &StoredSnapshotSummary, size: usize, now: u64) -> RaftMeta {
     let last = stored.last_applied.unwrap_or(codec::StoredLogId { term: 0, leader: 0, index: 0 });
     let config = &stored.membership.config;
     let voters: std::collections::BTreeSet<u64> = config.configs.iter().flatten().copied().collect();

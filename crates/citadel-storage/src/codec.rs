@@ -218,6 +218,21 @@ pub struct StoredSnapshot {
     pub kv: Vec<crate::kv_table::StoredKvEntry>,
 }
 
+/// What a [`StoredSnapshot`] says of itself, decoded without building its state or its
+/// secrets: the fields not named here are skipped as they are read. A snapshot for an operator
+/// needs no more, and decoding a whole one held every secret a second time in memory.
+#[derive(Deserialize)]
+pub struct StoredSnapshotSummary {
+    pub last_applied: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    pub state: StateSummary,
+}
+
+#[derive(Deserialize)]
+pub struct StateSummary {
+    pub cluster: Option<citadel_core::state::ClusterInfo>,
+}
+
 /// A [`StoredSnapshot`] as written, borrowing its state and with its secrets from anywhere
 /// that serializes as a sequence of [`crate::kv_table::StoredKvEntry`] (a store being read).
 #[derive(Serialize)]
@@ -275,6 +290,31 @@ mod tests {
         }
         let err = decode::<StoredLogId>(&bytes[..4], "log entry 9").unwrap_err();
         assert!(err.to_string().contains("log entry 9"));
+    }
+
+    #[test]
+    fn a_snapshots_summary_reads_its_position_membership_and_cluster_past_its_secrets() {
+        let mut state = State::default();
+        state.cluster =
+            Some(citadel_core::state::ClusterInfo { id: "c1".into(), name: "citadel".into(), initialized_at: 1 });
+        let membership = StoredMembershipState {
+            log_id: Some(StoredLogId { term: 2, leader: 1, index: 4 }),
+            config: StoredMembershipConfig { configs: vec![BTreeSet::from([1, 2, 3])], nodes: BTreeMap::new() },
+        };
+        let kv = (0..3)
+            .map(|i| crate::kv_table::StoredKvEntry { mount: "secret/".into(), path: format!("p{i}"), entry: secret() })
+            .collect();
+        let snapshot = StoredSnapshot {
+            format: 6,
+            last_applied: Some(StoredLogId { term: 2, leader: 1, index: 9 }),
+            membership: membership.clone(),
+            state,
+            kv,
+        };
+        let summary: StoredSnapshotSummary = decode(&encode(&snapshot), "snapshot").unwrap();
+        assert_eq!(summary.last_applied, snapshot.last_applied);
+        assert_eq!(summary.membership, membership);
+        assert_eq!(summary.state.cluster.map(|c| c.id), Some("c1".to_string()));
     }
 
     fn secret() -> citadel_core::kv::KvEntry {
