@@ -2,8 +2,8 @@
 //! held: every replica runs these inside `apply`, so their cost stalls the whole cluster.
 //!
 //! `cargo run --release -p citadel-core --example token_sweep -- [TOKENS]` (default 20,000):
-//! TOKENS tokens as logins of 20 users (parent none), each holding children of its own,
-//! half of all tokens expired.
+//! TOKENS (at least 40) tokens as logins of 20 users (parent none), each holding children of its
+//! own, every other child expired.
 
 use std::time::Instant;
 
@@ -83,6 +83,7 @@ fn loaded(total: usize) -> State {
 
 fn main() {
     let total: usize = std::env::args().nth(1).map_or(20_000, |n| n.parse().expect("TOKENS: a number"));
+    assert!(total >= 2 * USERS, "TOKENS: at least {} (a login and a child for each of {USERS} users)", 2 * USERS);
     let mut state = loaded(total);
     let held = state.tokens.len();
     let resident = std::fs::read_to_string("/proc/self/status")

@@ -293,6 +293,12 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
     if last != Some((header.last_index, header.last_term)) {
         return Err(SnapshotFileError::Inconsistent);
     }
+    if let Some((key, token)) = stored.state.tokens.misfiled() {
+        return Err(SnapshotFileError::BadBody(format!(
+            "a token is stored under {key:?} but its hash is {:?}: the file was edited",
+            token.hash
+        )));
+    }
     Ok((header, stored))
 }
 
@@ -480,5 +486,14 @@ mod tests {
         other.last_applied = Some(StoredLogId { term: 2, leader: 1, index: 10 });
         let file = signed_file(&other, &ring);
         assert_eq!(parse(&file).unwrap_err(), SnapshotFileError::Inconsistent);
+    }
+
+    #[test]
+    fn a_snapshot_with_a_token_stored_under_another_hash_is_refused_naming_both() {
+        let mut edited = stored();
+        let token = citadel_core::token::TokenEntry { hash: "b".into(), ..Default::default() };
+        edited.state.tokens = std::collections::BTreeMap::from([("a".to_string(), token)]).into();
+        let err = parse(&signed_file(&edited, &keyring())).unwrap_err().to_string();
+        assert!(err.contains("stored under \"a\" but its hash is \"b\""), "{err}");
     }
 }

@@ -220,7 +220,8 @@ pub struct StoredSnapshot {
 
 /// What a [`StoredSnapshot`] says of itself, decoded without building its state or its
 /// secrets: the fields not named here are skipped as they are read. A snapshot for an operator
-/// needs no more, and decoding a whole one held every secret a second time in memory.
+/// needs no more, and decoding a whole one held every secret a second time in memory. Skipping
+/// needs a self-describing body: snapshot records are JSON (format 1), never postcard.
 #[derive(Deserialize)]
 pub struct StoredSnapshotSummary {
     pub last_applied: Option<StoredLogId>,

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use citadel_core::command::Command;
 use citadel_core::kv::{KvEntry, KvVersion};
 use citadel_core::state::State;
+use citadel_core::token::TokenEntry;
 use citadel_storage::codec::{
     self, Identity, StoredEntry, StoredLogId, StoredMembershipConfig, StoredMembershipState, StoredPayload,
     StoredSnapshot, StoredVote,
@@ -72,12 +73,27 @@ fn valid_records() -> Vec<Vec<u8>> {
             format: citadel_core::command::FORMAT_VERSION,
             last_applied: Some(log_id),
             membership: StoredMembershipState { log_id: Some(log_id), config: membership() },
-            state: State::default(),
+            state: state_with_tokens(),
             kv: vec![],
         }),
         codec::encode(&Identity { node_id: 1, format: 1 }),
         codec::encode_binary(&secret()),
     ]
+}
+
+/// A state holding a login and its child, so the token table's decoding is fuzzed too.
+fn state_with_tokens() -> State {
+    let mut state = State::default();
+    for (hash, parent) in [("login", None), ("child", Some("login"))] {
+        let entry = TokenEntry {
+            hash: hash.into(),
+            parent: parent.map(Into::into),
+            username: Some("ann".into()),
+            ..TokenEntry::default()
+        };
+        state.tokens.insert(hash.into(), entry);
+    }
+    state
 }
 
 /// A secret as the KV table stores it (a binary record).
