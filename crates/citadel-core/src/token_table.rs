@@ -6,9 +6,8 @@
 //! sweeping 9,980 of 20,001 tokens held `apply` on every replica for 3.4 s
 //! (`examples/token_sweep.rs`). With the indexes a revocation costs its own tokens only (a sweep
 //! still scans once to find the expired ones), and a login's quota check does not scan every
-//! token under the state's lock. They cost about 0.4 KB
-//! per token beside the token's own 0.9 KB, so lookups by accessor, rare and privileged, still
-//! scan.
+//! token under the state's lock. They cost about 0.4 KB per token beside the token's own 0.9 KB,
+//! so lookups by accessor, rare and privileged, still scan.
 //!
 //! The indexes are derived: they are not serialized, and are rebuilt whenever a table is
 //! decoded, so a snapshot and the state's encoding are those of the plain map. They index a
