@@ -15,6 +15,7 @@ use anyhow::Result;
 use axum::extract::{Extension, State};
 use axum::routing::post;
 use axum::{Json, Router};
+use citadel_storage::state_machine::TransferPart;
 use citadel_storage::types::{Raft, Snapshot, SnapshotMeta, Vote};
 use citadel_storage::{NodeInfo, StateReader, TypeConfig};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -36,20 +37,27 @@ use crate::peer::PeerCert;
 use crate::raft_stream::{RaftStreams, Rpc};
 
 /// Wire form of a snapshot: this header as one JSON line (the snapshot in transfer form,
-/// without its audit events), then each audit event it covers as one line, streamed from the
-/// sender's store into the receiver's staging tables (`StateReader::write_snapshot_events`,
-/// `SnapshotReceiver`), so neither node holds the audit log in memory.
+/// without its secrets and audit events), then each secret as one line, then each audit event
+/// it covers as one line, streamed from the sender's snapshot and store into the receiver's
+/// staging tables (`StateReader::write_transfer`, `SnapshotReceiver`), so neither node holds
+/// its secrets or audit log in memory.
 #[derive(Serialize, Deserialize)]
 struct SnapshotTransfer {
     vote: Vote,
     meta: SnapshotMeta,
     #[serde(with = "citadel_core::encoding")]
     data: Vec<u8>,
+    /// Secret lines after the header. A leader of protocol 8 sends none (its secrets are in
+    /// `data`) and leaves the field out, and is still understood while a cluster is upgraded.
+    #[serde(default)]
+    secrets: u64,
 }
 
 /// Longest line of a snapshot transfer after its header: one stored audit event (its fields
 /// are capped far below this).
 const MAX_SNAPSHOT_EVENT_LINE: usize = 1 << 20;
+/// Bytes of a snapshot transfer's lines handed to the receiver at once (or 4,096 lines).
+const SNAPSHOT_BATCH_BYTES: usize = 32 << 20;
 /// Bytes per chunk of a snapshot transfer's body, and chunks in flight.
 const SNAPSHOT_CHUNK: usize = 256 << 10;
 const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 8;
@@ -81,7 +89,9 @@ pub struct ClusterNetwork {
 /// 7: a snapshot's secrets travel beside its state (storage format 6), where a node of version
 ///    6 would find every mount empty.
 /// 8: appends and votes travel on the Raft stream (ALPN `citadel-raft/8`), not as HTTP routes.
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: a snapshot's secrets follow its header one per line, before its audit events; a node of
+///    version 8 would read them as events and refuse every snapshot.
+pub const PROTOCOL_VERSION: u32 = 9;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {
@@ -291,23 +301,24 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         _cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let state = self.state.clone();
-        let transfer = tokio::task::spawn_blocking(move || state.transfer_form(&snapshot.snapshot))
-            .await
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        let header = SnapshotTransfer { vote, meta: snapshot.meta, data: transfer };
-        let mut first = serde_json::to_vec(&header).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        first.push(b'\n');
-        let transfer = header.data;
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(SNAPSHOT_CHUNKS_IN_FLIGHT);
         let state = self.state.clone();
-        // The events are read from a store transaction on a blocking thread and flow through a
-        // bounded channel: the body never holds more than a few chunks.
+        // The snapshot is cut into lines on a blocking thread (its events read from a store
+        // transaction) and flows through a bounded channel: the body never holds more than a
+        // few chunks.
         tokio::task::spawn_blocking(move || {
-            let mut chunk = first;
-            let written = state.write_snapshot_events(&transfer, &mut |event| {
-                chunk.extend_from_slice(event);
+            let (snapshot_meta, local) = (snapshot.meta, snapshot.snapshot);
+            let mut meta = Some(snapshot_meta);
+            let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK * 2);
+            let written = state.write_transfer(&local, &mut |part| {
+                match part {
+                    TransferPart::Header { data, secrets } => {
+                        let meta = meta.take().ok_or_else(|| std::io::Error::other("a second snapshot header"))?;
+                        let header = SnapshotTransfer { vote, meta, data, secrets };
+                        serde_json::to_writer(&mut chunk, &header).map_err(std::io::Error::other)?;
+                    }
+                    TransferPart::Line(line) => chunk.extend_from_slice(line),
+                }
                 chunk.push(b'\n');
                 if chunk.len() >= SNAPSHOT_CHUNK {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(SNAPSHOT_CHUNK * 2));
@@ -315,7 +326,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 }
                 Ok(())
             });
-            let _ = tx.blocking_send(written.map(|_| chunk));
+            let _ = tx.blocking_send(written.map(|()| chunk));
         });
         let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
         let timeout = option.hard_ttl().max(SNAPSHOT_RPC_LIMIT);
@@ -482,13 +493,19 @@ async fn receive_snapshot(app: &Node, body: axum::body::Body) -> Wire<SnapshotRe
     let mut lines = Lines { stream: body.into_data_stream(), buf: Vec::new(), start: 0, searched: 0 };
     let header = lines.next(MAX_PEER_BODY).await?.ok_or("an empty snapshot transfer")?;
     let header: SnapshotTransfer = serde_json::from_slice(&header).map_err(|e| format!("snapshot header: {e}"))?;
-    let mut receiver = app.state.receive_snapshot(&header.data, &header.meta).map_err(|e| e.to_string())?;
-    let mut batch = Vec::new();
+    let mut receiver =
+        app.state.receive_snapshot(&header.data, &header.meta, header.secrets).map_err(|e| e.to_string())?;
+    let (mut batch, mut batch_bytes, mut secret_lines) = (Vec::new(), 0, header.secrets);
     loop {
-        let line = lines.next(MAX_SNAPSHOT_EVENT_LINE).await?;
+        // A secret may hold a thousand versions: its line is bounded as the whole body is.
+        let max = if secret_lines > 0 { MAX_PEER_BODY } else { MAX_SNAPSHOT_EVENT_LINE };
+        let line = lines.next(max).await?;
+        secret_lines = secret_lines.saturating_sub(1);
         let end = line.is_none();
+        batch_bytes += line.as_ref().map_or(0, Vec::len);
         batch.extend(line);
-        if end || batch.len() >= 4096 {
+        if end || batch.len() >= 4096 || batch_bytes >= SNAPSHOT_BATCH_BYTES {
+            batch_bytes = 0;
             let lines_now = std::mem::take(&mut batch);
             receiver = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
                 lines_now.iter().try_for_each(|l| receiver.add(l))?;

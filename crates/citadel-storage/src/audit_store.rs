@@ -216,19 +216,18 @@ impl AuditStore {
     }
 
     /// Adds a received snapshot's events to the staging tables, emptied first by the `first`
-    /// batch. Fsynced: redb keeps what unsynced commits free until a durable one, and a
-    /// million-event transfer of a hundred unsynced commits slowed as it went (`bench scale`'s
-    /// catch-up: 54 s with durable commits, 65 and 75 s without). Such a commit may also make
-    /// the state machine's latest commits durable without its saved state: the next start then
-    /// finds the store ahead of the saved state and rebuilds from the snapshot (`state_machine.rs`).
-    pub(crate) fn stage(&self, events: &[AuditEvent], first: bool) -> io::Result<()> {
-        self.db.commit(true, |txn| {
-            if first {
-                STAGED.delete(txn)?;
-                txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
-            }
-            STAGED.write(txn, events, Change::Insert)
-        })
+    /// batch, inside the caller's transaction (the receiver's, which stages its secrets too).
+    pub(crate) fn stage_in(
+        &self,
+        txn: &redb::WriteTransaction,
+        events: &[AuditEvent],
+        first: bool,
+    ) -> Result<(), redb::Error> {
+        if first {
+            STAGED.delete(txn)?;
+            txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
+        }
+        STAGED.write(txn, events, Change::Insert)
     }
 
     /// Marks the staged events complete for the snapshot `snapshot` (its last log id, encoded).

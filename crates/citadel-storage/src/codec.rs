@@ -60,6 +60,32 @@ fn framed(format: u8, body: &[u8]) -> Vec<u8> {
 /// Decodes a record, verifying its format byte and checksum first. `what` names the record in
 /// the error (e.g. "log entry 42").
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
+    let (format, body) = verified_body(bytes, what)?;
+    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+    let undecodable = |e: &dyn std::fmt::Display| bad(format!("undecodable record: {e}"));
+    if format == RECORD_FORMAT_JSON {
+        serde_json::from_slice(body).map_err(|e| undecodable(&e))
+    } else {
+        match postcard::take_from_bytes(body) {
+            Ok((value, [])) => Ok(value),
+            Ok((_, rest)) => Err(bad(format!("{} bytes after the record", rest.len()))),
+            Err(e) => Err(undecodable(&e)),
+        }
+    }
+}
+
+/// Decodes a JSON record that may borrow from its bytes: fields kept as their text
+/// (`&serde_json::value::RawValue`) cost no decoding and no copy.
+pub fn decode_json_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> io::Result<T> {
+    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+    match verified_body(bytes, what)? {
+        (RECORD_FORMAT_JSON, body) => serde_json::from_slice(body).map_err(|e| bad(format!("undecodable record: {e}"))),
+        (format, _) => Err(bad(format!("record format {format} where a JSON record was expected"))),
+    }
+}
+
+/// A record's format byte and body, once the format is known and the checksum verifies.
+fn verified_body<'a>(bytes: &'a [u8], what: &str) -> io::Result<(u8, &'a [u8])> {
     let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
     if bytes.len() < HEADER {
         return Err(bad("record is truncated".into()));
@@ -72,16 +98,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
     if checksum(body) != bytes[1..HEADER] {
         return Err(bad("checksum mismatch".into()));
     }
-    let undecodable = |e: &dyn std::fmt::Display| bad(format!("undecodable record: {e}"));
-    if format == RECORD_FORMAT_JSON {
-        serde_json::from_slice(body).map_err(|e| undecodable(&e))
-    } else {
-        match postcard::take_from_bytes(body) {
-            Ok((value, [])) => Ok(value),
-            Ok((_, rest)) => Err(bad(format!("{} bytes after the record", rest.len()))),
-            Err(e) => Err(undecodable(&e)),
-        }
-    }
+    Ok((format, body))
 }
 
 /// Ordered as openraft orders log ids: by leader (term, then node), then index.
@@ -232,6 +249,18 @@ pub struct StoredSnapshotSummary {
 #[derive(Deserialize)]
 pub struct StateSummary {
     pub cluster: Option<citadel_core::state::ClusterInfo>,
+}
+
+/// A [`StoredSnapshot`] whose secrets are left as their JSON text, one slice of the record each:
+/// a snapshot sent to a follower streams them one per line without decoding them.
+#[derive(Deserialize)]
+pub(crate) struct StoredSnapshotRawKv<'a> {
+    pub format: u32,
+    pub last_applied: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    pub state: State,
+    #[serde(default, borrow)]
+    pub kv: Vec<&'a serde_json::value::RawValue>,
 }
 
 /// A [`StoredSnapshot`] as written, borrowing its state and with its secrets from anywhere

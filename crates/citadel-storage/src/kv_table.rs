@@ -21,6 +21,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use crate::codec;
 
 pub(crate) const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
+/// The secrets of a snapshot being received, until it is installed ([`promote_staged_in`]).
+const KV_STAGED: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv.staged");
 
 type ReadTable = redb::ReadOnlyTable<(&'static str, &'static str), &'static [u8]>;
 
@@ -71,6 +73,32 @@ pub(crate) fn replace_all<'a>(
         count += 1;
     }
     Ok(count)
+}
+
+/// Empties the staging table (the first commit of a snapshot being received).
+pub(crate) fn clear_staged(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    txn.delete_table(KV_STAGED)?;
+    Ok(())
+}
+
+/// Adds received secrets, each already encoded as its record, to the staging table.
+pub(crate) fn stage_in(txn: &redb::WriteTransaction, entries: &[(String, String, Vec<u8>)]) -> Result<(), redb::Error> {
+    let mut table = txn.open_table(KV_STAGED)?;
+    for (mount, path, record) in entries {
+        table.insert((mount.as_str(), path.as_str()), record.as_slice())?;
+    }
+    Ok(())
+}
+
+/// The staged secrets become the table (a received snapshot is installed); the staging
+/// table is gone after.
+pub(crate) fn promote_staged_in(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    txn.delete_table(KV)?;
+    // Nothing staged (a snapshot without secrets) leaves no staging table, and no table.
+    match txn.rename_table(KV_STAGED, KV) {
+        Ok(()) | Err(redb::TableError::TableDoesNotExist(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The mount path ordered right after every (`mount`, _) key: `mount` is a path ending in `/`,

@@ -20,10 +20,9 @@
 //!
 //! A snapshot (`snapshot.bin`, what openraft sends and an operator saves) holds the state and
 //! every secret beside it (`StoredSnapshot::kv`), streamed out of one read transaction, and each
-//! audit chain's tip, not its events. Sent to a follower, it is followed by its events, one per
-//! line, streamed from the store ([`StateReader::write_snapshot_events`]); the follower checks
-//! and stages them as they arrive ([`SnapshotReceiver`]) and installs them with the snapshot in
-//! one commit.
+//! audit chain's tip, not its events. Sent to a follower, its state goes first, then its secrets
+//! and events, one per line ([`StateReader::write_transfer`]); the follower checks and stages
+//! them as they arrive ([`SnapshotReceiver`]) and installs them with the state in one commit.
 
 use std::io;
 use std::path::Path;
@@ -131,14 +130,33 @@ fn staging_id(meta: &SnapshotMeta) -> Vec<u8> {
     codec::encode(&meta.last_log_id.as_ref().map(codec::StoredLogId::from))
 }
 
-/// Events staged per commit while a snapshot arrives.
+/// Events, or secrets, staged per commit while a snapshot arrives.
 const STAGING_BATCH: usize = 10_000;
+/// Bytes of secrets staged per commit at most: a secret may hold a thousand versions.
+const STAGING_SECRET_BYTES: usize = 32 << 20;
 
-/// A snapshot's audit events arriving from the leader ([`StateReader::receive_snapshot`]).
+/// One part of a snapshot sent to a follower ([`StateReader::write_transfer`]).
+pub enum TransferPart<'a> {
+    /// The snapshot in transfer form, and how many secrets follow it.
+    Header { data: Vec<u8>, secrets: u64 },
+    /// A secret's line, or after the last secret an audit event's.
+    Line(&'a [u8]),
+}
+
+/// A snapshot's secrets and audit events arriving from the leader
+/// ([`StateReader::receive_snapshot`]).
 pub struct SnapshotReceiver {
+    db: Arc<Db>,
     audit: AuditStore,
     /// Each chain the snapshot covers: its check so far and the tip it must reach.
     chains: std::collections::BTreeMap<Chain, (ChainVerifier, ChainTip)>,
+    /// The snapshot's mounts: every secret belongs to one.
+    mounts: std::collections::BTreeSet<String>,
+    /// Secrets still to come before the events.
+    secrets_left: u64,
+    /// Secrets to stage (mount, path, record) and their size.
+    secrets: Vec<(String, String, Vec<u8>)>,
+    secrets_bytes: usize,
     batch: Vec<citadel_core::audit::AuditEvent>,
     first: bool,
     snapshot: Vec<u8>,
@@ -146,10 +164,26 @@ pub struct SnapshotReceiver {
 }
 
 impl SnapshotReceiver {
-    /// Takes the next event (one line): it must continue its chain, within the snapshot.
-    /// Blocking (stages a batch now and then).
+    /// Takes the next line: while secrets are due, a secret of one of the snapshot's mounts;
+    /// then an event, which must continue its chain within the snapshot. Blocking (stages a
+    /// batch now and then).
     pub fn add(&mut self, line: &[u8]) -> io::Result<()> {
         let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("received snapshot: {what}"));
+        if self.secrets_left > 0 {
+            let secret: kv_table::StoredKvEntry =
+                serde_json::from_slice(line).map_err(|e| bad(format!("not a secret: {e}")))?;
+            if !self.mounts.contains(&secret.mount) {
+                return Err(bad(format!("a secret of {}, which is not one of its mounts", secret.mount)));
+            }
+            let record = codec::encode_binary(&secret.entry);
+            self.secrets_bytes += secret.mount.len() + secret.path.len() + record.len();
+            self.secrets.push((secret.mount, secret.path, record));
+            self.secrets_left -= 1;
+            if self.secrets.len() >= STAGING_BATCH || self.secrets_bytes >= STAGING_SECRET_BYTES {
+                self.stage()?;
+            }
+            return Ok(());
+        }
         let event: citadel_core::audit::AuditEvent =
             serde_json::from_slice(line).map_err(|e| bad(format!("not an audit event: {e}")))?;
         let chain = Chain::of(&event);
@@ -166,15 +200,36 @@ impl SnapshotReceiver {
         Ok(())
     }
 
+    /// Stages what arrived since the last commit; the first commit empties the staging tables.
+    /// Fsynced: redb keeps what unsynced commits free until a durable one, and a million-event
+    /// transfer of a hundred unsynced commits slowed as it went (`bench scale`'s catch-up: 54 s
+    /// with durable commits, 65 and 75 s without). Such a commit may also make the state
+    /// machine's latest commits durable without its saved state: the next start then finds the
+    /// store ahead of the saved state and rebuilds from the snapshot.
     fn stage(&mut self) -> io::Result<()> {
-        self.audit.stage(&self.batch, self.first)?;
+        let (first, secrets, events) = (self.first, &self.secrets, &self.batch);
+        self.db.commit(true, |txn| {
+            if first {
+                kv_table::clear_staged(txn)?;
+            }
+            kv_table::stage_in(txn, secrets)?;
+            self.audit.stage_in(txn, events, first)
+        })?;
+        self.secrets.clear();
+        self.secrets_bytes = 0;
         self.batch.clear();
         self.first = false;
         Ok(())
     }
 
-    /// Every event arrived: each chain reached its tip, with the tip's hash.
+    /// Everything arrived: every secret, and each chain reached its tip, with the tip's hash.
     pub fn finish(mut self) -> io::Result<()> {
+        if self.secrets_left > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("received snapshot: it ended with {} of its secrets still due", self.secrets_left),
+            ));
+        }
         for (chain, (verifier, tip)) in &self.chains {
             if verifier.last() != tip {
                 return Err(io::Error::new(
@@ -226,27 +281,38 @@ impl StateReader {
         &self.audit
     }
 
-    /// A local snapshot as it is sent to a follower: without any audit events inline (a
-    /// format-4 `snapshot.bin` still holds them; they are in the store), so the events can
-    /// follow it one per line ([`StateReader::write_snapshot_events`]).
-    pub fn transfer_form(&self, local: &[u8]) -> io::Result<Vec<u8>> {
-        let mut stored: StoredSnapshot = codec::decode(local, "local snapshot")?;
-        stored.state.audit.take_unstored();
-        Ok(codec::encode(&stored))
-    }
-
-    /// Writes the audit events a snapshot in transfer form covers, each chain from its
-    /// retention anchor to its tip, one stored event per call of `out`, read from the store
-    /// and never held whole. Blocking.
-    pub fn write_snapshot_events(
+    /// Writes a local snapshot as it is sent to a follower, part by part: its transfer form
+    /// (the state without secrets or audit events), then each secret as one line of JSON (a
+    /// [`kv_table::StoredKvEntry`], cut out of the local snapshot as its text, never decoded),
+    /// then each audit event it covers, each chain from its retention anchor to its tip, as
+    /// stored (read from the store). Neither the secrets nor the events are held whole. Blocking.
+    pub fn write_transfer(
         &self,
-        transfer: &[u8],
-        out: &mut dyn FnMut(&[u8]) -> io::Result<()>,
-    ) -> io::Result<u64> {
-        let stored: StoredSnapshot = codec::decode(transfer, "snapshot")?;
-        let mut total = 0;
+        local: &[u8],
+        out: &mut dyn FnMut(TransferPart<'_>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut stored: codec::StoredSnapshotRawKv = codec::decode_json_borrowed(local, "local snapshot")?;
+        // A format-4 snapshot still holds its events inline; they are in the store.
+        stored.state.audit.take_unstored();
+        let secrets = std::mem::take(&mut stored.kv);
+        let transfer = StoredSnapshotRef {
+            format: stored.format,
+            last_applied: stored.last_applied,
+            membership: stored.membership,
+            state: &stored.state,
+            kv: [(); 0],
+        };
+        out(TransferPart::Header { data: codec::encode(&transfer), secrets: secrets.len() as u64 })?;
+        for secret in secrets {
+            let line = secret.get().as_bytes();
+            if line.contains(&b'\n') {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "local snapshot: a secret's JSON spans lines"));
+            }
+            out(TransferPart::Line(line))?;
+        }
         for (chain, anchor, tip) in chain_ranges(&stored.state.audit) {
-            let written = self.audit.write_chain(chain, anchor.seq + 1, tip.seq, out)?;
+            let written =
+                self.audit.write_chain(chain, anchor.seq + 1, tip.seq, &mut |e| out(TransferPart::Line(e)))?;
             if written != tip.seq - anchor.seq {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -257,15 +323,19 @@ impl StateReader {
                     ),
                 ));
             }
-            total += written;
         }
-        Ok(total)
+        Ok(())
     }
 
-    /// Starts receiving the audit events of a snapshot in transfer form, whose last log id is
-    /// `snapshot`: they are checked link by link and staged, then installed with the snapshot.
-    /// One transfer at a time.
-    pub fn receive_snapshot(&self, transfer: &[u8], snapshot: &SnapshotMeta) -> io::Result<SnapshotReceiver> {
+    /// Starts receiving the lines after a snapshot in transfer form, whose last log id is
+    /// `snapshot`: its `secrets` secrets, then its audit events, checked link by link. Both are
+    /// staged as they come and installed with the snapshot. One transfer at a time.
+    pub fn receive_snapshot(
+        &self,
+        transfer: &[u8],
+        snapshot: &SnapshotMeta,
+        secrets: u64,
+    ) -> io::Result<SnapshotReceiver> {
         let stored: StoredSnapshot = codec::decode(transfer, "received snapshot")?;
         if stored.state.audit.events().next().is_some() {
             return Err(io::Error::new(
@@ -281,8 +351,13 @@ impl StateReader {
             .map(|(chain, anchor, tip)| (chain, (ChainVerifier::after(chain, anchor), tip)))
             .collect();
         Ok(SnapshotReceiver {
+            db: self.db.clone(),
             audit: self.audit.clone(),
             chains,
+            mounts: stored.state.mounts.keys().cloned().collect(),
+            secrets_left: secrets,
+            secrets: Vec::new(),
+            secrets_bytes: 0,
             batch: Vec::new(),
             first: true,
             snapshot: staging_id(snapshot),
@@ -689,47 +764,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    /// Installs a snapshot received from a leader: in transfer form, its audit events staged
-    /// as they arrived ([`SnapshotReceiver`]) become the store in one durable commit; in full
-    /// form (events inline), they replace the store. Then the local form replaces
-    /// `snapshot.bin`.
+    /// Installs a snapshot received from a leader: in transfer form, its secrets and audit
+    /// events staged as they arrived ([`SnapshotReceiver`]) become the store in one durable
+    /// commit. An earlier build's leader sends the secrets inline (and a format-4 snapshot the
+    /// events too): those replace the store instead. Then the local form, its secrets read
+    /// back from the store, replaces `snapshot.bin`.
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
         drop(snapshot);
         let mut restored = restore(stored)?;
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
         let inline = restored.state.audit.take_unstored();
-        let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
-        let kv = restored.state.take_kv_changes();
-        let record = StoredSnapshotRecord {
-            last_log_id: meta.last_log_id.as_ref().map(Into::into),
-            membership: (&meta.last_membership).into(),
-            data: codec::encode(&StoredSnapshotRef {
-                format: citadel_core::command::FORMAT_VERSION,
-                last_applied: restored.last_applied.as_ref().map(Into::into),
-                membership: (&restored.membership).into(),
-                state: &restored.state,
-                kv: kv_refs(&kv).collect::<Vec<_>>(),
-            }),
-        };
+        let inline_kv = restored.state.take_kv_changes();
+        let secrets_inline = kv_refs(&inline_kv).next().is_some();
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
         let kv_cache = self.kv_cache.clone();
         let (snapshots, applied_tx) = (self.snapshots.clone(), self.applied_tx.clone());
+        let meta = meta.clone();
         tokio::task::spawn_blocking(move || {
             // Under the write lock: no snapshot saves the old state beside the new tables.
             let mut applied = inner.write().unwrap_or_else(|p| p.into_inner());
             let mut txn = db.db.begin_write().map_err(|e| db.err(e))?;
             txn.set_two_phase_commit(true);
             let promoted = inline.is_empty() && audit.promote_staged_in(&txn, &staged, index).map_err(|e| db.err(e))?;
-            if !promoted && inline.is_empty() && covers_events {
-                return Err(io::Error::other("the snapshot's audit events did not all arrive; it will be sent again"));
+            // Every transfer form comes through a receiver, which marks what it staged as
+            // complete: without the mark, part of its secrets or events is missing.
+            if !promoted && inline.is_empty() {
+                return Err(io::Error::other(
+                    "the snapshot's secrets and audit events did not all arrive; it will be sent again",
+                ));
             }
             let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
                 if !promoted {
                     audit.store_in(txn, &inline, index, true)?;
                 }
-                kv_table::replace_all(txn, kv_refs(&kv))?;
+                if promoted && !secrets_inline {
+                    kv_table::promote_staged_in(txn)?;
+                } else {
+                    kv_table::replace_all(txn, kv_refs(&inline_kv))?;
+                    kv_table::clear_staged(txn)?;
+                }
                 put_saved_state(txn, &saved)?;
                 Ok(())
             };
@@ -739,6 +814,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             kv_cache.clear();
             *applied = restored;
             applied_tx.send_replace(index);
+            drop(applied);
+            // Only this task applies or installs, so the state read back is the one installed.
+            let applied = inner.read().unwrap_or_else(|p| p.into_inner());
+            let secrets = KvView::new(&db, &kv_cache);
+            let record = StoredSnapshotRecord {
+                last_log_id: meta.last_log_id.as_ref().map(Into::into),
+                membership: (&meta.last_membership).into(),
+                data: codec::try_encode(&StoredSnapshotRef {
+                    format: citadel_core::command::FORMAT_VERSION,
+                    last_applied: applied.last_applied.as_ref().map(Into::into),
+                    membership: (&applied.membership).into(),
+                    state: &applied.state,
+                    kv: StreamedKv(&secrets),
+                })?,
+            };
+            drop(secrets);
             drop(applied);
             snapshots.write(&record)
         })
@@ -802,18 +893,25 @@ mod tests {
         SnapshotMeta { last_log_id: Some(last.into()), last_membership: membership().into_stored().unwrap() }
     }
 
-    /// What the sender streams: its snapshot in transfer form and the event lines after it.
-    fn transfer(sender: &StateReader, dir: &Path) -> (Vec<u8>, Vec<Vec<u8>>) {
-        let local = SnapshotFile::in_dir(dir).read::<StoredSnapshotRecord>().unwrap().unwrap().data;
-        let transfer = sender.transfer_form(&local).unwrap();
-        let mut lines = Vec::new();
+    /// What the sender streams: its snapshot in transfer form, how many secret lines follow,
+    /// and the lines after it.
+    fn transfer(sender: &StateReader, local: &[u8]) -> (Vec<u8>, u64, Vec<Vec<u8>>) {
+        let (mut header, mut lines) = (None, Vec::new());
         sender
-            .write_snapshot_events(&transfer, &mut |e| {
-                lines.push(e.to_vec());
+            .write_transfer(local, &mut |part| {
+                match part {
+                    TransferPart::Header { data, secrets } => assert!(header.replace((data, secrets)).is_none()),
+                    TransferPart::Line(line) => lines.push(line.to_vec()),
+                }
                 Ok(())
             })
             .unwrap();
-        (transfer, lines)
+        let (data, secrets) = header.expect("a header first");
+        (data, secrets, lines)
+    }
+
+    fn local_snapshot(dir: &Path) -> Vec<u8> {
+        SnapshotFile::in_dir(dir).read::<StoredSnapshotRecord>().unwrap().unwrap().data
     }
 
     #[test]
@@ -823,7 +921,8 @@ mod tests {
         assert_eq!(reader.read(|s| (s.audit.events().count(), s.audit.chains[&1].last_seq())), (0, 3));
         let stored = reader.audit().query(&crate::AuditQuery { limit: 10, ..Default::default() }).unwrap();
         assert_eq!(stored, spool_events(3), "the events are on disk");
-        let (transfer, lines) = transfer(&reader, dir.path());
+        let (transfer, secrets, lines) = transfer(&reader, &local_snapshot(dir.path()));
+        assert_eq!(secrets, 0);
         let header: StoredSnapshot = codec::decode(&transfer, "transfer").unwrap();
         assert_eq!(header.state.audit.events().count(), 0, "no event inline");
         let sent: Vec<citadel_core::audit::AuditEvent> =
@@ -835,27 +934,28 @@ mod tests {
     async fn a_snapshot_streamed_event_by_event_is_installed_whole_and_a_cut_or_forged_stream_is_not() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let sender = node_with_events(from.path(), 5).reader();
-        let (transfer, lines) = transfer(&sender, from.path());
+        let (transfer, secrets, lines) = transfer(&sender, &local_snapshot(from.path()));
+        assert_eq!(secrets, 0);
         let db = Arc::new(Db::open(&to.path().join(crate::DB_FILE)).unwrap());
         let mut receiver_sm = StateMachine::open(db, to.path()).unwrap();
         let receiver = receiver_sm.reader();
 
         // Cut short: every event checks, but the chain does not reach its tip.
-        let mut cut = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
+        let mut cut = receiver.receive_snapshot(&transfer, &meta_at_7(), 0).unwrap();
         lines[..4].iter().for_each(|l| cut.add(l).unwrap());
         assert!(cut.finish().unwrap_err().to_string().contains("ends at 4 instead of 5"));
         let refused = receiver_sm.install_snapshot(&meta_at_7(), transfer.clone()).await.unwrap_err();
         assert!(refused.to_string().contains("did not all arrive"), "{refused}");
         // Forged: an event whose bytes were edited fails its chain check.
-        let mut forged = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
+        let mut forged = receiver.receive_snapshot(&transfer, &meta_at_7(), 0).unwrap();
         forged.add(&lines[0]).unwrap();
         let edited = String::from_utf8(lines[1].clone()).unwrap().replace("\\\"time\\\":2", "\\\"time\\\":9");
         assert_ne!(edited.as_bytes(), lines[1]);
         assert!(forged.add(edited.as_bytes()).unwrap_err().to_string().contains("tampered"));
         drop(forged);
 
-        let mut whole = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
-        assert!(receiver.receive_snapshot(&transfer, &meta_at_7()).is_err(), "one transfer at a time");
+        let mut whole = receiver.receive_snapshot(&transfer, &meta_at_7(), 0).unwrap();
+        assert!(receiver.receive_snapshot(&transfer, &meta_at_7(), 0).is_err(), "one transfer at a time");
         lines.iter().for_each(|l| whole.add(l).unwrap());
         whole.finish().unwrap();
         receiver_sm.install_snapshot(&meta_at_7(), transfer).await.unwrap();
@@ -1007,8 +1107,28 @@ mod tests {
         assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (Some(1), 0));
     }
 
+    /// Receives `lines` after the transfer form `data` and installs it.
+    async fn receive(
+        receiver: &mut StateMachine,
+        meta: &SnapshotMeta,
+        data: &[u8],
+        secrets: u64,
+        lines: &[Vec<u8>],
+    ) -> io::Result<()> {
+        let mut receiving = receiver.reader().receive_snapshot(data, meta, secrets)?;
+        lines.iter().try_for_each(|l| receiving.add(l))?;
+        receiving.finish()?;
+        receiver.install_snapshot(meta, data.to_vec()).await
+    }
+
+    /// The secrets `snapshot.bin` holds, by path and current version.
+    fn secrets_in_snapshot_file(dir: &Path) -> Vec<(String, u64)> {
+        let stored: StoredSnapshot = codec::decode(&local_snapshot(dir), "snapshot").unwrap();
+        stored.kv.into_iter().map(|e| (e.path, e.entry.current_version)).collect()
+    }
+
     #[tokio::test]
-    async fn a_snapshot_carries_the_stored_secrets_and_installing_it_replaces_the_receivers() {
+    async fn a_snapshot_streams_its_secrets_line_by_line_and_installing_it_replaces_the_receivers() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut sender = open(from.path());
         apply(&mut sender, 0, vec![init(), write("a", 1), write("a", 2), write("b", 1)]).await;
@@ -1018,14 +1138,73 @@ mod tests {
         assert_eq!(paths, [("a", 2), ("b", 1)]);
         assert!(stored.state.mounts["secret/"].kv.entries.is_empty(), "beside the state, not in it");
 
+        let (data, secrets, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
+        assert!(header.kv.is_empty(), "no secret in the header");
+        assert_eq!(secrets, 2);
+        let sent: Vec<kv_table::StoredKvEntry> = lines.iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        assert_eq!(sent, stored.kv, "one line each");
+
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
-        let transfer = sender.reader().transfer_form(&snapshot.snapshot).unwrap();
-        receiver.install_snapshot(&snapshot.meta, transfer).await.unwrap();
+        receive(&mut receiver, &snapshot.meta, &data, secrets, &lines).await.unwrap();
         assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(2), 0));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0), "the receiver's own secrets are gone");
+        assert_eq!(
+            secrets_in_snapshot_file(to.path()),
+            [("a".into(), 2), ("b".into(), 1)],
+            "read back into snapshot.bin"
+        );
         drop(receiver);
         assert_eq!(stored_and_in_memory(&open(to.path()).reader(), "b"), (Some(1), 0), "installed durably");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_builds_snapshot_with_its_secrets_inline_still_installs() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut sender = open(from.path());
+        apply(&mut sender, 0, vec![init(), write("a", 1), write("b", 1)]).await;
+        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        // An earlier build sent its local form as it is (no event here to take out) and no secret lines.
+        let mut receiver = open(to.path());
+        apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
+        // Secrets left staged by an abandoned transfer must not come back.
+        let (data, secrets, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let mut abandoned = receiver.reader().receive_snapshot(&data, &snapshot.meta, secrets).unwrap();
+        lines.iter().for_each(|l| abandoned.add(l).unwrap());
+        abandoned.stage().unwrap();
+        drop(abandoned);
+
+        receive(&mut receiver, &snapshot.meta, &snapshot.snapshot, 0, &[]).await.unwrap();
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(1), 0));
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0));
+        assert_eq!(secrets_in_snapshot_file(to.path()), [("a".into(), 1), ("b".into(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_secret_of_no_mount_or_a_stream_cut_among_its_secrets_is_refused_and_installs_nothing() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut sender = open(from.path());
+        apply(&mut sender, 0, vec![init(), write("a", 1), write("b", 1)]).await;
+        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (data, secrets, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let mut receiver = open(to.path());
+        apply(&mut receiver, 0, vec![init(), write("mine", 1)]).await;
+
+        let cut = receive(&mut receiver, &snapshot.meta, &data, secrets, &lines[..1]).await.unwrap_err();
+        assert!(cut.to_string().contains("1 of its secrets still due"), "{cut}");
+        let refused = receiver.install_snapshot(&snapshot.meta, data.clone()).await.unwrap_err();
+        assert!(refused.to_string().contains("did not all arrive"), "{refused}");
+
+        let elsewhere = String::from_utf8(lines[0].clone()).unwrap().replace("\"secret/\"", "\"gone/\"");
+        assert_ne!(elsewhere.as_bytes(), lines[0]);
+        let refused =
+            receive(&mut receiver, &snapshot.meta, &data, secrets, &[elsewhere.into_bytes(), lines[1].clone()]).await;
+        assert!(refused.unwrap_err().to_string().contains("a secret of gone/, which is not one of its mounts"));
+        let garbled = receive(&mut receiver, &snapshot.meta, &data, secrets, &[b"{".to_vec(), lines[1].clone()]).await;
+        assert!(garbled.unwrap_err().to_string().contains("not a secret"));
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "mine"), (Some(1), 0), "nothing installed");
+        assert_eq!(receiver.reader().applied_index(), 2);
     }
 
     #[test]
