@@ -1224,6 +1224,44 @@ mod tests {
         assert_eq!(stored_and_in_memory(&again.reader(), "a"), (Some(1), 0), "read from the store the next time");
     }
 
+    #[test]
+    fn any_line_where_a_secret_is_due_is_staged_or_refused_without_panicking() {
+        use proptest::prelude::*;
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut state = State::default();
+        assert_eq!(state.apply(init()), Response::Done);
+        write_snapshot(from.path(), 6, state);
+        let transfer = local_snapshot(from.path());
+        let reader = open(to.path()).reader();
+        let mut receiving = reader.receive_snapshot(&transfer, &meta_at_7(), u64::MAX).unwrap();
+        let valid = serde_json::to_vec(&kv_table::StoredKvEntry {
+            mount: "secret/".into(),
+            path: "a/b".into(),
+            entry: citadel_core::kv::KvEntry::default(),
+        })
+        .unwrap();
+        receiving.add(&valid).unwrap();
+        let receiving = std::cell::RefCell::new(receiving);
+        let lines = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..120),
+            (0..valid.len(), any::<u8>()).prop_map(move |(at, byte)| {
+                let mut line = valid.clone();
+                line[at] = byte;
+                line
+            }),
+        ];
+        let config = ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() };
+        proptest::test_runner::TestRunner::new(config)
+            .run(&lines, |line| {
+                if receiving.borrow_mut().add(&line).is_ok() {
+                    let secret: kv_table::StoredKvEntry = serde_json::from_slice(&line).unwrap();
+                    prop_assert_eq!(secret.mount, "secret/", "only a mount of the snapshot's");
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
     /// The record kept for `path` of `secret/`, as its bytes.
     fn raw_record(sm: &StateMachine, path: &str) -> Vec<u8> {
         let txn = redb::ReadableDatabase::begin_read(&sm.db.db).unwrap();
