@@ -47,10 +47,6 @@ struct SnapshotTransfer {
     meta: SnapshotMeta,
     #[serde(with = "citadel_core::encoding")]
     data: Vec<u8>,
-    /// Secret lines after the header. A leader of protocol 8 sends none (its secrets are in
-    /// `data`) and leaves the field out, and is still understood while a cluster is upgraded.
-    #[serde(default)]
-    secrets: u64,
 }
 
 /// Longest line of a snapshot transfer after its header: one stored audit event (its fields
@@ -312,9 +308,9 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK * 2);
             let written = state.write_transfer(&local, &mut |part| {
                 match part {
-                    TransferPart::Header { data, secrets } => {
+                    TransferPart::Header(data) => {
                         let meta = meta.take().ok_or_else(|| std::io::Error::other("a second snapshot header"))?;
-                        let header = SnapshotTransfer { vote, meta, data, secrets };
+                        let header = SnapshotTransfer { vote, meta, data };
                         serde_json::to_writer(&mut chunk, &header).map_err(std::io::Error::other)?;
                     }
                     TransferPart::Line(line) => chunk.extend_from_slice(line),
@@ -493,9 +489,8 @@ async fn receive_snapshot(app: &Node, body: axum::body::Body) -> Wire<SnapshotRe
     let mut lines = Lines { stream: body.into_data_stream(), buf: Vec::new(), start: 0, searched: 0 };
     let header = lines.next(MAX_PEER_BODY).await?.ok_or("an empty snapshot transfer")?;
     let header: SnapshotTransfer = serde_json::from_slice(&header).map_err(|e| format!("snapshot header: {e}"))?;
-    let mut receiver =
-        app.state.receive_snapshot(&header.data, &header.meta, header.secrets).map_err(|e| e.to_string())?;
-    let (mut batch, mut batch_bytes, mut secret_lines) = (Vec::new(), 0, header.secrets);
+    let mut receiver = app.state.receive_snapshot(&header.data, &header.meta).map_err(|e| e.to_string())?;
+    let (mut batch, mut batch_bytes, mut secret_lines) = (Vec::new(), 0, receiver.secrets_due());
     loop {
         // A secret may hold a thousand versions: its line is bounded as the whole body is.
         let max = if secret_lines > 0 { MAX_PEER_BODY } else { MAX_SNAPSHOT_EVENT_LINE };

@@ -362,6 +362,7 @@ mod tests {
             },
             state,
             kv: vec![],
+            streamed_secrets: None,
         }
     }
 

@@ -84,6 +84,47 @@ pub fn decode_json_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str)
     }
 }
 
+/// Checks a record's format byte and checksum without decoding it (a snapshot's bytes, handed
+/// on whole and decoded later).
+pub fn verify(bytes: &[u8], what: &str) -> io::Result<()> {
+    verified_body(bytes, what).map(drop)
+}
+
+/// Writes a JSON record of `value` to `out` as it serializes, so the encoded record is never
+/// whole in memory: the checksum goes in last, over a placeholder. Returns its length.
+pub fn write_record<W: io::Write + io::Seek>(out: &mut W, value: &impl Serialize) -> io::Result<u64> {
+    let start = out.stream_position()?;
+    out.write_all(&[RECORD_FORMAT_JSON])?;
+    out.write_all(&[0; HEADER - 1])?;
+    let mut body = HashingWriter { out: &mut *out, hasher: Sha256::new(), written: 0 };
+    serde_json::to_writer(&mut body, value).map_err(io::Error::other)?;
+    let (digest, written) = (body.hasher.finalize(), body.written);
+    out.seek(io::SeekFrom::Start(start + 1))?;
+    out.write_all(&digest[..HEADER - 1])?;
+    out.seek(io::SeekFrom::Start(start + HEADER as u64 + written))?;
+    Ok(HEADER as u64 + written)
+}
+
+/// Passes bytes on, hashing and counting them.
+struct HashingWriter<'a, W> {
+    out: &'a mut W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: io::Write> io::Write for HashingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// A record's format byte and body, once the format is known and the checksum verifies.
 fn verified_body<'a>(bytes: &'a [u8], what: &str) -> io::Result<(u8, &'a [u8])> {
     let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
@@ -233,6 +274,10 @@ pub struct StoredSnapshot {
     pub state: State,
     #[serde(default)]
     pub kv: Vec<crate::kv_table::StoredKvEntry>,
+    /// Set in a snapshot sent to a follower (its transfer form): its secrets follow it as that
+    /// many lines instead of being in `kv`. Never set in a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streamed_secrets: Option<u64>,
 }
 
 /// What a [`StoredSnapshot`] says of itself, decoded without building its state or its
@@ -272,6 +317,8 @@ pub(crate) struct StoredSnapshotRef<'a, K: Serialize> {
     pub membership: StoredMembershipState,
     pub state: &'a State,
     pub kv: K,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_secrets: Option<u64>,
 }
 
 impl StoredSnapshot {
@@ -340,6 +387,7 @@ mod tests {
             membership: membership.clone(),
             state,
             kv,
+            streamed_secrets: None,
         };
         let summary: StoredSnapshotSummary = decode(&encode(&snapshot), "snapshot").unwrap();
         assert_eq!(summary.last_applied, snapshot.last_applied);

@@ -3,16 +3,23 @@
 //! Why a file and not a value in `raft.redb`: a snapshot is one large blob replaced whole each
 //! time, and redb's copy-on-write commits of it grew the database to many times the snapshot's
 //! size. A file is replaced atomically (written beside, fsynced, renamed, directory fsynced), so
-//! a crash leaves either the old snapshot or the new one, and its record checksum is verified
+//! a crash leaves either the old snapshot or the new one, and its checksums are verified
 //! before it is trusted.
+//!
+//! Layout: `[3][header length: u32 LE][header record][snapshot record]`, where the header
+//! record holds openraft's meta ([`SnapshotHeader`]) and the snapshot record is the snapshot
+//! itself (a [`crate::codec::StoredSnapshot`]), each a checksummed record of its own. The
+//! snapshot is serialized straight into the file: encoding it in memory first, then again
+//! base64-encoded inside an outer record (the layout before, still read), made each snapshot
+//! cost a node ten times its size in memory for a moment (`bench scale`: a 27 MB snapshot took
+//! a node from 260 to 560 MiB).
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::codec;
+use crate::codec::{self, StoredLogId, StoredMembershipState};
 use crate::files::open_private;
 
 /// File name of the snapshot inside a node's data directory.
@@ -20,55 +27,216 @@ pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// Where a new snapshot is written before it is renamed over [`SNAPSHOT_FILE`].
 pub const STAGING_FILE: &str = "snapshot.bin.new";
 
+/// The first byte of the file's layout (the layout before began with a record's format byte, 1).
+const LAYOUT: u8 = 3;
+/// The layout byte and the header's length.
+const PREFIX: usize = 5;
+
+/// openraft's meta of a snapshot, in our encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SnapshotHeader {
+    pub last_log_id: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+}
+
+/// A snapshot as read: its meta and its record's bytes (checksum verified, not decoded). Its
+/// serde form is how the layout before stored it (the data base64-encoded inside one record),
+/// still read from old files and from format 3's `raft.redb`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct StoredSnapshotRecord {
+    pub last_log_id: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    #[serde(with = "citadel_core::encoding")]
+    pub data: Vec<u8>,
+}
+
 pub(crate) struct SnapshotFile {
     path: PathBuf,
+    /// Held while the file is replaced: a snapshot built while a newer one was installed
+    /// (openraft builds on a task of its own) must not take the newer one's place.
+    replacing: std::sync::Mutex<()>,
 }
 
 impl SnapshotFile {
     pub(crate) fn in_dir(data_dir: &Path) -> SnapshotFile {
-        SnapshotFile { path: data_dir.join(SNAPSHOT_FILE) }
+        SnapshotFile { path: data_dir.join(SNAPSHOT_FILE), replacing: std::sync::Mutex::new(()) }
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The snapshot, if one was ever written; its checksum verified.
-    pub(crate) fn read<T: DeserializeOwned>(&self) -> io::Result<Option<T>> {
+    /// The snapshot, if one was ever written; both checksums verified.
+    pub(crate) fn read(&self) -> io::Result<Option<StoredSnapshotRecord>> {
         let mut file = match open_private(&self.path, std::fs::OpenOptions::new().read(true)) {
             Ok(f) => f,
             Err(crate::files::FileError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io::Error::other(e.to_string())),
         };
-        let mut bytes = Vec::new();
-        io::Read::read_to_end(&mut file, &mut bytes)?;
-        codec::decode(&bytes, &self.path.display().to_string()).map(Some)
+        let size = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+        let mut bytes = Vec::with_capacity(size);
+        file.read_to_end(&mut bytes)?;
+        let what = self.path.display().to_string();
+        let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+        match bytes.first() {
+            Some(&LAYOUT) => {
+                let header_len = bytes.get(1..PREFIX).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                let header_end = header_len
+                    .and_then(|len| PREFIX.checked_add(len as usize))
+                    .filter(|end| *end <= bytes.len())
+                    .ok_or_else(|| bad("the file is truncated".into()))?;
+                let header: SnapshotHeader = codec::decode(&bytes[PREFIX..header_end], &what)?;
+                codec::verify(&bytes[header_end..], &what)?;
+                bytes.drain(..header_end);
+                Ok(Some(StoredSnapshotRecord {
+                    last_log_id: header.last_log_id,
+                    membership: header.membership,
+                    data: bytes,
+                }))
+            }
+            // The layout before: one record, the snapshot base64-encoded inside it.
+            Some(_) => codec::decode(&bytes, &what).map(Some),
+            None => Err(bad("the file is empty".into())),
+        }
     }
 
-    /// Replaces the snapshot atomically and durably.
-    pub(crate) fn write<T: Serialize>(&self, value: &T) -> io::Result<()> {
-        let bytes = codec::encode(value);
-        crate::files::replace_durably(&self.path, &self.path.with_file_name(STAGING_FILE), |out| out.write_all(&bytes))
+    /// Replaces the snapshot atomically and durably with one whose record is already encoded,
+    /// unless the file holds a later one.
+    pub(crate) fn write(&self, record: &StoredSnapshotRecord) -> io::Result<()> {
+        let header = SnapshotHeader { last_log_id: record.last_log_id, membership: record.membership.clone() };
+        self.replace(&header, |out| out.write_all(&record.data))
+    }
+
+    /// Replaces the snapshot atomically and durably, unless the file holds a later one,
+    /// serializing `snapshot` into the file as it goes: it is never whole in memory.
+    pub(crate) fn write_streamed(&self, header: &SnapshotHeader, snapshot: &impl Serialize) -> io::Result<()> {
+        self.replace(header, |out| codec::write_record(out, snapshot).map(drop))
+    }
+
+    /// The last log id of the snapshot in the file, read from its header alone; `None` when
+    /// there is none, or it is in the layout before (whose header is the whole file).
+    fn last_log_id_on_disk(&self) -> io::Result<Option<StoredLogId>> {
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut prefix = [0; PREFIX];
+        if file.read_exact(&mut prefix).is_err() || prefix[0] != LAYOUT {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(prefix[1..].try_into().expect("4 bytes"));
+        let mut header = Vec::new();
+        file.take(u64::from(len)).read_to_end(&mut header)?;
+        Ok(codec::decode::<SnapshotHeader>(&header, &self.path.display().to_string())?.last_log_id)
+    }
+
+    fn replace(
+        &self,
+        header: &SnapshotHeader,
+        write_snapshot: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let _replacing = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(on_disk) = self.last_log_id_on_disk()? {
+            if header.last_log_id.is_none_or(|new| new < on_disk) {
+                tracing::info!(path = %self.path.display(), ?on_disk, new = ?header.last_log_id, "kept the later snapshot in place");
+                return Ok(());
+            }
+        }
+        let header = codec::encode(header);
+        let header_len = u32::try_from(header.len()).map_err(io::Error::other)?;
+        crate::files::replace_durably(&self.path, &self.path.with_file_name(STAGING_FILE), |out| {
+            out.write_all(&[LAYOUT])?;
+            out.write_all(&header_len.to_le_bytes())?;
+            out.write_all(&header)?;
+            write_snapshot(out)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::StoredMembershipConfig;
+
+    fn header(index: u64) -> SnapshotHeader {
+        SnapshotHeader {
+            last_log_id: Some(StoredLogId { term: 1, leader: 1, index }),
+            membership: StoredMembershipState {
+                log_id: None,
+                config: StoredMembershipConfig { configs: vec![[1].into()], nodes: Default::default() },
+            },
+        }
+    }
 
     #[test]
-    fn a_snapshot_is_replaced_whole_and_a_damaged_one_is_refused_naming_the_file() {
+    fn a_snapshot_is_replaced_whole_and_written_as_it_serializes_or_from_its_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let file = SnapshotFile::in_dir(dir.path());
-        assert_eq!(file.read::<Vec<u32>>().unwrap(), None);
-        file.write(&vec![1u32, 2, 3]).unwrap();
-        file.write(&vec![4u32]).unwrap();
-        assert_eq!(file.read::<Vec<u32>>().unwrap(), Some(vec![4]));
-        let mut bytes = std::fs::read(file.path()).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        std::fs::write(file.path(), bytes).unwrap();
-        let err = file.read::<Vec<u32>>().unwrap_err().to_string();
-        assert!(err.contains(SNAPSHOT_FILE) && err.contains("checksum"), "{err}");
+        assert!(file.read().unwrap().is_none());
+        file.write_streamed(&header(3), &vec![1u32, 2, 3]).unwrap();
+        let read = file.read().unwrap().unwrap();
+        assert_eq!(
+            (read.last_log_id, codec::decode::<Vec<u32>>(&read.data, "s").unwrap()),
+            (header(3).last_log_id, vec![1, 2, 3])
+        );
+        assert_eq!(read.data, codec::encode(&vec![1u32, 2, 3]), "the same record as encoded in memory");
+        let record = StoredSnapshotRecord {
+            last_log_id: header(4).last_log_id,
+            membership: header(4).membership,
+            data: codec::encode(&vec![4u32]),
+        };
+        file.write(&record).unwrap();
+        let read = file.read().unwrap().unwrap();
+        assert_eq!((read.last_log_id, read.data), (record.last_log_id, record.data));
+    }
+
+    #[test]
+    fn an_earlier_snapshot_does_not_replace_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        file.write_streamed(&header(9), &vec![9u32]).unwrap();
+        file.write_streamed(&header(4), &vec![4u32]).unwrap();
+        let read = file.read().unwrap().unwrap();
+        assert_eq!(
+            (read.last_log_id, codec::decode::<Vec<u32>>(&read.data, "s").unwrap()),
+            (header(9).last_log_id, vec![9])
+        );
+        file.write_streamed(&header(12), &vec![12u32]).unwrap();
+        assert_eq!(file.read().unwrap().unwrap().last_log_id, header(12).last_log_id);
+    }
+
+    #[test]
+    fn a_snapshot_in_the_layout_before_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        let record = StoredSnapshotRecord {
+            last_log_id: header(5).last_log_id,
+            membership: header(5).membership,
+            data: codec::encode(&vec![5u32]),
+        };
+        std::fs::write(file.path(), codec::encode(&record)).unwrap();
+        let read = file.read().unwrap().unwrap();
+        assert_eq!((read.last_log_id, read.data), (record.last_log_id, record.data));
+    }
+
+    #[test]
+    fn a_damaged_or_cut_snapshot_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        file.write_streamed(&header(3), &vec![1u32, 2, 3]).unwrap();
+        let good = std::fs::read(file.path()).unwrap();
+        for at in [1, PREFIX + 3, good.len() - 1] {
+            let mut bytes = good.clone();
+            bytes[at] ^= 1;
+            std::fs::write(file.path(), bytes).unwrap();
+            let Err(err) = file.read() else { panic!("byte {at} flipped: read") };
+            assert!(err.to_string().contains(SNAPSHOT_FILE), "byte {at}: {err}");
+        }
+        for len in [0, 3, PREFIX + 2, good.len() - 1] {
+            std::fs::write(file.path(), &good[..len]).unwrap();
+            let Err(err) = file.read() else { panic!("{len} bytes: read") };
+            assert!(err.to_string().contains(SNAPSHOT_FILE), "{len} bytes: {err}");
+        }
     }
 }

@@ -39,10 +39,10 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
 use crate::audit_store::AuditStore;
-use crate::codec::{self, StoredMembershipState, StoredSnapshot, StoredSnapshotRef};
+use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
-use crate::snapshot_file::SnapshotFile;
+use crate::snapshot_file::{SnapshotFile, SnapshotHeader, StoredSnapshotRecord};
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
@@ -87,6 +87,7 @@ fn saved_state(applied: &Applied) -> Vec<u8> {
         membership: (&applied.membership).into(),
         state: &applied.state,
         kv: [(); 0],
+        streamed_secrets: None,
     })
 }
 
@@ -137,8 +138,8 @@ const STAGING_SECRET_BYTES: usize = 32 << 20;
 
 /// One part of a snapshot sent to a follower ([`StateReader::write_transfer`]).
 pub enum TransferPart<'a> {
-    /// The snapshot in transfer form, and how many secrets follow it.
-    Header { data: Vec<u8>, secrets: u64 },
+    /// The snapshot in transfer form, which says how many secrets follow it.
+    Header(Vec<u8>),
     /// A secret's line, or after the last secret an audit event's.
     Line(&'a [u8]),
 }
@@ -164,6 +165,11 @@ pub struct SnapshotReceiver {
 }
 
 impl SnapshotReceiver {
+    /// Secrets still to come, before the events.
+    pub fn secrets_due(&self) -> u64 {
+        self.secrets_left
+    }
+
     /// Takes the next line: while secrets are due, a secret of one of the snapshot's mounts;
     /// then an event, which must continue its chain within the snapshot. Blocking (stages a
     /// batch now and then).
@@ -301,8 +307,9 @@ impl StateReader {
             membership: stored.membership,
             state: &stored.state,
             kv: [(); 0],
+            streamed_secrets: Some(secrets.len() as u64),
         };
-        out(TransferPart::Header { data: codec::encode(&transfer), secrets: secrets.len() as u64 })?;
+        out(TransferPart::Header(codec::encode(&transfer)))?;
         for secret in secrets {
             let line = secret.get().as_bytes();
             if line.contains(&b'\n') {
@@ -328,14 +335,10 @@ impl StateReader {
     }
 
     /// Starts receiving the lines after a snapshot in transfer form, whose last log id is
-    /// `snapshot`: its `secrets` secrets, then its audit events, checked link by link. Both are
-    /// staged as they come and installed with the snapshot. One transfer at a time.
-    pub fn receive_snapshot(
-        &self,
-        transfer: &[u8],
-        snapshot: &SnapshotMeta,
-        secrets: u64,
-    ) -> io::Result<SnapshotReceiver> {
+    /// `snapshot`: its secrets (as many as it says; a leader of protocol 8 sends them inline),
+    /// then its audit events, checked link by link. Both are staged as they come and installed
+    /// with the snapshot. One transfer at a time.
+    pub fn receive_snapshot(&self, transfer: &[u8], snapshot: &SnapshotMeta) -> io::Result<SnapshotReceiver> {
         let stored: StoredSnapshot = codec::decode(transfer, "received snapshot")?;
         if stored.state.audit.events().next().is_some() {
             return Err(io::Error::new(
@@ -355,7 +358,7 @@ impl StateReader {
             audit: self.audit.clone(),
             chains,
             mounts: stored.state.mounts.keys().cloned().collect(),
-            secrets_left: secrets,
+            secrets_left: stored.streamed_secrets.unwrap_or(0),
             secrets: Vec::new(),
             secrets_bytes: 0,
             batch: Vec::new(),
@@ -384,7 +387,7 @@ impl StateMachine {
     pub(crate) fn open(db: Arc<Db>, data_dir: &Path) -> Result<StateMachine, StorageOpenError> {
         let snapshots = SnapshotFile::in_dir(data_dir);
         let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
-        let record = match snapshots.read::<StoredSnapshotRecord>().map_err(corrupt)? {
+        let record = match snapshots.read().map_err(corrupt)? {
             Some(record) => Some(record),
             None => move_snapshot_out_of(&db, &snapshots)?,
         };
@@ -565,25 +568,14 @@ fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
     Ok(Applied { state: snap.into_whole_state()?, last_applied, membership })
 }
 
-/// A snapshot as persisted: openraft's meta in our encoding, plus the encoded data.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredSnapshotRecord {
-    last_log_id: Option<codec::StoredLogId>,
-    membership: StoredMembershipState,
-    #[serde(with = "citadel_core::encoding")]
-    data: Vec<u8>,
-}
-
-impl StoredSnapshotRecord {
-    fn into_snapshot(self) -> io::Result<Snapshot> {
-        Ok(Snapshot {
-            meta: SnapshotMeta {
-                last_log_id: self.last_log_id.map(Into::into),
-                last_membership: self.membership.into_stored()?,
-            },
-            snapshot: self.data,
-        })
-    }
+fn into_snapshot(record: StoredSnapshotRecord) -> io::Result<Snapshot> {
+    Ok(Snapshot {
+        meta: SnapshotMeta {
+            last_log_id: record.last_log_id.map(Into::into),
+            last_membership: record.membership.into_stored()?,
+        },
+        snapshot: record.data,
+    })
 }
 
 type Answer = (openraft::storage::ApplyResponder<TypeConfig>, Response);
@@ -673,7 +665,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let (inner, db, kv_cache, snapshots) =
             (self.inner.clone(), self.db.clone(), self.kv_cache.clone(), self.snapshots.clone());
-        let (meta, data) = tokio::task::spawn_blocking(move || -> io::Result<(SnapshotMeta, Vec<u8>)> {
+        let record = tokio::task::spawn_blocking(move || -> io::Result<StoredSnapshotRecord> {
             // Under the lock only: a durable commit with the state saved (the log may be purged
             // up to this snapshot once it is written), a copy of the state without its secrets,
             // and a read transaction on the secrets as of the same index. Encoding the secrets
@@ -688,22 +680,29 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
                 (applied.state.clone(), meta)
             };
-            let last_log_id = meta.last_log_id.as_ref().map(Into::into);
-            let membership: StoredMembershipState = (&meta.last_membership).into();
-            let data = codec::try_encode(&StoredSnapshotRef {
-                format: citadel_core::command::FORMAT_VERSION,
-                last_applied: last_log_id,
-                membership: membership.clone(),
-                state: &state,
-                kv: StreamedKv(&stored),
-            })?;
-            let record = StoredSnapshotRecord { last_log_id, membership, data };
-            snapshots.write(&record)?;
-            Ok((meta, record.data))
+            let header = SnapshotHeader {
+                last_log_id: meta.last_log_id.as_ref().map(Into::into),
+                membership: (&meta.last_membership).into(),
+            };
+            snapshots.write_streamed(
+                &header,
+                &StoredSnapshotRef {
+                    format: citadel_core::command::FORMAT_VERSION,
+                    last_applied: header.last_log_id,
+                    membership: header.membership.clone(),
+                    state: &state,
+                    kv: StreamedKv(&stored),
+                    streamed_secrets: None,
+                },
+            )?;
+            drop((state, stored));
+            // Read back: what the file holds is the snapshot (a later one, if one was installed
+            // meanwhile), and it was never whole in memory until now.
+            snapshots.read()?.ok_or_else(|| io::Error::other("the snapshot just written is gone"))
         })
         .await
         .map_err(io::Error::other)??;
-        Ok(Snapshot { meta, snapshot: data })
+        into_snapshot(record)
     }
 }
 
@@ -772,11 +771,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
         drop(snapshot);
+        let stored_streamed_secrets = stored.streamed_secrets;
         let mut restored = restore(stored)?;
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
         let inline = restored.state.audit.take_unstored();
+        let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
+        let streamed = stored_streamed_secrets.is_some();
         let inline_kv = restored.state.take_kv_changes();
-        let secrets_inline = kv_refs(&inline_kv).next().is_some();
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
         let kv_cache = self.kv_cache.clone();
@@ -788,9 +789,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut txn = db.db.begin_write().map_err(|e| db.err(e))?;
             txn.set_two_phase_commit(true);
             let promoted = inline.is_empty() && audit.promote_staged_in(&txn, &staged, index).map_err(|e| db.err(e))?;
-            // Every transfer form comes through a receiver, which marks what it staged as
-            // complete: without the mark, part of its secrets or events is missing.
-            if !promoted && inline.is_empty() {
+            // A receiver marks what it staged as complete: without the mark, secrets or events
+            // that were to follow the snapshot are missing.
+            if !promoted && inline.is_empty() && (covers_events || streamed) {
                 return Err(io::Error::other(
                     "the snapshot's secrets and audit events did not all arrive; it will be sent again",
                 ));
@@ -799,7 +800,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 if !promoted {
                     audit.store_in(txn, &inline, index, true)?;
                 }
-                if promoted && !secrets_inline {
+                if streamed {
                     kv_table::promote_staged_in(txn)?;
                 } else {
                     kv_table::replace_all(txn, kv_refs(&inline_kv))?;
@@ -818,20 +819,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Only this task applies or installs, so the state read back is the one installed.
             let applied = inner.read().unwrap_or_else(|p| p.into_inner());
             let secrets = KvView::new(&db, &kv_cache);
-            let record = StoredSnapshotRecord {
+            let header = SnapshotHeader {
                 last_log_id: meta.last_log_id.as_ref().map(Into::into),
                 membership: (&meta.last_membership).into(),
-                data: codec::try_encode(&StoredSnapshotRef {
+            };
+            snapshots.write_streamed(
+                &header,
+                &StoredSnapshotRef {
                     format: citadel_core::command::FORMAT_VERSION,
                     last_applied: applied.last_applied.as_ref().map(Into::into),
                     membership: (&applied.membership).into(),
                     state: &applied.state,
                     kv: StreamedKv(&secrets),
-                })?,
-            };
-            drop(secrets);
-            drop(applied);
-            snapshots.write(&record)
+                    streamed_secrets: None,
+                },
+            )
         })
         .await
         .map_err(io::Error::other)?
@@ -839,17 +841,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let snapshots = self.snapshots.clone();
-        let record = tokio::task::spawn_blocking(move || snapshots.read::<StoredSnapshotRecord>())
-            .await
-            .map_err(io::Error::other)??;
-        record.map(StoredSnapshotRecord::into_snapshot).transpose()
+        let record = tokio::task::spawn_blocking(move || snapshots.read()).await.map_err(io::Error::other)??;
+        record.map(into_snapshot).transpose()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{StoredLogId, StoredMembershipConfig};
+    use crate::codec::{StoredLogId, StoredMembershipConfig, StoredMembershipState};
 
     fn membership() -> StoredMembershipState {
         StoredMembershipState {
@@ -861,7 +861,14 @@ mod tests {
     /// Writes `snapshot.bin` of `format` at index 7 holding `state`.
     fn write_snapshot(dir: &Path, format: u32, state: State) {
         let last = StoredLogId { term: 1, leader: 1, index: 7 };
-        let stored = StoredSnapshot { format, last_applied: Some(last), membership: membership(), state, kv: vec![] };
+        let stored = StoredSnapshot {
+            format,
+            last_applied: Some(last),
+            membership: membership(),
+            state,
+            kv: vec![],
+            streamed_secrets: None,
+        };
         let record =
             StoredSnapshotRecord { last_log_id: Some(last), membership: membership(), data: codec::encode(&stored) };
         SnapshotFile::in_dir(dir).write(&record).unwrap();
@@ -893,25 +900,26 @@ mod tests {
         SnapshotMeta { last_log_id: Some(last.into()), last_membership: membership().into_stored().unwrap() }
     }
 
-    /// What the sender streams: its snapshot in transfer form, how many secret lines follow,
-    /// and the lines after it.
+    /// What the sender streams: its snapshot in transfer form, how many secret lines follow
+    /// (as it says), and the lines after it.
     fn transfer(sender: &StateReader, local: &[u8]) -> (Vec<u8>, u64, Vec<Vec<u8>>) {
         let (mut header, mut lines) = (None, Vec::new());
         sender
             .write_transfer(local, &mut |part| {
                 match part {
-                    TransferPart::Header { data, secrets } => assert!(header.replace((data, secrets)).is_none()),
+                    TransferPart::Header(data) => assert!(header.replace(data).is_none()),
                     TransferPart::Line(line) => lines.push(line.to_vec()),
                 }
                 Ok(())
             })
             .unwrap();
-        let (data, secrets) = header.expect("a header first");
+        let data = header.expect("a header first");
+        let secrets = codec::decode::<StoredSnapshot>(&data, "transfer").unwrap().streamed_secrets.unwrap();
         (data, secrets, lines)
     }
 
     fn local_snapshot(dir: &Path) -> Vec<u8> {
-        SnapshotFile::in_dir(dir).read::<StoredSnapshotRecord>().unwrap().unwrap().data
+        SnapshotFile::in_dir(dir).read().unwrap().unwrap().data
     }
 
     #[test]
@@ -941,21 +949,21 @@ mod tests {
         let receiver = receiver_sm.reader();
 
         // Cut short: every event checks, but the chain does not reach its tip.
-        let mut cut = receiver.receive_snapshot(&transfer, &meta_at_7(), 0).unwrap();
+        let mut cut = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
         lines[..4].iter().for_each(|l| cut.add(l).unwrap());
         assert!(cut.finish().unwrap_err().to_string().contains("ends at 4 instead of 5"));
         let refused = receiver_sm.install_snapshot(&meta_at_7(), transfer.clone()).await.unwrap_err();
         assert!(refused.to_string().contains("did not all arrive"), "{refused}");
         // Forged: an event whose bytes were edited fails its chain check.
-        let mut forged = receiver.receive_snapshot(&transfer, &meta_at_7(), 0).unwrap();
+        let mut forged = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
         forged.add(&lines[0]).unwrap();
         let edited = String::from_utf8(lines[1].clone()).unwrap().replace("\\\"time\\\":2", "\\\"time\\\":9");
         assert_ne!(edited.as_bytes(), lines[1]);
         assert!(forged.add(edited.as_bytes()).unwrap_err().to_string().contains("tampered"));
         drop(forged);
 
-        let mut whole = receiver.receive_snapshot(&transfer, &meta_at_7(), 0).unwrap();
-        assert!(receiver.receive_snapshot(&transfer, &meta_at_7(), 0).is_err(), "one transfer at a time");
+        let mut whole = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
+        assert!(receiver.receive_snapshot(&transfer, &meta_at_7()).is_err(), "one transfer at a time");
         lines.iter().for_each(|l| whole.add(l).unwrap());
         whole.finish().unwrap();
         receiver_sm.install_snapshot(&meta_at_7(), transfer).await.unwrap();
@@ -995,6 +1003,7 @@ mod tests {
             membership: membership.clone(),
             state: State::default(),
             kv: vec![],
+            streamed_secrets: None,
         };
         let record = StoredSnapshotRecord { last_log_id: Some(last), membership, data: codec::encode(&stored) };
         db.write_meta(KEY_SNAPSHOT, &record).unwrap();
@@ -1112,10 +1121,9 @@ mod tests {
         receiver: &mut StateMachine,
         meta: &SnapshotMeta,
         data: &[u8],
-        secrets: u64,
         lines: &[Vec<u8>],
     ) -> io::Result<()> {
-        let mut receiving = receiver.reader().receive_snapshot(data, meta, secrets)?;
+        let mut receiving = receiver.reader().receive_snapshot(data, meta)?;
         lines.iter().try_for_each(|l| receiving.add(l))?;
         receiving.finish()?;
         receiver.install_snapshot(meta, data.to_vec()).await
@@ -1147,7 +1155,7 @@ mod tests {
 
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
-        receive(&mut receiver, &snapshot.meta, &data, secrets, &lines).await.unwrap();
+        receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
         assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(2), 0));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0), "the receiver's own secrets are gone");
         assert_eq!(
@@ -1169,13 +1177,13 @@ mod tests {
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
         // Secrets left staged by an abandoned transfer must not come back.
-        let (data, secrets, lines) = transfer(&sender.reader(), &snapshot.snapshot);
-        let mut abandoned = receiver.reader().receive_snapshot(&data, &snapshot.meta, secrets).unwrap();
+        let (data, _, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let mut abandoned = receiver.reader().receive_snapshot(&data, &snapshot.meta).unwrap();
         lines.iter().for_each(|l| abandoned.add(l).unwrap());
         abandoned.stage().unwrap();
         drop(abandoned);
 
-        receive(&mut receiver, &snapshot.meta, &snapshot.snapshot, 0, &[]).await.unwrap();
+        receive(&mut receiver, &snapshot.meta, &snapshot.snapshot, &[]).await.unwrap();
         assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(1), 0));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0));
         assert_eq!(secrets_in_snapshot_file(to.path()), [("a".into(), 1), ("b".into(), 1)]);
@@ -1187,21 +1195,20 @@ mod tests {
         let mut sender = open(from.path());
         apply(&mut sender, 0, vec![init(), write("a", 1), write("b", 1)]).await;
         let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
-        let (data, secrets, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let (data, _, lines) = transfer(&sender.reader(), &snapshot.snapshot);
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("mine", 1)]).await;
 
-        let cut = receive(&mut receiver, &snapshot.meta, &data, secrets, &lines[..1]).await.unwrap_err();
+        let cut = receive(&mut receiver, &snapshot.meta, &data, &lines[..1]).await.unwrap_err();
         assert!(cut.to_string().contains("1 of its secrets still due"), "{cut}");
         let refused = receiver.install_snapshot(&snapshot.meta, data.clone()).await.unwrap_err();
         assert!(refused.to_string().contains("did not all arrive"), "{refused}");
 
         let elsewhere = String::from_utf8(lines[0].clone()).unwrap().replace("\"secret/\"", "\"gone/\"");
         assert_ne!(elsewhere.as_bytes(), lines[0]);
-        let refused =
-            receive(&mut receiver, &snapshot.meta, &data, secrets, &[elsewhere.into_bytes(), lines[1].clone()]).await;
+        let refused = receive(&mut receiver, &snapshot.meta, &data, &[elsewhere.into_bytes(), lines[1].clone()]).await;
         assert!(refused.unwrap_err().to_string().contains("a secret of gone/, which is not one of its mounts"));
-        let garbled = receive(&mut receiver, &snapshot.meta, &data, secrets, &[b"{".to_vec(), lines[1].clone()]).await;
+        let garbled = receive(&mut receiver, &snapshot.meta, &data, &[b"{".to_vec(), lines[1].clone()]).await;
         assert!(garbled.unwrap_err().to_string().contains("not a secret"));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "mine"), (Some(1), 0), "nothing installed");
         assert_eq!(receiver.reader().applied_index(), 2);
@@ -1227,13 +1234,19 @@ mod tests {
     #[test]
     fn any_line_where_a_secret_is_due_is_staged_or_refused_without_panicking() {
         use proptest::prelude::*;
-        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let dir = tempfile::tempdir().unwrap();
         let mut state = State::default();
         assert_eq!(state.apply(init()), Response::Done);
-        write_snapshot(from.path(), 6, state);
-        let transfer = local_snapshot(from.path());
-        let reader = open(to.path()).reader();
-        let mut receiving = reader.receive_snapshot(&transfer, &meta_at_7(), u64::MAX).unwrap();
+        let transfer = codec::encode(&StoredSnapshot {
+            format: citadel_core::command::FORMAT_VERSION,
+            last_applied: Some(StoredLogId { term: 1, leader: 1, index: 7 }),
+            membership: membership(),
+            state,
+            kv: vec![],
+            streamed_secrets: Some(u64::MAX),
+        });
+        let reader = open(dir.path()).reader();
+        let mut receiving = reader.receive_snapshot(&transfer, &meta_at_7()).unwrap();
         let valid = serde_json::to_vec(&kv_table::StoredKvEntry {
             mount: "secret/".into(),
             path: "a/b".into(),

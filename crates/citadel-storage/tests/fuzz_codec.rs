@@ -75,6 +75,7 @@ fn valid_records() -> Vec<Vec<u8>> {
             membership: StoredMembershipState { log_id: Some(log_id), config: membership() },
             state: state_with_tokens(),
             kv: vec![],
+            streamed_secrets: None,
         }),
         codec::encode(&Identity { node_id: 1, format: 1 }),
         codec::encode_binary(&secret()),

@@ -32,6 +32,9 @@ pub struct ScaleSettings {
 pub struct NodeSample {
     pub node: u64,
     pub rss_mib: f64,
+    /// The most it has held resident since it started (`VmHWM`): what a sample between two
+    /// snapshots or transfers misses.
+    pub peak_rss_mib: f64,
     pub data_dir_mib: f64,
 }
 
@@ -58,6 +61,10 @@ pub struct ScaleReport {
     pub audit_query_by_user_p50_ms: f64,
     pub audit_query_by_path_p50_ms: f64,
     pub max_rss_mib: f64,
+    /// Every node once the new one caught up (its peak is what the catch-up cost it).
+    pub after_join: Vec<NodeSample>,
+    /// The largest peak of any node, during the load or the catch-up.
+    pub max_peak_rss_mib: f64,
 }
 
 /// Three voters plus one node kept back to join after the load.
@@ -100,9 +107,10 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
         let snapshot = client.bytes("GET", "sys/storage/raft/snapshot", None).await.context("taking a snapshot")?;
         let samples = (0..3).map(|i| sample(&layout, &nodes, i)).collect::<Result<Vec<_>>>()?;
         eprintln!(
-            "{}0%: {writes} writes, {events} events in {load_seconds:.0} s; rss {} MiB; snapshot {:.1} MiB",
+            "{}0%: {writes} writes, {events} events in {load_seconds:.0} s; rss {} MiB (peak {}); snapshot {:.1} MiB",
             tenth,
             samples.iter().map(|s| format!("{:.0}", s.rss_mib)).collect::<Vec<_>>().join("/"),
+            samples.iter().map(|s| format!("{:.0}", s.peak_rss_mib)).collect::<Vec<_>>().join("/"),
             mib(snapshot.len() as u64)
         );
         steps.push(Step {
@@ -129,6 +137,7 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
     .await?;
     wait_serving(&layout, 3, Duration::from_secs(600)).await?;
     let catch_up_seconds = started.elapsed().as_secs_f64();
+    let after_join = (0..NODES).map(|i| sample(&layout, &nodes, i)).collect::<Result<Vec<_>>>()?;
 
     // A follower's restart to serving.
     let follower = 1;
@@ -145,6 +154,7 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
     })
     .await?;
     let max_rss_mib = steps.iter().flat_map(|s| s.nodes.iter().map(|n| n.rss_mib)).fold(0.0, f64::max);
+    let max_peak_rss_mib = after_join.iter().map(|n| n.peak_rss_mib).fold(0.0, f64::max);
     let report = ScaleReport {
         secrets: settings.secrets,
         versions: settings.versions,
@@ -155,6 +165,8 @@ pub async fn run(settings: &ScaleSettings) -> Result<ScaleReport> {
         audit_query_by_user_p50_ms: by_user,
         audit_query_by_path_p50_ms: by_path,
         max_rss_mib,
+        after_join,
+        max_peak_rss_mib,
     };
     write_results(&report, &settings.json)?;
     drop(nodes);
@@ -251,15 +263,19 @@ async fn leader_commit_index(client: &Client) -> Result<u64> {
 fn sample(layout: &Layout, nodes: &ChildGuard, i: usize) -> Result<NodeSample> {
     let pid = nodes.0[i].id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc status")?;
+    let kib = |field: &str| -> Result<f64> {
+        let value: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+        Ok(value as f64 / 1024.0)
+    };
     Ok(NodeSample {
         node: layout.node_id(i),
-        rss_mib: rss_kib as f64 / 1024.0,
+        rss_mib: kib("VmRSS:")?,
+        peak_rss_mib: kib("VmHWM:")?,
         data_dir_mib: mib(dir_size(&layout.data_dir(i))),
     })
 }
@@ -307,6 +323,20 @@ fn write_results(report: &ScaleReport, json_path: &std::path::Path) -> Result<()
             })
         })
         .collect();
-    let panel = crate::chart::Panel { title: "resident memory (MiB) by audit events loaded".into(), bars };
-    crate::chart::render("citadel bench scale", &[panel], &json_path.with_extension("png"))
+    let peaks = report
+        .steps
+        .iter()
+        .flat_map(|s| {
+            s.nodes.iter().map(move |n| crate::chart::Bar {
+                group: format!("{}k", s.events / 1000),
+                series: format!("node {}", n.node),
+                value: n.peak_rss_mib,
+            })
+        })
+        .collect();
+    let panels = [
+        crate::chart::Panel { title: "resident memory (MiB) by audit events loaded".into(), bars },
+        crate::chart::Panel { title: "peak resident memory so far (MiB, VmHWM)".into(), bars: peaks },
+    ];
+    crate::chart::render("citadel bench scale", &panels, &json_path.with_extension("png"))
 }
