@@ -114,21 +114,22 @@ impl SnapshotFile {
     }
 
     /// The last log id of the snapshot in the file, read from its header alone; `None` when
-    /// there is none, or it is in the layout before (whose header is the whole file).
-    fn last_log_id_on_disk(&self) -> io::Result<Option<StoredLogId>> {
-        let mut file = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
+    /// there is none, it is in the layout before (whose header is the whole file), or its
+    /// header is damaged (a new snapshot is the cure).
+    fn last_log_id_on_disk(&self) -> Option<StoredLogId> {
+        let mut file = std::fs::File::open(&self.path).ok()?;
         let mut prefix = [0; PREFIX];
-        if file.read_exact(&mut prefix).is_err() || prefix[0] != LAYOUT {
-            return Ok(None);
-        }
+        file.read_exact(&mut prefix).ok().filter(|()| prefix[0] == LAYOUT)?;
         let len = u32::from_le_bytes(prefix[1..].try_into().expect("4 bytes"));
         let mut header = Vec::new();
-        file.take(u64::from(len)).read_to_end(&mut header)?;
-        Ok(codec::decode::<SnapshotHeader>(&header, &self.path.display().to_string())?.last_log_id)
+        file.take(u64::from(len)).read_to_end(&mut header).ok()?;
+        match codec::decode::<SnapshotHeader>(&header, &self.path.display().to_string()) {
+            Ok(header) => header.last_log_id,
+            Err(e) => {
+                tracing::warn!(error = %e, "replacing a snapshot whose header is damaged");
+                None
+            }
+        }
     }
 
     fn replace(
@@ -137,7 +138,7 @@ impl SnapshotFile {
         write_snapshot: impl FnOnce(&mut io::BufWriter<std::fs::File>) -> io::Result<()>,
     ) -> io::Result<()> {
         let _replacing = self.replacing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(on_disk) = self.last_log_id_on_disk()? {
+        if let Some(on_disk) = self.last_log_id_on_disk() {
             if header.last_log_id.is_none_or(|new| new < on_disk) {
                 tracing::info!(path = %self.path.display(), ?on_disk, new = ?header.last_log_id, "kept the later snapshot in place");
                 return Ok(());
@@ -204,6 +205,12 @@ mod tests {
         );
         file.write_streamed(&header(12), &vec![12u32]).unwrap();
         assert_eq!(file.read().unwrap().unwrap().last_log_id, header(12).last_log_id);
+        // A damaged file holds no snapshot to keep: the next one replaces it.
+        let mut bytes = std::fs::read(file.path()).unwrap();
+        bytes[PREFIX + 2] ^= 1;
+        std::fs::write(file.path(), bytes).unwrap();
+        file.write_streamed(&header(10), &vec![10u32]).unwrap();
+        assert_eq!(file.read().unwrap().unwrap().last_log_id, header(10).last_log_id);
     }
 
     #[test]
