@@ -22,7 +22,9 @@ use crate::UnixMillis;
 /// 6: the secrets live in the node's state store, not in the state in memory: `snapshot.bin`
 ///    carries them beside the state (`StoredSnapshot::kv`), and `raft.redb` holds the state as
 ///    of its applied index; a build of format 5 would read every mount as empty.
-pub const FORMAT_VERSION: u32 = 6;
+/// 7: `snapshot.bin` is `[3][header][snapshot record]`, written as it serializes
+///    (`citadel_storage::snapshot_file`), which a build of format 6 would call a damaged record.
+pub const FORMAT_VERSION: u32 = 7;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
 /// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify); formats
 /// 2 and 3 are format 4 without the new variant and field, which decode as absent; a format 4

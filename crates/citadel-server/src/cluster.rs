@@ -49,8 +49,8 @@ struct SnapshotTransfer {
     data: Vec<u8>,
 }
 
-/// Longest line of a snapshot transfer after its header: one stored audit event (its fields
-/// are capped far below this).
+/// Longest audit event line of a snapshot transfer: one stored event (its fields are capped far
+/// below this). A secret's line, which may hold a thousand versions, is bounded as the header is.
 const MAX_SNAPSHOT_EVENT_LINE: usize = 1 << 20;
 /// Bytes of a snapshot transfer's lines handed to the receiver at once (or 4,096 lines).
 const SNAPSHOT_BATCH_BYTES: usize = 32 << 20;
@@ -68,7 +68,7 @@ pub struct ClusterNetwork {
     http: reqwest::Client,
     /// Raft's appends and votes.
     streams: RaftStreams,
-    /// Streams a snapshot's audit events from this node's store when it is sent.
+    /// Streams a snapshot's secrets and audit events when it is sent.
     state: StateReader,
 }
 
@@ -479,8 +479,8 @@ pub(crate) async fn receive_append(
     result.map_err(|e| e.to_string())
 }
 
-/// Receives a snapshot: its header line, then its audit events line by line, each checked and
-/// staged as it comes; only once all arrived is the snapshot installed.
+/// Receives a snapshot: its header line, then its secrets and audit events line by line, each
+/// checked and staged as it comes; only once all arrived is the snapshot installed.
 async fn snapshot(State(app): State<Arc<Node>>, body: axum::body::Body) -> Json<Wire<SnapshotResponse<TypeConfig>>> {
     Json(receive_snapshot(&app, body).await)
 }

@@ -224,13 +224,20 @@ impl AuditStore {
         first: bool,
     ) -> Result<(), redb::Error> {
         if first {
-            STAGED.delete(txn)?;
-            txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
+            self.clear_staged_in(txn)?;
         }
         STAGED.write(txn, events, Change::Insert)
     }
 
-    /// Marks the staged events complete for the snapshot `snapshot` (its last log id, encoded).
+    /// Forgets staged events and their mark (a transfer that will not be installed).
+    pub(crate) fn clear_staged_in(&self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        STAGED.delete(txn)?;
+        txn.open_table(META)?.remove(KEY_STAGED_FOR)?;
+        Ok(())
+    }
+
+    /// Marks the staged events (and secrets, `kv_table`) complete for the snapshot `snapshot`
+    /// (its last log id, encoded).
     /// Not fsynced: the install that relies on the mark commits durably (a crash before it only
     /// loses a transfer the leader sends again).
     pub(crate) fn staged_for(&self, snapshot: &[u8]) -> io::Result<()> {

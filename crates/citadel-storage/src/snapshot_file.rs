@@ -31,6 +31,8 @@ pub const STAGING_FILE: &str = "snapshot.bin.new";
 const LAYOUT: u8 = 3;
 /// The layout byte and the header's length.
 const PREFIX: usize = 5;
+/// A header holds a log id and a membership: a length beyond this is damage.
+const MAX_HEADER: usize = 1 << 20;
 
 /// openraft's meta of a snapshot, in our encoding.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +68,8 @@ impl SnapshotFile {
         &self.path
     }
 
-    /// The snapshot, if one was ever written; both checksums verified.
+    /// The snapshot, if one was ever written; its checksums verified (the header's and the
+    /// snapshot record's; in the layout before, the one record's).
     pub(crate) fn read(&self) -> io::Result<Option<StoredSnapshotRecord>> {
         let mut file = match open_private(&self.path, std::fs::OpenOptions::new().read(true)) {
             Ok(f) => f,
@@ -81,8 +84,11 @@ impl SnapshotFile {
         match bytes.first() {
             Some(&LAYOUT) => {
                 let header_len = bytes.get(1..PREFIX).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                let header_end = header_len
-                    .and_then(|len| PREFIX.checked_add(len as usize))
+                let header_len = header_len.ok_or_else(|| bad("the file is truncated".into()))? as usize;
+                if header_len > MAX_HEADER {
+                    return Err(bad(format!("a header of {header_len} bytes: the file is damaged")));
+                }
+                let header_end = Some(PREFIX + header_len)
                     .filter(|end| *end <= bytes.len())
                     .ok_or_else(|| bad("the file is truncated".into()))?;
                 let header: SnapshotHeader = codec::decode(&bytes[PREFIX..header_end], &what)?;
@@ -117,10 +123,14 @@ impl SnapshotFile {
     /// there is none, it is in the layout before (whose header is the whole file), or its
     /// header is damaged (a new snapshot is the cure).
     fn last_log_id_on_disk(&self) -> Option<StoredLogId> {
-        let mut file = std::fs::File::open(&self.path).ok()?;
+        let mut file = open_private(&self.path, std::fs::OpenOptions::new().read(true)).ok()?;
         let mut prefix = [0; PREFIX];
         file.read_exact(&mut prefix).ok().filter(|()| prefix[0] == LAYOUT)?;
         let len = u32::from_le_bytes(prefix[1..].try_into().expect("4 bytes"));
+        if len as usize > MAX_HEADER {
+            tracing::warn!(path = %self.path.display(), len, "replacing a snapshot whose header length is damaged");
+            return None;
+        }
         let mut header = Vec::new();
         file.take(u64::from(len)).read_to_end(&mut header).ok()?;
         match codec::decode::<SnapshotHeader>(&header, &self.path.display().to_string()) {

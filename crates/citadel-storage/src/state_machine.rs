@@ -116,7 +116,7 @@ pub struct StateReader {
     db: Arc<Db>,
     kv_cache: Arc<KvCache>,
     audit: AuditStore,
-    /// Set while a snapshot's events are being received.
+    /// Set while a snapshot's secrets and events are being received.
     receiving: Arc<AtomicBool>,
 }
 
@@ -301,13 +301,16 @@ impl StateReader {
         // A format-4 snapshot still holds its events inline; they are in the store.
         stored.state.audit.take_unstored();
         let secrets = std::mem::take(&mut stored.kv);
+        // A snapshot of format 5 or older holds its secrets in its mounts: they go as lines too.
+        let in_mounts = stored.state.take_kv_changes();
+        let streamed = secrets.len() + kv_refs(&in_mounts).count();
         let transfer = StoredSnapshotRef {
             format: stored.format,
             last_applied: stored.last_applied,
             membership: stored.membership,
             state: &stored.state,
             kv: [(); 0],
-            streamed_secrets: Some(secrets.len() as u64),
+            streamed_secrets: Some(streamed as u64),
         };
         out(TransferPart::Header(codec::encode(&transfer)))?;
         for secret in secrets {
@@ -316,6 +319,9 @@ impl StateReader {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "local snapshot: a secret's JSON spans lines"));
             }
             out(TransferPart::Line(line))?;
+        }
+        for secret in kv_refs(&in_mounts) {
+            out(TransferPart::Line(&serde_json::to_vec(&secret).map_err(io::Error::other)?))?;
         }
         for (chain, anchor, tip) in chain_ranges(&stored.state.audit) {
             let written =
@@ -344,6 +350,12 @@ impl StateReader {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "a snapshot in transfer form holds no audit events inline",
+            ));
+        }
+        if stored.streamed_secrets.is_some() && holds_secrets_inline(&stored) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a snapshot whose secrets follow it holds none inline",
             ));
         }
         if self.receiving.swap(true, std::sync::atomic::Ordering::AcqRel) {
@@ -418,6 +430,13 @@ impl StateMachine {
                 snapshots.path().display()
             ))));
         }
+        // What a transfer cut short by a stop staged is never installed: the leader sends the
+        // snapshot whole again. Left, it would hold a copy of the secrets and events on disk.
+        db.commit(false, |txn| {
+            kv_table::clear_staged(txn)?;
+            audit.clear_staged_in(txn)
+        })
+        .map_err(db_err)?;
         let inner = Arc::new(RwLock::new(applied));
         Ok(StateMachine {
             save_on_drop: Arc::new(SaveOnDrop { inner: inner.clone(), db: db.clone(), failed: AtomicBool::new(false) }),
@@ -566,6 +585,12 @@ fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
     let membership = snap.membership.clone().into_stored()?;
     // Its secrets in memory for now: the caller moves them to the store.
     Ok(Applied { state: snap.into_whole_state()?, last_applied, membership })
+}
+
+/// Whether a snapshot holds secrets in itself: beside its state, or (format 5 and older) in
+/// its mounts.
+fn holds_secrets_inline(stored: &StoredSnapshot) -> bool {
+    !stored.kv.is_empty() || stored.state.mounts.values().any(|m| !m.kv.entries.is_empty())
 }
 
 fn into_snapshot(record: StoredSnapshotRecord) -> io::Result<Snapshot> {
@@ -771,12 +796,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
         drop(snapshot);
-        let stored_streamed_secrets = stored.streamed_secrets;
+        let streamed = stored.streamed_secrets.is_some();
+        if streamed && holds_secrets_inline(&stored) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a snapshot whose secrets follow it holds none inline",
+            ));
+        }
         let mut restored = restore(stored)?;
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
         let inline = restored.state.audit.take_unstored();
         let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
-        let streamed = stored_streamed_secrets.is_some();
         let inline_kv = restored.state.take_kv_changes();
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
@@ -791,7 +821,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let promoted = inline.is_empty() && audit.promote_staged_in(&txn, &staged, index).map_err(|e| db.err(e))?;
             // A receiver marks what it staged as complete: without the mark, secrets or events
             // that were to follow the snapshot are missing.
-            if !promoted && inline.is_empty() && (covers_events || streamed) {
+            if !promoted && (streamed || (inline.is_empty() && covers_events)) {
                 return Err(io::Error::other(
                     "the snapshot's secrets and audit events did not all arrive; it will be sent again",
                 ));
@@ -1179,13 +1209,16 @@ mod tests {
         // Secrets left staged by an abandoned transfer must not come back.
         let (data, _, lines) = transfer(&sender.reader(), &snapshot.snapshot);
         let mut abandoned = receiver.reader().receive_snapshot(&data, &snapshot.meta).unwrap();
-        lines.iter().for_each(|l| abandoned.add(l).unwrap());
+        let ghost = String::from_utf8(lines[0].clone()).unwrap().replace("\"path\":\"a\"", "\"path\":\"ghost\"");
+        assert_ne!(ghost.as_bytes(), lines[0]);
+        abandoned.add(ghost.as_bytes()).unwrap();
         abandoned.stage().unwrap();
         drop(abandoned);
 
         receive(&mut receiver, &snapshot.meta, &snapshot.snapshot, &[]).await.unwrap();
         assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(1), 0));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0));
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "ghost"), (None, 0), "not from the abandoned transfer");
         assert_eq!(secrets_in_snapshot_file(to.path()), [("a".into(), 1), ("b".into(), 1)]);
     }
 
@@ -1231,6 +1264,41 @@ mod tests {
         assert_eq!(stored_and_in_memory(&again.reader(), "a"), (Some(1), 0), "read from the store the next time");
     }
 
+    #[tokio::test]
+    async fn a_format_5_snapshot_sent_to_a_follower_streams_the_secrets_of_its_mounts() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut state = State::default();
+        assert_eq!(state.apply(init()), Response::Done);
+        assert!(matches!(state.apply(write("a", 1)), Response::KvWritten { .. }));
+        write_snapshot(from.path(), 5, state);
+        let db = Arc::new(Db::open(&from.path().join(crate::DB_FILE)).unwrap());
+        AuditStore::new(db).store(&[], 7, true, false).unwrap();
+        // Opening moves the secrets to the store; snapshot.bin stays as it is until the next one.
+        let sender = open(from.path());
+        let (data, secrets, lines) = transfer(&sender.reader(), &local_snapshot(from.path()));
+        assert_eq!(secrets, 1, "the secret of its mount");
+        let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
+        assert!(!holds_secrets_inline(&header), "taken out of the mounts");
+
+        let mut receiver = open(to.path());
+        receive(&mut receiver, &meta_at_7(), &data, &lines).await.unwrap();
+        assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(1), 0));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_that_says_its_secrets_follow_but_holds_some_is_refused() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut sender = open(from.path());
+        apply(&mut sender, 0, vec![init(), write("a", 1)]).await;
+        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let mut both: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
+        both.streamed_secrets = Some(0);
+        let both = codec::encode(&both);
+        let receiver = open(to.path());
+        let Err(refused) = receiver.reader().receive_snapshot(&both, &snapshot.meta) else { panic!("received") };
+        assert!(refused.to_string().contains("holds none inline"), "{refused}");
+    }
+
     #[test]
     fn any_line_where_a_secret_is_due_is_staged_or_refused_without_panicking() {
         use proptest::prelude::*;
@@ -1273,6 +1341,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+        receiving.into_inner().stage().expect("what was taken is staged");
     }
 
     /// The record kept for `path` of `secret/`, as its bytes.
