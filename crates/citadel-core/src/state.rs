@@ -359,8 +359,7 @@ impl State {
             }
             Command::TokensExpire { now } => {
                 self.revoked_emergency.retain(|_, e| *e > now);
-                let expired: Vec<String> =
-                    self.tokens.values().filter(|t| !t.is_usable(now)).map(|t| t.hash.clone()).collect();
+                let expired: Vec<String> = self.tokens.unusable_at(now).map(str::to_string).collect();
                 for hash in expired {
                     self.tokens.remove_tree(&hash);
                 }
