@@ -151,6 +151,16 @@ impl TokenTable {
         (nth.0 <= now).then_some(nth.0)
     }
 
+    /// Up to when a sweep of at most `batch` of the tokens due at `now` goes, the oldest first:
+    /// `now` if no more are due, else just before the first token left out ended, or that whole
+    /// millisecond if the batch all ended in it (a sweep cannot split one). `None`: none is due.
+    pub fn sweep_cut(&self, now: UnixMillis, batch: usize) -> Option<UnixMillis> {
+        self.unusable_at(now).next()?;
+        let Some(left_out) = self.nth_end_by(now, batch.saturating_add(1)) else { return Some(now) };
+        let before = left_out.checked_sub(1).filter(|&up_to| self.unusable_at(up_to).next().is_some());
+        Some(before.unwrap_or(left_out))
+    }
+
     /// The hashes of the tokens `parent` created.
     pub fn children_of<'a>(&'a self, parent: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.children.hashes(parent)
@@ -282,6 +292,38 @@ mod tests {
             by_scan.sort_by_key(|e| (end_of(e), e.hash.clone()));
             proptest::prop_assert_eq!(by_index, by_scan.iter().map(|e| e.hash.as_str()).collect::<Vec<_>>());
             proptest::prop_assert_eq!(t.nth_end_by(now, n), by_scan.get(n - 1).and_then(|e| end_of(e)));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, failure_persistence: None, ..Default::default() })]
+
+        /// Sweeping up to each cut in turn takes every due token, at most `batch` a time unless
+        /// they all ended in one millisecond, and never nothing.
+        #[test]
+        fn sweeps_up_to_each_cut_take_every_due_token_a_bounded_batch_at_a_time(
+            ends in proptest::collection::vec(proptest::option::of(0u64..8), 0..30),
+            now in 0u64..10,
+            batch in 1usize..5,
+        ) {
+            let mut t = TokenTable::default();
+            for (i, end) in ends.iter().enumerate() {
+                let hash = format!("t{i:02}");
+                t.insert(hash.clone(), TokenEntry { hash, expires: *end, ..TokenEntry::default() });
+            }
+            let due = t.unusable_at(now).count();
+            let mut swept = 0;
+            while let Some(cut) = t.sweep_cut(now, batch) {
+                proptest::prop_assert!(cut <= now);
+                let taken: Vec<String> = t.unusable_at(cut).map(str::to_string).collect();
+                let one_millisecond = taken.iter().all(|h| t[h].expires == Some(cut));
+                proptest::prop_assert!(!taken.is_empty(), "a sweep takes something");
+                proptest::prop_assert!(taken.len() <= batch || one_millisecond, "{} taken, batch {batch}", taken.len());
+                taken.iter().for_each(|h| { t.remove(h); });
+                swept += taken.len();
+            }
+            proptest::prop_assert_eq!(swept, due);
+            proptest::prop_assert_eq!(t.unusable_at(now).count(), 0);
         }
     }
 
