@@ -318,7 +318,7 @@ impl Node {
                     if !self.is_leader() {
                         break Err(self.not_leader());
                     }
-                    if self.lost_quorum() || started.elapsed() > PROPOSAL_LIMIT {
+                    if self.lost_quorum(started.elapsed()) || started.elapsed() > PROPOSAL_LIMIT {
                         break Err(NodeError::NoLeader);
                     }
                 }
@@ -339,15 +339,23 @@ impl Node {
         }
     }
 
-    /// Leading, but no quorum has acknowledged this node for an election timeout. A cluster of
-    /// one is its own quorum (and sends no heartbeats that would refresh the acknowledgement).
-    fn lost_quorum(&self) -> bool {
+    /// Leading, but no quorum has acknowledged this node for an election timeout. A leader just
+    /// elected (or handed leadership) has no acknowledgement yet: it has lost none until the
+    /// proposal has `waited` an election timeout for one. Taking "none yet" for "lost" could
+    /// answer 503 to a write that reached a new leader before its first acknowledgement, a
+    /// quarter of an election timeout into its term (the likely cause of a CI dry run's failure
+    /// of `transfer_leader_under_load_fails_no_request`). A cluster of one is its own quorum
+    /// (and sends no heartbeats that would refresh the acknowledgement).
+    fn lost_quorum(&self, waited: Duration) -> bool {
         use openraft::Instant as _;
         let m = self.raft_metrics();
         if m.membership_config.membership().voter_ids().count() <= 1 {
             return false;
         }
-        m.last_quorum_acked.is_none_or(|t| t.elapsed() > self.election_timeout())
+        match m.last_quorum_acked {
+            Some(acked) => acked.elapsed() > self.election_timeout(),
+            None => waited > self.election_timeout(),
+        }
     }
 
     /// ReadIndex on this node, which must be the leader: the index a linearizable read must see.
@@ -451,7 +459,8 @@ impl Node {
             version: crate::VERSION.to_string(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             applied_index: self.state.applied_index(),
-            active_sessions: self.state.read(|s| s.tokens.values().filter(|t| !t.is_expired(now)).count()),
+            // Tokens still usable (not expired, uses left), counted from the index of ends.
+            active_sessions: self.state.read(|s| s.tokens.len() - s.tokens.unusable_at(now).count()),
             audit_backlog: self.audit_backlog(),
         }
     }
