@@ -91,6 +91,31 @@ fn saved_state(applied: &Applied) -> Vec<u8> {
     })
 }
 
+/// Writes `snapshot.bin` for `meta`: `state` and every secret `secrets` holds, serialized into
+/// the file as they are read.
+fn write_local_snapshot(
+    snapshots: &SnapshotFile,
+    meta: &SnapshotMeta,
+    state: &State,
+    secrets: &KvView<'_>,
+) -> io::Result<()> {
+    let header = SnapshotHeader {
+        last_log_id: meta.last_log_id.as_ref().map(Into::into),
+        membership: (&meta.last_membership).into(),
+    };
+    snapshots.write_streamed(
+        &header,
+        &StoredSnapshotRef {
+            format: citadel_core::command::FORMAT_VERSION,
+            last_applied: header.last_log_id,
+            membership: header.membership.clone(),
+            state,
+            kv: StreamedKv(secrets),
+            streamed_secrets: None,
+        },
+    )
+}
+
 /// Serializes every secret a view holds as a snapshot's `kv`, one entry at a time.
 struct StreamedKv<'a>(&'a KvView<'a>);
 
@@ -705,21 +730,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
                 (applied.state.clone(), meta)
             };
-            let header = SnapshotHeader {
-                last_log_id: meta.last_log_id.as_ref().map(Into::into),
-                membership: (&meta.last_membership).into(),
-            };
-            snapshots.write_streamed(
-                &header,
-                &StoredSnapshotRef {
-                    format: citadel_core::command::FORMAT_VERSION,
-                    last_applied: header.last_log_id,
-                    membership: header.membership.clone(),
-                    state: &state,
-                    kv: StreamedKv(&stored),
-                    streamed_secrets: None,
-                },
-            )?;
+            write_local_snapshot(&snapshots, &meta, &state, &stored)?;
             drop((state, stored));
             // Read back: what the file holds is the snapshot (a later one, if one was installed
             // meanwhile), and it was never whole in memory until now.
@@ -849,21 +860,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Only this task applies or installs, so the state read back is the one installed.
             let applied = inner.read().unwrap_or_else(|p| p.into_inner());
             let secrets = KvView::new(&db, &kv_cache);
-            let header = SnapshotHeader {
-                last_log_id: meta.last_log_id.as_ref().map(Into::into),
-                membership: (&meta.last_membership).into(),
-            };
-            snapshots.write_streamed(
-                &header,
-                &StoredSnapshotRef {
-                    format: citadel_core::command::FORMAT_VERSION,
-                    last_applied: applied.last_applied.as_ref().map(Into::into),
-                    membership: (&applied.membership).into(),
-                    state: &applied.state,
-                    kv: StreamedKv(&secrets),
-                    streamed_secrets: None,
-                },
-            )
+            write_local_snapshot(&snapshots, &meta, &applied.state, &secrets)
         })
         .await
         .map_err(io::Error::other)?

@@ -312,31 +312,25 @@ fn write_results(report: &ScaleReport, json_path: &std::path::Path) -> Result<()
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(json_path, serde_json::to_vec_pretty(report)?)?;
-    let bars = report
-        .steps
-        .iter()
-        .flat_map(|s| {
-            s.nodes.iter().map(move |n| crate::chart::Bar {
-                group: format!("{}k", s.events / 1000),
-                series: format!("node {}", n.node),
-                value: n.rss_mib,
+    let bars = |value: fn(&NodeSample) -> f64| {
+        report
+            .steps
+            .iter()
+            .flat_map(|s| {
+                s.nodes.iter().map(move |n| crate::chart::Bar {
+                    group: format!("{}k", s.events / 1000),
+                    series: format!("node {}", n.node),
+                    value: value(n),
+                })
             })
-        })
-        .collect();
-    let peaks = report
-        .steps
-        .iter()
-        .flat_map(|s| {
-            s.nodes.iter().map(move |n| crate::chart::Bar {
-                group: format!("{}k", s.events / 1000),
-                series: format!("node {}", n.node),
-                value: n.peak_rss_mib,
-            })
-        })
-        .collect();
+            .collect()
+    };
     let panels = [
-        crate::chart::Panel { title: "resident memory (MiB) by audit events loaded".into(), bars },
-        crate::chart::Panel { title: "peak resident memory so far (MiB, VmHWM)".into(), bars: peaks },
+        crate::chart::Panel { title: "resident memory (MiB) by audit events loaded".into(), bars: bars(|n| n.rss_mib) },
+        crate::chart::Panel {
+            title: "peak resident memory so far (MiB, VmHWM)".into(),
+            bars: bars(|n| n.peak_rss_mib),
+        },
     ];
     crate::chart::render("citadel bench scale", &panels, &json_path.with_extension("png"))
 }
