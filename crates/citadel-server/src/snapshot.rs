@@ -209,13 +209,13 @@ pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
         hmac_sha256: String::new(),
     };
     sign(&mut header, &keys.keyring).map_err(BuildError::Failed)?;
-    let mut file = serde_json::to_vec(&header).map_err(|e| BuildError::Failed(e.to_string()))?;
-    file.push(b'\n');
-    file.extend_from_slice(&data);
-    drop(data); // in `file` now: the archive is built beside one copy, not two
+    let mut header_line = serde_json::to_vec(&header).map_err(|e| BuildError::Failed(e.to_string()))?;
+    header_line.push(b'\n');
     let now = crate::ids::now_ms();
-    let meta = raft_meta(&stored, file.len(), now);
-    archive::write(&meta, &file, &keys.keyring, &crate::ids::random_bytes(), now / 1000)
+    let meta = raft_meta(&stored, header_line.len() + data.len(), now);
+    // The file is the header line and the data: written into the archive from both, never
+    // copied into one buffer beside the data.
+    archive::write(&meta, &[&header_line, &data], &keys.keyring, &crate::ids::random_bytes(), now / 1000)
         .map_err(|e| BuildError::Failed(format!("cannot write the snapshot archive: {e}")))
 }
 

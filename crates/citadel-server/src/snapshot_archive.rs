@@ -159,15 +159,17 @@ pub struct Archive {
     pub sealed: Vec<u8>,
 }
 
-fn sums_of(meta: &[u8], state: &[u8]) -> Vec<u8> {
-    format!("{}  {META}\n{}  {STATE}\n", hex::encode(Sha256::digest(meta)), hex::encode(Sha256::digest(state)))
-        .into_bytes()
+fn sums_of(meta: &[u8], state: &[&[u8]]) -> Vec<u8> {
+    let state_sum = state.iter().fold(Sha256::new(), |hasher, part| hasher.chain_update(part)).finalize();
+    format!("{}  {META}\n{}  {STATE}\n", hex::encode(Sha256::digest(meta)), hex::encode(state_sum)).into_bytes()
 }
 
-/// Writes the archive. `nonce` seals the sums; `now_secs` is every entry's modification time.
+/// Writes the archive, its `state.bin` being `state`'s parts one after the other (so a caller
+/// need not copy them into one buffer). `nonce` seals the sums; `now_secs` is every entry's
+/// modification time.
 pub fn write(
     meta: &RaftMeta,
-    state: &[u8],
+    state: &[&[u8]],
     keyring: &Keyring,
     nonce: &[u8; NONCE_LEN],
     now_secs: u64,
@@ -177,11 +179,19 @@ pub fn write(
     let sums = sums_of(&meta_json, state);
     let sealed = keyring.encrypt(nonce, AAD_SUMS, &sums);
     let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::default()));
-    for (name, data) in [(META, &meta_json[..]), (STATE, state), (SUMS, &sums[..]), (SEALED, &sealed[..])] {
+    let state_len: usize = state.iter().map(|part| part.len()).sum();
+    let state_reader = state.iter().fold(Box::new(io::empty()) as Box<dyn Read>, |r, part| Box::new(r.chain(*part)));
+    let entries: [(&str, usize, Box<dyn Read>); 4] = [
+        (META, meta_json.len(), Box::new(&meta_json[..])),
+        (STATE, state_len, state_reader),
+        (SUMS, sums.len(), Box::new(&sums[..])),
+        (SEALED, sealed.len(), Box::new(&sealed[..])),
+    ];
+    for (name, len, data) in entries {
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mode(0o600);
-        header.set_size(data.len() as u64);
+        header.set_size(len as u64);
         header.set_mtime(now_secs);
         tar.append_data(&mut header, name, data)?;
     }
@@ -324,7 +334,7 @@ mod tests {
     }
 
     fn archive(state: &[u8]) -> Vec<u8> {
-        write(&meta(state.len()), state, &keyring(), &[7; NONCE_LEN], 1_700_000_000).unwrap()
+        write(&meta(state.len()), &[state], &keyring(), &[7; NONCE_LEN], 1_700_000_000).unwrap()
     }
 
     /// A gzip'd tar of arbitrary entries, as an attacker would build one.
@@ -371,7 +381,7 @@ mod tests {
         let forged_state = b"forged";
         let mut meta_json = serde_json::to_vec(&meta(forged_state.len())).unwrap();
         meta_json.push(b'\n');
-        let sums = sums_of(&meta_json, forged_state);
+        let sums = sums_of(&meta_json, &[forged_state]);
         let bytes = custom(&[(META, &meta_json), (STATE, forged_state), (SUMS, &sums), (SEALED, &good.sealed)]);
         let forged = read(&bytes).expect("the sums were recomputed: only the seal can tell");
         let err = unseal(&forged, &keyring()).unwrap_err();
