@@ -91,8 +91,8 @@ pub fn verify(bytes: &[u8], what: &str) -> io::Result<()> {
 }
 
 /// Writes a JSON record of `value` to `out` as it serializes, so the encoded record is never
-/// whole in memory: the checksum goes in last, over a placeholder. Returns its length.
-pub fn write_record<W: io::Write + io::Seek>(out: &mut W, value: &impl Serialize) -> io::Result<u64> {
+/// whole in memory: the checksum goes in last, over a placeholder.
+pub fn write_record<W: io::Write + io::Seek>(out: &mut W, value: &impl Serialize) -> io::Result<()> {
     let start = out.stream_position()?;
     out.write_all(&[RECORD_FORMAT_JSON])?;
     out.write_all(&[0; HEADER - 1])?;
@@ -102,7 +102,7 @@ pub fn write_record<W: io::Write + io::Seek>(out: &mut W, value: &impl Serialize
     out.seek(io::SeekFrom::Start(start + 1))?;
     out.write_all(&digest[..HEADER - 1])?;
     out.seek(io::SeekFrom::Start(start + HEADER as u64 + written))?;
-    Ok(HEADER as u64 + written)
+    Ok(())
 }
 
 /// Passes bytes on, hashing and counting them.

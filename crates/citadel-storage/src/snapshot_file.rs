@@ -116,7 +116,7 @@ impl SnapshotFile {
     /// Replaces the snapshot atomically and durably, unless the file holds a later one,
     /// serializing `snapshot` into the file as it goes: it is never whole in memory.
     pub(crate) fn write_streamed(&self, header: &SnapshotHeader, snapshot: &impl Serialize) -> io::Result<()> {
-        self.replace(header, |out| codec::write_record(out, snapshot).map(drop))
+        self.replace(header, |out| codec::write_record(out, snapshot))
     }
 
     /// The last log id of the snapshot in the file, read from its header alone; `None` when

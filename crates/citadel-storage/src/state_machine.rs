@@ -1143,6 +1143,14 @@ mod tests {
         assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (Some(1), 0));
     }
 
+    /// A node that applied `commands` and built a snapshot of them.
+    async fn node_with_snapshot(dir: &Path, commands: Vec<citadel_core::command::Command>) -> (StateMachine, Snapshot) {
+        let mut node = open(dir);
+        apply(&mut node, 0, commands).await;
+        let snapshot = node.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        (node, snapshot)
+    }
+
     /// Receives `lines` after the transfer form `data` and installs it.
     async fn receive(
         receiver: &mut StateMachine,
@@ -1165,9 +1173,8 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_streams_its_secrets_line_by_line_and_installing_it_replaces_the_receivers() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut sender = open(from.path());
-        apply(&mut sender, 0, vec![init(), write("a", 1), write("a", 2), write("b", 1)]).await;
-        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (sender, snapshot) =
+            node_with_snapshot(from.path(), vec![init(), write("a", 1), write("a", 2), write("b", 1)]).await;
         let stored: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
         let paths: Vec<_> = stored.kv.iter().map(|e| (e.path.as_str(), e.entry.current_version)).collect();
         assert_eq!(paths, [("a", 2), ("b", 1)]);
@@ -1197,9 +1204,7 @@ mod tests {
     #[tokio::test]
     async fn an_earlier_builds_snapshot_with_its_secrets_inline_still_installs() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut sender = open(from.path());
-        apply(&mut sender, 0, vec![init(), write("a", 1), write("b", 1)]).await;
-        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1), write("b", 1)]).await;
         // An earlier build sent its local form as it is (no event here to take out) and no secret lines.
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
@@ -1222,9 +1227,7 @@ mod tests {
     #[tokio::test]
     async fn a_streamed_secret_of_no_mount_or_a_stream_cut_among_its_secrets_is_refused_and_installs_nothing() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut sender = open(from.path());
-        apply(&mut sender, 0, vec![init(), write("a", 1), write("b", 1)]).await;
-        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1), write("b", 1)]).await;
         let (data, _, lines) = transfer(&sender.reader(), &snapshot.snapshot);
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("mine", 1)]).await;
@@ -1244,17 +1247,22 @@ mod tests {
         assert_eq!(receiver.reader().applied_index(), 2);
     }
 
-    #[test]
-    fn a_format_5_snapshots_secrets_move_to_the_store_once() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A node of format 5: `snapshot.bin` at index 7 holds secret `a` in its mount, and the
+    /// audit store covers the snapshot.
+    fn format_5_node(dir: &Path) -> StateMachine {
         let mut state = State::default();
         assert_eq!(state.apply(init()), Response::Done);
         assert!(matches!(state.apply(write("a", 1)), Response::KvWritten { .. }));
-        write_snapshot(dir.path(), 5, state);
-        // A format-5 node's audit store covers its snapshot.
-        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
+        write_snapshot(dir, 5, state);
+        let db = Arc::new(Db::open(&dir.join(crate::DB_FILE)).unwrap());
         AuditStore::new(db).store(&[], 7, true, false).unwrap();
-        let sm = open(dir.path());
+        open(dir)
+    }
+
+    #[test]
+    fn a_format_5_snapshots_secrets_move_to_the_store_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = format_5_node(dir.path());
         assert_eq!((sm.reader().applied_index(), stored_and_in_memory(&sm.reader(), "a")), (7, (Some(1), 0)));
         drop(sm);
         let again = open(dir.path());
@@ -1264,14 +1272,8 @@ mod tests {
     #[tokio::test]
     async fn a_format_5_snapshot_sent_to_a_follower_streams_the_secrets_of_its_mounts() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut state = State::default();
-        assert_eq!(state.apply(init()), Response::Done);
-        assert!(matches!(state.apply(write("a", 1)), Response::KvWritten { .. }));
-        write_snapshot(from.path(), 5, state);
-        let db = Arc::new(Db::open(&from.path().join(crate::DB_FILE)).unwrap());
-        AuditStore::new(db).store(&[], 7, true, false).unwrap();
         // Opening moves the secrets to the store; snapshot.bin stays as it is until the next one.
-        let sender = open(from.path());
+        let sender = format_5_node(from.path());
         let (data, secrets, lines) = transfer(&sender.reader(), &local_snapshot(from.path()));
         assert_eq!(secrets, 1, "the secret of its mount");
         let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
@@ -1285,9 +1287,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_that_says_its_secrets_follow_but_holds_some_is_refused() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut sender = open(from.path());
-        apply(&mut sender, 0, vec![init(), write("a", 1)]).await;
-        let snapshot = sender.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let (sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1)]).await;
         let mut both: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
         both.streamed_secrets = Some(0);
         let both = codec::encode(&both);
