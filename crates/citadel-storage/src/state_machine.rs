@@ -1287,7 +1287,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_that_says_its_secrets_follow_but_holds_some_is_refused() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let (sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1)]).await;
+        let (_sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1)]).await;
         let mut both: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
         both.streamed_secrets = Some(0);
         let both = codec::encode(&both);
