@@ -34,6 +34,8 @@ pub struct Verdict {
     pub recorded: Option<Recorded>,
 }
 
+/// How long the keys' first writes may take, before any fault (peers may still be connecting).
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long healing may take: every member back, unsealed and voting.
 const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the audit log may take to hold every acknowledged request's event.
@@ -61,11 +63,11 @@ async fn run_inner(config: &RunConfig, verdict: &mut Verdict) -> Result<()> {
     let workload = Workload::new(recorder.clone(), cluster.clients.clone(), config.keys);
 
     // Every key exists before the faults begin, so that "not found" is never a stale answer.
-    let setup = workload.new_process();
+    let setup_deadline = Instant::now() + SETUP_TIMEOUT;
     for key in 0..config.keys {
-        let value = 1_000_000 + key as u64;
-        let outcome = workload.perform(setup, 0, key, OpKind::Write { value }).await;
-        anyhow::ensure!(matches!(outcome, Outcome::Ok { .. }), "the first write of key {key} failed: {outcome:?}");
+        if let Err(outcome) = workload.create_key(0, key, setup_deadline).await {
+            anyhow::bail!("the first write of key {key} failed for {SETUP_TIMEOUT:?}: {outcome:?}");
+        }
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);

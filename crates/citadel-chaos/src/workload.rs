@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use citadel_client::{Client, ClientError, HeaderMap};
 use rand::rngs::StdRng;
@@ -83,6 +83,25 @@ impl Workload {
         };
         self.recorder.complete(id, outcome, request_id);
         outcome
+    }
+
+    /// Writes `key`'s first value through `node`, retrying until one write is acknowledged or
+    /// `deadline` passes. A cluster that has just formed may still be connecting its peers, so
+    /// a first attempt can end unknown. Each retry is a new process with a new value, as a
+    /// client's would be: the unknown write stays open in the history for the checker.
+    pub async fn create_key(&self, node: usize, key: usize, deadline: Instant) -> Result<(), Outcome> {
+        let mut value = 1_000_000 + key as u64;
+        loop {
+            let outcome = self.perform(self.new_process(), node, key, OpKind::Write { value }).await;
+            match outcome {
+                Outcome::Ok { .. } => return Ok(()),
+                _ if Instant::now() > deadline => return Err(outcome),
+                _ => {
+                    tokio::time::sleep(BACKOFF).await;
+                    value = self.new_value();
+                }
+            }
+        }
     }
 
     /// One client: random operations until told to stop. Its node is `home` until that node
