@@ -59,6 +59,9 @@ pub struct Node {
     pub restart: tokio::sync::Notify,
     /// Held by the lifecycle action this leader is carrying out (`lifecycle.rs`).
     pub lifecycle_lock: tokio::sync::Mutex<()>,
+    /// Held while an operator snapshot is built (`snapshot.rs`): one at a time, so that
+    /// concurrent requests cost one build's CPU and temporary file, not one each.
+    pub snapshot_build: tokio::sync::Mutex<()>,
 }
 
 /// The request a node is serving, for the commands it proposes and the reads it makes.

@@ -4,7 +4,7 @@
 //! newest `retain` of that configuration's files are kept. A run that fails says why in the
 //! configuration's status (`consecutive_errors` counts them) and on the event stream.
 
-use std::io::Write;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use citadel_core::barrier::Keyring;
@@ -47,10 +47,10 @@ pub async fn take(app: &Node, name: &str, entry: &AutoSnapshot, start: UnixMilli
 
 async fn write_verified(app: &Node, config: &AutoSnapshotConfig, start: UnixMillis) -> Result<(PathBuf, u64), String> {
     let keys = app.keys().map_err(|e| format!("cannot take a snapshot: {e}"))?;
-    let bytes = crate::snapshot::build(app, &keys).await.map_err(|e| format!("cannot take a snapshot: {e}"))?;
+    let built = crate::snapshot::build(app, &keys).await.map_err(|e| format!("cannot take a snapshot: {e}"))?;
     let config = config.clone();
     let keyring = keys.keyring.clone();
-    tokio::task::spawn_blocking(move || write_file(&config, start, &bytes, &keyring))
+    tokio::task::spawn_blocking(move || write_file(&config, start, &mut std::io::BufReader::new(built.file), &keyring))
         .await
         .map_err(|e| format!("the snapshot writer stopped: {e}"))?
 }
@@ -70,14 +70,16 @@ fn run_of(config: &AutoSnapshotConfig, file_name: &str) -> Option<u64> {
 fn write_file(
     config: &AutoSnapshotConfig,
     start: UnixMillis,
-    bytes: &[u8],
+    archive: &mut impl Read,
     keyring: &Keyring,
 ) -> Result<(PathBuf, u64), String> {
     let dir = Path::new(&config.path_prefix);
     citadel_storage::files::create_private_dir(dir).map_err(|e| e.to_string())?;
     let path = dir.join(file_name(config, start));
     let staging = dir.join(format!("{}.tmp", file_name(config, start)));
-    if let Err(e) = citadel_storage::files::replace_durably(&path, &staging, |out| out.write_all(bytes)) {
+    if let Err(e) =
+        citadel_storage::files::replace_durably(&path, &staging, |out| std::io::copy(archive, out).map(drop))
+    {
         let _ = std::fs::remove_file(&staging);
         return Err(e.to_string());
     }
@@ -172,7 +174,7 @@ mod tests {
     fn a_file_that_is_not_a_valid_snapshot_fails_verification_and_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let keyring = Keyring::new(1, [1; 32], [2; 32], [3; 32]);
-        let err = write_file(&config(dir.path(), 1), 5, b"not an archive", &keyring).unwrap_err();
+        let err = write_file(&config(dir.path(), 1), 5, &mut &b"not an archive"[..], &keyring).unwrap_err();
         assert!(err.contains("failed verification"), "{err}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the file that failed is gone");
     }
@@ -183,7 +185,7 @@ mod tests {
         let blocker = dir.path().join("a-file");
         std::fs::write(&blocker, b"x").unwrap();
         let keyring = Keyring::new(1, [1; 32], [2; 32], [3; 32]);
-        let err = write_file(&config(&blocker.join("sub"), 1), 5, b"x", &keyring).unwrap_err();
+        let err = write_file(&config(&blocker.join("sub"), 1), 5, &mut &b"x"[..], &keyring).unwrap_err();
         assert!(err.contains("a-file"), "{err}");
     }
 }

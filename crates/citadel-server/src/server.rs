@@ -110,6 +110,7 @@ pub async fn run(config: Config) -> Result<()> {
         resyncing: Default::default(),
         restart: Default::default(),
         lifecycle_lock: Default::default(),
+        snapshot_build: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);

@@ -17,11 +17,14 @@
 //! goes through Raft like every other change (§1.1). `snapshot-force` restores another cluster's
 //! snapshot, whose keyring we do not hold: it skips the HMAC only, never the checksum.
 
+use std::io::{BufWriter, Read, Seek};
+use std::path::Path;
 use std::time::Duration;
 
 use citadel_core::barrier::Keyring;
 use citadel_core::state::State;
 use citadel_storage::codec::{self, StoredSnapshot, StoredSnapshotSummary};
+use citadel_storage::StateReader;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -174,8 +177,23 @@ impl std::fmt::Display for BuildError {
     }
 }
 
-/// Builds a fresh snapshot covering everything committed so far, as Vault's archive.
-pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
+/// How long a request for an operator snapshot waits for another one's build to finish.
+const BUILD_WAIT: Duration = Duration::from_secs(60);
+
+/// An operator snapshot, Vault's archive, in an unnamed temporary file of the data directory:
+/// the file is gone once closed, whatever happens to the node.
+pub struct Built {
+    pub file: std::fs::File,
+    pub len: u64,
+}
+
+/// Builds a fresh snapshot covering everything committed so far, as Vault's archive. It is
+/// streamed from the local snapshot's file into the archive's, so a node's memory does not
+/// grow with the size of its state, and one is built at a time.
+pub async fn build(app: &Node, keys: &Unsealed) -> Result<Built, BuildError> {
+    let _building = tokio::time::timeout(BUILD_WAIT, app.snapshot_build.lock())
+        .await
+        .map_err(|_| BuildError::NotReady("another snapshot is being built; retry".into()))?;
     app.linearize().await.map_err(BuildError::Node)?;
     let target = app.state.applied_index();
     app.raft.trigger().snapshot().await.map_err(|e| BuildError::NotReady(e.to_string()))?;
@@ -184,43 +202,59 @@ pub async fn build(app: &Node, keys: &Unsealed) -> Result<Vec<u8>, BuildError> {
         .metrics(|m| m.snapshot.as_ref().is_some_and(|s| s.index >= target), "a snapshot covering the request")
         .await
         .map_err(|_| BuildError::NotReady("the snapshot was not built in time; retry".into()))?;
-    let snapshot = app
-        .raft
-        .get_snapshot()
+    let (state, keyring, dir) = (app.state.clone(), keys.keyring.clone(), app.config.data_dir.clone());
+    tokio::task::spawn_blocking(move || write_archive(&state, &keyring, &dir))
         .await
-        .map_err(|e| BuildError::NotReady(e.to_string()))?
+        .map_err(|e| BuildError::Failed(format!("the snapshot writer stopped: {e}")))?
+}
+
+/// Writes the archive of the local snapshot into a temporary file in `dir`. Blocking.
+fn write_archive(state: &StateReader, keyring: &Keyring, dir: &Path) -> Result<Built, BuildError> {
+    let damaged = |e: std::io::Error| BuildError::Failed(format!("the local snapshot is damaged: {e}"));
+    let mut record = state
+        .open_snapshot()
+        .map_err(damaged)?
         .ok_or_else(|| BuildError::NotReady("no snapshot is available yet; retry".into()))?;
     // The local form: every audit chain's tip, not its events. A restore keeps the cluster's
     // own audit log (`State::restore`), so events in the file would serve nothing, and with
-    // them the file (and the memory to build it) would grow with every request ever audited.
-    let data = snapshot.snapshot;
-    let stored: StoredSnapshotSummary = codec::decode(&data, "snapshot")
-        .map_err(|e| BuildError::Failed(format!("the local snapshot is damaged: {e}")))?;
+    // them the file would grow with every request ever audited.
+    let stored: StoredSnapshotSummary =
+        codec::decode_json_from(record.reader().map_err(damaged)?, "local snapshot").map_err(damaged)?;
     let last = stored.last_applied.ok_or_else(|| BuildError::NotReady("nothing to snapshot yet".into()))?;
+    let mut body_sum = Sha256::new();
+    std::io::copy(&mut record.reader().map_err(damaged)?, &mut body_sum).map_err(damaged)?;
     let mut header = SnapshotHeader {
         format: FORMAT.into(),
         version: VERSION,
         cluster_id: stored.state.cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
         last_index: last.index,
         last_term: last.term,
-        sha256: hex::encode(Sha256::digest(&data)),
-        size: data.len(),
+        sha256: hex::encode(body_sum.finalize()),
+        size: record.len() as usize,
         key_term: 0,
         hmac_sha256: String::new(),
     };
-    sign(&mut header, &keys.keyring).map_err(BuildError::Failed)?;
+    sign(&mut header, keyring).map_err(BuildError::Failed)?;
     let mut header_line = serde_json::to_vec(&header).map_err(|e| BuildError::Failed(e.to_string()))?;
     header_line.push(b'\n');
     let now = crate::ids::now_ms();
-    let meta = raft_meta(&stored, header_line.len() + data.len(), now);
-    // The file is the header line and the data: written into the archive from both, never
-    // copied into one buffer beside the data.
-    archive::write(&meta, &[&header_line, &data], &keys.keyring, &crate::ids::random_bytes(), now / 1000)
-        .map_err(|e| BuildError::Failed(format!("cannot write the snapshot archive: {e}")))
+    let state_len = header_line.len() as u64 + record.len();
+    let meta = raft_meta(&stored, state_len, now);
+    let cannot_write = |e: std::io::Error| BuildError::Failed(format!("cannot write the snapshot archive: {e}"));
+    let out = tempfile::tempfile_in(dir).map_err(cannot_write)?;
+    // The file is the header line and then the local snapshot's record, read as it is archived.
+    let file_bytes = (&header_line[..]).chain(record.reader().map_err(damaged)?);
+    let nonce = crate::ids::random_bytes();
+    let out = archive::write(BufWriter::new(out), &meta, file_bytes, state_len, keyring, &nonce, now / 1000)
+        .map_err(cannot_write)?;
+    let mut file = out.into_inner().map_err(|e| cannot_write(e.into_error()))?;
+    let len = file.stream_position().map_err(cannot_write)?;
+    file.rewind().map_err(cannot_write)?;
+    Ok(Built { file, len })
 }
 
 /// hashicorp/raft's metadata for `meta.json`: the snapshot's last entry and its membership.
-fn raft_meta(stored: &StoredSnapshotSummary, size: usize, now: u64) -> RaftMeta {
+fn raft_meta(stored: &StoredSnapshotSummary, size: u64, now: u64) -> RaftMeta {
     let last = stored.last_applied.unwrap_or(codec::StoredLogId { term: 0, leader: 0, index: 0 });
     let config = &stored.membership.config;
     let voters: std::collections::BTreeSet<u64> = config.configs.iter().flatten().copied().collect();

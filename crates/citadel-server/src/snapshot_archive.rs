@@ -159,43 +159,60 @@ pub struct Archive {
     pub sealed: Vec<u8>,
 }
 
-fn sums_of(meta: &[u8], state: &[&[u8]]) -> Vec<u8> {
-    let state_sum = state.iter().fold(Sha256::new(), |hasher, part| hasher.chain_update(part)).finalize();
+fn sums_of(meta: &[u8], state_sum: &[u8]) -> Vec<u8> {
     format!("{}  {META}\n{}  {STATE}\n", hex::encode(Sha256::digest(meta)), hex::encode(state_sum)).into_bytes()
 }
 
-/// Writes the archive, its `state.bin` being `state`'s parts one after the other (so a caller
-/// need not copy them into one buffer). `nonce` seals the sums; `now_secs` is every entry's
-/// modification time.
-pub fn write(
+/// Writes the archive to `out`, its `state.bin` the `state_len` bytes `state` reads, hashed as
+/// they go into the archive (`SHA256SUMS` follows `state.bin`): nothing is held whole, however
+/// large the state. `nonce` seals the sums; `now_secs` is every entry's modification time.
+pub fn write<W: io::Write>(
+    out: W,
     meta: &RaftMeta,
-    state: &[&[u8]],
+    state: impl Read,
+    state_len: u64,
     keyring: &Keyring,
     nonce: &[u8; NONCE_LEN],
     now_secs: u64,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<W> {
     let mut meta_json = serde_json::to_vec(meta).map_err(io::Error::other)?;
     meta_json.push(b'\n'); // Go's json.Encoder ends the document with a newline.
-    let sums = sums_of(&meta_json, state);
-    let sealed = keyring.encrypt(nonce, AAD_SUMS, &sums);
-    let mut tar = tar::Builder::new(GzEncoder::new(Vec::new(), flate2::Compression::default()));
-    let state_len: usize = state.iter().map(|part| part.len()).sum();
-    let state_reader = state.iter().fold(Box::new(io::empty()) as Box<dyn Read>, |r, part| Box::new(r.chain(*part)));
-    let entries: [(&str, usize, Box<dyn Read>); 4] = [
-        (META, meta_json.len(), Box::new(&meta_json[..])),
-        (STATE, state_len, state_reader),
-        (SUMS, sums.len(), Box::new(&sums[..])),
-        (SEALED, sealed.len(), Box::new(&sealed[..])),
-    ];
-    for (name, len, data) in entries {
+    let mut tar = tar::Builder::new(GzEncoder::new(out, flate2::Compression::default()));
+    let mut append = |name: &str, len: u64, data: &mut dyn Read| {
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mode(0o600);
-        header.set_size(len as u64);
+        header.set_size(len);
         header.set_mtime(now_secs);
-        tar.append_data(&mut header, name, data)?;
+        tar.append_data(&mut header, name, data)
+    };
+    append(META, meta_json.len() as u64, &mut &meta_json[..])?;
+    let mut state = HashingReader { inner: state.take(state_len), hasher: Sha256::new(), read: 0 };
+    append(STATE, state_len, &mut state)?;
+    if state.read != state_len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "state.bin ended before its length"));
     }
+    let sums = sums_of(&meta_json, &state.hasher.finalize());
+    let sealed = keyring.encrypt(nonce, AAD_SUMS, &sums);
+    append(SUMS, sums.len() as u64, &mut &sums[..])?;
+    append(SEALED, sealed.len() as u64, &mut &sealed[..])?;
     tar.into_inner()?.finish()
+}
+
+/// Passes bytes on, hashing and counting them.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    read: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.read += n as u64;
+        Ok(n)
+    }
 }
 
 /// Counts what comes out of the decompressor and fails past `remaining`, noting why in `over`
@@ -334,7 +351,8 @@ mod tests {
     }
 
     fn archive(state: &[u8]) -> Vec<u8> {
-        write(&meta(state.len()), &[state], &keyring(), &[7; NONCE_LEN], 1_700_000_000).unwrap()
+        write(Vec::new(), &meta(state.len()), state, state.len() as u64, &keyring(), &[7; NONCE_LEN], 1_700_000_000)
+            .unwrap()
     }
 
     /// A gzip'd tar of arbitrary entries, as an attacker would build one.
@@ -366,6 +384,12 @@ mod tests {
     }
 
     #[test]
+    fn a_state_shorter_than_its_declared_length_fails_the_write() {
+        let err = write(Vec::new(), &meta(9), &b"state"[..], 9, &keyring(), &[7; NONCE_LEN], 1).unwrap_err();
+        assert!(err.to_string().contains("state.bin ended before its length"), "{err}");
+    }
+
+    #[test]
     fn another_clusters_archive_does_not_unseal() {
         let read = read(&archive(b"state")).unwrap();
         let other = Keyring::new(1, [9; 32], [2; 32], [3; 32]);
@@ -381,7 +405,7 @@ mod tests {
         let forged_state = b"forged";
         let mut meta_json = serde_json::to_vec(&meta(forged_state.len())).unwrap();
         meta_json.push(b'\n');
-        let sums = sums_of(&meta_json, &[forged_state]);
+        let sums = sums_of(&meta_json, &Sha256::digest(forged_state));
         let bytes = custom(&[(META, &meta_json), (STATE, forged_state), (SUMS, &sums), (SEALED, &good.sealed)]);
         let forged = read(&bytes).expect("the sums were recomputed: only the seal can tell");
         let err = unseal(&forged, &keyring()).unwrap_err();

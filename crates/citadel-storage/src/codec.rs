@@ -9,7 +9,7 @@
 //! the disk format is ours to version. A record whose checksum does not verify is never decoded.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
+use std::io::{self, Read};
 
 use citadel_core::command::Command;
 use citadel_core::state::State;
@@ -88,6 +88,48 @@ pub fn decode_json_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str)
 /// on whole and decoded later).
 pub fn verify(bytes: &[u8], what: &str) -> io::Result<()> {
     verified_body(bytes, what).map(drop)
+}
+
+/// Checks a record of `len` bytes read from `reader`, as [`verify`] does, without holding it:
+/// the checksum is computed as the body streams by. Returns the record's format.
+pub fn verify_from(reader: &mut impl io::Read, len: u64, what: &str) -> io::Result<u8> {
+    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+    let mut header = [0; HEADER];
+    if len < HEADER as u64 {
+        return Err(bad("record is truncated".into()));
+    }
+    reader.read_exact(&mut header).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => bad("record is truncated".into()),
+        _ => bad(format!("cannot read the record: {e}")),
+    })?;
+    let format = header[0];
+    if format != RECORD_FORMAT_JSON && format != RECORD_FORMAT_BINARY {
+        return Err(bad(format!("unknown record format {format}")));
+    }
+    let mut hasher = HashingWriter { out: &mut io::sink(), hasher: Sha256::new(), written: 0 };
+    let body = len - HEADER as u64;
+    let copied = io::copy(&mut reader.take(body), &mut hasher)?;
+    if copied != body {
+        return Err(bad("record is truncated".into()));
+    }
+    if hasher.hasher.finalize()[..HEADER - 1] != header[1..] {
+        return Err(bad("checksum mismatch".into()));
+    }
+    Ok(format)
+}
+
+/// Decodes a JSON record from `reader`, which holds the record and nothing after it. The
+/// checksum is not checked here: the caller verified it ([`verify_from`]) before trusting the
+/// bytes, and a reader cannot be read twice.
+pub fn decode_json_from<T: DeserializeOwned>(reader: impl io::Read, what: &str) -> io::Result<T> {
+    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+    let mut reader = io::BufReader::new(reader);
+    let mut header = [0; HEADER];
+    reader.read_exact(&mut header).map_err(|e| bad(format!("cannot read the record: {e}")))?;
+    if header[0] != RECORD_FORMAT_JSON {
+        return Err(bad(format!("record format {} where a JSON record was expected", header[0])));
+    }
+    serde_json::from_reader(reader).map_err(|e| bad(format!("undecodable record: {e}")))
 }
 
 /// Writes a JSON record of `value` to `out` as it serializes, so the encoded record is never
@@ -389,10 +431,35 @@ mod tests {
             kv,
             streamed_secrets: None,
         };
-        let summary: StoredSnapshotSummary = decode(&encode(&snapshot), "snapshot").unwrap();
-        assert_eq!(summary.last_applied, snapshot.last_applied);
-        assert_eq!(summary.membership, membership);
-        assert_eq!(summary.state.cluster.map(|c| c.id), Some("c1".to_string()));
+        let record = encode(&snapshot);
+        let from_bytes: StoredSnapshotSummary = decode(&record, "snapshot").unwrap();
+        let from_reader: StoredSnapshotSummary = decode_json_from(&record[..], "snapshot").unwrap();
+        for summary in [from_bytes, from_reader] {
+            assert_eq!(summary.last_applied, snapshot.last_applied);
+            assert_eq!(summary.membership, membership);
+            assert_eq!(summary.state.cluster.map(|c| c.id), Some("c1".to_string()));
+        }
+    }
+
+    #[test]
+    fn a_record_verified_as_it_streams_by_is_refused_when_flipped_or_cut_naming_it() {
+        for record in [encode(&StoredLogId { term: 3, leader: 1, index: 9 }), encode_binary(&secret())] {
+            let len = record.len() as u64;
+            assert_eq!(verify_from(&mut &record[..], len, "snapshot.bin").unwrap(), record[0]);
+            for i in 0..record.len() {
+                let mut damaged = record.clone();
+                damaged[i] ^= 0x20;
+                let err = verify_from(&mut &damaged[..], len, "snapshot.bin").unwrap_err();
+                assert!(err.to_string().contains("snapshot.bin"), "flip at byte {i}: {err}");
+            }
+            for cut in [0, 5, record.len() - 1] {
+                let err = verify_from(&mut &record[..cut], len, "snapshot.bin").unwrap_err();
+                assert!(err.to_string().contains("snapshot.bin: record is truncated"), "cut to {cut}: {err}");
+            }
+        }
+        let binary = encode_binary(&secret());
+        let err = decode_json_from::<StoredLogId>(&binary[..], "snapshot.bin").unwrap_err();
+        assert!(err.to_string().contains("record format 2 where a JSON record was expected"), "{err}");
     }
 
     fn secret() -> citadel_core::kv::KvEntry {

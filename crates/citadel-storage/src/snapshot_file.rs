@@ -14,7 +14,7 @@
 //! cost a node ten times its size in memory for a moment (`bench scale`: a 27 MB snapshot took
 //! a node from 260 to 560 MiB).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ const MAX_HEADER: usize = 1 << 20;
 
 /// openraft's meta of a snapshot, in our encoding.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct SnapshotHeader {
+pub struct SnapshotHeader {
     pub last_log_id: Option<StoredLogId>,
     pub membership: StoredMembershipState,
 }
@@ -52,7 +52,53 @@ pub(crate) struct StoredSnapshotRecord {
     pub data: Vec<u8>,
 }
 
-pub(crate) struct SnapshotFile {
+/// A snapshot's record in its file, checksums verified when it was opened
+/// ([`SnapshotFile::open_record`]).
+pub struct SnapshotRecordFile {
+    pub last_log_id: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    file: std::fs::File,
+    /// Where the record starts in the file.
+    start: u64,
+    len: u64,
+}
+
+impl SnapshotRecordFile {
+    /// The record's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads the record from its first byte to its last, each time it is called.
+    pub fn reader(&mut self) -> io::Result<impl Read + '_> {
+        self.file.seek(io::SeekFrom::Start(self.start))?;
+        Ok(io::BufReader::with_capacity(1 << 16, &self.file).take(self.len))
+    }
+}
+
+/// Reads the header at the start of a file of this layout, and where it ends; `None` for a
+/// file in the layout before, which has no header of its own.
+fn read_header(file: &mut impl Read, what: &str) -> io::Result<Option<(SnapshotHeader, u64)>> {
+    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
+    let mut prefix = [0; PREFIX];
+    file.read_exact(&mut prefix).map_err(|_| bad("the file is truncated".into()))?;
+    if prefix[0] != LAYOUT {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(prefix[1..].try_into().expect("4 bytes")) as usize;
+    if len > MAX_HEADER {
+        return Err(bad(format!("a header of {len} bytes: the file is damaged")));
+    }
+    let mut header = vec![0; len];
+    file.read_exact(&mut header).map_err(|_| bad("the file is truncated".into()))?;
+    Ok(Some((codec::decode(&header, what)?, (PREFIX + len) as u64)))
+}
+
+pub struct SnapshotFile {
     path: PathBuf,
     /// Held while the file is replaced: a snapshot built while a newer one was installed
     /// (openraft builds on a task of its own) must not take the newer one's place.
@@ -80,20 +126,13 @@ impl SnapshotFile {
         let mut bytes = Vec::with_capacity(size);
         file.read_to_end(&mut bytes)?;
         let what = self.path.display().to_string();
-        let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
-        match bytes.first() {
-            Some(&LAYOUT) => {
-                let header_len = bytes.get(1..PREFIX).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-                let header_len = header_len.ok_or_else(|| bad("the file is truncated".into()))? as usize;
-                if header_len > MAX_HEADER {
-                    return Err(bad(format!("a header of {header_len} bytes: the file is damaged")));
-                }
-                let header_end = Some(PREFIX + header_len)
-                    .filter(|end| *end <= bytes.len())
-                    .ok_or_else(|| bad("the file is truncated".into()))?;
-                let header: SnapshotHeader = codec::decode(&bytes[PREFIX..header_end], &what)?;
-                codec::verify(&bytes[header_end..], &what)?;
-                bytes.drain(..header_end);
+        if bytes.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{what}: the file is empty")));
+        }
+        match read_header(&mut &bytes[..], &what)? {
+            Some((header, header_end)) => {
+                bytes.drain(..header_end as usize);
+                codec::verify(&bytes, &what)?;
                 Ok(Some(StoredSnapshotRecord {
                     last_log_id: header.last_log_id,
                     membership: header.membership,
@@ -101,8 +140,7 @@ impl SnapshotFile {
                 }))
             }
             // The layout before: one record, the snapshot base64-encoded inside it.
-            Some(_) => codec::decode(&bytes, &what).map(Some),
-            None => Err(bad("the file is empty".into())),
+            None => codec::decode(&bytes, &what).map(Some),
         }
     }
 
@@ -123,23 +161,41 @@ impl SnapshotFile {
     /// there is none, it is in the layout before (whose header is the whole file), or its
     /// header is damaged (a new snapshot is the cure).
     fn last_log_id_on_disk(&self) -> Option<StoredLogId> {
-        let mut file = open_private(&self.path, std::fs::OpenOptions::new().read(true)).ok()?;
-        let mut prefix = [0; PREFIX];
-        file.read_exact(&mut prefix).ok().filter(|()| prefix[0] == LAYOUT)?;
-        let len = u32::from_le_bytes(prefix[1..].try_into().expect("4 bytes"));
-        if len as usize > MAX_HEADER {
-            tracing::warn!(path = %self.path.display(), len, "replacing a snapshot whose header length is damaged");
-            return None;
-        }
-        let mut header = Vec::new();
-        file.take(u64::from(len)).read_to_end(&mut header).ok()?;
-        match codec::decode::<SnapshotHeader>(&header, &self.path.display().to_string()) {
-            Ok(header) => header.last_log_id,
+        let file = open_private(&self.path, std::fs::OpenOptions::new().read(true)).ok()?;
+        match read_header(&mut io::BufReader::new(file), &self.path.display().to_string()) {
+            Ok(header) => header?.0.last_log_id,
             Err(e) => {
                 tracing::warn!(error = %e, "replacing a snapshot whose header is damaged");
                 None
             }
         }
+    }
+
+    /// The snapshot's record as a file, its checksums verified, for a reader that streams it
+    /// rather than hold it (an operator snapshot). What it reads is the file as it was when
+    /// opened, whatever snapshot replaces it meanwhile. `None` if no snapshot was ever written.
+    pub fn open_record(&self) -> io::Result<Option<SnapshotRecordFile>> {
+        let mut file = match open_private(&self.path, std::fs::OpenOptions::new().read(true)) {
+            Ok(f) => f,
+            Err(crate::files::FileError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        let what = self.path.display().to_string();
+        let size = file.metadata()?.len();
+        let (header, start) = read_header(&mut io::BufReader::new(&mut file), &what)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{what} is in an earlier build's layout: the next snapshot replaces it; retry"),
+            )
+        })?;
+        let mut record =
+            SnapshotRecordFile { last_log_id: header.last_log_id, membership: header.membership, file, start, len: 0 };
+        record.len = size
+            .checked_sub(start)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: the file is truncated")))?;
+        let len = record.len;
+        codec::verify_from(&mut record.reader()?, len, &what)?;
+        Ok(Some(record))
     }
 
     fn replace(
@@ -221,6 +277,48 @@ mod tests {
         std::fs::write(file.path(), bytes).unwrap();
         file.write_streamed(&header(10), &vec![10u32]).unwrap();
         assert_eq!(file.read().unwrap().unwrap().last_log_id, header(10).last_log_id);
+    }
+
+    #[test]
+    fn a_record_opened_for_streaming_reads_as_the_whole_file_does_and_is_verified_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = SnapshotFile::in_dir(dir.path());
+        assert!(file.open_record().unwrap().is_none());
+        file.write_streamed(&header(3), &vec![1u32, 2, 3]).unwrap();
+        let mut record = file.open_record().unwrap().unwrap();
+        assert_eq!((record.last_log_id, &record.membership), (header(3).last_log_id, &header(3).membership));
+        let read_twice: Vec<Vec<u8>> = (0..2)
+            .map(|_| {
+                let mut bytes = Vec::new();
+                record.reader().unwrap().read_to_end(&mut bytes).unwrap();
+                bytes
+            })
+            .collect();
+        let whole = file.read().unwrap().unwrap().data;
+        assert_eq!(read_twice, [whole.clone(), whole]);
+        assert_eq!(record.len(), read_twice[0].len() as u64);
+        // Replacing the file leaves what was opened as it was.
+        file.write_streamed(&header(4), &vec![4u32]).unwrap();
+        let mut bytes = Vec::new();
+        record.reader().unwrap().read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, read_twice[0]);
+
+        let good = std::fs::read(file.path()).unwrap();
+        for at in [2, PREFIX + 3, good.len() - 1] {
+            let mut bytes = good.clone();
+            bytes[at] ^= 1;
+            std::fs::write(file.path(), bytes).unwrap();
+            let Err(err) = file.open_record() else { panic!("byte {at} flipped: opened") };
+            assert!(err.to_string().contains(SNAPSHOT_FILE), "byte {at}: {err}");
+        }
+        let earlier = StoredSnapshotRecord {
+            last_log_id: header(5).last_log_id,
+            membership: header(5).membership,
+            data: codec::encode(&vec![5u32]),
+        };
+        std::fs::write(file.path(), codec::encode(&earlier)).unwrap();
+        let Err(err) = file.open_record() else { panic!("the layout before: opened") };
+        assert!(err.to_string().contains("earlier build's layout"), "{err}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
-use crate::snapshot_file::{SnapshotFile, SnapshotHeader, StoredSnapshotRecord};
+use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
@@ -143,6 +143,7 @@ pub struct StateReader {
     audit: AuditStore,
     /// Set while a snapshot's secrets and events are being received.
     receiving: Arc<AtomicBool>,
+    snapshots: Arc<SnapshotFile>,
 }
 
 /// Each chain of `audit` with its retention anchor and its tip: the events a snapshot covers.
@@ -310,6 +311,12 @@ impl StateReader {
     /// The audit log on disk, for queries and verification.
     pub fn audit(&self) -> &AuditStore {
         &self.audit
+    }
+
+    /// The latest local snapshot's record as a file, checksums verified, to be streamed (an
+    /// operator snapshot); `None` before the first snapshot. Blocking.
+    pub fn open_snapshot(&self) -> io::Result<Option<SnapshotRecordFile>> {
+        self.snapshots.open_record()
     }
 
     /// Writes a local snapshot as it is sent to a follower, part by part: its transfer form
@@ -485,6 +492,7 @@ impl StateMachine {
             kv_cache: self.kv_cache.clone(),
             audit: self.audit.clone(),
             receiving: self.receiving.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }

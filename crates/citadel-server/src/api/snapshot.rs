@@ -1,24 +1,37 @@
 //! `sys/storage/raft/snapshot` over HTTP: the snapshot itself is built and checked by
 //! `crate::snapshot`.
 
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, Method};
 use citadel_core::command::{Command, Response};
 use citadel_core::policy::Caps;
+use tokio::io::AsyncReadExt;
 
 use super::{ApiError, ApiRequest, Reply};
 use crate::node::Node;
 use crate::seal::Unsealed;
 use crate::snapshot::BuildError;
 
-/// A fresh snapshot of everything committed so far, as Vault's archive.
+/// A fresh snapshot of everything committed so far, as Vault's archive, streamed from the
+/// temporary file it was built in.
 pub async fn save(app: &Node, keys: &Unsealed) -> Result<Reply, ApiError> {
-    let bytes = crate::snapshot::build(app, keys).await.map_err(|e| match e {
+    let built = crate::snapshot::build(app, keys).await.map_err(|e| match e {
         BuildError::Node(e) => ApiError::from(e),
         BuildError::NotReady(e) => ApiError::unavailable(e),
         BuildError::Failed(e) => ApiError::internal(e),
     })?;
-    Ok(Reply::raw(StatusCode::OK, "application/gzip", bytes))
+    let chunks = futures::stream::try_unfold(tokio::fs::File::from_std(built.file), |mut file| async move {
+        let mut chunk = vec![0; CHUNK];
+        let n = file.read(&mut chunk).await?;
+        chunk.truncate(n);
+        Ok::<_, std::io::Error>((n > 0).then(|| (axum::body::Bytes::from(chunk), file)))
+    });
+    let mut reply = Reply::stream("application/gzip", axum::body::Body::from_stream(chunks));
+    reply.headers.push(("content-length", built.len.to_string()));
+    Ok(reply)
 }
+
+/// Bytes of a snapshot read from its file at a time.
+const CHUNK: usize = 64 << 10;
 
 /// Whether a request to the snapshot routes may have its body (up to 256 MiB) read: only when
 /// its token is valid and holds `sudo` and the operation's capability on the path (§8.3). Anyone

@@ -232,6 +232,42 @@ async fn snapshots_save_and_restore_state_but_keep_the_audit_log() {
     );
 }
 
+/// Operator snapshots are built one at a time into an unnamed temporary file and streamed from
+/// it: concurrent downloads each get a whole archive with its length, and nothing is left in
+/// the data directory.
+#[tokio::test]
+async fn concurrent_snapshot_downloads_each_stream_a_whole_archive_and_leave_no_file_behind() {
+    let node = Node1::start(21097).await;
+    let root = node.root();
+    for i in 0..20 {
+        root.kv_put("secret", &format!("s{i}"), &json!({ "v": "x".repeat(1000) }), None).await.unwrap();
+    }
+    let files = |dir: &std::path::Path| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    };
+    // One download first, so that the files a first snapshot creates are there before counting.
+    root.bytes("GET", "sys/storage/raft/snapshot", None).await.unwrap();
+    let before = files(&node.layout.data_dir(0));
+    let (http, url) = reqwest_raw(&node);
+    let downloads = (0..3).map(|_| {
+        let request = http.get(format!("{url}/v1/sys/storage/raft/snapshot")).header("X-Vault-Token", &node.root);
+        async move {
+            let reply = request.send().await.unwrap();
+            assert_eq!(reply.status(), 200);
+            let length = reply.content_length().expect("a snapshot download says its length");
+            let body = reply.bytes().await.unwrap();
+            assert_eq!(body.len() as u64, length);
+            body
+        }
+    });
+    for archive in futures::future::join_all(downloads).await {
+        let verified = citadel_server::snapshot::parse_any(&archive);
+        assert!(verified.is_ok(), "each download is a whole archive: {:?}", verified.err());
+    }
+    assert_eq!(files(&node.layout.data_dir(0)), before, "no temporary file is left in the data directory");
+    assert!(node.is_running(0));
+}
+
 /// A snapshot file is data: a crafted one with valid checksums must not be able to crash a node.
 #[tokio::test]
 async fn a_crafted_snapshot_with_odd_contents_cannot_crash_the_node() {
