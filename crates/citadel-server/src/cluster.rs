@@ -16,7 +16,7 @@ use axum::extract::{Extension, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use citadel_storage::state_machine::TransferPart;
-use citadel_storage::types::{Raft, Snapshot, SnapshotMeta, Vote};
+use citadel_storage::types::{Raft, Snapshot, SnapshotData, SnapshotMeta, Vote};
 use citadel_storage::{NodeInfo, StateReader, TypeConfig};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
@@ -261,7 +261,7 @@ fn rpc_error(e: &PeerError) -> RPCError<TypeConfig> {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -304,9 +304,13 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         // few chunks.
         tokio::task::spawn_blocking(move || {
             let (snapshot_meta, local) = (snapshot.meta, snapshot.snapshot);
+            let SnapshotData::Local(mut local) = local else {
+                let _ = tx.blocking_send(Err(std::io::Error::other("only this node's own snapshot is sent")));
+                return;
+            };
             let mut meta = Some(snapshot_meta);
             let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK * 2);
-            let written = state.write_transfer(&local, &mut |part| {
+            let written = state.write_transfer(&mut local, &mut |part| {
                 match part {
                     TransferPart::Header(data) => {
                         let meta = meta.take().ok_or_else(|| std::io::Error::other("a second snapshot header"))?;
@@ -518,7 +522,7 @@ async fn receive_snapshot(app: &Node, body: axum::body::Body) -> Wire<SnapshotRe
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let snapshot = Snapshot { meta: header.meta, snapshot: header.data };
+    let snapshot = Snapshot { meta: header.meta, snapshot: SnapshotData::Received(header.data) };
     app.raft.install_full_snapshot(header.vote, snapshot).await.map_err(|e| e.to_string())
 }
 

@@ -122,14 +122,26 @@ pub fn verify_from(reader: &mut impl io::Read, len: u64, what: &str) -> io::Resu
 /// checksum is not checked here: the caller verified it ([`verify_from`]) before trusting the
 /// bytes, and a reader cannot be read twice.
 pub fn decode_json_from<T: DeserializeOwned>(reader: impl io::Read, what: &str) -> io::Result<T> {
+    decode_json_seed_from(reader, std::marker::PhantomData::<T>, what)
+}
+
+/// [`decode_json_from`] through a seed, which may act on the record as it is read.
+fn decode_json_seed_from<S: for<'de> serde::de::DeserializeSeed<'de, Value = V>, V>(
+    reader: impl io::Read,
+    seed: S,
+    what: &str,
+) -> io::Result<V> {
     let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
-    let mut reader = io::BufReader::new(reader);
+    let mut reader = io::BufReader::with_capacity(1 << 16, reader);
     let mut header = [0; HEADER];
     reader.read_exact(&mut header).map_err(|e| bad(format!("cannot read the record: {e}")))?;
     if header[0] != RECORD_FORMAT_JSON {
         return Err(bad(format!("record format {} where a JSON record was expected", header[0])));
     }
-    serde_json::from_reader(reader).map_err(|e| bad(format!("undecodable record: {e}")))
+    let mut deserializer = serde_json::Deserializer::from_reader(reader);
+    let value = seed.deserialize(&mut deserializer).map_err(|e| bad(format!("undecodable record: {e}")))?;
+    deserializer.end().map_err(|e| bad(format!("undecodable record: {e}")))?;
+    Ok(value)
 }
 
 /// Writes a JSON record of `value` to `out` as it serializes, so the encoded record is never
@@ -338,16 +350,117 @@ pub struct StateSummary {
     pub cluster: Option<citadel_core::state::ClusterInfo>,
 }
 
-/// A [`StoredSnapshot`] whose secrets are left as their JSON text, one slice of the record each:
-/// a snapshot sent to a follower streams them one per line without decoding them.
+/// A [`StoredSnapshot`] with its secrets counted, not decoded: the first of two reads of a
+/// snapshot sent to a follower, whose header says how many secrets follow it. The second
+/// ([`for_each_secret`]) streams them.
 #[derive(Deserialize)]
-pub(crate) struct StoredSnapshotRawKv<'a> {
+pub(crate) struct StoredSnapshotCountedKv {
     pub format: u32,
     pub last_applied: Option<StoredLogId>,
     pub membership: StoredMembershipState,
     pub state: State,
-    #[serde(default, borrow)]
-    pub kv: Vec<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    pub kv: Counted,
+}
+
+/// The length of a sequence, its elements skipped as they are read.
+#[derive(Default)]
+pub(crate) struct Counted(pub u64);
+
+impl<'de> Deserialize<'de> for Counted {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = Counted;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Counted, A::Error> {
+                let mut count = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                Ok(Counted(count))
+            }
+        }
+        deserializer.deserialize_seq(Counter)
+    }
+}
+
+/// Reads a snapshot record (JSON, its checksum verified by the caller) from `reader` and calls
+/// `line` with each of its secrets (`kv`) as its JSON text, one at a time: neither the record
+/// nor its secrets are ever whole in memory. Everything else is skipped as it is read. Returns
+/// how many secrets it passed on.
+pub(crate) fn for_each_secret(
+    reader: impl io::Read,
+    what: &str,
+    line: &mut dyn FnMut(&serde_json::value::RawValue) -> io::Result<()>,
+) -> io::Result<u64> {
+    use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    /// The record's map, its `kv` passed on and every other field skipped.
+    struct Record<'a> {
+        line: &'a mut dyn FnMut(&serde_json::value::RawValue) -> io::Result<()>,
+        /// Why `line` stopped the read: returned rather than the parser's wording of it.
+        stopped: &'a mut Option<io::Error>,
+    }
+    impl<'de> DeserializeSeed<'de> for Record<'_> {
+        type Value = u64;
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+            deserializer.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Record<'_> {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a snapshot record")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+            let mut passed = 0;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "kv" {
+                    passed = map.next_value_seed(Secrets { line: &mut *self.line, stopped: &mut *self.stopped })?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(passed)
+        }
+    }
+    struct Secrets<'a> {
+        line: &'a mut dyn FnMut(&serde_json::value::RawValue) -> io::Result<()>,
+        stopped: &'a mut Option<io::Error>,
+    }
+    impl<'de> DeserializeSeed<'de> for Secrets<'_> {
+        type Value = u64;
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+            deserializer.deserialize_seq(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Secrets<'_> {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a sequence of secrets")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+            let mut passed = 0;
+            while let Some(secret) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
+                if let Err(e) = (self.line)(&secret) {
+                    *self.stopped = Some(e);
+                    return Err(A::Error::custom("stopped"));
+                }
+                passed += 1;
+            }
+            Ok(passed)
+        }
+    }
+
+    let mut stopped = None;
+    let passed = decode_json_seed_from(reader, Record { line, stopped: &mut stopped }, what);
+    match stopped {
+        Some(e) => Err(e),
+        None => passed,
+    }
 }
 
 /// A [`StoredSnapshot`] as written, borrowing its state and with its secrets from anywhere
@@ -439,6 +552,41 @@ mod tests {
             assert_eq!(summary.membership, membership);
             assert_eq!(summary.state.cluster.map(|c| c.id), Some("c1".to_string()));
         }
+    }
+
+    #[test]
+    fn a_snapshots_secrets_are_counted_then_read_one_at_a_time_as_their_text() {
+        let kv: Vec<_> = (0..3)
+            .map(|i| crate::kv_table::StoredKvEntry { mount: "secret/".into(), path: format!("p{i}"), entry: secret() })
+            .collect();
+        let snapshot = StoredSnapshot {
+            format: 6,
+            last_applied: Some(StoredLogId { term: 2, leader: 1, index: 9 }),
+            membership: StoredMembershipState {
+                log_id: None,
+                config: StoredMembershipConfig { configs: vec![], nodes: BTreeMap::new() },
+            },
+            state: State::default(),
+            kv: kv.clone(),
+            streamed_secrets: None,
+        };
+        let record = encode(&snapshot);
+        let counted: StoredSnapshotCountedKv = decode_json_from(&record[..], "snapshot").unwrap();
+        assert_eq!((counted.kv.0, counted.last_applied), (3, snapshot.last_applied));
+        let mut lines = Vec::new();
+        let passed = for_each_secret(&record[..], "snapshot", &mut |secret| {
+            lines.push(serde_json::from_str::<crate::kv_table::StoredKvEntry>(secret.get()).unwrap());
+            Ok(())
+        });
+        assert_eq!((passed.unwrap(), lines), (3, kv));
+        let mut seen = 0;
+        let stopped = for_each_secret(&record[..], "snapshot", &mut |_| {
+            seen += 1;
+            Err(io::Error::other("the transfer was abandoned"))
+        });
+        assert_eq!((stopped.unwrap_err().to_string(), seen), ("the transfer was abandoned".to_string(), 1));
+        let cut = for_each_secret(&record[..record.len() - 3], "snapshot", &mut |_| Ok(())).unwrap_err();
+        assert!(cut.to_string().starts_with("snapshot: undecodable record"), "{cut}");
     }
 
     #[test]

@@ -144,6 +144,21 @@ impl SnapshotFile {
         }
     }
 
+    /// Rewrites a snapshot an earlier build left in the layout before (`record`, as [`Self::read`]
+    /// read it) in this one, which can be streamed ([`Self::open_record`]). Does nothing to a
+    /// file in this layout.
+    pub(crate) fn upgrade_layout(&self, record: &StoredSnapshotRecord) -> io::Result<()> {
+        let mut first = [0];
+        open_private(&self.path, std::fs::OpenOptions::new().read(true))
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .read_exact(&mut first)?;
+        if first[0] == LAYOUT {
+            return Ok(());
+        }
+        tracing::info!(path = %self.path.display(), "rewriting the snapshot in this build's layout");
+        self.write(record)
+    }
+
     /// Replaces the snapshot atomically and durably with one whose record is already encoded,
     /// unless the file holds a later one.
     pub(crate) fn write(&self, record: &StoredSnapshotRecord) -> io::Result<()> {
@@ -319,6 +334,15 @@ mod tests {
         std::fs::write(file.path(), codec::encode(&earlier)).unwrap();
         let Err(err) = file.open_record() else { panic!("the layout before: opened") };
         assert!(err.to_string().contains("earlier build's layout"), "{err}");
+        // Rewritten in this layout (as a node does when it opens), it opens and reads the same.
+        file.upgrade_layout(&file.read().unwrap().unwrap()).unwrap();
+        let mut record = file.open_record().unwrap().unwrap();
+        let mut bytes = Vec::new();
+        record.reader().unwrap().read_to_end(&mut bytes).unwrap();
+        assert_eq!((record.last_log_id, bytes), (earlier.last_log_id, earlier.data));
+        let upgraded = std::fs::read(file.path()).unwrap();
+        file.upgrade_layout(&file.read().unwrap().unwrap()).unwrap();
+        assert_eq!(std::fs::read(file.path()).unwrap(), upgraded, "a file in this layout is left as it is");
     }
 
     #[test]

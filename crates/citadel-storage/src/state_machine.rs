@@ -24,7 +24,7 @@
 //! and events, one per line ([`StateReader::write_transfer`]); the follower checks and stages
 //! them as they arrive ([`SnapshotReceiver`]) and installs them with the state in one commit.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -43,7 +43,7 @@ use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
-use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
 /// Where format 3 kept the snapshot, moved out at open.
@@ -321,36 +321,45 @@ impl StateReader {
 
     /// Writes a local snapshot as it is sent to a follower, part by part: its transfer form
     /// (the state without secrets or audit events), then each secret as one line of JSON (a
-    /// [`kv_table::StoredKvEntry`], cut out of the local snapshot as its text, never decoded),
+    /// [`kv_table::StoredKvEntry`], read from the snapshot's file as its text, never decoded),
     /// then each audit event it covers, each chain from its retention anchor to its tip, as
-    /// stored (read from the store). Neither the secrets nor the events are held whole. Blocking.
+    /// stored (read from the store). Neither the file, the secrets nor the events are ever
+    /// whole in memory. Blocking.
     pub fn write_transfer(
         &self,
-        local: &[u8],
+        local: &mut SnapshotRecordFile,
         out: &mut dyn FnMut(TransferPart<'_>) -> io::Result<()>,
     ) -> io::Result<()> {
-        let mut stored: codec::StoredSnapshotRawKv = codec::decode_json_borrowed(local, "local snapshot")?;
+        const WHAT: &str = "local snapshot";
+        // Read twice: the state first, with the secrets counted (the header says how many
+        // follow), then the secrets, one at a time.
+        let mut stored: codec::StoredSnapshotCountedKv = codec::decode_json_from(local.reader()?, WHAT)?;
         // A format-4 snapshot still holds its events inline; they are in the store.
         stored.state.audit.take_unstored();
-        let secrets = std::mem::take(&mut stored.kv);
         // A snapshot of format 5 or older holds its secrets in its mounts: they go as lines too.
         let in_mounts = stored.state.take_kv_changes();
-        let streamed = secrets.len() + kv_refs(&in_mounts).count();
+        let streamed = stored.kv.0 + kv_refs(&in_mounts).count() as u64;
         let transfer = StoredSnapshotRef {
             format: stored.format,
             last_applied: stored.last_applied,
             membership: stored.membership,
             state: &stored.state,
             kv: [(); 0],
-            streamed_secrets: Some(streamed as u64),
+            streamed_secrets: Some(streamed),
         };
         out(TransferPart::Header(codec::encode(&transfer)))?;
-        for secret in secrets {
+        let sent = codec::for_each_secret(local.reader()?, WHAT, &mut |secret| {
             let line = secret.get().as_bytes();
             if line.contains(&b'\n') {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "local snapshot: a secret's JSON spans lines"));
             }
-            out(TransferPart::Line(line))?;
+            out(TransferPart::Line(line))
+        })?;
+        if sent != stored.kv.0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("local snapshot: {} secrets counted, then {sent} read", stored.kv.0),
+            ));
         }
         for secret in kv_refs(&in_mounts) {
             out(TransferPart::Line(&serde_json::to_vec(&secret).map_err(io::Error::other)?))?;
@@ -432,7 +441,12 @@ impl StateMachine {
         let snapshots = SnapshotFile::in_dir(data_dir);
         let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
         let record = match snapshots.read().map_err(corrupt)? {
-            Some(record) => Some(record),
+            Some(record) => {
+                snapshots
+                    .upgrade_layout(&record)
+                    .map_err(|e| StorageOpenError::Io(snapshots.path().into(), e.to_string()))?;
+                Some(record)
+            }
             None => move_snapshot_out_of(&db, &snapshots)?,
         };
         let snapshot_index = record.as_ref().and_then(|r| r.last_log_id).map_or(0, |l| l.index);
@@ -626,13 +640,13 @@ fn holds_secrets_inline(stored: &StoredSnapshot) -> bool {
     !stored.kv.is_empty() || stored.state.mounts.values().any(|m| !m.kv.entries.is_empty())
 }
 
-fn into_snapshot(record: StoredSnapshotRecord) -> io::Result<Snapshot> {
+fn into_snapshot(record: SnapshotRecordFile) -> io::Result<Snapshot> {
     Ok(Snapshot {
         meta: SnapshotMeta {
             last_log_id: record.last_log_id.map(Into::into),
-            last_membership: record.membership.into_stored()?,
+            last_membership: record.membership.clone().into_stored()?,
         },
-        snapshot: record.data,
+        snapshot: SnapshotData::Local(record),
     })
 }
 
@@ -718,12 +732,12 @@ fn kv_refs(kv: &citadel_core::state::StateKvChanges) -> impl Iterator<Item = Sto
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let (inner, db, kv_cache, snapshots) =
             (self.inner.clone(), self.db.clone(), self.kv_cache.clone(), self.snapshots.clone());
-        let record = tokio::task::spawn_blocking(move || -> io::Result<StoredSnapshotRecord> {
+        let record = tokio::task::spawn_blocking(move || -> io::Result<SnapshotRecordFile> {
             // Under the lock only: a durable commit with the state saved (the log may be purged
             // up to this snapshot once it is written), a copy of the state without its secrets,
             // and a read transaction on the secrets as of the same index. Encoding the secrets
@@ -740,9 +754,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             write_local_snapshot(&snapshots, &meta, &state, &stored)?;
             drop((state, stored));
-            // Read back: what the file holds is the snapshot (a later one, if one was installed
-            // meanwhile), and it was never whole in memory until now.
-            snapshots.read()?.ok_or_else(|| io::Error::other("the snapshot just written is gone"))
+            // What the file holds is the snapshot (a later one, if one was installed meanwhile):
+            // openraft gets the file, verified, never its bytes.
+            snapshots.open_record()?.ok_or_else(|| io::Error::other("the snapshot just written is gone"))
         })
         .await
         .map_err(io::Error::other)??;
@@ -751,7 +765,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Vec<u8>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -812,7 +826,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     /// commit. An earlier build's leader sends the secrets inline (and a format-4 snapshot the
     /// events too): those replace the store instead. Then the local form, its secrets read
     /// back from the store, replaces `snapshot.bin`.
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
+        let snapshot = match snapshot {
+            SnapshotData::Received(bytes) => bytes,
+            // openraft lets a snapshot a node built be installed as it is (its conformance suite
+            // does; a leader never sends one so). It holds its secrets inline, as a transfer
+            // from an earlier build did.
+            SnapshotData::Local(mut record) => tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+                let mut bytes = Vec::new();
+                record.reader()?.read_to_end(&mut bytes)?;
+                Ok(bytes)
+            })
+            .await
+            .map_err(io::Error::other)??,
+        };
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
         drop(snapshot);
         let streamed = stored.streamed_secrets.is_some();
@@ -876,7 +903,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let snapshots = self.snapshots.clone();
-        let record = tokio::task::spawn_blocking(move || snapshots.read()).await.map_err(io::Error::other)??;
+        let record = tokio::task::spawn_blocking(move || snapshots.open_record()).await.map_err(io::Error::other)??;
         record.map(into_snapshot).transpose()
     }
 }
@@ -937,7 +964,8 @@ mod tests {
 
     /// What the sender streams: its snapshot in transfer form, how many secret lines follow
     /// (as it says), and the lines after it.
-    fn transfer(sender: &StateReader, local: &[u8]) -> (Vec<u8>, u64, Vec<Vec<u8>>) {
+    fn transfer(sender: &StateReader, mut local: SnapshotData) -> (Vec<u8>, u64, Vec<Vec<u8>>) {
+        let SnapshotData::Local(local) = &mut local else { panic!("a snapshot to send is local") };
         let (mut header, mut lines) = (None, Vec::new());
         sender
             .write_transfer(local, &mut |part| {
@@ -953,7 +981,12 @@ mod tests {
         (data, secrets, lines)
     }
 
-    fn local_snapshot(dir: &Path) -> Vec<u8> {
+    fn local_snapshot(dir: &Path) -> SnapshotData {
+        SnapshotData::Local(SnapshotFile::in_dir(dir).open_record().unwrap().unwrap())
+    }
+
+    /// The record `snapshot.bin` holds, as bytes.
+    fn local_bytes(dir: &Path) -> Vec<u8> {
         SnapshotFile::in_dir(dir).read().unwrap().unwrap().data
     }
 
@@ -964,7 +997,7 @@ mod tests {
         assert_eq!(reader.read(|s| (s.audit.events().count(), s.audit.chains[&1].last_seq())), (0, 3));
         let stored = reader.audit().query(&crate::AuditQuery { limit: 10, ..Default::default() }).unwrap();
         assert_eq!(stored, spool_events(3), "the events are on disk");
-        let (transfer, secrets, lines) = transfer(&reader, &local_snapshot(dir.path()));
+        let (transfer, secrets, lines) = transfer(&reader, local_snapshot(dir.path()));
         assert_eq!(secrets, 0);
         let header: StoredSnapshot = codec::decode(&transfer, "transfer").unwrap();
         assert_eq!(header.state.audit.events().count(), 0, "no event inline");
@@ -977,7 +1010,7 @@ mod tests {
     async fn a_snapshot_streamed_event_by_event_is_installed_whole_and_a_cut_or_forged_stream_is_not() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let sender = node_with_events(from.path(), 5).reader();
-        let (transfer, secrets, lines) = transfer(&sender, &local_snapshot(from.path()));
+        let (transfer, secrets, lines) = transfer(&sender, local_snapshot(from.path()));
         assert_eq!(secrets, 0);
         let db = Arc::new(Db::open(&to.path().join(crate::DB_FILE)).unwrap());
         let mut receiver_sm = StateMachine::open(db, to.path()).unwrap();
@@ -987,7 +1020,8 @@ mod tests {
         let mut cut = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
         lines[..4].iter().for_each(|l| cut.add(l).unwrap());
         assert!(cut.finish().unwrap_err().to_string().contains("ends at 4 instead of 5"));
-        let refused = receiver_sm.install_snapshot(&meta_at_7(), transfer.clone()).await.unwrap_err();
+        let refused =
+            receiver_sm.install_snapshot(&meta_at_7(), SnapshotData::Received(transfer.clone())).await.unwrap_err();
         assert!(refused.to_string().contains("did not all arrive"), "{refused}");
         // Forged: an event whose bytes were edited fails its chain check.
         let mut forged = receiver.receive_snapshot(&transfer, &meta_at_7()).unwrap();
@@ -1001,7 +1035,7 @@ mod tests {
         assert!(receiver.receive_snapshot(&transfer, &meta_at_7()).is_err(), "one transfer at a time");
         lines.iter().for_each(|l| whole.add(l).unwrap());
         whole.finish().unwrap();
-        receiver_sm.install_snapshot(&meta_at_7(), transfer).await.unwrap();
+        receiver_sm.install_snapshot(&meta_at_7(), SnapshotData::Received(transfer)).await.unwrap();
         let held = receiver.audit().query(&crate::AuditQuery { limit: 10, ..Default::default() }).unwrap();
         assert_eq!(held, spool_events(5));
         assert_eq!((receiver.applied_index(), receiver.read(|s| s.audit.chains[&1].last_seq())), (7, 5));
@@ -1169,12 +1203,12 @@ mod tests {
         let mut receiving = receiver.reader().receive_snapshot(data, meta)?;
         lines.iter().try_for_each(|l| receiving.add(l))?;
         receiving.finish()?;
-        receiver.install_snapshot(meta, data.to_vec()).await
+        receiver.install_snapshot(meta, SnapshotData::Received(data.to_vec())).await
     }
 
     /// The secrets `snapshot.bin` holds, by path and current version.
     fn secrets_in_snapshot_file(dir: &Path) -> Vec<(String, u64)> {
-        let stored: StoredSnapshot = codec::decode(&local_snapshot(dir), "snapshot").unwrap();
+        let stored: StoredSnapshot = codec::decode(&local_bytes(dir), "snapshot").unwrap();
         stored.kv.into_iter().map(|e| (e.path, e.entry.current_version)).collect()
     }
 
@@ -1183,12 +1217,12 @@ mod tests {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (sender, snapshot) =
             node_with_snapshot(from.path(), vec![init(), write("a", 1), write("a", 2), write("b", 1)]).await;
-        let stored: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
+        let stored: StoredSnapshot = codec::decode(&local_bytes(from.path()), "snapshot").unwrap();
         let paths: Vec<_> = stored.kv.iter().map(|e| (e.path.as_str(), e.entry.current_version)).collect();
         assert_eq!(paths, [("a", 2), ("b", 1)]);
         assert!(stored.state.mounts["secret/"].kv.entries.is_empty(), "beside the state, not in it");
 
-        let (data, secrets, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let (data, secrets, lines) = transfer(&sender.reader(), snapshot.snapshot);
         let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
         assert!(header.kv.is_empty(), "no secret in the header");
         assert_eq!(secrets, 2);
@@ -1217,7 +1251,7 @@ mod tests {
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
         // Secrets left staged by an abandoned transfer must not come back.
-        let (data, _, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let (data, _, lines) = transfer(&sender.reader(), snapshot.snapshot);
         let mut abandoned = receiver.reader().receive_snapshot(&data, &snapshot.meta).unwrap();
         let ghost = String::from_utf8(lines[0].clone()).unwrap().replace("\"path\":\"a\"", "\"path\":\"ghost\"");
         assert_ne!(ghost.as_bytes(), lines[0]);
@@ -1225,7 +1259,7 @@ mod tests {
         abandoned.stage().unwrap();
         drop(abandoned);
 
-        receive(&mut receiver, &snapshot.meta, &snapshot.snapshot, &[]).await.unwrap();
+        receive(&mut receiver, &snapshot.meta, &local_bytes(from.path()), &[]).await.unwrap();
         assert_eq!(stored_and_in_memory(&receiver.reader(), "a"), (Some(1), 0));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "stale"), (None, 0));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "ghost"), (None, 0), "not from the abandoned transfer");
@@ -1236,13 +1270,14 @@ mod tests {
     async fn a_streamed_secret_of_no_mount_or_a_stream_cut_among_its_secrets_is_refused_and_installs_nothing() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1), write("b", 1)]).await;
-        let (data, _, lines) = transfer(&sender.reader(), &snapshot.snapshot);
+        let (data, _, lines) = transfer(&sender.reader(), snapshot.snapshot);
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("mine", 1)]).await;
 
         let cut = receive(&mut receiver, &snapshot.meta, &data, &lines[..1]).await.unwrap_err();
         assert!(cut.to_string().contains("1 of its secrets still due"), "{cut}");
-        let refused = receiver.install_snapshot(&snapshot.meta, data.clone()).await.unwrap_err();
+        let refused =
+            receiver.install_snapshot(&snapshot.meta, SnapshotData::Received(data.clone())).await.unwrap_err();
         assert!(refused.to_string().contains("did not all arrive"), "{refused}");
 
         let elsewhere = String::from_utf8(lines[0].clone()).unwrap().replace("\"secret/\"", "\"gone/\"");
@@ -1282,7 +1317,7 @@ mod tests {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         // Opening moves the secrets to the store; snapshot.bin stays as it is until the next one.
         let sender = format_5_node(from.path());
-        let (data, secrets, lines) = transfer(&sender.reader(), &local_snapshot(from.path()));
+        let (data, secrets, lines) = transfer(&sender.reader(), local_snapshot(from.path()));
         assert_eq!(secrets, 1, "the secret of its mount");
         let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
         assert!(!holds_secrets_inline(&header), "taken out of the mounts");
@@ -1296,7 +1331,7 @@ mod tests {
     async fn a_snapshot_that_says_its_secrets_follow_but_holds_some_is_refused() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (_sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1)]).await;
-        let mut both: StoredSnapshot = codec::decode(&snapshot.snapshot, "snapshot").unwrap();
+        let mut both: StoredSnapshot = codec::decode(&local_bytes(from.path()), "snapshot").unwrap();
         both.streamed_secrets = Some(0);
         let both = codec::encode(&both);
         let receiver = open(to.path());

@@ -38,5 +38,24 @@ pub type LeaderId = openraft::alias::CommittedLeaderIdOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type Membership = openraft::Membership<u64, NodeInfo>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
-pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Vec<u8>>;
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
+
+/// A snapshot's data as openraft hands it between the state machine and the network.
+pub enum SnapshotData {
+    /// This node's own snapshot, in its file: a snapshot built, or one to send to a follower,
+    /// which streams it from the file ([`crate::StateReader::write_transfer`]).
+    Local(crate::snapshot_file::SnapshotRecordFile),
+    /// A snapshot received from a leader in transfer form, its secrets and audit events staged
+    /// as they arrived: what [`crate::StateMachine`] installs.
+    Received(Vec<u8>),
+}
+
+impl fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnapshotData::Local(record) => write!(f, "Local({} bytes)", record.len()),
+            SnapshotData::Received(data) => write!(f, "Received({} bytes)", data.len()),
+        }
+    }
+}
 pub type Raft = openraft::Raft<TypeConfig, crate::StateMachine>;
