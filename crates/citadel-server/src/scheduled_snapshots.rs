@@ -83,15 +83,16 @@ fn write_file(
         let _ = std::fs::remove_file(&staging);
         return Err(e.to_string());
     }
-    let verified =
-        std::fs::read(&path).map_err(|e| format!("cannot read back {}: {e}", path.display())).and_then(|read| {
-            match crate::snapshot::verify(&read, keyring) {
-                Ok(_) => Ok(read),
-                Err(e) => Err(format!("{} failed verification after writing, and was deleted: {e}", path.display())),
-            }
+    // Read back and verified as it streams by: a scheduled snapshot never holds its state in memory.
+    let verified = std::fs::File::open(&path)
+        .and_then(|mut file| Ok((crate::snapshot::verify_file(&mut file, keyring), file.metadata()?.len())))
+        .map_err(|e| format!("cannot read back {}: {e}", path.display()))
+        .and_then(|(verified, len)| match verified {
+            Ok(_) => Ok(len),
+            Err(e) => Err(format!("{} failed verification after writing, and was deleted: {e}", path.display())),
         });
-    let read = match verified {
-        Ok(read) => read,
+    let len = match verified {
+        Ok(len) => len,
         Err(e) => {
             // A file that did not verify must not count as a snapshot, nor push a good one out.
             let _ = std::fs::remove_file(&path);
@@ -99,7 +100,7 @@ fn write_file(
         }
     };
     prune(dir, config).map_err(|e| format!("the snapshot {} is written, but retention failed: {e}", path.display()))?;
-    Ok((path, read.len() as u64))
+    Ok((path, len))
 }
 
 /// Deletes this configuration's oldest files beyond `retain`, and its staging files a crash

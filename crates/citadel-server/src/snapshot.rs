@@ -17,7 +17,7 @@
 //! goes through Raft like every other change (§1.1). `snapshot-force` restores another cluster's
 //! snapshot, whose keyring we do not hold: it skips the HMAC only, never the checksum.
 
-use std::io::{BufWriter, Read, Seek};
+use std::io::{BufReader, BufWriter, Read, Seek};
 use std::path::Path;
 use std::time::Duration;
 
@@ -327,21 +327,127 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
     if last != Some((header.last_index, header.last_term)) {
         return Err(SnapshotFileError::Inconsistent);
     }
-    if let Some((key, token)) = stored.state.tokens.misfiled() {
-        return Err(SnapshotFileError::BadBody(format!(
-            "a token is stored under {key:?} but its hash is {:?}: the file was edited",
-            token.hash
-        )));
-    }
+    check_state(&stored.state)?;
     Ok((header, stored))
 }
 
-/// Checks a snapshot file whole with this cluster's keyring, as a restore would.
-pub fn verify(bytes: &[u8], keyring: &Keyring) -> Result<SnapshotHeader, String> {
-    let (was_archive, header, _) = open(bytes, Some(keyring))?;
-    let within = if was_archive { "state.bin: " } else { "" };
-    verify_hmac(&header, keyring).map_err(|e| format!("{within}{e}"))?;
+/// Checks an archive in a file with this cluster's keyring, as a restore would, without
+/// holding it or its state: three reads of the file, each through the decompressor, with
+/// `state.bin` checked as it comes out. First the archive (entries, sums, seal), the snapshot
+/// file's header, the size and SHA-256 of its body and the body's record checksum; then the
+/// state, decoded; then each secret, decoded and dropped in turn. Each read checks the sums
+/// again, so what the later reads decode is what the first one verified.
+pub fn verify_file(file: &mut std::fs::File, keyring: &Keyring) -> Result<SnapshotHeader, String> {
+    let mut read = |check: &mut StateCheck<'_>| {
+        file.rewind().map_err(|e| e.to_string())?;
+        let archive = archive::read_streaming(BufReader::new(&mut *file), check).map_err(|e| e.to_string())?;
+        let checked = archive.state.map_err(|e| format!("state.bin: {e}"))?;
+        Ok::<_, String>((archive.meta, archive.sums, archive.sealed, checked))
+    };
+    let mut header = None;
+    let (meta, sums, sealed, _) = read(&mut |state| {
+        Ok(check_file_from(state)?.map(|checked| {
+            header = Some(checked);
+            0
+        }))
+    })?;
+    let sealed_only = archive::Archive { meta, state: (), sums, sealed };
+    archive::unseal(&sealed_only, keyring).map_err(|e| e.to_string())?;
+    let header = header.ok_or("state.bin was not read")?;
+    if (sealed_only.meta.index, sealed_only.meta.term) != (header.last_index, header.last_term) {
+        return Err(archive::ArchiveError::MetaMismatch.to_string());
+    }
+    verify_hmac(&header, keyring).map_err(|e| format!("state.bin: {e}"))?;
+    let mut last_applied = None;
+    let (.., secrets_in_state) = read(&mut |state| {
+        Ok(skip_header_line(state)?.and_then(|()| {
+            let head = codec::decode_snapshot_head_from(state, "snapshot body").map_err(bad_body)?;
+            check_state(&head.state)?;
+            last_applied = Some(head.last_applied.map(|l| (l.index, l.term)));
+            Ok(head.secrets)
+        }))
+    })?;
+    if last_applied != Some(Some((header.last_index, header.last_term))) {
+        return Err(format!("state.bin: {}", SnapshotFileError::Inconsistent));
+    }
+    let (.., secrets) = read(&mut |state| {
+        Ok(skip_header_line(state)?
+            .and_then(|()| codec::check_snapshot_secrets_from(state, "snapshot body").map_err(bad_body)))
+    })?;
+    if secrets != secrets_in_state {
+        return Err(format!("state.bin: {secrets} secrets decoded of {secrets_in_state} counted"));
+    }
     Ok(header)
+}
+
+/// One of [`verify_file`]'s checks of `state.bin` as it comes out of the archive: a count, or
+/// why the file is refused (an I/O error is the archive's damage).
+type StateCheck<'a> = dyn FnMut(&mut dyn Read) -> std::io::Result<Result<u64, SnapshotFileError>> + 'a;
+
+fn bad_body(e: std::io::Error) -> SnapshotFileError {
+    SnapshotFileError::BadBody(e.to_string())
+}
+
+/// The longest header line a snapshot file may have (it holds a few short fields).
+const MAX_HEADER_LINE: u64 = 64 << 10;
+
+/// Reads a snapshot file's header line from `file`, leaving `file` at the body.
+fn read_header_line(file: &mut dyn Read) -> std::io::Result<Result<SnapshotHeader, SnapshotFileError>> {
+    let mut line = Vec::new();
+    let mut byte = [0];
+    while file.read(&mut byte)? == 1 {
+        if byte[0] == b'\n' {
+            let header: SnapshotHeader = match serde_json::from_slice(&line) {
+                Ok(header) => header,
+                Err(e) => return Ok(Err(SnapshotFileError::BadHeader(e.to_string()))),
+            };
+            if header.format != FORMAT || !(VERSION_UNAUTHENTICATED..=VERSION).contains(&header.version) {
+                return Ok(Err(SnapshotFileError::UnsupportedVersion {
+                    format: header.format,
+                    version: header.version,
+                }));
+            }
+            return Ok(Ok(header));
+        }
+        if line.len() as u64 >= MAX_HEADER_LINE {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(Err(SnapshotFileError::NoHeader))
+}
+
+fn skip_header_line(file: &mut dyn Read) -> std::io::Result<Result<(), SnapshotFileError>> {
+    Ok(read_header_line(file)?.map(drop))
+}
+
+/// Checks a snapshot file as it streams by, as [`parse`] does before decoding: its header, the
+/// size and SHA-256 of its body, and the body's record checksum.
+fn check_file_from(file: &mut dyn Read) -> std::io::Result<Result<SnapshotHeader, SnapshotFileError>> {
+    let header = match read_header_line(file)? {
+        Ok(header) => header,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut body = archive::HashingReader::new(file);
+    let record = codec::verify_from(&mut body, header.size as u64, "snapshot body");
+    // Whatever follows the record is part of the body too: it must not be there.
+    std::io::copy(&mut body, &mut std::io::sink())?;
+    let (sum, read) = body.finish();
+    if read != header.size as u64 || hex::encode(sum) != header.sha256 {
+        return Ok(Err(SnapshotFileError::Damaged));
+    }
+    Ok(record.map(|_| header).map_err(bad_body))
+}
+
+/// What [`parse`] checks of a decoded state beyond its encoding.
+fn check_state(state: &State) -> Result<(), SnapshotFileError> {
+    match state.tokens.misfiled() {
+        Some((key, token)) => Err(SnapshotFileError::BadBody(format!(
+            "a token is stored under {key:?} but its hash is {:?}: the file was edited",
+            token.hash
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// What a restore proposes, once the upload is checked whole: refused if it is another
@@ -402,7 +508,11 @@ mod tests {
 
     /// A signed file, as `save` writes it.
     pub(crate) fn signed_file(stored: &StoredSnapshot, keyring: &Keyring) -> Vec<u8> {
-        let body = codec::encode(stored);
+        signed_file_of(codec::encode(stored), keyring)
+    }
+
+    /// A signed file of any body.
+    fn signed_file_of(body: Vec<u8>, keyring: &Keyring) -> Vec<u8> {
         let mut header = SnapshotHeader {
             format: FORMAT.into(),
             version: VERSION,
@@ -419,6 +529,84 @@ mod tests {
         file.push(b'\n');
         file.extend_from_slice(&body);
         file
+    }
+
+    /// `file` in Vault's archive, in a file on disk.
+    fn archive_file(file: &[u8], keyring: &Keyring) -> std::fs::File {
+        let meta = RaftMeta {
+            version: 1,
+            id: "2-9-1".into(),
+            index: 9,
+            term: 2,
+            peers: None,
+            configuration: Default::default(),
+            configuration_index: 0,
+            size: file.len() as i64,
+        };
+        let bytes = archive::write(Vec::new(), &meta, file, file.len() as u64, keyring, &[7; 24], 1).unwrap();
+        let mut out = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut out, &bytes).unwrap();
+        out
+    }
+
+    fn with_secrets() -> StoredSnapshot {
+        let mut stored = stored();
+        let mount = citadel_core::state::Mount {
+            uuid: "u1".into(),
+            kind: "kv".into(),
+            description: String::new(),
+            created: 1,
+            kv: Default::default(),
+        };
+        stored.state.mounts.insert("secret/".into(), mount);
+        stored.kv = (0..3)
+            .map(|i| citadel_storage::kv_table::StoredKvEntry {
+                mount: "secret/".into(),
+                path: format!("p{i}"),
+                entry: Default::default(),
+            })
+            .collect();
+        stored
+    }
+
+    #[test]
+    fn an_archive_on_disk_is_verified_as_it_streams_by_and_refused_as_a_restore_would_refuse_it() {
+        let ring = keyring();
+        let good = signed_file(&with_secrets(), &ring);
+        let verified = verify_file(&mut archive_file(&good, &ring), &ring).unwrap();
+        assert_eq!((verified.last_index, verified.last_term), (9, 2));
+
+        let other_ring = Keyring::new(1, [7; 32], [2; 32], [3; 32]);
+        let err = verify_file(&mut archive_file(&good, &other_ring), &ring).unwrap_err();
+        assert!(err.contains("SHA256SUMS.sealed"), "{err}");
+
+        let mut ahead = with_secrets();
+        ahead.last_applied = Some(StoredLogId { term: 2, leader: 1, index: 10 });
+        let err = verify_file(&mut archive_file(&signed_file(&ahead, &ring), &ring), &ring).unwrap_err();
+        assert!(err.contains("does not match its body"), "{err}");
+
+        // Checksums, sums, seal and HMAC all hold; one secret is not a secret.
+        let mut body = serde_json::to_value(with_secrets()).unwrap();
+        body["kv"][1] = serde_json::json!({ "mount": 7 });
+        let err = verify_file(&mut archive_file(&signed_file_of(codec::encode(&body), &ring), &ring), &ring);
+        assert!(err.unwrap_err().contains("state.bin: the snapshot body is undecodable"));
+
+        let mut cut = good.clone();
+        cut.truncate(good.len() - 1);
+        let err = verify_file(&mut archive_file(&cut, &ring), &ring).unwrap_err();
+        assert!(err.contains("damaged or truncated"), "{err}");
+
+        let mut bytes = Vec::new();
+        let mut file = archive_file(&good, &ring);
+        file.rewind().unwrap();
+        file.read_to_end(&mut bytes).unwrap();
+        for at in [bytes.len() / 3, bytes.len() / 2, bytes.len() - 5] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 1;
+            let mut out = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut out, &flipped).unwrap();
+            assert!(verify_file(&mut out, &ring).is_err(), "a flip at byte {at} was accepted");
+        }
     }
 
     #[test]

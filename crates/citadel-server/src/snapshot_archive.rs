@@ -152,9 +152,10 @@ impl std::error::Error for ArchiveError {}
 
 /// The entries of an archive whose `SHA256SUMS` verified (the seal is checked by [`unseal`]).
 #[derive(Debug)]
-pub struct Archive {
+pub struct Archive<S = Vec<u8>> {
     pub meta: RaftMeta,
-    pub state: Vec<u8>,
+    /// `state.bin`, or what [`read_streaming`] made of it.
+    pub state: S,
     pub sums: Vec<u8>,
     pub sealed: Vec<u8>,
 }
@@ -200,10 +201,21 @@ pub fn write<W: io::Write>(
 }
 
 /// Passes bytes on, hashing and counting them.
-struct HashingReader<R> {
+pub(crate) struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     read: u64,
+}
+
+impl<R> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        HashingReader { inner, hasher: Sha256::new(), read: 0 }
+    }
+
+    /// The SHA-256 of what was read, and how many bytes.
+    pub(crate) fn finish(self) -> (sha2::digest::Output<Sha256>, u64) {
+        (self.hasher.finalize(), self.read)
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -238,16 +250,39 @@ impl<R: Read> Read for Bounded<'_, R> {
 /// Reads and checks an archive: the four entries within their limits, `SHA256SUMS` against
 /// the entries, and `meta.json`'s syntax. Nothing is trusted yet: see [`unseal`].
 pub fn read(bytes: &[u8]) -> Result<Archive, ArchiveError> {
-    read_within(bytes, LIMITS)
+    read_within(bytes, LIMITS, &mut read_whole)
 }
 
-fn read_within(bytes: &[u8], limits: Limits) -> Result<Archive, ArchiveError> {
+/// Reads and checks an archive as [`read`] does, handing `state.bin` to `state` as it comes out
+/// of the decompressor instead of holding it: a file on disk is checked with none of it in
+/// memory. Its sum and length are taken as it is read (whatever `state` leaves unread is read
+/// too). `state`'s answer is only as trustworthy as the checks that follow it.
+pub fn read_streaming<S>(
+    input: impl Read,
+    state: &mut dyn FnMut(&mut dyn Read) -> io::Result<S>,
+) -> Result<Archive<S>, ArchiveError> {
+    read_within(input, LIMITS, state)
+}
+
+fn read_whole(state: &mut dyn Read) -> io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    state.read_to_end(&mut data)?;
+    Ok(data)
+}
+
+fn read_within<S>(
+    input: impl Read,
+    limits: Limits,
+    read_state: &mut dyn FnMut(&mut dyn Read) -> io::Result<S>,
+) -> Result<Archive<S>, ArchiveError> {
     let over = Cell::new(false);
-    let bounded = Bounded { inner: GzDecoder::new(bytes), remaining: limits.total, over: &over };
+    let bounded = Bounded { inner: GzDecoder::new(input), remaining: limits.total, over: &over };
     let too_large = || ArchiveError::TooLarge { what: "the decompressed archive".into(), limit: limits.total };
     let damaged = |e: io::Error| if over.get() { too_large() } else { ArchiveError::Damaged(e.to_string()) };
     let mut archive = tar::Archive::new(bounded);
     let mut found: BTreeMap<&'static str, Vec<u8>> = BTreeMap::new();
+    // What `read_state` made of `state.bin`, its SHA-256 and its length.
+    let mut state = None;
     let mut count = 0;
     for entry in archive.entries().map_err(damaged)? {
         let entry = entry.map_err(damaged)?;
@@ -268,30 +303,45 @@ fn read_within(bytes: &[u8], limits: Limits) -> Result<Archive, ArchiveError> {
         if size > limit {
             return Err(ArchiveError::TooLarge { what: name.into(), limit });
         }
-        // The declared size is not trusted with an allocation: data grows as it arrives.
-        let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
-        entry.take(limit).read_to_end(&mut data).map_err(damaged)?;
-        if data.len() as u64 != size {
+        let mut data = HashingReader { inner: entry.take(limit), hasher: Sha256::new(), read: 0 };
+        let (len, value) = if name == STATE {
+            let value = read_state(&mut data).map_err(damaged)?;
+            io::copy(&mut data, &mut io::sink()).map_err(damaged)?;
+            if state.replace((value, data.hasher.finalize(), data.read)).is_some() {
+                return Err(ArchiveError::Duplicate(name.into()));
+            }
+            (data.read, None)
+        } else {
+            // The declared size is not trusted with an allocation: data grows as it arrives.
+            let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+            data.read_to_end(&mut bytes).map_err(damaged)?;
+            (data.read, Some(bytes))
+        };
+        if len != size {
             return Err(ArchiveError::Damaged(format!("{name} is truncated")));
         }
-        if found.insert(name, data).is_some() {
-            return Err(ArchiveError::Duplicate(name.into()));
+        if let Some(bytes) = value {
+            if found.insert(name, bytes).is_some() {
+                return Err(ArchiveError::Duplicate(name.into()));
+            }
         }
     }
     // Read to the end of the gzip stream (bounded), so its CRC and length are checked too.
     io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(damaged)?;
     let mut take = |name: &'static str| found.remove(name).ok_or(ArchiveError::Missing(name));
-    let (meta_json, state, sums, sealed) = (take(META)?, take(STATE)?, take(SUMS)?, take(SEALED)?);
-    check_sums(&sums, &meta_json, &state)?;
+    let (meta_json, sums, sealed) = (take(META)?, take(SUMS)?, take(SEALED)?);
+    let (state, state_sum, state_len) = state.ok_or(ArchiveError::Missing(STATE))?;
+    check_sums(&sums, &meta_json, &state_sum)?;
     let meta: RaftMeta = serde_json::from_slice(&meta_json).map_err(|e| ArchiveError::BadMeta(e.to_string()))?;
-    if meta.size != state.len() as i64 {
+    if meta.size != state_len as i64 {
         return Err(ArchiveError::MetaMismatch);
     }
     Ok(Archive { meta, state, sums, sealed })
 }
 
-/// `SHA256SUMS` must list exactly `meta.json` and `state.bin`, each with its hash.
-fn check_sums(sums: &[u8], meta: &[u8], state: &[u8]) -> Result<(), ArchiveError> {
+/// `SHA256SUMS` must list exactly `meta.json` and `state.bin`, each with its hash (`state_sum`:
+/// `state.bin`'s, taken as it was read).
+fn check_sums(sums: &[u8], meta: &[u8], state_sum: &[u8]) -> Result<(), ArchiveError> {
     let text = std::str::from_utf8(sums).map_err(|_| ArchiveError::BadSums("not UTF-8".into()))?;
     let mut listed = BTreeMap::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
@@ -304,9 +354,9 @@ fn check_sums(sums: &[u8], meta: &[u8], state: &[u8]) -> Result<(), ArchiveError
             return Err(ArchiveError::BadSums(format!("{name} is listed twice")));
         }
     }
-    for (name, data) in [(META, meta), (STATE, state)] {
+    for (name, sum) in [(META, &Sha256::digest(meta)[..]), (STATE, state_sum)] {
         let hash = listed.get(name).ok_or_else(|| ArchiveError::BadSums(format!("no hash for {name}")))?;
-        if *hash != hex::encode(Sha256::digest(data)) {
+        if *hash != hex::encode(sum) {
             return Err(ArchiveError::SumMismatch(name));
         }
     }
@@ -315,7 +365,7 @@ fn check_sums(sums: &[u8], meta: &[u8], state: &[u8]) -> Result<(), ArchiveError
 
 /// Checks `SHA256SUMS.sealed` with this cluster's keyring: it must unseal (any term the
 /// keyring still holds, so an archive verifies after rotations) to exactly `SHA256SUMS`.
-pub fn unseal(archive: &Archive, keyring: &Keyring) -> Result<(), ArchiveError> {
+pub fn unseal<S>(archive: &Archive<S>, keyring: &Keyring) -> Result<(), ArchiveError> {
     let plain = keyring.decrypt(AAD_SUMS, &archive.sealed).map_err(|e| match e {
         BarrierError::UnknownTerm(term) => ArchiveError::SealedUnknownTerm(term),
         _ => ArchiveError::SealedUnreadable,
@@ -456,7 +506,7 @@ mod tests {
         }
         let bomb = gz.finish().unwrap();
         assert!(bomb.len() < 1 << 20, "the bomb is small: {} bytes", bomb.len());
-        let err = read_within(&bomb, limits).unwrap_err();
+        let err = read_within(&bomb[..], limits, &mut read_whole).unwrap_err();
         assert_eq!(err, ArchiveError::TooLarge { what: "the decompressed archive".into(), limit: 2 << 20 });
         assert!(err.to_string().contains("larger than the limit"), "{err}");
         // An entry declaring more than its limit is refused from its header alone.
@@ -466,7 +516,7 @@ mod tests {
         header.set_cksum();
         let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(header.as_bytes()).unwrap();
-        let err = read_within(&gz.finish().unwrap(), limits).unwrap_err();
+        let err = read_within(&gz.finish().unwrap()[..], limits, &mut read_whole).unwrap_err();
         assert_eq!(err, ArchiveError::TooLarge { what: STATE.into(), limit: 1 << 20 });
     }
 

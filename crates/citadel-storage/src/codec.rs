@@ -388,29 +388,29 @@ impl<'de> Deserialize<'de> for Counted {
 }
 
 /// Reads a snapshot record (JSON, its checksum verified by the caller) from `reader` and calls
-/// `line` with each of its secrets (`kv`) as its JSON text, one at a time: neither the record
-/// nor its secrets are ever whole in memory. Everything else is skipped as it is read. Returns
+/// `line` with each of its secrets (`kv`), one at a time, decoded as `T` (its JSON text, a
+/// `Box<RawValue>`, to pass it on): neither the record nor its secrets are ever whole in memory. Everything else is skipped as it is read. Returns
 /// how many secrets it passed on.
-pub(crate) fn for_each_secret(
+pub(crate) fn for_each_secret<T: DeserializeOwned>(
     reader: impl io::Read,
     what: &str,
-    line: &mut dyn FnMut(&serde_json::value::RawValue) -> io::Result<()>,
+    line: &mut dyn FnMut(T) -> io::Result<()>,
 ) -> io::Result<u64> {
     use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
     /// The record's map, its `kv` passed on and every other field skipped.
-    struct Record<'a> {
-        line: &'a mut dyn FnMut(&serde_json::value::RawValue) -> io::Result<()>,
+    struct Record<'a, T> {
+        line: &'a mut dyn FnMut(T) -> io::Result<()>,
         /// Why `line` stopped the read: returned rather than the parser's wording of it.
         stopped: &'a mut Option<io::Error>,
     }
-    impl<'de> DeserializeSeed<'de> for Record<'_> {
+    impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Record<'_, T> {
         type Value = u64;
         fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
             deserializer.deserialize_map(self)
         }
     }
-    impl<'de> Visitor<'de> for Record<'_> {
+    impl<'de, T: DeserializeOwned> Visitor<'de> for Record<'_, T> {
         type Value = u64;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a snapshot record")
@@ -427,25 +427,25 @@ pub(crate) fn for_each_secret(
             Ok(passed)
         }
     }
-    struct Secrets<'a> {
-        line: &'a mut dyn FnMut(&serde_json::value::RawValue) -> io::Result<()>,
+    struct Secrets<'a, T> {
+        line: &'a mut dyn FnMut(T) -> io::Result<()>,
         stopped: &'a mut Option<io::Error>,
     }
-    impl<'de> DeserializeSeed<'de> for Secrets<'_> {
+    impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Secrets<'_, T> {
         type Value = u64;
         fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
             deserializer.deserialize_seq(self)
         }
     }
-    impl<'de> Visitor<'de> for Secrets<'_> {
+    impl<'de, T: DeserializeOwned> Visitor<'de> for Secrets<'_, T> {
         type Value = u64;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a sequence of secrets")
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
             let mut passed = 0;
-            while let Some(secret) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
-                if let Err(e) = (self.line)(&secret) {
+            while let Some(secret) = seq.next_element::<T>()? {
+                if let Err(e) = (self.line)(secret) {
                     *self.stopped = Some(e);
                     return Err(A::Error::custom("stopped"));
                 }
@@ -461,6 +461,28 @@ pub(crate) fn for_each_secret(
         Some(e) => Err(e),
         None => passed,
     }
+}
+
+/// What a snapshot record holds beside its secrets, decoded from a reader
+/// ([`decode_snapshot_head_from`]).
+pub struct SnapshotHead {
+    pub last_applied: Option<StoredLogId>,
+    pub state: State,
+    /// How many secrets follow the state (counted, not decoded).
+    pub secrets: u64,
+}
+
+/// Decodes a snapshot record read from `reader` (its checksum verified by the caller), all but
+/// its secrets, which are counted and skipped: [`check_snapshot_secrets_from`] decodes them.
+pub fn decode_snapshot_head_from(reader: impl io::Read, what: &str) -> io::Result<SnapshotHead> {
+    let counted: StoredSnapshotCountedKv = decode_json_from(reader, what)?;
+    Ok(SnapshotHead { last_applied: counted.last_applied, state: counted.state, secrets: counted.kv.0 })
+}
+
+/// Decodes every secret of a snapshot record read from `reader`, one at a time, as a restore
+/// would, holding none of them: whether they all decode, and how many there are.
+pub fn check_snapshot_secrets_from(reader: impl io::Read, what: &str) -> io::Result<u64> {
+    for_each_secret::<crate::kv_table::StoredKvEntry>(reader, what, &mut |_| Ok(()))
 }
 
 /// A [`StoredSnapshot`] as written, borrowing its state and with its secrets from anywhere
@@ -574,18 +596,21 @@ mod tests {
         let counted: StoredSnapshotCountedKv = decode_json_from(&record[..], "snapshot").unwrap();
         assert_eq!((counted.kv.0, counted.last_applied), (3, snapshot.last_applied));
         let mut lines = Vec::new();
-        let passed = for_each_secret(&record[..], "snapshot", &mut |secret| {
+        let passed = for_each_secret(&record[..], "snapshot", &mut |secret: Box<serde_json::value::RawValue>| {
             lines.push(serde_json::from_str::<crate::kv_table::StoredKvEntry>(secret.get()).unwrap());
             Ok(())
         });
         assert_eq!((passed.unwrap(), lines), (3, kv));
         let mut seen = 0;
-        let stopped = for_each_secret(&record[..], "snapshot", &mut |_| {
+        let stopped = for_each_secret(&record[..], "snapshot", &mut |_: crate::kv_table::StoredKvEntry| {
             seen += 1;
             Err(io::Error::other("the transfer was abandoned"))
         });
         assert_eq!((stopped.unwrap_err().to_string(), seen), ("the transfer was abandoned".to_string(), 1));
-        let cut = for_each_secret(&record[..record.len() - 3], "snapshot", &mut |_| Ok(())).unwrap_err();
+        assert_eq!(check_snapshot_secrets_from(&record[..], "snapshot").unwrap(), 3);
+        let head = decode_snapshot_head_from(&record[..], "snapshot").unwrap();
+        assert_eq!((head.secrets, head.last_applied), (3, snapshot.last_applied));
+        let cut = check_snapshot_secrets_from(&record[..record.len() - 3], "snapshot").unwrap_err();
         assert!(cut.to_string().starts_with("snapshot: undecodable record"), "{cut}");
     }
 

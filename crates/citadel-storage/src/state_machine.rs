@@ -348,7 +348,7 @@ impl StateReader {
             streamed_secrets: Some(streamed),
         };
         out(TransferPart::Header(codec::encode(&transfer)))?;
-        let sent = codec::for_each_secret(local.reader()?, WHAT, &mut |secret| {
+        let sent = codec::for_each_secret(local.reader()?, WHAT, &mut |secret: Box<serde_json::value::RawValue>| {
             let line = secret.get().as_bytes();
             if line.contains(&b'\n') {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "local snapshot: a secret's JSON spans lines"));
