@@ -59,9 +59,12 @@ pub struct Node {
     pub restart: tokio::sync::Notify,
     /// Held by the lifecycle action this leader is carrying out (`lifecycle.rs`).
     pub lifecycle_lock: tokio::sync::Mutex<()>,
-    /// Held while an operator snapshot is built (`snapshot.rs`): one at a time, so that
-    /// concurrent requests cost one build's CPU and temporary file, not one each.
-    pub snapshot_build: tokio::sync::Mutex<()>,
+    /// Held while an operator snapshot's archive is written (`snapshot.rs`): one at a time, so
+    /// that concurrent requests take their turn for the CPU and disk instead of sharing them.
+    pub snapshot_build: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a snapshot restore's upload is read and checked (up to `MAX_SNAPSHOT` in
+    /// memory, §8.3): one at a time, another is refused before its body is read.
+    pub snapshot_restore: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The request a node is serving, for the commands it proposes and the reads it makes.

@@ -111,6 +111,7 @@ pub async fn run(config: Config) -> Result<()> {
         restart: Default::default(),
         lifecycle_lock: Default::default(),
         snapshot_build: Default::default(),
+        snapshot_restore: Default::default(),
     });
     tracing::info!(node = app.node_id(), api = %app.config.api_addr, cluster = %app.config.cluster_addr, "citadel node started");
     crate::peer::load_removed_marker(&app);
@@ -317,10 +318,18 @@ async fn api_entry(
     // Only a snapshot restore may exceed the API's body limit...
     let limit = if path.starts_with("sys/storage/raft/snapshot") { MAX_SNAPSHOT } else { MAX_BODY };
     // ...and its body is read only for a caller allowed to restore; anyone else gets 403 unread.
-    let body = if limit == MAX_SNAPSHOT && !api::may_read_snapshot_body(&app, &method, &path, &headers) {
-        Body::empty()
-    } else {
-        body
+    let may_upload = limit == MAX_SNAPSHOT && api::may_read_snapshot_body(&app, &method, &path, &headers);
+    let body = if limit == MAX_SNAPSHOT && !may_upload { Body::empty() } else { body };
+    // One upload at a time, held until it is restored or refused: each may hold MAX_SNAPSHOT.
+    let _restoring = match may_upload && (method == Method::POST || method == Method::PUT) {
+        false => None,
+        true => match app.snapshot_restore.clone().try_lock_owned() {
+            Ok(guard) => Some(guard),
+            Err(_) => {
+                let busy = "another snapshot restore is being uploaded or applied on this node; retry when it is done";
+                return ApiError::unavailable(busy).into_response();
+            }
+        },
     };
     let body = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,

@@ -189,11 +189,9 @@ pub struct Built {
 
 /// Builds a fresh snapshot covering everything committed so far, as Vault's archive. It is
 /// streamed from the local snapshot's file into the archive's, so a node's memory does not
-/// grow with the size of its state, and one is built at a time.
+/// grow with the size of its state. One archive is written at a time: the lock goes with the
+/// blocking writer, so a request abandoned by its client still holds it until its writer ends.
 pub async fn build(app: &Node, keys: &Unsealed) -> Result<Built, BuildError> {
-    let _building = tokio::time::timeout(BUILD_WAIT, app.snapshot_build.lock())
-        .await
-        .map_err(|_| BuildError::NotReady("another snapshot is being built; retry".into()))?;
     app.linearize().await.map_err(BuildError::Node)?;
     let target = app.state.applied_index();
     app.raft.trigger().snapshot().await.map_err(|e| BuildError::NotReady(e.to_string()))?;
@@ -202,10 +200,16 @@ pub async fn build(app: &Node, keys: &Unsealed) -> Result<Built, BuildError> {
         .metrics(|m| m.snapshot.as_ref().is_some_and(|s| s.index >= target), "a snapshot covering the request")
         .await
         .map_err(|_| BuildError::NotReady("the snapshot was not built in time; retry".into()))?;
-    let (state, keyring, dir) = (app.state.clone(), keys.keyring.clone(), app.config.data_dir.clone());
-    tokio::task::spawn_blocking(move || write_archive(&state, &keyring, &dir))
+    let building = tokio::time::timeout(BUILD_WAIT, app.snapshot_build.clone().lock_owned())
         .await
-        .map_err(|e| BuildError::Failed(format!("the snapshot writer stopped: {e}")))?
+        .map_err(|_| BuildError::NotReady("another snapshot is being built; retry".into()))?;
+    let (state, keyring, dir) = (app.state.clone(), keys.keyring.clone(), app.config.data_dir.clone());
+    tokio::task::spawn_blocking(move || {
+        let _building = building;
+        write_archive(&state, &keyring, &dir)
+    })
+    .await
+    .map_err(|e| BuildError::Failed(format!("the snapshot writer stopped: {e}")))?
 }
 
 /// Writes the archive of the local snapshot into a temporary file in `dir`. Blocking.
@@ -332,34 +336,45 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
 }
 
 /// Checks an archive in a file with this cluster's keyring, as a restore would, without
-/// holding it or its state: three reads of the file, each through the decompressor, with
-/// `state.bin` checked as it comes out. First the archive (entries, sums, seal), the snapshot
-/// file's header, the size and SHA-256 of its body and the body's record checksum; then the
-/// state, decoded; then each secret, decoded and dropped in turn. Each read checks the sums
-/// again, so what the later reads decode is what the first one verified.
+/// holding it or its state: four reads of the file, each through the decompressor, with
+/// `state.bin` checked as it comes out. First the archive (entries and sums) and its seal,
+/// before anything in `state.bin` is parsed; then the snapshot file's header, its HMAC, the size
+/// and SHA-256 of its body and the body's record checksum; then the state, decoded; then each
+/// secret, decoded and dropped in turn. Every read must find the sums the seal covers, so what
+/// a later read decodes is what the first one verified.
 pub fn verify_file(file: &mut std::fs::File, keyring: &Keyring) -> Result<SnapshotHeader, String> {
+    let mut sealed_sums = None;
     let mut read = |check: &mut StateCheck<'_>| {
         file.rewind().map_err(|e| e.to_string())?;
         let archive = archive::read_streaming(BufReader::new(&mut *file), check).map_err(|e| e.to_string())?;
+        match &sealed_sums {
+            None => {
+                archive::unseal(&archive, keyring).map_err(|e| e.to_string())?;
+                sealed_sums = Some(archive.sums.clone());
+            }
+            Some(sums) if *sums != archive.sums => {
+                return Err("the snapshot archive changed while it was verified".into())
+            }
+            Some(_) => {}
+        }
         let checked = archive.state.map_err(|e| format!("state.bin: {e}"))?;
-        Ok::<_, String>((archive.meta, archive.sums, archive.sealed, checked))
+        Ok::<_, String>((archive.meta, checked))
     };
+    let (meta, _) = read(&mut |_| Ok(Ok(0)))?;
     let mut header = None;
-    let (meta, sums, sealed, _) = read(&mut |state| {
+    read(&mut |state| {
         Ok(check_file_from(state)?.map(|checked| {
             header = Some(checked);
             0
         }))
     })?;
-    let sealed_only = archive::Archive { meta, state: (), sums, sealed };
-    archive::unseal(&sealed_only, keyring).map_err(|e| e.to_string())?;
     let header = header.ok_or("state.bin was not read")?;
-    if (sealed_only.meta.index, sealed_only.meta.term) != (header.last_index, header.last_term) {
+    if (meta.index, meta.term) != (header.last_index, header.last_term) {
         return Err(archive::ArchiveError::MetaMismatch.to_string());
     }
     verify_hmac(&header, keyring).map_err(|e| format!("state.bin: {e}"))?;
     let mut last_applied = None;
-    let (.., secrets_in_state) = read(&mut |state| {
+    let (_, secrets_in_state) = read(&mut |state| {
         Ok(skip_header_line(state)?.and_then(|()| {
             let head = codec::decode_snapshot_head_from(state, "snapshot body").map_err(bad_body)?;
             check_state(&head.state)?;
@@ -370,7 +385,7 @@ pub fn verify_file(file: &mut std::fs::File, keyring: &Keyring) -> Result<Snapsh
     if last_applied != Some(Some((header.last_index, header.last_term))) {
         return Err(format!("state.bin: {}", SnapshotFileError::Inconsistent));
     }
-    let (.., secrets) = read(&mut |state| {
+    let (_, secrets) = read(&mut |state| {
         Ok(skip_header_line(state)?
             .and_then(|()| codec::check_snapshot_secrets_from(state, "snapshot body").map_err(bad_body)))
     })?;
@@ -533,10 +548,15 @@ mod tests {
 
     /// `file` in Vault's archive, in a file on disk.
     fn archive_file(file: &[u8], keyring: &Keyring) -> std::fs::File {
+        archive_file_at(file, keyring, 9)
+    }
+
+    /// `file` in Vault's archive whose `meta.json` says index `index`.
+    fn archive_file_at(file: &[u8], keyring: &Keyring, index: u64) -> std::fs::File {
         let meta = RaftMeta {
             version: 1,
             id: "2-9-1".into(),
-            index: 9,
+            index,
             term: 2,
             peers: None,
             configuration: Default::default(),
@@ -590,6 +610,17 @@ mod tests {
         body["kv"][1] = serde_json::json!({ "mount": 7 });
         let err = verify_file(&mut archive_file(&signed_file_of(codec::encode(&body), &ring), &ring), &ring);
         assert!(err.unwrap_err().contains("state.bin: the snapshot body is undecodable"));
+
+        // Sealed by this cluster, but the file inside was signed by another keyring.
+        let err = verify_file(&mut archive_file(&signed_file(&with_secrets(), &other_ring), &ring), &ring);
+        assert!(err.unwrap_err().contains("HMAC mismatch"));
+        let err = verify_file(&mut archive_file_at(&good, &ring, 8), &ring).unwrap_err();
+        assert!(err.contains("meta.json does not match state.bin"), "{err}");
+        let mut misfiled = with_secrets();
+        let token = citadel_core::token::TokenEntry { hash: "b".into(), ..Default::default() };
+        misfiled.state.tokens = std::collections::BTreeMap::from([("a".to_string(), token)]).into();
+        let err = verify_file(&mut archive_file(&signed_file(&misfiled, &ring), &ring), &ring).unwrap_err();
+        assert!(err.contains("stored under \"a\" but its hash is \"b\""), "{err}");
 
         let mut cut = good.clone();
         cut.truncate(good.len() - 1);

@@ -74,16 +74,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> io::Result<T> {
     }
 }
 
-/// Decodes a JSON record that may borrow from its bytes: fields kept as their text
-/// (`&serde_json::value::RawValue`) cost no decoding and no copy.
-pub fn decode_json_borrowed<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> io::Result<T> {
-    let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
-    match verified_body(bytes, what)? {
-        (RECORD_FORMAT_JSON, body) => serde_json::from_slice(body).map_err(|e| bad(format!("undecodable record: {e}"))),
-        (format, _) => Err(bad(format!("record format {format} where a JSON record was expected"))),
-    }
-}
-
 /// Checks a record's format byte and checksum without decoding it (a snapshot's bytes, handed
 /// on whole and decoded later).
 pub fn verify(bytes: &[u8], what: &str) -> io::Result<()> {

@@ -156,7 +156,7 @@ async fn slow_headers_are_dropped_after_the_header_read_timeout() {
 }
 
 #[tokio::test]
-async fn a_snapshot_restore_body_is_not_read_without_a_valid_token() {
+async fn a_snapshot_restore_body_is_read_only_with_a_sudo_token_and_one_upload_at_a_time() {
     let node = Node1::start(23540).await;
     let (addr, ca) = (api_addr(&node), node.layout.ca_path());
     // Announce 200 MB, send 1 KiB: a server that read the body first would wait for the rest.
@@ -197,6 +197,35 @@ async fn a_snapshot_restore_body_is_not_read_without_a_valid_token() {
     .unwrap();
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("not a Citadel snapshot file"), "{text}");
+
+    // One upload at a time: while one is being read, another is refused before its body is.
+    let mut first = open_tls(addr, "127.0.0.1".parse().unwrap(), &ca).await.unwrap();
+    let head = format!(
+        "POST /v1/sys/storage/raft/snapshot HTTP/1.1\r\nHost: citadel\r\nX-Vault-Token: {}\r\nContent-Length: 200000000\r\n\r\n",
+        node.root
+    );
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&[b'x'; 1024]).await.unwrap();
+    let (root, ca) = (node.root.as_str(), ca.as_path());
+    let upload = |body: &'static [u8]| async move {
+        let mut stream = open_tls(addr, "127.0.0.1".parse().unwrap(), ca).await.ok()?;
+        let headers = [("X-Vault-Token", root)];
+        http1_request(&mut stream, "POST", "/v1/sys/storage/raft/snapshot", &headers, body).await.ok()
+    };
+    let second = citadel::dev::wait_for("a second upload to be refused", Duration::from_secs(30), || async {
+        upload(b"not a snapshot").await.filter(|(status, _)| *status == 503)
+    })
+    .await
+    .unwrap();
+    assert!(second.1.contains("another snapshot restore is being uploaded"), "{}", second.1);
+    // Once the first upload ends (its client went away), the next one is read again.
+    drop(first);
+    let third = citadel::dev::wait_for("the next upload to be read", Duration::from_secs(30), || async {
+        upload(b"not a snapshot").await.filter(|(status, _)| *status != 503)
+    })
+    .await
+    .unwrap();
+    assert_eq!(third.0, 400, "{}", third.1);
 }
 
 #[tokio::test]
