@@ -180,8 +180,8 @@ impl std::fmt::Display for BuildError {
 /// How long a request for an operator snapshot waits for another one's build to finish.
 const BUILD_WAIT: Duration = Duration::from_secs(60);
 
-/// An operator snapshot, Vault's archive, in an unnamed temporary file of the data directory:
-/// the file is gone once closed, whatever happens to the node.
+/// An operator snapshot, Vault's archive, in an unnamed temporary file of the data directory
+/// (`O_TMPFILE` on Linux): the file is gone once closed, whatever happens to the node.
 pub struct Built {
     pub file: std::fs::File,
     pub len: u64,

@@ -36,7 +36,7 @@ const MAX_HEADER: usize = 1 << 20;
 
 /// openraft's meta of a snapshot, in our encoding.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SnapshotHeader {
+pub(crate) struct SnapshotHeader {
     pub last_log_id: Option<StoredLogId>,
     pub membership: StoredMembershipState,
 }
@@ -98,7 +98,7 @@ fn read_header(file: &mut impl Read, what: &str) -> io::Result<Option<(SnapshotH
     Ok(Some((codec::decode(&header, what)?, (PREFIX + len) as u64)))
 }
 
-pub struct SnapshotFile {
+pub(crate) struct SnapshotFile {
     path: PathBuf,
     /// Held while the file is replaced: a snapshot built while a newer one was installed
     /// (openraft builds on a task of its own) must not take the newer one's place.
