@@ -222,19 +222,20 @@ fn write_archive(state: &StateReader, keyring: &Keyring, dir: &Path) -> Result<B
     // The local form: every audit chain's tip, not its events. A restore keeps the cluster's
     // own audit log (`State::restore`), so events in the file would serve nothing, and with
     // them the file would grow with every request ever audited.
-    let stored: StoredSnapshotSummary =
-        codec::decode_json_from(record.reader().map_err(damaged)?, "local snapshot").map_err(damaged)?;
+    // One read: the summary is decoded from the bytes as they are hashed.
+    let mut body = archive::HashingReader::new(record.reader().map_err(damaged)?);
+    let stored: StoredSnapshotSummary = codec::decode_json_from(&mut body, "local snapshot").map_err(damaged)?;
+    std::io::copy(&mut body, &mut std::io::sink()).map_err(damaged)?;
+    let (body_sum, _) = body.finish();
     let last = stored.last_applied.ok_or_else(|| BuildError::NotReady("nothing to snapshot yet".into()))?;
-    let mut body_sum = Sha256::new();
-    std::io::copy(&mut record.reader().map_err(damaged)?, &mut body_sum).map_err(damaged)?;
     let mut header = SnapshotHeader {
         format: FORMAT.into(),
         version: VERSION,
         cluster_id: stored.state.cluster.as_ref().map(|c| c.id.clone()).unwrap_or_default(),
         last_index: last.index,
         last_term: last.term,
-        sha256: hex::encode(body_sum.finalize()),
-        size: record.len() as usize,
+        sha256: hex::encode(body_sum),
+        size: record.size() as usize,
         key_term: 0,
         hmac_sha256: String::new(),
     };
@@ -242,7 +243,7 @@ fn write_archive(state: &StateReader, keyring: &Keyring, dir: &Path) -> Result<B
     let mut header_line = serde_json::to_vec(&header).map_err(|e| BuildError::Failed(e.to_string()))?;
     header_line.push(b'\n');
     let now = crate::ids::now_ms();
-    let state_len = header_line.len() as u64 + record.len();
+    let state_len = header_line.len() as u64 + record.size();
     let meta = raft_meta(&stored, state_len, now);
     let cannot_write = |e: std::io::Error| BuildError::Failed(format!("cannot write the snapshot archive: {e}"));
     let out = tempfile::tempfile_in(dir).map_err(cannot_write)?;

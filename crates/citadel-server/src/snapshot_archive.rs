@@ -188,7 +188,7 @@ pub fn write<W: io::Write>(
         tar.append_data(&mut header, name, data)
     };
     append(META, meta_json.len() as u64, &mut &meta_json[..])?;
-    let mut state = HashingReader { inner: state.take(state_len), hasher: Sha256::new(), read: 0 };
+    let mut state = HashingReader::new(state.take(state_len));
     append(STATE, state_len, &mut state)?;
     if state.read != state_len {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "state.bin ended before its length"));
@@ -303,7 +303,7 @@ fn read_within<S>(
         if size > limit {
             return Err(ArchiveError::TooLarge { what: name.into(), limit });
         }
-        let mut data = HashingReader { inner: entry.take(limit), hasher: Sha256::new(), read: 0 };
+        let mut data = HashingReader::new(entry.take(limit));
         let (len, value) = if name == STATE {
             let value = read_state(&mut data).map_err(damaged)?;
             io::copy(&mut data, &mut io::sink()).map_err(damaged)?;

@@ -92,10 +92,7 @@ pub fn verify_from(reader: &mut impl io::Read, len: u64, what: &str) -> io::Resu
         io::ErrorKind::UnexpectedEof => bad("record is truncated".into()),
         _ => bad(format!("cannot read the record: {e}")),
     })?;
-    let format = header[0];
-    if format != RECORD_FORMAT_JSON && format != RECORD_FORMAT_BINARY {
-        return Err(bad(format!("unknown record format {format}")));
-    }
+    let format = known_format(header[0], what)?;
     let mut hasher = HashingWriter { out: &mut io::sink(), hasher: Sha256::new(), written: 0 };
     let body = len - HEADER as u64;
     let copied = io::copy(&mut reader.take(body), &mut hasher)?;
@@ -170,15 +167,19 @@ impl<W: io::Write> io::Write for HashingWriter<'_, W> {
 }
 
 /// A record's format byte and body, once the format is known and the checksum verifies.
+fn known_format(format: u8, what: &str) -> io::Result<u8> {
+    match format {
+        RECORD_FORMAT_JSON | RECORD_FORMAT_BINARY => Ok(format),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{what}: unknown record format {format}"))),
+    }
+}
+
 fn verified_body<'a>(bytes: &'a [u8], what: &str) -> io::Result<(u8, &'a [u8])> {
     let bad = |msg: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"));
     if bytes.len() < HEADER {
         return Err(bad("record is truncated".into()));
     }
-    let format = bytes[0];
-    if format != RECORD_FORMAT_JSON && format != RECORD_FORMAT_BINARY {
-        return Err(bad(format!("unknown record format {format}")));
-    }
+    let format = known_format(bytes[0], what)?;
     let body = &bytes[HEADER..];
     if checksum(body) != bytes[1..HEADER] {
         return Err(bad("checksum mismatch".into()));
@@ -378,9 +379,9 @@ impl<'de> Deserialize<'de> for Counted {
 }
 
 /// Reads a snapshot record (JSON, its checksum verified by the caller) from `reader` and calls
-/// `line` with each of its secrets (`kv`), one at a time, decoded as `T` (its JSON text, a
-/// `Box<RawValue>`, to pass it on): neither the record nor its secrets are ever whole in memory. Everything else is skipped as it is read. Returns
-/// how many secrets it passed on.
+/// `line` with each of its secrets (`kv`), one at a time, decoded as `T` (a `Box<RawValue>`
+/// passes its JSON text on): neither the record nor its secrets are ever whole in memory.
+/// Everything else is skipped as it is read. Returns how many secrets it passed on.
 pub(crate) fn for_each_secret<T: DeserializeOwned>(
     reader: impl io::Read,
     what: &str,

@@ -65,12 +65,8 @@ pub struct SnapshotRecordFile {
 
 impl SnapshotRecordFile {
     /// The record's size in bytes.
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Reads the record from its first byte to its last, each time it is called.
@@ -311,7 +307,7 @@ mod tests {
             .collect();
         let whole = file.read().unwrap().unwrap().data;
         assert_eq!(read_twice, [whole.clone(), whole]);
-        assert_eq!(record.len(), read_twice[0].len() as u64);
+        assert_eq!(record.size(), read_twice[0].len() as u64);
         // Replacing the file leaves what was opened as it was.
         file.write_streamed(&header(4), &vec![4u32]).unwrap();
         let mut bytes = Vec::new();

@@ -53,7 +53,7 @@ pub enum SnapshotData {
 impl fmt::Debug for SnapshotData {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SnapshotData::Local(record) => write!(f, "Local({} bytes)", record.len()),
+            SnapshotData::Local(record) => write!(f, "Local({} bytes)", record.size()),
             SnapshotData::Received(data) => write!(f, "Received({} bytes)", data.len()),
         }
     }
