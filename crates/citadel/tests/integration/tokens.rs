@@ -236,7 +236,8 @@ async fn emergency_tokens_are_revocable_once_quorum_returns() {
     let mut cluster = Cluster::start_nodes(3, 26400, true, "").await;
     let leader = cluster.leader().await;
     let root = cluster.root_at(leader);
-    root.post("auth/userpass/users/oncall", &json!({ "password": "oncall-password" })).await.unwrap();
+    let user = json!({ "password": "oncall-password" });
+    assert_eq!(settled_status(&root, "POST", "auth/userpass/users/oncall", Some(&user)).await, 204);
     let survivor = (leader + 1) % 3;
     let other = (leader + 2) % 3;
     dev::wait_for("the survivor to know the user", STARTUP, || async {
