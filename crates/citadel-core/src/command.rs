@@ -24,7 +24,9 @@ use crate::UnixMillis;
 ///    of its applied index; a build of format 5 would read every mount as empty.
 /// 7: `snapshot.bin` is `[3][header][snapshot record]`, written as it serializes
 ///    (`citadel_storage::snapshot_file`), which a build of format 6 would call a damaged record.
-pub const FORMAT_VERSION: u32 = 7;
+/// 8: the tokens live in the node's state store (`raft.redb`), not in the state it saves
+///    beside it; a build of format 7 would start with none. Snapshots still carry them.
+pub const FORMAT_VERSION: u32 = 8;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
 /// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify); formats
 /// 2 and 3 are format 4 without the new variant and field, which decode as absent; a format 4

@@ -232,6 +232,56 @@ impl State {
         Ok(())
     }
 
+    /// What changed in the tokens since the last call, for the node's store to write.
+    pub fn take_token_changes(&mut self) -> crate::token_table::TokenChanges {
+        self.tokens.take_changes()
+    }
+
+    /// A copy without tokens: what a node saves beside its store, which holds the tokens. Every
+    /// field is named, so a new one is a decision here rather than silently copied or lost.
+    pub fn clone_without_tokens(&self) -> State {
+        let State {
+            cluster,
+            seal,
+            mounts,
+            policies,
+            users,
+            tokens: _,
+            audit,
+            cluster_ca,
+            join_tokens,
+            revoked_emergency,
+            node_certs,
+            revoked_serials,
+            auth_mounts,
+            jobs,
+            inactive_nodes,
+            snapshot_auto,
+            alerts,
+            kv_cleared,
+        } = self;
+        State {
+            cluster: cluster.clone(),
+            seal: seal.clone(),
+            mounts: mounts.clone(),
+            policies: policies.clone(),
+            users: users.clone(),
+            tokens: TokenTable::default(),
+            audit: audit.clone(),
+            cluster_ca: cluster_ca.clone(),
+            join_tokens: join_tokens.clone(),
+            revoked_emergency: revoked_emergency.clone(),
+            node_certs: node_certs.clone(),
+            revoked_serials: revoked_serials.clone(),
+            auth_mounts: auth_mounts.clone(),
+            jobs: jobs.clone(),
+            inactive_nodes: inactive_nodes.clone(),
+            snapshot_auto: snapshot_auto.clone(),
+            alerts: alerts.clone(),
+            kv_cleared: kv_cleared.clone(),
+        }
+    }
+
     /// Empties memory of secrets, returning what the store must forget and write.
     pub fn take_kv_changes(&mut self) -> StateKvChanges {
         let cleared = std::mem::take(&mut self.kv_cleared).into_iter().collect();
@@ -603,6 +653,8 @@ impl State {
         kv_cleared.extend(state.mounts.keys().cloned());
         *self = state;
         self.kv_cleared = kv_cleared;
+        // Likewise every stored token gives way to the snapshot's.
+        self.tokens.replace_store();
         self.audit = audit;
         self.jobs = jobs;
         self.inactive_nodes = inactive_nodes;
@@ -842,6 +894,12 @@ pub(crate) mod tests {
         assert_eq!(state.apply(Command::RestoreState { state: Box::new(snapshot.clone()) }), Response::Done);
         assert_eq!(state.mounts, snapshot.mounts);
         assert_eq!(state.audit.verify(), Ok(1), "audit events survive a restore");
+        let tokens = state.take_token_changes();
+        assert!(tokens.replace, "the store's tokens give way to the snapshot's");
+        assert_eq!(
+            tokens.put.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            snapshot.tokens.keys().collect::<Vec<_>>()
+        );
         let empty = Command::RestoreState { state: Box::default() };
         assert_eq!(state.apply(empty), Response::Rejected(Rejection::NotInitialized));
     }

@@ -15,6 +15,7 @@ pub mod log_store;
 pub mod recover;
 pub mod snapshot_file;
 pub mod state_machine;
+mod token_store;
 pub mod types;
 
 pub use audit_store::{AuditQuery, AuditStore, ChainReport};

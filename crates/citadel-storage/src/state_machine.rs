@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
+use citadel_core::token_table::TokenTable;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
@@ -43,6 +44,7 @@ use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
+use crate::token_store;
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
@@ -66,6 +68,8 @@ pub const ARCHIVE_DIR: &str = "audit-archive";
 
 /// The first storage format whose snapshots leave the audit events in the audit store.
 const AUDIT_STORE_FORMAT: u32 = 5;
+/// The first storage format whose saved state leaves the tokens in the token table.
+const TOKEN_STORE_FORMAT: u32 = 8;
 
 /// The applied state as saved beside the tables at a durable commit.
 /// Writes a saved state ([`saved_state`]) in `txn`.
@@ -80,12 +84,14 @@ fn save_state(db: &Db, applied: &Applied) -> io::Result<()> {
     db.commit(true, |txn| put_saved_state(txn, &saved))
 }
 
+/// The state as saved beside the store: without its tokens, which the store holds
+/// ([`token_store`]).
 fn saved_state(applied: &Applied) -> Vec<u8> {
     codec::encode(&StoredSnapshotRef {
         format: citadel_core::command::FORMAT_VERSION,
         last_applied: applied.last_applied.as_ref().map(Into::into),
         membership: (&applied.membership).into(),
-        state: &applied.state,
+        state: &applied.state.clone_without_tokens(),
         kv: [(); 0],
         streamed_secrets: None,
     })
@@ -454,7 +460,12 @@ impl StateMachine {
         let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
         let stored = audit.applied().map_err(db_err)?;
         let applied = match db.read_meta::<StoredSnapshot>(KEY_STATE).map_err(db_err)? {
-            Some(saved) if saved.last_applied.map_or(0, |l| l.index) == stored => restore(saved).map_err(db_err)?,
+            Some(saved) if saved.last_applied.map_or(0, |l| l.index) == stored => {
+                let format = saved.format;
+                let mut applied = restore(saved).map_err(db_err)?;
+                with_stored_tokens(&db, &mut applied, format)?;
+                applied
+            }
             Some(saved) => {
                 // A clean close of redb makes its commits durable, and the last ones did not save
                 // the state (a stop the state machine did not see through): start over from the
@@ -564,6 +575,26 @@ fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<Stor
     Ok(Some(record))
 }
 
+/// Gives a state restored from the saved state its tokens: those of the token table, or, in a
+/// state saved before the table existed, its own, which move to the table once.
+fn with_stored_tokens(db: &Db, applied: &mut Applied, format: u32) -> Result<(), StorageOpenError> {
+    let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
+    if format >= TOKEN_STORE_FORMAT {
+        applied.state.tokens = TokenTable::from_store(token_store::read_all(db).map_err(db_err)?);
+        return Ok(());
+    }
+    applied.state.tokens.replace_store();
+    let tokens = applied.state.take_token_changes();
+    let saved = saved_state(applied);
+    db.commit(true, |txn| {
+        token_store::write_changes(txn, &tokens)?;
+        put_saved_state(txn, &saved)
+    })
+    .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
+    tracing::info!(tokens = tokens.put.len(), path = %db.path.display(), "moved the tokens out of the saved state into their table");
+    Ok(())
+}
+
 /// Starts the database over from `snapshot.bin` (or from nothing, without one): its state is
 /// saved, its secrets replace the table's, and its audit events (format 4 and older) move to
 /// the audit store, whose applied index goes back to the snapshot's; Raft then replays the log
@@ -608,10 +639,14 @@ fn rebuild_from_snapshot(
         ))));
     }
     let kv = applied.state.take_kv_changes();
+    // The snapshot's tokens replace the store's (none, without a snapshot).
+    applied.state.tokens.replace_store();
+    let tokens = applied.state.take_token_changes();
     let saved = saved_state(&applied);
     let mut moved = 0;
     db.write(|txn| {
         moved = kv_table::replace_all(txn, kv_refs(&kv))?;
+        token_store::write_changes(txn, &tokens)?;
         audit.store_in(txn, &[], index, false)?;
         put_saved_state(txn, &saved)?;
         Ok(())
@@ -710,10 +745,12 @@ fn apply_batch(
         // and no snapshot copies the state between the two.
         let events = applied.state.audit.take_unstored();
         let kv = applied.state.take_kv_changes();
+        let tokens = applied.state.take_token_changes();
         let saved = durable.then(|| saved_state(&applied));
         db.commit(durable, |txn| {
             audit.store_in(txn, &events, index, false)?;
             kv_table::write_changes(txn, &kv)?;
+            token_store::write_changes(txn, &tokens)?;
             if let Some(saved) = &saved {
                 put_saved_state(txn, saved)?;
             }
@@ -854,6 +891,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let inline = restored.state.audit.take_unstored();
         let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
         let inline_kv = restored.state.take_kv_changes();
+        restored.state.tokens.replace_store();
+        let tokens = restored.state.take_token_changes();
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
         let kv_cache = self.kv_cache.clone();
@@ -882,6 +921,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     kv_table::replace_all(txn, kv_refs(&inline_kv))?;
                     kv_table::clear_staged(txn)?;
                 }
+                token_store::write_changes(txn, &tokens)?;
                 put_saved_state(txn, &saved)?;
                 Ok(())
             };
@@ -1183,6 +1223,96 @@ mod tests {
         apply(&mut sm, 2, vec![write("a", 2), write("b", 1)]).await;
         assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(2), 0), "the replay converges");
         assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (Some(1), 0));
+    }
+
+    fn login(hash: &str, parent: Option<&str>) -> citadel_core::command::Command {
+        let entry = citadel_core::token::TokenEntry {
+            hash: hash.into(),
+            parent: parent.map(Into::into),
+            username: Some("ann".into()),
+            ..Default::default()
+        };
+        citadel_core::command::Command::TokenCreate { entry: Box::new(entry), login: None }
+    }
+
+    fn revoke(hash: &str) -> citadel_core::command::Command {
+        citadel_core::command::Command::TokenRevoke { hash: hash.into() }
+    }
+
+    /// The keys of the tokens in memory and in the token table, and how many the saved state holds.
+    fn tokens_held(sm: &StateMachine) -> (Vec<String>, Vec<String>, usize) {
+        let in_memory = sm.reader().read(|s| s.tokens.keys().cloned().collect());
+        let stored = token_store::read_all(&sm.db).unwrap().into_keys().collect();
+        let saved = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().map_or(0, |s| s.state.tokens.len());
+        (in_memory, stored, saved)
+    }
+
+    #[tokio::test]
+    async fn tokens_live_in_their_table_not_in_the_saved_state_and_a_restarted_node_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        apply(&mut sm, 0, vec![init(), login("a", None), login("b", Some("a")), login("c", None)]).await;
+        apply(&mut sm, 4, vec![revoke("a")]).await;
+        let held = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let (in_memory, stored, _) = tokens_held(&sm);
+        assert_eq!(in_memory, held(&["c", "root"]), "a revoked with its child");
+        assert_eq!(stored, in_memory, "each batch's changes are written");
+        drop(sm);
+
+        let sm = open(dir.path());
+        assert_eq!(sm.reader().applied_index(), 5);
+        assert_eq!(tokens_held(&sm), (held(&["c", "root"]), held(&["c", "root"]), 0), "none in the saved state");
+    }
+
+    #[tokio::test]
+    async fn a_state_saved_with_its_tokens_by_format_7_moves_them_to_their_table_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        apply(&mut sm, 0, vec![init(), login("a", None)]).await;
+        // What a format-7 node saved: the whole state, tokens included, and no token table.
+        let whole = sm.reader().read(State::clone);
+        let db = sm.db.clone();
+        drop(sm);
+        let mut saved = db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
+        (saved.format, saved.state) = (7, whole);
+        let no_tokens = citadel_core::token_table::TokenChanges { replace: true, ..Default::default() };
+        db.commit(true, |txn| token_store::write_changes(txn, &no_tokens)).unwrap();
+        db.write_meta(KEY_STATE, &saved).unwrap();
+        drop(db);
+
+        let mut sm = open(dir.path());
+        let both = vec!["a".to_string(), "root".to_string()];
+        assert_eq!(tokens_held(&sm), (both.clone(), both.clone(), 0), "moved, and saved without them");
+        apply(&mut sm, 2, vec![revoke("a")]).await;
+        drop(sm);
+        let sm = open(dir.path());
+        assert_eq!(tokens_held(&sm).1, ["root"], "read from the table from then on");
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_from_the_snapshot_or_an_installed_snapshot_replaces_the_stored_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        apply(&mut sm, 0, vec![init(), login("a", None)]).await;
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        apply(&mut sm, 2, vec![revoke("a"), login("b", None)]).await;
+        // A stop between durable commits: the store at entry 4, the saved state at 2.
+        let saved_at_2 = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
+        let db = sm.db.clone();
+        drop(sm);
+        db.write_meta(KEY_STATE, &saved_at_2).unwrap();
+        drop(db);
+        let snapshot_tokens = vec!["a".to_string(), "root".to_string()];
+        let sm = open(dir.path());
+        assert_eq!(tokens_held(&sm), (snapshot_tokens.clone(), snapshot_tokens.clone(), 0), "the snapshot's");
+        drop(sm);
+
+        let other = tempfile::tempdir().unwrap();
+        let mut receiver = open(other.path());
+        apply(&mut receiver, 0, vec![init(), login("stale", None)]).await;
+        let (data, _, lines) = transfer(&open(dir.path()).reader(), snapshot.snapshot);
+        receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
+        assert_eq!(tokens_held(&receiver), (snapshot_tokens.clone(), snapshot_tokens, 0), "the sender's, not its own");
     }
 
     /// A node that applied `commands` and built a snapshot of them.
