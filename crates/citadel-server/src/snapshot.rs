@@ -332,7 +332,7 @@ pub fn parse(file: &[u8]) -> Result<(SnapshotHeader, StoredSnapshot), SnapshotFi
     if last != Some((header.last_index, header.last_term)) {
         return Err(SnapshotFileError::Inconsistent);
     }
-    check_state(&stored.state)?;
+    check_state(&stored.state, &stored.tokens)?;
     Ok((header, stored))
 }
 
@@ -378,7 +378,7 @@ pub fn verify_file(file: &mut std::fs::File, keyring: &Keyring) -> Result<Snapsh
     let (_, secrets_in_state) = read(&mut |state| {
         Ok(skip_header_line(state)?.and_then(|()| {
             let head = codec::decode_snapshot_head_from(state, "snapshot body").map_err(bad_body)?;
-            check_state(&head.state)?;
+            check_state(&head.state, &Default::default())?;
             last_applied = Some(head.last_applied.map(|l| (l.index, l.term)));
             Ok(head.secrets)
         }))
@@ -455,9 +455,13 @@ fn check_file_from(file: &mut dyn Read) -> std::io::Result<Result<SnapshotHeader
     Ok(record.map(|_| header).map_err(bad_body))
 }
 
-/// What [`parse`] checks of a decoded state beyond its encoding.
-fn check_state(state: &State) -> Result<(), SnapshotFileError> {
-    match state.tokens.misfiled() {
+/// What [`parse`] checks of a decoded state, and of the tokens beside it, beyond their encoding.
+fn check_state(
+    state: &State,
+    tokens_beside: &std::collections::BTreeMap<String, citadel_core::token::TokenEntry>,
+) -> Result<(), SnapshotFileError> {
+    let beside = tokens_beside.iter().find(|(key, token)| **key != token.hash).map(|(k, t)| (k.as_str(), t));
+    match state.tokens.misfiled().or(beside) {
         Some((key, token)) => Err(SnapshotFileError::BadBody(format!(
             "a token is stored under {key:?} but its hash is {:?}: the file was edited",
             token.hash
@@ -517,6 +521,7 @@ mod tests {
                 config: StoredMembershipConfig { configs: vec![], nodes: Default::default() },
             },
             state,
+            tokens: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         }
@@ -621,6 +626,11 @@ mod tests {
         let token = citadel_core::token::TokenEntry { hash: "b".into(), ..Default::default() };
         misfiled.state.tokens = std::collections::BTreeMap::from([("a".to_string(), token)]).into();
         let err = verify_file(&mut archive_file(&signed_file(&misfiled, &ring), &ring), &ring).unwrap_err();
+        assert!(err.contains("stored under \"a\" but its hash is \"b\""), "{err}");
+        // The same token beside the state, where a format-8 snapshot keeps its tokens.
+        let mut misfiled_beside = with_secrets();
+        misfiled_beside.tokens = (*std::mem::take(&mut misfiled.state.tokens)).clone();
+        let err = verify_file(&mut archive_file(&signed_file(&misfiled_beside, &ring), &ring), &ring).unwrap_err();
         assert!(err.contains("stored under \"a\" but its hash is \"b\""), "{err}");
 
         let mut cut = good.clone();
@@ -749,6 +759,10 @@ mod tests {
         let token = citadel_core::token::TokenEntry { hash: "b".into(), ..Default::default() };
         edited.state.tokens = std::collections::BTreeMap::from([("a".to_string(), token)]).into();
         let err = parse(&signed_file(&edited, &keyring())).unwrap_err().to_string();
+        assert!(err.contains("stored under \"a\" but its hash is \"b\""), "{err}");
+        let mut beside = stored();
+        beside.tokens = (*std::mem::take(&mut edited.state.tokens)).clone();
+        let err = parse(&signed_file(&beside, &keyring())).unwrap_err().to_string();
         assert!(err.contains("stored under \"a\" but its hash is \"b\""), "{err}");
     }
 }

@@ -13,6 +13,7 @@ use std::io::{self, Read};
 
 use citadel_core::command::Command;
 use citadel_core::state::State;
+use citadel_core::token::TokenEntry;
 use openraft::entry::RaftEntry;
 use openraft::EntryPayload;
 use serde::de::DeserializeOwned;
@@ -317,6 +318,10 @@ pub struct StoredSnapshot {
     /// From format 6 the state holds no secrets: they follow in `kv`. Older formats hold them
     /// in their mounts.
     pub state: State,
+    /// From format 8 the state holds no tokens: they are here, by key. Older formats hold them
+    /// in the state.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenEntry>,
     #[serde(default)]
     pub kv: Vec<crate::kv_table::StoredKvEntry>,
     /// Set in a snapshot sent to a follower (its transfer form): its secrets follow it as that
@@ -350,6 +355,8 @@ pub(crate) struct StoredSnapshotCountedKv {
     pub last_applied: Option<StoredLogId>,
     pub membership: StoredMembershipState,
     pub state: State,
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenEntry>,
     #[serde(default)]
     pub kv: Counted,
 }
@@ -466,8 +473,25 @@ pub struct SnapshotHead {
 /// Decodes a snapshot record read from `reader` (its checksum verified by the caller), all but
 /// its secrets, which are counted and skipped: [`check_snapshot_secrets_from`] decodes them.
 pub fn decode_snapshot_head_from(reader: impl io::Read, what: &str) -> io::Result<SnapshotHead> {
-    let counted: StoredSnapshotCountedKv = decode_json_from(reader, what)?;
+    let mut counted: StoredSnapshotCountedKv = decode_json_from(reader, what)?;
+    with_tokens(&mut counted.state, counted.tokens)?;
     Ok(SnapshotHead { last_applied: counted.last_applied, state: counted.state, secrets: counted.kv.0 })
+}
+
+/// Puts a snapshot's tokens (format 8: beside its state) in its state. Refuses a snapshot
+/// that has tokens in both places: no build writes one.
+pub(crate) fn with_tokens(state: &mut State, tokens: BTreeMap<String, TokenEntry>) -> io::Result<()> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    if !state.tokens.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the snapshot holds tokens both in its state and beside it",
+        ));
+    }
+    state.tokens = tokens.into();
+    Ok(())
 }
 
 /// Decodes every secret of a snapshot record read from `reader`, one at a time, as a restore
@@ -476,24 +500,27 @@ pub fn check_snapshot_secrets_from(reader: impl io::Read, what: &str) -> io::Res
     for_each_secret::<crate::kv_table::StoredKvEntry>(reader, what, &mut |_| Ok(()))
 }
 
-/// A [`StoredSnapshot`] as written, borrowing its state and with its secrets from anywhere
-/// that serializes as a sequence of [`crate::kv_table::StoredKvEntry`] (a store being read).
+/// A [`StoredSnapshot`] as written, borrowing its state (without tokens), with its tokens from
+/// anywhere that serializes as a map of key to [`TokenEntry`] and its secrets from anywhere that
+/// serializes as a sequence of [`crate::kv_table::StoredKvEntry`] (a store being read).
 #[derive(Serialize)]
-pub(crate) struct StoredSnapshotRef<'a, K: Serialize> {
+pub(crate) struct StoredSnapshotRef<'a, T: Serialize, K: Serialize> {
     pub format: u32,
     pub last_applied: Option<StoredLogId>,
     pub membership: StoredMembershipState,
     pub state: &'a State,
+    pub tokens: T,
     pub kv: K,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streamed_secrets: Option<u64>,
 }
 
 impl StoredSnapshot {
-    /// The state with every secret in its mount, as a state without a store holds it (a
+    /// The state with its tokens and every secret in its mount, as a state without a store holds it (a
     /// restore proposes it whole; tools count it). Refuses a secret of a mount it lacks.
     pub fn into_whole_state(self) -> io::Result<State> {
         let mut state = self.state;
+        with_tokens(&mut state, self.tokens)?;
         for stored in self.kv {
             let mount = state.mounts.get_mut(&stored.mount).ok_or_else(|| {
                 io::Error::new(
@@ -517,6 +544,19 @@ pub struct Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshots_tokens_beside_its_state_join_it_and_tokens_in_both_places_are_refused() {
+        let token = |hash: &str| TokenEntry { hash: hash.into(), ..TokenEntry::default() };
+        let beside = BTreeMap::from([("a".to_string(), token("a"))]);
+        let mut state = State::default();
+        with_tokens(&mut state, beside.clone()).unwrap();
+        assert_eq!(*state.tokens, beside);
+        let err = with_tokens(&mut state, BTreeMap::from([("b".to_string(), token("b"))])).unwrap_err();
+        assert!(err.to_string().contains("tokens both in its state and beside it"), "{err}");
+        with_tokens(&mut state, BTreeMap::new()).unwrap();
+        assert_eq!(*state.tokens, beside, "nothing beside leaves the state's own");
+    }
 
     #[test]
     fn records_round_trip() {
@@ -554,6 +594,7 @@ mod tests {
             last_applied: Some(StoredLogId { term: 2, leader: 1, index: 9 }),
             membership: membership.clone(),
             state,
+            tokens: Default::default(),
             kv,
             streamed_secrets: None,
         };
@@ -580,6 +621,7 @@ mod tests {
                 config: StoredMembershipConfig { configs: vec![], nodes: BTreeMap::new() },
             },
             state: State::default(),
+            tokens: Default::default(),
             kv: kv.clone(),
             streamed_secrets: None,
         };

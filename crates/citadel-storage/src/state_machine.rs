@@ -1,10 +1,12 @@
 //! The state machine: `citadel_core::state::State` in memory without its secrets and its
 //! audit events, which live on disk beside it ([`crate::kv_table`], [`AuditStore`]).
 //!
-//! What stays in memory is small and bounded (mounts, policies, users, tokens, chain tips, the
-//! alert outbox). Each batch of entries loads the secrets its commands touch, applies under
-//! the state's write lock, and writes the secrets it changed and the events it sealed in one
-//! redb transaction that records the applied index. Readers take the shared lock and read the
+//! What stays in memory: mounts, policies, users, tokens, chain tips, the alert outbox. The
+//! tokens are also in a table of their own (`token_store.rs`), written batch by batch, so that
+//! neither the state saved once a second nor a snapshot copies them under the state's lock.
+//! Each batch of entries loads the secrets its commands touch, applies under the state's write
+//! lock, and writes the secrets and tokens it changed and the events it sealed in one redb
+//! transaction that records the applied index. Readers take the shared lock and read the
 //! store through a read transaction opened under it, so a reader never sees a state whose
 //! secrets or events are not yet stored.
 //!
@@ -18,12 +20,13 @@
 //! snapshot) or redb's clean close can leave the store ahead of the saved state: the start sees
 //! that the applied indexes differ and rebuilds from the snapshot.
 //!
-//! A snapshot (`snapshot.bin`, what openraft sends and an operator saves) holds the state and
-//! every secret beside it (`StoredSnapshot::kv`), streamed out of one read transaction, and each
-//! audit chain's tip, not its events. Sent to a follower, its state goes first, then its secrets
-//! and events, one per line ([`StateReader::write_transfer`]); the follower checks and stages
+//! A snapshot (`snapshot.bin`, what openraft sends and an operator saves) holds the state and,
+//! beside it, every token and every secret (`StoredSnapshot::tokens`, `kv`), streamed out of
+//! read transactions, and each audit chain's tip, not its events. Sent to a follower, its state
+//! and tokens go first, then its secrets and events, one per line ([`StateReader::write_transfer`]); the follower checks and stages
 //! them as they arrive ([`SnapshotReceiver`]) and installs them with the state in one commit.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
+use citadel_core::token::TokenEntry;
 use citadel_core::token_table::TokenTable;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -44,7 +48,7 @@ use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
-use crate::token_store;
+use crate::token_store::{self, StoredTokens};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
@@ -92,19 +96,23 @@ fn saved_state(applied: &Applied) -> Vec<u8> {
         last_applied: applied.last_applied.as_ref().map(Into::into),
         membership: (&applied.membership).into(),
         state: &applied.state.clone_without_tokens(),
+        // In their table ([`token_store`]).
+        tokens: BTreeMap::<String, TokenEntry>::new(),
         kv: [(); 0],
         streamed_secrets: None,
     })
 }
 
-/// Writes `snapshot.bin` for `meta`: `state` and every secret `secrets` holds, serialized into
-/// the file as they are read.
+/// Writes `snapshot.bin` for `meta`: `state` (without tokens), and every token and every secret
+/// of the store as `tokens` and `secrets` read it, serialized into the file as they are read.
 fn write_local_snapshot(
     snapshots: &SnapshotFile,
     meta: &SnapshotMeta,
     state: &State,
+    tokens: &StoredTokens<'_>,
     secrets: &KvView<'_>,
 ) -> io::Result<()> {
+    assert!(state.tokens.is_empty(), "a snapshot's tokens come from the store");
     let header = SnapshotHeader {
         last_log_id: meta.last_log_id.as_ref().map(Into::into),
         membership: (&meta.last_membership).into(),
@@ -116,6 +124,7 @@ fn write_local_snapshot(
             last_applied: header.last_log_id,
             membership: header.membership.clone(),
             state,
+            tokens,
             kv: StreamedKv(secrets),
             streamed_secrets: None,
         },
@@ -350,6 +359,7 @@ impl StateReader {
             last_applied: stored.last_applied,
             membership: stored.membership,
             state: &stored.state,
+            tokens: &stored.tokens,
             kv: [(); 0],
             streamed_secrets: Some(streamed),
         };
@@ -776,21 +786,22 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (self.inner.clone(), self.db.clone(), self.kv_cache.clone(), self.snapshots.clone());
         let record = tokio::task::spawn_blocking(move || -> io::Result<SnapshotRecordFile> {
             // Under the lock only: a durable commit with the state saved (the log may be purged
-            // up to this snapshot once it is written), a copy of the state without its secrets,
-            // and a read transaction on the secrets as of the same index. Encoding the secrets
+            // up to this snapshot once it is written), a copy of the state without its secrets
+            // and tokens, and read transactions on both as of the same index. Encoding them
             // holds no lock `apply` needs: with the whole state under it, writes waiting to apply
-            // timed out (`bench scale` found it).
+            // timed out (`bench scale` found it), and copying 100,000 tokens held them 80 ms.
             let stored = KvView::new(&db, &kv_cache);
-            let (state, meta) = {
+            let (state, meta, tokens) = {
                 let applied = inner.read().unwrap_or_else(|p| p.into_inner());
                 save_state(&db, &applied)?;
                 stored.open()?;
+                let tokens = StoredTokens::open(&db)?;
                 let meta =
                     SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
-                (applied.state.clone(), meta)
+                (applied.state.clone_without_tokens(), meta, tokens)
             };
-            write_local_snapshot(&snapshots, &meta, &state, &stored)?;
-            drop((state, stored));
+            write_local_snapshot(&snapshots, &meta, &state, &tokens, &stored)?;
+            drop((state, tokens, stored));
             // What the file holds is the snapshot (a later one, if one was installed meanwhile):
             // openraft gets the file, verified, never its bytes.
             snapshots.open_record()?.ok_or_else(|| io::Error::other("the snapshot just written is gone"))
@@ -935,7 +946,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Only this task applies or installs, so the state read back is the one installed.
             let applied = inner.read().unwrap_or_else(|p| p.into_inner());
             let secrets = KvView::new(&db, &kv_cache);
-            write_local_snapshot(&snapshots, &meta, &applied.state, &secrets)
+            let tokens = StoredTokens::open(&db)?;
+            write_local_snapshot(&snapshots, &meta, &applied.state.clone_without_tokens(), &tokens, &secrets)
         })
         .await
         .map_err(io::Error::other)?
@@ -968,6 +980,7 @@ mod tests {
             last_applied: Some(last),
             membership: membership(),
             state,
+            tokens: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         };
@@ -1111,6 +1124,7 @@ mod tests {
             last_applied: Some(last),
             membership: membership.clone(),
             state: State::default(),
+            tokens: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         };
@@ -1295,6 +1309,9 @@ mod tests {
         let mut sm = open(dir.path());
         apply(&mut sm, 0, vec![init(), login("a", None)]).await;
         let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let in_file: StoredSnapshot = codec::decode(&local_bytes(dir.path()), "snapshot").unwrap();
+        assert!(in_file.state.tokens.is_empty(), "beside the state, not in it");
+        assert_eq!(in_file.tokens.keys().collect::<Vec<_>>(), ["a", "root"]);
         apply(&mut sm, 2, vec![revoke("a"), login("b", None)]).await;
         // A stop between durable commits: the store at entry 4, the saved state at 2.
         let saved_at_2 = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
@@ -1313,6 +1330,39 @@ mod tests {
         let (data, _, lines) = transfer(&open(dir.path()).reader(), snapshot.snapshot);
         receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
         assert_eq!(tokens_held(&receiver), (snapshot_tokens.clone(), snapshot_tokens, 0), "the sender's, not its own");
+    }
+
+    #[tokio::test]
+    async fn a_format_7_snapshot_with_its_tokens_in_its_state_still_rebuilds_and_transfers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sm, snapshot) = node_with_snapshot(dir.path(), vec![init(), login("a", None)]).await;
+        let db = sm.db.clone();
+        drop(sm);
+        // What format 7 left: the tokens in the snapshot's state, and neither a token table nor
+        // (here) a saved state, so that the start rebuilds from the snapshot.
+        let files = SnapshotFile::in_dir(dir.path());
+        let mut record = files.read().unwrap().unwrap();
+        let mut stored: StoredSnapshot = codec::decode(&record.data, "snapshot").unwrap();
+        stored.state.tokens = std::mem::take(&mut stored.tokens).into();
+        stored.format = 7;
+        record.data = codec::encode(&stored);
+        files.write(&record).unwrap();
+        let no_tokens = citadel_core::token_table::TokenChanges { replace: true, ..Default::default() };
+        db.commit(true, |txn| {
+            txn.open_table(META)?.remove(KEY_STATE)?;
+            token_store::write_changes(txn, &no_tokens)
+        })
+        .unwrap();
+        drop(db);
+
+        let both = vec!["a".to_string(), "root".to_string()];
+        let sm = open(dir.path());
+        assert_eq!(tokens_held(&sm), (both.clone(), both.clone(), 0), "moved to the table");
+        let other = tempfile::tempdir().unwrap();
+        let mut receiver = open(other.path());
+        let (data, _, lines) = transfer(&sm.reader(), local_snapshot(dir.path()));
+        receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
+        assert_eq!(tokens_held(&receiver), (both.clone(), both, 0));
     }
 
     /// A node that applied `commands` and built a snapshot of them.
@@ -1480,6 +1530,7 @@ mod tests {
             last_applied: Some(StoredLogId { term: 1, leader: 1, index: 7 }),
             membership: membership(),
             state,
+            tokens: Default::default(),
             kv: vec![],
             streamed_secrets: Some(u64::MAX),
         });

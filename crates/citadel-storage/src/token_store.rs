@@ -59,6 +59,41 @@ pub(crate) fn read_all(db: &Db) -> io::Result<BTreeMap<String, TokenEntry>> {
     Ok(tokens)
 }
 
+/// The tokens as of one commit: a read transaction, opened under the state's lock beside the
+/// secrets', that serializes as a snapshot's `tokens` (key → token), one token at a time, each
+/// record verified as it is read.
+pub(crate) struct StoredTokens<'a> {
+    db: &'a Db,
+    txn: redb::ReadTransaction,
+}
+
+impl<'a> StoredTokens<'a> {
+    pub(crate) fn open(db: &'a Db) -> io::Result<Self> {
+        Ok(StoredTokens { db, txn: db.db.begin_read().map_err(|e| db.err(e))? })
+    }
+}
+
+impl serde::Serialize for StoredTokens<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        let err = |e: &dyn std::fmt::Display| S::Error::custom(self.db.err(e));
+        let mut map = serializer.serialize_map(None)?;
+        match self.txn.open_table(TOKENS) {
+            Ok(table) => {
+                for (n, row) in table.iter().map_err(|e| err(&e))?.enumerate() {
+                    let (key, value) = row.map_err(|e| err(&e))?;
+                    let what = format!("{}: token record {} of the tokens table", self.db.path.display(), n + 1);
+                    let entry: TokenEntry = codec::decode(value.value(), &what).map_err(S::Error::custom)?;
+                    map.serialize_entry(key.value(), &entry)?;
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(err(&e)),
+        }
+        map.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,7 @@ fn valid_records() -> Vec<Vec<u8>> {
             last_applied: Some(log_id),
             membership: StoredMembershipState { log_id: Some(log_id), config: membership() },
             state: state_with_tokens(),
+            tokens: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         }),

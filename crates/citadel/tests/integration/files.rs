@@ -125,9 +125,9 @@ async fn a_snapshot_tampered_with_a_recomputed_checksum_is_refused() {
     let file = root.bytes("GET", "sys/storage/raft/snapshot", None).await.unwrap();
     let (mut header, mut stored) = citadel_server::api::snapshot_file(&file).unwrap();
     // The attacker adds a token of their own and recomputes every checksum.
-    let mut forged = stored.state.tokens.values().next().unwrap().clone();
+    let mut forged = stored.tokens.values().next().unwrap().clone();
     forged.hash = "attacker".into();
-    stored.state.tokens.insert(forged.hash.clone(), forged);
+    stored.tokens.insert(forged.hash.clone(), forged);
     stored.state.mounts.clear();
     let body = citadel_storage::codec::encode(&stored);
     header.sha256 = hex::encode(sha2::Sha256::digest(&body));
