@@ -24,9 +24,10 @@ use crate::UnixMillis;
 ///    of its applied index; a build of format 5 would read every mount as empty.
 /// 7: `snapshot.bin` is `[3][header][snapshot record]`, written as it serializes
 ///    (`citadel_storage::snapshot_file`), which a build of format 6 would call a damaged record.
-/// 8: the tokens live in the node's state store (`raft.redb`), not in the state it saves
-///    beside it, and `snapshot.bin` carries them beside its state (`StoredSnapshot::tokens`),
-///    read from there; a build of format 7 would start with none.
+/// 8: the tokens and users live in the node's state store (`raft.redb`), not in the state it
+///    saves beside it, and `snapshot.bin` carries them beside its state
+///    (`StoredSnapshot::tokens`, `users`), read from there; a build of format 7 would start
+///    with none.
 pub const FORMAT_VERSION: u32 = 8;
 /// The oldest format this build still reads. Format 1 differs from 2 only in how audit events
 /// are encoded, and `AuditEvent`'s decoding migrates those (their hashes still verify); formats

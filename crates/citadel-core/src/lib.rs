@@ -19,6 +19,7 @@ pub mod route;
 pub mod shamir;
 pub mod snapshot_auto;
 pub mod state;
+pub mod stored_map;
 pub mod time;
 pub mod token;
 pub mod token_table;

@@ -10,6 +10,7 @@ use crate::command::{Command, InitCommand, Rejection, Response};
 use crate::job::{self, JobLog, JobRefusal, JobRun, LogPosition};
 use crate::kv::{KvStore, WriteRequest};
 use crate::policy::{self, Policy};
+use crate::stored_map::{StoredChanges, StoredMap};
 use crate::token::{LoginProof, TokenEntry, User};
 use crate::token_table::TokenTable;
 use crate::UnixMillis;
@@ -116,7 +117,8 @@ pub struct State {
     /// Keyed by mount path with its trailing slash (`secret/`).
     pub mounts: BTreeMap<String, Mount>,
     pub policies: BTreeMap<String, Policy>,
-    pub users: BTreeMap<String, User>,
+    /// Keyed by `user_key` (mount path and username).
+    pub users: StoredMap<User>,
     /// Keyed by token hash, with the indexes revocation walks.
     pub tokens: TokenTable,
     pub audit: AuditLog,
@@ -237,15 +239,21 @@ impl State {
         self.tokens.take_changes()
     }
 
-    /// A copy without tokens: what a node saves beside its store, which holds the tokens. Every
-    /// field is named, so a new one is a decision here rather than silently copied or lost.
-    pub fn clone_without_tokens(&self) -> State {
+    /// What changed in the users since the last call, for the node's store to write.
+    pub fn take_user_changes(&mut self) -> StoredChanges<User> {
+        self.users.take_changes()
+    }
+
+    /// A copy without the tokens and the users, which the node's store holds in tables of their
+    /// own: what it saves beside them, and what a snapshot carries them beside. Every field is
+    /// named, so a new one is a decision here rather than silently copied or lost.
+    pub fn clone_without_stored_maps(&self) -> State {
         let State {
             cluster,
             seal,
             mounts,
             policies,
-            users,
+            users: _,
             tokens: _,
             audit,
             cluster_ca,
@@ -265,7 +273,7 @@ impl State {
             seal: seal.clone(),
             mounts: mounts.clone(),
             policies: policies.clone(),
-            users: users.clone(),
+            users: StoredMap::default(),
             tokens: TokenTable::default(),
             audit: audit.clone(),
             cluster_ca: cluster_ca.clone(),
@@ -653,8 +661,9 @@ impl State {
         kv_cleared.extend(state.mounts.keys().cloned());
         *self = state;
         self.kv_cleared = kv_cleared;
-        // Likewise every stored token gives way to the snapshot's.
+        // Likewise every stored token and user gives way to the snapshot's.
         self.tokens.replace_store();
+        self.users.replace_store();
         self.audit = audit;
         self.jobs = jobs;
         self.inactive_nodes = inactive_nodes;

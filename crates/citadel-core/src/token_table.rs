@@ -23,41 +23,24 @@ use std::ops::Deref;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::stored_map::{StoredChanges, StoredMap};
 use crate::token::TokenEntry;
 use crate::UnixMillis;
 
 #[derive(Clone, Debug, Default)]
 pub struct TokenTable {
-    by_hash: BTreeMap<String, TokenEntry>,
+    /// The tokens by key, with what the node's store has yet to take of their changes.
+    by_hash: StoredMap<TokenEntry>,
     /// Parent hash → the hashes of the tokens it created (whether or not the parent is held).
     children: KeyIndex,
     /// Username → the hashes of the tokens carrying it (logins and their descendants alike).
     by_username: KeyIndex,
     /// (when the token stops being usable, its hash), for every token that will ([`end_of`]).
     by_end: BTreeSet<(UnixMillis, String)>,
-    /// The keys inserted, changed or removed since the node's store last took the changes
-    /// ([`TokenTable::take_changes`]).
-    changed: BTreeSet<String>,
-    /// Whether the store's tokens all give way to this table's: set for a table that did not
-    /// come from the store (decoded from a snapshot or a restore), so that none of the store's
-    /// tokens outlives it.
-    replaces_store: bool,
 }
 
-/// What changed in a table since the store last took its changes: the store writes `put` and
-/// removes `removed`, after removing every token it holds when `replace` is set.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct TokenChanges {
-    pub replace: bool,
-    pub put: Vec<(String, TokenEntry)>,
-    pub removed: Vec<String>,
-}
-
-impl TokenChanges {
-    pub fn is_empty(&self) -> bool {
-        !self.replace && self.put.is_empty() && self.removed.is_empty()
-    }
-}
+/// What changed in a table since the node's store last took its changes.
+pub type TokenChanges = StoredChanges<TokenEntry>;
 
 /// Two tables are equal when they hold the same tokens under the same keys: the indexes derive
 /// from those, and what the store has yet to take is not part of the state.
@@ -113,7 +96,6 @@ impl TokenTable {
     pub fn insert(&mut self, hash: String, entry: TokenEntry) {
         assert_eq!(hash, entry.hash, "a token is keyed by its own hash");
         self.remove(&hash);
-        self.changed.insert(hash.clone());
         self.put(hash, entry);
     }
 
@@ -121,32 +103,19 @@ impl TokenTable {
     /// take.
     pub fn from_store(tokens: BTreeMap<String, TokenEntry>) -> Self {
         let mut table = TokenTable::from(tokens);
-        table.replaces_store = false;
+        table.by_hash.agrees_with_store();
         table
     }
 
     /// Marks every token as the store's to write, in place of all it holds (a restore).
     pub fn replace_store(&mut self) {
-        self.replaces_store = true;
-        self.changed.clear();
+        self.by_hash.replace_store();
     }
 
     /// What changed since the last call, for the store to write; afterwards the table and the
     /// store agree.
     pub fn take_changes(&mut self) -> TokenChanges {
-        let changed = std::mem::take(&mut self.changed);
-        if std::mem::take(&mut self.replaces_store) {
-            let put = self.by_hash.iter().map(|(key, entry)| (key.clone(), entry.clone())).collect();
-            return TokenChanges { replace: true, put, removed: Vec::new() };
-        }
-        let mut changes = TokenChanges::default();
-        for key in changed {
-            match self.by_hash.get(&key) {
-                Some(entry) => changes.put.push((key, entry.clone())),
-                None => changes.removed.push(key),
-            }
-        }
-        changes
+        self.by_hash.take_changes()
     }
 
     /// Stores a token under `key` and indexes it there.
@@ -165,7 +134,6 @@ impl TokenTable {
 
     pub fn remove(&mut self, hash: &str) -> Option<TokenEntry> {
         let entry = self.by_hash.remove(hash)?;
-        self.changed.insert(hash.to_string());
         if let Some(parent) = &entry.parent {
             self.children.remove(parent, hash);
         }
@@ -188,7 +156,6 @@ impl TokenTable {
     /// caught here.
     pub fn update<R>(&mut self, hash: &str, change: impl FnOnce(&mut TokenEntry) -> R) -> Option<R> {
         let entry = self.by_hash.get_mut(hash)?;
-        self.changed.insert(hash.to_string());
         let keys = |e: &TokenEntry| (e.hash.clone(), e.parent.clone(), e.username.clone());
         let (before, end_before) = (keys(entry), end_of(entry));
         let result = change(entry);
@@ -251,7 +218,7 @@ impl TokenTable {
 
     /// Whether the indexes say exactly what the tokens do (for tests and fuzzing).
     pub fn indexes_match_tokens(&self) -> bool {
-        let rebuilt: TokenTable = self.by_hash.clone().into();
+        let rebuilt: TokenTable = (*self.by_hash).clone().into();
         rebuilt.children == self.children && rebuilt.by_username == self.by_username && rebuilt.by_end == self.by_end
     }
 }
@@ -259,10 +226,11 @@ impl TokenTable {
 /// A table built from a map (a decoded snapshot or restore) replaces what the store holds.
 impl From<BTreeMap<String, TokenEntry>> for TokenTable {
     fn from(tokens: BTreeMap<String, TokenEntry>) -> Self {
-        let mut table = TokenTable { replaces_store: true, ..TokenTable::default() };
+        let mut table = TokenTable::default();
         for (key, entry) in tokens {
             table.put(key, entry);
         }
+        table.by_hash.replace_store();
         table
     }
 }
@@ -439,17 +407,6 @@ mod tests {
         }
     }
 
-    /// Writes `changes` to a model of the node's store.
-    fn store_changes(store: &mut BTreeMap<String, TokenEntry>, changes: TokenChanges) {
-        if changes.replace {
-            store.clear();
-        }
-        for key in changes.removed {
-            store.remove(&key);
-        }
-        store.extend(changes.put);
-    }
-
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
 
@@ -469,34 +426,21 @@ mod tests {
                     3 => { t.remove(hash); }
                     4 => { t.remove_tree(hash); }
                     _ => {
-                        let mut replaced: TokenTable = t.by_hash.clone().into_iter().filter(|(k, _)| k != hash).collect::<BTreeMap<_, _>>().into();
+                        let mut replaced: TokenTable = (*t.by_hash).clone().into_iter().filter(|(k, _)| k != hash).collect::<BTreeMap<_, _>>().into();
                         std::mem::swap(&mut t, &mut replaced);
                     }
                 }
                 if *take {
-                    store_changes(&mut store, t.take_changes());
-                    proptest::prop_assert_eq!(&store, &t.by_hash);
+                    crate::stored_map::tests::store_changes(&mut store, t.take_changes());
+                    proptest::prop_assert_eq!(&store, &*t.by_hash);
                     proptest::prop_assert!(t.take_changes().is_empty(), "nothing is taken twice");
                 }
             }
-            store_changes(&mut store, t.take_changes());
-            proptest::prop_assert_eq!(&store, &t.by_hash);
+            crate::stored_map::tests::store_changes(&mut store, t.take_changes());
+            proptest::prop_assert_eq!(&store, &*t.by_hash);
             let reread = TokenTable::from_store(store);
             proptest::prop_assert!(reread == t && reread.indexes_match_tokens());
         }
-    }
-
-    #[test]
-    fn a_decoded_table_replaces_the_stores_tokens_and_one_read_from_the_store_has_nothing_to_write() {
-        let map = BTreeMap::from([("a".to_string(), token("a", None, None))]);
-        let mut decoded: TokenTable = serde_json::from_str(&serde_json::to_string(&map).unwrap()).unwrap();
-        let changes = decoded.take_changes();
-        assert!(changes.replace && changes.put.len() == 1 && changes.removed.is_empty());
-        assert!(TokenTable::from_store(map.clone()).take_changes().is_empty());
-        let mut stored = TokenTable::from_store(map);
-        stored.remove("a");
-        stored.replace_store();
-        assert_eq!(stored.take_changes(), TokenChanges { replace: true, put: vec![], removed: vec![] });
     }
 
     #[test]

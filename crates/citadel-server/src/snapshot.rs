@@ -522,6 +522,7 @@ mod tests {
             },
             state,
             tokens: Default::default(),
+            users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         }

@@ -13,7 +13,7 @@ use std::io::{self, Read};
 
 use citadel_core::command::Command;
 use citadel_core::state::State;
-use citadel_core::token::TokenEntry;
+use citadel_core::token::{TokenEntry, User};
 use openraft::entry::RaftEntry;
 use openraft::EntryPayload;
 use serde::de::DeserializeOwned;
@@ -318,10 +318,12 @@ pub struct StoredSnapshot {
     /// From format 6 the state holds no secrets: they follow in `kv`. Older formats hold them
     /// in their mounts.
     pub state: State,
-    /// From format 8 the state holds no tokens: they are here, by key. Older formats hold them
-    /// in the state.
+    /// From format 8 the state holds no tokens and no users: they are here, by key. Older
+    /// formats hold them in the state.
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenEntry>,
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
     #[serde(default)]
     pub kv: Vec<crate::kv_table::StoredKvEntry>,
     /// Set in a snapshot sent to a follower (its transfer form): its secrets follow it as that
@@ -357,6 +359,8 @@ pub(crate) struct StoredSnapshotCountedKv {
     pub state: State,
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenEntry>,
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
     #[serde(default)]
     pub kv: Counted,
 }
@@ -474,23 +478,32 @@ pub struct SnapshotHead {
 /// its secrets, which are counted and skipped: [`check_snapshot_secrets_from`] decodes them.
 pub fn decode_snapshot_head_from(reader: impl io::Read, what: &str) -> io::Result<SnapshotHead> {
     let mut counted: StoredSnapshotCountedKv = decode_json_from(reader, what)?;
-    with_tokens(&mut counted.state, counted.tokens)?;
+    with_stored_maps(&mut counted.state, counted.tokens, counted.users)?;
     Ok(SnapshotHead { last_applied: counted.last_applied, state: counted.state, secrets: counted.kv.0 })
 }
 
-/// Puts a snapshot's tokens (format 8: beside its state) in its state. Refuses a snapshot
-/// that has tokens in both places: no build writes one.
-pub(crate) fn with_tokens(state: &mut State, tokens: BTreeMap<String, TokenEntry>) -> io::Result<()> {
-    if tokens.is_empty() {
-        return Ok(());
+/// Puts a snapshot's tokens and users (format 8: beside its state) in its state. Refuses a
+/// snapshot that has either in both places: no build writes one.
+pub(crate) fn with_stored_maps(
+    state: &mut State,
+    tokens: BTreeMap<String, TokenEntry>,
+    users: BTreeMap<String, User>,
+) -> io::Result<()> {
+    let both = |what: &str| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("the snapshot holds {what} both in its state and beside it"))
+    };
+    if !tokens.is_empty() {
+        if !state.tokens.is_empty() {
+            return Err(both("tokens"));
+        }
+        state.tokens = tokens.into();
     }
-    if !state.tokens.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "the snapshot holds tokens both in its state and beside it",
-        ));
+    if !users.is_empty() {
+        if !state.users.is_empty() {
+            return Err(both("users"));
+        }
+        state.users = users.into();
     }
-    state.tokens = tokens.into();
     Ok(())
 }
 
@@ -500,27 +513,29 @@ pub fn check_snapshot_secrets_from(reader: impl io::Read, what: &str) -> io::Res
     for_each_secret::<crate::kv_table::StoredKvEntry>(reader, what, &mut |_| Ok(()))
 }
 
-/// A [`StoredSnapshot`] as written, borrowing its state (without tokens), with its tokens from
-/// anywhere that serializes as a map of key to [`TokenEntry`] and its secrets from anywhere that
-/// serializes as a sequence of [`crate::kv_table::StoredKvEntry`] (a store being read).
+/// A [`StoredSnapshot`] as written, borrowing its state (without tokens and users), with its
+/// tokens and users from anywhere that serializes as a map of key to [`TokenEntry`] or [`User`],
+/// and its secrets from anywhere that serializes as a sequence of
+/// [`crate::kv_table::StoredKvEntry`] (a store being read).
 #[derive(Serialize)]
-pub(crate) struct StoredSnapshotRef<'a, T: Serialize, K: Serialize> {
+pub(crate) struct StoredSnapshotRef<'a, T: Serialize, U: Serialize, K: Serialize> {
     pub format: u32,
     pub last_applied: Option<StoredLogId>,
     pub membership: StoredMembershipState,
     pub state: &'a State,
     pub tokens: T,
+    pub users: U,
     pub kv: K,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streamed_secrets: Option<u64>,
 }
 
 impl StoredSnapshot {
-    /// The state with its tokens and every secret in its mount, as a state without a store holds it (a
+    /// The state with its tokens, its users and every secret in its mount, as a state without a store holds it (a
     /// restore proposes it whole; tools count it). Refuses a secret of a mount it lacks.
     pub fn into_whole_state(self) -> io::Result<State> {
         let mut state = self.state;
-        with_tokens(&mut state, self.tokens)?;
+        with_stored_maps(&mut state, self.tokens, self.users)?;
         for stored in self.kv {
             let mount = state.mounts.get_mut(&stored.mount).ok_or_else(|| {
                 io::Error::new(
@@ -546,16 +561,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_snapshots_tokens_beside_its_state_join_it_and_tokens_in_both_places_are_refused() {
+    fn a_snapshots_tokens_and_users_beside_its_state_join_it_and_either_in_both_places_is_refused() {
         let token = |hash: &str| TokenEntry { hash: hash.into(), ..TokenEntry::default() };
-        let beside = BTreeMap::from([("a".to_string(), token("a"))]);
+        let user = |name: &str| User {
+            username: name.into(),
+            password_hash: String::new(),
+            policies: vec![],
+            token_ttl_secs: 0,
+            token_max_ttl_secs: 0,
+        };
+        let tokens = BTreeMap::from([("a".to_string(), token("a"))]);
+        let users = BTreeMap::from([("ann".to_string(), user("ann"))]);
         let mut state = State::default();
-        with_tokens(&mut state, beside.clone()).unwrap();
-        assert_eq!(*state.tokens, beside);
-        let err = with_tokens(&mut state, BTreeMap::from([("b".to_string(), token("b"))])).unwrap_err();
+        with_stored_maps(&mut state, tokens.clone(), users.clone()).unwrap();
+        assert_eq!((&*state.tokens, &*state.users), (&tokens, &users));
+        let err = with_stored_maps(&mut state, tokens.clone(), BTreeMap::new()).unwrap_err();
         assert!(err.to_string().contains("tokens both in its state and beside it"), "{err}");
-        with_tokens(&mut state, BTreeMap::new()).unwrap();
-        assert_eq!(*state.tokens, beside, "nothing beside leaves the state's own");
+        let err = with_stored_maps(&mut state, BTreeMap::new(), users.clone()).unwrap_err();
+        assert!(err.to_string().contains("users both in its state and beside it"), "{err}");
+        with_stored_maps(&mut state, BTreeMap::new(), BTreeMap::new()).unwrap();
+        assert_eq!((&*state.tokens, &*state.users), (&tokens, &users), "nothing beside leaves the state's own");
     }
 
     #[test]
@@ -595,6 +620,7 @@ mod tests {
             membership: membership.clone(),
             state,
             tokens: Default::default(),
+            users: Default::default(),
             kv,
             streamed_secrets: None,
         };
@@ -622,6 +648,7 @@ mod tests {
             },
             state: State::default(),
             tokens: Default::default(),
+            users: Default::default(),
             kv: kv.clone(),
             streamed_secrets: None,
         };

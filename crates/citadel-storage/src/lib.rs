@@ -12,10 +12,10 @@ pub mod files;
 mod import;
 pub mod kv_table;
 pub mod log_store;
+mod map_tables;
 pub mod recover;
 pub mod snapshot_file;
 pub mod state_machine;
-mod token_store;
 pub mod types;
 
 pub use audit_store::{AuditQuery, AuditStore, ChainReport};

@@ -2,11 +2,11 @@
 //! audit events, which live on disk beside it ([`crate::kv_table`], [`AuditStore`]).
 //!
 //! What stays in memory: mounts, policies, users, tokens, chain tips, the alert outbox. The
-//! tokens are also in a table of their own (`token_store.rs`), written batch by batch, so that
-//! neither the state saved once a second nor a snapshot copies them under the state's lock.
-//! Each batch of entries loads the secrets its commands touch, applies under the state's write
-//! lock, and writes the secrets and tokens it changed and the events it sealed in one redb
-//! transaction that records the applied index. Readers take the shared lock and read the
+//! tokens and users are also in tables of their own (`map_tables.rs`), written batch by batch,
+//! so that neither the state saved once a second nor a snapshot copies them under the state's
+//! lock. Each batch of entries loads the secrets its commands touch, applies under the state's
+//! write lock, and writes the secrets, tokens and users it changed and the events it sealed in
+//! one redb transaction that records the applied index. Readers take the shared lock and read the
 //! store through a read transaction opened under it, so a reader never sees a state whose
 //! secrets or events are not yet stored.
 //!
@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
-use citadel_core::token::TokenEntry;
+use citadel_core::stored_map::StoredMap;
+use citadel_core::token::{TokenEntry, User};
 use citadel_core::token_table::TokenTable;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -47,8 +48,8 @@ use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
+use crate::map_tables::{StoredEntries, TOKENS, USERS};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
-use crate::token_store::{self, StoredTokens};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
 
@@ -72,8 +73,8 @@ pub const ARCHIVE_DIR: &str = "audit-archive";
 
 /// The first storage format whose snapshots leave the audit events in the audit store.
 const AUDIT_STORE_FORMAT: u32 = 5;
-/// The first storage format whose saved state leaves the tokens in the token table.
-const TOKEN_STORE_FORMAT: u32 = 8;
+/// The first storage format whose saved state leaves the tokens and the users in their tables.
+const MAP_TABLES_FORMAT: u32 = 8;
 
 /// The applied state as saved beside the tables at a durable commit.
 /// Writes a saved state ([`saved_state`]) in `txn`.
@@ -88,31 +89,32 @@ fn save_state(db: &Db, applied: &Applied) -> io::Result<()> {
     db.commit(true, |txn| put_saved_state(txn, &saved))
 }
 
-/// The state as saved beside the store: without its tokens, which the store holds
-/// ([`token_store`]).
+/// The state as saved beside the store: without its tokens and users, which the store holds in
+/// tables of their own ([`crate::map_tables`]).
 fn saved_state(applied: &Applied) -> Vec<u8> {
     codec::encode(&StoredSnapshotRef {
         format: citadel_core::command::FORMAT_VERSION,
         last_applied: applied.last_applied.as_ref().map(Into::into),
         membership: (&applied.membership).into(),
-        state: &applied.state.clone_without_tokens(),
-        // In their table ([`token_store`]).
+        state: &applied.state.clone_without_stored_maps(),
         tokens: BTreeMap::<String, TokenEntry>::new(),
+        users: BTreeMap::<String, User>::new(),
         kv: [(); 0],
         streamed_secrets: None,
     })
 }
 
-/// Writes `snapshot.bin` for `meta`: `state` (without tokens), and every token and every secret
-/// of the store as `tokens` and `secrets` read it, serialized into the file as they are read.
+/// Writes `snapshot.bin` for `meta`: `state` (without tokens and users), and every token, user
+/// and secret of the store as `tables` and `secrets` read them, serialized into the file as
+/// they are read.
 fn write_local_snapshot(
     snapshots: &SnapshotFile,
     meta: &SnapshotMeta,
     state: &State,
-    tokens: &StoredTokens<'_>,
+    tables: &StoredTables<'_>,
     secrets: &KvView<'_>,
 ) -> io::Result<()> {
-    assert!(state.tokens.is_empty(), "a snapshot's tokens come from the store");
+    assert!(state.tokens.is_empty() && state.users.is_empty(), "a snapshot's tokens and users come from the store");
     let header = SnapshotHeader {
         last_log_id: meta.last_log_id.as_ref().map(Into::into),
         membership: (&meta.last_membership).into(),
@@ -124,11 +126,25 @@ fn write_local_snapshot(
             last_applied: header.last_log_id,
             membership: header.membership.clone(),
             state,
-            tokens,
+            tokens: &tables.tokens,
+            users: &tables.users,
             kv: StreamedKv(secrets),
             streamed_secrets: None,
         },
     )
+}
+
+/// The token and user tables as of one commit, for a snapshot.
+struct StoredTables<'a> {
+    tokens: StoredEntries<'a, TokenEntry>,
+    users: StoredEntries<'a, User>,
+}
+
+impl<'a> StoredTables<'a> {
+    /// Opened under the state's lock, so that both are of the state's applied index.
+    fn open(db: &'a Db) -> io::Result<Self> {
+        Ok(StoredTables { tokens: TOKENS.snapshot(db)?, users: USERS.snapshot(db)? })
+    }
 }
 
 /// Serializes every secret a view holds as a snapshot's `kv`, one entry at a time.
@@ -360,6 +376,7 @@ impl StateReader {
             membership: stored.membership,
             state: &stored.state,
             tokens: &stored.tokens,
+            users: &stored.users,
             kv: [(); 0],
             streamed_secrets: Some(streamed),
         };
@@ -473,7 +490,7 @@ impl StateMachine {
             Some(saved) if saved.last_applied.map_or(0, |l| l.index) == stored => {
                 let format = saved.format;
                 let mut applied = restore(saved).map_err(db_err)?;
-                with_stored_tokens(&db, &mut applied, format)?;
+                with_stored_maps(&db, &mut applied, format)?;
                 applied
             }
             Some(saved) => {
@@ -585,23 +602,26 @@ fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<Stor
     Ok(Some(record))
 }
 
-/// Gives a state restored from the saved state its tokens: those of the token table, or, in a
-/// state saved before the table existed, its own, which move to the table once.
-fn with_stored_tokens(db: &Db, applied: &mut Applied, format: u32) -> Result<(), StorageOpenError> {
+/// Gives a state restored from the saved state its tokens and users: those of their tables, or,
+/// in a state saved before the tables existed, its own, which move to the tables once.
+fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), StorageOpenError> {
     let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
-    if format >= TOKEN_STORE_FORMAT {
-        applied.state.tokens = TokenTable::from_store(token_store::read_all(db).map_err(db_err)?);
+    if format >= MAP_TABLES_FORMAT {
+        applied.state.tokens = TokenTable::from_store(TOKENS.read_all(db).map_err(db_err)?);
+        applied.state.users = StoredMap::from_store(USERS.read_all(db).map_err(db_err)?);
         return Ok(());
     }
     applied.state.tokens.replace_store();
-    let tokens = applied.state.take_token_changes();
+    applied.state.users.replace_store();
+    let (tokens, users) = (applied.state.take_token_changes(), applied.state.take_user_changes());
     let saved = saved_state(applied);
     db.commit(true, |txn| {
-        token_store::write_changes(txn, &tokens)?;
+        TOKENS.write_changes(txn, &tokens)?;
+        USERS.write_changes(txn, &users)?;
         put_saved_state(txn, &saved)
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
-    tracing::info!(tokens = tokens.put.len(), path = %db.path.display(), "moved the tokens out of the saved state into their table");
+    tracing::info!(tokens = tokens.put.len(), users = users.put.len(), path = %db.path.display(), "moved the tokens and users out of the saved state into their tables");
     Ok(())
 }
 
@@ -649,14 +669,16 @@ fn rebuild_from_snapshot(
         ))));
     }
     let kv = applied.state.take_kv_changes();
-    // The snapshot's tokens replace the store's (none, without a snapshot).
+    // The snapshot's tokens and users replace the store's (none, without a snapshot).
     applied.state.tokens.replace_store();
-    let tokens = applied.state.take_token_changes();
+    applied.state.users.replace_store();
+    let (tokens, users) = (applied.state.take_token_changes(), applied.state.take_user_changes());
     let saved = saved_state(&applied);
     let mut moved = 0;
     db.write(|txn| {
         moved = kv_table::replace_all(txn, kv_refs(&kv))?;
-        token_store::write_changes(txn, &tokens)?;
+        TOKENS.write_changes(txn, &tokens)?;
+        USERS.write_changes(txn, &users)?;
         audit.store_in(txn, &[], index, false)?;
         put_saved_state(txn, &saved)?;
         Ok(())
@@ -755,12 +777,13 @@ fn apply_batch(
         // and no snapshot copies the state between the two.
         let events = applied.state.audit.take_unstored();
         let kv = applied.state.take_kv_changes();
-        let tokens = applied.state.take_token_changes();
+        let (tokens, users) = (applied.state.take_token_changes(), applied.state.take_user_changes());
         let saved = durable.then(|| saved_state(&applied));
         db.commit(durable, |txn| {
             audit.store_in(txn, &events, index, false)?;
             kv_table::write_changes(txn, &kv)?;
-            token_store::write_changes(txn, &tokens)?;
+            TOKENS.write_changes(txn, &tokens)?;
+            USERS.write_changes(txn, &users)?;
             if let Some(saved) = &saved {
                 put_saved_state(txn, saved)?;
             }
@@ -791,17 +814,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             // holds no lock `apply` needs: with the whole state under it, writes waiting to apply
             // timed out (`bench scale` found it), and copying 100,000 tokens held them 80 ms.
             let stored = KvView::new(&db, &kv_cache);
-            let (state, meta, tokens) = {
+            let (state, meta, tables) = {
                 let applied = inner.read().unwrap_or_else(|p| p.into_inner());
                 save_state(&db, &applied)?;
                 stored.open()?;
-                let tokens = StoredTokens::open(&db)?;
+                let tables = StoredTables::open(&db)?;
                 let meta =
                     SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
-                (applied.state.clone_without_tokens(), meta, tokens)
+                (applied.state.clone_without_stored_maps(), meta, tables)
             };
-            write_local_snapshot(&snapshots, &meta, &state, &tokens, &stored)?;
-            drop((state, tokens, stored));
+            write_local_snapshot(&snapshots, &meta, &state, &tables, &stored)?;
+            drop((state, tables, stored));
             // What the file holds is the snapshot (a later one, if one was installed meanwhile):
             // openraft gets the file, verified, never its bytes.
             snapshots.open_record()?.ok_or_else(|| io::Error::other("the snapshot just written is gone"))
@@ -903,7 +926,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let covers_events = chain_ranges(&restored.state.audit).iter().any(|(_, anchor, tip)| tip.seq > anchor.seq);
         let inline_kv = restored.state.take_kv_changes();
         restored.state.tokens.replace_store();
-        let tokens = restored.state.take_token_changes();
+        restored.state.users.replace_store();
+        let (tokens, users) = (restored.state.take_token_changes(), restored.state.take_user_changes());
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
         let kv_cache = self.kv_cache.clone();
@@ -932,7 +956,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     kv_table::replace_all(txn, kv_refs(&inline_kv))?;
                     kv_table::clear_staged(txn)?;
                 }
-                token_store::write_changes(txn, &tokens)?;
+                TOKENS.write_changes(txn, &tokens)?;
+                USERS.write_changes(txn, &users)?;
                 put_saved_state(txn, &saved)?;
                 Ok(())
             };
@@ -946,8 +971,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Only this task applies or installs, so the state read back is the one installed.
             let applied = inner.read().unwrap_or_else(|p| p.into_inner());
             let secrets = KvView::new(&db, &kv_cache);
-            let tokens = StoredTokens::open(&db)?;
-            write_local_snapshot(&snapshots, &meta, &applied.state.clone_without_tokens(), &tokens, &secrets)
+            let tables = StoredTables::open(&db)?;
+            write_local_snapshot(&snapshots, &meta, &applied.state.clone_without_stored_maps(), &tables, &secrets)
         })
         .await
         .map_err(io::Error::other)?
@@ -964,6 +989,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use crate::codec::{StoredLogId, StoredMembershipConfig, StoredMembershipState};
+    use citadel_core::stored_map::StoredChanges;
 
     fn membership() -> StoredMembershipState {
         StoredMembershipState {
@@ -981,6 +1007,7 @@ mod tests {
             membership: membership(),
             state,
             tokens: Default::default(),
+            users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         };
@@ -1125,6 +1152,7 @@ mod tests {
             membership: membership.clone(),
             state: State::default(),
             tokens: Default::default(),
+            users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         };
@@ -1253,116 +1281,147 @@ mod tests {
         citadel_core::command::Command::TokenRevoke { hash: hash.into() }
     }
 
-    /// The keys of the tokens in memory and in the token table, and how many the saved state holds.
-    fn tokens_held(sm: &StateMachine) -> (Vec<String>, Vec<String>, usize) {
-        let in_memory = sm.reader().read(|s| s.tokens.keys().cloned().collect());
-        let stored = token_store::read_all(&sm.db).unwrap().into_keys().collect();
-        let saved = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().map_or(0, |s| s.state.tokens.len());
-        (in_memory, stored, saved)
+    fn add_user(name: &str) -> citadel_core::command::Command {
+        let user = User {
+            username: name.into(),
+            password_hash: format!("$argon2id$hash-of-{name}"),
+            policies: vec!["default".into()],
+            token_ttl_secs: 60,
+            token_max_ttl_secs: 0,
+        };
+        citadel_core::command::Command::UserPut { user }
+    }
+
+    fn delete_user(name: &str) -> citadel_core::command::Command {
+        citadel_core::command::Command::UserDelete { username: name.into() }
+    }
+
+    /// The keys of the tokens and users (`user:` and its name) in memory, and in their tables;
+    /// asserts that the saved state holds none of either.
+    fn held(sm: &StateMachine) -> (Vec<String>, Vec<String>) {
+        fn keys<'a>(tokens: impl Iterator<Item = &'a String>, users: impl Iterator<Item = &'a String>) -> Vec<String> {
+            tokens.cloned().chain(users.map(|u| format!("user:{u}"))).collect()
+        }
+        let in_memory = sm.reader().read(|s| keys(s.tokens.keys(), s.users.keys()));
+        let (tokens, users) = (TOKENS.read_all::<TokenEntry>(&sm.db).unwrap(), USERS.read_all::<User>(&sm.db).unwrap());
+        if let Some(saved) = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap() {
+            let none = [saved.state.tokens.len(), saved.state.users.len(), saved.tokens.len(), saved.users.len()];
+            assert_eq!(none, [0; 4], "the saved state holds no token or user");
+        }
+        (in_memory, keys(tokens.keys(), users.keys()))
+    }
+
+    fn keys(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
+    }
+
+    /// Empties the token and user tables, as a data directory of format 7 has them.
+    fn no_tables(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        TOKENS.write_changes::<TokenEntry>(txn, &StoredChanges { replace: true, ..Default::default() })?;
+        USERS.write_changes::<User>(txn, &StoredChanges { replace: true, ..Default::default() })
     }
 
     #[tokio::test]
-    async fn tokens_live_in_their_table_not_in_the_saved_state_and_a_restarted_node_has_them() {
+    async fn tokens_and_users_live_in_their_tables_not_in_the_saved_state_and_a_restarted_node_has_them() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
-        apply(&mut sm, 0, vec![init(), login("a", None), login("b", Some("a")), login("c", None)]).await;
-        apply(&mut sm, 4, vec![revoke("a")]).await;
-        let held = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
-        let (in_memory, stored, _) = tokens_held(&sm);
-        assert_eq!(in_memory, held(&["c", "root"]), "a revoked with its child");
-        assert_eq!(stored, in_memory, "each batch's changes are written");
+        let first =
+            vec![init(), add_user("ann"), add_user("bob"), login("a", None), login("b", Some("a")), login("c", None)];
+        apply(&mut sm, 0, first).await;
+        apply(&mut sm, 6, vec![revoke("a"), delete_user("bob")]).await;
+        let expected = keys(&["c", "root", "user:ann"]);
+        assert_eq!(held(&sm), (expected.clone(), expected.clone()), "each batch's changes are written");
         drop(sm);
 
         let sm = open(dir.path());
-        assert_eq!(sm.reader().applied_index(), 5);
-        assert_eq!(tokens_held(&sm), (held(&["c", "root"]), held(&["c", "root"]), 0), "none in the saved state");
+        assert_eq!(sm.reader().applied_index(), 8);
+        assert_eq!(held(&sm), (expected.clone(), expected));
     }
 
     #[tokio::test]
-    async fn a_state_saved_with_its_tokens_by_format_7_moves_them_to_their_table_once() {
+    async fn a_state_saved_with_its_tokens_and_users_by_format_7_moves_them_to_their_tables_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
-        apply(&mut sm, 0, vec![init(), login("a", None)]).await;
-        // What a format-7 node saved: the whole state, tokens included, and no token table.
+        apply(&mut sm, 0, vec![init(), add_user("ann"), login("a", None)]).await;
+        // What a format-7 node saved: the whole state, tokens and users included, and no tables.
         let whole = sm.reader().read(State::clone);
         let db = sm.db.clone();
         drop(sm);
         let mut saved = db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
         (saved.format, saved.state) = (7, whole);
-        let no_tokens = citadel_core::token_table::TokenChanges { replace: true, ..Default::default() };
-        db.commit(true, |txn| token_store::write_changes(txn, &no_tokens)).unwrap();
+        db.commit(true, no_tables).unwrap();
         db.write_meta(KEY_STATE, &saved).unwrap();
         drop(db);
 
         let mut sm = open(dir.path());
-        let both = vec!["a".to_string(), "root".to_string()];
-        assert_eq!(tokens_held(&sm), (both.clone(), both.clone(), 0), "moved, and saved without them");
-        apply(&mut sm, 2, vec![revoke("a")]).await;
+        let all = keys(&["a", "root", "user:ann"]);
+        assert_eq!(held(&sm), (all.clone(), all), "moved, and saved without them");
+        apply(&mut sm, 3, vec![revoke("a"), delete_user("ann")]).await;
         drop(sm);
         let sm = open(dir.path());
-        assert_eq!(tokens_held(&sm).1, ["root"], "read from the table from then on");
+        assert_eq!(held(&sm).1, ["root"], "read from the tables from then on");
     }
 
     #[tokio::test]
-    async fn a_rebuild_from_the_snapshot_or_an_installed_snapshot_replaces_the_stored_tokens() {
+    async fn a_rebuild_from_the_snapshot_or_an_installed_snapshot_replaces_the_stored_tokens_and_users() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
-        apply(&mut sm, 0, vec![init(), login("a", None)]).await;
+        apply(&mut sm, 0, vec![init(), add_user("ann"), login("a", None)]).await;
         let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
         let in_file: StoredSnapshot = codec::decode(&local_bytes(dir.path()), "snapshot").unwrap();
-        assert!(in_file.state.tokens.is_empty(), "beside the state, not in it");
-        assert_eq!(in_file.tokens.keys().collect::<Vec<_>>(), ["a", "root"]);
-        apply(&mut sm, 2, vec![revoke("a"), login("b", None)]).await;
-        // A stop between durable commits: the store at entry 4, the saved state at 2.
-        let saved_at_2 = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
+        assert!(in_file.state.tokens.is_empty() && in_file.state.users.is_empty(), "beside the state, not in it");
+        assert_eq!(in_file.tokens.keys().chain(in_file.users.keys()).collect::<Vec<_>>(), ["a", "root", "ann"]);
+        apply(&mut sm, 3, vec![revoke("a"), login("b", None), delete_user("ann"), add_user("bob")]).await;
+        // A stop between durable commits: the store at entry 7, the saved state at 3.
+        let saved_at_3 = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
         let db = sm.db.clone();
         drop(sm);
-        db.write_meta(KEY_STATE, &saved_at_2).unwrap();
+        db.write_meta(KEY_STATE, &saved_at_3).unwrap();
         drop(db);
-        let snapshot_tokens = vec!["a".to_string(), "root".to_string()];
+        let snapshots = keys(&["a", "root", "user:ann"]);
         let sm = open(dir.path());
-        assert_eq!(tokens_held(&sm), (snapshot_tokens.clone(), snapshot_tokens.clone(), 0), "the snapshot's");
+        assert_eq!(held(&sm), (snapshots.clone(), snapshots.clone()), "the snapshot's");
         drop(sm);
 
         let other = tempfile::tempdir().unwrap();
         let mut receiver = open(other.path());
-        apply(&mut receiver, 0, vec![init(), login("stale", None)]).await;
+        apply(&mut receiver, 0, vec![init(), add_user("stale"), login("stale", None)]).await;
         let (data, _, lines) = transfer(&open(dir.path()).reader(), snapshot.snapshot);
         receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
-        assert_eq!(tokens_held(&receiver), (snapshot_tokens.clone(), snapshot_tokens, 0), "the sender's, not its own");
+        assert_eq!(held(&receiver), (snapshots.clone(), snapshots), "the sender's, not its own");
     }
 
     #[tokio::test]
-    async fn a_format_7_snapshot_with_its_tokens_in_its_state_still_rebuilds_and_transfers_them() {
+    async fn a_format_7_snapshot_with_its_tokens_and_users_in_its_state_still_rebuilds_and_transfers_them() {
         let dir = tempfile::tempdir().unwrap();
-        let (sm, snapshot) = node_with_snapshot(dir.path(), vec![init(), login("a", None)]).await;
+        let (sm, snapshot) = node_with_snapshot(dir.path(), vec![init(), add_user("ann"), login("a", None)]).await;
         let db = sm.db.clone();
         drop(sm);
-        // What format 7 left: the tokens in the snapshot's state, and neither a token table nor
-        // (here) a saved state, so that the start rebuilds from the snapshot.
+        // What format 7 left: the tokens and users in the snapshot's state, and neither tables
+        // nor (here) a saved state, so that the start rebuilds from the snapshot.
         let files = SnapshotFile::in_dir(dir.path());
         let mut record = files.read().unwrap().unwrap();
         let mut stored: StoredSnapshot = codec::decode(&record.data, "snapshot").unwrap();
         stored.state.tokens = std::mem::take(&mut stored.tokens).into();
+        stored.state.users = std::mem::take(&mut stored.users).into();
         stored.format = 7;
         record.data = codec::encode(&stored);
         files.write(&record).unwrap();
-        let no_tokens = citadel_core::token_table::TokenChanges { replace: true, ..Default::default() };
         db.commit(true, |txn| {
             txn.open_table(META)?.remove(KEY_STATE)?;
-            token_store::write_changes(txn, &no_tokens)
+            no_tables(txn)
         })
         .unwrap();
         drop(db);
 
-        let both = vec!["a".to_string(), "root".to_string()];
+        let all = keys(&["a", "root", "user:ann"]);
         let sm = open(dir.path());
-        assert_eq!(tokens_held(&sm), (both.clone(), both.clone(), 0), "moved to the table");
+        assert_eq!(held(&sm), (all.clone(), all.clone()), "moved to the tables");
         let other = tempfile::tempdir().unwrap();
         let mut receiver = open(other.path());
         let (data, _, lines) = transfer(&sm.reader(), local_snapshot(dir.path()));
         receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
-        assert_eq!(tokens_held(&receiver), (both.clone(), both, 0));
+        assert_eq!(held(&receiver), (all.clone(), all));
     }
 
     /// A node that applied `commands` and built a snapshot of them.
@@ -1531,6 +1590,7 @@ mod tests {
             membership: membership(),
             state,
             tokens: Default::default(),
+            users: Default::default(),
             kv: vec![],
             streamed_secrets: Some(u64::MAX),
         });

@@ -75,6 +75,7 @@ fn valid_records() -> Vec<Vec<u8>> {
             membership: StoredMembershipState { log_id: Some(log_id), config: membership() },
             state: state_with_tokens(),
             tokens: Default::default(),
+            users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
         }),
