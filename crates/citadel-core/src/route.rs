@@ -169,9 +169,9 @@ impl Param {
     }
 }
 
-/// Decides Vault's existence check for a route's target, from the state, the stored secrets
-/// and the path's captures.
-pub type Exists = fn(&State, &dyn crate::kv::KvRead, &Captures) -> bool;
+/// Decides Vault's existence check for a route's target, from the state, what the store holds
+/// (secrets, users) and the path's captures.
+pub type Exists = fn(&State, &dyn crate::state::StoreRead, &Captures) -> bool;
 
 /// An endpoint: a pattern and the operations it answers.
 #[derive(Clone, Debug)]

@@ -11,7 +11,7 @@ use crate::job::{self, JobLog, JobRefusal, JobRun, LogPosition};
 use crate::kv::{KvStore, WriteRequest};
 use crate::policy::{self, Policy};
 use crate::stored_map::{StoredChanges, StoredMap};
-use crate::token::{LoginProof, TokenEntry, User};
+use crate::token::{LoginProof, TokenEntry, User, UserRead};
 use crate::token_table::TokenTable;
 use crate::UnixMillis;
 
@@ -170,6 +170,22 @@ pub struct StateKvChanges {
     pub mounts: Vec<(String, crate::kv::KvChanges)>,
 }
 
+/// Reads what a node's store holds beside the state in memory: its secrets and its users.
+pub trait StoreRead: crate::kv::KvRead + UserRead {}
+
+impl<T: crate::kv::KvRead + UserRead> StoreRead for T {}
+
+/// A state that holds its users in memory (tests and tools) reads them from there.
+impl UserRead for State {
+    fn user(&self, key: &str) -> std::io::Result<Option<User>> {
+        Ok(self.users.get(key).cloned())
+    }
+
+    fn user_keys_under(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+        Ok(self.users.keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+    }
+}
+
 /// More inactive nodes than any cluster has members is a hostile or broken proposer.
 pub const MAX_INACTIVE_NODES: usize = 64;
 
@@ -237,6 +253,33 @@ impl State {
     /// What changed in the tokens since the last call, for the node's store to write.
     pub fn take_token_changes(&mut self) -> crate::token_table::TokenChanges {
         self.tokens.take_changes()
+    }
+
+    /// Loads the users `command` will read or change that memory does not answer for, from the
+    /// node's store. Called before `apply_entry`, as `preload_kv` is; after the batch the store
+    /// takes the changes and memory forgets the users (`State::forget_users`).
+    pub fn preload_users(&mut self, command: &Command, store: &dyn UserRead) -> std::io::Result<()> {
+        let mut load = |key: &str| -> std::io::Result<()> {
+            if self.users.needs(key) {
+                self.users.preload(key, store.user(key)?);
+            }
+            Ok(())
+        };
+        match command {
+            Command::UserPut { user } => load(&user.username),
+            Command::UserDelete { username } => load(username),
+            Command::TokenCreate { login: Some(proof), .. } => load(&proof.username),
+            Command::AuthDisable { path } => store.user_keys_under(path)?.iter().try_for_each(|key| load(key)),
+            Command::Authorized { command, .. }
+            | Command::Audited { command, .. }
+            | Command::JobResult { command: Some(command), .. } => self.preload_users(command, store),
+            _ => Ok(()),
+        }
+    }
+
+    /// Empties memory of users once the store has taken their changes.
+    pub fn forget_users(&mut self) {
+        self.users.forget();
     }
 
     /// What changed in the users since the last call, for the node's store to write.
@@ -1404,6 +1447,89 @@ pub(crate) mod tests {
             commands.push(command);
         }
         commands
+    }
+
+    /// User commands (writes with either of two passwords, deletions, logins with a password
+    /// that may be stale, an auth mount disabled and enabled again, some wrapped as requests'
+    /// commands) and restores, on a few users of two mounts, chosen by `seed`.
+    fn user_commands(seed: u64, count: usize) -> Vec<Command> {
+        let mut x = seed | 1;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut snapshot: Option<State> = None;
+        let mut commands = Vec::new();
+        for i in 0..count {
+            let mount = if next(2) == 0 { "corp/" } else { DEFAULT_USERPASS };
+            let key = user_key(mount, ["ann", "bob", "cy"][next(3) as usize]);
+            let hash = format!("h{}", next(2));
+            let command = match next(9) {
+                0..=2 => Command::UserPut { user: user(&key, &hash) },
+                3 => Command::UserDelete { username: key },
+                4 | 5 => {
+                    let mut login = token(&format!("login{i}"), None, Some(1000));
+                    login.username = Some(key.clone());
+                    let proof = LoginProof { username: key, password_hash: hash };
+                    Command::TokenCreate { entry: Box::new(login), login: Some(proof) }
+                }
+                6 if next(2) == 0 => Command::AuthDisable { path: "corp/".into() },
+                6 => Command::AuthEnable { path: "corp/".into(), mount: auth_mount() },
+                7 => authorized("root", 1, Command::UserPut { user: user(&key, &hash) }),
+                _ => match snapshot.take() {
+                    Some(state) => Command::RestoreState { state: Box::new(state) },
+                    None => {
+                        let mut taken = initialized();
+                        taken.apply(Command::AuthEnable { path: "corp/".into(), mount: auth_mount() });
+                        taken.apply(Command::UserPut { user: user("corp/ann", "h0") });
+                        snapshot = Some(taken);
+                        continue;
+                    }
+                },
+            };
+            commands.push(command);
+        }
+        commands
+    }
+
+    /// A model of the node's user table.
+    #[derive(Default)]
+    struct UserStore(BTreeMap<String, User>);
+
+    impl UserRead for UserStore {
+        fn user(&self, key: &str) -> std::io::Result<Option<User>> {
+            Ok(self.0.get(key).cloned())
+        }
+
+        fn user_keys_under(&self, prefix: &str) -> std::io::Result<Vec<String>> {
+            Ok(self.0.keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+        }
+    }
+
+    #[test]
+    fn a_replica_with_its_users_in_a_store_answers_and_ends_like_one_holding_them_in_memory() {
+        for seed in 1..300u64 {
+            let commands = user_commands(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 60);
+            let mut whole = initialized();
+            let (mut node, mut store) = (initialized(), UserStore::default());
+            for (i, batch) in commands.chunks(1 + (seed as usize % 4)).enumerate() {
+                for command in batch {
+                    let expected = whole.apply(command.clone());
+                    node.preload_users(command, &store).unwrap();
+                    assert_eq!(node.apply(command.clone()), expected, "seed {seed}, batch {i}: {}", command.kind());
+                }
+                crate::stored_map::tests::store_changes(&mut store.0, node.take_user_changes());
+                node.forget_users();
+                assert!(node.users.is_empty(), "memory holds no user between batches");
+                assert_eq!(store.0, *whole.users, "seed {seed}, after batch {i}");
+                assert_eq!(
+                    node.tokens, whole.tokens,
+                    "seed {seed}, after batch {i}: the same logins, the same revocations"
+                );
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct StoredMap<V> {
     entries: BTreeMap<String, V>,
     /// The keys inserted, changed or removed since the store last took the changes.
     changed: BTreeSet<String>,
+    /// The keys loaded from the store (or found absent there) since the map last forgot its
+    /// entries ([`StoredMap::forget`]): memory, not the store, answers for them.
+    loaded: BTreeSet<String>,
     /// Whether the store's entries all give way to this map's.
     replaces_store: bool,
 }
@@ -47,7 +50,7 @@ impl<V> StoredChanges<V> {
 /// An empty map agrees with an empty store: a fresh state's first changes are its own.
 impl<V> Default for StoredMap<V> {
     fn default() -> Self {
-        StoredMap { entries: BTreeMap::new(), changed: BTreeSet::new(), replaces_store: false }
+        StoredMap { entries: BTreeMap::new(), changed: BTreeSet::new(), loaded: BTreeSet::new(), replaces_store: false }
     }
 }
 
@@ -80,6 +83,7 @@ impl<V: Clone> StoredMap<V> {
     /// Declares that the store holds exactly these entries (they were just read from it).
     pub fn agrees_with_store(&mut self) {
         self.changed.clear();
+        self.loaded.clear();
         self.replaces_store = false;
     }
 
@@ -100,10 +104,33 @@ impl<V: Clone> StoredMap<V> {
         Some(value)
     }
 
+    /// Whether `key` must be loaded from the store before a command reads it: memory does not
+    /// answer for it yet (a map that replaces the store answers for every key).
+    pub fn needs(&self, key: &str) -> bool {
+        !self.replaces_store && !self.loaded.contains(key) && !self.changed.contains(key)
+    }
+
+    /// Takes `key`'s entry as the store holds it (none: no entry).
+    pub fn preload(&mut self, key: &str, stored: Option<V>) {
+        debug_assert!(self.needs(key), "an entry in memory is newer than the store's");
+        self.loaded.insert(key.to_string());
+        if let Some(value) = stored {
+            self.entries.insert(key.to_string(), value);
+        }
+    }
+
+    /// Empties memory once the store holds every change: a node keeps no entry between batches.
+    pub fn forget(&mut self) {
+        assert!(self.changed.is_empty() && !self.replaces_store, "forgetting entries the store has not taken");
+        self.entries.clear();
+        self.loaded.clear();
+    }
+
     /// Marks every entry as the store's to write, in place of all it holds (a restore).
     pub fn replace_store(&mut self) {
         self.replaces_store = true;
         self.changed.clear();
+        self.loaded.clear();
     }
 
     /// What changed since the last call, for the store to write; afterwards the map and the
@@ -128,7 +155,7 @@ impl<V: Clone> StoredMap<V> {
 /// A map built from entries (a decoded snapshot or restore) replaces what the store holds.
 impl<V> From<BTreeMap<String, V>> for StoredMap<V> {
     fn from(entries: BTreeMap<String, V>) -> Self {
-        StoredMap { entries, changed: BTreeSet::new(), replaces_store: true }
+        StoredMap { entries, changed: BTreeSet::new(), loaded: BTreeSet::new(), replaces_store: true }
     }
 }
 

@@ -95,6 +95,15 @@ pub struct User {
     pub token_max_ttl_secs: u64,
 }
 
+/// Reads users where they live: a node's store, or a state's memory (tests and tools).
+pub trait UserRead {
+    /// The user stored under `key` (`state::user_key`: the mount's path, then the name).
+    fn user(&self, key: &str) -> std::io::Result<Option<User>>;
+
+    /// The keys that start with `prefix` (an auth mount's path), in order.
+    fn user_keys_under(&self, prefix: &str) -> std::io::Result<Vec<String>>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

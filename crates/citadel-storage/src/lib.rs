@@ -12,7 +12,7 @@ pub mod files;
 mod import;
 pub mod kv_table;
 pub mod log_store;
-mod map_tables;
+pub mod map_tables;
 pub mod recover;
 pub mod snapshot_file;
 pub mod state_machine;

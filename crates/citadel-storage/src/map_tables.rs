@@ -19,6 +19,7 @@ use std::io;
 use std::marker::PhantomData;
 
 use citadel_core::stored_map::StoredChanges;
+use citadel_core::token::{User, UserRead};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -125,9 +126,59 @@ impl<V: DeserializeOwned + Serialize> Serialize for StoredEntries<'_, V> {
     }
 }
 
+type ReadTable = redb::ReadOnlyTable<&'static str, &'static [u8]>;
+
+/// The users as of one commit, for readers and for `apply`'s loads
+/// ([`citadel_core::state::State::preload_users`]): one read transaction, opened when first
+/// used. A reader opens it under the state's lock, so that it sees the users of the state's
+/// applied index.
+pub struct UsersView<'db> {
+    db: &'db Db,
+    table: std::cell::OnceCell<Result<Option<ReadTable>, String>>,
+}
+
+impl<'db> UsersView<'db> {
+    pub(crate) fn new(db: &'db Db) -> Self {
+        UsersView { db, table: std::cell::OnceCell::new() }
+    }
+
+    fn table(&self) -> io::Result<Option<&ReadTable>> {
+        let opened = self.table.get_or_init(|| {
+            let txn = self.db.db.begin_read().map_err(|e| e.to_string())?;
+            match txn.open_table(USERS.table) {
+                Ok(t) => Ok(Some(t)),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        opened.as_ref().map(Option::as_ref).map_err(|e| self.db.err(e))
+    }
+}
+
+impl UserRead for UsersView<'_> {
+    fn user(&self, key: &str) -> io::Result<Option<User>> {
+        let Some(table) = self.table()? else { return Ok(None) };
+        let Some(value) = table.get(key).map_err(|e| self.db.err(e))? else { return Ok(None) };
+        codec::decode(value.value(), &format!("{}: the user {key:?}", self.db.path.display())).map(Some)
+    }
+
+    fn user_keys_under(&self, prefix: &str) -> io::Result<Vec<String>> {
+        let Some(table) = self.table()? else { return Ok(Vec::new()) };
+        let mut keys = Vec::new();
+        for row in table.range(prefix..).map_err(|e| self.db.err(e))? {
+            let (key, _) = row.map_err(|e| self.db.err(e))?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            keys.push(key.value().to_string());
+        }
+        Ok(keys)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use citadel_core::token::{TokenEntry, User};
+    use citadel_core::token::TokenEntry;
 
     use super::*;
 
@@ -157,6 +208,33 @@ mod tests {
         write(StoredChanges { replace: true, put: vec![], removed: vec![] });
         assert!(keys().is_empty(), "a restore of no tokens leaves none");
         assert!(USERS.read_all::<User>(&db).unwrap().is_empty(), "each map has its own table");
+    }
+
+    fn user(name: &str) -> User {
+        User {
+            username: name.into(),
+            password_hash: "$argon2id$".into(),
+            policies: vec![],
+            token_ttl_secs: 0,
+            token_max_ttl_secs: 0,
+        }
+    }
+
+    #[test]
+    fn the_users_view_reads_one_user_and_the_keys_under_a_mount_path_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        assert_eq!(UsersView::new(&db).user("ann").unwrap(), None, "no table yet reads as no users");
+        let keys = ["ann", "corp/ann", "corp/bob", "corp2/ann", "corq/x", "zed"];
+        let put = keys.iter().map(|k| (k.to_string(), user(k))).collect();
+        db.commit(false, |txn| USERS.write_changes(txn, &StoredChanges { replace: false, put, removed: vec![] }))
+            .unwrap();
+        let view = UsersView::new(&db);
+        assert_eq!(view.user("corp/bob").unwrap(), Some(user("corp/bob")));
+        assert_eq!(view.user("corp/cy").unwrap(), None);
+        assert_eq!(view.user_keys_under("corp/").unwrap(), ["corp/ann", "corp/bob"]);
+        assert_eq!(view.user_keys_under("").unwrap(), keys, "every user under the empty path");
+        assert!(view.user_keys_under("nope/").unwrap().is_empty());
     }
 
     #[test]

@@ -36,8 +36,7 @@ use std::time::{Duration, Instant};
 use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
-use citadel_core::stored_map::StoredMap;
-use citadel_core::token::{TokenEntry, User};
+use citadel_core::token::{TokenEntry, User, UserRead};
 use citadel_core::token_table::TokenTable;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -48,7 +47,7 @@ use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
-use crate::map_tables::{StoredEntries, TOKENS, USERS};
+use crate::map_tables::{StoredEntries, UsersView, TOKENS, USERS};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
@@ -161,6 +160,33 @@ impl serde::Serialize for StreamedKv<'_> {
             })
             .map_err(S::Error::custom)?;
         seq.end()
+    }
+}
+
+/// What the store holds beside the state in memory, as of the state's applied index
+/// ([`StateReader::read_with_store`]).
+pub struct StoreView<'db> {
+    pub kv: KvView<'db>,
+    pub users: UsersView<'db>,
+}
+
+impl citadel_core::kv::KvRead for StoreView<'_> {
+    fn entry(&self, mount: &str, path: &str) -> io::Result<Option<citadel_core::kv::KvEntry>> {
+        self.kv.entry(mount, path)
+    }
+
+    fn contains(&self, mount: &str, path: &str) -> io::Result<bool> {
+        citadel_core::kv::KvRead::contains(&self.kv, mount, path)
+    }
+}
+
+impl UserRead for StoreView<'_> {
+    fn user(&self, key: &str) -> io::Result<Option<User>> {
+        self.users.user(key)
+    }
+
+    fn user_keys_under(&self, prefix: &str) -> io::Result<Vec<String>> {
+        self.users.user_keys_under(prefix)
     }
 }
 
@@ -318,11 +344,12 @@ impl StateReader {
         f(&self.lock().state)
     }
 
-    /// Runs `f` against the current state and its stored secrets, both as of the same applied
-    /// index (the store is read in a transaction opened under the state's lock).
-    pub fn read_with_kv<T>(&self, f: impl FnOnce(&State, &KvView<'_>) -> T) -> T {
+    /// Runs `f` against the current state and what the store holds beside it (secrets, users),
+    /// both as of the same applied index (the store is read in transactions opened under the
+    /// state's lock).
+    pub fn read_with_store<T>(&self, f: impl FnOnce(&State, &StoreView<'_>) -> T) -> T {
         let applied = self.lock();
-        f(&applied.state, &KvView::new(&self.db, &self.kv_cache))
+        f(&applied.state, &StoreView { kv: KvView::new(&self.db, &self.kv_cache), users: UsersView::new(&self.db) })
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -602,13 +629,15 @@ fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<Stor
     Ok(Some(record))
 }
 
-/// Gives a state restored from the saved state its tokens and users: those of their tables, or,
-/// in a state saved before the tables existed, its own, which move to the tables once.
+/// Gives a state restored from the saved state its tokens (users stay in their table, loaded
+/// as commands need them): those of the token table, or, in a state saved before the tables
+/// existed, its own, which move to the tables once with its users.
 fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), StorageOpenError> {
     let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
     if format >= MAP_TABLES_FORMAT {
         applied.state.tokens = TokenTable::from_store(TOKENS.read_all(db).map_err(db_err)?);
-        applied.state.users = StoredMap::from_store(USERS.read_all(db).map_err(db_err)?);
+        // The saved state's empty map, decoded, would replace the table at the next commit.
+        applied.state.users = Default::default();
         return Ok(());
     }
     applied.state.tokens.replace_store();
@@ -621,6 +650,7 @@ fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), S
         put_saved_state(txn, &saved)
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
+    applied.state.forget_users();
     tracing::info!(tokens = tokens.put.len(), users = users.put.len(), path = %db.path.display(), "moved the tokens and users out of the saved state into their tables");
     Ok(())
 }
@@ -684,6 +714,7 @@ fn rebuild_from_snapshot(
         Ok(())
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
+    applied.state.forget_users();
     tracing::info!(secrets = moved, index, from = %snapshots.path().display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
     Ok(applied)
 }
@@ -737,6 +768,7 @@ fn apply_batch(
     let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
     // What the store held before this batch: its changes stay in memory until the commit below.
     let stored = KvView::new(db, kv_cache);
+    let stored_users = UsersView::new(db);
     for (entry, responder) in batch {
         if let Some(prev) = &applied.last_applied {
             assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
@@ -753,6 +785,7 @@ fn apply_batch(
                     index: entry.log_id.index,
                 };
                 applied.state.preload_kv(&command, |mount, path| stored.entry(mount, path))?;
+                applied.state.preload_users(&command, &stored_users)?;
                 applied.state.apply_entry(position, command)
             }
             EntryPayload::Membership(m) => {
@@ -771,7 +804,7 @@ fn apply_batch(
             tracing::info!(events = archived, dir = %archive_dir.display(), "audit retention archived and pruned events");
         }
     }
-    drop(stored);
+    drop((stored, stored_users));
     if let Some(index) = last_index {
         // Under the lock: no reader sees this batch before its secrets and events are stored,
         // and no snapshot copies the state between the two.
@@ -790,6 +823,7 @@ fn apply_batch(
             Ok(())
         })?;
         kv_cache.committed(&kv);
+        applied.state.forget_users();
     }
     Ok((answers, last_index))
 }
@@ -966,6 +1000,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // The database holds the snapshot now: so does memory, whatever becomes of the file.
             kv_cache.clear();
             *applied = restored;
+            applied.state.forget_users();
             applied_tx.send_replace(index);
             drop(applied);
             // Only this task applies or installs, so the state read back is the one installed.
@@ -1221,7 +1256,8 @@ mod tests {
 
     /// What the store holds at `path` of `secret/`, and how many entries the state in memory holds.
     fn stored_and_in_memory(reader: &StateReader, path: &str) -> (Option<u64>, usize) {
-        reader.read_with_kv(|s, kv| {
+        reader.read_with_store(|s, store| {
+            let kv = &store.kv;
             let held = s.mounts.values().map(|m| m.kv.entries.len()).sum();
             (kv.entry("secret/", path).unwrap().map(|e| e.current_version), held)
         })
@@ -1235,7 +1271,7 @@ mod tests {
         apply(&mut sm, 3, vec![write("a", 2)]).await;
         let reader = sm.reader();
         assert_eq!(stored_and_in_memory(&reader, "a"), (Some(2), 0), "stored, and none in memory");
-        assert_eq!(reader.read_with_kv(|_, kv| kv.list("secret/", "").unwrap()), ["a", "b"]);
+        assert_eq!(reader.read_with_store(|_, store| store.kv.list("secret/", "").unwrap()), ["a", "b"]);
         drop((sm, reader));
 
         let sm = open(dir.path());
@@ -1296,13 +1332,14 @@ mod tests {
         citadel_core::command::Command::UserDelete { username: name.into() }
     }
 
-    /// The keys of the tokens and users (`user:` and its name) in memory, and in their tables;
-    /// asserts that the saved state holds none of either.
+    /// The keys of the tokens in memory, and of the tokens and users (`user:` and its name) in
+    /// their tables; asserts that memory holds no user and the saved state no token or user.
     fn held(sm: &StateMachine) -> (Vec<String>, Vec<String>) {
         fn keys<'a>(tokens: impl Iterator<Item = &'a String>, users: impl Iterator<Item = &'a String>) -> Vec<String> {
             tokens.cloned().chain(users.map(|u| format!("user:{u}"))).collect()
         }
-        let in_memory = sm.reader().read(|s| keys(s.tokens.keys(), s.users.keys()));
+        assert_eq!(sm.reader().read(|s| s.users.len()), 0, "memory holds no user between batches");
+        let in_memory = sm.reader().read(|s| s.tokens.keys().cloned().collect());
         let (tokens, users) = (TOKENS.read_all::<TokenEntry>(&sm.db).unwrap(), USERS.read_all::<User>(&sm.db).unwrap());
         if let Some(saved) = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap() {
             let none = [saved.state.tokens.len(), saved.state.users.len(), saved.tokens.len(), saved.users.len()];
@@ -1329,13 +1366,19 @@ mod tests {
             vec![init(), add_user("ann"), add_user("bob"), login("a", None), login("b", Some("a")), login("c", None)];
         apply(&mut sm, 0, first).await;
         apply(&mut sm, 6, vec![revoke("a"), delete_user("bob")]).await;
-        let expected = keys(&["c", "root", "user:ann"]);
-        assert_eq!(held(&sm), (expected.clone(), expected.clone()), "each batch's changes are written");
+        let expected = (keys(&["c", "root"]), keys(&["c", "root", "user:ann"]));
+        assert_eq!(held(&sm), expected, "each batch's changes are written");
         drop(sm);
 
-        let sm = open(dir.path());
+        let mut sm = open(dir.path());
         assert_eq!(sm.reader().applied_index(), 8);
-        assert_eq!(held(&sm), (expected.clone(), expected));
+        assert_eq!(held(&sm), expected);
+        apply(&mut sm, 8, vec![add_user("dan")]).await;
+        assert_eq!(
+            held(&sm).1,
+            keys(&["c", "root", "user:ann", "user:dan"]),
+            "a write after a start adds to the table"
+        );
     }
 
     #[tokio::test]
@@ -1344,7 +1387,8 @@ mod tests {
         let mut sm = open(dir.path());
         apply(&mut sm, 0, vec![init(), add_user("ann"), login("a", None)]).await;
         // What a format-7 node saved: the whole state, tokens and users included, and no tables.
-        let whole = sm.reader().read(State::clone);
+        let mut whole = sm.reader().read(State::clone);
+        whole.users = USERS.read_all(&sm.db).unwrap().into();
         let db = sm.db.clone();
         drop(sm);
         let mut saved = db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
@@ -1354,8 +1398,11 @@ mod tests {
         drop(db);
 
         let mut sm = open(dir.path());
-        let all = keys(&["a", "root", "user:ann"]);
-        assert_eq!(held(&sm), (all.clone(), all), "moved, and saved without them");
+        assert_eq!(
+            held(&sm),
+            (keys(&["a", "root"]), keys(&["a", "root", "user:ann"])),
+            "moved, and saved without them"
+        );
         apply(&mut sm, 3, vec![revoke("a"), delete_user("ann")]).await;
         drop(sm);
         let sm = open(dir.path());
@@ -1378,9 +1425,9 @@ mod tests {
         drop(sm);
         db.write_meta(KEY_STATE, &saved_at_3).unwrap();
         drop(db);
-        let snapshots = keys(&["a", "root", "user:ann"]);
+        let snapshots = (keys(&["a", "root"]), keys(&["a", "root", "user:ann"]));
         let sm = open(dir.path());
-        assert_eq!(held(&sm), (snapshots.clone(), snapshots.clone()), "the snapshot's");
+        assert_eq!(held(&sm), snapshots, "the snapshot's");
         drop(sm);
 
         let other = tempfile::tempdir().unwrap();
@@ -1388,7 +1435,7 @@ mod tests {
         apply(&mut receiver, 0, vec![init(), add_user("stale"), login("stale", None)]).await;
         let (data, _, lines) = transfer(&open(dir.path()).reader(), snapshot.snapshot);
         receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
-        assert_eq!(held(&receiver), (snapshots.clone(), snapshots), "the sender's, not its own");
+        assert_eq!(held(&receiver), snapshots, "the sender's, not its own");
     }
 
     #[tokio::test]
@@ -1414,14 +1461,14 @@ mod tests {
         .unwrap();
         drop(db);
 
-        let all = keys(&["a", "root", "user:ann"]);
+        let all = (keys(&["a", "root"]), keys(&["a", "root", "user:ann"]));
         let sm = open(dir.path());
-        assert_eq!(held(&sm), (all.clone(), all.clone()), "moved to the tables");
+        assert_eq!(held(&sm), all, "moved to the tables");
         let other = tempfile::tempdir().unwrap();
         let mut receiver = open(other.path());
         let (data, _, lines) = transfer(&sm.reader(), local_snapshot(dir.path()));
         receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
-        assert_eq!(held(&receiver), (all.clone(), all));
+        assert_eq!(held(&receiver), all);
     }
 
     /// A node that applied `commands` and built a snapshot of them.
@@ -1639,7 +1686,7 @@ mod tests {
         apply(&mut sm, 0, vec![init(), write("a", 1)]).await;
         assert_eq!(raw_record(&sm, "a")[0], 2, "written binary");
         // What a build before binary records left on disk: the same entry as JSON.
-        let entry = sm.reader().read_with_kv(|_, kv| kv.entry("secret/", "a").unwrap().unwrap());
+        let entry = sm.reader().read_with_store(|_, store| store.kv.entry("secret/", "a").unwrap().unwrap());
         sm.db
             .write(|txn| {
                 txn.open_table(kv_table::KV)?.insert(("secret/", "a"), codec::encode(&entry).as_slice())?;
@@ -1653,7 +1700,8 @@ mod tests {
         assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(1), 0), "the JSON record reads");
         apply(&mut sm, 2, vec![write("a", 2)]).await;
         assert_eq!(raw_record(&sm, "a")[0], 2, "rewritten binary");
-        let versions = sm.reader().read_with_kv(|_, kv| kv.entry("secret/", "a").unwrap().unwrap().versions);
+        let versions =
+            sm.reader().read_with_store(|_, store| store.kv.entry("secret/", "a").unwrap().unwrap().versions);
         assert_eq!(versions[&1].ciphertext, b"a@1", "the old version came through");
         assert_eq!(versions[&2].ciphertext, b"a@2");
     }

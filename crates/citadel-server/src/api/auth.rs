@@ -8,7 +8,7 @@ use citadel_core::command::{Command, Response};
 use citadel_core::policy;
 use citadel_core::time::rfc3339;
 use citadel_core::token::{
-    issue_emergency, token_hash, EmergencyClaims, LoginProof, TokenEntry, User, EMERGENCY_TTL_MS,
+    issue_emergency, token_hash, EmergencyClaims, LoginProof, TokenEntry, User, UserRead, EMERGENCY_TTL_MS,
 };
 use serde_json::{json, Value};
 
@@ -163,7 +163,7 @@ async fn check_password(
             ));
         }
     };
-    let user = app.state.read(|s| s.users.get(&username).cloned());
+    let user = stored_user(app, &username)?;
     let stored = user.as_ref().map(|u| u.password_hash.clone());
     let verified = app.hash_pool.run(move || authn::verify_password(stored.as_deref(), &password)).await;
     let Ok(ok) = verified else {
@@ -341,7 +341,9 @@ fn userpass_routes() -> Vec<Route<Handler>> {
                 op::write("Create or update a user", handler!(write_user)).with_params(USER_PARAMS),
                 op::delete("Delete a user and revoke its tokens", handler!(delete_user)),
             ],
-            exists: Some(|s, _, c| s.users.contains_key(&user_key(&c.mount, c.get("username")))),
+            exists: Some(|_, store, c| {
+                store.user(&user_key(&c.mount, c.get("username"))).map_or(true, |u| u.is_some())
+            }),
         },
         route(
             "users/:username/password",
@@ -405,22 +407,36 @@ async fn login_route(c: &Call<'_>) -> Result<Reply, ApiError> {
     login(c.app, c.req, UserRef { mount: c.mount(), name: c.param("username") }, c.keys()?).await
 }
 
+/// The user stored under `key`, as of the state's applied index.
+fn stored_user(app: &Node, key: &str) -> Result<Option<User>, ApiError> {
+    app.state.read_with_store(|_, store| store.user(key)).map_err(stored_users_unreadable)
+}
+
+/// A user record the store holds damaged is never used: the client hears that much, the log
+/// hears which file and user.
+fn stored_users_unreadable(e: std::io::Error) -> ApiError {
+    tracing::error!(error = %e, "cannot read the stored users");
+    ApiError::internal("the stored users cannot be read on this node; see its log")
+}
+
 /// The users of the route's mount, by name.
 async fn list_users(c: &Call<'_>) -> Result<Reply, ApiError> {
     let mount = c.mount();
-    let keys: Vec<String> = c.app.state.read(|s| {
-        s.users
-            .keys()
-            .filter_map(|key| {
-                if mount == DEFAULT_USERPASS {
-                    (!key.contains('/')).then_some(key.as_str())
-                } else {
-                    key.strip_prefix(mount)
-                }
-            })
-            .map(String::from)
-            .collect()
-    });
+    // The built-in mount's users have no prefix: every key without a mount path in it.
+    let prefix = if mount == DEFAULT_USERPASS { "" } else { mount };
+    let stored =
+        c.app.state.read_with_store(|_, store| store.user_keys_under(prefix)).map_err(stored_users_unreadable)?;
+    let keys: Vec<String> = stored
+        .iter()
+        .filter_map(|key| {
+            if mount == DEFAULT_USERPASS {
+                (!key.contains('/')).then_some(key.as_str())
+            } else {
+                key.strip_prefix(mount)
+            }
+        })
+        .map(String::from)
+        .collect();
     if keys.is_empty() {
         return Err(ApiError::not_found());
     }
@@ -440,7 +456,7 @@ fn username<'c>(c: &'c Call<'_>) -> Result<UserRef<'c>, ApiError> {
 
 async fn read_user(c: &Call<'_>) -> Result<Reply, ApiError> {
     let key = username(c)?.key();
-    let user = c.app.state.read(|s| s.users.get(&key).cloned()).ok_or_else(ApiError::not_found)?;
+    let user = stored_user(c.app, &key)?.ok_or_else(ApiError::not_found)?;
     Ok(Reply::data(json!({
         "policies": user.policies,
         "token_policies": user.policies,
@@ -525,7 +541,7 @@ async fn user_write(
     password_only: bool,
 ) -> Result<Reply, ApiError> {
     let body: Value = req.json()?;
-    let existing = app.state.read(|s| s.users.get(name).cloned());
+    let existing = stored_user(app, name)?;
     let password = body
         .get("password")
         .map(|p| p.as_str().map(String::from).ok_or_else(|| ApiError::bad_request("password must be a string")));

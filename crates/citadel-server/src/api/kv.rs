@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
 use citadel_core::command::{Command, Rejection, Response};
-use citadel_core::kv::{KvConfig, KvEntry, KvError, KvRead, KvVersion, MetadataUpdate};
+use citadel_core::kv::{KvConfig, KvEntry, KvError, KvVersion, MetadataUpdate};
 use citadel_core::time::rfc3339;
 use serde_json::{json, Value};
 
 use citadel_core::route::{Captures, Kind, Param, Route};
-use citadel_core::state::State;
+use citadel_core::state::{State, StoreRead};
 
 use super::barrier_view::MountBarrier;
 use super::routes::{handler, route, Call, Engine, Handler};
@@ -67,8 +67,8 @@ const CONFIG_PARAMS: &[Param] = &[
 /// deleted), so rewriting it needs `update`.
 /// A store that cannot be read counts as holding the secret: `update` is then needed, and the
 /// write itself fails on the same damage.
-fn secret_exists(_: &State, kv: &dyn KvRead, c: &Captures) -> bool {
-    kv.contains(&c.mount, c.get("path")).unwrap_or(true)
+fn secret_exists(_: &State, store: &dyn StoreRead, c: &Captures) -> bool {
+    store.contains(&c.mount, c.get("path")).unwrap_or(true)
 }
 
 /// The engine's routes, relative to its mount.
@@ -162,10 +162,13 @@ async fn destroy_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
 async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (mount, path) = secret(c);
     let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-    let keys =
-        c.app
-            .state
-            .read_with_kv(|s, kv| if s.mounts.contains_key(mount) { kv.list(mount, &prefix) } else { Ok(Vec::new()) });
+    let keys = c.app.state.read_with_store(|s, store| {
+        if s.mounts.contains_key(mount) {
+            store.kv.list(mount, &prefix)
+        } else {
+            Ok(Vec::new())
+        }
+    });
     let keys = keys.map_err(stored_secrets_unreadable)?;
     if keys.is_empty() {
         return Err(ApiError::not_found());
@@ -200,7 +203,9 @@ fn version_json(v: &KvVersion, version: u64, custom: &BTreeMap<String, String>) 
 /// The secret at `path` of `mount` as stored.
 fn entry(app: &Node, mount: &str, path: &str) -> Result<Option<KvEntry>, ApiError> {
     let entry =
-        app.state.read_with_kv(|s, kv| if s.mounts.contains_key(mount) { kv.entry(mount, path) } else { Ok(None) });
+        app.state.read_with_store(
+            |s, store| if s.mounts.contains_key(mount) { store.kv.entry(mount, path) } else { Ok(None) },
+        );
     entry.map_err(stored_secrets_unreadable)
 }
 

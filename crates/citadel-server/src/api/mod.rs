@@ -473,7 +473,8 @@ fn authorize_route(
         Need::Unauthenticated { .. } => return Ok(()),
         Need::Caps(caps) => caps,
         Need::CreateOrUpdate => {
-            let exists = route.exists.is_some_and(|exists| app.state.read_with_kv(|s, kv| exists(s, kv, captures)));
+            let exists =
+                route.exists.is_some_and(|exists| app.state.read_with_store(|s, store| exists(s, store, captures)));
             if exists {
                 Caps::UPDATE
             } else {
