@@ -6,9 +6,10 @@
 //! to carry every token and user, encoded whole under the state's write lock each time: 330 to
 //! 450 ms for 100,000 tokens, a stall of every write on the node once a second. Each batch now
 //! writes the entries it changed here ([`StoredChanges`]), in the commit that records the
-//! applied index, and the saved state holds none; a start reads them back, and a snapshot is
-//! written from here ([`StoredEntries`]). The state in memory still holds every entry, for
-//! `apply` and for the requests it checks.
+//! applied index, and the saved state holds none; a snapshot is written from here
+//! ([`StoredEntries`]). The users live here only: `apply` loads those it needs and readers read
+//! them here ([`UsersView`]). The state in memory still holds every token (a start reads them
+//! back), for `apply` and for the requests it checks.
 //!
 //! Each value is a checksummed JSON record ([`crate::codec`]), verified when it is read; a
 //! damaged one is an error naming the file and the record's place in its table, never its key (a
