@@ -121,7 +121,7 @@ fn main() {
     }
     let now = 10 + ends;
     let mut sweeps = Vec::new();
-    while let Some(up_to) = state.tokens.sweep_cut(now, 10_000) {
+    while let Some(up_to) = citadel_core::token_table::sweep_cut(&state.tokens, now, 10_000).expect("memory reads") {
         let before = state.tokens.len();
         let started = Instant::now();
         assert_eq!(state.apply(Command::TokensExpire { now: up_to }), Response::Done);

@@ -12,7 +12,7 @@ use crate::kv::{KvStore, WriteRequest};
 use crate::policy::{self, Policy};
 use crate::stored_map::{StoredChanges, StoredMap};
 use crate::token::{LoginProof, TokenEntry, User, UserRead};
-use crate::token_table::TokenTable;
+use crate::token_table::{TokenRead, TokenTable};
 use crate::UnixMillis;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,10 +170,33 @@ pub struct StateKvChanges {
     pub mounts: Vec<(String, crate::kv::KvChanges)>,
 }
 
-/// Reads what a node's store holds beside the state in memory: its secrets and its users.
-pub trait StoreRead: crate::kv::KvRead + UserRead {}
+/// Reads what a node's store holds beside the state in memory: its secrets, users and tokens.
+pub trait StoreRead: crate::kv::KvRead + UserRead + TokenRead {}
 
-impl<T: crate::kv::KvRead + UserRead> StoreRead for T {}
+impl<T: crate::kv::KvRead + UserRead + TokenRead> StoreRead for T {}
+
+/// A state that holds its tokens in memory (tests and tools) reads them from there.
+impl TokenRead for State {
+    fn token(&self, key: &str) -> std::io::Result<Option<TokenEntry>> {
+        self.tokens.token(key)
+    }
+
+    fn token_children(&self, parent: &str) -> std::io::Result<Vec<String>> {
+        self.tokens.token_children(parent)
+    }
+
+    fn tokens_of_username(&self, username: &str) -> std::io::Result<Vec<String>> {
+        self.tokens.tokens_of_username(username)
+    }
+
+    fn tokens_unusable_at(&self, now: UnixMillis) -> std::io::Result<Vec<String>> {
+        self.tokens.tokens_unusable_at(now)
+    }
+
+    fn nth_token_end(&self, n: usize) -> std::io::Result<Option<UnixMillis>> {
+        self.tokens.nth_token_end(n)
+    }
+}
 
 /// A state that holds its users in memory (tests and tools) reads them from there.
 impl UserRead for State {
@@ -280,6 +303,79 @@ impl State {
     /// Empties memory of users once the store has taken their changes.
     pub fn forget_users(&mut self) {
         self.users.forget();
+    }
+
+    /// Loads the tokens `command` will read or change that memory does not answer for, from the
+    /// node's store: each token it names, and every token a revocation it makes would reach
+    /// (descendants, a user's tokens, those ended by a sweep's deadline). Called before
+    /// `apply_entry`, after `preload_users` (a disabled auth mount's users must be in memory);
+    /// after the batch the store takes the changes and memory forgets the tokens.
+    pub fn preload_tokens(&mut self, command: &Command, store: &dyn TokenRead) -> std::io::Result<()> {
+        match command {
+            Command::Init(init) => self.load_token(&init.root_token.hash, store),
+            Command::TokenCreate { entry, .. } => self.load_token(&entry.hash, store),
+            Command::TokenRenew { hash, .. } | Command::TokenUse { hash } => self.load_token(hash, store),
+            Command::TokenRevoke { hash } => self.load_token_tree(hash, store),
+            Command::TokensExpire { now } => {
+                // Those the store has ended, and those memory has (changed in this batch).
+                let mut roots = store.tokens_unusable_at(*now)?;
+                roots.extend(self.tokens.unusable_at(*now).map(str::to_string));
+                roots.iter().try_for_each(|root| self.load_token_tree(root, store))
+            }
+            Command::UserPut { user } => self.load_user_tokens(&user.username, store),
+            Command::UserDelete { username } => self.load_user_tokens(username, store),
+            Command::AuthDisable { path } => {
+                let users: Vec<String> = self.users.keys().filter(|k| k.starts_with(path.as_str())).cloned().collect();
+                users.iter().try_for_each(|user| self.load_user_tokens(user, store))
+            }
+            Command::Authorized { token_hash, command, .. } => {
+                self.load_token(token_hash, store)?;
+                self.preload_tokens(command, store)
+            }
+            Command::Audited { command, .. } | Command::JobResult { command: Some(command), .. } => {
+                self.preload_tokens(command, store)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn load_token(&mut self, key: &str, store: &dyn TokenRead) -> std::io::Result<()> {
+        if self.tokens.needs(key) {
+            self.tokens.preload(key, store.token(key)?);
+        }
+        Ok(())
+    }
+
+    /// Loads `root` and every descendant, as `TokenTable::remove_tree` walks them: the stored
+    /// children memory does not answer for, then memory's own (loaded, or created in this batch).
+    fn load_token_tree(&mut self, root: &str, store: &dyn TokenRead) -> std::io::Result<()> {
+        let mut pending = vec![root.to_string()];
+        let mut walked = BTreeSet::new();
+        while let Some(key) = pending.pop() {
+            if !walked.insert(key.clone()) {
+                continue;
+            }
+            self.load_token(&key, store)?;
+            for child in store.token_children(&key)? {
+                self.load_token(&child, store)?;
+            }
+            pending.extend(self.tokens.children_of(&key).map(str::to_string));
+        }
+        Ok(())
+    }
+
+    /// Loads every token carrying `username`, each with its descendants.
+    fn load_user_tokens(&mut self, username: &str, store: &dyn TokenRead) -> std::io::Result<()> {
+        for key in store.tokens_of_username(username)? {
+            self.load_token(&key, store)?;
+        }
+        let owned: Vec<String> = self.tokens.of_username(username).map(|t| t.hash.clone()).collect();
+        owned.iter().try_for_each(|key| self.load_token_tree(key, store))
+    }
+
+    /// Empties memory of tokens once the store has taken their changes.
+    pub fn forget_tokens(&mut self) {
+        self.tokens.forget();
     }
 
     /// What changed in the users since the last call, for the node's store to write.
@@ -1528,6 +1624,137 @@ pub(crate) mod tests {
                     node.tokens, whole.tokens,
                     "seed {seed}, after batch {i}: the same logins, the same revocations"
                 );
+            }
+        }
+    }
+
+    /// Token commands (logins and children of a few hashes, renewals, uses, revocations,
+    /// sweeps), user writes and deletions that revoke a user's tokens, an auth mount disabled
+    /// and enabled again, requests authorized by tokens that may be gone, and restores, chosen
+    /// by `seed`.
+    fn token_commands(seed: u64, count: usize) -> Vec<Command> {
+        let mut x = seed | 1;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut snapshot: Option<State> = None;
+        let mut commands = Vec::new();
+        for _ in 0..count {
+            let hash = format!("t{}", next(8));
+            let users = ["ann", "corp/ann", "corp/bob"];
+            let command = match next(14) {
+                0..=3 => {
+                    let parent = (next(3) > 0).then(|| format!("t{}", next(8)));
+                    let mut entry = token(&hash, parent.as_deref(), [None, Some(10 + next(40))][next(2) as usize]);
+                    entry.username = (next(3) > 0).then(|| users[next(3) as usize].to_string());
+                    entry.uses_left = (next(3) == 0).then(|| next(3));
+                    Command::TokenCreate { entry: Box::new(entry), login: None }
+                }
+                4 => Command::TokenRevoke { hash },
+                5 => Command::TokenRenew { hash, expires: 10 + next(40), ttl_secs: 1 },
+                6 => Command::TokenUse { hash },
+                7 => Command::TokensExpire { now: next(50) },
+                8 => Command::UserPut { user: user(users[next(3) as usize], &format!("h{}", next(2))) },
+                9 => Command::UserDelete { username: users[next(3) as usize].into() },
+                10 if next(2) == 0 => Command::AuthDisable { path: "corp/".into() },
+                10 => Command::AuthEnable { path: "corp/".into(), mount: auth_mount() },
+                11 => authorized(&hash, next(50), Command::TokenRevoke { hash: format!("t{}", next(8)) }),
+                12 => Command::JobResult {
+                    term: 1,
+                    node: 1,
+                    job: "token_expiry".into(),
+                    at: 1,
+                    command: Some(Box::new(Command::TokensExpire { now: next(50) })),
+                },
+                _ => match snapshot.take() {
+                    Some(state) => Command::RestoreState { state: Box::new(state) },
+                    None => {
+                        let mut taken = initialized();
+                        taken.apply(Command::TokenCreate { entry: Box::new(token("t1", None, Some(30))), login: None });
+                        taken.apply(Command::TokenCreate {
+                            entry: Box::new(token("t2", Some("t1"), None)),
+                            login: None,
+                        });
+                        snapshot = Some(taken);
+                        continue;
+                    }
+                },
+            };
+            commands.push(command);
+        }
+        commands
+    }
+
+    /// A model of the node's token table and its indexes, each query a scan of the tokens:
+    /// written independently of `TokenTable`.
+    #[derive(Default)]
+    struct TokenStore(BTreeMap<String, TokenEntry>);
+
+    impl TokenStore {
+        fn end(entry: &TokenEntry) -> Option<UnixMillis> {
+            if entry.uses_left == Some(0) {
+                Some(0)
+            } else {
+                entry.expires
+            }
+        }
+    }
+
+    impl TokenRead for TokenStore {
+        fn token(&self, key: &str) -> std::io::Result<Option<TokenEntry>> {
+            Ok(self.0.get(key).cloned())
+        }
+
+        fn token_children(&self, parent: &str) -> std::io::Result<Vec<String>> {
+            Ok(self.0.iter().filter(|(_, t)| t.parent.as_deref() == Some(parent)).map(|(k, _)| k.clone()).collect())
+        }
+
+        fn tokens_of_username(&self, username: &str) -> std::io::Result<Vec<String>> {
+            Ok(self.0.iter().filter(|(_, t)| t.username.as_deref() == Some(username)).map(|(k, _)| k.clone()).collect())
+        }
+
+        fn tokens_unusable_at(&self, now: UnixMillis) -> std::io::Result<Vec<String>> {
+            let mut ended: Vec<(UnixMillis, String)> =
+                self.0.iter().filter_map(|(k, t)| Self::end(t).filter(|e| *e <= now).map(|e| (e, k.clone()))).collect();
+            ended.sort();
+            Ok(ended.into_iter().map(|(_, k)| k).collect())
+        }
+
+        fn nth_token_end(&self, n: usize) -> std::io::Result<Option<UnixMillis>> {
+            let mut ends: Vec<UnixMillis> = self.0.values().filter_map(Self::end).collect();
+            ends.sort();
+            Ok(ends.get(n).copied())
+        }
+    }
+
+    #[test]
+    fn a_replica_with_its_tokens_in_a_store_answers_and_ends_like_one_holding_them_in_memory() {
+        for seed in 1..400u64 {
+            let commands = token_commands(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 80);
+            let mut whole = initialized();
+            let (mut node, mut users, mut tokens) = (initialized(), UserStore::default(), TokenStore::default());
+            crate::stored_map::tests::store_changes(&mut tokens.0, node.take_token_changes());
+            node.forget_tokens();
+            for (i, batch) in commands.chunks(1 + (seed as usize % 5)).enumerate() {
+                for command in batch {
+                    let expected = whole.apply(command.clone());
+                    node.preload_users(command, &users).unwrap();
+                    node.preload_tokens(command, &tokens).unwrap();
+                    assert_eq!(node.apply(command.clone()), expected, "seed {seed}, batch {i}: {}", command.kind());
+                }
+                crate::stored_map::tests::store_changes(&mut users.0, node.take_user_changes());
+                crate::stored_map::tests::store_changes(&mut tokens.0, node.take_token_changes());
+                node.forget_users();
+                node.forget_tokens();
+                assert!(
+                    node.tokens.is_empty() && node.users.is_empty(),
+                    "memory holds no token or user between batches"
+                );
+                assert_eq!(tokens.0, *whole.tokens, "seed {seed}, after batch {i}");
+                assert_eq!(users.0, *whole.users, "seed {seed}, after batch {i}");
             }
         }
     }

@@ -6,8 +6,10 @@
 //! number grows with use (logins) and with what operators create, so they live in tables of
 //! their own in the store instead, and each batch writes only the keys it changed.
 //!
-//! A map that did not come from the store (decoded from a snapshot, or restored) replaces
-//! everything the store holds; [`StoredMap::from_store`] builds one that agrees with it.
+//! A node's map holds only what its store does not answer for: the entries a batch loaded
+//! ([`StoredMap::preload`]) or changed, forgotten once the store has taken the changes
+//! ([`StoredMap::forget`]). A map that did not come from the store (decoded from a snapshot, or
+//! restored) holds every entry and replaces everything the store holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Deref;
@@ -73,20 +75,6 @@ impl<V> Deref for StoredMap<V> {
 }
 
 impl<V: Clone> StoredMap<V> {
-    /// The entries as the store holds them, with nothing for the store to take.
-    pub fn from_store(entries: BTreeMap<String, V>) -> Self {
-        let mut map = StoredMap::from(entries);
-        map.agrees_with_store();
-        map
-    }
-
-    /// Declares that the store holds exactly these entries (they were just read from it).
-    pub fn agrees_with_store(&mut self) {
-        self.changed.clear();
-        self.loaded.clear();
-        self.replaces_store = false;
-    }
-
     pub fn insert(&mut self, key: String, value: V) -> Option<V> {
         self.changed.insert(key.clone());
         self.entries.insert(key, value)
@@ -196,7 +184,7 @@ pub(crate) mod tests {
             ops in proptest::collection::vec((0u8..5, "[a-f]", 0u8..9, proptest::bool::ANY), 0..40),
         ) {
             let mut store = BTreeMap::new();
-            let mut map = StoredMap::from_store(store.clone());
+            let mut map = StoredMap::default();
             for (op, key, value, take) in &ops {
                 match op {
                     0 | 1 => { map.insert(key.clone(), *value); }
@@ -219,15 +207,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_decoded_map_replaces_the_stores_entries_and_one_read_from_the_store_has_nothing_to_write() {
+    fn a_decoded_map_replaces_the_stores_entries_and_one_loaded_from_the_store_has_nothing_to_write() {
         let entries = BTreeMap::from([("a".to_string(), 1)]);
         let mut decoded: StoredMap<i32> = serde_json::from_str(&serde_json::to_string(&entries).unwrap()).unwrap();
         assert_eq!(
             decoded.take_changes(),
             StoredChanges { replace: true, put: vec![("a".into(), 1)], removed: vec![] }
         );
-        assert!(StoredMap::from_store(entries.clone()).take_changes().is_empty());
-        let mut stored = StoredMap::from_store(entries);
+        let mut stored = StoredMap::default();
+        stored.preload("a", Some(1));
+        assert!(stored.take_changes().is_empty(), "a loaded entry is not the store's to write");
         stored.remove("a");
         stored.replace_store();
         assert_eq!(stored.take_changes(), StoredChanges { replace: true, put: vec![], removed: vec![] });

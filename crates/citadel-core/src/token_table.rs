@@ -8,8 +8,13 @@
 //! (`examples/token_sweep.rs`). With the indexes a revocation costs its own tokens only, a
 //! sweep finds the expired tokens without scanning the others (and the leader's job can sweep
 //! the oldest first, a bounded number at a time), and a login's quota check does not scan every
-//! token under the state's lock. They cost about 0.5 KB per token beside the token's own 0.9 KB,
-//! so lookups by accessor, rare and privileged, still scan.
+//! token under the state's lock.
+//!
+//! On a node the tokens live in its store, with the same indexes beside them
+//! (`citadel_storage::map_tables`), read through [`TokenRead`]; this table then holds only the
+//! tokens a batch loaded (`State::preload_tokens`: each token a command names, with every token
+//! a revocation it makes would reach) or changed, and forgets them once the store has taken the
+//! changes. A table that holds every token (a decoded snapshot, tests and tools) reads itself.
 //!
 //! The indexes are derived: they are not serialized, and are rebuilt whenever a table is
 //! decoded, so a snapshot and the state's encoding are those of the plain map. They index a
@@ -19,6 +24,7 @@
 //! such a file (`snapshot::parse`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::ops::Deref;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -55,7 +61,7 @@ impl Eq for TokenTable {}
 /// When a token stops being usable: at its expiry, or already (0) once its uses are spent;
 /// `None` for a token that never expires and has uses left. `TokenEntry::is_usable(now)` is
 /// false exactly when this is at or before `now`.
-fn end_of(entry: &TokenEntry) -> Option<UnixMillis> {
+pub fn end_of(entry: &TokenEntry) -> Option<UnixMillis> {
     if entry.uses_left == Some(0) {
         Some(0)
     } else {
@@ -99,14 +105,6 @@ impl TokenTable {
         self.put(hash, entry);
     }
 
-    /// The tokens as the node's store holds them (`key → token`), with nothing for the store to
-    /// take.
-    pub fn from_store(tokens: BTreeMap<String, TokenEntry>) -> Self {
-        let mut table = TokenTable::from(tokens);
-        table.by_hash.agrees_with_store();
-        table
-    }
-
     /// Marks every token as the store's to write, in place of all it holds (a restore).
     pub fn replace_store(&mut self) {
         self.by_hash.replace_store();
@@ -120,16 +118,41 @@ impl TokenTable {
 
     /// Stores a token under `key` and indexes it there.
     fn put(&mut self, key: String, entry: TokenEntry) {
+        self.index(&key, &entry);
+        self.by_hash.insert(key, entry);
+    }
+
+    fn index(&mut self, key: &str, entry: &TokenEntry) {
         if let Some(parent) = &entry.parent {
-            self.children.add(parent, &key);
+            self.children.add(parent, key);
         }
         if let Some(username) = &entry.username {
-            self.by_username.add(username, &key);
+            self.by_username.add(username, key);
         }
-        if let Some(end) = end_of(&entry) {
-            self.by_end.insert((end, key.clone()));
+        if let Some(end) = end_of(entry) {
+            self.by_end.insert((end, key.to_string()));
         }
-        self.by_hash.insert(key, entry);
+    }
+
+    /// Whether `key` must be loaded from the store before a command reads it: memory does not
+    /// answer for it yet.
+    pub fn needs(&self, key: &str) -> bool {
+        self.by_hash.needs(key)
+    }
+
+    /// Takes `key`'s token as the store holds it (none: no token), indexed.
+    pub fn preload(&mut self, key: &str, stored: Option<TokenEntry>) {
+        if let Some(entry) = &stored {
+            self.index(key, entry);
+        }
+        self.by_hash.preload(key, stored);
+    }
+
+    /// Empties memory once the store has taken every change: a node keeps no token between
+    /// batches.
+    pub fn forget(&mut self) {
+        self.by_hash.forget();
+        (self.children, self.by_username, self.by_end) = Default::default();
     }
 
     pub fn remove(&mut self, hash: &str) -> Option<TokenEntry> {
@@ -177,24 +200,6 @@ impl TokenTable {
         self.by_end.iter().take_while(move |(end, _)| *end <= now).map(|(_, hash)| hash.as_str())
     }
 
-    /// When the `n`th token to stop being usable did (1 for the first), if `n` tokens had by
-    /// `now`: a sweep up to that moment removes `n` of them (more if several ended at the same
-    /// millisecond), the oldest first.
-    pub fn nth_end_by(&self, now: UnixMillis, n: usize) -> Option<UnixMillis> {
-        let nth = self.by_end.iter().nth(n.checked_sub(1)?)?;
-        (nth.0 <= now).then_some(nth.0)
-    }
-
-    /// Up to when a sweep of at most `batch` of the tokens due at `now` goes, the oldest first:
-    /// `now` if no more are due, else just before the first token left out ended, or that whole
-    /// millisecond if the batch all ended in it (a sweep cannot split one). `None`: none is due.
-    pub fn sweep_cut(&self, now: UnixMillis, batch: usize) -> Option<UnixMillis> {
-        self.unusable_at(now).next()?;
-        let Some(left_out) = self.nth_end_by(now, batch.saturating_add(1)) else { return Some(now) };
-        let before = left_out.checked_sub(1).filter(|&up_to| self.unusable_at(up_to).next().is_some());
-        Some(before.unwrap_or(left_out))
-    }
-
     /// The hashes of the tokens `parent` created.
     pub fn children_of<'a>(&'a self, parent: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.children.hashes(parent)
@@ -224,6 +229,70 @@ impl TokenTable {
 }
 
 /// A table built from a map (a decoded snapshot or restore) replaces what the store holds.
+/// Reads tokens where they live: a node's store (with its indexes beside it), or a table in
+/// memory (tests and tools). Keys are the table's keys, a token's hash.
+pub trait TokenRead {
+    fn token(&self, key: &str) -> io::Result<Option<TokenEntry>>;
+
+    /// The keys of the tokens `parent` created.
+    fn token_children(&self, parent: &str) -> io::Result<Vec<String>>;
+
+    /// The keys of the tokens carrying `username`.
+    fn tokens_of_username(&self, username: &str) -> io::Result<Vec<String>>;
+
+    /// The keys of the tokens no longer usable at `now`, those that ended first first.
+    fn tokens_unusable_at(&self, now: UnixMillis) -> io::Result<Vec<String>>;
+
+    /// When the `n`th token to stop being usable does or did (0 for the first), of all that will.
+    fn nth_token_end(&self, n: usize) -> io::Result<Option<UnixMillis>>;
+}
+
+impl TokenRead for TokenTable {
+    fn token(&self, key: &str) -> io::Result<Option<TokenEntry>> {
+        Ok(self.by_hash.get(key).cloned())
+    }
+
+    fn token_children(&self, parent: &str) -> io::Result<Vec<String>> {
+        Ok(self.children_of(parent).map(str::to_string).collect())
+    }
+
+    fn tokens_of_username(&self, username: &str) -> io::Result<Vec<String>> {
+        Ok(self.by_username.hashes(username).map(str::to_string).collect())
+    }
+
+    fn tokens_unusable_at(&self, now: UnixMillis) -> io::Result<Vec<String>> {
+        Ok(self.unusable_at(now).map(str::to_string).collect())
+    }
+
+    fn nth_token_end(&self, n: usize) -> io::Result<Option<UnixMillis>> {
+        Ok(self.by_end.iter().nth(n).map(|(end, _)| *end))
+    }
+}
+
+/// When the `n`th token to stop being usable did (1 for the first), if `n` tokens had by `now`:
+/// a sweep up to that moment removes `n` of them (more if several ended at the same
+/// millisecond), the oldest first.
+pub fn nth_end_by(tokens: &dyn TokenRead, now: UnixMillis, n: usize) -> io::Result<Option<UnixMillis>> {
+    let Some(index) = n.checked_sub(1) else { return Ok(None) };
+    Ok(tokens.nth_token_end(index)?.filter(|end| *end <= now))
+}
+
+/// Up to when a sweep of at most `batch` of the tokens due at `now` goes, the oldest first:
+/// `now` if no more are due, else just before the first token left out ended, or that whole
+/// millisecond if the batch all ended in it (a sweep cannot split one). `None`: none is due.
+pub fn sweep_cut(tokens: &dyn TokenRead, now: UnixMillis, batch: usize) -> io::Result<Option<UnixMillis>> {
+    let due_by = |at: UnixMillis| -> io::Result<bool> { Ok(tokens.nth_token_end(0)?.is_some_and(|end| end <= at)) };
+    if !due_by(now)? {
+        return Ok(None);
+    }
+    let Some(left_out) = nth_end_by(tokens, now, batch.saturating_add(1))? else { return Ok(Some(now)) };
+    let before = match left_out.checked_sub(1) {
+        Some(up_to) if due_by(up_to)? => Some(up_to),
+        _ => None,
+    };
+    Ok(Some(before.unwrap_or(left_out)))
+}
+
 impl From<BTreeMap<String, TokenEntry>> for TokenTable {
     fn from(tokens: BTreeMap<String, TokenEntry>) -> Self {
         let mut table = TokenTable::default();
@@ -327,7 +396,7 @@ mod tests {
             let mut by_scan: Vec<&TokenEntry> = t.values().filter(|e| !e.is_usable(now)).collect();
             by_scan.sort_by_key(|e| (end_of(e), e.hash.clone()));
             proptest::prop_assert_eq!(by_index, by_scan.iter().map(|e| e.hash.as_str()).collect::<Vec<_>>());
-            proptest::prop_assert_eq!(t.nth_end_by(now, n), by_scan.get(n - 1).and_then(|e| end_of(e)));
+            proptest::prop_assert_eq!(nth_end_by(&t, now, n).unwrap(), by_scan.get(n - 1).and_then(|e| end_of(e)));
         }
     }
 
@@ -349,7 +418,7 @@ mod tests {
             }
             let due = t.unusable_at(now).count();
             let mut swept = 0;
-            while let Some(cut) = t.sweep_cut(now, batch) {
+            while let Some(cut) = sweep_cut(&t, now, batch).unwrap() {
                 proptest::prop_assert!(cut <= now);
                 let taken: Vec<String> = t.unusable_at(cut).map(str::to_string).collect();
                 let one_millisecond = taken.iter().all(|h| t[h].expires == Some(cut));
@@ -418,7 +487,7 @@ mod tests {
             ops in proptest::collection::vec((0u8..6, "[a-f]", proptest::option::of("[a-f]"), proptest::bool::ANY), 0..40),
         ) {
             let mut store = BTreeMap::new();
-            let mut t = TokenTable::from_store(store.clone());
+            let mut t = TokenTable::default();
             for (op, hash, parent, take) in &ops {
                 match op {
                     0 | 1 => t.insert(hash.clone(), token(hash, parent.as_deref(), None)),
@@ -438,7 +507,7 @@ mod tests {
             }
             crate::stored_map::tests::store_changes(&mut store, t.take_changes());
             proptest::prop_assert_eq!(&store, &*t.by_hash);
-            let reread = TokenTable::from_store(store);
+            let reread = TokenTable::from(store);
             proptest::prop_assert!(reread == t && reread.indexes_match_tokens());
         }
     }

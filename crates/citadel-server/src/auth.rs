@@ -11,6 +11,7 @@ use citadel_core::barrier::Keyring;
 use citadel_core::policy::{self, Caps};
 use citadel_core::state::State;
 use citadel_core::token::{hashes_equal, token_hash, verify_emergency, TokenEntry, EMERGENCY_PREFIX};
+use citadel_core::token_table::TokenRead;
 use sha2::{Digest, Sha256};
 
 /// An authenticated caller.
@@ -50,7 +51,7 @@ impl Caller {
 
 /// Looks a presented token up by its keyed hash, or verifies an emergency token's signature
 /// under the current keyring term; expired, used-up and revoked tokens do not authenticate.
-pub fn resolve(state: &State, keyring: &Keyring, token: &str, now: u64) -> Option<Caller> {
+pub fn resolve(state: &State, tokens: &dyn TokenRead, keyring: &Keyring, token: &str, now: u64) -> Option<Caller> {
     let hash = token_hash(&keyring.token_hmac_key, token);
     if token.starts_with(EMERGENCY_PREFIX) {
         let (term, key) = keyring.emergency_signing_key();
@@ -71,11 +72,18 @@ pub fn resolve(state: &State, keyring: &Keyring, token: &str, now: u64) -> Optio
         };
         return Some(Caller { entry, read_only: true });
     }
-    let entry = state.tokens.get(&hash)?;
+    let entry = match tokens.token(&hash) {
+        Ok(entry) => entry?,
+        Err(e) => {
+            // Refused, never served from a damaged record: the log says which file.
+            tracing::error!(error = %e, "cannot read the stored tokens");
+            return None;
+        }
+    };
     if !hashes_equal(&entry.hash, &hash) || !entry.is_usable(now) {
         return None;
     }
-    Some(Caller { entry: entry.clone(), read_only: false })
+    Some(Caller { entry, read_only: false })
 }
 
 fn argon2() -> Argon2<'static> {

@@ -11,6 +11,7 @@
 use citadel_core::audit::AuditBody;
 use citadel_core::command::{Command, Forwarding, Response};
 use citadel_core::policy::{self, Caps};
+use citadel_core::token_table::TokenRead;
 use serde::{Deserialize, Serialize};
 
 use crate::node::Node;
@@ -116,8 +117,18 @@ fn check_privileged(app: &Node, command: &Command) -> Result<(), ForwardRefusal>
         Command::RotateKeyring { .. } => "sys/rotate",
         _ => "sys/storage/raft/snapshot",
     };
-    let allowed = app.state.read(|s| {
-        let Some(token) = s.tokens.get(token_hash).filter(|t| !t.is_expired(*at)) else { return false };
+    let allowed = app.state.read_with_store(|s, store| {
+        let token = match store.tokens.token(token_hash) {
+            Ok(Some(token)) => token,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the stored tokens");
+                return false;
+            }
+        };
+        if token.is_expired(*at) {
+            return false;
+        }
         token.policies.iter().any(|p| p == policy::ROOT)
             || policy::capabilities(s.policies_named(&token.policies), path).contains(Caps::SUDO)
     });

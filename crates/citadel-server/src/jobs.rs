@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use citadel_core::command::{Command, Response};
+use citadel_core::state::State;
+use citadel_core::token_table::{self, TokenRead};
 use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 
@@ -55,7 +57,10 @@ pub const JOBS: &[Job] = &[
         every: |c| Duration::from_millis(c.jobs.token_sweep_ms),
         run: token_expiry,
         record_idle: true,
-        again: |app| app.state.read(|s| sweep_is_cut_short(s, crate::ids::now_ms())),
+        // A store that cannot be read says nothing more is due: the next run reports the error.
+        again: |app| {
+            app.state.read_with_store(|_, store| sweep_is_cut_short(store, crate::ids::now_ms())).unwrap_or(false)
+        },
     },
     Job {
         name: "prune_expired",
@@ -113,20 +118,21 @@ const SWEEP_BATCH: usize = 10_000;
 fn token_expiry(app: &Node) -> BoxFuture<'_, JobOutput> {
     Box::pin(async move {
         let now = crate::ids::now_ms();
-        Ok(app.state.read(|s| sweep_up_to(s, now)).map(|up_to| Command::TokensExpire { now: up_to }))
+        let up_to = app.state.read_with_store(|s, store| sweep_up_to(s, store, now)).map_err(|e| e.to_string())?;
+        Ok(up_to.map(|up_to| Command::TokensExpire { now: up_to }))
     })
 }
 
-/// Up to when the next sweep goes (`TokenTable::sweep_cut`); `now` when only revoked emergency
+/// Up to when the next sweep goes (`token_table::sweep_cut`); `now` when only revoked emergency
 /// tokens are due; `None` when nothing is.
-fn sweep_up_to(state: &citadel_core::state::State, now: u64) -> Option<u64> {
+fn sweep_up_to(state: &State, tokens: &dyn TokenRead, now: u64) -> std::io::Result<Option<u64>> {
     let emergency = state.revoked_emergency.values().any(|e| *e <= now);
-    state.tokens.sweep_cut(now, SWEEP_BATCH).or(emergency.then_some(now))
+    Ok(token_table::sweep_cut(tokens, now, SWEEP_BATCH)?.or(emergency.then_some(now)))
 }
 
 /// Whether more tokens are due than one sweep removes.
-fn sweep_is_cut_short(state: &citadel_core::state::State, now: u64) -> bool {
-    state.tokens.nth_end_by(now, SWEEP_BATCH + 1).is_some()
+fn sweep_is_cut_short(tokens: &dyn TokenRead, now: u64) -> std::io::Result<bool> {
+    Ok(token_table::nth_end_by(tokens, now, SWEEP_BATCH + 1)?.is_some())
 }
 
 /// Forgets join tokens, revoked serials and member certificates that expired: the tables stay
@@ -279,8 +285,8 @@ mod tests {
         let mut state = state_with_expiring_tokens(total);
         let now = total + 10;
         let mut sweeps = Vec::new();
-        while let Some(up_to) = sweep_up_to(&state, now) {
-            let cut_short = sweep_is_cut_short(&state, now);
+        while let Some(up_to) = sweep_up_to(&state, &state, now).unwrap() {
+            let cut_short = sweep_is_cut_short(&state, now).unwrap();
             let before = state.tokens.len();
             assert_eq!(state.apply(Command::TokensExpire { now: up_to }), citadel_core::command::Response::Done);
             sweeps.push((before - state.tokens.len(), cut_short));
@@ -299,10 +305,10 @@ mod tests {
             // Used up: no longer usable from the start (their end is 0).
             state.tokens.insert(hash.clone(), TokenEntry { hash, uses_left: Some(0), ..TokenEntry::default() });
         }
-        assert_eq!(sweep_up_to(&state, 50), Some(0));
+        assert_eq!(sweep_up_to(&state, &state, 50).unwrap(), Some(0));
         assert_eq!(state.apply(Command::TokensExpire { now: 0 }), citadel_core::command::Response::Done);
         assert!(state.tokens.is_empty());
-        assert_eq!(sweep_up_to(&state, 50), None, "nothing left to sweep");
+        assert_eq!(sweep_up_to(&state, &state, 50).unwrap(), None, "nothing left to sweep");
     }
 
     #[test]

@@ -466,7 +466,10 @@ impl Node {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             applied_index: self.state.applied_index(),
             // Tokens still usable (not expired, uses left), counted from the index of ends.
-            active_sessions: self.state.read(|s| s.tokens.len() - s.tokens.unusable_at(now).count()),
+            active_sessions: self.state.read_with_store(|_, store| {
+                let (held, ended) = (store.tokens.count(), store.tokens.count_unusable_at(now));
+                held.and_then(|held| Ok(held.saturating_sub(ended?) as usize)).unwrap_or_default()
+            }),
             audit_backlog: self.audit_backlog(),
         }
     }

@@ -15,13 +15,14 @@
 //! damaged one is an error naming the file and the record's place in its table, never its key (a
 //! token's key is a credential's keyed hash, which has no place in a log line).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::marker::PhantomData;
 
 use citadel_core::stored_map::StoredChanges;
-use citadel_core::token::{User, UserRead};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use citadel_core::token::{TokenEntry, User, UserRead};
+use citadel_core::token_table::TokenRead;
+use citadel_core::UnixMillis;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -39,9 +40,88 @@ pub(crate) struct MapTable {
 pub(crate) const TOKENS: MapTable = MapTable { table: TableDefinition::new("tokens"), entry: "token" };
 pub(crate) const USERS: MapTable = MapTable { table: TableDefinition::new("users"), entry: "user" };
 
+/// What a stored map's entries are found by besides their key: rows of index tables kept beside
+/// the map's table, written with it.
+pub(crate) trait Indexed: Serialize + DeserializeOwned {
+    /// Whether there are any (if not, a change does not read the entry it replaces).
+    const INDEXED: bool;
+
+    /// Empties the index tables (the map is replaced whole).
+    fn clear_indexes(txn: &redb::WriteTransaction) -> Result<(), redb::Error>;
+
+    /// Adds `key`'s rows for `value`, or removes them.
+    fn index(txn: &redb::WriteTransaction, key: &str, value: &Self, add: bool) -> Result<(), redb::Error>;
+}
+
+impl Indexed for User {
+    const INDEXED: bool = false;
+
+    fn clear_indexes(_: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        Ok(())
+    }
+
+    fn index(_: &redb::WriteTransaction, _: &str, _: &Self, _: bool) -> Result<(), redb::Error> {
+        Ok(())
+    }
+}
+
+type KeyIndex = TableDefinition<'static, (&'static str, &'static str), ()>;
+
+/// Tokens by parent, by username, by the moment they stop being usable, by accessor, and the
+/// logins (tokens without a parent) by username: what `apply`'s revocations walk
+/// ([`TokenRead`]) and what readers look tokens up by.
+const TOKENS_BY_PARENT: KeyIndex = TableDefinition::new("tokens.by_parent");
+const TOKENS_BY_USERNAME: KeyIndex = TableDefinition::new("tokens.by_username");
+const TOKENS_BY_ACCESSOR: KeyIndex = TableDefinition::new("tokens.by_accessor");
+const LOGINS_BY_USERNAME: KeyIndex = TableDefinition::new("tokens.logins_by_username");
+const TOKENS_BY_END: TableDefinition<(u64, &str), ()> = TableDefinition::new("tokens.by_end");
+
+impl Indexed for TokenEntry {
+    const INDEXED: bool = true;
+
+    fn clear_indexes(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        for table in [TOKENS_BY_PARENT, TOKENS_BY_USERNAME, TOKENS_BY_ACCESSOR, LOGINS_BY_USERNAME] {
+            txn.delete_table(table)?;
+        }
+        txn.delete_table(TOKENS_BY_END)?;
+        Ok(())
+    }
+
+    fn index(txn: &redb::WriteTransaction, key: &str, token: &Self, add: bool) -> Result<(), redb::Error> {
+        let mut rows: Vec<(KeyIndex, &str)> = vec![(TOKENS_BY_ACCESSOR, token.accessor.as_str())];
+        if let Some(parent) = &token.parent {
+            rows.push((TOKENS_BY_PARENT, parent));
+        }
+        if let Some(username) = &token.username {
+            rows.push((TOKENS_BY_USERNAME, username));
+            if token.parent.is_none() {
+                rows.push((LOGINS_BY_USERNAME, username));
+            }
+        }
+        for (table, first) in rows {
+            let mut table = txn.open_table(table)?;
+            if add {
+                table.insert((first, key), ())?;
+            } else {
+                table.remove((first, key))?;
+            }
+        }
+        if let Some(end) = citadel_core::token_table::end_of(token) {
+            let mut ends = txn.open_table(TOKENS_BY_END)?;
+            if add {
+                ends.insert((end, key), ())?;
+            } else {
+                ends.remove((end, key))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl MapTable {
-    /// Writes what a batch changed: every stored entry goes first when the map was replaced.
-    pub(crate) fn write_changes<V: Serialize>(
+    /// Writes what a batch changed, with the index rows: every stored entry goes first when the
+    /// map was replaced; an entry replaced or removed takes its rows with it.
+    pub(crate) fn write_changes<V: Indexed>(
         self,
         txn: &redb::WriteTransaction,
         changes: &StoredChanges<V>,
@@ -51,20 +131,32 @@ impl MapTable {
         }
         if changes.replace {
             txn.delete_table(self.table)?;
+            V::clear_indexes(txn)?;
         }
         let mut table = txn.open_table(self.table)?;
+        if V::INDEXED && !changes.replace {
+            for key in changes.removed.iter().chain(changes.put.iter().map(|(key, _)| key)) {
+                let Some(old) = table.get(key.as_str())? else { continue };
+                let what = format!("a {} record being replaced", self.entry);
+                let old: V = codec::decode(old.value(), &what)
+                    .map_err(|e| redb::Error::from(redb::StorageError::Corrupted(e.to_string())))?;
+                V::index(txn, key, &old, false)?;
+            }
+        }
         for key in &changes.removed {
             table.remove(key.as_str())?;
         }
         for (key, value) in &changes.put {
             table.insert(key.as_str(), codec::encode(value).as_slice())?;
+            V::index(txn, key, value, true)?;
         }
         Ok(())
     }
 
     /// Every stored entry, each record verified.
-    pub(crate) fn read_all<V: DeserializeOwned>(self, db: &Db) -> io::Result<BTreeMap<String, V>> {
-        let mut entries = BTreeMap::new();
+    #[cfg(test)]
+    pub(crate) fn read_all<V: DeserializeOwned>(self, db: &Db) -> io::Result<std::collections::BTreeMap<String, V>> {
+        let mut entries = std::collections::BTreeMap::new();
         self.snapshot::<V>(db)?.for_each(&mut |key, value| {
             entries.insert(key.to_string(), value);
             Ok(())
@@ -177,10 +269,135 @@ impl UserRead for UsersView<'_> {
     }
 }
 
+/// The tokens as of one commit, with their indexes, for readers and for `apply`'s loads
+/// ([`citadel_core::state::State::preload_tokens`]): one read transaction, opened when first
+/// used (a reader opens it under the state's lock).
+pub struct TokensView<'db> {
+    db: &'db Db,
+    txn: std::cell::OnceCell<Result<redb::ReadTransaction, String>>,
+}
+
+impl<'db> TokensView<'db> {
+    pub(crate) fn new(db: &'db Db) -> Self {
+        TokensView { db, txn: std::cell::OnceCell::new() }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> io::Error {
+        self.db.err(e)
+    }
+
+    /// `table` as of the view's commit; `None` before anything was written to it.
+    fn open<K: redb::Key + 'static, T: redb::Value + 'static>(
+        &self,
+        table: TableDefinition<'static, K, T>,
+    ) -> io::Result<Option<redb::ReadOnlyTable<K, T>>> {
+        let txn = self.txn.get_or_init(|| self.db.db.begin_read().map_err(|e| e.to_string()));
+        let txn = txn.as_ref().map_err(|e| self.err(e))?;
+        match txn.open_table(table) {
+            Ok(table) => Ok(Some(table)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// The second part of every key of `index` whose first part is `first`, in order.
+    fn keys_under(&self, index: KeyIndex, first: &str) -> io::Result<Vec<String>> {
+        let Some(table) = self.open(index)? else { return Ok(Vec::new()) };
+        let mut keys = Vec::new();
+        for row in table.range((first, "")..).map_err(|e| self.err(e))? {
+            let (key, _) = row.map_err(|e| self.err(e))?;
+            let (at, key) = key.value();
+            if at != first {
+                break;
+            }
+            keys.push(key.to_string());
+        }
+        Ok(keys)
+    }
+
+    /// The token whose accessor is `accessor`.
+    pub fn by_accessor(&self, accessor: &str) -> io::Result<Option<TokenEntry>> {
+        match self.keys_under(TOKENS_BY_ACCESSOR, accessor)?.first() {
+            Some(key) => self.token(key),
+            None => Ok(None),
+        }
+    }
+
+    /// Every token's accessor, in order.
+    pub fn accessors(&self) -> io::Result<Vec<String>> {
+        let Some(table) = self.open(TOKENS_BY_ACCESSOR)? else { return Ok(Vec::new()) };
+        let rows = table.iter().map_err(|e| self.err(e))?;
+        rows.map(|row| row.map(|(key, _)| key.value().0.to_string()).map_err(|e| self.err(e))).collect()
+    }
+
+    /// How many tokens are held.
+    pub fn count(&self) -> io::Result<u64> {
+        let Some(table) = self.open(TOKENS.table)? else { return Ok(0) };
+        table.len().map_err(|e| self.err(e))
+    }
+
+    /// How many tokens are no longer usable at `now` (until the sweep removes them).
+    pub fn count_unusable_at(&self, now: UnixMillis) -> io::Result<u64> {
+        let Some(table) = self.open(TOKENS_BY_END)? else { return Ok(0) };
+        let mut count = 0;
+        for row in table.iter().map_err(|e| self.err(e))? {
+            if row.map_err(|e| self.err(e))?.0.value().0 > now {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// How many logins (tokens without a parent) carry `username`.
+    pub fn count_logins(&self, username: &str) -> io::Result<usize> {
+        Ok(self.keys_under(LOGINS_BY_USERNAME, username)?.len())
+    }
+}
+
+impl TokenRead for TokensView<'_> {
+    fn token(&self, key: &str) -> io::Result<Option<TokenEntry>> {
+        let Some(table) = self.open(TOKENS.table)? else { return Ok(None) };
+        let Some(value) = table.get(key).map_err(|e| self.err(e))? else { return Ok(None) };
+        // Never the key: a token's key is a credential's keyed hash.
+        let what = format!("{}: a token record of the tokens table", self.db.path.display());
+        codec::decode(value.value(), &what).map(Some)
+    }
+
+    fn token_children(&self, parent: &str) -> io::Result<Vec<String>> {
+        self.keys_under(TOKENS_BY_PARENT, parent)
+    }
+
+    fn tokens_of_username(&self, username: &str) -> io::Result<Vec<String>> {
+        self.keys_under(TOKENS_BY_USERNAME, username)
+    }
+
+    fn tokens_unusable_at(&self, now: UnixMillis) -> io::Result<Vec<String>> {
+        let Some(table) = self.open(TOKENS_BY_END)? else { return Ok(Vec::new()) };
+        let mut keys = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (key, _) = row.map_err(|e| self.err(e))?;
+            let (end, key) = key.value();
+            if end > now {
+                break;
+            }
+            keys.push(key.to_string());
+        }
+        Ok(keys)
+    }
+
+    fn nth_token_end(&self, n: usize) -> io::Result<Option<UnixMillis>> {
+        let Some(table) = self.open(TOKENS_BY_END)? else { return Ok(None) };
+        let nth = match table.iter().map_err(|e| self.err(e))?.nth(n) {
+            Some(row) => Some(row.map_err(|e| self.err(e))?.0.value().0),
+            None => None,
+        };
+        Ok(nth)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use citadel_core::token::TokenEntry;
-
     use super::*;
 
     fn token(hash: &str) -> TokenEntry {
@@ -236,6 +453,71 @@ mod tests {
         assert_eq!(view.user_keys_under("corp/").unwrap(), ["corp/ann", "corp/bob"]);
         assert_eq!(view.user_keys_under("").unwrap(), keys, "every user under the empty path");
         assert!(view.user_keys_under("nope/").unwrap().is_empty());
+    }
+
+    /// A token with a parent, a username and an expiry as given.
+    fn linked(hash: &str, parent: Option<&str>, username: Option<&str>, expires: Option<u64>) -> TokenEntry {
+        TokenEntry {
+            accessor: format!("acc-{hash}"),
+            parent: parent.map(Into::into),
+            username: username.map(Into::into),
+            expires,
+            ..token(hash)
+        }
+    }
+
+    #[test]
+    fn the_token_indexes_follow_every_put_change_removal_and_replacement() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        let write = |replace: bool, put: Vec<TokenEntry>, removed: &[&str]| {
+            let put = put.into_iter().map(|t| (t.hash.clone(), t)).collect();
+            let removed = removed.iter().map(|k| k.to_string()).collect();
+            db.commit(false, |txn| TOKENS.write_changes(txn, &StoredChanges { replace, put, removed })).unwrap();
+        };
+        write(
+            false,
+            vec![
+                linked("a", None, Some("ann"), Some(30)),
+                linked("b", Some("a"), Some("ann"), Some(10)),
+                linked("c", Some("a"), None, None),
+                linked("d", None, Some("bob"), Some(20)),
+            ],
+            &[],
+        );
+        let view = TokensView::new(&db);
+        assert_eq!(view.token_children("a").unwrap(), ["b", "c"]);
+        assert_eq!(view.tokens_of_username("ann").unwrap(), ["a", "b"]);
+        assert_eq!((view.count_logins("ann").unwrap(), view.count_logins("bob").unwrap()), (1, 1));
+        assert_eq!(view.tokens_unusable_at(20).unwrap(), ["b", "d"], "the first ended first");
+        assert_eq!(
+            (view.nth_token_end(0).unwrap(), view.nth_token_end(2).unwrap(), view.nth_token_end(3).unwrap()),
+            (Some(10), Some(30), None)
+        );
+        assert_eq!(view.by_accessor("acc-c").unwrap().map(|t| t.hash), Some("c".into()));
+        assert_eq!((view.count().unwrap(), view.count_unusable_at(25).unwrap()), (4, 2));
+        drop(view);
+
+        // A renewal moves a token's end; a removal takes every row with it.
+        write(false, vec![linked("b", Some("a"), Some("ann"), Some(40))], &["d"]);
+        let view = TokensView::new(&db);
+        assert_eq!(view.tokens_unusable_at(35).unwrap(), ["a"]);
+        assert_eq!((view.count_logins("bob").unwrap(), view.by_accessor("acc-d").unwrap()), (0, None));
+        assert_eq!(view.accessors().unwrap(), ["acc-a", "acc-b", "acc-c"]);
+        drop(view);
+
+        write(true, vec![linked("x", Some("p"), None, Some(5))], &[]);
+        let view = TokensView::new(&db);
+        assert_eq!((view.token_children("a").unwrap(), view.tokens_of_username("ann").unwrap()), (vec![], vec![]));
+        assert_eq!(
+            (view.token_children("p").unwrap(), view.tokens_unusable_at(100).unwrap()),
+            (keys(&["x"]), keys(&["x"]))
+        );
+        assert_eq!(view.accessors().unwrap(), ["acc-x"], "a replacement leaves no row of the old tokens");
+    }
+
+    fn keys(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| k.to_string()).collect()
     }
 
     #[test]

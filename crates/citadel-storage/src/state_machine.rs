@@ -37,7 +37,7 @@ use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
 use citadel_core::token::{TokenEntry, User, UserRead};
-use citadel_core::token_table::TokenTable;
+use citadel_core::token_table::TokenRead;
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
@@ -47,7 +47,7 @@ use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
-use crate::map_tables::{StoredEntries, UsersView, TOKENS, USERS};
+use crate::map_tables::{StoredEntries, TokensView, UsersView, TOKENS, USERS};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
@@ -168,6 +168,29 @@ impl serde::Serialize for StreamedKv<'_> {
 pub struct StoreView<'db> {
     pub kv: KvView<'db>,
     pub users: UsersView<'db>,
+    pub tokens: TokensView<'db>,
+}
+
+impl TokenRead for StoreView<'_> {
+    fn token(&self, key: &str) -> io::Result<Option<TokenEntry>> {
+        self.tokens.token(key)
+    }
+
+    fn token_children(&self, parent: &str) -> io::Result<Vec<String>> {
+        self.tokens.token_children(parent)
+    }
+
+    fn tokens_of_username(&self, username: &str) -> io::Result<Vec<String>> {
+        self.tokens.tokens_of_username(username)
+    }
+
+    fn tokens_unusable_at(&self, now: citadel_core::UnixMillis) -> io::Result<Vec<String>> {
+        self.tokens.tokens_unusable_at(now)
+    }
+
+    fn nth_token_end(&self, n: usize) -> io::Result<Option<citadel_core::UnixMillis>> {
+        self.tokens.nth_token_end(n)
+    }
 }
 
 impl citadel_core::kv::KvRead for StoreView<'_> {
@@ -344,12 +367,18 @@ impl StateReader {
         f(&self.lock().state)
     }
 
-    /// Runs `f` against the current state and what the store holds beside it (secrets, users),
+    /// Runs `f` against the current state and what the store holds beside it (secrets, users,
+    /// tokens),
     /// both as of the same applied index (the store is read in transactions opened under the
     /// state's lock).
     pub fn read_with_store<T>(&self, f: impl FnOnce(&State, &StoreView<'_>) -> T) -> T {
         let applied = self.lock();
-        f(&applied.state, &StoreView { kv: KvView::new(&self.db, &self.kv_cache), users: UsersView::new(&self.db) })
+        let store = StoreView {
+            kv: KvView::new(&self.db, &self.kv_cache),
+            users: UsersView::new(&self.db),
+            tokens: TokensView::new(&self.db),
+        };
+        f(&applied.state, &store)
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -629,15 +658,13 @@ fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<Stor
     Ok(Some(record))
 }
 
-/// Gives a state restored from the saved state its tokens (users stay in their table, loaded
-/// as commands need them): those of the token table, or, in a state saved before the tables
-/// existed, its own, which move to the tables once with its users.
+/// Readies a state restored from the saved state for its tables: its tokens and users stay
+/// there, loaded as commands need them; a state saved before the tables existed holds its own,
+/// which move to the tables once.
 fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), StorageOpenError> {
-    let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
     if format >= MAP_TABLES_FORMAT {
-        applied.state.tokens = TokenTable::from_store(TOKENS.read_all(db).map_err(db_err)?);
-        // The saved state's empty map, decoded, would replace the table at the next commit.
-        applied.state.users = Default::default();
+        // The saved state's empty maps, decoded, would replace the tables at the next commit.
+        (applied.state.tokens, applied.state.users) = Default::default();
         return Ok(());
     }
     applied.state.tokens.replace_store();
@@ -651,6 +678,7 @@ fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), S
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
     applied.state.forget_users();
+    applied.state.forget_tokens();
     tracing::info!(tokens = tokens.put.len(), users = users.put.len(), path = %db.path.display(), "moved the tokens and users out of the saved state into their tables");
     Ok(())
 }
@@ -715,6 +743,7 @@ fn rebuild_from_snapshot(
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
     applied.state.forget_users();
+    applied.state.forget_tokens();
     tracing::info!(secrets = moved, index, from = %snapshots.path().display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
     Ok(applied)
 }
@@ -769,6 +798,7 @@ fn apply_batch(
     // What the store held before this batch: its changes stay in memory until the commit below.
     let stored = KvView::new(db, kv_cache);
     let stored_users = UsersView::new(db);
+    let stored_tokens = TokensView::new(db);
     for (entry, responder) in batch {
         if let Some(prev) = &applied.last_applied {
             assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
@@ -786,6 +816,7 @@ fn apply_batch(
                 };
                 applied.state.preload_kv(&command, |mount, path| stored.entry(mount, path))?;
                 applied.state.preload_users(&command, &stored_users)?;
+                applied.state.preload_tokens(&command, &stored_tokens)?;
                 applied.state.apply_entry(position, command)
             }
             EntryPayload::Membership(m) => {
@@ -804,7 +835,7 @@ fn apply_batch(
             tracing::info!(events = archived, dir = %archive_dir.display(), "audit retention archived and pruned events");
         }
     }
-    drop((stored, stored_users));
+    drop((stored, stored_users, stored_tokens));
     if let Some(index) = last_index {
         // Under the lock: no reader sees this batch before its secrets and events are stored,
         // and no snapshot copies the state between the two.
@@ -824,6 +855,7 @@ fn apply_batch(
         })?;
         kv_cache.committed(&kv);
         applied.state.forget_users();
+        applied.state.forget_tokens();
     }
     Ok((answers, last_index))
 }
@@ -1001,6 +1033,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             kv_cache.clear();
             *applied = restored;
             applied.state.forget_users();
+            applied.state.forget_tokens();
             applied_tx.send_replace(index);
             drop(applied);
             // Only this task applies or installs, so the state read back is the one installed.
@@ -1332,20 +1365,17 @@ mod tests {
         citadel_core::command::Command::UserDelete { username: name.into() }
     }
 
-    /// The keys of the tokens in memory, and of the tokens and users (`user:` and its name) in
-    /// their tables; asserts that memory holds no user and the saved state no token or user.
-    fn held(sm: &StateMachine) -> (Vec<String>, Vec<String>) {
-        fn keys<'a>(tokens: impl Iterator<Item = &'a String>, users: impl Iterator<Item = &'a String>) -> Vec<String> {
-            tokens.cloned().chain(users.map(|u| format!("user:{u}"))).collect()
-        }
-        assert_eq!(sm.reader().read(|s| s.users.len()), 0, "memory holds no user between batches");
-        let in_memory = sm.reader().read(|s| s.tokens.keys().cloned().collect());
+    /// The keys of the tokens and users (`user:` and its name) in their tables; asserts that
+    /// neither memory nor the saved state holds a token or user.
+    fn held(sm: &StateMachine) -> Vec<String> {
+        let in_memory = sm.reader().read(|s| (s.tokens.len(), s.users.len()));
+        assert_eq!(in_memory, (0, 0), "memory holds no token or user between batches");
         let (tokens, users) = (TOKENS.read_all::<TokenEntry>(&sm.db).unwrap(), USERS.read_all::<User>(&sm.db).unwrap());
         if let Some(saved) = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap() {
             let none = [saved.state.tokens.len(), saved.state.users.len(), saved.tokens.len(), saved.users.len()];
             assert_eq!(none, [0; 4], "the saved state holds no token or user");
         }
-        (in_memory, keys(tokens.keys(), users.keys()))
+        tokens.into_keys().chain(users.into_keys().map(|u| format!("user:{u}"))).collect()
     }
 
     fn keys(keys: &[&str]) -> Vec<String> {
@@ -1366,7 +1396,7 @@ mod tests {
             vec![init(), add_user("ann"), add_user("bob"), login("a", None), login("b", Some("a")), login("c", None)];
         apply(&mut sm, 0, first).await;
         apply(&mut sm, 6, vec![revoke("a"), delete_user("bob")]).await;
-        let expected = (keys(&["c", "root"]), keys(&["c", "root", "user:ann"]));
+        let expected = keys(&["c", "root", "user:ann"]);
         assert_eq!(held(&sm), expected, "each batch's changes are written");
         drop(sm);
 
@@ -1374,11 +1404,7 @@ mod tests {
         assert_eq!(sm.reader().applied_index(), 8);
         assert_eq!(held(&sm), expected);
         apply(&mut sm, 8, vec![add_user("dan")]).await;
-        assert_eq!(
-            held(&sm).1,
-            keys(&["c", "root", "user:ann", "user:dan"]),
-            "a write after a start adds to the table"
-        );
+        assert_eq!(held(&sm), keys(&["c", "root", "user:ann", "user:dan"]), "a write after a start adds to the tables");
     }
 
     #[tokio::test]
@@ -1389,6 +1415,7 @@ mod tests {
         // What a format-7 node saved: the whole state, tokens and users included, and no tables.
         let mut whole = sm.reader().read(State::clone);
         whole.users = USERS.read_all(&sm.db).unwrap().into();
+        whole.tokens = TOKENS.read_all(&sm.db).unwrap().into();
         let db = sm.db.clone();
         drop(sm);
         let mut saved = db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
@@ -1398,15 +1425,11 @@ mod tests {
         drop(db);
 
         let mut sm = open(dir.path());
-        assert_eq!(
-            held(&sm),
-            (keys(&["a", "root"]), keys(&["a", "root", "user:ann"])),
-            "moved, and saved without them"
-        );
+        assert_eq!(held(&sm), keys(&["a", "root", "user:ann"]), "moved, and saved without them");
         apply(&mut sm, 3, vec![revoke("a"), delete_user("ann")]).await;
         drop(sm);
         let sm = open(dir.path());
-        assert_eq!(held(&sm).1, ["root"], "read from the tables from then on");
+        assert_eq!(held(&sm), ["root"], "read from the tables from then on");
     }
 
     #[tokio::test]
@@ -1425,7 +1448,7 @@ mod tests {
         drop(sm);
         db.write_meta(KEY_STATE, &saved_at_3).unwrap();
         drop(db);
-        let snapshots = (keys(&["a", "root"]), keys(&["a", "root", "user:ann"]));
+        let snapshots = keys(&["a", "root", "user:ann"]);
         let sm = open(dir.path());
         assert_eq!(held(&sm), snapshots, "the snapshot's");
         drop(sm);
@@ -1461,7 +1484,7 @@ mod tests {
         .unwrap();
         drop(db);
 
-        let all = (keys(&["a", "root"]), keys(&["a", "root", "user:ann"]));
+        let all = keys(&["a", "root", "user:ann"]);
         let sm = open(dir.path());
         assert_eq!(held(&sm), all, "moved to the tables");
         let other = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use citadel_core::time::rfc3339;
 use citadel_core::token::{
     issue_emergency, token_hash, EmergencyClaims, LoginProof, TokenEntry, User, UserRead, EMERGENCY_TTL_MS,
 };
+use citadel_core::token_table::TokenRead;
 use serde_json::{json, Value};
 
 use citadel_core::route::{Kind, Op, Param, Route};
@@ -419,6 +420,12 @@ fn stored_users_unreadable(e: std::io::Error) -> ApiError {
     ApiError::internal("the stored users cannot be read on this node; see its log")
 }
 
+/// Likewise for a token record.
+fn stored_tokens_unreadable(e: std::io::Error) -> ApiError {
+    tracing::error!(error = %e, "cannot read the stored tokens");
+    ApiError::internal("the stored tokens cannot be read on this node; see its log")
+}
+
 /// The users of the route's mount, by name.
 async fn list_users(c: &Call<'_>) -> Result<Reply, ApiError> {
     let mount = c.mount();
@@ -506,7 +513,8 @@ async fn lookup_accessor(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn list_accessors(c: &Call<'_>) -> Result<Reply, ApiError> {
-    let accessors: Vec<String> = c.app.state.read(|s| s.tokens.values().map(|t| t.accessor.clone()).collect());
+    let accessors =
+        c.app.state.read_with_store(|_, store| store.tokens.accessors()).map_err(stored_tokens_unreadable)?;
     Ok(Reply::data(json!({ "keys": accessors })))
 }
 
@@ -624,7 +632,7 @@ fn target_token(app: &Node, req: &ApiRequest, keys: &Unsealed, now: u64) -> Resu
         .ok_or_else(|| ApiError::bad_request("missing required field \"token\""))?;
     let caller = app
         .state
-        .read(|s| authn::resolve(s, &keys.keyring, &token, now))
+        .read_with_store(|s, store| authn::resolve(s, store, &keys.keyring, &token, now))
         .ok_or_else(|| ApiError::bad_request("bad token"))?;
     Ok((caller, token))
 }
@@ -638,7 +646,8 @@ fn by_accessor(app: &Node, req: &ApiRequest) -> Result<TokenEntry, ApiError> {
         .filter(|a| !a.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing required field \"accessor\""))?;
     app.state
-        .read(|s| s.tokens.values().find(|t| t.accessor == accessor).cloned())
+        .read_with_store(|_, store| store.tokens.by_accessor(accessor))
+        .map_err(stored_tokens_unreadable)?
         .ok_or_else(|| ApiError::bad_request("invalid accessor"))
 }
 
@@ -653,10 +662,11 @@ enum TokenOwner<'a> {
 /// state the request was checked against, so concurrent requests may pass it by their number.
 fn within_token_quota(app: &Node, owner: TokenOwner) -> Result<(), ApiError> {
     let max = app.config.limits.max_tokens_per_owner;
-    let held = app.state.read(|s| match owner {
-        TokenOwner::User(user) => s.tokens.of_username(user).filter(|t| t.parent.is_none()).count(),
-        TokenOwner::Parent(parent) => s.tokens.children_of(parent).count(),
+    let held = app.state.read_with_store(|_, store| match owner {
+        TokenOwner::User(user) => store.tokens.count_logins(user),
+        TokenOwner::Parent(parent) => store.tokens.token_children(parent).map(|children| children.len()),
     });
+    let held = held.map_err(stored_tokens_unreadable)?;
     if held >= max {
         let whose = match owner {
             TokenOwner::User(user) => format!("user {user:?}"),

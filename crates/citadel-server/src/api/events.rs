@@ -104,7 +104,8 @@ impl Feed {
     fn token_valid(&self) -> bool {
         let Ok(keys) = self.app.keys() else { return false };
         let now = crate::ids::now_ms();
-        let caller = self.app.state.read(|s| crate::auth::resolve(s, &keys.keyring, &self.token, now));
+        let caller =
+            self.app.state.read_with_store(|s, store| crate::auth::resolve(s, store, &keys.keyring, &self.token, now));
         caller.is_some_and(|caller| super::holds(&self.app, &caller, &self.path, Caps::READ.union(Caps::SUDO)))
     }
 

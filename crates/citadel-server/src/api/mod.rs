@@ -322,7 +322,9 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
     let token = req.token();
     let fresh = if token.is_some() { fresh_state(app, req).await } else { Ok(false) };
     let caller = match &fresh {
-        Ok(_) => token.as_deref().and_then(|t| app.state.read(|s| crate::auth::resolve(s, &keys.keyring, t, now))),
+        Ok(_) => token
+            .as_deref()
+            .and_then(|t| app.state.read_with_store(|s, store| crate::auth::resolve(s, store, &keys.keyring, t, now))),
         Err(_) => None,
     };
     if caller.is_none() && fresh.is_ok() {

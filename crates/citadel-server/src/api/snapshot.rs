@@ -44,7 +44,8 @@ pub fn may_read_body(app: &Node, method: &Method, path: &str, headers: &HeaderMa
     };
     let (Ok(keys), Some(token)) = (app.keys(), super::token_from_headers(headers)) else { return false };
     let now = crate::ids::now_ms();
-    let Some(caller) = app.state.read(|s| crate::auth::resolve(s, &keys.keyring, &token, now)) else {
+    let Some(caller) = app.state.read_with_store(|s, store| crate::auth::resolve(s, store, &keys.keyring, &token, now))
+    else {
         return false;
     };
     !caller.read_only && super::holds(app, &caller, path, need.union(Caps::SUDO))
