@@ -47,7 +47,7 @@ use crate::audit_store::AuditStore;
 use crate::codec::{self, StoredSnapshot, StoredSnapshotRef};
 use crate::db::{Db, META};
 use crate::kv_table::{self, KvCache, KvView, StoredKvEntryRef};
-use crate::map_tables::{StoredEntries, TokensView, UsersView, TOKENS, USERS};
+use crate::map_tables::{StoredEntries, TokenCache, TokensView, UsersView, TOKENS, USERS};
 use crate::snapshot_file::{SnapshotFile, SnapshotHeader, SnapshotRecordFile, StoredSnapshotRecord};
 use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::StorageOpenError;
@@ -213,13 +213,21 @@ impl UserRead for StoreView<'_> {
     }
 }
 
+/// The decoded entries kept beside the store's tables, coherent with them
+/// ([`kv_table::KvCache`], [`crate::map_tables::TokenCache`]).
+#[derive(Default)]
+struct Caches {
+    kv: KvCache,
+    tokens: TokenCache,
+}
+
 /// A cheap, cloneable read handle on the applied state, for the layers above.
 #[derive(Clone)]
 pub struct StateReader {
     inner: Arc<RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
     db: Arc<Db>,
-    kv_cache: Arc<KvCache>,
+    caches: Arc<Caches>,
     audit: AuditStore,
     /// Set while a snapshot's secrets and events are being received.
     receiving: Arc<AtomicBool>,
@@ -374,9 +382,9 @@ impl StateReader {
     pub fn read_with_store<T>(&self, f: impl FnOnce(&State, &StoreView<'_>) -> T) -> T {
         let applied = self.lock();
         let store = StoreView {
-            kv: KvView::new(&self.db, &self.kv_cache),
+            kv: KvView::new(&self.db, &self.caches.kv),
             users: UsersView::new(&self.db),
-            tokens: TokensView::new(&self.db),
+            tokens: TokensView::new(&self.db, &self.caches.tokens),
         };
         f(&applied.state, &store)
     }
@@ -517,7 +525,7 @@ pub struct StateMachine {
     snapshots: Arc<SnapshotFile>,
     applied_tx: Arc<watch::Sender<u64>>,
     db: Arc<Db>,
-    kv_cache: Arc<KvCache>,
+    caches: Arc<Caches>,
     audit: AuditStore,
     last_sync: Instant,
     /// Where retention writes the events it prunes (`DATA/audit-archive`).
@@ -584,7 +592,7 @@ impl StateMachine {
             snapshots: Arc::new(snapshots),
             applied_tx: Arc::new(watch::channel(index).0),
             db,
-            kv_cache: Arc::default(),
+            caches: Arc::default(),
             audit,
             last_sync: Instant::now(),
             archive_dir: data_dir.join(ARCHIVE_DIR).into(),
@@ -597,7 +605,7 @@ impl StateMachine {
             inner: self.inner.clone(),
             applied_index: self.applied_tx.subscribe(),
             db: self.db.clone(),
-            kv_cache: self.kv_cache.clone(),
+            caches: self.caches.clone(),
             audit: self.audit.clone(),
             receiving: self.receiving.clone(),
             snapshots: self.snapshots.clone(),
@@ -785,7 +793,7 @@ type Answer = (openraft::storage::ApplyResponder<TypeConfig>, Response);
 /// and that index.
 fn apply_batch(
     db: &Db,
-    kv_cache: &KvCache,
+    caches: &Caches,
     audit: &AuditStore,
     inner: &RwLock<Applied>,
     archive_dir: &Path,
@@ -796,9 +804,9 @@ fn apply_batch(
     let mut answers = Vec::with_capacity(batch.len());
     let mut applied = inner.write().unwrap_or_else(|poisoned| poisoned.into_inner());
     // What the store held before this batch: its changes stay in memory until the commit below.
-    let stored = KvView::new(db, kv_cache);
+    let stored = KvView::new(db, &caches.kv);
     let stored_users = UsersView::new(db);
-    let stored_tokens = TokensView::new(db);
+    let stored_tokens = TokensView::new(db, &caches.tokens);
     for (entry, responder) in batch {
         if let Some(prev) = &applied.last_applied {
             assert!(entry.log_id.index > prev.index, "entries are applied once, in order");
@@ -853,7 +861,8 @@ fn apply_batch(
             }
             Ok(())
         })?;
-        kv_cache.committed(&kv);
+        caches.kv.committed(&kv);
+        caches.tokens.committed(&tokens);
         applied.state.forget_users();
         applied.state.forget_tokens();
     }
@@ -871,15 +880,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (inner, db, kv_cache, snapshots) =
-            (self.inner.clone(), self.db.clone(), self.kv_cache.clone(), self.snapshots.clone());
+        let (inner, db, caches, snapshots) =
+            (self.inner.clone(), self.db.clone(), self.caches.clone(), self.snapshots.clone());
         let record = tokio::task::spawn_blocking(move || -> io::Result<SnapshotRecordFile> {
             // Under the lock only: a durable commit with the state saved (the log may be purged
             // up to this snapshot once it is written), a copy of the state without its secrets
             // and tokens, and read transactions on both as of the same index. Encoding them
             // holds no lock `apply` needs: with the whole state under it, writes waiting to apply
             // timed out (`bench scale` found it), and copying 100,000 tokens held them 80 ms.
-            let stored = KvView::new(&db, &kv_cache);
+            let stored = KvView::new(&db, &caches.kv);
             let (state, meta, tables) = {
                 let applied = inner.read().unwrap_or_else(|p| p.into_inner());
                 save_state(&db, &applied)?;
@@ -922,10 +931,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // not stall Raft's heartbeats on a machine with two cores (`bench scale` at full size
         // saw elections while a commit ran on a runtime thread).
         let durable = self.last_sync.elapsed() >= AUDIT_SYNC_INTERVAL;
-        let (db, kv_cache, audit, inner, archive_dir) =
-            (self.db.clone(), self.kv_cache.clone(), self.audit.clone(), self.inner.clone(), self.archive_dir.clone());
+        let (db, caches, audit, inner, archive_dir) =
+            (self.db.clone(), self.caches.clone(), self.audit.clone(), self.inner.clone(), self.archive_dir.clone());
         let applied = tokio::task::spawn_blocking(move || {
-            apply_batch(&db, &kv_cache, &audit, &inner, &archive_dir, batch, durable)
+            apply_batch(&db, &caches, &audit, &inner, &archive_dir, batch, durable)
         })
         .await
         .map_err(io::Error::other)
@@ -950,7 +959,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshots: self.snapshots.clone(),
             applied_tx: self.applied_tx.clone(),
             db: self.db.clone(),
-            kv_cache: self.kv_cache.clone(),
+            caches: self.caches.clone(),
             audit: self.audit.clone(),
             last_sync: self.last_sync,
             archive_dir: self.archive_dir.clone(),
@@ -996,7 +1005,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (tokens, users) = (restored.state.take_token_changes(), restored.state.take_user_changes());
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
-        let kv_cache = self.kv_cache.clone();
+        let caches = self.caches.clone();
         let (snapshots, applied_tx) = (self.snapshots.clone(), self.applied_tx.clone());
         let meta = meta.clone();
         tokio::task::spawn_blocking(move || {
@@ -1030,7 +1039,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             write(&txn).map_err(|e| db.err(e))?;
             txn.commit().map_err(|e| db.err(e))?;
             // The database holds the snapshot now: so does memory, whatever becomes of the file.
-            kv_cache.clear();
+            caches.kv.clear();
+            caches.tokens.clear();
             *applied = restored;
             applied.state.forget_users();
             applied.state.forget_tokens();
@@ -1038,7 +1048,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             drop(applied);
             // Only this task applies or installs, so the state read back is the one installed.
             let applied = inner.read().unwrap_or_else(|p| p.into_inner());
-            let secrets = KvView::new(&db, &kv_cache);
+            let secrets = KvView::new(&db, &caches.kv);
             let tables = StoredTables::open(&db)?;
             write_local_snapshot(&snapshots, &meta, &applied.state.clone_without_stored_maps(), &tables, &secrets)
         })
