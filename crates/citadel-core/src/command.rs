@@ -478,10 +478,6 @@ impl Rejection {
             | Rejection::SnapshotAutoNotFound(_)
             | Rejection::Alerts(crate::alerts::AlertError::NoSuchSink(_)) => 404,
             Rejection::KeyringChanged { .. } | Rejection::KeyringTermNotNewer { .. } => 409,
-            // Revoked (or expired) between the node's token check and the commit: refused as a
-            // request with that token is refused a moment later (a retry after a 503 whose
-            // first attempt did commit the revocation meets this).
-            Rejection::TokenInvalid => 403,
             _ => 400,
         }
     }
