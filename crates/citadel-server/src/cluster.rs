@@ -87,7 +87,9 @@ pub struct ClusterNetwork {
 /// 8: appends and votes travel on the Raft stream (ALPN `citadel-raft/8`), not as HTTP routes.
 /// 9: a snapshot's secrets follow its header one per line, before its audit events; a node of
 ///    version 8 would read them as events and refuse every snapshot.
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: a snapshot's tokens and users travel beside its state (storage format 8), which a node of
+///    version 9 refuses as a format it does not read.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {
