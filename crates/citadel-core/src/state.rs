@@ -175,30 +175,9 @@ pub trait StoreRead: crate::kv::KvRead + UserRead + TokenRead {}
 
 impl<T: crate::kv::KvRead + UserRead + TokenRead> StoreRead for T {}
 
-/// A state that holds its tokens in memory (tests and tools) reads them from there.
-impl TokenRead for State {
-    fn token(&self, key: &str) -> std::io::Result<Option<TokenEntry>> {
-        self.tokens.token(key)
-    }
-
-    fn token_children(&self, parent: &str) -> std::io::Result<Vec<String>> {
-        self.tokens.token_children(parent)
-    }
-
-    fn tokens_of_username(&self, username: &str) -> std::io::Result<Vec<String>> {
-        self.tokens.tokens_of_username(username)
-    }
-
-    fn tokens_unusable_at(&self, now: UnixMillis) -> std::io::Result<Vec<String>> {
-        self.tokens.tokens_unusable_at(now)
-    }
-
-    fn nth_token_end(&self, n: usize) -> std::io::Result<Option<UnixMillis>> {
-        self.tokens.nth_token_end(n)
-    }
-}
-
-/// A state that holds its users in memory (tests and tools) reads them from there.
+/// A state that holds its users in memory reads them from there (tests: a node's users are in its
+/// store, and its state holds none between batches).
+#[cfg(test)]
 impl UserRead for State {
     fn user(&self, key: &str) -> std::io::Result<Option<User>> {
         Ok(self.users.get(key).cloned())
@@ -322,7 +301,14 @@ impl State {
                 roots.extend(self.tokens.unusable_at(*now).map(str::to_string));
                 roots.iter().try_for_each(|root| self.load_token_tree(root, store))
             }
-            Command::UserPut { user } => self.load_user_tokens(&user.username, store),
+            // A new password revokes the user's tokens (`put_user`); the user is loaded already.
+            Command::UserPut { user } => {
+                let old = self.users.get(&user.username);
+                if old.is_some_and(|old| old.password_hash != user.password_hash) {
+                    self.load_user_tokens(&user.username, store)?;
+                }
+                Ok(())
+            }
             Command::UserDelete { username } => self.load_user_tokens(username, store),
             Command::AuthDisable { path } => {
                 let users: Vec<String> = self.users.keys().filter(|k| k.starts_with(path.as_str())).cloned().collect();

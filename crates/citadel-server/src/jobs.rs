@@ -285,8 +285,8 @@ mod tests {
         let mut state = state_with_expiring_tokens(total);
         let now = total + 10;
         let mut sweeps = Vec::new();
-        while let Some(up_to) = sweep_up_to(&state, &state, now).unwrap() {
-            let cut_short = sweep_is_cut_short(&state, now).unwrap();
+        while let Some(up_to) = sweep_up_to(&state, &state.tokens, now).unwrap() {
+            let cut_short = sweep_is_cut_short(&state.tokens, now).unwrap();
             let before = state.tokens.len();
             assert_eq!(state.apply(Command::TokensExpire { now: up_to }), citadel_core::command::Response::Done);
             sweeps.push((before - state.tokens.len(), cut_short));
@@ -305,10 +305,10 @@ mod tests {
             // Used up: no longer usable from the start (their end is 0).
             state.tokens.insert(hash.clone(), TokenEntry { hash, uses_left: Some(0), ..TokenEntry::default() });
         }
-        assert_eq!(sweep_up_to(&state, &state, 50).unwrap(), Some(0));
+        assert_eq!(sweep_up_to(&state, &state.tokens, 50).unwrap(), Some(0));
         assert_eq!(state.apply(Command::TokensExpire { now: 0 }), citadel_core::command::Response::Done);
         assert!(state.tokens.is_empty());
-        assert_eq!(sweep_up_to(&state, &state, 50).unwrap(), None, "nothing left to sweep");
+        assert_eq!(sweep_up_to(&state, &state.tokens, 50).unwrap(), None, "nothing left to sweep");
     }
 
     #[test]

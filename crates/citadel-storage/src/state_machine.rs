@@ -1,12 +1,11 @@
 //! The state machine: `citadel_core::state::State` in memory without its secrets and its
 //! audit events, which live on disk beside it ([`crate::kv_table`], [`AuditStore`]).
 //!
-//! What stays in memory: mounts, policies, tokens, chain tips, the alert outbox. The tokens are
-//! also in a table of their own, and the users only there (`map_tables.rs`), written batch by
-//! batch, so that neither the state saved once a second nor a snapshot copies them under the
-//! state's lock. Each batch of entries loads the secrets and users its commands touch, applies
-//! under the state's write lock, and writes the secrets, tokens and users it changed and the
-//! events it sealed in one redb transaction that records the applied index. Readers take the shared lock and read the
+//! What stays in memory: mounts, policies, chain tips, the alert outbox, each bounded. The tokens
+//! and users live in tables of their own (`map_tables.rs`). Each batch of entries loads the
+//! secrets, users and tokens its commands touch, applies under the state's write lock, writes
+//! the secrets, tokens and users it changed and the events it sealed in one redb transaction
+//! that records the applied index, and forgets what it loaded. Readers take the shared lock and read the
 //! store through a read transaction opened under it, so a reader never sees a state whose
 //! secrets or events are not yet stored.
 //!
