@@ -1480,13 +1480,7 @@ pub(crate) mod tests {
     /// Every KV command, a mount disabled and enabled again on the same path, and a restore,
     /// on a few paths, chosen by `seed`.
     fn kv_commands(seed: u64, count: usize) -> Vec<Command> {
-        let mut x = seed | 1;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = generator(seed);
         let mut snapshot: Option<State> = None;
         let mut commands = Vec::new();
         for _ in 0..count {
@@ -1531,17 +1525,22 @@ pub(crate) mod tests {
         commands
     }
 
-    /// User commands (writes with either of two passwords, deletions, logins with a password
-    /// that may be stale, an auth mount disabled and enabled again, some wrapped as requests'
-    /// commands) and restores, on a few users of two mounts, chosen by `seed`.
-    fn user_commands(seed: u64, count: usize) -> Vec<Command> {
+    /// A small deterministic generator of commands' choices: `next(n)` is in `0..n`.
+    fn generator(seed: u64) -> impl FnMut(u64) -> u64 {
         let mut x = seed | 1;
-        let mut next = move |n: u64| {
+        move |n| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x % n
-        };
+        }
+    }
+
+    /// User commands (writes with either of two passwords, deletions, logins with a password
+    /// that may be stale, an auth mount disabled and enabled again, some wrapped as requests'
+    /// commands) and restores, on a few users of two mounts, chosen by `seed`.
+    fn user_commands(seed: u64, count: usize) -> Vec<Command> {
+        let mut next = generator(seed);
         let mut snapshot: Option<State> = None;
         let mut commands = Vec::new();
         for i in 0..count {
@@ -1619,13 +1618,7 @@ pub(crate) mod tests {
     /// and enabled again, requests authorized by tokens that may be gone, and restores, chosen
     /// by `seed`.
     fn token_commands(seed: u64, count: usize) -> Vec<Command> {
-        let mut x = seed | 1;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = generator(seed);
         let mut snapshot: Option<State> = None;
         let mut commands = Vec::new();
         for _ in 0..count {
