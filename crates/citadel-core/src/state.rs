@@ -369,52 +369,6 @@ impl State {
         self.users.take_changes()
     }
 
-    /// A copy without the tokens and the users, which the node's store holds in tables of their
-    /// own: what it saves beside them, and what a snapshot carries them beside. Every field is
-    /// named, so a new one is a decision here rather than silently copied or lost.
-    pub fn clone_without_stored_maps(&self) -> State {
-        let State {
-            cluster,
-            seal,
-            mounts,
-            policies,
-            users: _,
-            tokens: _,
-            audit,
-            cluster_ca,
-            join_tokens,
-            revoked_emergency,
-            node_certs,
-            revoked_serials,
-            auth_mounts,
-            jobs,
-            inactive_nodes,
-            snapshot_auto,
-            alerts,
-            kv_cleared,
-        } = self;
-        State {
-            cluster: cluster.clone(),
-            seal: seal.clone(),
-            mounts: mounts.clone(),
-            policies: policies.clone(),
-            users: StoredMap::default(),
-            tokens: TokenTable::default(),
-            audit: audit.clone(),
-            cluster_ca: cluster_ca.clone(),
-            join_tokens: join_tokens.clone(),
-            revoked_emergency: revoked_emergency.clone(),
-            node_certs: node_certs.clone(),
-            revoked_serials: revoked_serials.clone(),
-            auth_mounts: auth_mounts.clone(),
-            jobs: jobs.clone(),
-            inactive_nodes: inactive_nodes.clone(),
-            snapshot_auto: snapshot_auto.clone(),
-            alerts: alerts.clone(),
-            kv_cleared: kv_cleared.clone(),
-        }
-    }
-
     /// Empties memory of secrets, returning what the store must forget and write.
     pub fn take_kv_changes(&mut self) -> StateKvChanges {
         let cleared = std::mem::take(&mut self.kv_cleared).into_iter().collect();

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use citadel_core::audit::{Chain, ChainTip, ChainVerifier};
 use citadel_core::command::Response;
 use citadel_core::state::State;
+use citadel_core::stored_map::StoredChanges;
 use citadel_core::token::{TokenEntry, User, UserRead};
 use citadel_core::token_table::TokenRead;
 use futures::{Stream, TryStreamExt};
@@ -87,14 +88,27 @@ fn save_state(db: &Db, applied: &Applied) -> io::Result<()> {
     db.commit(true, |txn| put_saved_state(txn, &saved))
 }
 
-/// The state as saved beside the store: without its tokens and users, which the store holds in
-/// tables of their own ([`crate::map_tables`]).
+/// What the state's tokens and users changed since the last call, for their tables
+/// ([`crate::map_tables`]); memory keeps none of them afterwards, so the state saved or copied
+/// into a snapshot between batches holds neither.
+fn take_stored_maps(state: &mut State) -> (StoredChanges<TokenEntry>, StoredChanges<User>) {
+    let changes = (state.take_token_changes(), state.take_user_changes());
+    state.forget_tokens();
+    state.forget_users();
+    changes
+}
+
+/// The state as saved beside the store: without tokens and users ([`take_stored_maps`]).
 fn saved_state(applied: &Applied) -> Vec<u8> {
+    assert!(
+        applied.state.tokens.is_empty() && applied.state.users.is_empty(),
+        "tokens and users are saved in their tables"
+    );
     codec::encode(&StoredSnapshotRef {
         format: citadel_core::command::FORMAT_VERSION,
         last_applied: applied.last_applied.as_ref().map(Into::into),
         membership: (&applied.membership).into(),
-        state: &applied.state.clone_without_stored_maps(),
+        state: &applied.state,
         tokens: BTreeMap::<String, TokenEntry>::new(),
         users: BTreeMap::<String, User>::new(),
         kv: [(); 0],
@@ -676,7 +690,7 @@ fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), S
     }
     applied.state.tokens.replace_store();
     applied.state.users.replace_store();
-    let (tokens, users) = (applied.state.take_token_changes(), applied.state.take_user_changes());
+    let (tokens, users) = take_stored_maps(&mut applied.state);
     let saved = saved_state(applied);
     db.commit(true, |txn| {
         TOKENS.write_changes(txn, &tokens)?;
@@ -684,8 +698,6 @@ fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), S
         put_saved_state(txn, &saved)
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
-    applied.state.forget_users();
-    applied.state.forget_tokens();
     tracing::info!(tokens = tokens.put.len(), users = users.put.len(), path = %db.path.display(), "moved the tokens and users out of the saved state into their tables");
     Ok(())
 }
@@ -737,7 +749,7 @@ fn rebuild_from_snapshot(
     // The snapshot's tokens and users replace the store's (none, without a snapshot).
     applied.state.tokens.replace_store();
     applied.state.users.replace_store();
-    let (tokens, users) = (applied.state.take_token_changes(), applied.state.take_user_changes());
+    let (tokens, users) = take_stored_maps(&mut applied.state);
     let saved = saved_state(&applied);
     let mut moved = 0;
     db.write(|txn| {
@@ -749,8 +761,6 @@ fn rebuild_from_snapshot(
         Ok(())
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
-    applied.state.forget_users();
-    applied.state.forget_tokens();
     tracing::info!(secrets = moved, index, from = %snapshots.path().display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
     Ok(applied)
 }
@@ -848,7 +858,7 @@ fn apply_batch(
         // and no snapshot copies the state between the two.
         let events = applied.state.audit.take_unstored();
         let kv = applied.state.take_kv_changes();
-        let (tokens, users) = (applied.state.take_token_changes(), applied.state.take_user_changes());
+        let (tokens, users) = take_stored_maps(&mut applied.state);
         let saved = durable.then(|| saved_state(&applied));
         db.commit(durable, |txn| {
             audit.store_in(txn, &events, index, false)?;
@@ -862,8 +872,6 @@ fn apply_batch(
         })?;
         caches.kv.committed(&kv);
         caches.tokens.committed(&tokens);
-        applied.state.forget_users();
-        applied.state.forget_tokens();
     }
     Ok((answers, last_index))
 }
@@ -895,7 +903,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 let tables = StoredTables::open(&db)?;
                 let meta =
                     SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() };
-                (applied.state.clone_without_stored_maps(), meta, tables)
+                (applied.state.clone(), meta, tables)
             };
             write_local_snapshot(&snapshots, &meta, &state, &tables, &stored)?;
             drop((state, tables, stored));
@@ -1001,7 +1009,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let inline_kv = restored.state.take_kv_changes();
         restored.state.tokens.replace_store();
         restored.state.users.replace_store();
-        let (tokens, users) = (restored.state.take_token_changes(), restored.state.take_user_changes());
+        let (tokens, users) = take_stored_maps(&mut restored.state);
         let saved = saved_state(&restored);
         let (inner, db, audit, staged) = (self.inner.clone(), self.db.clone(), self.audit.clone(), staging_id(meta));
         let caches = self.caches.clone();
@@ -1041,15 +1049,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             caches.kv.clear();
             caches.tokens.clear();
             *applied = restored;
-            applied.state.forget_users();
-            applied.state.forget_tokens();
             applied_tx.send_replace(index);
             drop(applied);
             // Only this task applies or installs, so the state read back is the one installed.
             let applied = inner.read().unwrap_or_else(|p| p.into_inner());
             let secrets = KvView::new(&db, &caches.kv);
             let tables = StoredTables::open(&db)?;
-            write_local_snapshot(&snapshots, &meta, &applied.state.clone_without_stored_maps(), &tables, &secrets)
+            write_local_snapshot(&snapshots, &meta, &applied.state, &tables, &secrets)
         })
         .await
         .map_err(io::Error::other)?
