@@ -109,11 +109,14 @@ async fn two_of_three_down_gives_read_only_mode_with_emergency_logins_and_audit_
         )
         .await
         .unwrap();
-    cluster
-        .root_at(leader)
-        .post("auth/userpass/users/oncall", &json!({ "password": "oncall-password", "token_policies": "ro" }))
-        .await
-        .unwrap();
+    // Setup on a just-started cluster: a write may meet a leaderless moment (503); the user
+    // write is idempotent, so it is asked again.
+    let oncall = json!({ "password": "oncall-password", "token_policies": "ro" });
+    dev::wait_for("the on-call user", STARTUP, || async {
+        cluster.root_at(leader).post("auth/userpass/users/oncall", &oncall).await.ok()
+    })
+    .await
+    .expect("the on-call user is written");
     let survivor = followers(leader)[0];
     let other = followers(leader)[1];
     // Let the survivor apply the write before the others go.
