@@ -22,6 +22,7 @@ use crate::audit::RefusalReason;
 use crate::auth::{self as authn, Caller};
 use crate::ids;
 use crate::node::Node;
+use crate::node_error::NodeError;
 use crate::seal::Unsealed;
 
 fn valid_username(name: &str) -> bool {
@@ -96,7 +97,10 @@ async fn login_inner(
     if !policies.iter().any(|p| p == policy::DEFAULT) {
         policies.push(policy::DEFAULT.into());
     }
-    if app.read_only() {
+    // Read-only mode (§5.4), settled: no leader for `raft.leader_wait_ms`. Before that a few late
+    // heartbeats on a busy machine look like read-only mode too: the login waits for a leader as
+    // a write does (`Node::propose`), and only then falls back to an emergency token.
+    if app.settled_read_only() {
         return Ok(emergency_login(app, username, policies, keys, now));
     }
     within_token_quota(app, TokenOwner::User(username))?;
@@ -121,10 +125,13 @@ async fn login_inner(
         ..TokenEntry::default()
     };
     let auth = auth_block(&token, &entry);
+    let policies = entry.policies.clone();
     let login = Some(LoginProof { username: username.to_string(), password_hash: user.password_hash.clone() });
-    match app.propose(Command::TokenCreate { entry: Box::new(entry), login }).await? {
-        Response::Rejected(r) => Err(r.into()),
-        _ => Ok((Reply::auth(auth), Some(token))),
+    match app.propose(Command::TokenCreate { entry: Box::new(entry), login }).await {
+        Err(NodeError::ReadOnly) => Ok(emergency_login(app, username, policies, keys, ids::now_ms())),
+        Err(e) => Err(e.into()),
+        Ok(Response::Rejected(r)) => Err(r.into()),
+        Ok(_) => Ok((Reply::auth(auth), Some(token))),
     }
 }
 

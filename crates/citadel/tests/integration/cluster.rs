@@ -96,6 +96,65 @@ async fn after_kill_9_of_the_leader_writes_resume_and_the_restarted_node_catches
     assert_eq!(cluster.anonymous_at(leader).health().await.unwrap().status, 429, "it rejoins as a follower");
 }
 
+/// Read-only mode's first moments (§5.4): a node that has just lost its leader may be seeing
+/// late heartbeats, not an outage. A login and a read sent then wait for a leader, as a write
+/// does, and get its answers: a normal token and the latest value, not an emergency token and a
+/// stale replica's answer. Both other nodes are paused (SIGSTOP) until the node reports read-only
+/// mode and the requests have been in flight for a blip's length; read-only mode settles only
+/// after `leader_wait_ms`, here long enough for a busy machine.
+#[tokio::test]
+async fn a_login_and_a_read_in_a_leaderless_moment_wait_for_the_leader_instead_of_answering_read_only() {
+    let cluster = Cluster::start_nodes(3, 25000, true, "[raft]\nleader_wait_ms = 5000\n").await;
+    let leader = cluster.leader().await;
+    let user = json!({ "password": "blip-password", "token_policies": "default" });
+    dev::wait_for("the user", STARTUP, || async {
+        cluster.root_at(leader).post("auth/userpass/users/blip", &user).await.ok()
+    })
+    .await
+    .expect("the user is written");
+    let watched = followers(leader)[0];
+    let others: Vec<usize> = (0..3).filter(|i| *i != watched).collect();
+    let anon = cluster.anonymous_at(watched);
+    // The watched node waits for the user before the others go quiet.
+    dev::wait_for("the user on the watched node", STARTUP, || async {
+        let login = anon.post("auth/userpass/login/blip", &json!({ "password": "blip-password" })).await.ok()?;
+        login["warnings"].is_null().then_some(())
+    })
+    .await
+    .expect("a normal login on the watched node");
+    cluster.root_at(leader).kv_put("secret", "blip", &json!({ "v": "latest" }), None).await.unwrap();
+
+    for &i in &others {
+        cluster.pause_at(i, true);
+    }
+    dev::wait_for("read-only mode", STARTUP, || async { (dev::health_code(&anon).await == Some(474)).then_some(()) })
+        .await
+        .unwrap();
+    let login = tokio::spawn({
+        let anon = anon.clone();
+        async move { anon.post("auth/userpass/login/blip", &json!({ "password": "blip-password" })).await }
+    });
+    let read = tokio::spawn({
+        let root = cluster.root_at(watched);
+        async move { root.raw("GET", "secret/data/blip", None, &[]).await }
+    });
+    // Answered while no leader can be heard is the fault; unanswered after a blip is as it should be.
+    let blip = Instant::now();
+    while !(login.is_finished() && read.is_finished()) && blip.elapsed() < Duration::from_millis(300) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for &i in &others {
+        cluster.pause_at(i, false);
+    }
+    let login = login.await.unwrap().expect("the login succeeds");
+    assert!(login["warnings"].is_null(), "a normal token, not an emergency one: {login}");
+    assert!(!login["auth"]["client_token"].as_str().unwrap().starts_with("cre."), "{login}");
+    let read = read.await.unwrap().expect("the read answers");
+    assert_eq!(read.status, 200, "{:?}", read.body);
+    assert_eq!(read.body["data"]["data"], json!({ "v": "latest" }));
+    assert!(read.headers.get("x-citadel-stale").is_none(), "the leader's answer, not a stale one: {:?}", read.headers);
+}
+
 #[tokio::test]
 async fn two_of_three_down_gives_read_only_mode_with_emergency_logins_and_audit_shipped_later() {
     let mut cluster = Cluster::start_nodes(3, 22200, true, "").await;

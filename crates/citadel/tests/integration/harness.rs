@@ -124,6 +124,15 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP (`paused`) or SIGCONT: the node stops answering without losing anything, as a
+    /// process starved of CPU or swapped out does.
+    pub fn pause_at(&self, i: usize, paused: bool) {
+        let child = self.children[i].as_ref().expect("the node is running");
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill only sends a signal to the child we started (by its pid).
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    }
+
     pub fn kill9(&mut self) {
         self.kill9_at(0);
     }
