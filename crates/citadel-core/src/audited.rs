@@ -288,6 +288,31 @@ mod tests {
     }
 
     #[test]
+    fn a_revoke_self_committed_twice_answers_done_both_times_and_another_request_with_the_token_is_refused() {
+        let mut state = initialized();
+        let token = TokenEntry { hash: "t".into(), policies: vec!["default".into()], ..TokenEntry::default() };
+        state.apply(Command::TokenCreate { entry: Box::new(token), login: None });
+        let revoke_self = |request_id: &str| {
+            let mut command = audited(1, request_id, "t", Command::TokenRevoke { hash: "t".into() });
+            if let Command::Audited { command, .. } = &mut command {
+                if let Command::Authorized { token_hash, .. } = &mut **command {
+                    *token_hash = "t".into();
+                }
+            }
+            command
+        };
+        assert_eq!(state.apply(revoke_self("r1")), Response::Done);
+        let before = state.clone();
+        assert_eq!(state.apply(revoke_self("r1")), Response::Done, "the repeat is told what the first attempt did");
+        assert_eq!(state, before, "and changes nothing");
+        // Another request with the revoked token meets the token check.
+        assert_eq!(state.apply(revoke_self("r2")), Response::Rejected(Rejection::TokenInvalid));
+        let events: Vec<_> =
+            state.audit.log.events.iter().map(|e| (e.body().request_id.clone(), e.body().status)).collect();
+        assert_eq!(events, [("r1".to_string(), 200), ("r2".to_string(), 400)]);
+    }
+
+    #[test]
     fn a_cas_write_committed_twice_after_a_leader_change_answers_written_both_times_with_one_event() {
         let mut state = initialized();
         state.apply(audited(1, "r1", "a", kv_write("a", 1, None)));

@@ -585,11 +585,29 @@ impl State {
         command: Command,
     ) -> Result<Response, Rejection> {
         audited::check(&audit, &command)?;
+        if self.audit.log.holds_recent_request(&audit.request_id) && self.revoked_its_own_token(&command) {
+            return Ok(Response::Done);
+        }
         let response = self.apply_checked(entry, command).unwrap_or_else(Response::Rejected);
         if audited::records(&response) {
             self.audit.log.record(audited::outcome(audit, &response));
         }
         Ok(response)
+    }
+
+    /// Whether `command` revokes the very token that authorizes it, and that token is gone. Asked
+    /// of a proposal sent again after its first attempt committed (`Node::propose` re-sends once
+    /// the leader goes silent): that attempt revoked the token, so the repeat is done, not refused
+    /// at the token check. Only the answer differs: a repeat records no second event and the
+    /// revocation changes nothing, so a replica that answers otherwise holds the same state.
+    fn revoked_its_own_token(&self, command: &Command) -> bool {
+        match command {
+            Command::Authorized { token_hash, command, .. } => {
+                matches!(&**command, Command::TokenRevoke { hash } if hash == token_hash)
+                    && !self.tokens.contains_key(token_hash)
+            }
+            _ => false,
+        }
     }
 
     fn rotate_keyring(

@@ -536,16 +536,16 @@ async fn renew_token(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn revoke_self(c: &Call<'_>) -> Result<Reply, ApiError> {
-    revoke(c.app, c.caller()?, c.caller()?).await
+    revoke(c.app, c.caller()?).await
 }
 
 async fn revoke_token(c: &Call<'_>) -> Result<Reply, ApiError> {
-    revoke(c.app, c.caller()?, &target_token(c.app, c.req, c.keys()?, ids::now_ms())?.0).await
+    revoke(c.app, &target_token(c.app, c.req, c.keys()?, ids::now_ms())?.0).await
 }
 
 async fn revoke_accessor(c: &Call<'_>) -> Result<Reply, ApiError> {
     let entry = by_accessor(c.app, c.req)?;
-    revoke(c.app, c.caller()?, &Caller { entry, read_only: false }).await
+    revoke(c.app, &Caller { entry, read_only: false }).await
 }
 
 async fn user_write(
@@ -836,7 +836,7 @@ async fn renew(app: &Node, req: &ApiRequest, entry: &TokenEntry, token: &str, no
 }
 
 /// Revokes a stored token with its children, or an emergency token until it would expire.
-async fn revoke(app: &Node, caller: &Caller, target: &Caller) -> Result<Reply, ApiError> {
+async fn revoke(app: &Node, target: &Caller) -> Result<Reply, ApiError> {
     let command = if target.read_only {
         Command::EmergencyTokenRevoke {
             hash: target.entry.hash.clone(),
@@ -846,42 +846,9 @@ async fn revoke(app: &Node, caller: &Caller, target: &Caller) -> Result<Reply, A
     } else {
         Command::TokenRevoke { hash: target.entry.hash.clone() }
     };
-    let revokes_own_token = caller.entry.hash == target.entry.hash;
-    revocation_answer(app.propose(command).await?, revokes_own_token)
-}
-
-/// The answer to a revocation. A token already gone is revoked (Vault answers so too). So is
-/// the caller's own token when `apply` finds it gone: the token checked out when the request
-/// arrived, so it was revoked since (or ended), most often by this very request's first attempt,
-/// committed before a leader change made the node propose it again (`Node::propose`).
-fn revocation_answer(response: Response, revokes_own_token: bool) -> Result<Reply, ApiError> {
-    use citadel_core::command::Rejection;
-    match response {
-        Response::Rejected(Rejection::TokenNotFound) => Ok(Reply::empty()),
-        Response::Rejected(Rejection::TokenInvalid) if revokes_own_token => Ok(Reply::empty()),
+    match app.propose(command).await? {
+        Response::Rejected(citadel_core::command::Rejection::TokenNotFound) => Ok(Reply::empty()),
         Response::Rejected(r) => Err(r.into()),
         _ => Ok(Reply::empty()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use citadel_core::command::Rejection;
-
-    fn status(answer: Result<Reply, ApiError>) -> axum::http::StatusCode {
-        answer.map_or_else(|e| e.status, |reply| reply.status)
-    }
-
-    #[test]
-    fn a_revocation_whose_own_token_is_gone_at_commit_succeeds_and_another_tokens_refusal_stands() {
-        let revoked = status(Ok(Reply::empty()));
-        assert_eq!(status(revocation_answer(Response::Done, false)), revoked);
-        assert_eq!(status(revocation_answer(Response::Rejected(Rejection::TokenNotFound), false)), revoked);
-        // revoke-self proposed again after its first attempt committed: revoked, as asked.
-        assert_eq!(status(revocation_answer(Response::Rejected(Rejection::TokenInvalid), true)), revoked);
-        // Revoking another token with a token that ended meanwhile is refused, as any request.
-        let refused = revocation_answer(Response::Rejected(Rejection::TokenInvalid), false);
-        assert_eq!(status(refused), axum::http::StatusCode::BAD_REQUEST);
     }
 }

@@ -25,15 +25,15 @@ async fn settled_status(client: &Client, method: &str, path: &str, body: Option<
 }
 
 /// Revokes the client's token. After a 503 the first attempt may have committed: the retry then
-/// meets the revocation at the token check (403), or, if the check ran before the revocation was
-/// applied, succeeds (a revocation of the caller's own token that finds it gone is done).
+/// meets the revocation at the token check (403) or, if the check ran before the revocation was
+/// applied, at `apply` (400, "the request's token was revoked or has expired"); either counts.
 async fn revoke_self(client: &Client, trial: usize) {
     let deadline = std::time::Instant::now() + STARTUP;
     let mut retried = false;
     while std::time::Instant::now() < deadline {
         match status(client, "POST", "auth/token/revoke-self", None).await {
             204 => return,
-            403 if retried => return,
+            403 | 400 if retried => return,
             503 => retried = true,
             other => panic!("trial {trial}: revoke-self answered {other}"),
         }
