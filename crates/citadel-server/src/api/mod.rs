@@ -334,6 +334,7 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
     // The request's event, prepared before the handler runs: a write carries it into its own
     // Raft entry (`audit_envelope.rs`); anything else writes it to the spool below.
     let event = request_event(app, req, now, caller.as_ref(), token.as_deref(), &keys);
+    let linearized = matches!(fresh, Ok(true));
     let mut carrier = None;
     let result = match (&caller, fresh) {
         (_, Err(e)) => Err(e),
@@ -362,7 +363,9 @@ async fn dispatch(app: &Arc<Node>, req: &ApiRequest) -> Result<Reply, ApiError> 
             record_audit(app, event).await?;
         }
     }
-    let served_stale = req.served_stale.load(std::sync::atomic::Ordering::Relaxed) || app.read_only();
+    // A request brought up to the leader's read index is not stale, even if this node has not yet
+    // heard the leader's next heartbeat (it still counts itself read-only for that moment).
+    let served_stale = req.served_stale.load(std::sync::atomic::Ordering::Relaxed) || (app.read_only() && !linearized);
     let stale = served_stale && !cfg!(feature = "unsafe-stale-reads");
     let staleness = (matches!(req.op(), Some(Op::Read | Op::List)) && stale).then(|| app.staleness_ms());
     let mut reply = match (result, staleness) {
@@ -487,10 +490,12 @@ fn authorize_route(
     authorize_op(app, caller, req, op, caps)
 }
 
-/// Reads declared linearizable wait for the leader's read index; in read-only mode, or when the
-/// client asked for a stale read, the replica answers and the dispatcher marks it stale.
+/// Reads declared linearizable wait for the leader's read index (done already if the token check
+/// waited for it); in read-only mode, or when the client asked for a stale read, the replica
+/// answers and the dispatcher marks it stale.
 async fn consistent(app: &Node, req: &ApiRequest) -> Result<(), ApiError> {
-    if req.stale_ok() {
+    let linearized = crate::node::REQUEST.try_with(|r| r.linearized) == Ok(true);
+    if req.stale_ok() || linearized {
         Ok(())
     } else if app.read_only() {
         req.served_stale.store(true, std::sync::atomic::Ordering::Relaxed);
