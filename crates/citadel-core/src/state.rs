@@ -585,7 +585,7 @@ impl State {
         command: Command,
     ) -> Result<Response, Rejection> {
         audited::check(&audit, &command)?;
-        if self.audit.log.holds_recent_request(&audit.request_id) && self.revoked_its_own_token(&command) {
+        if self.revoked_its_own_token(&command) && self.audit.log.holds_recent_request(&audit.request_id) {
             return Ok(Response::Done);
         }
         let response = self.apply_checked(entry, command).unwrap_or_else(Response::Rejected);

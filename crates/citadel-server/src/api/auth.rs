@@ -127,20 +127,7 @@ async fn login_inner(
     let auth = auth_block(&token, &entry);
     let policies = entry.policies.clone();
     let login = Some(LoginProof { username: username.to_string(), password_hash: user.password_hash.clone() });
-    let create = Command::TokenCreate { entry: Box::new(entry), login };
-    let deadline = std::time::Instant::now() + app.consensus_deadline();
-    let answer = loop {
-        match app.propose(create.clone()).await {
-            // A leader that has not heard from a quorum for an election timeout fails a proposal at
-            // once; the login waits as a follower's does. Proposing again is safe: the token's hash
-            // is random, so `apply` takes a repeat for the same login.
-            Err(NodeError::NoLeader) if !app.settled_read_only() && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(LOGIN_LEADER_POLL).await;
-            }
-            answer => break answer,
-        }
-    };
-    match answer {
+    match app.propose(Command::TokenCreate { entry: Box::new(entry), login }).await {
         Err(NodeError::ReadOnly) => Ok(emergency_login(app, username, policies, keys, ids::now_ms())),
         Err(NodeError::NoLeader) if app.read_only() => {
             Ok(emergency_login(app, username, policies, keys, ids::now_ms()))
@@ -150,9 +137,6 @@ async fn login_inner(
         Ok(_) => Ok((Reply::auth(auth), Some(token))),
     }
 }
-
-/// How often a login on a leader without its quorum asks again, until read-only mode settles.
-const LOGIN_LEADER_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A login refused before any user was authenticated: counted into its source's refusal
 /// summary instead of audited on its own (§8.3), and answered with `Retry-After` when waiting helps.
