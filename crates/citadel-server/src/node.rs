@@ -348,7 +348,7 @@ impl Node {
 
     /// Leading, but no quorum has acknowledged this node for `raft.leader_wait_ms`. Not one
     /// election timeout: on a busy machine the heartbeats to both followers can miss their
-    /// deadline together for 100–150 ms with nothing wrong (CI's `transfer_leader_under_load…`
+    /// deadline together for 100–150 ms with nothing wrong (a CI dry run's `transfer_leader_under_load…`
     /// got a 503 from one such moment). A leader just elected (or handed leadership) has no
     /// acknowledgement yet: it has lost none until the proposal has `waited` as long for one. A
     /// cluster of one is its own quorum (and sends no heartbeats that would refresh the
