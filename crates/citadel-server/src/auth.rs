@@ -259,9 +259,17 @@ impl LimiterTable {
     /// backoff ended.
     fn wait(&mut self, key: &LimiterKey, free: u32, policy: &BackoffPolicy, now: Instant) -> Duration {
         let Some(entry) = self.entries.get(key) else { return Duration::ZERO };
-        let allowed_at = entry.last_failure + policy.delay(entry.failures, free);
+        let delay = policy.delay(entry.failures, free);
+        let allowed_at = entry.last_failure + delay;
         if now >= allowed_at + policy.max {
             self.remove(key);
+            return Duration::ZERO;
+        }
+        // Within the free failures nothing waits. `now` is read before the table's lock, so a
+        // concurrent attempt may have charged a failure stamped a moment later: measured from it,
+        // a zero delay would still leave a few microseconds to wait, and a burst of logins from
+        // one address got "too many failed logins" with none failed (limits test, busy machine).
+        if delay.is_zero() {
             return Duration::ZERO;
         }
         allowed_at.saturating_duration_since(now)
@@ -386,6 +394,15 @@ mod tests {
             max: Duration::from_secs(60),
             max_entries,
         }
+    }
+
+    #[test]
+    fn an_attempt_whose_clock_reading_predates_a_concurrent_charge_is_not_throttled_within_free_failures() {
+        let limiter = LoginLimiter::new(policy(100));
+        let read_first = Instant::now();
+        // Another login read the clock later but took the lock first.
+        let _charged = limiter.check_and_charge_at("10.0.0.8", "alice", read_first + Duration::from_micros(5)).unwrap();
+        assert!(limiter.check_and_charge_at("10.0.0.8", "bob", read_first).is_ok(), "one failure of five free");
     }
 
     #[test]
