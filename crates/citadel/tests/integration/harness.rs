@@ -193,6 +193,21 @@ impl Cluster {
         .expect("leader elected")
     }
 
+    /// Node `i`'s Raft term, from its sys/health; `None` if it does not answer.
+    pub async fn term_at(&self, i: usize) -> Option<u64> {
+        self.anonymous_at(i).health().await.ok()?.body["term"].as_u64()
+    }
+
+    /// Every node's term (`None` for a stopped or silent node): a test that needs one leader
+    /// throughout compares them with the term it started in.
+    pub async fn terms(&self) -> Vec<Option<u64>> {
+        let mut terms = Vec::new();
+        for i in 0..self.layout.nodes {
+            terms.push(if self.is_running(i) { self.term_at(i).await } else { None });
+        }
+        terms
+    }
+
     /// Runs the `citadel` CLI against node `i` as root (blocking: the nodes are other processes).
     pub fn cli_at(&self, i: usize, args: &[&str]) -> std::process::Output {
         std::process::Command::new(EXE)
