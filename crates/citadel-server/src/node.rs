@@ -36,6 +36,9 @@ pub struct Node {
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
+    /// When this node, running, first found itself in read-only mode this time (see
+    /// [`Node::settled_read_only`]); `None` while it has a leader.
+    pub read_only_seen: Mutex<Option<Instant>>,
     /// When this node last became leader (Unix ms; 0 while it is not): Vault's `active_time`.
     pub active_since: std::sync::atomic::AtomicU64,
     /// Where this node, while it leads, is in delivering alerts to each sink (§11.2).
@@ -214,14 +217,33 @@ impl Node {
     pub fn read_only(&self) -> bool {
         let members = self.raft_metrics().membership_config.membership().nodes().count();
         // A cluster of one is its own quorum: it never loses its leader to the network.
-        members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms
+        let read_only = members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms;
+        let mut seen = self.read_only_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match (read_only, *seen) {
+            (false, _) => *seen = None,
+            (true, None) => *seen = Some(Instant::now()),
+            (true, Some(_)) => {}
+        }
+        read_only
     }
 
     /// Settled read-only mode: no leader for `raft.leader_wait_ms`. Requests then fail at once;
     /// before that, an election or a leader transfer may still be finishing, so they wait (within
     /// their deadline) for a leader instead.
+    ///
+    /// All but one election timeout of that wait must have passed while this node ran and
+    /// looked (the event watcher looks every 100 ms). A process that was stopped for a while (a
+    /// virtual machine's stall, SIGSTOP) finds its last leader contact old when it resumes,
+    /// though the leader, stopped too, is about to send its next heartbeat: such a node has not
+    /// seen an outage, and must not fail requests, issue emergency tokens or page anyone for it.
     pub(crate) fn settled_read_only(&self) -> bool {
-        self.read_only() && self.staleness_ms() > self.config.raft.leader_wait_ms()
+        let wait = self.config.raft.leader_wait_ms();
+        if !self.read_only() || self.staleness_ms() <= wait {
+            return false;
+        }
+        let seen = *self.read_only_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let watched = wait.saturating_sub(self.config.raft.election_timeout_ms);
+        seen.is_some_and(|t| t.elapsed() >= Duration::from_millis(watched))
     }
 
     fn leaderless(&self) -> NodeError {
@@ -361,7 +383,9 @@ impl Node {
         }
         let limit = self.consensus_deadline();
         match m.last_quorum_acked {
-            Some(acked) => acked.elapsed() > limit,
+            // A leader that resumes after being stopped hears from its quorum within a
+            // heartbeat or two: the proposal gives it an election timeout for that.
+            Some(acked) => acked.elapsed() > limit && waited > self.election_timeout(),
             None => waited > limit,
         }
     }
