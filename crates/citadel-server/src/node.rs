@@ -36,9 +36,9 @@ pub struct Node {
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
-    /// When this node, running, first found itself in read-only mode this time (see
+    /// How long this node, running, has watched itself in read-only mode (see
     /// [`Node::settled_read_only`]); `None` while it has a leader.
-    pub read_only_seen: Mutex<Option<Instant>>,
+    pub read_only_watch: Mutex<Option<ReadOnlyWatch>>,
     /// When this node last became leader (Unix ms; 0 while it is not): Vault's `active_time`.
     pub active_since: std::sync::atomic::AtomicU64,
     /// Where this node, while it leads, is in delivering alerts to each sink (§11.2).
@@ -147,6 +147,33 @@ enum Leadership {
     Unknown,
 }
 
+/// Looks at read-only mode further apart than this mean the process was stopped in between
+/// (the event watcher looks every 100 ms): the watch starts again.
+const WATCH_GAP: Duration = Duration::from_millis(500);
+
+/// This node's watch of its own read-only mode: since when, without a gap, and its last look.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadOnlyWatch {
+    since: Instant,
+    looked: Instant,
+}
+
+impl ReadOnlyWatch {
+    /// The watch after a look at `now` that found the node `read_only` or not.
+    fn next(watch: Option<ReadOnlyWatch>, read_only: bool, now: Instant) -> Option<ReadOnlyWatch> {
+        match watch {
+            _ if !read_only => None,
+            Some(w) if now.saturating_duration_since(w.looked) <= WATCH_GAP => Some(ReadOnlyWatch { looked: now, ..w }),
+            _ => Some(ReadOnlyWatch { since: now, looked: now }),
+        }
+    }
+
+    /// How long the node has watched, as of its last look.
+    fn watched(&self) -> Duration {
+        self.looked.saturating_duration_since(self.since)
+    }
+}
+
 impl Node {
     pub fn node_id(&self) -> u64 {
         self.config.node_id
@@ -218,12 +245,9 @@ impl Node {
         let members = self.raft_metrics().membership_config.membership().nodes().count();
         // A cluster of one is its own quorum: it never loses its leader to the network.
         let read_only = members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms;
-        let mut seen = self.read_only_seen.lock().unwrap_or_else(|p| p.into_inner());
-        match (read_only, *seen) {
-            (false, _) => *seen = None,
-            (true, None) => *seen = Some(Instant::now()),
-            (true, Some(_)) => {}
-        }
+        let now = Instant::now();
+        let mut watch = self.read_only_watch.lock().unwrap_or_else(|p| p.into_inner());
+        *watch = ReadOnlyWatch::next(*watch, read_only, now);
         read_only
     }
 
@@ -232,7 +256,7 @@ impl Node {
     /// their deadline) for a leader instead.
     ///
     /// All but one election timeout of that wait must have passed while this node ran and
-    /// looked (the event watcher looks every 100 ms). A process that was stopped for a while (a
+    /// looked, without a gap (the event watcher looks every 100 ms). A process that was stopped for a while (a
     /// virtual machine's stall, SIGSTOP) finds its last leader contact old when it resumes,
     /// though the leader, stopped too, is about to send its next heartbeat: such a node has not
     /// seen an outage, and must not fail requests, issue emergency tokens or page anyone for it.
@@ -241,9 +265,9 @@ impl Node {
         if !self.read_only() || self.staleness_ms() <= wait {
             return false;
         }
-        let seen = *self.read_only_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let watch = *self.read_only_watch.lock().unwrap_or_else(|p| p.into_inner());
         let watched = wait.saturating_sub(self.config.raft.election_timeout_ms);
-        seen.is_some_and(|t| t.elapsed() >= Duration::from_millis(watched))
+        watch.is_some_and(|w| w.watched() >= Duration::from_millis(watched))
     }
 
     fn leaderless(&self) -> NodeError {
@@ -340,14 +364,22 @@ impl Node {
         tokio::pin!(write);
         let period = self.election_timeout() / 4;
         let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let (mut watched_from, mut looked) = (started, started);
         let result = loop {
             tokio::select! {
                 result = &mut write => break Ok(result),
                 _ = check.tick() => {
+                    let now = Instant::now();
+                    // A gap between looks: this process was stopped, and its quorum gets a fresh
+                    // election timeout to answer (as in `settled_read_only`).
+                    if now.saturating_duration_since(looked) > WATCH_GAP {
+                        watched_from = now;
+                    }
+                    looked = now;
                     if !self.is_leader() {
                         break Err(self.not_leader());
                     }
-                    if self.lost_quorum(started.elapsed()) || started.elapsed() > PROPOSAL_LIMIT {
+                    if self.lost_quorum(now.saturating_duration_since(watched_from)) || started.elapsed() > PROPOSAL_LIMIT {
                         break Err(NodeError::NoLeader);
                     }
                 }
@@ -372,7 +404,8 @@ impl Node {
     /// election timeout: on a busy machine the heartbeats to both followers can miss their
     /// deadline together for 100–150 ms with nothing wrong (a CI dry run's `transfer_leader_under_load…`
     /// got a 503 from one such moment). A leader just elected (or handed leadership) has no
-    /// acknowledgement yet: it has lost none until the proposal has `waited` as long for one. A
+    /// acknowledgement yet: it has lost none until the proposal has `waited` (watched, without a
+    /// gap) as long for one. A
     /// cluster of one is its own quorum (and sends no heartbeats that would refresh the
     /// acknowledgement).
     fn lost_quorum(&self, waited: Duration) -> bool {
@@ -384,7 +417,7 @@ impl Node {
         let limit = self.consensus_deadline();
         match m.last_quorum_acked {
             // A leader that resumes after being stopped hears from its quorum within a
-            // heartbeat or two: the proposal gives it an election timeout for that.
+            // heartbeat or two: the proposal gives it an election timeout of watching for that.
             Some(acked) => acked.elapsed() > limit && waited > self.election_timeout(),
             None => waited > limit,
         }
@@ -511,6 +544,33 @@ impl Node {
 mod tests {
     use super::*;
     use crate::forwarded::ForwardRefusal;
+
+    /// Looks every 100 ms from `start` for `span`, all finding the node read-only.
+    fn looks(mut watch: Option<ReadOnlyWatch>, start: Instant, span: Duration) -> Option<ReadOnlyWatch> {
+        let mut at = start;
+        while at <= start + span {
+            watch = ReadOnlyWatch::next(watch, true, at);
+            at += Duration::from_millis(100);
+        }
+        watch
+    }
+
+    #[test]
+    fn read_only_mode_is_watched_only_while_looks_come_without_a_gap_and_a_leader_ends_the_watch() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let watch = looks(None, t0, second);
+        assert_eq!(watch.unwrap().watched(), second, "looks 100 ms apart watch the whole time");
+        // The process is stopped for 2 s: the look after it starts the watch again, though the
+        // node was read-only before and after.
+        let resumed = t0 + 3 * second;
+        let after_stall = ReadOnlyWatch::next(watch, true, resumed).unwrap();
+        assert_eq!(after_stall.watched(), Duration::ZERO);
+        assert_eq!(looks(Some(after_stall), resumed, second).unwrap().watched(), second);
+        // A look that finds a leader ends it.
+        assert!(ReadOnlyWatch::next(watch, false, t0 + second).is_none());
+        assert_eq!(ReadOnlyWatch::next(None, true, t0).unwrap().watched(), Duration::ZERO);
+    }
 
     /// The answer as it crosses the cluster channel: encoded by the leader, decoded here.
     fn over_the_wire(

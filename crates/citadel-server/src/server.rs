@@ -100,7 +100,7 @@ pub async fn run(config: Config) -> Result<()> {
         peers: network.peers(),
         started: Instant::now(),
         leader_contact: Default::default(),
-        read_only_seen: Default::default(),
+        read_only_watch: Default::default(),
         active_since: Default::default(),
         alert_delivery: Default::default(),
         member_statuses: Default::default(),
