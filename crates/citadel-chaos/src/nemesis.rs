@@ -22,6 +22,9 @@ pub enum Fault {
     PauseLeader,
     /// SIGSTOP a random node, SIGCONT later.
     PauseRandom,
+    /// SIGSTOP every node at once, SIGCONT them all later: a virtual machine's stall, after
+    /// which every node finds its last leader contact old.
+    PauseAll,
     /// Cut the leader off from every other node.
     IsolateLeader,
     /// Split the nodes into a minority and a majority.
@@ -38,12 +41,13 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Fault::KillLeader,
         Fault::KillRandom,
         Fault::CrashAll,
         Fault::PauseLeader,
         Fault::PauseRandom,
+        Fault::PauseAll,
         Fault::IsolateLeader,
         Fault::Halves,
         Fault::Bridge,
@@ -59,6 +63,7 @@ impl Fault {
             Fault::CrashAll => "crash-all",
             Fault::PauseLeader => "pause-leader",
             Fault::PauseRandom => "pause-random",
+            Fault::PauseAll => "pause-all",
             Fault::IsolateLeader => "isolate-leader",
             Fault::Halves => "halves",
             Fault::Bridge => "bridge",
@@ -72,7 +77,7 @@ impl Fault {
 /// What to undo when a fault's time is up.
 enum Undo {
     Restart(Vec<usize>),
-    Resume(usize),
+    Resume(Vec<usize>),
     HealNet,
     /// Activate a node the nemesis deactivated.
     Activate(usize),
@@ -118,9 +123,11 @@ impl Nemesis {
                         self.note(format!("restart node {}", slot + 1));
                     }
                 }
-                Undo::Resume(slot) => {
-                    cluster.resume(slot)?;
-                    self.note(format!("SIGCONT node {}", slot + 1));
+                Undo::Resume(slots) => {
+                    for slot in slots {
+                        cluster.resume(slot)?;
+                        self.note(format!("SIGCONT node {}", slot + 1));
+                    }
                 }
                 Undo::HealNet => {
                     cluster.net.heal();
@@ -161,7 +168,14 @@ impl Nemesis {
                 let slot = if fault == Fault::PauseLeader { leader_or_random } else { random };
                 cluster.pause(slot)?;
                 self.note(format!("SIGSTOP node {}{}", slot + 1, tag(slot)));
-                Undo::Resume(slot)
+                Undo::Resume(vec![slot])
+            }
+            Fault::PauseAll => {
+                for &slot in &members {
+                    cluster.pause(slot)?;
+                }
+                self.note("SIGSTOP every node".into());
+                Undo::Resume(members)
             }
             Fault::IsolateLeader => {
                 let others: Vec<usize> = members.iter().copied().filter(|&s| s != leader_or_random).collect();

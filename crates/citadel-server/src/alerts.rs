@@ -61,6 +61,9 @@ pub struct Observation {
     /// Silence after which a member is unreachable; a new leader waits as long before it judges
     /// anyone (it has heard nobody yet).
     pub unreachable_ms: u64,
+    /// How long this process has run since it last resumed from a stall (`stall.rs`): a leader
+    /// that was stopped waits as long as a new one before it judges anyone.
+    pub running_ms: u64,
     pub members: Vec<Member>,
     pub quorum: usize,
     /// Leader changes within the flapping window.
@@ -173,6 +176,7 @@ impl Observation {
                 .filter(|since| *since > 0)
                 .unwrap_or(now),
             unreachable_ms: crate::events::unreachable_after(app).as_millis() as u64,
+            running_ms: app.stalls.running_since().elapsed().as_millis() as u64,
             members,
             quorum: crate::ha::quorum(progress.voters.len()),
             recent_leader_changes: recent,
@@ -208,7 +212,7 @@ fn annotate(mut firing: Firing, summary: String, description: &str) -> Firing {
 /// The alerts the cluster's condition calls for now. Pure: unit-tested without a cluster.
 pub fn evaluate(o: &Observation) -> Vec<Firing> {
     let mut out = Vec::new();
-    let judged = o.now.saturating_sub(o.leading_since) >= o.unreachable_ms;
+    let judged = o.now.saturating_sub(o.leading_since) >= o.unreachable_ms && o.running_ms >= o.unreachable_ms;
     // One alert per election (its term is a label): a node elected again within ten minutes
     // is a new change, and is announced.
     let term = o.term.to_string();
@@ -563,6 +567,7 @@ mod tests {
             me: 1,
             leading_since: 1_000_000 - 5_000,
             unreachable_ms: 1_000,
+            running_ms: 60_000,
             members: vec![
                 Member { id: 2, voter: true, contact_ms: Some(10), lag: 0 },
                 Member { id: 3, voter: true, contact_ms: Some(10), lag: 0 },
@@ -590,7 +595,7 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_voter_is_unreachable_and_leaves_the_quorum_degraded_only_after_the_grace() {
+    fn a_silent_voter_is_unreachable_and_leaves_the_quorum_degraded_only_after_the_grace_and_not_after_a_stall() {
         let mut o = observation();
         o.members[1].contact_ms = Some(5_000);
         assert_eq!(
@@ -599,6 +604,8 @@ mod tests {
         );
         let just_elected = Observation { leading_since: o.now - 100, ..o.clone() };
         assert_eq!(names(&evaluate(&just_elected)), ["CitadelLeaderChanged:1"], "nobody heard from yet");
+        let just_resumed = Observation { running_ms: 100, ..o.clone() };
+        assert_eq!(names(&evaluate(&just_resumed)), ["CitadelLeaderChanged:1"], "a stall is not silence");
         o.members[1].contact_ms = Some(10);
         o.members[1].lag = crate::ha::LAG_ENTRIES + 1;
         assert_eq!(names(&evaluate(&o)), ["CitadelLeaderChanged:1", "CitadelNodeLagging:3"]);

@@ -188,6 +188,8 @@ struct Watcher {
 
 impl Watcher {
     fn observe(&mut self, app: &Node) -> Observation {
+        // The regular look that lets every judgement tell a stall from silence (`stall.rs`).
+        let running_since = app.stalls.running_since();
         let metrics = app.raft_metrics();
         let me = app.node_id();
         let membership = metrics.membership_config.membership();
@@ -208,15 +210,16 @@ impl Watcher {
             learners,
             read_only: settled && app.read_only(),
             sealed: app.seal.is_sealed(),
-            unreachable: leading.then(|| self.unreachable(app)),
+            unreachable: leading.then(|| self.unreachable(app, running_since)),
         }
     }
 
     /// Members the leader has not heard from for the threshold. A new leader waits that long
-    /// before judging: it has had no time to hear from anyone yet.
-    fn unreachable(&self, app: &Node) -> BTreeSet<u64> {
+    /// before judging: it has had no time to hear from anyone yet; so does one that resumed
+    /// from a stall.
+    fn unreachable(&self, app: &Node, running_since: Instant) -> BTreeSet<u64> {
         let threshold = unreachable_after(app);
-        if self.leading_since.is_none_or(|since| since.elapsed() < threshold) {
+        if self.leading_since.is_none_or(|since| since.max(running_since).elapsed() < threshold) {
             return BTreeSet::new();
         }
         let progress = crate::ha::Progress::of(app);

@@ -40,6 +40,7 @@ pub mod seal;
 pub mod server;
 pub mod snapshot;
 pub mod snapshot_archive;
+pub mod stall;
 pub mod tls;
 pub mod ui;
 

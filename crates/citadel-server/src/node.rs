@@ -19,6 +19,7 @@ use crate::forwarded::ForwardError;
 use crate::metrics::Metrics;
 use crate::node_error::NodeError;
 use crate::seal::{SealManager, Unsealed};
+use crate::stall::StallWatch;
 
 pub struct Node {
     pub config: Config,
@@ -36,9 +37,11 @@ pub struct Node {
     pub started: Instant,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
-    /// How long this node, running, has watched itself in read-only mode (see
-    /// [`Node::settled_read_only`]); `None` while it has a leader.
-    pub read_only_watch: Mutex<Option<ReadOnlyWatch>>,
+    /// When a look first found this node in read-only mode this time; `None` while it has a
+    /// leader.
+    pub read_only_since: Mutex<Option<Instant>>,
+    /// When this process last resumed from a stall (`stall.rs`).
+    pub stalls: StallWatch,
     /// When this node last became leader (Unix ms; 0 while it is not): Vault's `active_time`.
     pub active_since: std::sync::atomic::AtomicU64,
     /// Where this node, while it leads, is in delivering alerts to each sink (§11.2).
@@ -147,33 +150,6 @@ enum Leadership {
     Unknown,
 }
 
-/// Looks at read-only mode further apart than this mean the process was stopped in between
-/// (the event watcher looks every 100 ms): the watch starts again.
-const WATCH_GAP: Duration = Duration::from_millis(500);
-
-/// This node's watch of its own read-only mode: since when, without a gap, and its last look.
-#[derive(Clone, Copy, Debug)]
-pub struct ReadOnlyWatch {
-    since: Instant,
-    looked: Instant,
-}
-
-impl ReadOnlyWatch {
-    /// The watch after a look at `now` that found the node `read_only` or not.
-    fn next(watch: Option<ReadOnlyWatch>, read_only: bool, now: Instant) -> Option<ReadOnlyWatch> {
-        match watch {
-            _ if !read_only => None,
-            Some(w) if now.saturating_duration_since(w.looked) <= WATCH_GAP => Some(ReadOnlyWatch { looked: now, ..w }),
-            _ => Some(ReadOnlyWatch { since: now, looked: now }),
-        }
-    }
-
-    /// How long the node has watched, as of its last look.
-    fn watched(&self) -> Duration {
-        self.looked.saturating_duration_since(self.since)
-    }
-}
-
 impl Node {
     pub fn node_id(&self) -> u64 {
         self.config.node_id
@@ -188,6 +164,12 @@ impl Node {
     /// from a quorum is bounded by `PROPOSAL_LIMIT` instead.
     pub fn consensus_deadline(&self) -> Duration {
         Duration::from_millis(self.config.raft.leader_wait_ms())
+    }
+
+    /// When a wait for consensus that began at `started` gives up: `raft.leader_wait_ms` later,
+    /// or that long after this process last resumed, if it was stopped meanwhile (`stall.rs`).
+    fn consensus_deadline_from(&self, started: Instant) -> Instant {
+        started.max(self.stalls.running_since()) + self.consensus_deadline()
     }
 
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
@@ -245,9 +227,8 @@ impl Node {
         let members = self.raft_metrics().membership_config.membership().nodes().count();
         // A cluster of one is its own quorum: it never loses its leader to the network.
         let read_only = members > 1 && self.staleness_ms() > self.config.raft.election_timeout_ms;
-        let now = Instant::now();
-        let mut watch = self.read_only_watch.lock().unwrap_or_else(|p| p.into_inner());
-        *watch = ReadOnlyWatch::next(*watch, read_only, now);
+        let mut since = self.read_only_since.lock().unwrap_or_else(|p| p.into_inner());
+        *since = if read_only { Some(since.unwrap_or_else(Instant::now)) } else { None };
         read_only
     }
 
@@ -255,19 +236,19 @@ impl Node {
     /// before that, an election or a leader transfer may still be finishing, so they wait (within
     /// their deadline) for a leader instead.
     ///
-    /// All but one election timeout of that wait must have passed while this node ran and
-    /// looked, without a gap (the event watcher looks every 100 ms). A process that was stopped for a while (a
-    /// virtual machine's stall, SIGSTOP) finds its last leader contact old when it resumes,
-    /// though the leader, stopped too, is about to send its next heartbeat: such a node has not
-    /// seen an outage, and must not fail requests, issue emergency tokens or page anyone for it.
+    /// All but one election timeout of that wait must have passed since this node last resumed
+    /// from a stall (`stall.rs`). A process that was stopped (a virtual machine's stall,
+    /// SIGSTOP) finds its last leader contact old when it resumes, though the leader, stopped
+    /// too, is about to send its next heartbeat: such a node has not seen an outage, and must
+    /// not fail requests, issue emergency tokens or page anyone for it.
     pub(crate) fn settled_read_only(&self) -> bool {
         let wait = self.config.raft.leader_wait_ms();
         if !self.read_only() || self.staleness_ms() <= wait {
             return false;
         }
-        let watch = *self.read_only_watch.lock().unwrap_or_else(|p| p.into_inner());
-        let watched = wait.saturating_sub(self.config.raft.election_timeout_ms);
-        watch.is_some_and(|w| w.watched() >= Duration::from_millis(watched))
+        let since = *self.read_only_since.lock().unwrap_or_else(|p| p.into_inner());
+        let watched = Duration::from_millis(wait.saturating_sub(self.config.raft.election_timeout_ms));
+        since.is_some_and(|since| self.stalls.watched_since(since) >= watched)
     }
 
     fn leaderless(&self) -> NodeError {
@@ -284,8 +265,8 @@ impl Node {
     }
 
     /// Proposes a command through the leader, wherever it is, and waits for it to be applied.
-    /// Fails (the API answers 503) within `raft.leader_wait_ms`, or at once in settled
-    /// read-only mode.
+    /// Fails (the API answers 503) within `raft.leader_wait_ms` (counted again from a resume
+    /// after a stall: `stall.rs`), or at once in settled read-only mode.
     pub async fn propose(&self, command: Command) -> Result<Response, NodeError> {
         let (command, carrier) = carry_audit(authorize_command(command));
         let started = Instant::now();
@@ -299,7 +280,7 @@ impl Node {
 
     /// Proposes on the leader or forwards to it, retrying while leadership moves.
     async fn propose_routed(&self, command: Command) -> Result<Response, NodeError> {
-        let deadline = Instant::now() + self.consensus_deadline();
+        let started = Instant::now();
         loop {
             if self.settled_read_only() {
                 return Err(NodeError::ReadOnly);
@@ -321,7 +302,7 @@ impl Node {
                 },
                 Leadership::Unknown => {}
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= self.consensus_deadline_from(started) {
                 return Err(self.leaderless());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -364,22 +345,14 @@ impl Node {
         tokio::pin!(write);
         let period = self.election_timeout() / 4;
         let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let (mut watched_from, mut looked) = (started, started);
         let result = loop {
             tokio::select! {
                 result = &mut write => break Ok(result),
                 _ = check.tick() => {
-                    let now = Instant::now();
-                    // A gap between looks: this process was stopped, and its quorum gets a fresh
-                    // election timeout to answer (as in `settled_read_only`).
-                    if now.saturating_duration_since(looked) > WATCH_GAP {
-                        watched_from = now;
-                    }
-                    looked = now;
                     if !self.is_leader() {
                         break Err(self.not_leader());
                     }
-                    if self.lost_quorum(now.saturating_duration_since(watched_from)) || started.elapsed() > PROPOSAL_LIMIT {
+                    if self.lost_quorum(self.stalls.watched_since(started)) || started.elapsed() > PROPOSAL_LIMIT {
                         break Err(NodeError::NoLeader);
                     }
                 }
@@ -404,8 +377,8 @@ impl Node {
     /// election timeout: on a busy machine the heartbeats to both followers can miss their
     /// deadline together for 100–150 ms with nothing wrong (a CI dry run's `transfer_leader_under_load…`
     /// got a 503 from one such moment). A leader just elected (or handed leadership) has no
-    /// acknowledgement yet: it has lost none until the proposal has `waited` (watched, without a
-    /// gap) as long for one. A
+    /// acknowledgement yet: it has lost none until the proposal has `waited` (since it began, or
+    /// since this process resumed from a stall) as long for one. A
     /// cluster of one is its own quorum (and sends no heartbeats that would refresh the
     /// acknowledgement).
     fn lost_quorum(&self, waited: Duration) -> bool {
@@ -467,12 +440,12 @@ impl Node {
     }
 
     async fn wait_for_read_index(&self, give_up_when_read_only: bool) -> Result<(), NodeError> {
-        let deadline = Instant::now() + self.consensus_deadline();
+        let started = Instant::now();
         let index = loop {
             if give_up_when_read_only && self.settled_read_only() {
                 return Err(NodeError::ReadOnly);
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = self.consensus_deadline_from(started).saturating_duration_since(Instant::now());
             match self.leadership() {
                 // Leadership may be moving (a transfer, an election): ask again within the deadline.
                 Leadership::Me => match self.read_index_local().await {
@@ -496,12 +469,15 @@ impl Node {
                 }
                 Leadership::Unknown => {}
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= self.consensus_deadline_from(started) {
                 return Err(self.leaderless());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        let remaining = self
+            .consensus_deadline_from(started)
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(50));
         tokio::time::timeout(remaining, self.state.wait_applied(index)).await.map_err(|_| NodeError::ReplicaBehind)
     }
 
@@ -544,34 +520,6 @@ impl Node {
 mod tests {
     use super::*;
     use crate::forwarded::ForwardRefusal;
-
-    /// Looks every 100 ms from `start` for `span`, all finding the node read-only.
-    fn looks(mut watch: Option<ReadOnlyWatch>, start: Instant, span: Duration) -> Option<ReadOnlyWatch> {
-        let mut at = start;
-        while at <= start + span {
-            watch = ReadOnlyWatch::next(watch, true, at);
-            at += Duration::from_millis(100);
-        }
-        watch
-    }
-
-    #[test]
-    fn read_only_mode_is_watched_only_while_looks_come_without_a_gap_and_a_leader_ends_the_watch() {
-        let t0 = Instant::now();
-        let second = Duration::from_secs(1);
-        let watch = looks(None, t0, second);
-        assert_eq!(watch.unwrap().watched(), second, "looks 100 ms apart watch the whole time");
-        // The process is stopped for 2 s: the look after it starts the watch again, though the
-        // node was read-only before and after.
-        let resumed = t0 + 3 * second;
-        let after_stall = ReadOnlyWatch::next(watch, true, resumed).unwrap();
-        assert_eq!(after_stall.watched(), Duration::ZERO);
-        assert_eq!(looks(Some(after_stall), resumed, second).unwrap().watched(), second);
-        // A look that finds a leader ends it.
-        assert!(ReadOnlyWatch::next(watch, false, t0 + second).is_none());
-        assert_eq!(ReadOnlyWatch::next(None, true, t0).unwrap().watched(), Duration::ZERO);
-    }
-
     /// The answer as it crosses the cluster channel: encoded by the leader, decoded here.
     fn over_the_wire(
         answer: Result<Result<Response, ForwardError>, String>,
