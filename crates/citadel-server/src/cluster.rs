@@ -37,10 +37,10 @@ use crate::peer::PeerCert;
 use crate::raft_stream::{RaftStreams, Rpc};
 
 /// Wire form of a snapshot: this header as one JSON line (the snapshot in transfer form,
-/// without its secrets and audit events), then each secret as one line, then each audit event
-/// it covers as one line, streamed from the sender's snapshot and store into the receiver's
-/// staging tables (`StateReader::write_transfer`, `SnapshotReceiver`), so neither node holds
-/// its secrets or audit log in memory.
+/// without its tokens, users, secrets and audit events), then each token, each user, each
+/// secret and each audit event it covers as one line, streamed from the sender's snapshot and
+/// store into the receiver's staging tables (`StateReader::write_transfer`,
+/// `SnapshotReceiver`), so neither node holds any of them whole in memory.
 #[derive(Serialize, Deserialize)]
 struct SnapshotTransfer {
     vote: Vote,
@@ -89,7 +89,9 @@ pub struct ClusterNetwork {
 ///    version 8 would read them as events and refuse every snapshot.
 /// 10: a snapshot's tokens and users travel beside its state (storage format 8), which a node of
 ///    version 9 refuses as a format it does not read.
-pub const PROTOCOL_VERSION: u32 = 10;
+/// 11: a snapshot's tokens and users follow its header one per line, before its secrets; a node
+///    of version 10 would read them as secrets and refuse every snapshot.
+pub const PROTOCOL_VERSION: u32 = 11;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {
@@ -485,8 +487,9 @@ pub(crate) async fn receive_append(
     result.map_err(|e| e.to_string())
 }
 
-/// Receives a snapshot: its header line, then its secrets and audit events line by line, each
-/// checked and staged as it comes; only once all arrived is the snapshot installed.
+/// Receives a snapshot: its header line, then its tokens, users, secrets and audit events line
+/// by line, each checked and staged as it comes; only once all arrived is the snapshot
+/// installed.
 async fn snapshot(State(app): State<Arc<Node>>, body: axum::body::Body) -> Json<Wire<SnapshotResponse<TypeConfig>>> {
     Json(receive_snapshot(&app, body).await)
 }
@@ -496,12 +499,12 @@ async fn receive_snapshot(app: &Node, body: axum::body::Body) -> Wire<SnapshotRe
     let header = lines.next(MAX_PEER_BODY).await?.ok_or("an empty snapshot transfer")?;
     let header: SnapshotTransfer = serde_json::from_slice(&header).map_err(|e| format!("snapshot header: {e}"))?;
     let mut receiver = app.state.receive_snapshot(&header.data, &header.meta).map_err(|e| e.to_string())?;
-    let (mut batch, mut batch_bytes, mut secret_lines) = (Vec::new(), 0, receiver.secrets_due());
+    let (mut batch, mut batch_bytes, mut entry_lines) = (Vec::new(), 0, receiver.lines_before_events());
     loop {
         // A secret may hold a thousand versions: its line is bounded as the whole body is.
-        let max = if secret_lines > 0 { MAX_PEER_BODY } else { MAX_SNAPSHOT_EVENT_LINE };
+        let max = if entry_lines > 0 { MAX_PEER_BODY } else { MAX_SNAPSHOT_EVENT_LINE };
         let line = lines.next(max).await?;
-        secret_lines = secret_lines.saturating_sub(1);
+        entry_lines = entry_lines.saturating_sub(1);
         let end = line.is_none();
         batch_bytes += line.as_ref().map_or(0, Vec::len);
         batch.extend(line);

@@ -525,6 +525,7 @@ mod tests {
             users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
+            streamed_maps: None,
         }
     }
 

@@ -330,6 +330,48 @@ pub struct StoredSnapshot {
     /// many lines instead of being in `kv`. Never set in a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streamed_secrets: Option<u64>,
+    /// Set in a snapshot sent to a follower by a node of protocol 11 or later: its tokens and
+    /// users follow it as lines, before its secrets, instead of being in `tokens` and `users`.
+    /// Never set in a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streamed_maps: Option<StreamedMaps>,
+}
+
+/// How many tokens and users follow a snapshot in transfer form, each as one line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamedMaps {
+    pub tokens: u64,
+    pub users: u64,
+}
+
+/// A token's line in a snapshot transfer, as sent (`token` is its record's JSON text).
+#[derive(Serialize)]
+pub(crate) struct TokenLineRef<'a> {
+    pub key: &'a str,
+    pub token: &'a serde_json::value::RawValue,
+}
+
+/// A token's line in a snapshot transfer, as received.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TokenLine {
+    pub key: String,
+    pub token: TokenEntry,
+}
+
+/// A user's line in a snapshot transfer, as sent.
+#[derive(Serialize)]
+pub(crate) struct UserLineRef<'a> {
+    pub key: &'a str,
+    pub user: &'a serde_json::value::RawValue,
+}
+
+/// A user's line in a snapshot transfer, as received.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UserLine {
+    pub key: String,
+    pub user: User,
 }
 
 /// What a [`StoredSnapshot`] says of itself, decoded without building its state or its
@@ -348,14 +390,12 @@ pub struct StateSummary {
     pub cluster: Option<citadel_core::state::ClusterInfo>,
 }
 
-/// A [`StoredSnapshot`] with its secrets counted, not decoded: the first of two reads of a
-/// snapshot sent to a follower, whose header says how many secrets follow it. The second
-/// ([`for_each_secret`]) streams them.
+/// A [`StoredSnapshot`] with its secrets counted, not decoded: an operator's restore reads
+/// the rest ([`decode_snapshot_head_from`]), then checks the secrets one at a time
+/// ([`check_snapshot_secrets_from`]).
 #[derive(Deserialize)]
 pub(crate) struct StoredSnapshotCountedKv {
-    pub format: u32,
     pub last_applied: Option<StoredLogId>,
-    pub membership: StoredMembershipState,
     pub state: State,
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenEntry>,
@@ -365,9 +405,50 @@ pub(crate) struct StoredSnapshotCountedKv {
     pub kv: Counted,
 }
 
+/// A [`StoredSnapshot`] with its tokens, users and secrets counted, not decoded: the first of
+/// two reads of a snapshot sent to a follower by a node of protocol 11, whose header says how
+/// many of each follow it. The second ([`for_each_streamed`]) streams them.
+#[derive(Deserialize)]
+pub(crate) struct StoredSnapshotCounted {
+    pub format: u32,
+    pub last_applied: Option<StoredLogId>,
+    pub membership: StoredMembershipState,
+    pub state: State,
+    #[serde(default)]
+    pub tokens: CountedMap,
+    #[serde(default)]
+    pub users: CountedMap,
+    #[serde(default)]
+    pub kv: Counted,
+}
+
 /// The length of a sequence, its elements skipped as they are read.
 #[derive(Default)]
 pub(crate) struct Counted(pub u64);
+
+/// The length of a map, its entries skipped as they are read.
+#[derive(Default)]
+pub(crate) struct CountedMap(pub u64);
+
+impl<'de> Deserialize<'de> for CountedMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = CountedMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CountedMap, A::Error> {
+                let mut count = 0;
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                Ok(CountedMap(count))
+            }
+        }
+        deserializer.deserialize_map(Counter)
+    }
+}
 
 impl<'de> Deserialize<'de> for Counted {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -398,12 +479,32 @@ pub(crate) fn for_each_secret<T: DeserializeOwned>(
     what: &str,
     line: &mut dyn FnMut(T) -> io::Result<()>,
 ) -> io::Result<u64> {
+    for_each_streamed(reader, what, &mut |_, _, _| Ok(()), line)
+}
+
+/// One of a snapshot record's stored maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapField {
+    Tokens,
+    Users,
+}
+
+/// Like [`for_each_secret`], and calls `entry` with each token and user (`tokens`, `users`),
+/// one at a time, as its key and its JSON text, in the record's order. Returns how many
+/// secrets it passed on.
+pub(crate) fn for_each_streamed<T: DeserializeOwned>(
+    reader: impl io::Read,
+    what: &str,
+    entry: &mut dyn FnMut(MapField, &str, &serde_json::value::RawValue) -> io::Result<()>,
+    line: &mut dyn FnMut(T) -> io::Result<()>,
+) -> io::Result<u64> {
     use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-    /// The record's map, its `kv` passed on and every other field skipped.
+    /// The record's map, its `tokens`, `users` and `kv` passed on and every other field skipped.
     struct Record<'a, T> {
+        entry: &'a mut dyn FnMut(MapField, &str, &serde_json::value::RawValue) -> io::Result<()>,
         line: &'a mut dyn FnMut(T) -> io::Result<()>,
-        /// Why `line` stopped the read: returned rather than the parser's wording of it.
+        /// Why a callback stopped the read: returned rather than the parser's wording of it.
         stopped: &'a mut Option<io::Error>,
     }
     impl<'de, T: DeserializeOwned> DeserializeSeed<'de> for Record<'_, T> {
@@ -420,13 +521,48 @@ pub(crate) fn for_each_secret<T: DeserializeOwned>(
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
             let mut passed = 0;
             while let Some(key) = map.next_key::<String>()? {
-                if key == "kv" {
-                    passed = map.next_value_seed(Secrets { line: &mut *self.line, stopped: &mut *self.stopped })?;
-                } else {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                let field = match key.as_str() {
+                    "tokens" => MapField::Tokens,
+                    "users" => MapField::Users,
+                    "kv" => {
+                        passed = map.next_value_seed(Secrets { line: &mut *self.line, stopped: &mut *self.stopped })?;
+                        continue;
+                    }
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                map.next_value_seed(Entries { field, entry: &mut *self.entry, stopped: &mut *self.stopped })?;
             }
             Ok(passed)
+        }
+    }
+    struct Entries<'a> {
+        field: MapField,
+        entry: &'a mut dyn FnMut(MapField, &str, &serde_json::value::RawValue) -> io::Result<()>,
+        stopped: &'a mut Option<io::Error>,
+    }
+    impl<'de> DeserializeSeed<'de> for Entries<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Entries<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of key to entry")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map.next_value::<Box<serde_json::value::RawValue>>()?;
+                if let Err(e) = (self.entry)(self.field, &key, &value) {
+                    *self.stopped = Some(e);
+                    return Err(A::Error::custom("stopped"));
+                }
+            }
+            Ok(())
         }
     }
     struct Secrets<'a, T> {
@@ -458,7 +594,7 @@ pub(crate) fn for_each_secret<T: DeserializeOwned>(
     }
 
     let mut stopped = None;
-    let passed = decode_json_seed_from(reader, Record { line, stopped: &mut stopped }, what);
+    let passed = decode_json_seed_from(reader, Record { entry, line, stopped: &mut stopped }, what);
     match stopped {
         Some(e) => Err(e),
         None => passed,
@@ -528,6 +664,8 @@ pub(crate) struct StoredSnapshotRef<'a, T: Serialize, U: Serialize, K: Serialize
     pub kv: K,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streamed_secrets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_maps: Option<StreamedMaps>,
 }
 
 impl StoredSnapshot {
@@ -623,6 +761,7 @@ mod tests {
             users: Default::default(),
             kv,
             streamed_secrets: None,
+            streamed_maps: None,
         };
         let record = encode(&snapshot);
         let from_bytes: StoredSnapshotSummary = decode(&record, "snapshot").unwrap();
@@ -651,6 +790,7 @@ mod tests {
             users: Default::default(),
             kv: kv.clone(),
             streamed_secrets: None,
+            streamed_maps: None,
         };
         let record = encode(&snapshot);
         let counted: StoredSnapshotCountedKv = decode_json_from(&record[..], "snapshot").unwrap();

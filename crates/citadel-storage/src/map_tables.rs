@@ -37,12 +37,16 @@ use crate::db::Db;
 #[derive(Clone, Copy)]
 pub(crate) struct MapTable {
     table: TableDefinition<'static, &'static str, &'static [u8]>,
+    /// Where a snapshot being received stages its entries, until it is installed.
+    staged: TableDefinition<'static, &'static str, &'static [u8]>,
     /// What one entry is, for errors.
     entry: &'static str,
 }
 
-pub(crate) const TOKENS: MapTable = MapTable { table: TableDefinition::new("tokens"), entry: "token" };
-pub(crate) const USERS: MapTable = MapTable { table: TableDefinition::new("users"), entry: "user" };
+pub(crate) const TOKENS: MapTable =
+    MapTable { table: TableDefinition::new("tokens"), staged: TableDefinition::new("tokens.staged"), entry: "token" };
+pub(crate) const USERS: MapTable =
+    MapTable { table: TableDefinition::new("users"), staged: TableDefinition::new("users.staged"), entry: "user" };
 
 /// What a stored map's entries are found by besides their key: rows of index tables kept beside
 /// the map's table, written with it.
@@ -153,6 +157,51 @@ impl MapTable {
         for (key, value) in &changes.put {
             table.insert(key.as_str(), codec::encode(value).as_slice())?;
             V::index(txn, key, value, true)?;
+        }
+        Ok(())
+    }
+
+    /// Empties the staging table (the first commit of a snapshot being received, or a start
+    /// after a transfer cut short).
+    pub(crate) fn clear_staged(self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        txn.delete_table(self.staged)?;
+        Ok(())
+    }
+
+    /// Adds received entries, each already encoded as its record, to the staging table.
+    pub(crate) fn stage_in(
+        self,
+        txn: &redb::WriteTransaction,
+        entries: &[(String, Vec<u8>)],
+    ) -> Result<(), redb::Error> {
+        let mut table = txn.open_table(self.staged)?;
+        for (key, record) in entries {
+            table.insert(key.as_str(), record.as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// The staged entries become the table (a received snapshot is installed), and the index
+    /// rows are built again from them; the staging table is gone after.
+    pub(crate) fn promote_staged_in<V: Indexed>(self, txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+        txn.delete_table(self.table)?;
+        V::clear_indexes(txn)?;
+        // Nothing staged (a snapshot without any) leaves no staging table, and no table.
+        match txn.rename_table(self.staged, self.table) {
+            Ok(()) => {}
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        if !V::INDEXED {
+            return Ok(());
+        }
+        let table = txn.open_table(self.table)?;
+        for (n, row) in table.iter()?.enumerate() {
+            let (key, record) = row?;
+            let what = format!("{} record {} of a received snapshot", self.entry, n + 1);
+            let value: V = codec::decode(record.value(), &what)
+                .map_err(|e| redb::Error::from(redb::StorageError::Corrupted(e.to_string())))?;
+            V::index(txn, key.value(), &value, true)?;
         }
         Ok(())
     }

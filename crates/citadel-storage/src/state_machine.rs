@@ -113,6 +113,7 @@ fn saved_state(applied: &Applied) -> Vec<u8> {
         users: BTreeMap::<String, User>::new(),
         kv: [(); 0],
         streamed_secrets: None,
+        streamed_maps: None,
     })
 }
 
@@ -142,6 +143,7 @@ fn write_local_snapshot(
             users: &tables.users,
             kv: StreamedKv(secrets),
             streamed_secrets: None,
+            streamed_maps: None,
         },
     )
 }
@@ -267,7 +269,7 @@ const STAGING_SECRET_BYTES: usize = 32 << 20;
 pub enum TransferPart<'a> {
     /// The snapshot in transfer form, which says how many secrets follow it.
     Header(Vec<u8>),
-    /// A secret's line, or after the last secret an audit event's.
+    /// A token's line, then a user's, then a secret's, then an audit event's.
     Line(&'a [u8]),
 }
 
@@ -280,11 +282,15 @@ pub struct SnapshotReceiver {
     chains: std::collections::BTreeMap<Chain, (ChainVerifier, ChainTip)>,
     /// The snapshot's mounts: every secret belongs to one.
     mounts: std::collections::BTreeSet<String>,
-    /// Secrets still to come before the events.
+    /// Tokens, users and secrets still to come, in that order, before the events.
+    tokens_left: u64,
+    users_left: u64,
     secrets_left: u64,
-    /// Secrets to stage (mount, path, record) and their size.
+    /// Tokens and users to stage (key, record), secrets (mount, path, record), and their size.
+    tokens: Vec<(String, Vec<u8>)>,
+    users: Vec<(String, Vec<u8>)>,
     secrets: Vec<(String, String, Vec<u8>)>,
-    secrets_bytes: usize,
+    staged_bytes: usize,
     batch: Vec<citadel_core::audit::AuditEvent>,
     first: bool,
     snapshot: Vec<u8>,
@@ -292,16 +298,32 @@ pub struct SnapshotReceiver {
 }
 
 impl SnapshotReceiver {
-    /// Secrets still to come, before the events.
-    pub fn secrets_due(&self) -> u64 {
-        self.secrets_left
+    /// Tokens, users and secrets still to come, before the events.
+    pub fn lines_before_events(&self) -> u64 {
+        self.tokens_left.saturating_add(self.users_left).saturating_add(self.secrets_left)
     }
 
-    /// Takes the next line: while secrets are due, a secret of one of the snapshot's mounts;
-    /// then an event, which must continue its chain within the snapshot. Blocking (stages a
-    /// batch now and then).
+    /// Takes the next line: while tokens are due, a token; then users; then while secrets are
+    /// due, a secret of one of the snapshot's mounts; then an event, which must continue its
+    /// chain within the snapshot. Blocking (stages a batch now and then).
     pub fn add(&mut self, line: &[u8]) -> io::Result<()> {
         let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("received snapshot: {what}"));
+        if self.tokens_left > 0 {
+            let entry: codec::TokenLine = serde_json::from_slice(line).map_err(|e| bad(format!("not a token: {e}")))?;
+            let record = codec::encode(&entry.token);
+            self.staged_bytes += entry.key.len() + record.len();
+            self.tokens.push((entry.key, record));
+            self.tokens_left -= 1;
+            return self.stage_if_full();
+        }
+        if self.users_left > 0 {
+            let entry: codec::UserLine = serde_json::from_slice(line).map_err(|e| bad(format!("not a user: {e}")))?;
+            let record = codec::encode(&entry.user);
+            self.staged_bytes += entry.key.len() + record.len();
+            self.users.push((entry.key, record));
+            self.users_left -= 1;
+            return self.stage_if_full();
+        }
         if self.secrets_left > 0 {
             let secret: kv_table::StoredKvEntry =
                 serde_json::from_slice(line).map_err(|e| bad(format!("not a secret: {e}")))?;
@@ -309,13 +331,10 @@ impl SnapshotReceiver {
                 return Err(bad(format!("a secret of {}, which is not one of its mounts", secret.mount)));
             }
             let record = codec::encode_binary(&secret.entry);
-            self.secrets_bytes += secret.mount.len() + secret.path.len() + record.len();
+            self.staged_bytes += secret.mount.len() + secret.path.len() + record.len();
             self.secrets.push((secret.mount, secret.path, record));
             self.secrets_left -= 1;
-            if self.secrets.len() >= STAGING_BATCH || self.secrets_bytes >= STAGING_SECRET_BYTES {
-                self.stage()?;
-            }
-            return Ok(());
+            return self.stage_if_full();
         }
         let event: citadel_core::audit::AuditEvent =
             serde_json::from_slice(line).map_err(|e| bad(format!("not an audit event: {e}")))?;
@@ -333,6 +352,14 @@ impl SnapshotReceiver {
         Ok(())
     }
 
+    fn stage_if_full(&mut self) -> io::Result<()> {
+        let held = self.tokens.len() + self.users.len() + self.secrets.len();
+        if held >= STAGING_BATCH || self.staged_bytes >= STAGING_SECRET_BYTES {
+            self.stage()?;
+        }
+        Ok(())
+    }
+
     /// Stages what arrived since the last commit; the first commit empties the staging tables.
     /// Fsynced: redb keeps what unsynced commits free until a durable one, and a million-event
     /// transfer of a hundred unsynced commits slowed as it went (`bench scale`'s catch-up: 54 s
@@ -344,12 +371,18 @@ impl SnapshotReceiver {
         self.db.commit(true, |txn| {
             if first {
                 kv_table::clear_staged(txn)?;
+                TOKENS.clear_staged(txn)?;
+                USERS.clear_staged(txn)?;
             }
+            TOKENS.stage_in(txn, &self.tokens)?;
+            USERS.stage_in(txn, &self.users)?;
             kv_table::stage_in(txn, secrets)?;
             self.audit.stage_in(txn, events, first)
         })?;
+        self.tokens.clear();
+        self.users.clear();
         self.secrets.clear();
-        self.secrets_bytes = 0;
+        self.staged_bytes = 0;
         self.batch.clear();
         self.first = false;
         Ok(())
@@ -357,11 +390,13 @@ impl SnapshotReceiver {
 
     /// Everything arrived: every secret, and each chain reached its tip, with the tip's hash.
     pub fn finish(mut self) -> io::Result<()> {
-        if self.secrets_left > 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("received snapshot: it ended with {} of its secrets still due", self.secrets_left),
-            ));
+        for (left, what) in [(self.tokens_left, "tokens"), (self.users_left, "users"), (self.secrets_left, "secrets")] {
+            if left > 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("received snapshot: it ended with {left} of its {what} still due"),
+                ));
+            }
         }
         for (chain, (verifier, tip)) in &self.chains {
             if verifier.last() != tip {
@@ -428,49 +463,102 @@ impl StateReader {
     }
 
     /// Writes a local snapshot as it is sent to a follower, part by part: its transfer form
-    /// (the state without secrets or audit events), then each secret as one line of JSON (a
-    /// [`kv_table::StoredKvEntry`], read from the snapshot's file as its text, never decoded),
+    /// (the state without tokens, users, secrets or audit events), then each token, each user
+    /// and each secret as one line of JSON ([`codec::TokenLine`], [`codec::UserLine`], a
+    /// [`kv_table::StoredKvEntry`]; read from the snapshot's file as their text, never decoded),
     /// then each audit event it covers, each chain from its retention anchor to its tip, as
-    /// stored (read from the store). Neither the file, the secrets nor the events are ever
-    /// whole in memory. Blocking.
+    /// stored (read from the store). Neither the file nor any of its parts is ever whole in
+    /// memory. Blocking.
     pub fn write_transfer(
         &self,
         local: &mut SnapshotRecordFile,
         out: &mut dyn FnMut(TransferPart<'_>) -> io::Result<()>,
     ) -> io::Result<()> {
         const WHAT: &str = "local snapshot";
-        // Read twice: the state first, with the secrets counted (the header says how many
-        // follow), then the secrets, one at a time.
-        let mut stored: codec::StoredSnapshotCountedKv = codec::decode_json_from(local.reader()?, WHAT)?;
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{WHAT}: {what}"));
+        // Read twice: the state first, with the tokens, users and secrets counted (the header
+        // says how many of each follow), then those, one at a time.
+        let mut stored: codec::StoredSnapshotCounted = codec::decode_json_from(local.reader()?, WHAT)?;
         // A format-4 snapshot still holds its events inline; they are in the store.
         stored.state.audit.take_unstored();
-        // A snapshot of format 5 or older holds its secrets in its mounts: they go as lines too.
+        // A snapshot of format 5 or older holds its secrets in its mounts, and one of format 7
+        // its tokens and users in its state: they go as lines too.
         let in_mounts = stored.state.take_kv_changes();
+        let in_state_tokens = std::mem::take(&mut stored.state.tokens);
+        let in_state_users = std::mem::take(&mut stored.state.users);
+        if (!in_state_tokens.is_empty() || !in_state_users.is_empty()) && (stored.tokens.0 > 0 || stored.users.0 > 0) {
+            return Err(bad("it holds tokens or users both in its state and beside it".into()));
+        }
+        let maps = codec::StreamedMaps {
+            tokens: stored.tokens.0 + in_state_tokens.len() as u64,
+            users: stored.users.0 + in_state_users.len() as u64,
+        };
         let streamed = stored.kv.0 + kv_refs(&in_mounts).count() as u64;
         let transfer = StoredSnapshotRef {
             format: stored.format,
             last_applied: stored.last_applied,
             membership: stored.membership,
             state: &stored.state,
-            tokens: &stored.tokens,
-            users: &stored.users,
+            tokens: BTreeMap::<String, TokenEntry>::new(),
+            users: BTreeMap::<String, User>::new(),
             kv: [(); 0],
             streamed_secrets: Some(streamed),
+            streamed_maps: Some(maps),
         };
         out(TransferPart::Header(codec::encode(&transfer)))?;
-        let sent = codec::for_each_secret(local.reader()?, WHAT, &mut |secret: Box<serde_json::value::RawValue>| {
-            let line = secret.get().as_bytes();
-            if line.contains(&b'\n') {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "local snapshot: a secret's JSON spans lines"));
+        let out = std::cell::RefCell::new(out);
+        let line = |bytes: &[u8]| -> io::Result<()> {
+            if bytes.contains(&b'\n') {
+                return Err(bad("an entry's JSON spans lines".into()));
             }
-            out(TransferPart::Line(line))
-        })?;
-        if sent != stored.kv.0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("local snapshot: {} secrets counted, then {sent} read", stored.kv.0),
-            ));
+            (out.borrow_mut())(TransferPart::Line(bytes))
+        };
+        for (key, token) in in_state_tokens.iter() {
+            let token = serde_json::value::to_raw_value(token).map_err(io::Error::other)?;
+            line(&serde_json::to_vec(&codec::TokenLineRef { key, token: &token }).map_err(io::Error::other)?)?;
         }
+        for (key, user) in in_state_users.iter() {
+            let user = serde_json::value::to_raw_value(user).map_err(io::Error::other)?;
+            line(&serde_json::to_vec(&codec::UserLineRef { key, user: &user }).map_err(io::Error::other)?)?;
+        }
+        // The file holds its tokens, then its users, then its secrets (`StoredSnapshotRef`'s
+        // order): a receiver takes the lines in that order.
+        let sent_maps = std::cell::Cell::new(codec::StreamedMaps::default());
+        let sent_secrets = std::cell::Cell::new(0u64);
+        let sent = codec::for_each_streamed(
+            local.reader()?,
+            WHAT,
+            &mut |field, key, value| {
+                let mut sent = sent_maps.get();
+                if sent_secrets.get() > 0 || (field == codec::MapField::Tokens && sent.users > 0) {
+                    return Err(bad("its tokens, users and secrets are not in that order".into()));
+                }
+                let encoded = match field {
+                    codec::MapField::Tokens => {
+                        sent.tokens += 1;
+                        serde_json::to_vec(&codec::TokenLineRef { key, token: value })
+                    }
+                    codec::MapField::Users => {
+                        sent.users += 1;
+                        serde_json::to_vec(&codec::UserLineRef { key, user: value })
+                    }
+                };
+                sent_maps.set(sent);
+                line(&encoded.map_err(io::Error::other)?)
+            },
+            &mut |secret: Box<serde_json::value::RawValue>| {
+                sent_secrets.set(sent_secrets.get() + 1);
+                line(secret.get().as_bytes())
+            },
+        )?;
+        let sent_maps = sent_maps.get();
+        if sent != stored.kv.0 || sent_maps.tokens != stored.tokens.0 || sent_maps.users != stored.users.0 {
+            return Err(bad(format!(
+                "{} tokens, {} users and {} secrets counted, then {}, {} and {sent} read",
+                stored.tokens.0, stored.users.0, stored.kv.0, sent_maps.tokens, sent_maps.users
+            )));
+        }
+        let out = out.into_inner();
         for secret in kv_refs(&in_mounts) {
             out(TransferPart::Line(&serde_json::to_vec(&secret).map_err(io::Error::other)?))?;
         }
@@ -492,9 +580,10 @@ impl StateReader {
     }
 
     /// Starts receiving the lines after a snapshot in transfer form, whose last log id is
-    /// `snapshot`: its secrets (as many as it says; a leader of protocol 8 sends them inline),
-    /// then its audit events, checked link by link. Both are staged as they come and installed
-    /// with the snapshot. One transfer at a time.
+    /// `snapshot`: its tokens and users (as many as it says; a leader of protocol 10 or earlier
+    /// sends them inline), its secrets (likewise; protocol 8 or earlier), then its audit events,
+    /// checked link by link. All are staged as they come and installed with the snapshot. One
+    /// transfer at a time.
     pub fn receive_snapshot(&self, transfer: &[u8], snapshot: &SnapshotMeta) -> io::Result<SnapshotReceiver> {
         let stored: StoredSnapshot = codec::decode(transfer, "received snapshot")?;
         if stored.state.audit.events().next().is_some() {
@@ -503,12 +592,7 @@ impl StateReader {
                 "a snapshot in transfer form holds no audit events inline",
             ));
         }
-        if stored.streamed_secrets.is_some() && holds_secrets_inline(&stored) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a snapshot whose secrets follow it holds none inline",
-            ));
-        }
+        check_streamed_parts(&stored)?;
         if self.receiving.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Err(io::Error::other("another snapshot is being received; retry"));
         }
@@ -521,9 +605,13 @@ impl StateReader {
             audit: self.audit.clone(),
             chains,
             mounts: stored.state.mounts.keys().cloned().collect(),
+            tokens_left: stored.streamed_maps.map_or(0, |m| m.tokens),
+            users_left: stored.streamed_maps.map_or(0, |m| m.users),
             secrets_left: stored.streamed_secrets.unwrap_or(0),
+            tokens: Vec::new(),
+            users: Vec::new(),
             secrets: Vec::new(),
-            secrets_bytes: 0,
+            staged_bytes: 0,
             batch: Vec::new(),
             first: true,
             snapshot: staging_id(snapshot),
@@ -595,6 +683,8 @@ impl StateMachine {
         // snapshot whole again. Left, it would hold a copy of the secrets and events on disk.
         db.commit(false, |txn| {
             kv_table::clear_staged(txn)?;
+            TOKENS.clear_staged(txn)?;
+            USERS.clear_staged(txn)?;
             audit.clear_staged_in(txn)
         })
         .map_err(db_err)?;
@@ -782,6 +872,24 @@ fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
 /// its mounts.
 fn holds_secrets_inline(stored: &StoredSnapshot) -> bool {
     !stored.kv.is_empty() || stored.state.mounts.values().any(|m| !m.kv.entries.is_empty())
+}
+
+/// A snapshot in transfer form that says a part follows it holds none of that part inline.
+fn check_streamed_parts(stored: &StoredSnapshot) -> io::Result<()> {
+    let refuse = |what: &str| {
+        Err(io::Error::new(io::ErrorKind::InvalidData, format!("a snapshot whose {what} follow it holds none inline")))
+    };
+    if stored.streamed_secrets.is_some() && holds_secrets_inline(stored) {
+        return refuse("secrets");
+    }
+    let maps_inline = !stored.tokens.is_empty()
+        || !stored.users.is_empty()
+        || !stored.state.tokens.is_empty()
+        || !stored.state.users.is_empty();
+    if stored.streamed_maps.is_some() && maps_inline {
+        return refuse("tokens and users");
+    }
+    Ok(())
 }
 
 fn into_snapshot(record: SnapshotRecordFile) -> io::Result<Snapshot> {
@@ -995,13 +1103,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let stored: StoredSnapshot = codec::decode(&snapshot, "received snapshot")?;
         drop(snapshot);
+        check_streamed_parts(&stored)?;
         let streamed = stored.streamed_secrets.is_some();
-        if streamed && holds_secrets_inline(&stored) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a snapshot whose secrets follow it holds none inline",
-            ));
-        }
+        let maps_streamed = stored.streamed_maps.is_some();
         let mut restored = restore(stored)?;
         let index = restored.last_applied.as_ref().map_or(0, |l| l.index);
         let inline = restored.state.audit.take_unstored();
@@ -1023,7 +1127,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let promoted = inline.is_empty() && audit.promote_staged_in(&txn, &staged, index).map_err(|e| db.err(e))?;
             // A receiver marks what it staged as complete: without the mark, secrets or events
             // that were to follow the snapshot are missing.
-            if !promoted && (streamed || (inline.is_empty() && covers_events)) {
+            if !promoted && (streamed || maps_streamed || (inline.is_empty() && covers_events)) {
                 return Err(io::Error::other(
                     "the snapshot's secrets and audit events did not all arrive; it will be sent again",
                 ));
@@ -1038,8 +1142,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     kv_table::replace_all(txn, kv_refs(&inline_kv))?;
                     kv_table::clear_staged(txn)?;
                 }
-                TOKENS.write_changes(txn, &tokens)?;
-                USERS.write_changes(txn, &users)?;
+                if maps_streamed {
+                    // Not `write_changes` too: the state's empty maps replace what the store
+                    // holds, which would take the promoted tables with them.
+                    TOKENS.promote_staged_in::<TokenEntry>(txn)?;
+                    USERS.promote_staged_in::<User>(txn)?;
+                } else {
+                    TOKENS.write_changes(txn, &tokens)?;
+                    USERS.write_changes(txn, &users)?;
+                    TOKENS.clear_staged(txn)?;
+                    USERS.clear_staged(txn)?;
+                }
                 put_saved_state(txn, &saved)?;
                 Ok(())
             };
@@ -1093,6 +1206,7 @@ mod tests {
             users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
+            streamed_maps: None,
         };
         let record =
             StoredSnapshotRecord { last_log_id: Some(last), membership: membership(), data: codec::encode(&stored) };
@@ -1142,6 +1256,12 @@ mod tests {
         let data = header.expect("a header first");
         let secrets = codec::decode::<StoredSnapshot>(&data, "transfer").unwrap().streamed_secrets.unwrap();
         (data, secrets, lines)
+    }
+
+    /// The token and user lines a transfer sends first, and the lines after them.
+    fn split_maps<'a>(data: &[u8], lines: &'a [Vec<u8>]) -> (&'a [Vec<u8>], &'a [Vec<u8>]) {
+        let maps = codec::decode::<StoredSnapshot>(data, "transfer").unwrap().streamed_maps.unwrap();
+        lines.split_at((maps.tokens + maps.users) as usize)
     }
 
     fn local_snapshot(dir: &Path) -> SnapshotData {
@@ -1238,6 +1358,7 @@ mod tests {
             users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
+            streamed_maps: None,
         };
         let record = StoredSnapshotRecord { last_log_id: Some(last), membership, data: codec::encode(&stored) };
         db.write_meta(KEY_SNAPSHOT, &record).unwrap();
@@ -1472,8 +1593,17 @@ mod tests {
         let mut receiver = open(other.path());
         apply(&mut receiver, 0, vec![init(), add_user("stale"), login("stale", None)]).await;
         let (data, _, lines) = transfer(&open(dir.path()).reader(), snapshot.snapshot);
+        let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
+        assert!(header.tokens.is_empty() && header.users.is_empty(), "no token or user in the header");
+        assert_eq!(header.streamed_maps, Some(codec::StreamedMaps { tokens: 2, users: 1 }), "one line each");
+        // Cut short among the tokens: nothing is installed.
+        let cut = receive(&mut receiver, &snapshot.meta, &data, &lines[..1]).await.unwrap_err();
+        assert!(cut.to_string().contains("1 of its tokens still due"), "{cut}");
+        assert_eq!(held(&receiver), keys(&["root", "stale", "user:stale"]), "its own still");
         receive(&mut receiver, &snapshot.meta, &data, &lines).await.unwrap();
         assert_eq!(held(&receiver), snapshots, "the sender's, not its own");
+        let of_ann = receiver.reader().read_with_store(|_, store| store.tokens_of_username("ann").unwrap());
+        assert_eq!(of_ann, ["a"], "the indexes follow the tables: its own token of ann is gone from them");
     }
 
     #[tokio::test]
@@ -1550,7 +1680,10 @@ mod tests {
         let header: StoredSnapshot = codec::decode(&data, "transfer").unwrap();
         assert!(header.kv.is_empty(), "no secret in the header");
         assert_eq!(secrets, 2);
-        let sent: Vec<kv_table::StoredKvEntry> = lines.iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
+        let (root_token, secret_lines) = split_maps(&data, &lines);
+        assert_eq!(root_token.len(), 1, "the root token's line first");
+        let sent: Vec<kv_table::StoredKvEntry> =
+            secret_lines.iter().map(|l| serde_json::from_slice(l).unwrap()).collect();
         assert_eq!(sent, stored.kv, "one line each");
 
         let mut receiver = open(to.path());
@@ -1576,7 +1709,9 @@ mod tests {
         apply(&mut receiver, 0, vec![init(), write("stale", 1)]).await;
         // Secrets left staged by an abandoned transfer must not come back.
         let (data, _, lines) = transfer(&sender.reader(), snapshot.snapshot);
+        let (root_token, lines) = split_maps(&data, &lines);
         let mut abandoned = receiver.reader().receive_snapshot(&data, &snapshot.meta).unwrap();
+        root_token.iter().for_each(|l| abandoned.add(l).unwrap());
         let ghost = String::from_utf8(lines[0].clone()).unwrap().replace("\"path\":\"a\"", "\"path\":\"ghost\"");
         assert_ne!(ghost.as_bytes(), lines[0]);
         abandoned.add(ghost.as_bytes()).unwrap();
@@ -1594,11 +1729,13 @@ mod tests {
     async fn a_streamed_secret_of_no_mount_or_a_stream_cut_among_its_secrets_is_refused_and_installs_nothing() {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let (sender, snapshot) = node_with_snapshot(from.path(), vec![init(), write("a", 1), write("b", 1)]).await;
-        let (data, _, lines) = transfer(&sender.reader(), snapshot.snapshot);
+        let (data, _, all_lines) = transfer(&sender.reader(), snapshot.snapshot);
+        let (root_token, lines) = split_maps(&data, &all_lines);
+        let after_root = |rest: &[Vec<u8>]| [root_token, rest].concat();
         let mut receiver = open(to.path());
         apply(&mut receiver, 0, vec![init(), write("mine", 1)]).await;
 
-        let cut = receive(&mut receiver, &snapshot.meta, &data, &lines[..1]).await.unwrap_err();
+        let cut = receive(&mut receiver, &snapshot.meta, &data, &after_root(&lines[..1])).await.unwrap_err();
         assert!(cut.to_string().contains("1 of its secrets still due"), "{cut}");
         let refused =
             receiver.install_snapshot(&snapshot.meta, SnapshotData::Received(data.clone())).await.unwrap_err();
@@ -1606,9 +1743,11 @@ mod tests {
 
         let elsewhere = String::from_utf8(lines[0].clone()).unwrap().replace("\"secret/\"", "\"gone/\"");
         assert_ne!(elsewhere.as_bytes(), lines[0]);
-        let refused = receive(&mut receiver, &snapshot.meta, &data, &[elsewhere.into_bytes(), lines[1].clone()]).await;
+        let elsewhere = after_root(&[elsewhere.into_bytes(), lines[1].clone()]);
+        let refused = receive(&mut receiver, &snapshot.meta, &data, &elsewhere).await;
         assert!(refused.unwrap_err().to_string().contains("a secret of gone/, which is not one of its mounts"));
-        let garbled = receive(&mut receiver, &snapshot.meta, &data, &[b"{".to_vec(), lines[1].clone()]).await;
+        let garbled =
+            receive(&mut receiver, &snapshot.meta, &data, &after_root(&[b"{".to_vec(), lines[1].clone()])).await;
         assert!(garbled.unwrap_err().to_string().contains("not a secret"));
         assert_eq!(stored_and_in_memory(&receiver.reader(), "mine"), (Some(1), 0), "nothing installed");
         assert_eq!(receiver.reader().applied_index(), 2);
@@ -1665,10 +1804,38 @@ mod tests {
 
     #[test]
     fn any_line_where_a_secret_is_due_is_staged_or_refused_without_panicking() {
+        let valid = serde_json::to_vec(&kv_table::StoredKvEntry {
+            mount: "secret/".into(),
+            path: "a/b".into(),
+            entry: citadel_core::kv::KvEntry::default(),
+        })
+        .unwrap();
+        any_line_is_staged_or_refused(None, valid, |line| {
+            let secret: kv_table::StoredKvEntry = serde_json::from_slice(line).unwrap();
+            secret.mount == "secret/"
+        });
+    }
+
+    #[test]
+    fn any_line_where_a_token_is_due_is_staged_or_refused_without_panicking() {
+        let token = serde_json::value::to_raw_value(&TokenEntry::default()).unwrap();
+        let valid = serde_json::to_vec(&codec::TokenLineRef { key: "k", token: &token }).unwrap();
+        let maps = codec::StreamedMaps { tokens: u64::MAX, users: u64::MAX };
+        any_line_is_staged_or_refused(Some(maps), valid, |line| {
+            serde_json::from_slice::<codec::TokenLine>(line).is_ok()
+        });
+    }
+
+    /// Feeds a receiver that expects endless lines of one kind (tokens when `maps` says so,
+    /// else secrets) `valid`, then arbitrary and mutated lines: each is taken (and `accepted`
+    /// says it may be) or refused, never a panic.
+    fn any_line_is_staged_or_refused(maps: Option<codec::StreamedMaps>, valid: Vec<u8>, accepted: fn(&[u8]) -> bool) {
         use proptest::prelude::*;
         let dir = tempfile::tempdir().unwrap();
         let mut state = State::default();
         assert_eq!(state.apply(init()), Response::Done);
+        // Its root token would follow as a line.
+        std::mem::take(&mut state.tokens);
         let transfer = codec::encode(&StoredSnapshot {
             format: citadel_core::command::FORMAT_VERSION,
             last_applied: Some(StoredLogId { term: 1, leader: 1, index: 7 }),
@@ -1678,15 +1845,11 @@ mod tests {
             users: Default::default(),
             kv: vec![],
             streamed_secrets: Some(u64::MAX),
+            streamed_maps: maps,
         });
         let reader = open(dir.path()).reader();
         let mut receiving = reader.receive_snapshot(&transfer, &meta_at_7()).unwrap();
-        let valid = serde_json::to_vec(&kv_table::StoredKvEntry {
-            mount: "secret/".into(),
-            path: "a/b".into(),
-            entry: citadel_core::kv::KvEntry::default(),
-        })
-        .unwrap();
+        assert_eq!(receiving.lines_before_events(), u64::MAX, "counted without overflow");
         receiving.add(&valid).unwrap();
         let receiving = std::cell::RefCell::new(receiving);
         let lines = prop_oneof![
@@ -1701,8 +1864,7 @@ mod tests {
         proptest::test_runner::TestRunner::new(config)
             .run(&lines, |line| {
                 if receiving.borrow_mut().add(&line).is_ok() {
-                    let secret: kv_table::StoredKvEntry = serde_json::from_slice(&line).unwrap();
-                    prop_assert_eq!(secret.mount, "secret/", "only a mount of the snapshot's");
+                    prop_assert!(accepted(&line), "a line of another kind was taken");
                 }
                 Ok(())
             })

@@ -78,6 +78,7 @@ fn valid_records() -> Vec<Vec<u8>> {
             users: Default::default(),
             kv: vec![],
             streamed_secrets: None,
+            streamed_maps: None,
         }),
         codec::encode(&Identity { node_id: 1, format: 1 }),
         codec::encode_binary(&secret()),

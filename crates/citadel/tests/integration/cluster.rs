@@ -330,6 +330,11 @@ async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot_with_the
     let mut cluster =
         Cluster::start_partial(3, 1, 22400, true, "[raft]\nsnapshot_threshold = 10\nmax_trailing_logs = 2\n").await;
     let root = cluster.root();
+    // A user and a login token, compacted into the snapshot with everything else.
+    let user = json!({ "password": "snap-password", "token_policies": "default" });
+    root.post("auth/userpass/users/snap", &user).await.unwrap();
+    let login = cluster.anonymous().post("auth/userpass/login/snap", &json!({ "password": "snap-password" })).await;
+    let token = login.unwrap()["auth"]["client_token"].as_str().unwrap().to_string();
     for n in 0..60 {
         root.kv_put("secret", &format!("snap/{}", n % 7), &json!({ "n": n }), None).await.unwrap();
     }
@@ -352,6 +357,18 @@ async fn nodes_joining_after_the_log_was_compacted_catch_up_by_snapshot_with_the
         let writes = node.get("sys/audit/events?path=secret/data/snap/&limit=1000").await.unwrap();
         let writes = writes["data"]["events"].as_array().unwrap();
         assert_eq!(writes.iter().filter(|e| e["chain"] == json!("log")).count(), 60, "node {i}");
+        // The snapshot carried the tokens and users (line by line, into the node's tables).
+        let held = cluster.anonymous_at(i).with_token(token.clone());
+        let me = held.raw("GET", "auth/token/lookup-self", None, &[("X-Citadel-Consistency", "stale")]).await.unwrap();
+        assert_eq!(
+            (me.status.as_u16(), &me.body["data"]["meta"]["username"]),
+            (200, &json!("snap")),
+            "node {i}: {:?}",
+            me.body
+        );
+        let again =
+            cluster.anonymous_at(i).post("auth/userpass/login/snap", &json!({ "password": "snap-password" })).await;
+        assert!(again.unwrap()["auth"]["client_token"].is_string(), "node {i} knows the user");
     }
     let config = root.get("sys/storage/raft/configuration").await.unwrap();
     assert_eq!(config["data"]["config"]["servers"].as_array().unwrap().len(), 3);
