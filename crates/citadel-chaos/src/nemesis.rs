@@ -123,12 +123,7 @@ impl Nemesis {
                         self.note(format!("restart node {}", slot + 1));
                     }
                 }
-                Undo::Resume(slots) => {
-                    for slot in slots {
-                        cluster.resume(slot)?;
-                        self.note(format!("SIGCONT node {}", slot + 1));
-                    }
-                }
+                Undo::Resume(slots) => self.resume(cluster, &slots)?,
                 Undo::HealNet => {
                     cluster.net.heal();
                     self.note("heal the network".into());
@@ -142,6 +137,18 @@ impl Nemesis {
             }
         }
         Ok(())
+    }
+
+    /// Resumes every one of `slots`, even past one that fails; returns the first failure.
+    fn resume(&mut self, cluster: &mut ChaosCluster, slots: &[usize]) -> Result<()> {
+        let mut first = Ok(());
+        for &slot in slots {
+            match cluster.resume(slot) {
+                Ok(()) => self.note(format!("SIGCONT node {}", slot + 1)),
+                Err(e) => first = first.and(Err(e)),
+            }
+        }
+        first
     }
 
     async fn apply(&mut self, fault: Fault, cluster: &mut ChaosCluster, rng: &mut StdRng) -> Result<Undo> {
@@ -171,8 +178,12 @@ impl Nemesis {
                 Undo::Resume(vec![slot])
             }
             Fault::PauseAll => {
-                for &slot in &members {
-                    cluster.pause(slot)?;
+                for (n, &slot) in members.iter().enumerate() {
+                    if let Err(e) = cluster.pause(slot) {
+                        // None stays stopped behind a failed fault.
+                        self.resume(cluster, &members[..n])?;
+                        return Err(e);
+                    }
                 }
                 self.note("SIGSTOP every node".into());
                 Undo::Resume(members)

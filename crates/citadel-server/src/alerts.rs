@@ -209,6 +209,9 @@ fn annotate(mut firing: Firing, summary: String, description: &str) -> Firing {
     firing
 }
 
+/// The alerts about members that a leader raises only once it has heard from them for a while.
+const JUDGED_ALERTS: [&str; 3] = ["CitadelNodeUnreachable", "CitadelNodeLagging", "CitadelQuorumDegraded"];
+
 /// The alerts the cluster's condition calls for now. Pure: unit-tested without a cluster.
 pub fn evaluate(o: &Observation) -> Vec<Firing> {
     let mut out = Vec::new();
@@ -283,6 +286,16 @@ pub fn evaluate(o: &Observation) -> Vec<Firing> {
                 "The leader hears from just a quorum of voters: one more failure stops writes.",
             ));
         }
+    } else {
+        // Not judging yet (just elected, or just resumed from a stall): what fires about the
+        // members keeps firing until this leader can judge, rather than resolving and firing
+        // again a moment later.
+        let held = o.firing.iter().filter(|a| JUDGED_ALERTS.contains(&a.name()));
+        out.extend(held.map(|a| Firing {
+            labels: a.labels.clone(),
+            annotations: a.annotations.clone(),
+            starts_at: a.starts_at,
+        }));
     }
     for &MemberStatus { id: node, sealed, audit_backlog: backlog } in &o.statuses {
         if sealed {
@@ -606,6 +619,17 @@ mod tests {
         assert_eq!(names(&evaluate(&just_elected)), ["CitadelLeaderChanged:1"], "nobody heard from yet");
         let just_resumed = Observation { running_ms: 100, ..o.clone() };
         assert_eq!(names(&evaluate(&just_resumed)), ["CitadelLeaderChanged:1"], "a stall is not silence");
+        // What already fires keeps firing while the leader cannot judge: no resolve, no new fire.
+        let firing: Vec<Alert> = evaluate(&o)
+            .into_iter()
+            .filter(|f| f.labels["alertname"] != "CitadelLeaderChanged")
+            .map(|f| Alert { labels: f.labels, starts_at: 5, ..Alert::default() })
+            .collect();
+        let still_down = Observation { firing: firing.clone(), ..just_resumed.clone() };
+        let held = evaluate(&still_down);
+        assert_eq!(names(&held), ["CitadelLeaderChanged:1", "CitadelNodeUnreachable:3", "CitadelQuorumDegraded:"]);
+        let (fire, resolve) = changes(&still_down, held);
+        assert_eq!((fire.len(), resolve.len()), (1, 0), "only the leader change is new; nothing resolves");
         o.members[1].contact_ms = Some(10);
         o.members[1].lag = crate::ha::LAG_ENTRIES + 1;
         assert_eq!(names(&evaluate(&o)), ["CitadelLeaderChanged:1", "CitadelNodeLagging:3"]);

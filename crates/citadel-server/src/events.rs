@@ -184,6 +184,8 @@ const START_GRACE: Duration = Duration::from_secs(2);
 struct Watcher {
     had_leader: bool,
     leading_since: Option<Instant>,
+    /// The members it last judged unreachable, while it leads.
+    unreachable: BTreeSet<u64>,
 }
 
 impl Watcher {
@@ -215,22 +217,27 @@ impl Watcher {
     }
 
     /// Members the leader has not heard from for the threshold. A new leader waits that long
-    /// before judging: it has had no time to hear from anyone yet; so does one that resumed
-    /// from a stall.
-    fn unreachable(&self, app: &Node, running_since: Instant) -> BTreeSet<u64> {
+    /// before judging: it has had no time to hear from anyone yet. One that resumed from a
+    /// stall waits as long too, and meanwhile holds to what it last judged.
+    fn unreachable(&mut self, app: &Node, running_since: Instant) -> BTreeSet<u64> {
         let threshold = unreachable_after(app);
-        if self.leading_since.is_none_or(|since| since.max(running_since).elapsed() < threshold) {
+        if self.leading_since.is_none_or(|since| since.elapsed() < threshold) {
+            self.unreachable.clear();
             return BTreeSet::new();
+        }
+        if running_since.elapsed() < threshold {
+            return self.unreachable.clone();
         }
         let progress = crate::ha::Progress::of(app);
         let me = app.node_id();
-        progress
+        self.unreachable = progress
             .membership
             .nodes()
             .map(|(id, _)| *id)
             .filter(|id| *id != me)
             .filter(|id| progress.contact_ms(*id).is_none_or(|ms| ms > threshold.as_millis() as u64))
-            .collect()
+            .collect();
+        self.unreachable.clone()
     }
 }
 
@@ -248,7 +255,7 @@ pub async fn watch(app: Arc<Node>) {
     let mut sealed = app.seal.subscribe();
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watcher = Watcher { had_leader: false, leading_since: None };
+    let mut watcher = Watcher { had_leader: false, leading_since: None, unreachable: BTreeSet::new() };
     let mut last = watcher.observe(&app);
     let mut announced = last.leader.map(|leader| (leader, last.term));
     loop {

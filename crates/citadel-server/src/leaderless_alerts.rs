@@ -119,8 +119,14 @@ pub async fn watch(app: Arc<Node>) {
             // Settled read-only mode (no leader for `raft.leader_wait_ms`): the survivors of an
             // ordinary failover are without a leader for a moment too, and must not page anyone.
             // A removed node has no leader for good, and says why elsewhere: it resolves its own.
-            let read_only = settled && app.settled_read_only() && !crate::peer::is_removed(&app);
-            reconcile(&mut outbox, wanted(&cluster, app.node_id(), read_only, now), &names, now);
+            let removed = crate::peer::is_removed(&app);
+            let settled_read_only = app.settled_read_only();
+            // Read-only but not settled (just entered, or just resumed from a stall in an
+            // outage): what fires keeps firing, and nothing new fires yet.
+            if removed || settled_read_only || !app.read_only() {
+                let read_only = settled && settled_read_only && !removed;
+                reconcile(&mut outbox, wanted(&cluster, app.node_id(), read_only, now), &names, now);
+            }
             outbox.clone()
         };
         if snapshot.is_empty() {

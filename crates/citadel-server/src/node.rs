@@ -167,9 +167,11 @@ impl Node {
     }
 
     /// When a wait for consensus that began at `started` gives up: `raft.leader_wait_ms` later,
-    /// or that long after this process last resumed, if it was stopped meanwhile (`stall.rs`).
+    /// or that long after this process last resumed, if it was stopped meanwhile (`stall.rs`);
+    /// never later than `PROPOSAL_LIMIT` after it began, however often the process stalls.
     fn consensus_deadline_from(&self, started: Instant) -> Instant {
-        started.max(self.stalls.running_since()) + self.consensus_deadline()
+        let deadline = started.max(self.stalls.running_since()) + self.consensus_deadline();
+        deadline.min(started + PROPOSAL_LIMIT.max(self.consensus_deadline()))
     }
 
     pub fn raft_metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
@@ -378,7 +380,8 @@ impl Node {
     /// deadline together for 100–150 ms with nothing wrong (a CI dry run's `transfer_leader_under_load…`
     /// got a 503 from one such moment). A leader just elected (or handed leadership) has no
     /// acknowledgement yet: it has lost none until the proposal has `waited` (since it began, or
-    /// since this process resumed from a stall) as long for one. A
+    /// since this process resumed from a stall) as long for one; one that resumed from a stall
+    /// since its last acknowledgement gives its quorum an election timeout to answer. A
     /// cluster of one is its own quorum (and sends no heartbeats that would refresh the
     /// acknowledgement).
     fn lost_quorum(&self, waited: Duration) -> bool {
@@ -389,9 +392,12 @@ impl Node {
         }
         let limit = self.consensus_deadline();
         match m.last_quorum_acked {
-            // A leader that resumes after being stopped hears from its quorum within a
-            // heartbeat or two: the proposal gives it an election timeout of watching for that.
-            Some(acked) => acked.elapsed() > limit && waited > self.election_timeout(),
+            // A leader that resumed after the last acknowledgement hears from its quorum within
+            // a heartbeat or two: the proposal gives it an election timeout for that.
+            Some(acked) => {
+                let resumed_since_ack = self.stalls.running_since().elapsed() < acked.elapsed();
+                acked.elapsed() > limit && (!resumed_since_ack || waited > self.election_timeout())
+            }
             None => waited > limit,
         }
     }
@@ -474,11 +480,17 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let remaining = self
-            .consensus_deadline_from(started)
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(50));
-        tokio::time::timeout(remaining, self.state.wait_applied(index)).await.map_err(|_| NodeError::ReplicaBehind)
+        // Asked again after a timeout: a stall meanwhile moves the deadline (`stall.rs`).
+        loop {
+            let deadline = self.consensus_deadline_from(started);
+            let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+            if tokio::time::timeout(remaining, self.state.wait_applied(index)).await.is_ok() {
+                return Ok(());
+            }
+            if self.consensus_deadline_from(started) <= deadline {
+                return Err(NodeError::ReplicaBehind);
+            }
+        }
     }
 
     /// The node's keys, reloaded if another node rotated the keyring; `Sealed` while sealed
