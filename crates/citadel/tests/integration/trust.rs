@@ -323,5 +323,7 @@ async fn a_member_renews_its_certificate_before_it_expires_and_uses_it_without_a
     let process = cluster.children[2].as_mut().unwrap();
     assert!(process.try_wait().unwrap().is_none(), "the same process, not restarted");
     cluster.root_at(2).kv_put("secret", "after-renewal", &json!({ "v": 1 }), None).await.unwrap();
-    assert!(cluster.server_log_at(0).contains("renewed a member's certificate"), "the leader issued it");
+    // Whichever node led when node 3 asked (a busy machine may have elected another since).
+    let issued = (0..3).any(|i| cluster.server_log_at(i).contains("renewed a member's certificate"));
+    assert!(issued, "a leader issued it");
 }
