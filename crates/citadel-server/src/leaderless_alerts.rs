@@ -1,6 +1,6 @@
 //! Alerts a node raises and sends itself in settled read-only mode ([`Node::settled_read_only`]:
 //! no leader for `raft.leader_wait_ms`, longer than an election, so a failover raises none, and
-//! watched while running, so a stall of the machine raises none) (§11.2): `CitadelNoLeader`
+//! counted from the last resume, so a stall of the machine raises none) (§11.2): `CitadelNoLeader`
 //! (labelled with the cluster only, so every node's copy has the same fingerprint and a
 //! receiver merges them) and `CitadelReadOnly` (labelled with this node).
 //!

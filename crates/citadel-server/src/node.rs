@@ -532,6 +532,7 @@ impl Node {
 mod tests {
     use super::*;
     use crate::forwarded::ForwardRefusal;
+
     /// The answer as it crosses the cluster channel: encoded by the leader, decoded here.
     fn over_the_wire(
         answer: Result<Result<Response, ForwardError>, String>,
