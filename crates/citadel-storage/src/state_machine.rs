@@ -1125,11 +1125,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut txn = db.db.begin_write().map_err(|e| db.err(e))?;
             txn.set_two_phase_commit(true);
             let promoted = inline.is_empty() && audit.promote_staged_in(&txn, &staged, index).map_err(|e| db.err(e))?;
-            // A receiver marks what it staged as complete: without the mark, secrets or events
+            // A receiver marks what it staged as complete: without the mark, entries or events
             // that were to follow the snapshot are missing.
             if !promoted && (streamed || maps_streamed || (inline.is_empty() && covers_events)) {
                 return Err(io::Error::other(
-                    "the snapshot's secrets and audit events did not all arrive; it will be sent again",
+                    "the snapshot's tokens, users, secrets and audit events did not all arrive; it will be sent again",
                 ));
             }
             let write = |txn: &redb::WriteTransaction| -> Result<(), redb::Error> {
