@@ -10,69 +10,15 @@
 
 use std::time::{Duration, Instant};
 
-use citadel_core::command::{Command, InitCommand};
-use citadel_core::state::{ClusterInfo, Mount, SealInfo};
-use citadel_core::token::TokenEntry;
-use citadel_storage::types::{Entry, LeaderId, LogId};
-use citadel_storage::StateMachine;
-use openraft::entry::RaftEntry;
+use citadel_core::command::Command;
 use openraft::storage::RaftStateMachine;
 use openraft::RaftSnapshotBuilder;
 
-fn init() -> Command {
-    Command::Init(Box::new(InitCommand {
-        cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
-        seal: SealInfo {
-            shares: 1,
-            threshold: 1,
-            wrapped_root_key: vec![1],
-            wrapped_keyring: vec![2],
-            key_term: 1,
-            key_installed: 1,
-        },
-        root_token: TokenEntry { hash: "root".into(), ..TokenEntry::default() },
-        default_mount_path: "secret/".into(),
-        default_mount: Mount {
-            uuid: "u".into(),
-            kind: "kv".into(),
-            description: String::new(),
-            created: 1,
-            kv: Default::default(),
-        },
-    }))
-}
-
-/// A login's token, with a hash, accessor and policies as long as real ones.
-fn login(i: usize) -> Command {
-    let entry = TokenEntry {
-        hash: format!("{i:064x}"),
-        accessor: format!("{i:024x}"),
-        display_name: format!("userpass-user{}", i % 100),
-        username: Some(format!("user{}", i % 100)),
-        policies: vec!["default".into(), "ops".into()],
-        expires: Some(u64::MAX / 2),
-        ttl_secs: 3600,
-        ..TokenEntry::default()
-    };
-    Command::TokenCreate { entry: Box::new(entry), login: None }
-}
+mod common;
+use common::{apply, init, login};
 
 fn write(version: u64) -> Command {
     Command::KvWrite { mount: "secret/".into(), path: "a".into(), version, ciphertext: vec![7; 64], cas: None, at: 5 }
-}
-
-/// Applies `commands` as the entries after `after`, as one batch; returns how long it took.
-async fn apply(sm: &mut StateMachine, after: u64, commands: Vec<Command>) -> Duration {
-    let entries: Vec<_> = commands
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| {
-            Ok((Entry::new_normal(LogId::new(LeaderId { term: 1, node_id: 1 }, after + 1 + i as u64), c), None))
-        })
-        .collect();
-    let started = Instant::now();
-    sm.apply(futures::stream::iter(entries)).await.expect("the batch applies");
-    started.elapsed()
 }
 
 /// This process's resident memory, as /proc says it.
