@@ -1,11 +1,15 @@
-//! How much memory sending a snapshot to a follower, and receiving and installing it, takes on
-//! a node holding many tokens and users: the peak resident memory of each side above what the
-//! process held before it, and how long each took.
+//! How much memory sending a snapshot to a follower, receiving and installing it, and a start
+//! that rebuilds the store from the snapshot take on a node holding many tokens, users and
+//! secrets: the peak resident memory of each above what the process held before it, and how
+//! long each took.
 //!
-//! `cargo run --release -p citadel-storage --example snapshot_transfer -- [TOKENS] [USERS]`
-//! (defaults 200,000 and 20,000). The sender's lines go through a file, so neither side's
-//! figure counts them. Before each side the peak is reset (`/proc/self/clear_refs`) to the
-//! resident memory then, which includes what the allocator kept from building the sender.
+//! `cargo run --release -p citadel-storage --example snapshot_transfer -- [TOKENS] [USERS] [SECRETS]`
+//! (defaults 200,000, 20,000 and 20,000). The sender's lines go through a file, so neither
+//! side's figure counts them. Before each the peak is reset (`/proc/self/clear_refs`) to the
+//! resident memory then, which includes what the allocator kept from building the sender. The
+//! rebuild is the sender's data directory opened again without its saved state, as a data
+//! directory whose store went ahead of its saved state is; then it is opened once more, as a
+//! restart finds it.
 
 use std::io::{BufRead, Write};
 use std::time::Instant;
@@ -50,12 +54,14 @@ fn reset_peak() -> f64 {
 async fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("TOKENS and USERS: numbers"));
     let (tokens, users) = (args.next().unwrap_or(200_000), args.next().unwrap_or(20_000));
+    let secrets = args.next().unwrap_or(20_000);
     let (from, to) = (tempfile::tempdir().expect("a directory"), tempfile::tempdir().expect("a directory"));
-    let (_log, mut sender) = citadel_storage::open(from.path(), 1).expect("storage opens");
+    let (sender_log, mut sender) = citadel_storage::open(from.path(), 1).expect("storage opens");
     let mut index = 0;
     apply(&mut sender, index, vec![init()]).await;
     index += 1;
-    let commands: Vec<Command> = (0..users).map(user).chain((0..tokens).map(login)).collect();
+    let commands: Vec<Command> =
+        (0..users).map(user).chain((0..tokens).map(login)).chain((0..secrets).map(secret)).collect();
     for batch in commands.chunks(1_000) {
         apply(&mut sender, index, batch.to_vec()).await;
         index += batch.len() as u64;
@@ -86,9 +92,9 @@ async fn main() {
     drop(file);
     let header = header.expect("a header");
     let send = (started.elapsed(), base, status_mib("VmHWM:"));
-    drop(sender);
+    drop((sender, sender_log));
 
-    let (_log, mut receiver) = citadel_storage::open(to.path(), 2).expect("storage opens");
+    let (receiving_log, mut receiver) = citadel_storage::open(to.path(), 2).expect("storage opens");
     let base = reset_peak();
     let started = Instant::now();
     let mut receiving = receiver.reader().receive_snapshot(&header, &snapshot.meta).expect("the header is taken");
@@ -101,14 +107,52 @@ async fn main() {
     receiving.finish().expect("everything arrived");
     receiver.install_snapshot(&snapshot.meta, SnapshotData::Received(header.clone())).await.expect("installed");
     let receive = (started.elapsed(), base, status_mib("VmHWM:"));
+    drop((receiving_log, receiver));
+
+    forget_saved_state(&from.path().join(citadel_storage::DB_FILE));
+    let base = reset_peak();
+    let started = Instant::now();
+    let (_log, rebuilt) = citadel_storage::open(from.path(), 1).expect("storage opens, rebuilding");
+    let rebuild = (started.elapsed(), base, status_mib("VmHWM:"));
+    assert_eq!(rebuilt.reader().applied_index(), snapshot.meta.last_log_id.map_or(0, |l| l.index), "the snapshot's");
+    drop((_log, rebuilt));
+
+    let base = reset_peak();
+    let started = Instant::now();
+    let restarted = citadel_storage::open(from.path(), 1).expect("storage opens");
+    let restart = (started.elapsed(), base, status_mib("VmHWM:"));
+    drop(restarted);
+    let snapshot_mib = std::fs::metadata(from.path().join("snapshot.bin")).map_or(0, |m| m.len()) as f64 / 1048576.0;
+
     let mib = |(_, base, peak): (std::time::Duration, f64, f64)| format!("resident {base:.0} MiB, peak {peak:.0} MiB");
     println!(
-        "{tokens} tokens and {users} users: header {:.1} MiB and {count} lines; sending took {:.1} s ({}), receiving \
-         and installing {:.1} s ({})",
+        "{tokens} tokens, {users} users and {secrets} secrets: snapshot.bin {snapshot_mib:.0} MiB, header {:.1} MiB \
+         and {count} lines; sending took {:.1} s ({}), receiving and installing {:.1} s ({}), a start rebuilding from \
+         the snapshot {:.1} s ({}), a start from the saved state {:.1} s ({})",
         header.len() as f64 / (1 << 20) as f64,
         send.0.as_secs_f64(),
         mib(send),
         receive.0.as_secs_f64(),
-        mib(receive)
+        mib(receive),
+        rebuild.0.as_secs_f64(),
+        mib(rebuild),
+        restart.0.as_secs_f64(),
+        mib(restart),
     );
+}
+
+/// A secret of a few versions' size, at its own path.
+fn secret(i: usize) -> Command {
+    let (mount, path) = ("secret/".into(), format!("db/{i:08}"));
+    Command::KvWrite { mount, path, version: 1, ciphertext: vec![7; 300], cas: None, at: 5 }
+}
+
+/// Removes the state a clean stop saved beside the store (redb's `meta` table, key `state`):
+/// the next open rebuilds the store from `snapshot.bin`.
+fn forget_saved_state(db: &std::path::Path) {
+    const META: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+    let db = redb::Database::open(db).expect("raft.redb opens");
+    let txn = db.begin_write().expect("a write");
+    txn.open_table(META).expect("its meta table").remove("state").expect("the saved state is removed");
+    txn.commit().expect("committed");
 }

@@ -140,19 +140,27 @@ impl SnapshotFile {
         }
     }
 
-    /// Rewrites a snapshot an earlier build left in the layout before (`record`, as [`Self::read`]
-    /// read it) in this one, which can be streamed ([`Self::open_record`]). Does nothing to a
-    /// file in this layout.
-    pub(crate) fn upgrade_layout(&self, record: &StoredSnapshotRecord) -> io::Result<()> {
+    /// Rewrites a snapshot an earlier build left in the layout before in this one, which can be
+    /// streamed ([`Self::open_record`]): read whole, once. Does nothing to a file in this layout,
+    /// or without a file. A damaged file of the layout before is refused (`InvalidData`).
+    pub(crate) fn upgrade_layout(&self) -> io::Result<()> {
         let mut first = [0];
-        open_private(&self.path, std::fs::OpenOptions::new().read(true))
-            .map_err(|e| io::Error::other(e.to_string()))?
-            .read_exact(&mut first)?;
+        match open_private(&self.path, std::fs::OpenOptions::new().read(true)) {
+            Ok(mut file) => {
+                if file.read(&mut first)? == 0 {
+                    // Empty: `open_record` names the damage.
+                    return Ok(());
+                }
+            }
+            Err(crate::files::FileError::Io(_, e)) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
         if first[0] == LAYOUT {
             return Ok(());
         }
+        let Some(record) = self.read()? else { return Ok(()) };
         tracing::info!(path = %self.path.display(), "rewriting the snapshot in this build's layout");
-        self.write(record)
+        self.write(&record)
     }
 
     /// Replaces the snapshot atomically and durably with one whose record is already encoded,
@@ -331,13 +339,13 @@ mod tests {
         let Err(err) = file.open_record() else { panic!("the layout before: opened") };
         assert!(err.to_string().contains("earlier build's layout"), "{err}");
         // Rewritten in this layout (as a node does when it opens), it opens and reads the same.
-        file.upgrade_layout(&file.read().unwrap().unwrap()).unwrap();
+        file.upgrade_layout().unwrap();
         let mut record = file.open_record().unwrap().unwrap();
         let mut bytes = Vec::new();
         record.reader().unwrap().read_to_end(&mut bytes).unwrap();
         assert_eq!((record.last_log_id, bytes), (earlier.last_log_id, earlier.data));
         let upgraded = std::fs::read(file.path()).unwrap();
-        file.upgrade_layout(&file.read().unwrap().unwrap()).unwrap();
+        file.upgrade_layout().unwrap();
         assert_eq!(std::fs::read(file.path()).unwrap(), upgraded, "a file in this layout is left as it is");
     }
 

@@ -24,6 +24,7 @@
 //! read transactions, and each audit chain's tip, not its events. Sent to a follower, its state
 //! and tokens go first, then its secrets and events, one per line ([`StateReader::write_transfer`]); the follower checks and stages
 //! them as they arrive ([`SnapshotReceiver`]) and installs them with the state in one commit.
+//! A start that rebuilds the store from `snapshot.bin` reads them from the file the same way.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -260,8 +261,9 @@ fn staging_id(meta: &SnapshotMeta) -> Vec<u8> {
     codec::encode(&meta.last_log_id.as_ref().map(codec::StoredLogId::from))
 }
 
-/// Events, or secrets, staged per commit while a snapshot arrives.
-const STAGING_BATCH: usize = 10_000;
+/// Events, or tokens, users and secrets, staged per commit while a snapshot is read. Tests
+/// stage a few per commit, so that their small snapshots take several.
+const STAGING_BATCH: usize = if cfg!(test) { 3 } else { 10_000 };
 /// Bytes of secrets staged per commit at most: a secret may hold a thousand versions.
 const STAGING_SECRET_BYTES: usize = 32 << 20;
 
@@ -273,11 +275,106 @@ pub enum TransferPart<'a> {
     Line(&'a [u8]),
 }
 
+/// Tokens, users, secrets and audit events written beside the live tables, in batches, as a
+/// snapshot's are read (from a leader, or from `snapshot.bin` at a rebuild), to become the
+/// tables in one commit at the end: none of them is ever whole in memory.
+struct Staging {
+    db: Arc<Db>,
+    audit: AuditStore,
+    /// Tokens and users to stage (key, record), secrets (mount, path, record), and their size.
+    tokens: Vec<(String, Vec<u8>)>,
+    users: Vec<(String, Vec<u8>)>,
+    secrets: Vec<(String, String, Vec<u8>)>,
+    bytes: usize,
+    events: Vec<citadel_core::audit::AuditEvent>,
+    /// Before the first commit, which empties the staging tables.
+    first: bool,
+}
+
+impl Staging {
+    fn new(db: Arc<Db>, audit: AuditStore) -> Staging {
+        Staging {
+            db,
+            audit,
+            tokens: Vec::new(),
+            users: Vec::new(),
+            secrets: Vec::new(),
+            bytes: 0,
+            events: Vec::new(),
+            first: true,
+        }
+    }
+
+    fn token(&mut self, key: String, token: &TokenEntry) -> io::Result<()> {
+        let record = codec::encode(token);
+        self.bytes += key.len() + record.len();
+        self.tokens.push((key, record));
+        self.commit_if_full()
+    }
+
+    fn user(&mut self, key: String, user: &User) -> io::Result<()> {
+        let record = codec::encode(user);
+        self.bytes += key.len() + record.len();
+        self.users.push((key, record));
+        self.commit_if_full()
+    }
+
+    fn secret(&mut self, mount: String, path: String, entry: &citadel_core::kv::KvEntry) -> io::Result<()> {
+        let record = codec::encode_binary(entry);
+        self.bytes += mount.len() + path.len() + record.len();
+        self.secrets.push((mount, path, record));
+        self.commit_if_full()
+    }
+
+    fn event(&mut self, event: citadel_core::audit::AuditEvent) -> io::Result<()> {
+        self.events.push(event);
+        if self.events.len() >= STAGING_BATCH {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    fn commit_if_full(&mut self) -> io::Result<()> {
+        let held = self.tokens.len() + self.users.len() + self.secrets.len();
+        if held >= STAGING_BATCH || self.bytes >= STAGING_SECRET_BYTES {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Stages what came since the last commit; the first commit empties the staging tables.
+    /// Fsynced: redb keeps what unsynced commits free until a durable one, and a million-event
+    /// transfer of a hundred unsynced commits slowed as it went (`bench scale`'s catch-up: 54 s
+    /// with durable commits, 65 and 75 s without). Such a commit may also make the state
+    /// machine's latest commits durable without its saved state: the next start then finds the
+    /// store ahead of the saved state and rebuilds from the snapshot.
+    fn commit(&mut self) -> io::Result<()> {
+        let first = self.first;
+        self.db.commit(true, |txn| {
+            if first {
+                kv_table::clear_staged(txn)?;
+                TOKENS.clear_staged(txn)?;
+                USERS.clear_staged(txn)?;
+            }
+            TOKENS.stage_in(txn, &self.tokens)?;
+            USERS.stage_in(txn, &self.users)?;
+            kv_table::stage_in(txn, &self.secrets)?;
+            self.audit.stage_in(txn, &self.events, first)
+        })?;
+        self.tokens.clear();
+        self.users.clear();
+        self.secrets.clear();
+        self.bytes = 0;
+        self.events.clear();
+        self.first = false;
+        Ok(())
+    }
+}
+
 /// A snapshot's secrets and audit events arriving from the leader
 /// ([`StateReader::receive_snapshot`]).
 pub struct SnapshotReceiver {
-    db: Arc<Db>,
-    audit: AuditStore,
+    staging: Staging,
     /// Each chain the snapshot covers: its check so far and the tip it must reach.
     chains: std::collections::BTreeMap<Chain, (ChainVerifier, ChainTip)>,
     /// The snapshot's mounts: every secret belongs to one.
@@ -286,13 +383,6 @@ pub struct SnapshotReceiver {
     tokens_left: u64,
     users_left: u64,
     secrets_left: u64,
-    /// Tokens and users to stage (key, record), secrets (mount, path, record), and their size.
-    tokens: Vec<(String, Vec<u8>)>,
-    users: Vec<(String, Vec<u8>)>,
-    secrets: Vec<(String, String, Vec<u8>)>,
-    staged_bytes: usize,
-    batch: Vec<citadel_core::audit::AuditEvent>,
-    first: bool,
     snapshot: Vec<u8>,
     receiving: Arc<AtomicBool>,
 }
@@ -310,19 +400,13 @@ impl SnapshotReceiver {
         let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("received snapshot: {what}"));
         if self.tokens_left > 0 {
             let entry: codec::TokenLine = serde_json::from_slice(line).map_err(|e| bad(format!("not a token: {e}")))?;
-            let record = codec::encode(&entry.token);
-            self.staged_bytes += entry.key.len() + record.len();
-            self.tokens.push((entry.key, record));
             self.tokens_left -= 1;
-            return self.stage_if_full();
+            return self.staging.token(entry.key, &entry.token);
         }
         if self.users_left > 0 {
             let entry: codec::UserLine = serde_json::from_slice(line).map_err(|e| bad(format!("not a user: {e}")))?;
-            let record = codec::encode(&entry.user);
-            self.staged_bytes += entry.key.len() + record.len();
-            self.users.push((entry.key, record));
             self.users_left -= 1;
-            return self.stage_if_full();
+            return self.staging.user(entry.key, &entry.user);
         }
         if self.secrets_left > 0 {
             let secret: kv_table::StoredKvEntry =
@@ -330,11 +414,8 @@ impl SnapshotReceiver {
             if !self.mounts.contains(&secret.mount) {
                 return Err(bad(format!("a secret of {}, which is not one of its mounts", secret.mount)));
             }
-            let record = codec::encode_binary(&secret.entry);
-            self.staged_bytes += secret.mount.len() + secret.path.len() + record.len();
-            self.secrets.push((secret.mount, secret.path, record));
             self.secrets_left -= 1;
-            return self.stage_if_full();
+            return self.staging.secret(secret.mount, secret.path, &secret.entry);
         }
         let event: citadel_core::audit::AuditEvent =
             serde_json::from_slice(line).map_err(|e| bad(format!("not an audit event: {e}")))?;
@@ -345,47 +426,7 @@ impl SnapshotReceiver {
             return Err(bad(format!("event {} of {chain} is past the snapshot's tip {}", event.body().seq, tip.seq)));
         }
         verifier.check(&event).map_err(|e| bad(e.to_string()))?;
-        self.batch.push(event);
-        if self.batch.len() >= STAGING_BATCH {
-            self.stage()?;
-        }
-        Ok(())
-    }
-
-    fn stage_if_full(&mut self) -> io::Result<()> {
-        let held = self.tokens.len() + self.users.len() + self.secrets.len();
-        if held >= STAGING_BATCH || self.staged_bytes >= STAGING_SECRET_BYTES {
-            self.stage()?;
-        }
-        Ok(())
-    }
-
-    /// Stages what arrived since the last commit; the first commit empties the staging tables.
-    /// Fsynced: redb keeps what unsynced commits free until a durable one, and a million-event
-    /// transfer of a hundred unsynced commits slowed as it went (`bench scale`'s catch-up: 54 s
-    /// with durable commits, 65 and 75 s without). Such a commit may also make the state
-    /// machine's latest commits durable without its saved state: the next start then finds the
-    /// store ahead of the saved state and rebuilds from the snapshot.
-    fn stage(&mut self) -> io::Result<()> {
-        let (first, secrets, events) = (self.first, &self.secrets, &self.batch);
-        self.db.commit(true, |txn| {
-            if first {
-                kv_table::clear_staged(txn)?;
-                TOKENS.clear_staged(txn)?;
-                USERS.clear_staged(txn)?;
-            }
-            TOKENS.stage_in(txn, &self.tokens)?;
-            USERS.stage_in(txn, &self.users)?;
-            kv_table::stage_in(txn, secrets)?;
-            self.audit.stage_in(txn, events, first)
-        })?;
-        self.tokens.clear();
-        self.users.clear();
-        self.secrets.clear();
-        self.staged_bytes = 0;
-        self.batch.clear();
-        self.first = false;
-        Ok(())
+        self.staging.event(event)
     }
 
     /// Everything arrived: every secret, and each chain reached its tip, with the tip's hash.
@@ -406,8 +447,8 @@ impl SnapshotReceiver {
                 ));
             }
         }
-        self.stage()?;
-        self.audit.staged_for(&self.snapshot)
+        self.staging.commit()?;
+        self.staging.audit.staged_for(&self.snapshot)
     }
 }
 
@@ -601,19 +642,12 @@ impl StateReader {
             .map(|(chain, anchor, tip)| (chain, (ChainVerifier::after(chain, anchor), tip)))
             .collect();
         Ok(SnapshotReceiver {
-            db: self.db.clone(),
-            audit: self.audit.clone(),
+            staging: Staging::new(self.db.clone(), self.audit.clone()),
             chains,
             mounts: stored.state.mounts.keys().cloned().collect(),
             tokens_left: stored.streamed_maps.map_or(0, |m| m.tokens),
             users_left: stored.streamed_maps.map_or(0, |m| m.users),
             secrets_left: stored.streamed_secrets.unwrap_or(0),
-            tokens: Vec::new(),
-            users: Vec::new(),
-            secrets: Vec::new(),
-            staged_bytes: 0,
-            batch: Vec::new(),
-            first: true,
             snapshot: staging_id(snapshot),
             receiving: self.receiving.clone(),
         })
@@ -638,15 +672,15 @@ impl StateMachine {
     pub(crate) fn open(db: Arc<Db>, data_dir: &Path) -> Result<StateMachine, StorageOpenError> {
         let snapshots = SnapshotFile::in_dir(data_dir);
         let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
-        let record = match snapshots.read().map_err(corrupt)? {
-            Some(record) => {
-                snapshots
-                    .upgrade_layout(&record)
-                    .map_err(|e| StorageOpenError::Io(snapshots.path().into(), e.to_string()))?;
-                Some(record)
-            }
-            None => move_snapshot_out_of(&db, &snapshots)?,
-        };
+        snapshots.upgrade_layout().map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => corrupt(e),
+            _ => StorageOpenError::Io(snapshots.path().into(), e.to_string()),
+        })?;
+        // Opened, not read: the file is checked as it streams and never whole in memory.
+        let mut record = snapshots.open_record().map_err(corrupt)?;
+        if record.is_none() && move_snapshot_out_of(&db, &snapshots)? {
+            record = snapshots.open_record().map_err(corrupt)?;
+        }
         let snapshot_index = record.as_ref().and_then(|r| r.last_log_id).map_or(0, |l| l.index);
         let audit = AuditStore::new(db.clone());
         let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
@@ -664,9 +698,9 @@ impl StateMachine {
                 // snapshot rather than replay onto secrets that are ahead of the state.
                 let saved_at = saved.last_applied.map_or(0, |l| l.index);
                 tracing::warn!(path = %db.path.display(), saved_at, stored, "the stored secrets and events are ahead of the saved state; rebuilding from the snapshot");
-                rebuild_from_snapshot(&db, &audit, &snapshots, record)?
+                rebuild_from_snapshot(&db, &audit, snapshots.path(), record.as_mut())?
             }
-            None => rebuild_from_snapshot(&db, &audit, &snapshots, record)?,
+            None => rebuild_from_snapshot(&db, &audit, snapshots.path(), record.as_mut())?,
         };
         let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
         // Every snapshot is written after a durable commit that covers it: a database behind the
@@ -754,10 +788,11 @@ impl Drop for SaveOnDrop {
 }
 
 /// Format 3 kept the snapshot in `raft.redb`: moved to its file once (written first, then
-/// removed from the database, so a crash between the two only repeats the move).
-fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<StoredSnapshotRecord>, StorageOpenError> {
+/// removed from the database, so a crash between the two only repeats the move). Whether
+/// there was one.
+fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<bool, StorageOpenError> {
     let corrupt = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
-    let Some(record) = db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).map_err(corrupt)? else { return Ok(None) };
+    let Some(record) = db.read_meta::<StoredSnapshotRecord>(KEY_SNAPSHOT).map_err(corrupt)? else { return Ok(false) };
     let io_err = |e: io::Error| StorageOpenError::Io(snapshots.path().to_path_buf(), e.to_string());
     snapshots.write(&record).map_err(io_err)?;
     db.write(|txn| {
@@ -766,7 +801,7 @@ fn move_snapshot_out_of(db: &Db, snapshots: &SnapshotFile) -> Result<Option<Stor
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
     tracing::info!(from = %db.path.display(), to = %snapshots.path().display(), "moved the snapshot to its own file");
-    Ok(Some(record))
+    Ok(true)
 }
 
 /// Readies a state restored from the saved state for its tables: its tokens and users stay
@@ -792,25 +827,35 @@ fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), S
     Ok(())
 }
 
-/// Starts the database over from `snapshot.bin` (or from nothing, without one): its state is
-/// saved, its secrets replace the table's, and its audit events (format 4 and older) move to
-/// the audit store, whose applied index goes back to the snapshot's; Raft then replays the log
-/// after it, and events stored again are unchanged. For a data directory of format 5 or older,
-/// and for one whose store went ahead of its saved state.
+/// Starts the database over from `snapshot.bin` (or from nothing, without one): its tokens,
+/// users and secrets are read from the file one at a time and staged, and replace the tables
+/// in one durable commit that saves its state beside them; its audit events (format 4 and
+/// older) move to the audit store, whose applied index goes back to the snapshot's. Raft then
+/// replays the log after it, and events stored again are unchanged. For a data directory of
+/// format 5 or older, and for one whose store went ahead of its saved state. A crash part way
+/// leaves the saved state as it was, so the next start rebuilds again.
 fn rebuild_from_snapshot(
-    db: &Db,
+    db: &Arc<Db>,
     audit: &AuditStore,
-    snapshots: &SnapshotFile,
-    record: Option<StoredSnapshotRecord>,
+    snapshot_path: &Path,
+    mut record: Option<&mut SnapshotRecordFile>,
 ) -> Result<Applied, StorageOpenError> {
-    let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshots.path().to_path_buf(), e.to_string());
+    let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshot_path.to_path_buf(), e.to_string());
     let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
-    let (mut applied, format) = match record {
+    let what = format!("{} (its state)", snapshot_path.display());
+    let (mut applied, format) = match record.as_deref_mut() {
         Some(record) => {
-            let what = format!("{} (its state)", snapshots.path().display());
-            let snap: StoredSnapshot = codec::decode(&record.data, &what).map_err(corrupt)?;
-            let format = snap.format;
-            (restore(snap).map_err(corrupt)?, format)
+            let head = record
+                .reader()
+                .and_then(|reader| codec::decode_json_from(reader, &what))
+                .and_then(|head: codec::StoredSnapshotCounted| check_readable(head.format).map(|()| head))
+                .map_err(corrupt)?;
+            let applied = Applied {
+                state: head.state,
+                last_applied: head.last_applied.map(Into::into),
+                membership: head.membership.into_stored().map_err(corrupt)?,
+            };
+            (applied, head.format)
         }
         None => {
             let empty =
@@ -832,36 +877,149 @@ fn rebuild_from_snapshot(
         return Err(db_err(io::Error::other(format!(
             "its audit store covers the log up to entry {stored}, but {} starts at entry {index}: \
              audit events between them are lost",
-            snapshots.path().display()
+            snapshot_path.display()
         ))));
     }
-    let kv = applied.state.take_kv_changes();
-    // The snapshot's tokens and users replace the store's (none, without a snapshot).
-    applied.state.tokens.replace_store();
-    applied.state.users.replace_store();
-    let (tokens, users) = take_stored_maps(&mut applied.state);
+    let mut staging = Staging::new(db.clone(), audit.clone());
+    let staged =
+        stage_snapshot_entries(&mut applied.state, record, &mut staging, snapshot_path).map_err(|e| match e {
+            StageError::File(e) => corrupt(e),
+            StageError::Store(e) => StorageOpenError::Io(db.path.clone(), e.to_string()),
+        })?;
     let saved = saved_state(&applied);
-    let mut moved = 0;
     db.write(|txn| {
-        moved = kv_table::replace_all(txn, kv_refs(&kv))?;
-        TOKENS.write_changes(txn, &tokens)?;
-        USERS.write_changes(txn, &users)?;
+        // The snapshot's tokens, users and secrets replace the store's (none, without a snapshot).
+        kv_table::promote_staged_in(txn)?;
+        TOKENS.promote_staged_in::<TokenEntry>(txn)?;
+        USERS.promote_staged_in::<User>(txn)?;
         audit.store_in(txn, &[], index, false)?;
         put_saved_state(txn, &saved)?;
         Ok(())
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
-    tracing::info!(secrets = moved, index, from = %snapshots.path().display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
+    tracing::info!(secrets = staged.secrets, tokens = staged.tokens, users = staged.users, index, from = %snapshot_path.display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
     Ok(applied)
 }
 
-fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
-    if !citadel_core::command::readable_format(snap.format) {
+/// Why staging a snapshot's entries stopped: the file (damaged, or not as any build writes
+/// it) or the store it stages into.
+enum StageError {
+    File(io::Error),
+    Store(io::Error),
+}
+
+/// How many of each a rebuild staged.
+#[derive(Default)]
+struct StagedCounts {
+    tokens: u64,
+    users: u64,
+    secrets: u64,
+}
+
+/// Stages every token, user and secret of a snapshot whose state is `state`: those the file
+/// holds beside its state, read one at a time (`record`), and those an earlier format held in
+/// the state itself (format 7's tokens and users, format 5's secrets in their mounts), which
+/// leave it. Ends with a commit, so the staging tables hold exactly these, even if none.
+fn stage_snapshot_entries(
+    state: &mut State,
+    record: Option<&mut SnapshotRecordFile>,
+    staging: &mut Staging,
+    path: &Path,
+) -> Result<StagedCounts, StageError> {
+    let in_mounts = state.take_kv_changes();
+    state.tokens.replace_store();
+    state.users.replace_store();
+    let (in_state_tokens, in_state_users) = take_stored_maps(state);
+    let mut counts = StagedCounts::default();
+    for (key, token) in &in_state_tokens.put {
+        staging.token(key.clone(), token).map_err(StageError::Store)?;
+        counts.tokens += 1;
+    }
+    for (key, user) in &in_state_users.put {
+        staging.user(key.clone(), user).map_err(StageError::Store)?;
+        counts.users += 1;
+    }
+    for secret in kv_refs(&in_mounts) {
+        staging.secret(secret.mount.to_string(), secret.path.to_string(), secret.entry).map_err(StageError::Store)?;
+        counts.secrets += 1;
+    }
+    if let Some(record) = record {
+        let what = path.display().to_string();
+        if counts.tokens + counts.users > 0 {
+            // Format 7 kept them in its state; a later one beside it; never both.
+            let beside: codec::StoredSnapshotCounted =
+                record.reader().and_then(|reader| codec::decode_json_from(reader, &what)).map_err(StageError::File)?;
+            if beside.tokens.0 > 0 || beside.users.0 > 0 {
+                return Err(StageError::File(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "it holds tokens or users both in its state and beside it",
+                )));
+            }
+        }
+        let reader = record.reader().map_err(StageError::File)?;
+        let store_failed = std::cell::RefCell::new(None);
+        let staging = std::cell::RefCell::new(&mut *staging);
+        let counts = std::cell::RefCell::new(&mut counts);
+        // A store error stops the read; it is told apart from the file's own damage.
+        let stage = |result: io::Result<()>| {
+            result.map_err(|e| {
+                *store_failed.borrow_mut() = Some(e);
+                io::Error::other("the store failed")
+            })
+        };
+        let read = codec::for_each_streamed(
+            reader,
+            &what,
+            &mut |field, key, value| {
+                let mut staging = staging.borrow_mut();
+                match field {
+                    codec::MapField::Tokens => {
+                        let token: TokenEntry = serde_json::from_str(value.get())
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("token {key}: {e}")))?;
+                        counts.borrow_mut().tokens += 1;
+                        stage(staging.token(key.to_string(), &token))
+                    }
+                    codec::MapField::Users => {
+                        let user: User = serde_json::from_str(value.get())
+                            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("user {key}: {e}")))?;
+                        counts.borrow_mut().users += 1;
+                        stage(staging.user(key.to_string(), &user))
+                    }
+                }
+            },
+            &mut |secret: kv_table::StoredKvEntry| {
+                if !state.mounts.contains_key(&secret.mount) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a secret of {}, which is not one of its mounts", secret.mount),
+                    ));
+                }
+                counts.borrow_mut().secrets += 1;
+                stage(staging.borrow_mut().secret(secret.mount, secret.path, &secret.entry))
+            },
+        );
+        if let Some(e) = store_failed.into_inner() {
+            return Err(StageError::Store(e));
+        }
+        read.map_err(StageError::File)?;
+    }
+    staging.commit().map_err(StageError::Store)?;
+    Ok(counts)
+}
+
+/// Refuses a snapshot or saved state of a format this build cannot read.
+fn check_readable(format: u32) -> io::Result<()> {
+    if !citadel_core::command::readable_format(format) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("snapshot format {} is not supported by this build", snap.format),
+            format!("snapshot format {format} is not supported by this build"),
         ));
     }
+    Ok(())
+}
+
+fn restore(snap: StoredSnapshot) -> io::Result<Applied> {
+    check_readable(snap.format)?;
     let last_applied = snap.last_applied.map(Into::into);
     let membership = snap.membership.clone().into_stored()?;
     // Its secrets in memory for now: the caller moves them to the store.
@@ -1472,6 +1630,74 @@ mod tests {
         assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (Some(1), 0));
     }
 
+    /// Rewinds the saved state to what it was at `index` (which the caller read then), as a stop
+    /// between durable commits leaves it: the next open rebuilds from the snapshot.
+    fn rewind_saved_state(sm: StateMachine, saved: &StoredSnapshot) {
+        let db = sm.db.clone();
+        drop(sm);
+        db.write_meta(KEY_STATE, saved).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_stages_the_snapshots_entries_in_batches_and_takes_nothing_a_cut_transfer_left_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut commands = vec![init(), add_user("ann"), add_user("bob")];
+        commands.extend(["t1", "t2", "t3", "t4"].map(|t| login(t, None)));
+        commands.extend(["a", "b", "c", "d"].map(|p| write(p, 1)));
+        let (mut sm, snapshot) = node_with_snapshot(dir.path(), commands).await;
+        let at_snapshot = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
+        let want = held(&sm);
+        assert_eq!(want.len(), 7, "root, four tokens and two users: more than one staging batch");
+        apply(&mut sm, 11, vec![revoke("t1"), login("late", None), write("a", 2), write("e", 1)]).await;
+        // A transfer cut short leaves a token the snapshot does not hold staged.
+        let (data, _, lines) = transfer(&sm.reader(), snapshot.snapshot);
+        let ghost = String::from_utf8(lines[0].clone()).unwrap().replace(r#""key":"root""#, r#""key":"ghost""#);
+        assert_ne!(ghost.as_bytes(), lines[0]);
+        let mut abandoned = sm.reader().receive_snapshot(&data, &snapshot.meta).unwrap();
+        abandoned.add(ghost.as_bytes()).unwrap();
+        abandoned.staging.commit().unwrap();
+        drop(abandoned);
+        rewind_saved_state(sm, &at_snapshot);
+
+        let sm = open(dir.path());
+        assert_eq!(sm.reader().applied_index(), 11, "the snapshot's");
+        assert_eq!(held(&sm), want, "the snapshot's tokens and users, and no staged ghost");
+        let listed = sm.reader().read_with_store(|_, store| store.kv.list("secret/", "").unwrap());
+        assert_eq!(listed, ["a", "b", "c", "d"], "the snapshot's secrets");
+        assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(1), 0));
+        let of_ann = sm.reader().read_with_store(|_, store| store.tokens_of_username("ann").unwrap());
+        assert_eq!(of_ann, ["t1", "t2", "t3", "t4"], "the indexes are built again from the snapshot's tokens");
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_from_a_snapshot_holding_a_secret_of_no_mount_stops_naming_the_file_and_keeps_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sm, _) = node_with_snapshot(dir.path(), vec![init(), write("a", 1)]).await;
+        let at_snapshot = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
+        apply(&mut sm, 2, vec![write("b", 1)]).await;
+        rewind_saved_state(sm, &at_snapshot);
+        let good = std::fs::read(dir.path().join(crate::snapshot_file::SNAPSHOT_FILE)).unwrap();
+        let record = SnapshotFile::in_dir(dir.path()).read().unwrap().unwrap();
+        let mut stored: StoredSnapshot = codec::decode(&record.data, "snapshot").unwrap();
+        stored.state.mounts.remove("secret/");
+        let forged = StoredSnapshotRecord { data: codec::encode(&stored), ..record };
+        SnapshotFile::in_dir(dir.path()).write(&forged).unwrap();
+
+        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
+        let Err(err) = StateMachine::open(db.clone(), dir.path()) else { panic!("opened") };
+        assert!(matches!(err, StorageOpenError::Corrupt(..)), "{err}");
+        let err = err.to_string();
+        assert!(err.contains("snapshot.bin") && err.contains("a secret of secret/"), "{err}");
+        let txn = redb::ReadableDatabase::begin_read(&db.db).unwrap();
+        let live = txn.open_table(kv_table::KV).unwrap().get(("secret/", "b")).unwrap().is_some();
+        assert!(live, "the store's own secrets stay where they were");
+        drop((txn, db));
+        std::fs::write(dir.path().join(crate::snapshot_file::SNAPSHOT_FILE), good).unwrap();
+        let sm = open(dir.path());
+        assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(1), 0), "rebuilt from the good file");
+        assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (None, 0));
+    }
+
     fn login(hash: &str, parent: Option<&str>) -> citadel_core::command::Command {
         let entry = citadel_core::token::TokenEntry {
             hash: hash.into(),
@@ -1715,7 +1941,7 @@ mod tests {
         let ghost = String::from_utf8(lines[0].clone()).unwrap().replace("\"path\":\"a\"", "\"path\":\"ghost\"");
         assert_ne!(ghost.as_bytes(), lines[0]);
         abandoned.add(ghost.as_bytes()).unwrap();
-        abandoned.stage().unwrap();
+        abandoned.staging.commit().unwrap();
         drop(abandoned);
 
         receive(&mut receiver, &snapshot.meta, &local_bytes(from.path()), &[]).await.unwrap();
@@ -1869,7 +2095,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-        receiving.into_inner().stage().expect("what was taken is staged");
+        receiving.into_inner().staging.commit().expect("what was taken is staged");
     }
 
     /// The record kept for `path` of `secret/`, as its bytes.
