@@ -7,8 +7,9 @@
 //! (defaults 200,000, 20,000 and 20,000). The sender's lines go through a file, so neither
 //! side's figure counts them. Before each the peak is reset (`/proc/self/clear_refs`) to the
 //! resident memory then, which includes what the allocator kept from building the sender. The
-//! rebuild is the sender's data directory opened again without its saved state, as a data
-//! directory whose store went ahead of its saved state is; then it is opened once more, as a
+//! two starts run in fresh processes (this example, `open DIR`), where nothing freed earlier
+//! can hide a peak: the sender's data directory opened without its saved state, as a data
+//! directory whose store went ahead of its saved state is (a rebuild), then once more, as a
 //! restart finds it.
 
 use std::io::{BufRead, Write};
@@ -52,7 +53,10 @@ fn reset_peak() -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("TOKENS and USERS: numbers"));
+    if let Some(dir) = std::env::args().nth(1).filter(|a| a == "open").and(std::env::args().nth(2)) {
+        return open_and_report(std::path::Path::new(&dir));
+    }
+    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("TOKENS, USERS and SECRETS: numbers"));
     let (tokens, users) = (args.next().unwrap_or(200_000), args.next().unwrap_or(20_000));
     let secrets = args.next().unwrap_or(20_000);
     let (from, to) = (tempfile::tempdir().expect("a directory"), tempfile::tempdir().expect("a directory"));
@@ -110,18 +114,8 @@ async fn main() {
     drop((receiving_log, receiver));
 
     forget_saved_state(&from.path().join(citadel_storage::DB_FILE));
-    let base = reset_peak();
-    let started = Instant::now();
-    let (_log, rebuilt) = citadel_storage::open(from.path(), 1).expect("storage opens, rebuilding");
-    let rebuild = (started.elapsed(), base, status_mib("VmHWM:"));
-    assert_eq!(rebuilt.reader().applied_index(), snapshot.meta.last_log_id.map_or(0, |l| l.index), "the snapshot's");
-    drop((_log, rebuilt));
-
-    let base = reset_peak();
-    let started = Instant::now();
-    let restarted = citadel_storage::open(from.path(), 1).expect("storage opens");
-    let restart = (started.elapsed(), base, status_mib("VmHWM:"));
-    drop(restarted);
+    let rebuild = open_in_a_process(from.path());
+    let restart = open_in_a_process(from.path());
     let snapshot_mib = std::fs::metadata(from.path().join("snapshot.bin")).map_or(0, |m| m.len()) as f64 / 1048576.0;
 
     let mib = |(_, base, peak): (std::time::Duration, f64, f64)| format!("resident {base:.0} MiB, peak {peak:.0} MiB");
@@ -139,6 +133,30 @@ async fn main() {
         restart.0.as_secs_f64(),
         mib(restart),
     );
+}
+
+/// Opens the storage in `dir` as a node's start does, and prints how long it took, the
+/// resident memory before and the peak.
+fn open_and_report(dir: &std::path::Path) {
+    let base = reset_peak();
+    let started = Instant::now();
+    let opened = citadel_storage::open(dir, 1).expect("storage opens");
+    println!("{} {base} {}", started.elapsed().as_secs_f64(), status_mib("VmHWM:"));
+    drop(opened);
+}
+
+/// Runs [`open_and_report`] in a fresh process of this example.
+fn open_in_a_process(dir: &std::path::Path) -> (std::time::Duration, f64, f64) {
+    let out = std::process::Command::new(std::env::current_exe().expect("this example"))
+        .arg("open")
+        .arg(dir)
+        .output()
+        .expect("the example runs");
+    assert!(out.status.success(), "open failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("UTF-8");
+    let figures: Vec<f64> = text.split_whitespace().map(|f| f.parse().expect("a figure")).collect();
+    let [secs, base, peak] = figures[..] else { panic!("three figures: {text}") };
+    (std::time::Duration::from_secs_f64(secs), base, peak)
 }
 
 /// A secret of a few versions' size, at its own path.

@@ -406,8 +406,9 @@ pub(crate) struct StoredSnapshotCountedKv {
 }
 
 /// A [`StoredSnapshot`] with its tokens, users and secrets counted, not decoded: the first of
-/// two reads of a snapshot sent to a follower by a node of protocol 11, whose header says how
-/// many of each follow it. The second ([`for_each_streamed`]) streams them.
+/// two reads of `snapshot.bin` when it is sent to a follower by a node of protocol 11 (whose
+/// header says how many of each follow it) or rebuilds the store at a start. The second
+/// ([`for_each_streamed`]) streams them.
 #[derive(Deserialize)]
 pub(crate) struct StoredSnapshotCounted {
     pub format: u32,

@@ -198,7 +198,7 @@ impl MapTable {
         let table = txn.open_table(self.table)?;
         for (n, row) in table.iter()?.enumerate() {
             let (key, record) = row?;
-            let what = format!("{} record {} of a received snapshot", self.entry, n + 1);
+            let what = format!("{} record {} of a snapshot being installed", self.entry, n + 1);
             let value: V = codec::decode(record.value(), &what)
                 .map_err(|e| redb::Error::from(redb::StorageError::Corrupted(e.to_string())))?;
             V::index(txn, key.value(), &value, true)?;

@@ -191,7 +191,7 @@ impl SnapshotFile {
     }
 
     /// The snapshot's record as a file, its checksums verified, for a reader that streams it
-    /// rather than hold it (an operator snapshot). What it reads is the file as it was when
+    /// rather than hold it (a start, a transfer to a follower, an operator snapshot). What it reads is the file as it was when
     /// opened, whatever snapshot replaces it meanwhile. `None` if no snapshot was ever written.
     pub fn open_record(&self) -> io::Result<Option<SnapshotRecordFile>> {
         let mut file = match open_private(&self.path, std::fs::OpenOptions::new().read(true)) {

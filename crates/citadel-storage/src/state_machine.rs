@@ -24,7 +24,8 @@
 //! read transactions, and each audit chain's tip, not its events. Sent to a follower, its state
 //! and tokens go first, then its secrets and events, one per line ([`StateReader::write_transfer`]); the follower checks and stages
 //! them as they arrive ([`SnapshotReceiver`]) and installs them with the state in one commit.
-//! A start that rebuilds the store from `snapshot.bin` reads them from the file the same way.
+//! A start that rebuilds the store from `snapshot.bin` stages its tokens, users and secrets
+//! from the file one at a time too (its events are in the store already).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -277,7 +278,7 @@ pub enum TransferPart<'a> {
 
 /// Tokens, users, secrets and audit events written beside the live tables, in batches, as a
 /// snapshot's are read (from a leader, or from `snapshot.bin` at a rebuild), to become the
-/// tables in one commit at the end: none of them is ever whole in memory.
+/// tables in one commit at the end: it holds one batch at a time.
 struct Staging {
     db: Arc<Db>,
     audit: AuditStore,
@@ -289,6 +290,8 @@ struct Staging {
     events: Vec<citadel_core::audit::AuditEvent>,
     /// Before the first commit, which empties the staging tables.
     first: bool,
+    /// Commits made so far.
+    commits: u64,
 }
 
 impl Staging {
@@ -302,6 +305,7 @@ impl Staging {
             bytes: 0,
             events: Vec::new(),
             first: true,
+            commits: 0,
         }
     }
 
@@ -367,6 +371,7 @@ impl Staging {
         self.bytes = 0;
         self.events.clear();
         self.first = false;
+        self.commits += 1;
         Ok(())
     }
 }
@@ -480,6 +485,25 @@ impl StateReader {
 
     pub fn applied_index(&self) -> u64 {
         *self.applied_index.borrow()
+    }
+
+    /// Every token's accessor, in order. A listing scans a whole index (200,000 rows with as many
+    /// tokens), so it runs on the blocking pool, in a read transaction of its own and outside the
+    /// state's lock, for which every batch would wait. It lists the latest commit, which may be
+    /// a batch ahead of the state a caller read before.
+    pub async fn token_accessors(&self) -> io::Result<Vec<String>> {
+        let db = self.db.clone();
+        // A cache of its own, empty: every read comes from the view's one transaction.
+        let scan = move || TokensView::new(&db, &TokenCache::default()).accessors();
+        tokio::task::spawn_blocking(scan).await.map_err(io::Error::other)?
+    }
+
+    /// The keys of the users that start with `prefix`, in order: a scan, run as
+    /// [`Self::token_accessors`] runs.
+    pub async fn user_keys_under(&self, prefix: String) -> io::Result<Vec<String>> {
+        let db = self.db.clone();
+        let scan = move || UsersView::new(&db).user_keys_under(&prefix);
+        tokio::task::spawn_blocking(scan).await.map_err(io::Error::other)?
     }
 
     /// Waits until the state machine has applied `index` (for ReadIndex reads).
@@ -698,9 +722,9 @@ impl StateMachine {
                 // snapshot rather than replay onto secrets that are ahead of the state.
                 let saved_at = saved.last_applied.map_or(0, |l| l.index);
                 tracing::warn!(path = %db.path.display(), saved_at, stored, "the stored secrets and events are ahead of the saved state; rebuilding from the snapshot");
-                rebuild_from_snapshot(&db, &audit, snapshots.path(), record.as_mut())?
+                rebuild_from_snapshot(&db, &audit, snapshots.path(), record.as_mut())?.0
             }
-            None => rebuild_from_snapshot(&db, &audit, snapshots.path(), record.as_mut())?,
+            None => rebuild_from_snapshot(&db, &audit, snapshots.path(), record.as_mut())?.0,
         };
         let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
         // Every snapshot is written after a durable commit that covers it: a database behind the
@@ -828,7 +852,8 @@ fn with_stored_maps(db: &Db, applied: &mut Applied, format: u32) -> Result<(), S
 }
 
 /// Starts the database over from `snapshot.bin` (or from nothing, without one): its tokens,
-/// users and secrets are read from the file one at a time and staged, and replace the tables
+/// users and secrets are read from the file one at a time and staged (an earlier format's held
+/// in its state, format 7's tokens and users and format 5's secrets, are decoded with it), and replace the tables
 /// in one durable commit that saves its state beside them; its audit events (format 4 and
 /// older) move to the audit store, whose applied index goes back to the snapshot's. Raft then
 /// replays the log after it, and events stored again are unchanged. For a data directory of
@@ -839,7 +864,7 @@ fn rebuild_from_snapshot(
     audit: &AuditStore,
     snapshot_path: &Path,
     mut record: Option<&mut SnapshotRecordFile>,
-) -> Result<Applied, StorageOpenError> {
+) -> Result<(Applied, StagedCounts), StorageOpenError> {
     let corrupt = |e: io::Error| StorageOpenError::Corrupt(snapshot_path.to_path_buf(), e.to_string());
     let db_err = |e: io::Error| StorageOpenError::Corrupt(db.path.clone(), e.to_string());
     let what = format!("{} (its state)", snapshot_path.display());
@@ -848,7 +873,23 @@ fn rebuild_from_snapshot(
             let head = record
                 .reader()
                 .and_then(|reader| codec::decode_json_from(reader, &what))
-                .and_then(|head: codec::StoredSnapshotCounted| check_readable(head.format).map(|()| head))
+                .and_then(|head: codec::StoredSnapshotCounted| {
+                    check_readable(head.format)?;
+                    // Format 7 kept them in its state; a later one beside it; never both.
+                    let both = |what: &str| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("it holds {what} both in its state and beside it"),
+                        )
+                    };
+                    if !head.state.tokens.is_empty() && head.tokens.0 > 0 {
+                        return Err(both("tokens"));
+                    }
+                    if !head.state.users.is_empty() && head.users.0 > 0 {
+                        return Err(both("users"));
+                    }
+                    Ok(head)
+                })
                 .map_err(corrupt)?;
             let applied = Applied {
                 state: head.state,
@@ -897,8 +938,8 @@ fn rebuild_from_snapshot(
         Ok(())
     })
     .map_err(|e| StorageOpenError::Io(db.path.clone(), e.to_string()))?;
-    tracing::info!(secrets = staged.secrets, tokens = staged.tokens, users = staged.users, index, from = %snapshot_path.display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
-    Ok(applied)
+    tracing::info!(secrets = staged.secrets, tokens = staged.tokens, users = staged.users, commits = staged.commits, index, from = %snapshot_path.display(), to = %db.path.display(), "rebuilt the state store from the snapshot");
+    Ok((applied, staged))
 }
 
 /// Why staging a snapshot's entries stopped: the file (damaged, or not as any build writes
@@ -908,12 +949,13 @@ enum StageError {
     Store(io::Error),
 }
 
-/// How many of each a rebuild staged.
+/// How many of each a rebuild staged, and in how many commits.
 #[derive(Default)]
 struct StagedCounts {
     tokens: u64,
     users: u64,
     secrets: u64,
+    commits: u64,
 }
 
 /// Stages every token, user and secret of a snapshot whose state is `state`: those the file
@@ -945,17 +987,6 @@ fn stage_snapshot_entries(
     }
     if let Some(record) = record {
         let what = path.display().to_string();
-        if counts.tokens + counts.users > 0 {
-            // Format 7 kept them in its state; a later one beside it; never both.
-            let beside: codec::StoredSnapshotCounted =
-                record.reader().and_then(|reader| codec::decode_json_from(reader, &what)).map_err(StageError::File)?;
-            if beside.tokens.0 > 0 || beside.users.0 > 0 {
-                return Err(StageError::File(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "it holds tokens or users both in its state and beside it",
-                )));
-            }
-        }
         let reader = record.reader().map_err(StageError::File)?;
         let store_failed = std::cell::RefCell::new(None);
         let staging = std::cell::RefCell::new(&mut *staging);
@@ -1004,6 +1035,7 @@ fn stage_snapshot_entries(
         read.map_err(StageError::File)?;
     }
     staging.commit().map_err(StageError::Store)?;
+    counts.commits = staging.commits;
     Ok(counts)
 }
 
@@ -1659,6 +1691,17 @@ mod tests {
         drop(abandoned);
         rewind_saved_state(sm, &at_snapshot);
 
+        let db = Arc::new(Db::open(&dir.path().join(crate::DB_FILE)).unwrap());
+        let mut record = SnapshotFile::in_dir(dir.path()).open_record().unwrap().unwrap();
+        let snapshot_path = dir.path().join(crate::snapshot_file::SNAPSHOT_FILE);
+        let Ok((_, staged)) =
+            rebuild_from_snapshot(&db, &AuditStore::new(db.clone()), &snapshot_path, Some(&mut record))
+        else {
+            panic!("the rebuild failed")
+        };
+        assert_eq!((staged.tokens, staged.users, staged.secrets), (5, 2, 4));
+        assert!(staged.commits > 1, "staged in batches of {STAGING_BATCH}: {} commits", staged.commits);
+        drop((db, record));
         let sm = open(dir.path());
         assert_eq!(sm.reader().applied_index(), 11, "the snapshot's");
         assert_eq!(held(&sm), want, "the snapshot's tokens and users, and no staged ghost");
@@ -1672,9 +1715,13 @@ mod tests {
     #[tokio::test]
     async fn a_rebuild_from_a_snapshot_holding_a_secret_of_no_mount_stops_naming_the_file_and_keeps_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut sm, _) = node_with_snapshot(dir.path(), vec![init(), write("a", 1)]).await;
+        let mut commands = vec![init()];
+        commands.extend(["t1", "t2", "t3", "t4"].map(|t| login(t, None)));
+        commands.push(write("a", 1));
+        let (mut sm, _) = node_with_snapshot(dir.path(), commands).await;
         let at_snapshot = sm.db.read_meta::<StoredSnapshot>(KEY_STATE).unwrap().unwrap();
-        apply(&mut sm, 2, vec![write("b", 1)]).await;
+        apply(&mut sm, 6, vec![write("b", 1), revoke("t1")]).await;
+        let live_tokens = held(&sm);
         rewind_saved_state(sm, &at_snapshot);
         let good = std::fs::read(dir.path().join(crate::snapshot_file::SNAPSHOT_FILE)).unwrap();
         let record = SnapshotFile::in_dir(dir.path()).read().unwrap().unwrap();
@@ -1691,11 +1738,39 @@ mod tests {
         let txn = redb::ReadableDatabase::begin_read(&db.db).unwrap();
         let live = txn.open_table(kv_table::KV).unwrap().get(("secret/", "b")).unwrap().is_some();
         assert!(live, "the store's own secrets stay where they were");
+        const TOKENS_STAGED: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("tokens.staged");
+        let staged = redb::ReadableTableMetadata::len(&txn.open_table(TOKENS_STAGED).unwrap()).unwrap();
+        assert_eq!(staged, STAGING_BATCH as u64, "a batch of the tokens before the bad secret went to staging");
+        let tokens = TOKENS.read_all::<TokenEntry>(&db).unwrap().into_keys().collect::<Vec<_>>();
+        assert_eq!(tokens, live_tokens, "the store's own tokens stay where they were");
         drop((txn, db));
         std::fs::write(dir.path().join(crate::snapshot_file::SNAPSHOT_FILE), good).unwrap();
         let sm = open(dir.path());
         assert_eq!(stored_and_in_memory(&sm.reader(), "a"), (Some(1), 0), "rebuilt from the good file");
         assert_eq!(stored_and_in_memory(&sm.reader(), "b"), (None, 0));
+        assert_eq!(held(&sm), keys(&["root", "t1", "t2", "t3", "t4"]), "the snapshot's tokens, and none left staged");
+    }
+
+    #[tokio::test]
+    async fn listing_every_accessor_or_user_waits_for_no_batch_being_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open(dir.path());
+        let mut with_accessor = login("b", None);
+        if let citadel_core::command::Command::TokenCreate { entry, .. } = &mut with_accessor {
+            entry.accessor = "acc-b".into();
+        }
+        apply(&mut sm, 0, vec![init(), add_user("ann"), add_user("bob"), login("a", None), with_accessor]).await;
+        let reader = sm.reader();
+        let under_lock = reader.read_with_store(|_, store| store.tokens.accessors().unwrap());
+        assert!(under_lock.contains(&"acc-b".to_string()), "{under_lock:?}");
+        let applying = sm.inner.write().unwrap();
+        let listed = tokio::time::timeout(Duration::from_secs(60), async {
+            (reader.token_accessors().await.unwrap(), reader.user_keys_under(String::new()).await.unwrap())
+        })
+        .await
+        .expect("listed while a batch holds the state's lock");
+        drop(applying);
+        assert_eq!(listed, (under_lock, keys(&["ann", "bob"])));
     }
 
     fn login(hash: &str, parent: Option<&str>) -> citadel_core::command::Command {

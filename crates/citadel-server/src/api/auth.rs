@@ -441,8 +441,7 @@ async fn list_users(c: &Call<'_>) -> Result<Reply, ApiError> {
     let mount = c.mount();
     // The built-in mount's users have no prefix: every key without a mount path in it.
     let prefix = if mount == DEFAULT_USERPASS { "" } else { mount };
-    let stored =
-        c.app.state.read_with_store(|_, store| store.user_keys_under(prefix)).map_err(stored_users_unreadable)?;
+    let stored = c.app.state.user_keys_under(prefix.to_string()).await.map_err(stored_users_unreadable)?;
     let keys: Vec<String> = stored
         .iter()
         .filter_map(|key| {
@@ -523,8 +522,7 @@ async fn lookup_accessor(c: &Call<'_>) -> Result<Reply, ApiError> {
 }
 
 async fn list_accessors(c: &Call<'_>) -> Result<Reply, ApiError> {
-    let accessors =
-        c.app.state.read_with_store(|_, store| store.tokens.accessors()).map_err(stored_tokens_unreadable)?;
+    let accessors = c.app.state.token_accessors().await.map_err(stored_tokens_unreadable)?;
     Ok(Reply::data(json!({ "keys": accessors })))
 }
 
