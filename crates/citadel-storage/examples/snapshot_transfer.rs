@@ -1,7 +1,7 @@
 //! How much memory sending a snapshot to a follower, receiving and installing it, and a start
 //! that rebuilds the store from the snapshot take on a node holding many tokens, users and
-//! secrets: the peak resident memory of each above what the process held before it, and how
-//! long each took.
+//! secrets: the resident memory before each and its peak, and how long each took. It runs on
+//! the system allocator (glibc), not the server binary's jemalloc.
 //!
 //! `cargo run --release -p citadel-storage --example snapshot_transfer -- [TOKENS] [USERS] [SECRETS]`
 //! (defaults 200,000, 20,000 and 20,000). The sender's lines go through a file, so neither

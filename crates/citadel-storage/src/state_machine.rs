@@ -249,7 +249,13 @@ pub struct StateReader {
     /// Set while a snapshot's secrets and events are being received.
     receiving: Arc<AtomicBool>,
     snapshots: Arc<SnapshotFile>,
+    /// Whole-table scans running ([`StateReader::scan`]).
+    scans: Arc<tokio::sync::Semaphore>,
 }
+
+/// Whole-table scans a node runs at once: each holds a blocking thread and its results (10 MB
+/// of accessors with 200,000 tokens), and batches share the blocking pool with them.
+const CONCURRENT_SCANS: usize = 2;
 
 /// Each chain of `audit` with its retention anchor and its tip: the events a snapshot covers.
 fn chain_ranges(audit: &citadel_core::audit::AuditLog) -> Vec<(Chain, ChainTip, ChainTip)> {
@@ -487,23 +493,36 @@ impl StateReader {
         *self.applied_index.borrow()
     }
 
-    /// Every token's accessor, in order. A listing scans a whole index (200,000 rows with as many
-    /// tokens), so it runs on the blocking pool, in a read transaction of its own and outside the
-    /// state's lock, for which every batch would wait. It lists the latest commit, which may be
-    /// a batch ahead of the state a caller read before.
-    pub async fn token_accessors(&self) -> io::Result<Vec<String>> {
+    /// Runs a scan of whole tables (a listing) on the blocking pool, in a read transaction of its
+    /// own and outside the state's lock, for which every batch would wait; at most
+    /// [`CONCURRENT_SCANS`] at once, each holding its place until it ends, even if its caller
+    /// has gone. It reads the latest commit, which may be a batch ahead of the state a caller
+    /// read before: a listing needs nothing more.
+    async fn scan<T: Send + 'static>(&self, scan: impl FnOnce(&Db) -> io::Result<T> + Send + 'static) -> io::Result<T> {
+        let place = self.scans.clone().acquire_owned().await.map_err(io::Error::other)?;
         let db = self.db.clone();
-        // A cache of its own, empty: every read comes from the view's one transaction.
-        let scan = move || TokensView::new(&db, &TokenCache::default()).accessors();
+        let scan = move || {
+            let _place = place;
+            scan(&db)
+        };
         tokio::task::spawn_blocking(scan).await.map_err(io::Error::other)?
     }
 
-    /// The keys of the users that start with `prefix`, in order: a scan, run as
-    /// [`Self::token_accessors`] runs.
+    /// Every token's accessor, in order (a [`Self::scan`]: 200,000 rows with as many tokens).
+    pub async fn token_accessors(&self) -> io::Result<Vec<String>> {
+        // A cache of its own, empty: every read comes from the view's one transaction.
+        self.scan(|db| TokensView::new(db, &TokenCache::default()).accessors()).await
+    }
+
+    /// The keys of the users that start with `prefix`, in order (a [`Self::scan`]).
     pub async fn user_keys_under(&self, prefix: String) -> io::Result<Vec<String>> {
-        let db = self.db.clone();
-        let scan = move || UsersView::new(&db).user_keys_under(&prefix);
-        tokio::task::spawn_blocking(scan).await.map_err(io::Error::other)?
+        self.scan(move |db| UsersView::new(db).user_keys_under(&prefix)).await
+    }
+
+    /// The immediate children of `prefix` in the secrets of `mount`, as Vault's LIST names them
+    /// (a [`Self::scan`]: a mount's root lists every secret in it).
+    pub async fn kv_list(&self, mount: String, prefix: String) -> io::Result<Vec<String>> {
+        self.scan(move |db| KvView::new(db, &KvCache::default()).list(&mount, &prefix)).await
     }
 
     /// Waits until the state machine has applied `index` (for ReadIndex reads).
@@ -690,6 +709,7 @@ pub struct StateMachine {
     /// Where retention writes the events it prunes (`DATA/audit-archive`).
     archive_dir: Arc<Path>,
     receiving: Arc<AtomicBool>,
+    scans: Arc<tokio::sync::Semaphore>,
 }
 
 impl StateMachine {
@@ -758,6 +778,7 @@ impl StateMachine {
             last_sync: Instant::now(),
             archive_dir: data_dir.join(ARCHIVE_DIR).into(),
             receiving: Arc::default(),
+            scans: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SCANS)),
         })
     }
 
@@ -770,6 +791,7 @@ impl StateMachine {
             audit: self.audit.clone(),
             receiving: self.receiving.clone(),
             snapshots: self.snapshots.clone(),
+            scans: self.scans.clone(),
         }
     }
 }
@@ -1269,6 +1291,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_sync: self.last_sync,
             archive_dir: self.archive_dir.clone(),
             receiving: self.receiving.clone(),
+            scans: self.scans.clone(),
         }
     }
 
@@ -1752,25 +1775,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn listing_every_accessor_or_user_waits_for_no_batch_being_applied() {
+    async fn listing_every_accessor_user_or_secret_waits_for_no_batch_being_applied() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open(dir.path());
         let mut with_accessor = login("b", None);
         if let citadel_core::command::Command::TokenCreate { entry, .. } = &mut with_accessor {
             entry.accessor = "acc-b".into();
         }
-        apply(&mut sm, 0, vec![init(), add_user("ann"), add_user("bob"), login("a", None), with_accessor]).await;
+        let commands = vec![init(), add_user("ann"), add_user("bob"), login("a", None), with_accessor, write("x", 1)];
+        apply(&mut sm, 0, commands).await;
         let reader = sm.reader();
         let under_lock = reader.read_with_store(|_, store| store.tokens.accessors().unwrap());
         assert!(under_lock.contains(&"acc-b".to_string()), "{under_lock:?}");
-        let applying = sm.inner.write().unwrap();
-        let listed = tokio::time::timeout(Duration::from_secs(60), async {
-            (reader.token_accessors().await.unwrap(), reader.user_keys_under(String::new()).await.unwrap())
-        })
-        .await
-        .expect("listed while a batch holds the state's lock");
-        drop(applying);
-        assert_eq!(listed, (under_lock, keys(&["ann", "bob"])));
+        // A batch being applied holds the write lock, here for up to a minute, on a thread of
+        // its own: a listing that took the lock would wait that long, not hang the test.
+        let (inner, (held_tx, held), (release, release_rx)) =
+            (sm.inner.clone(), std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let applying = std::thread::spawn(move || {
+            let _batch = inner.write().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+        });
+        held.recv().unwrap();
+        let started = Instant::now();
+        let listed = (
+            reader.token_accessors().await.unwrap(),
+            reader.user_keys_under(String::new()).await.unwrap(),
+            reader.kv_list("secret/".into(), String::new()).await.unwrap(),
+        );
+        let waited = started.elapsed();
+        release.send(()).unwrap();
+        applying.join().unwrap();
+        assert!(waited < Duration::from_secs(30), "listed while a batch holds the state's lock: waited {waited:?}");
+        assert_eq!(listed, (under_lock, keys(&["ann", "bob"]), keys(&["x"])));
     }
 
     fn login(hash: &str, parent: Option<&str>) -> citadel_core::command::Command {

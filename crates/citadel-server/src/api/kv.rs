@@ -162,14 +162,11 @@ async fn destroy_versions(c: &Call<'_>) -> Result<Reply, ApiError> {
 async fn list(c: &Call<'_>) -> Result<Reply, ApiError> {
     let (mount, path) = secret(c);
     let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
-    let keys = c.app.state.read_with_store(|s, store| {
-        if s.mounts.contains_key(mount) {
-            store.kv.list(mount, &prefix)
-        } else {
-            Ok(Vec::new())
-        }
-    });
-    let keys = keys.map_err(stored_secrets_unreadable)?;
+    let keys = if c.app.state.read(|s| s.mounts.contains_key(mount)) {
+        c.app.state.kv_list(mount.to_string(), prefix).await.map_err(stored_secrets_unreadable)?
+    } else {
+        Vec::new()
+    };
     if keys.is_empty() {
         return Err(ApiError::not_found());
     }
