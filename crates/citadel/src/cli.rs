@@ -420,14 +420,6 @@ fn parse_pairs(pairs: &[String]) -> Result<Value> {
 }
 
 pub fn main() -> ExitCode {
-    // glibc gives each thread that allocates an arena of its own (up to 8 per core); memory
-    // freed by tokio's workers and blocking threads strands in them, and a node's resident
-    // memory grew to twice what it used (`bench scale`: 744 MiB against 341 with two arenas).
-    #[cfg(target_env = "gnu")]
-    // SAFETY: called before any other thread exists; mallopt only sets an allocator parameter.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
     let cli = Cli::parse();
     let filter = std::env::var("CITADEL_LOG").unwrap_or_else(|_| "info,openraft=warn,raft_log=warn".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
