@@ -243,8 +243,9 @@ pub fn raise_open_file_limit() {
 
 /// Makes glibc's allocator return large blocks (Argon2's ~19 MiB per hash) to the system when
 /// they are freed, for a process that allocates through it (the `citadel` binary allocates
-/// through jemalloc, which returns them itself: a login burst left a node 1.6 MiB larger). glibc otherwise raises its mmap threshold after the first such free and keeps later
-/// ones in per-thread arenas: a burst of logins on the blocking pool's threads then left the node
+/// through jemalloc, which returns them itself: a login burst left a node 1.6 MiB larger).
+/// glibc otherwise raises its mmap threshold after the first such free and keeps later ones in
+/// per-thread arenas: a burst of logins on the blocking pool's threads then left the node
 /// ~200 MiB larger for good (measured by `citadel bench flood`). An explicit threshold turns that
 /// adjustment off, so memory for hashes is bounded by the hash pool while it runs and then released.
 pub fn release_large_allocations() {
