@@ -24,8 +24,8 @@ pub async fn stop(app: &Arc<Node>, stop_accepting: impl FnOnce()) {
         match successor(app) {
             Some(target) => {
                 tracing::info!(to = target, "stopping: handing leadership over first");
-                match tokio::time::timeout(HANDOVER_LIMIT, crate::membership::transfer_leadership(app, target)).await {
-                    Ok(Ok(())) => tracing::info!(to = target, "stopping: leadership handed over"),
+                match tokio::time::timeout(HANDOVER_LIMIT, crate::membership::step_aside(app, target)).await {
+                    Ok(Ok(leader)) => tracing::info!(to = leader, "stopping: leadership handed over"),
                     Ok(Err(e)) => {
                         tracing::warn!(to = target, error = %e, "stopping: leadership not handed over; the others will elect")
                     }

@@ -124,8 +124,8 @@ pub async fn run(app: &Node, req: Request) -> Result<(), LifecycleError> {
                     "node {me} leads and no other voter is reachable to take over; nothing was changed"
                 ))
             })?;
-            crate::membership::transfer_leadership(app, successor).await.map_err(Unavailable)?;
-            return forward(app, successor, &req).await;
+            let leader = crate::membership::step_aside(app, successor).await.map_err(Unavailable)?;
+            return forward(app, leader, &req).await;
         }
     }
     let outcome = match &req.action {

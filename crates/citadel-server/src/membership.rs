@@ -139,24 +139,52 @@ pub async fn retry_join(app: Arc<Node>) {
 
 /// Hands leadership to `target` (a voter) and waits until it leads, so planned maintenance
 /// fails no request: proposals arriving meanwhile wait for the new leader (`Node::propose`).
+/// The operator named the target, so another voter winning the election instead is an error.
 pub async fn transfer_leadership(app: &Node, target: u64) -> Result<(), String> {
     let metrics = app.raft_metrics();
-    if !metrics.membership_config.membership().voter_ids().any(|v| v == target) {
-        return Err(format!("node {target} is not a voter of this cluster"));
-    }
+    check_voter(app, target)?;
     match metrics.current_leader {
-        Some(id) if id == target => return Ok(()),
-        Some(id) if id == app.node_id() => {}
+        Some(id) if id == target => Ok(()),
+        Some(id) if id == app.node_id() => match hand_over(app, target).await? {
+            leader if leader == target => Ok(()),
+            leader => Err(format!(
+                "node {leader} was elected before node {target} could take over (node {target}'s log was not \
+                 written in time); ask again to move leadership to node {target}"
+            )),
+        },
         Some(id) => {
             let leader = metrics.membership_config.membership().get_node(&id).cloned().ok_or("leader unknown")?;
-            return app
-                .peers
+            app.peers
                 .call(&leader.cluster_addr, "cluster/transfer-leader", &target, Duration::from_secs(10))
                 .await
-                .map_err(String::from);
+                .map_err(String::from)
         }
-        None => return Err("the cluster has no leader".into()),
+        None => Err("the cluster has no leader".into()),
     }
+}
+
+/// Moves leadership off this node, offering it to `preferred`, and returns the voter that leads
+/// afterwards. For a node about to stop or be demoted any other leader will do: when the
+/// preferred voter declines (its log not written within an election timeout), the transferring
+/// leader has stopped its heartbeats and another voter's timer elects it.
+pub async fn step_aside(app: &Node, preferred: u64) -> Result<u64, String> {
+    check_voter(app, preferred)?;
+    match app.raft_metrics().current_leader {
+        Some(id) if id == app.node_id() => hand_over(app, preferred).await,
+        Some(id) => Ok(id),
+        None => Err("the cluster has no leader".into()),
+    }
+}
+
+fn check_voter(app: &Node, id: u64) -> Result<(), String> {
+    match app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == id) {
+        true => Ok(()),
+        false => Err(format!("node {id} is not a voter of this cluster")),
+    }
+}
+
+/// Run on the leader: offers leadership to `target` and waits until another voter leads.
+async fn hand_over(app: &Node, target: u64) -> Result<u64, String> {
     // The target declines unless its log reaches ours within an election timeout; under write
     // load a lagging target would leave the cluster leaderless until timers fire. Hand over only
     // once it has caught up, so the handover itself takes one vote round.
@@ -165,12 +193,14 @@ pub async fn transfer_leadership(app: &Node, target: u64) -> Result<(), String> 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     app.raft.trigger().transfer_leader(target).await.map_err(|e| e.to_string())?;
-    app.raft
+    let me = app.node_id();
+    let metrics = app
+        .raft
         .wait(Some(Duration::from_secs(5)))
-        .metrics(|m| m.current_leader == Some(target), "the target leads")
+        .metrics(|m| m.current_leader.is_some_and(|leader| leader != me), "another voter leads")
         .await
-        .map_err(|e| format!("node {target} did not take over: {e}"))?;
-    Ok(())
+        .map_err(|e| format!("no other voter took over from node {me}: {e}"))?;
+    metrics.current_leader.ok_or_else(|| format!("no other voter took over from node {me}"))
 }
 
 /// Removes a node from the cluster (voter or non-voter), through the leader, and revokes its

@@ -424,7 +424,7 @@ async fn step_down(c: &Call<'_>) -> Result<Reply, ApiError> {
     }
     let other = metrics.membership_config.membership().voter_ids().find(|id| *id != app.node_id());
     if let Some(target) = other {
-        crate::membership::transfer_leadership(app, target).await.map_err(ApiError::unavailable)?;
+        crate::membership::step_aside(app, target).await.map_err(ApiError::unavailable)?;
     }
     Ok(Reply::empty())
 }

@@ -493,6 +493,27 @@ async fn transfer_leader_under_load_fails_no_request() {
 }
 
 #[tokio::test]
+async fn a_step_down_whose_offered_successor_is_frozen_leaves_the_other_voter_leading() {
+    // A successor that cannot take the offer (here SIGSTOPped; in CI, a log not written within an
+    // election timeout) must not fail the step-down: the leader has stopped its heartbeats, so
+    // the other voter elects itself, and that is what a node stopping or being demoted needs.
+    let cluster = Cluster::start_nodes(3, 29900, true, "").await;
+    let leader = cluster.leader().await;
+    let (offered, other) = (followers(leader)[0], followers(leader)[1]);
+    cluster.root_at(leader).kv_put("secret", "before-step-down", &json!({ "v": 1 }), None).await.unwrap();
+    cluster.pause_at(offered, true);
+    // sys/step-down offers leadership to the first voter other than itself: `offered`.
+    let stepped = cluster.root_at(leader).post("sys/step-down", &json!({})).await;
+    let health = cluster.anonymous_at(other).health().await;
+    cluster.pause_at(offered, false);
+    stepped.expect("the step-down succeeds once another voter leads");
+    assert_eq!(health.unwrap().body["ha_mode"], json!("leader"), "the voter that was not frozen leads");
+    assert_eq!(cluster.leader().await, other);
+    let got = cluster.root_at(other).kv_get("secret", "before-step-down", None).await.unwrap();
+    assert_eq!(got, json!({ "v": 1 }), "the new leader serves what the old one wrote");
+}
+
+#[tokio::test]
 async fn a_fourth_node_joins_as_non_voter_and_is_promoted_when_a_voter_is_removed() {
     let mut cluster = Cluster::start_partial(4, 3, 22800, true, "[raft]\nmax_voters = 3\n").await;
     let root = cluster.root();
