@@ -224,6 +224,12 @@ impl Node {
         }
     }
 
+    /// How long the leader has been silent while this process ran: time stopped (`stall.rs`)
+    /// is no silence of the leader's, whose heartbeats arrive a moment after the resume.
+    fn leader_silence(&self) -> Duration {
+        Duration::from_millis(self.staleness_ms()).min(self.stalls.running_since().elapsed())
+    }
+
     /// Read-only mode (§5.4): an initialized node that has had no leader for one election timeout.
     pub fn read_only(&self) -> bool {
         let members = self.raft_metrics().membership_config.membership().nodes().count();
@@ -313,7 +319,11 @@ impl Node {
 
     /// Hands a command to the leader over the cluster channel. The call may take as long as the
     /// leader stays audible (its heartbeats keep arriving); it is abandoned once the leader has
-    /// been silent for an election timeout.
+    /// been silent for an election timeout while this process ran. Abandoning it sends the
+    /// command again, and `apply` recognises a repeat only among the latest
+    /// `REQUEST_ID_WINDOW` events: a node stopped for seconds (SIGSTOP, a virtual machine's
+    /// stall) finds the leader's answer waiting when it resumes, while the cluster may have
+    /// applied thousands of writes, so it must read that answer rather than ask again.
     async fn forward(&self, leader: &NodeInfo, command: &Command) -> Result<Response, Forwarding> {
         let call = self.peers.call::<_, Result<Response, ForwardError>>(
             &leader.cluster_addr,
@@ -327,7 +337,7 @@ impl Node {
             tokio::select! {
                 result = &mut call => return forwarding_outcome(result),
                 _ = check.tick() => {
-                    if self.staleness_ms() > self.config.raft.election_timeout_ms {
+                    if self.leader_silence() > self.election_timeout() {
                         return Err(Forwarding::Retry("the leader went silent".into()));
                     }
                 }
