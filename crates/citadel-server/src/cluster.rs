@@ -432,6 +432,9 @@ pub struct NodeStatus {
     pub sealed: bool,
     pub version: String,
     pub uptime_ms: u64,
+    /// It started with no replicated state (absent from older nodes).
+    #[serde(default)]
+    pub started_empty: bool,
     pub applied_index: u64,
     pub active_sessions: usize,
     /// Audit events in its spool not yet in the replicated log (absent from older nodes).

@@ -309,11 +309,14 @@ fn still_leading(app: &Node, target: u64) -> Result<(), LifecycleError> {
 async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleError> {
     check_tolerance(app, target, force).await?;
     let _guard = Resyncing::start(app, target);
-    let deadline = tokio::time::Instant::now() + RESYNC_LIMIT;
+    let began = tokio::time::Instant::now();
+    let deadline = began + RESYNC_LIMIT;
     let was_voter = app.votes(target);
-    allow_log_reversion(app, target).await?;
-    demote(app, target).await?;
+    allow_log_reversion(app, target, true).await?;
+    // Compacted while the node still votes, so a node that starts empty once it is demoted
+    // (a lost data directory) finds the log purged and catches up from the snapshot.
     compact_log(app).await?;
+    demote(app, target).await?;
     let node = app
         .raft_metrics()
         .membership_config
@@ -325,26 +328,41 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
     // reaches it, does not accept yet: ask until it does.
     let asked = loop {
         still_leading(app, target)?;
-        // Again before each ask: a node that came back empty used up the first permission.
-        allow_log_reversion(app, target).await?;
-        let asked = tokio::time::Instant::now();
-        match app.peers.call::<_, ()>(&node.cluster_addr, "cluster/resync", &(), Duration::from_secs(10)).await {
-            Ok(()) => break asked,
-            Err(e) if asked >= deadline => {
-                return Err(Unavailable(format!("node {target} did not accept the resync: {e}")))
+        let refusal = match node_status(app, &node).await {
+            // A node that started empty since the resync began (a lost data directory, replaced)
+            // holds nothing older than the request: asked, it would send its log back to nothing
+            // a second time, and the leader's search for it would need a second permission.
+            Some(s) if s.started_empty && s.uptime_ms < began.elapsed().as_millis() as u64 => {
+                tracing::info!(
+                    node = target,
+                    "resync: the node started empty since the resync began; nothing to discard"
+                );
+                break began;
             }
-            Err(e) => {
-                tracing::debug!(node = target, error = %e, "resync: the node refused; asking again");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // Asked only once it answers, so that one just started empty shows it first.
+            None => "it does not answer".to_string(),
+            Some(_) => {
+                // Again before each ask: a node that came back empty used up the first permission.
+                allow_log_reversion(app, target, true).await?;
+                let asked = tokio::time::Instant::now();
+                match app.peers.call::<_, ()>(&node.cluster_addr, "cluster/resync", &(), Duration::from_secs(10)).await
+                {
+                    Ok(()) => break asked,
+                    Err(e) => e.to_string(),
+                }
             }
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Unavailable(format!("node {target} did not accept the resync: {refusal}")));
         }
+        tracing::debug!(node = target, error = %refusal, "resync: the node refused; asking again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // Caught up once it answers as a process started after the request, at most CAUGHT_UP_LAG
     // entries behind.
     loop {
         still_leading(app, target)?;
-        let status: Option<crate::cluster::NodeStatus> =
-            app.peers.call(&node.cluster_addr, "cluster/status", &(), Duration::from_millis(500)).await.ok();
+        let status = node_status(app, &node).await;
         let restarted = status.is_some_and(|s| s.uptime_ms < asked.elapsed().as_millis() as u64);
         if restarted && crate::ha::Progress::of(app).lag(target) <= CAUGHT_UP_LAG {
             break;
@@ -357,6 +375,10 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Caught up: a later reversion of its log would be a lost disk again, not this resync's.
+    if let Err(e) = allow_log_reversion(app, target, false).await {
+        tracing::debug!(node = target, error = %e, "resync: could not withdraw the unused log reversion permission");
+    }
     let inactive = app.state.read(|s| s.inactive_nodes.contains(&target));
     if was_voter && !inactive {
         let change = ChangeMembers::AddVoterIds(BTreeSet::from([target]));
@@ -365,11 +387,15 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
     Ok(())
 }
 
+async fn node_status(app: &Node, node: &citadel_storage::NodeInfo) -> Option<crate::cluster::NodeStatus> {
+    app.peers.call(&node.cluster_addr, "cluster/status", &(), Duration::from_millis(500)).await.ok()
+}
+
 /// The node's log is about to go back to nothing: the leader must search it again instead of
 /// taking that for a broken follower (openraft's one-shot permission, used up by the next
-/// reversion it sees).
-async fn allow_log_reversion(app: &Node, target: u64) -> Result<(), LifecycleError> {
-    match app.raft.trigger().allow_next_revert(&target, true).await {
+/// reversion it sees). `allow: false` withdraws a permission left unused.
+async fn allow_log_reversion(app: &Node, target: u64, allow: bool) -> Result<(), LifecycleError> {
+    match app.raft.trigger().allow_next_revert(&target, allow).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Unavailable(format!("cannot prepare the resync of node {target}: {e}"))),
         Err(e) => Err(Unavailable(e.to_string())),

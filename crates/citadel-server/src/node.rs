@@ -35,6 +35,9 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub peers: PeerClient,
     pub started: Instant,
+    /// This process started with no replicated state (a new or lost data directory, or a
+    /// resync's discard): a resync has nothing to discard (`resync.rs`).
+    pub started_empty: bool,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
     /// When a look first found this node in read-only mode this time; `None` while it has a
@@ -521,6 +524,7 @@ impl Node {
             sealed: self.seal.is_sealed(),
             version: crate::VERSION.to_string(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            started_empty: self.started_empty,
             applied_index: self.state.applied_index(),
             // Tokens still usable (not expired, uses left), counted from the index of ends.
             active_sessions: self.state.read_with_store(|_, store| {

@@ -70,6 +70,11 @@ pub async fn run(config: Config) -> Result<()> {
     let network = ClusterNetwork::new(&config, node_cert.clone(), state.clone())?;
     let raft =
         Raft::new(config.node_id, Arc::new(raft_config), network.clone(), log, sm).await.context("starting raft")?;
+    let started_empty = {
+        use openraft::async_runtime::WatchReceiver;
+        let metrics = raft.metrics().borrow_watched().clone();
+        metrics.last_log_index.is_none() && metrics.snapshot.is_none() && metrics.last_applied.is_none()
+    };
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
     let spool_failures = audit.failures();
 
@@ -99,6 +104,7 @@ pub async fn run(config: Config) -> Result<()> {
         metrics,
         peers: network.peers(),
         started: Instant::now(),
+        started_empty,
         leader_contact: Default::default(),
         read_only_since: Default::default(),
         stalls: crate::stall::StallWatch::new(Instant::now()),

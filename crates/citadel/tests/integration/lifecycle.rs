@@ -214,11 +214,11 @@ async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_a
     assert!(audited.is_ok(), "deactivate, activate and rename are audited: {:?}", paths.borrow());
 }
 
-/// Checks that node `target` resynced: it discarded its state, caught up from a snapshot,
-/// votes, holds `resync/last`, and its audit chains verify.
-async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize) {
+/// Checks that node `target` resynced: its log says what it did with its state (`logged`), it
+/// caught up from a snapshot, votes, holds `resync/last`, and its audit chains verify.
+async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize, logged: &str) {
     let log = cluster.server_log_at(target);
-    assert!(log.contains("resync: discarded this node's replicated state"), "{log}");
+    assert!(log.contains(logged), "{log}");
     assert_eq!(is_voter(cluster, leader, target).await, Some(true), "it votes again once caught up");
     let node = cluster.root_at(target);
     // Restarted, it unseals itself (key file) before it answers.
@@ -256,7 +256,7 @@ async fn a_running_node_and_one_whose_data_directory_was_deleted_are_resynced_fr
         cluster.server_log_at(running)
     );
     assert!(cluster.exited_at(running).is_none(), "the node restarted in place, as the same process");
-    assert_resynced(&cluster, leader, running).await;
+    assert_resynced(&cluster, leader, running, "resync: discarded this node's replicated state").await;
 
     // A lost disk: the node stays down while the resync demotes it (an empty voter could vote
     // twice in a term), then starts with an empty data directory and is caught up.
@@ -283,7 +283,12 @@ async fn a_running_node_and_one_whose_data_directory_was_deleted_are_resynced_fr
         String::from_utf8_lossy(&out.stderr),
         cluster.server_log_at(lost)
     );
-    assert_resynced(&cluster, leader, lost).await;
+    // It started empty after the resync began: it is not asked to discard anything (its log
+    // would go back to nothing a second time).
+    assert_resynced(&cluster, leader, lost, "citadel node started").await;
+    let leader_log = cluster.server_log_at(leader);
+    assert!(leader_log.contains("resync: the node started empty since the resync began"), "{leader_log}");
+    assert!(!cluster.server_log_at(lost).contains("resync requested"), "the lost node was not asked to discard");
 }
 
 #[tokio::test]
