@@ -309,14 +309,25 @@ fn still_leading(app: &Node, target: u64) -> Result<(), LifecycleError> {
 async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleError> {
     check_tolerance(app, target, force).await?;
     let _guard = Resyncing::start(app, target);
-    let began = tokio::time::Instant::now();
-    let deadline = began + RESYNC_LIMIT;
+    let outcome = discard_and_catch_up(app, target).await;
+    // Done or given up: a later reversion of its log would be a lost disk again, not this
+    // resync's, and must not be repaired silently. (A resync asked again permits it again.)
+    if app.is_leader() {
+        if let Err(e) = allow_log_reversion(app, target, false).await {
+            tracing::warn!(node = target, error = %e, "resync: could not withdraw the log reversion permission");
+        }
+    }
+    outcome
+}
+
+/// The resync's work on the leader: demote, compact, ask, wait, give the vote back.
+async fn discard_and_catch_up(app: &Node, target: u64) -> Result<(), LifecycleError> {
+    let deadline = tokio::time::Instant::now() + RESYNC_LIMIT;
     let was_voter = app.votes(target);
     allow_log_reversion(app, target, true).await?;
-    // Compacted while the node still votes, so a node that starts empty once it is demoted
-    // (a lost data directory) finds the log purged and catches up from the snapshot.
-    compact_log(app).await?;
     demote(app, target).await?;
+    let demoted = tokio::time::Instant::now();
+    compact_log(app).await?;
     let node = app
         .raft_metrics()
         .membership_config
@@ -329,15 +340,13 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
     let asked = loop {
         still_leading(app, target)?;
         let refusal = match node_status(app, &node).await {
-            // A node that started empty since the resync began (a lost data directory, replaced)
-            // holds nothing older than the request: asked, it would send its log back to nothing
-            // a second time, and the leader's search for it would need a second permission.
-            Some(s) if s.started_empty && s.uptime_ms < began.elapsed().as_millis() as u64 => {
-                tracing::info!(
-                    node = target,
-                    "resync: the node started empty since the resync began; nothing to discard"
-                );
-                break began;
+            // A node that started empty once demoted (a lost data directory, replaced) holds
+            // nothing older than the request: asked, it would send its log back to nothing a
+            // second time, and the leader's search for it would need a second permission. One
+            // that started empty earlier may have voted with a forgotten vote: it discards.
+            Some(s) if s.started_empty && s.uptime_ms < demoted.elapsed().as_millis() as u64 => {
+                tracing::info!(node = target, "resync: the node started empty after its demotion; nothing to discard");
+                break demoted;
             }
             // Asked only once it answers, so that one just started empty shows it first.
             None => "it does not answer".to_string(),
@@ -374,10 +383,6 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Caught up: a later reversion of its log would be a lost disk again, not this resync's.
-    if let Err(e) = allow_log_reversion(app, target, false).await {
-        tracing::debug!(node = target, error = %e, "resync: could not withdraw the unused log reversion permission");
     }
     let inactive = app.state.read(|s| s.inactive_nodes.contains(&target));
     if was_voter && !inactive {

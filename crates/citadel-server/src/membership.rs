@@ -176,7 +176,7 @@ pub async fn step_aside(app: &Node, preferred: u64) -> Result<u64, String> {
     }
 }
 
-fn check_voter(app: &Node, id: u64) -> Result<(), String> {
+pub fn check_voter(app: &Node, id: u64) -> Result<(), String> {
     match app.raft_metrics().membership_config.membership().voter_ids().any(|v| v == id) {
         true => Ok(()),
         false => Err(format!("node {id} is not a voter of this cluster")),

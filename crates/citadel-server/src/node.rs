@@ -36,7 +36,7 @@ pub struct Node {
     pub peers: PeerClient,
     pub started: Instant,
     /// This process started with no replicated state (a new or lost data directory, or a
-    /// resync's discard): a resync has nothing to discard (`resync.rs`).
+    /// resync's discard): a resync begun before it has nothing to discard (`lifecycle.rs`).
     pub started_empty: bool,
     /// When a leader was last heard from (a follower's appends, or a leader's quorum acks).
     pub leader_contact: Mutex<Option<Instant>>,
@@ -326,7 +326,9 @@ impl Node {
     /// command again, and `apply` recognises a repeat only among the latest
     /// `REQUEST_ID_WINDOW` events: a node stopped for seconds (SIGSTOP, a virtual machine's
     /// stall) finds the leader's answer waiting when it resumes, while the cluster may have
-    /// applied thousands of writes, so it must read that answer rather than ask again.
+    /// applied thousands of writes, so it must read that answer rather than ask again. Not
+    /// covered: a stop shorter than `stall::GAP`, and one longer than the call's own
+    /// `PROPOSAL_LIMIT`, which then fails as unreachable and is sent again.
     async fn forward(&self, leader: &NodeInfo, command: &Command) -> Result<Response, Forwarding> {
         let call = self.peers.call::<_, Result<Response, ForwardError>>(
             &leader.cluster_addr,

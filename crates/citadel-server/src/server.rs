@@ -42,6 +42,11 @@ pub async fn run(config: Config) -> Result<()> {
     let cluster_tls = cluster_tls(&config, node_cert.clone())?;
     crate::resync::discard_if_requested(&config.data_dir)?;
     let (mut log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
+    let started_empty = {
+        use openraft::storage::RaftLogStorage;
+        let log_state = log.get_log_state().await.context("reading the Raft log's state")?;
+        log_state.last_log_id.is_none() && log_state.last_purged_log_id.is_none() && sm.reader().applied_index() == 0
+    };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     log.observe_flushes(metrics.clone());
     let state = sm.reader();
@@ -70,11 +75,6 @@ pub async fn run(config: Config) -> Result<()> {
     let network = ClusterNetwork::new(&config, node_cert.clone(), state.clone())?;
     let raft =
         Raft::new(config.node_id, Arc::new(raft_config), network.clone(), log, sm).await.context("starting raft")?;
-    let started_empty = {
-        use openraft::async_runtime::WatchReceiver;
-        let metrics = raft.metrics().borrow_watched().clone();
-        metrics.last_log_index.is_none() && metrics.snapshot.is_none() && metrics.last_applied.is_none()
-    };
     let audit = AuditSpool::open(&config.data_dir.join("audit"), config.node_id, config.audit.file.as_deref())?;
     let spool_failures = audit.failures();
 

@@ -294,7 +294,9 @@ async fn ha_status(c: &Call<'_>) -> Result<Reply, ApiError> {
 
 async fn transfer_leader(c: &Call<'_>) -> Result<Reply, ApiError> {
     let target = node_id_field(&c.req.json()?, &["node_id"])?;
-    crate::membership::transfer_leadership(c.app, target).await.map_err(ApiError::bad_request)?;
+    crate::membership::check_voter(c.app, target).map_err(ApiError::bad_request)?;
+    // A voter that could not take over now may next time: asking again is the remedy.
+    crate::membership::transfer_leadership(c.app, target).await.map_err(ApiError::unavailable)?;
     Ok(Reply::empty())
 }
 

@@ -422,6 +422,7 @@ async fn step_down(c: &Call<'_>) -> Result<Reply, ApiError> {
     if metrics.current_leader != Some(app.node_id()) {
         return Ok(Reply::empty());
     }
+    // Offered to the first other voter; if it cannot take over, another elects itself.
     let other = metrics.membership_config.membership().voter_ids().find(|id| *id != app.node_id());
     if let Some(target) = other {
         crate::membership::step_aside(app, target).await.map_err(ApiError::unavailable)?;

@@ -214,11 +214,9 @@ async fn a_deactivated_voter_keeps_replicating_without_a_vote_serves_no_client_a
     assert!(audited.is_ok(), "deactivate, activate and rename are audited: {:?}", paths.borrow());
 }
 
-/// Checks that node `target` resynced: its log says what it did with its state (`logged`), it
-/// caught up from a snapshot, votes, holds `resync/last`, and its audit chains verify.
-async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize, logged: &str) {
-    let log = cluster.server_log_at(target);
-    assert!(log.contains(logged), "{log}");
+/// Checks that node `target` resynced: it caught up from a snapshot, votes, holds
+/// `resync/last`, and its audit chains verify.
+async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize) {
     assert_eq!(is_voter(cluster, leader, target).await, Some(true), "it votes again once caught up");
     let node = cluster.root_at(target);
     // Restarted, it unseals itself (key file) before it answers.
@@ -234,6 +232,39 @@ async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize, logged
     assert_eq!(verify["data"]["ok"], json!(true), "{verify}");
     assert!(!cluster.layout.data_dir(target).join("RESYNC").exists(), "the marker is gone");
 }
+
+/// Kills node `target` (deleting its data directory if `lose_data`), runs its resync from the
+/// leader, starts it again once it no longer votes (as the runbook says), and waits for the
+/// command to succeed.
+async fn resync_while_down(cluster: &mut Cluster, leader: usize, target: usize, lose_data: bool) {
+    cluster.kill9_at(target);
+    if lose_data {
+        std::fs::remove_dir_all(cluster.layout.data_dir(target)).unwrap();
+    }
+    let mut resync = std::process::Command::new(crate::harness::EXE);
+    resync
+        .args(["operator", "node", "resync", &cluster.layout.node_id(target).to_string()])
+        .env("CITADEL_ADDR", cluster.layout.api_url(leader))
+        .env("CITADEL_TOKEN", &cluster.root)
+        .env("CITADEL_CACERT", cluster.layout.ca_path());
+    let resync = std::thread::spawn(move || resync.output().expect("run the citadel CLI"));
+    let watching = &*cluster;
+    dev::wait_for("the node to be demoted", STARTUP, || async {
+        is_voter(watching, leader, target).await.filter(|v| !v).map(|_| ())
+    })
+    .await
+    .unwrap();
+    cluster.respawn_at(target);
+    let out = tokio::task::spawn_blocking(move || resync.join().unwrap()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n--- node log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.server_log_at(target)
+    );
+}
+
+const DISCARDED: &str = "resync: discarded this node's replicated state";
 
 #[tokio::test]
 async fn a_running_node_and_one_whose_data_directory_was_deleted_are_resynced_from_a_snapshot_and_vote_again() {
@@ -256,39 +287,25 @@ async fn a_running_node_and_one_whose_data_directory_was_deleted_are_resynced_fr
         cluster.server_log_at(running)
     );
     assert!(cluster.exited_at(running).is_none(), "the node restarted in place, as the same process");
-    assert_resynced(&cluster, leader, running, "resync: discarded this node's replicated state").await;
+    assert_eq!(cluster.server_log_at(running).matches(DISCARDED).count(), 1);
+    assert_resynced(&cluster, leader, running).await;
 
     // A lost disk: the node stays down while the resync demotes it (an empty voter could vote
-    // twice in a term), then starts with an empty data directory and is caught up.
+    // twice in a term), then starts with an empty data directory and is caught up. It started
+    // empty after its demotion, so it is not asked to discard (its log would go back to
+    // nothing a second time).
     let lost = followers[1];
-    cluster.kill9_at(lost);
-    std::fs::remove_dir_all(cluster.layout.data_dir(lost)).unwrap();
-    let mut resync = std::process::Command::new(crate::harness::EXE);
-    resync
-        .args(["operator", "node", "resync", &cluster.layout.node_id(lost).to_string()])
-        .env("CITADEL_ADDR", cluster.layout.api_url(leader))
-        .env("CITADEL_TOKEN", &cluster.root)
-        .env("CITADEL_CACERT", cluster.layout.ca_path());
-    let resync = std::thread::spawn(move || resync.output().expect("run the citadel CLI"));
-    dev::wait_for("the lost node to be demoted", STARTUP, || async {
-        is_voter(&cluster, leader, lost).await.filter(|v| !v).map(|_| ())
-    })
-    .await
-    .unwrap();
-    cluster.respawn_at(lost);
-    let out = tokio::task::spawn_blocking(move || resync.join().unwrap()).await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n--- node log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        cluster.server_log_at(lost)
-    );
-    // It started empty after the resync began: it is not asked to discard anything (its log
-    // would go back to nothing a second time).
-    assert_resynced(&cluster, leader, lost, "citadel node started").await;
+    resync_while_down(&mut cluster, leader, lost, true).await;
     let leader_log = cluster.server_log_at(leader);
-    assert!(leader_log.contains("resync: the node started empty since the resync began"), "{leader_log}");
-    assert!(!cluster.server_log_at(lost).contains("resync requested"), "the lost node was not asked to discard");
+    assert!(leader_log.contains("resync: the node started empty after its demotion"), "{leader_log}");
+    assert!(!cluster.server_log_at(lost).contains(DISCARDED), "the lost node had nothing to discard");
+    assert_resynced(&cluster, leader, lost).await;
+
+    // A node that was down with its data, started again during its resync: its state predates
+    // the request, so it discards it.
+    resync_while_down(&mut cluster, leader, running, false).await;
+    assert_eq!(cluster.server_log_at(running).matches(DISCARDED).count(), 2, "it discarded its state again");
+    assert_resynced(&cluster, leader, running).await;
 }
 
 #[tokio::test]
