@@ -325,9 +325,12 @@ async fn discard_and_catch_up(app: &Node, target: u64) -> Result<(), LifecycleEr
     let deadline = tokio::time::Instant::now() + RESYNC_LIMIT;
     let was_voter = app.votes(target);
     allow_log_reversion(app, target, true).await?;
+    // Compacted before the demotion, so that a node started empty once it no longer votes (a
+    // lost data directory, as the runbook says) finds the log purged and takes the snapshot;
+    // compacted after, it could start replaying the log first and hold the purge back.
+    compact_log(app).await?;
     demote(app, target).await?;
     let demoted = tokio::time::Instant::now();
-    compact_log(app).await?;
     let node = app
         .raft_metrics()
         .membership_config

@@ -224,7 +224,7 @@ async fn assert_resynced(cluster: &Cluster, leader: usize, target: usize) {
         metric(&node, "citadel_raft_snapshot_index").await
     })
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}\n--- node log:\n{}", cluster.server_log_at(target)));
     assert!(snapshot > 0, "it caught up from a snapshot");
     let read = node.raw("GET", "secret/data/resync/last", None, &[("X-Citadel-Consistency", "stale")]).await.unwrap();
     assert_eq!(read.body["data"]["data"]["n"], json!("last"), "{read:?}");
