@@ -320,7 +320,7 @@ async fn resync(app: &Node, target: u64, force: bool) -> Result<(), LifecycleErr
     outcome
 }
 
-/// The resync's work on the leader: demote, compact, ask, wait, give the vote back.
+/// The resync's work on the leader: compact, demote, ask, wait, give the vote back.
 async fn discard_and_catch_up(app: &Node, target: u64) -> Result<(), LifecycleError> {
     let deadline = tokio::time::Instant::now() + RESYNC_LIMIT;
     let was_voter = app.votes(target);

@@ -267,7 +267,7 @@ async fn resync_while_down(cluster: &mut Cluster, leader: usize, target: usize, 
 const DISCARDED: &str = "resync: discarded this node's replicated state";
 
 #[tokio::test]
-async fn a_running_node_and_one_whose_data_directory_was_deleted_are_resynced_from_a_snapshot_and_vote_again() {
+async fn a_running_node_one_down_with_its_data_and_one_that_lost_it_are_resynced_from_a_snapshot_and_vote_again() {
     let mut cluster = Cluster::start_nodes(3, 29550, true, "[raft]\nsnapshot_threshold = 100\n").await;
     let leader = cluster.leader().await;
     let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
