@@ -184,11 +184,7 @@ async fn check_tolerance(app: &Node, target: u64, force: bool) -> Result<(), Lif
     for id in &remaining {
         let answers = match progress.membership.get_node(id) {
             _ if *id == me => true,
-            Some(node) => app
-                .peers
-                .call::<_, crate::cluster::NodeStatus>(&node.cluster_addr, "cluster/status", &(), PING_LIMIT)
-                .await
-                .is_ok(),
+            Some(node) => node_status(app, node).await.is_some(),
             None => false,
         };
         reachable += usize::from(answers);
@@ -395,8 +391,9 @@ async fn discard_and_catch_up(app: &Node, target: u64) -> Result<(), LifecycleEr
     Ok(())
 }
 
+/// The node's own view, or `None` if it does not answer within `PING_LIMIT`.
 async fn node_status(app: &Node, node: &citadel_storage::NodeInfo) -> Option<crate::cluster::NodeStatus> {
-    app.peers.call(&node.cluster_addr, "cluster/status", &(), Duration::from_millis(500)).await.ok()
+    app.peers.call(&node.cluster_addr, "cluster/status", &(), PING_LIMIT).await.ok()
 }
 
 /// The node's log is about to go back to nothing: the leader must search it again instead of

@@ -42,14 +42,14 @@ pub async fn run(config: Config) -> Result<()> {
     let cluster_tls = cluster_tls(&config, node_cert.clone())?;
     crate::resync::discard_if_requested(&config.data_dir)?;
     let (mut log, sm) = citadel_storage::open(&config.data_dir, config.node_id).map_err(anyhow::Error::msg)?;
-    let started_empty = {
-        use openraft::storage::RaftLogStorage;
-        let log_state = log.get_log_state().await.context("reading the Raft log's state")?;
-        log_state.last_log_id.is_none() && log_state.last_purged_log_id.is_none() && sm.reader().applied_index() == 0
-    };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     log.observe_flushes(metrics.clone());
     let state = sm.reader();
+    let started_empty = {
+        use openraft::storage::RaftLogStorage;
+        let log_state = log.get_log_state().await.context("reading the Raft log's state")?;
+        log_state.last_log_id.is_none() && log_state.last_purged_log_id.is_none() && state.applied_index() == 0
+    };
     let log_failures = log.failures();
     let raft_config = openraft::Config {
         cluster_name: config.cluster_name.clone(),
