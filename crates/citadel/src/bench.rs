@@ -50,6 +50,9 @@ pub struct Summary {
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
+    /// CPU time the target's server processes spent per operation, all nodes together; known
+    /// only for a cluster this bench started.
+    pub cpu_per_op: Option<Duration>,
 }
 
 impl Summary {
@@ -89,6 +92,35 @@ pub struct Endpoint {
     pub target: Target,
     pub client: Client,
     pub mount: String,
+    /// The cluster's server processes, when this bench started them. Their CPU time per
+    /// operation says where a latency comes from: three nodes and the client share the machine's
+    /// cores, so at one client a request waits for every CPU microsecond on its path.
+    pub servers: Vec<u32>,
+}
+
+/// CPU time (user and system) the processes have used so far; `None` for no processes, or if
+/// one cannot be read.
+fn cpu_time(pids: &[u32]) -> Option<Duration> {
+    if pids.is_empty() {
+        return None;
+    }
+    // SAFETY: sysconf reads a constant of the running system.
+    let ticks_per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&t| t > 0)?;
+    let mut ticks = 0;
+    for pid in pids {
+        ticks += cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    }
+    Some(Duration::from_secs_f64(ticks as f64 / ticks_per_sec as f64))
+}
+
+/// `utime + stime` from a `/proc/PID/stat` line: fields 14 and 15, counted after the command
+/// name, which is in parentheses and may itself hold spaces and parentheses.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
 }
 
 fn b64(s: &str) -> String {
@@ -152,6 +184,7 @@ pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrenc
         }
     }
     let per_client = ops.div_ceil(concurrency);
+    let cpu_before = cpu_time(&endpoint.servers);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..concurrency {
@@ -187,6 +220,11 @@ pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrenc
         errors += e;
     }
     let elapsed = started.elapsed();
+    let requests = u32::try_from(latencies.len() + errors).unwrap_or(u32::MAX).max(1);
+    let cpu_per_op = match (cpu_before, cpu_time(&endpoint.servers)) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) / requests),
+        _ => None,
+    };
     latencies.sort();
     Ok(Summary {
         ops: latencies.len(),
@@ -195,6 +233,7 @@ pub async fn run(endpoint: &Endpoint, workload: Workload, ops: usize, concurrenc
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or_default(),
+        cpu_per_op,
     })
 }
 
@@ -217,7 +256,8 @@ pub async fn start_citadel(dir: &std::path::Path, port: u16) -> Result<CitadelCl
     let (root_token, _) = dev::initialize(&layout).await?;
     dev::wait_healthy(&layout, Duration::from_secs(60)).await?;
     let client = layout.client(0)?.with_token(&root_token);
-    let endpoint = Endpoint { target: Target::Citadel, client, mount: "secret".into() };
+    let servers = nodes.0.iter().map(std::process::Child::id).collect();
+    let endpoint = Endpoint { target: Target::Citadel, client, mount: "secret".into(), servers };
     Ok(CitadelCluster { layout, nodes, root_token, endpoint })
 }
 
@@ -302,7 +342,8 @@ pub async fn start_etcd(dir: &std::path::Path, port: u16) -> Result<EtcdCluster>
         None
     })
     .await?;
-    let endpoint = Endpoint { target: Target::Etcd, client: clients[leader].clone(), mount: String::new() };
+    let servers = members.0.iter().map(std::process::Child::id).collect();
+    let endpoint = Endpoint { target: Target::Etcd, client: clients[leader].clone(), mount: String::new(), servers };
     Ok(EtcdCluster { _members: members, endpoint })
 }
 
@@ -600,9 +641,12 @@ pub async fn compare(settings: Settings, client_at: fn(&str) -> Result<Client>) 
     let mut etcd = None;
     for target in &targets {
         match (target, &addr) {
-            (Target::Citadel, Some(addr)) => {
-                endpoints.push(Endpoint { target: Target::Citadel, client: client_at(addr)?, mount: mount.clone() })
-            }
+            (Target::Citadel, Some(addr)) => endpoints.push(Endpoint {
+                target: Target::Citadel,
+                client: client_at(addr)?,
+                mount: mount.clone(),
+                servers: Vec::new(),
+            }),
             (Target::Citadel, None) => {
                 crate::out!("starting a 3-node Citadel cluster under {}", dir.join("citadel").display());
                 let cluster = start_citadel(&dir.join("citadel"), port).await?;
@@ -624,8 +668,9 @@ pub async fn compare(settings: Settings, client_at: fn(&str) -> Result<Client>) 
         for &workload in &workloads {
             for endpoint in &endpoints {
                 let s = run(endpoint, workload, ops, c).await?;
+                let cpu = s.cpu_per_op.map(|d| format!("  CPU {:.0} µs/op", d.as_secs_f64() * 1e6));
                 crate::out!(
-                    "{:<8} {:<10} c={:<3} {:>8.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  errors {}",
+                    "{:<8} {:<10} c={:<3} {:>8.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  errors {}{}",
                     endpoint.target.name(),
                     workload.name(),
                     c,
@@ -633,7 +678,8 @@ pub async fn compare(settings: Settings, client_at: fn(&str) -> Result<Client>) 
                     ms(s.p50),
                     ms(s.p99),
                     ms(s.max),
-                    s.errors
+                    s.errors,
+                    cpu.unwrap_or_default()
                 );
                 rows.push(json!({
                     "target": endpoint.target.name(),
@@ -645,6 +691,7 @@ pub async fn compare(settings: Settings, client_at: fn(&str) -> Result<Client>) 
                     "p50_ms": format!("{:.2}", ms(s.p50)),
                     "p99_ms": format!("{:.2}", ms(s.p99)),
                     "max_ms": format!("{:.2}", ms(s.max)),
+                    "cpu_us_per_op": s.cpu_per_op.map(|d| format!("{:.0}", d.as_secs_f64() * 1e6)),
                 }));
                 measured.push((endpoint.target, workload, c, s));
             }
@@ -661,8 +708,12 @@ pub async fn compare(settings: Settings, client_at: fn(&str) -> Result<Client>) 
     for &c in &concurrency {
         for &w in &workloads {
             if let (Some(ours), Some(theirs)) = (find(Target::Citadel, w, c), find(Target::Etcd, w, c)) {
+                let cpu = match (ours.cpu_per_op, theirs.cpu_per_op) {
+                    (Some(a), Some(b)) => format!(", CPU per op {:.2}x", a.as_secs_f64() / b.as_secs_f64().max(1e-12)),
+                    _ => String::new(),
+                };
                 ratios.push(format!(
-                    "citadel / etcd, {} c={c}: throughput {:.2}x, p50 {:.2}x",
+                    "citadel / etcd, {} c={c}: throughput {:.2}x, p50 {:.2}x{cpu}",
                     w.name(),
                     ours.throughput() / theirs.throughput().max(1e-9),
                     ours.p50.as_secs_f64() / theirs.p50.as_secs_f64().max(1e-12)
@@ -727,4 +778,27 @@ fn machine() -> String {
         cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cpus} x {}", model.unwrap_or("unknown CPU"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_user_plus_system_time_counted_after_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (tokio (rt) worker) S 1 4242 4242 0 -1 4194560 1200 0 3 0 731 269 0 0 20 0 9 0 55 0 0";
+        assert_eq!(cpu_ticks(stat), Some(731 + 269));
+    }
+
+    #[test]
+    fn a_truncated_stat_line_gives_no_cpu_time_rather_than_a_wrong_one() {
+        assert_eq!(cpu_ticks("4242 (citadel) S 1 4242"), None);
+        assert_eq!(cpu_ticks("no parentheses at all"), None);
+    }
+
+    #[test]
+    fn a_cluster_this_bench_did_not_start_has_no_cpu_time_and_a_running_process_has_one() {
+        assert_eq!(cpu_time(&[]), None, "no processes: nothing to divide by the operations");
+        assert!(cpu_time(&[std::process::id()]).is_some());
+    }
 }

@@ -610,8 +610,18 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let settings =
                 bench::Settings { workloads, targets: target, concurrency, ops, addr, mount, dir, json, port };
             let report = bench::compare(settings, client_at).await?;
-            let columns =
-                ["target", "workload", "concurrency", "ops", "errors", "ops_per_sec", "p50_ms", "p99_ms", "max_ms"];
+            let columns = [
+                "target",
+                "workload",
+                "concurrency",
+                "ops",
+                "errors",
+                "ops_per_sec",
+                "p50_ms",
+                "p99_ms",
+                "max_ms",
+                "cpu_us_per_op",
+            ];
             out!();
             print_rows(&report.rows, &columns, format);
             out!();
