@@ -456,17 +456,7 @@ impl State {
                 });
                 Ok(Response::Done)
             }
-            Command::TokenUse { hash } => {
-                let token = self.tokens.get(&hash).ok_or(Rejection::TokenInvalid)?;
-                match token.uses_left {
-                    None => {}
-                    Some(0) => return Err(Rejection::TokenInvalid),
-                    Some(n) => {
-                        self.tokens.update(&hash, |token| token.uses_left = Some(n - 1));
-                    }
-                }
-                Ok(Response::Done)
-            }
+            Command::TokenUse { hash } => self.spend_token_use(&hash, None),
             Command::EmergencyTokenRevoke { hash, expires, at } => {
                 self.revoked_emergency.retain(|_, e| *e > at);
                 if expires > at {
@@ -474,7 +464,7 @@ impl State {
                 }
                 Ok(Response::Done)
             }
-            Command::Authorized { token_hash, request_id: _, at, command } => {
+            Command::Authorized { token_hash, request_id, at, command } => {
                 if matches!(*command, Command::Authorized { .. }) {
                     return Err(Rejection::NestedAuthorization);
                 }
@@ -482,7 +472,10 @@ impl State {
                 if token.is_expired(at) {
                     return Err(Rejection::TokenInvalid);
                 }
-                self.apply_checked(entry, *command)
+                match *command {
+                    Command::TokenUse { hash } => self.spend_token_use(&hash, Some(request_id)),
+                    command => self.apply_checked(entry, command),
+                }
             }
             Command::JobResult { term, node, job, at, command } => {
                 self.apply_job_result(entry, JobRun { job, term, node, index: 0, at }, command)
@@ -593,6 +586,29 @@ impl State {
             self.audit.log.record(audited::outcome(audit, &response));
         }
         Ok(response)
+    }
+
+    /// Spends one use of a token created with `num_uses`. A request spends one use however often
+    /// its proposal is sent: `Node::propose` sends it again after an ambiguous failure, and when
+    /// the first attempt spent the use, the repeat finds its request id on the token and is done.
+    /// A first attempt that was refused recorded nothing, so its repeat is refused in turn.
+    fn spend_token_use(&mut self, hash: &str, request_id: Option<String>) -> Result<Response, Rejection> {
+        let token = self.tokens.get(hash).ok_or(Rejection::TokenInvalid)?;
+        let request_id = request_id.filter(|id| !id.is_empty());
+        if request_id.is_some() && token.last_use_request == request_id {
+            return Ok(Response::Done);
+        }
+        match token.uses_left {
+            None => {}
+            Some(0) => return Err(Rejection::TokenInvalid),
+            Some(n) => {
+                self.tokens.update(hash, |token| {
+                    token.uses_left = Some(n - 1);
+                    token.last_use_request = request_id;
+                });
+            }
+        }
+        Ok(Response::Done)
     }
 
     /// Whether `command` revokes the very token that authorizes it, and that token is gone. Asked
@@ -1354,6 +1370,32 @@ pub(crate) mod tests {
         assert_eq!(state.apply(past), Response::Rejected(Rejection::RenewalPastMax));
         state.apply(Command::TokensExpire { now: 10 });
         assert!(!state.tokens.contains_key("u"), "a used-up token is swept");
+    }
+
+    #[test]
+    fn a_token_use_sent_again_by_its_request_spends_one_use_and_the_next_request_spends_another() {
+        let mut state = initialized();
+        let mut limited = token("u", Some("root"), None);
+        limited.uses_left = Some(2);
+        state.apply(Command::TokenCreate { login: None, entry: Box::new(limited) });
+        let spend = |request: &str| Command::Authorized {
+            token_hash: "u".into(),
+            request_id: request.into(),
+            at: 1,
+            command: Box::new(Command::TokenUse { hash: "u".into() }),
+        };
+        assert_eq!(state.apply(spend("r1")), Response::Done);
+        assert_eq!(state.apply(spend("r1")), Response::Done, "the repeat of r1 is done");
+        assert_eq!(state.tokens.get("u").unwrap().uses_left, Some(1), "r1 spent one use, not two");
+        assert_eq!(state.apply(spend("r2")), Response::Done);
+        assert_eq!(state.tokens.get("u").unwrap().uses_left, Some(0));
+        assert_eq!(state.apply(spend("r3")), Response::Rejected(Rejection::TokenInvalid));
+        assert_eq!(
+            state.apply(spend("r3")),
+            Response::Rejected(Rejection::TokenInvalid),
+            "a refused request stays refused when sent again"
+        );
+        assert_eq!(state.apply(spend("r2")), Response::Done, "r2's repeat is done, not refused");
     }
 
     #[test]

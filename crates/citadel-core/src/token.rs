@@ -52,6 +52,10 @@ pub struct TokenEntry {
     /// none (the root token, periodic tokens without an explicit max TTL).
     #[serde(default)]
     pub max_expires: Option<UnixMillis>,
+    /// The request that spent the latest use (`TokenUse` inside `Command::Authorized`), so a
+    /// proposal retried after an ambiguous failure spends no second use for one request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_use_request: Option<String>,
 }
 
 impl TokenEntry {

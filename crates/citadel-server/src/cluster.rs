@@ -91,7 +91,9 @@ pub struct ClusterNetwork {
 ///    version 9 refuses as a format it does not read.
 /// 11: a snapshot's tokens and users follow its header one per line, before its secrets; a node
 ///    of version 10 would read them as secrets and refuse every snapshot.
-pub const PROTOCOL_VERSION: u32 = 11;
+/// 12: `apply` spends a limited-use token's use once per request (`TokenEntry::last_use_request`),
+///    where a node of version 11 would spend a retried proposal's twice and its replica differ.
+pub const PROTOCOL_VERSION: u32 = 12;
 
 impl ClusterNetwork {
     pub fn new(config: &Config, node_cert: Arc<crate::tls::NodeCert>, state: StateReader) -> Result<ClusterNetwork> {

@@ -775,6 +775,7 @@ async fn create_token(
         renewable: body.get("renewable").and_then(Value::as_bool).unwrap_or(true),
         parent: if orphan { None } else { Some(caller.entry.hash.clone()) },
         username: caller.entry.username.clone(),
+        last_use_request: None,
     };
     let auth = auth_block(&token, &entry);
     match app.propose(Command::TokenCreate { entry: Box::new(entry), login: None }).await? {
