@@ -103,38 +103,9 @@ pub fn outcome(mut body: AuditBody, response: &Response) -> AuditBody {
 mod tests {
     use super::*;
     use crate::audit::{chain_hash, AuditEvent, ChainError, LOG_CHAIN};
-    use crate::command::InitCommand;
-    use crate::kv::KvStore;
-    use crate::state::{ClusterInfo, Mount, SealInfo, State};
+    use crate::state::tests::initialized;
+    use crate::state::State;
     use crate::token::TokenEntry;
-
-    fn initialized() -> State {
-        let mut state = State::default();
-        let root = TokenEntry { hash: "root".into(), policies: vec!["root".into()], ..TokenEntry::default() };
-        let mount = Mount {
-            uuid: "u".into(),
-            kind: "kv".into(),
-            description: String::new(),
-            created: 1,
-            kv: KvStore::default(),
-        };
-        let init = InitCommand {
-            cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
-            seal: SealInfo {
-                shares: 1,
-                threshold: 1,
-                wrapped_root_key: vec![1],
-                wrapped_keyring: vec![2],
-                key_term: 1,
-                key_installed: 1,
-            },
-            root_token: root,
-            default_mount_path: "secret/".into(),
-            default_mount: mount,
-        };
-        assert_eq!(state.apply(Command::Init(Box::new(init))), Response::Done);
-        state
-    }
 
     fn kv_write(path: &str, version: u64, cas: Option<u64>) -> Command {
         let ciphertext = crate::state::tests::sealed();

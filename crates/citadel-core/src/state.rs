@@ -892,7 +892,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn initialized() -> State {
+    /// An initialized state with the default `secret/` mount and a root token `root`.
+    pub(crate) fn initialized() -> State {
         let mut state = State::default();
         let init = InitCommand {
             cluster: ClusterInfo { id: "c".into(), name: "citadel".into(), initialized_at: 1 },
