@@ -453,9 +453,10 @@ impl ArchiveCheck {
 #[serde(from = "LogChainFields")]
 pub struct LogChain {
     /// As [`NodeChain::events`]: not yet in the audit store, or, in a full snapshot, all.
-    /// Appended to by [`LogChain::record`] alone, which keeps the request window in step.
+    /// Appended to by [`LogChain::record`] alone, which keeps the request window in step
+    /// (crate-visible for the tests that tamper with a chain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub events: Vec<AuditEvent>,
+    pub(crate) events: Vec<AuditEvent>,
     #[serde(default, skip_serializing_if = "ChainTip::is_genesis")]
     pub stored: ChainTip,
     /// As [`NodeChain::pruned`].
@@ -465,8 +466,8 @@ pub struct LogChain {
     /// first), so a retried proposal is still recognised once its event has left memory.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     recent_requests: VecDeque<String>,
-    /// The ids of the latest [`REQUEST_ID_WINDOW`] events, stored or not: derived from the two
-    /// fields above (rebuilt when a chain is decoded), never encoded.
+    /// The ids of the latest [`REQUEST_ID_WINDOW`] events, stored or not: derived from
+    /// `recent_requests` and `events` (rebuilt when a chain is decoded), never encoded.
     #[serde(skip)]
     window: RequestWindow,
 }

@@ -588,10 +588,11 @@ impl State {
         Ok(response)
     }
 
-    /// Spends one use of a token created with `num_uses`. A request spends one use however often
-    /// its proposal is sent: `Node::propose` sends it again after an ambiguous failure, and when
-    /// the first attempt spent the use, the repeat finds its request id on the token and is done.
-    /// A first attempt that was refused recorded nothing, so its repeat is refused in turn.
+    /// Spends one use of a token created with `num_uses`. `Node::propose` sends a proposal again
+    /// after an ambiguous failure; when the first attempt spent the token's latest use, the
+    /// repeat finds its request id on the token and is done. Only the latest is kept: a repeat
+    /// that arrives after another request spent a use spends a second one (fewer uses, never
+    /// more). A first attempt that was refused recorded nothing, so its repeat is refused too.
     fn spend_token_use(&mut self, hash: &str, request_id: Option<String>) -> Result<Response, Rejection> {
         let token = self.tokens.get(hash).ok_or(Rejection::TokenInvalid)?;
         let request_id = request_id.filter(|id| !id.is_empty());
@@ -892,7 +893,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// An initialized state with the default `secret/` mount and a root token `root`.
+    /// An initialized state with the default `secret/` mount, whose root token's hash is `root`.
     pub(crate) fn initialized() -> State {
         let mut state = State::default();
         let init = InitCommand {

@@ -274,11 +274,20 @@ fn other_command() -> BoxedStrategy<Command> {
 /// A command wrapped with a token, as a client request's is: usually the root token, sometimes
 /// one that may not exist, sometimes nested (which `apply` refuses).
 fn authorized() -> BoxedStrategy<Command> {
-    (prop_oneof![Just("root".to_string()), name()], number(), kv_command(), any::<bool>())
-        .prop_map(|(token_hash, at, inner, nested)| {
+    // A token spending its own use, under one of a few request ids so that repeats occur.
+    let token_use = name().prop_map(|hash| Command::TokenUse { hash }).boxed();
+    let request_id = prop_oneof![Just("r1".to_string()), Just("r2".to_string())];
+    (
+        prop_oneof![Just("root".to_string()), name()],
+        number(),
+        prop_oneof![kv_command(), token_use],
+        request_id,
+        any::<bool>(),
+    )
+        .prop_map(|(token_hash, at, inner, request_id, nested)| {
             let wrap = |command: Command| Command::Authorized {
                 token_hash: token_hash.clone(),
-                request_id: "r".into(),
+                request_id: request_id.clone(),
                 at,
                 command: Box::new(command),
             };
